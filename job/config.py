@@ -1,0 +1,194 @@
+"""Every knob of a training run in one dataclass, with presets and command-line overrides.
+
+Defaults are build-nanogpt's GPT-2 (124M) run on FineWeb-edu 10B: 0.5M-token batches, 19073 steps
+(one epoch of 10B tokens), max LR 6e-4 with 715 warmup steps and cosine decay to 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, fields
+
+from job import contract
+from job.errors import UserError
+from job.model import MODEL_PRESETS, PADDED_VOCAB, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "gpt2"
+    # model (None: from the preset)
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    vocab_size: int = PADDED_VOCAB
+    # batch
+    micro_batch: int = 64  # B: sequences per forward pass per rank
+    seq_len: int = 1024  # T
+    total_batch_tokens: int = 524288  # 2**19 tokens per optimizer step, reached by grad accumulation
+    # optimisation
+    max_steps: int = 19073
+    warmup_steps: int = 715
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # data and outputs
+    data_dir: str = contract.DATA_DIR
+    log_dir: str = "log"  # relative to WORKDIR: /app/log in the container, as in build-nanogpt
+    # evaluation
+    eval_every: int = 250  # val loss every N steps (0: only at the end)
+    val_steps: int = 20  # micro-batches of val data per evaluation
+    hellaswag_every: int = 250  # 0 disables HellaSwag
+    hellaswag_path: str | None = None  # local hellaswag_val.jsonl; default: downloaded into the cache dir
+    hellaswag_limit: int = 0  # evaluate only the first N examples (0: all 10042)
+    sample_every: int = 250  # 0: only at the end
+    sample_prompt: str = "Hello, I'm a language model,"
+    sample_num: int = 4  # 0 disables sampling
+    sample_tokens: int = 32
+    sample_seed: int = 42
+    log_every: int = 1
+    # checkpoints
+    checkpoint_every: int = 1000  # steps (0: only at the end)
+    checkpoint_minutes: float = 0.0  # also save when this many minutes passed since the last save (0: off)
+    keep_last: int = 3  # retention: the newest N checkpoints...
+    keep_every: int = 5000  # ...plus every checkpoint whose step is a multiple of this (0: none)
+    resume: str = "auto"  # auto | never | PATH
+    # hardware
+    device: str = "auto"  # auto | cuda | mps | cpu
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(block_size=self.block_size, vocab_size=self.vocab_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Training defaults that differ per preset (the gpt2-* presets use the 124M run's schedule unchanged).
+PRESET_TRAINING = {
+    "tiny": dict(
+        micro_batch=8, seq_len=128, total_batch_tokens=1024, max_steps=300, warmup_steps=20, max_lr=3e-3,
+        eval_every=50, val_steps=8, hellaswag_every=0, sample_every=0, sample_tokens=48, checkpoint_every=100,
+        keep_every=0, data_dir="data/tinyshakespeare",
+    ),
+}
+PRESETS = {name: {**dims, **PRESET_TRAINING.get(name, {})} for name, dims in MODEL_PRESETS.items()}
+
+CHOICES = {"device": ("auto", "cuda", "mps", "cpu"), "dtype": ("auto", "bfloat16", "float32"), "compile": ("auto", "on", "off")}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def from_dict(values: dict) -> TrainConfig:
+    """Build a config from a preset plus explicit overrides; unknown keys are an error, not ignored."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r}: see `python -m job.train --help` for the valid options")
+    preset = values.get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    merged = {**PRESETS[preset], **{k: v for k, v in values.items() if v is not None or k == "hellaswag_path"}}
+    cfg = TrainConfig(**{k: v for k, v in merged.items() if k in names})
+    for k in ("n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, GPTConfig.__dataclass_fields__[k].default)
+    return cfg
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
+    def bad(name, msg):
+        raise UserError(f"{flag(name)} {msg}")
+
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "micro_batch", "seq_len", "total_batch_tokens",
+                 "max_steps", "val_steps", "log_every"):
+        if getattr(cfg, name) <= 0:
+            bad(name, f"must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "sample_num", "eval_every", "hellaswag_every", "hellaswag_limit", "sample_every", "sample_tokens",
+                 "checkpoint_every", "keep_every", "keep_last", "checkpoint_minutes", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        bad("n_embd", f"({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head})")
+    if cfg.seq_len > cfg.block_size:
+        bad("seq_len", f"({cfg.seq_len}) exceeds the model's block size ({cfg.block_size}): lower it or raise --block-size")
+    if cfg.vocab_size < 50257:
+        bad("vocab_size", f"({cfg.vocab_size}) must be at least GPT-2's 50257 tokens")
+    if not 0 < cfg.max_lr < 1:
+        bad("max_lr", f"must be in (0, 1), got {cfg.max_lr}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        bad("min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            bad(name, f"must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.eps <= 0:
+        bad("eps", f"must be > 0, got {cfg.eps}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            bad(name, f"must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    per_step = cfg.micro_batch * cfg.seq_len * world_size
+    if cfg.total_batch_tokens % per_step:
+        raise UserError(
+            f"--total-batch-tokens {cfg.total_batch_tokens} is not divisible by micro-batch x seq-len x world size "
+            f"= {cfg.micro_batch} x {cfg.seq_len} x {world_size} = {per_step}: pick a multiple of {per_step}"
+        )
+    if cfg.resume not in ("auto", "never") and not os.path.isfile(cfg.resume):
+        bad("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
+    if cfg.hellaswag_path and not os.path.isfile(cfg.hellaswag_path):
+        bad("hellaswag_path", f"file {cfg.hellaswag_path} does not exist: pass a hellaswag_val.jsonl or --hellaswag-every 0")
+    return cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of usage + message
+        raise UserError(f"{message} (see `python -m job.train --help`)")
+
+
+def _typed(kind, name):
+    def convert(text):
+        try:
+            return kind(text)
+        except ValueError:
+            what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise argparse.ArgumentTypeError(f"expects {what}, got {text!r}") from None
+
+    convert.__name__ = name
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m job.train", description="Train GPT-2 (build-nanogpt reproduction).",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(TrainConfig):
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        help_text = f"default {f.default!r}" + (f" (preset tiny: {PRESETS['tiny'][f.name]!r})" if f.name in PRESETS["tiny"] else "")
+        kw = dict(dest=f.name, default=None, help=help_text)
+        if f.name == "preset":
+            kw["choices"] = list(PRESETS)
+        elif f.name in CHOICES:
+            kw["choices"] = list(CHOICES[f.name])
+        else:
+            kw["type"] = _typed(kind, f.name)
+        p.add_argument(flag(f.name), **kw)
+    p.formatter_class = argparse.HelpFormatter
+    return p
+
+
+def parse_args(argv: list[str] | None = None, world_size: int = 1) -> TrainConfig:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return validate(from_dict({k: v for k, v in vars(args).items() if v is not None}), world_size)
+
+

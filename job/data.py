@@ -1,0 +1,128 @@
+"""Token shards and the distributed loader.
+
+Shards are build-nanogpt's format exactly: a flat uint16 .npy array, file name containing `train` or
+`val`, every document preceded by <|endoftext|>. Shards are memory-mapped, never read whole into RAM:
+a 100M-token shard is 200 MB, and eight ranks each holding one would waste 1.6 GB for nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from job.errors import UserError
+
+SPLITS = ("train", "val")
+
+
+def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Sorted shard paths of one split (`train` or `val` in the file name, .npy files only)."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError(f"data dir {d} does not exist: prepare shards with `python -m job.prepare ... --out {d}` or pass --data-dir")
+    return sorted(p for p in d.iterdir() if p.suffix == ".npy" and split in p.name and p.is_file())
+
+
+def check_data_dir(data_dir: str | os.PathLike) -> None:
+    for split in SPLITS:
+        if not list_shards(data_dir, split):
+            raise UserError(
+                f"data dir {data_dir} has no {split} shards (*{split}*.npy): "
+                f"prepare them with `python -m job.prepare text FILES --out {data_dir}` or `python -m job.prepare fineweb-edu --out {data_dir}`"
+            )
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Write a shard atomically (temp name, fsync, rename): a reader never sees half a shard."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.dtype != np.uint16:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+            raise ValueError("token ids do not fit in uint16")
+        tokens = tokens.astype(np.uint16)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, tokens)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_shard(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map one shard; the OS pages in only the windows we touch."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.dtype != np.uint16 or arr.ndim != 1:
+        raise UserError(f"shard {path} is not a flat uint16 array (dtype {arr.dtype}, shape {arr.shape}): re-create it with job.prepare")
+    return arr
+
+
+class ShardLoader:
+    """Each rank reads disjoint (B*T+1)-token windows, interleaved like build-nanogpt's DataLoaderLite.
+
+    The loader's position is one pair (shard, offset) shared by all ranks: rank r reads the window at
+    offset + r*B*T, then everyone advances by B*T*world. Saving that pair in the checkpoint restores the
+    exact stream, even if the run resumes with a different number of ranks.
+    """
+
+    def __init__(self, data_dir, split: str, B: int, T: int, rank: int = 0, world: int = 1):
+        self.B, self.T, self.rank, self.world = B, T, rank, world
+        self.split = split
+        self.shards = list_shards(data_dir, split)
+        if not self.shards:
+            raise UserError(f"no {split} shards in {data_dir}: prepare data first (python -m job.prepare)")
+        need = B * T * world + 1
+        small = [p.name for p in self.shards if len(load_shard(p)) < need]
+        if len(small) == len(self.shards):
+            raise UserError(
+                f"every {split} shard in {data_dir} is shorter than one step's {need} tokens "
+                f"(micro-batch {B} x seq-len {T} x {world} ranks + 1): use a smaller --micro-batch/--seq-len or bigger shards"
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        self.shard = 0
+        self.offset = 0
+        self._tokens = None
+        self._skip_short()
+
+    def _load(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = load_shard(self.shards[self.shard])
+        return self._tokens
+
+    def _span(self) -> int:
+        return self.B * self.T * self.world + 1
+
+    def _skip_short(self) -> None:
+        # Move to the first shard (from the current one) that can hold a whole step.
+        while len(self._load()) < self.offset + self._span():
+            self.shard = (self.shard + 1) % len(self.shards)
+            self.offset = 0
+            self._tokens = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.B, self.T
+        start = self.offset + self.rank * B * T
+        buf = torch.from_numpy(self._load()[start : start + B * T + 1].astype(np.int64))
+        x = buf[:-1].view(B, T)
+        y = buf[1:].view(B, T)
+        self.offset += B * T * self.world
+        self._skip_short()
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"split": self.split, "shard": self.shard, "offset": self.offset, "shard_name": self.shards[self.shard].name}
+
+    def load_state_dict(self, state: dict) -> None:
+        shard, offset = int(state["shard"]), int(state["offset"])
+        name = state.get("shard_name")
+        if shard >= len(self.shards) or (name and self.shards[shard].name != name):
+            raise UserError(
+                f"the checkpoint's data position ({name or shard}) is not in the data dir's {self.split} shards: "
+                "resume with the same data dir, or start fresh with --resume never"
+            )
+        self.shard, self.offset, self._tokens = shard, offset, None
+        self._skip_short()

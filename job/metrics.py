@@ -1,0 +1,60 @@
+"""Training logs: a human line per step (stdout + train.log), metrics.jsonl, and build-nanogpt's log.txt."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from job import contract
+
+# Dense bf16 tensor-core peak (FLOP/s) by GPU name, for MFU in the step log. The benchmark measures the
+# real peak of the card in hand; this table only has to be right enough for a progress line.
+BF16_PEAK = [
+    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12), ("V100", 125e12),
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, flops in BF16_PEAK:
+        if key in device_name:
+            return flops
+    return None
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Only the master rank writes; other ranks get a logger that does nothing."""
+
+    def __init__(self, log_dir, enabled: bool = True):
+        self.enabled = enabled
+        self.dir = Path(log_dir)
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _append(self, name: str, text: str) -> None:
+        with open(self.dir / name, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+            self._append(contract.HUMAN_LOG_FILE, text + "\n")
+
+    def event(self, kind: str, **fields) -> None:
+        if not self.enabled:
+            return
+        self._append(contract.METRICS_FILE, json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        # build-nanogpt's log.txt lines, so its notebooks and plot scripts read our runs unchanged.
+        legacy = {"train": ("train", "loss", "{:.6f}"), "val": ("val", "loss", "{:.4f}"), "hellaswag": ("hella", "acc_norm", "{:.4f}")}
+        if kind in legacy:
+            tag, key, fmt = legacy[kind]
+            self._append(contract.NANOGPT_LOG_FILE, f"{fields['step']} {tag} {fmt.format(fields[key])}\n")

@@ -1,0 +1,227 @@
+"""GPT-2, exactly: the model of OpenAI's GPT-2 paper and code, written as in karpathy's nanoGPT.
+
+Parameter names follow the GPT-2 / Hugging Face layout (transformer.wte, transformer.h.N.attn.c_attn,
+..., lm_head) so weights convert both ways; HF stores Linear weights as Conv1D (transposed), which
+`from_hf_state_dict` / `to_hf_state_dict` undo.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GPT2_VOCAB = 50257
+PADDED_VOCAB = 50304  # next multiple of 128: nicer matmul shapes, a few % faster on GPU
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = PADDED_VOCAB  # rows of wte/lm_head (padded)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MODEL_PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # trains on a laptop CPU in minutes
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, nh, T, hs): heads become a batch dimension
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # Flash attention on GPU: never materialises the (T, T) matrix.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pre-LayerNorm: the residual stream itself is never normalised, which keeps gradients clean.
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned positions, as GPT-2
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (as GPT-2): the output projection is the token embedding; saves 38M params at 124M.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE", False):
+                # Each block adds two projections to the residual stream; scale so its variance
+                # does not grow with depth (GPT-2 paper, section 2.3).
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weight counted once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the matmuls with weights + the attention term (PaLM, app. B)."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        N = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * N + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block size {self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            # Padded vocabulary rows are never targets, so training pushes their logits down on its own.
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, top_k: int = 50, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Top-k sampling. Padded vocabulary entries are cut off before sampling, so they can never be drawn."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.config.block_size :]
+            logits, _ = self(ctx)
+            logits = logits[:, -1, :GPT2_VOCAB].float() / max(temperature, 1e-8)
+            probs = F.softmax(logits, dim=-1)
+            topk_probs, topk_idx = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)
+            choice = torch.multinomial(topk_probs, 1, generator=generator)
+            idx = torch.cat((idx, torch.gather(topk_idx, -1, choice)), dim=1)
+        return idx
+
+
+# --- Hugging Face conversion ---------------------------------------------------------------------
+# HF GPT-2 uses Conv1D modules whose weight is (in, out): these must be transposed for nn.Linear.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_HF_BUFFERS = (".attn.masked_bias", ".attn.bias")  # causal-mask buffers of older transformers versions
+
+
+def from_hf_state_dict(sd_hf: dict, block_size: int | None = None) -> GPT:
+    """Build our GPT from a transformers GPT2LMHeadModel state dict (vocab padded to 50304 on the way)."""
+    sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith(_HF_BUFFERS)}
+    wte = sd_hf["transformer.wte.weight"]
+    n_layer = 1 + max(int(k.split(".")[2]) for k in sd_hf if k.startswith("transformer.h."))
+    n_embd = wte.shape[1]
+    n_head = _hf_n_head(n_embd)
+    if block_size is None:
+        block_size = sd_hf["transformer.wpe.weight"].shape[0]
+    config = GPTConfig(block_size=block_size, vocab_size=max(PADDED_VOCAB, wte.shape[0]), n_layer=n_layer,
+                       n_head=n_head, n_embd=n_embd)
+    return load_hf_into(GPT(config), sd_hf)
+
+
+def _hf_n_head(n_embd: int) -> int:
+    for preset in MODEL_PRESETS.values():
+        if preset["n_embd"] == n_embd:
+            return preset["n_head"]
+    raise ValueError(f"cannot infer n_head for n_embd={n_embd}; pass the config explicitly")
+
+
+def load_hf_into(model: GPT, sd_hf: dict) -> GPT:
+    sd = model.state_dict()
+    sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith(_HF_BUFFERS)}
+    missing = set(sd) - set(sd_hf) - {"lm_head.weight"}
+    if missing:
+        raise ValueError(f"Hugging Face state dict lacks {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for k, v in sd_hf.items():
+            if k not in sd:
+                raise ValueError(f"unexpected key {k} in Hugging Face state dict")
+            if k.endswith(_CONV1D):
+                v = v.t()
+            if k in ("transformer.wte.weight", "lm_head.weight"):
+                # Rows beyond GPT-2's 50257 are padding; keep them zero so they never matter.
+                sd[k].zero_()
+                sd[k][: v.shape[0]].copy_(v)
+                continue
+            if sd[k].shape[0] < v.shape[0] and k == "transformer.wpe.weight":
+                v = v[: sd[k].shape[0]]  # a shorter block size than the checkpoint's: crop positions
+            if sd[k].shape != v.shape:
+                raise ValueError(f"shape mismatch for {k}: ours {tuple(sd[k].shape)}, HF {tuple(v.shape)}")
+            sd[k].copy_(v)
+    return model
+
+
+def to_hf_state_dict(model: GPT) -> dict:
+    """Our weights in HF GPT2LMHeadModel layout (vocab cut back to 50257, Conv1D weights transposed)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        if k in ("transformer.wte.weight", "lm_head.weight"):
+            v = v[:GPT2_VOCAB]
+        elif k.endswith(_CONV1D):
+            v = v.t()
+        out[k] = v.contiguous().clone()
+    return out

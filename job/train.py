@@ -1,0 +1,350 @@
+"""Training entry: `python -m job.train [flags]` or `torchrun --nproc_per_node=N -m job.train [flags]`.
+
+Thin wiring of config, data, model, optimizer, evaluation, checkpoints and logs. The loop is
+build-nanogpt's, with what its users asked for: exact resume, checkpoints by steps and minutes,
+graceful SIGTERM, and torch.compile that coexists with evaluation and sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from job import checkpoint as ckpt_lib
+from job.config import TrainConfig, parse_args
+from job.data import ShardLoader, check_data_dir
+from job.errors import UserError, cli_main
+from job.metrics import MetricsLogger, format_eta, peak_flops
+from job.model import GPT
+from job.optim import configure_optimizer, get_lr
+from job.sample import generate_samples
+
+
+@dataclass
+class Runtime:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: str
+    device_type: str
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available: use --device auto or cpu")
+    return requested
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    device = pick_device(cfg.device)
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if ddp:
+        # NCCL between GPUs; gloo lets the same code run as several CPU processes (tests, laptops).
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Runtime(ddp, rank, local_rank, world, device, device.split(":")[0])
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask for a clean stop: finish the step, checkpoint, exit 0. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+
+def hellaswag_cache_dir(cfg: TrainConfig) -> Path:
+    # Next to the data on the persistent filesystem, so a new box does not download it again.
+    return Path(cfg.data_dir).resolve().parent / "hellaswag"
+
+
+def autocast_ctx(cfg: TrainConfig, rt: Runtime):
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if rt.device_type == "cuda" else "float32")
+    if dtype == "bfloat16":
+        # Weights and optimizer stay fp32; matmuls run in bf16 (no loss scaling needed, unlike fp16).
+        return torch.autocast(device_type=rt.device_type, dtype=torch.bfloat16), torch.bfloat16
+    return contextlib.nullcontext(), None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.log = MetricsLogger(cfg.log_dir, enabled=rt.master)
+        B, T = cfg.micro_batch, cfg.seq_len
+        self.grad_accum = cfg.total_batch_tokens // (B * T * rt.world)
+        torch.manual_seed(cfg.seed)
+        if rt.device_type == "cuda":
+            torch.cuda.manual_seed(cfg.seed)
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = GPT(cfg.model_config()).to(rt.device)
+        self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
+                                             rt.device_type)
+        self.train_loader = ShardLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world)
+        self.val_loader = ShardLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world)
+        self.start_step, self.val_done_at_start = 0, False
+        self._resume()
+        self.use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cuda")
+        # Compile only the fixed-shape train/val forward; HellaSwag and sampling (varying shapes) use the eager
+        # model, which shares the same parameters. That is what lets compile stay on with evaluation.
+        self.fwd_model = torch.compile(self.model) if self.use_compile else self.model
+        self.train_model = self.fwd_model
+        if rt.ddp:
+            self.train_model = DDP(self.fwd_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        self.autocast, self.autocast_dtype = autocast_ctx(cfg, rt)
+        self.hellaswag = self._load_hellaswag() if cfg.hellaswag_every else None
+        self.peak = peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device_type == "cuda" else None
+        self.flops_per_token = self.model.flops_per_token(T)
+        self.stop = StopFlag()
+        self.last_save_time = time.time()
+        self.last_saved_step = self.start_step if self.start_step else None
+
+    # --- resume ------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        cfg = self.cfg
+        if self.rt.master:
+            ckpt_lib.clean_stale_temps(cfg.log_dir)
+        if cfg.resume == "never":
+            existing = ckpt_lib.list_checkpoints(cfg.log_dir)
+            if existing:
+                raise UserError(f"--resume never, but {cfg.log_dir} already holds {existing[-1][1].name} (and would be "
+                                "overwritten): use another --log-dir, or --resume auto to continue that run")
+            return
+        if cfg.resume == "auto":
+            found = ckpt_lib.find_resumable(cfg.log_dir)
+            if found is None:
+                return
+            path, ckpt = found
+        else:
+            path, ckpt = cfg.resume, ckpt_lib.load(cfg.resume)
+        ckpt_lib.check_compatible(ckpt, cfg.model_config().to_dict(), path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.train_loader.load_state_dict(ckpt["data"])
+        ckpt_lib.set_rng_state(ckpt["rng"], self.rt.device_type)
+        self.start_step = int(ckpt["step"])
+        self.val_done_at_start = ckpt.get("val_loss") is not None
+        self.resumed_from = str(path)
+
+    def _load_hellaswag(self):
+        from job import hellaswag
+
+        kwargs = dict(path=self.cfg.hellaswag_path, cache_dir=hellaswag_cache_dir(self.cfg))
+        # The master downloads into the cache first; the other ranks then read the cached file.
+        examples = hellaswag.load_examples(**kwargs) if self.rt.master else None
+        if self.rt.ddp:
+            dist.barrier()
+        if not self.rt.master:
+            examples = hellaswag.load_examples(**kwargs)
+        return examples[: self.cfg.hellaswag_limit] if self.cfg.hellaswag_limit else examples
+
+    # --- evaluation --------------------------------------------------------------------------------
+    def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.rt.ddp:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    @torch.no_grad()
+    def eval_val(self, step: int) -> float:
+        self.model.eval()
+        self.val_loader.reset()
+        total = torch.zeros((), device=self.rt.device)
+        for _ in range(self.cfg.val_steps):
+            x, y = self.val_loader.next_batch()
+            with self.autocast:
+                _, loss = self.fwd_model(x.to(self.rt.device), y.to(self.rt.device))
+            total += loss.detach().float()
+        self.model.train()
+        val_loss = self._all_reduce(total / self.cfg.val_steps).item() / self.rt.world
+        self.log.line(f"step {step:6d} | val loss {val_loss:.4f}")
+        self.log.event("val", step=step, loss=val_loss)
+        return val_loss
+
+    def eval_hellaswag(self, step: int) -> None:
+        from job import hellaswag
+
+        t0 = time.time()
+        correct, total = hellaswag.evaluate(self.model, self.hellaswag, self.rt.device, self.rt.rank, self.rt.world,
+                                            autocast_dtype=self.autocast_dtype)
+        acc = correct / max(total, 1)
+        self.log.line(f"step {step:6d} | HellaSwag acc_norm {correct}/{total} = {acc:.4f} ({time.time() - t0:.1f} s)")
+        self.log.event("hellaswag", step=step, acc_norm=acc, correct=correct, total=total)
+
+    def sample(self, step: int) -> None:
+        if not self.rt.master or not self.cfg.sample_num:
+            return
+        cfg = self.cfg
+        with self.autocast:
+            texts = generate_samples(self.model, cfg.sample_prompt, cfg.sample_num, cfg.sample_tokens,
+                                     cfg.sample_seed, self.rt.device)
+        for i, text in enumerate(texts):
+            self.log.line(f"step {step:6d} | sample {i}: {text!r}")
+        self.log.event("sample", step=step, prompt=cfg.sample_prompt, samples=texts)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def save(self, step: int, val_loss: float | None) -> None:
+        if self.last_saved_step == step:
+            return
+        if self.rt.master:
+            cfg = self.cfg
+            state = {
+                "model": self.model.state_dict(),
+                "config": cfg.model_config().to_dict(),
+                "step": step,
+                "val_loss": val_loss,
+                "optimizer": self.optimizer.state_dict(),
+                "data": self.train_loader.state_dict(),
+                "rng": ckpt_lib.rng_state(self.rt.device_type),
+                "train_config": cfg.to_dict(),
+                "format_version": ckpt_lib.FORMAT_VERSION,
+            }
+            t0 = time.time()
+            path = ckpt_lib.save(state, cfg.log_dir, step)
+            removed = ckpt_lib.apply_retention(cfg.log_dir, cfg.keep_last, cfg.keep_every)
+            self.log.line(f"step {step:6d} | saved {path} ({time.time() - t0:.2f} s)"
+                          + (f", removed {', '.join(p.name for p in removed)}" if removed else ""))
+            self.log.event("checkpoint", step=step, path=str(path), val_loss=val_loss,
+                           seconds=round(time.time() - t0, 3))
+        if self.rt.ddp:
+            dist.barrier()  # no rank runs ahead (or exits) while the master is still writing
+        self.last_saved_step = step
+        self.last_save_time = time.time()
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
+        cfg, rt = self.cfg, self.rt
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=rt.device)
+        for micro in range(self.grad_accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate locally.
+            sync = not rt.ddp or micro == self.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                with self.autocast:
+                    _, loss = self.train_model(x, y)
+                loss = loss / self.grad_accum  # the gradient of the mean over the whole batch, not the sum
+                loss_accum += loss.detach()
+                loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
+        lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return loss_accum, norm, lr
+
+    def run(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self._print_header()
+        step, val_loss = self.start_step, None
+        if step >= cfg.max_steps and self.start_step:
+            self.log.line(f"already trained to step {step} (--max-steps {cfg.max_steps}): nothing to do")
+            return
+        recent: list[float] = []
+        while True:
+            last = step == cfg.max_steps
+            fresh = not (step == self.start_step and self.val_done_at_start)  # already evaluated before the resume
+            val_loss = None
+            if fresh and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                val_loss = self.eval_val(step)
+            if self.hellaswag is not None and fresh and (last or step % cfg.hellaswag_every == 0):
+                self.eval_hellaswag(step)
+            if fresh and (last or (cfg.sample_every and step > 0 and step % cfg.sample_every == 0)):
+                self.sample(step)
+            if step > self.start_step and (last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                self.save(step, val_loss)
+            if last:
+                break
+            t0 = time.time()
+            loss_accum, norm, lr = self.train_step(step)
+            # One host sync per step: loss, stop request and timed-save request travel in one all-reduce, so
+            # every rank takes the same decision (a rank that stopped alone would hang the others).
+            timed = cfg.checkpoint_minutes and rt.master and time.time() - self.last_save_time >= 60 * cfg.checkpoint_minutes
+            packed = torch.stack([loss_accum.float(), torch.tensor(float(self.stop.requested), device=rt.device),
+                                  torch.tensor(float(bool(timed)), device=rt.device)])
+            loss_v, stop_v, timed_v = self._all_reduce(packed).tolist()
+            loss_v /= rt.world
+            dt = time.time() - t0
+            recent = (recent + [dt])[-20:]
+            if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+                self._log_step(step, loss_v, lr, float(norm), dt, sum(recent) / len(recent))
+            step += 1
+            if stop_v or timed_v:
+                self.save(step, None)
+            if stop_v:
+                self.log.line(f"stopped at step {step}: resume with the same command")
+                return
+        self.log.line(f"done: {cfg.max_steps} steps, final val loss {val_loss:.4f}")
+
+    def _log_step(self, step: int, loss: float, lr: float, norm: float, dt: float, avg_dt: float) -> None:
+        tok_s = self.cfg.total_batch_tokens / dt
+        mfu = self.flops_per_token * tok_s / (self.peak * self.rt.world) if self.peak else None
+        eta = format_eta(avg_dt * (self.cfg.max_steps - step - 1))
+        # As in build-nanogpt, `step` is the 0-based index of the update that just ran; a checkpoint or val loss
+        # at step s is the model after s updates.
+        self.log.line(f"step {step:6d}/{self.cfg.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                      f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | ETA {eta}")
+        self.log.event("train", step=step, loss=loss, lr=lr, norm=norm, ms=round(dt * 1000, 2), tok_s=round(tok_s, 1),
+                       **({"mfu": mfu} if mfu else {}))
+
+    def _print_header(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.log.line(f"model {cfg.preset}: {self.model.num_params() / 1e6:.1f}M params | device {rt.device} x {rt.world} | "
+                      f"batch {cfg.total_batch_tokens:,} tokens = {cfg.micro_batch} x {cfg.seq_len} x {rt.world} ranks x "
+                      f"{self.grad_accum} accum | compile {'on' if self.use_compile else 'off'} | log dir {cfg.log_dir}")
+        if self.start_step:
+            self.log.line(f"resumed from {self.resumed_from} at step {self.start_step}")
+            self.log.event("resume", step=self.start_step, path=self.resumed_from)
+        else:
+            self.log.event("start", config=cfg.to_dict(), world=rt.world)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_data_dir(cfg.data_dir)
+    rt = setup_runtime(cfg)
+    try:
+        Trainer(cfg, rt).run()
+    finally:
+        if rt.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: real shards built from the bundled corpus, and helpers to run the real trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from job.data import write_shard
+from job.tokenizer import EOT, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
+
+# A model small enough that a training step takes tens of milliseconds on one CPU core.
+SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--seq-len", "32",
+         "--micro-batch", "4", "--total-batch-tokens", "256", "--warmup-steps", "5", "--eval-every", "5", "--val-steps", "2",
+         "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The bundled corpus tokenized into build-nanogpt-style shards (val first), 40K tokens each."""
+    d = tmp_path_factory.mktemp("shards")
+    tokens = np.array([EOT] + encode(CORPUS.read_text()), dtype=np.uint16)
+    size = 40_000
+    for i in range(0, len(tokens), size):
+        write_shard(d / f"shakespeare_{'val' if i == 0 else 'train'}_{i // size:06d}.npy", tokens[i : i + size])
+    return d
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def run_cli(*args, check=False, timeout=300, **env_extra) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env(**env_extra), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def train_cmd(data_dir, log_dir, *extra) -> list[str]:
+    return ["-m", "job.train", *SMALL, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *map(str, extra)]
+
+
+def events(log_dir, kind: str) -> list[dict]:
+    path = Path(log_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["event"] == kind]
+
+
+def losses(log_dir) -> dict[int, float]:
+    """Train loss per step; after a crash and resume the re-run steps overwrite the first attempt's."""
+    return {e["step"]: e["loss"] for e in events(log_dir, "train")}
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode != 0, proc.stdout
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+import transformers
+
+from job.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig, from_hf_state_dict, load_hf_into, to_hf_state_dict
+
+
+def hf_model(n_layer=2, n_head=4, n_embd=128, n_positions=64, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_hf_state_dict_converts_to_same_logits():
+    hf = hf_model()
+    ours = load_hf_into(GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128)), hf.state_dict()).eval()
+    idx = torch.randint(0, GPT2_VOCAB, (3, 40))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got, _ = ours(idx)
+    assert got.shape == (3, 40, PADDED_VOCAB)
+    torch.testing.assert_close(got[..., :GPT2_VOCAB], expected, atol=1e-5, rtol=0)
+
+
+def test_round_trip_to_hf_layout():
+    ours = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128)).eval()
+    hf = hf_model()
+    hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+    idx = torch.randint(0, GPT2_VOCAB, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :GPT2_VOCAB], atol=1e-5, rtol=0)
+
+
+def test_from_hf_infers_config_for_gpt2_width():
+    hf = hf_model(n_layer=1, n_head=12, n_embd=768, n_positions=32)
+    ours = from_hf_state_dict(hf.state_dict())
+    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd, ours.config.block_size) == (1, 12, 768, 32)
+
+
+def test_parameter_names_follow_gpt2_layout():
+    names = set(GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)).state_dict())
+    for key in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.weight",
+                "transformer.h.0.attn.c_proj.bias", "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight",
+                "transformer.ln_f.bias", "lm_head.weight"):
+        assert key in names
+
+
+def test_gpt2_preset_size_and_tied_head():
+    m = GPT(GPTConfig())
+    assert m.lm_head.weight is m.transformer.wte.weight
+    # 124M: the HF model's 124,439,808 plus the 47 padded vocabulary rows of 768.
+    assert m.num_params() == 124_439_808 + (PADDED_VOCAB - GPT2_VOCAB) * 768
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=256, n_layer=8, n_head=4, n_embd=256)
+    m = GPT(cfg)
+    resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    for name, p in m.named_parameters():
+        if name.endswith(".bias"):
+            assert torch.count_nonzero(p) == 0, name
+        elif "ln" in name:
+            assert torch.all(p == 1), name
+        elif name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
+            assert p.std().item() == pytest.approx(resid_std, rel=0.05), name
+        else:
+            assert p.mean().abs().item() < 1e-3, name
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+
+
+def test_padded_logits_can_never_be_sampled():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        m.lm_head.weight[GPT2_VOCAB:] = 100.0  # padded rows would win every argmax and all probability mass
+    out = m.generate(torch.zeros((4, 3), dtype=torch.long), 20, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert out.max().item() < GPT2_VOCAB
+    out = m.generate(torch.zeros((4, 3), dtype=torch.long), 20, top_k=50, generator=torch.Generator().manual_seed(1))
+    assert out.max().item() < GPT2_VOCAB
+
+
+def test_generate_is_reproducible_and_crops_context():
+    m = GPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32)).eval()
+    idx = torch.zeros((2, 5), dtype=torch.long)
+    a = m.generate(idx, 12, generator=torch.Generator().manual_seed(3))
+    b = m.generate(idx, 12, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (2, 17) and torch.equal(a, b)
+
+
+def test_too_long_sequence_is_rejected():
+    m = GPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32))
+    with pytest.raises(ValueError, match="block size"):
+        m(torch.zeros((1, 9), dtype=torch.long))
