@@ -169,21 +169,48 @@ def _typed(kind, name):
     return convert
 
 
+HELP = {
+    "preset": "model size and its training defaults",
+    "micro_batch": "sequences per forward pass per process (B); lower it if the GPU runs out of memory",
+    "seq_len": "tokens per sequence (T)",
+    "total_batch_tokens": "tokens per optimizer step, reached by gradient accumulation",
+    "min_lr_ratio": "final LR as a fraction of --max-lr",
+    "data_dir": "directory of *train*/*val* .npy shards",
+    "log_dir": "checkpoints, train.log, metrics.jsonl, log.txt",
+    "eval_every": "val loss every N steps (0: only at the end)",
+    "hellaswag_every": "HellaSwag every N steps (0: off)",
+    "hellaswag_path": "local hellaswag_val.jsonl (default: downloaded once into DATA_DIR/../hellaswag)",
+    "hellaswag_limit": "evaluate only the first N examples (0: all)",
+    "sample_every": "print samples every N steps (0: only at the end)",
+    "sample_num": "samples per sampling event (0: off)",
+    "checkpoint_every": "save every N steps (0: only at the end)",
+    "checkpoint_minutes": "also save when this many minutes passed since the last save (0: off)",
+    "keep_last": "keep the newest N checkpoints (0: keep all)...",
+    "keep_every": "...plus every checkpoint whose step is a multiple of N",
+    "resume": "auto (newest checkpoint in --log-dir) | never | PATH",
+    "device": "auto picks cuda, then mps, then cpu",
+    "dtype": "auto: bf16 autocast on CUDA, fp32 elsewhere",
+    "compile": "torch.compile; auto: on for CUDA",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m job.train", description="Train GPT-2 (build-nanogpt reproduction).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m job.train", description="Train GPT-2 (build-nanogpt reproduction). "
+                "Every option overrides the preset's default.")
     for f in fields(TrainConfig):
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        help_text = f"default {f.default!r}" + (f" (preset tiny: {PRESETS['tiny'][f.name]!r})" if f.name in PRESETS["tiny"] else "")
-        kw = dict(dest=f.name, default=None, help=help_text)
+        default = GPTConfig.__dataclass_fields__[f.name].default if f.default is None and f.name in GPTConfig.__dataclass_fields__ \
+            else f.default
+        tiny = f", tiny: {PRESETS['tiny'][f.name]!r}" if f.name in PRESETS["tiny"] else ""
+        help_text = (HELP[f.name] + " " if f.name in HELP else "") + f"(default {default!r}{tiny})"
+        kw = dict(dest=f.name, default=None, help=help_text, metavar={int: "N", float: "X"}.get(kind, "VALUE"))
         if f.name == "preset":
-            kw["choices"] = list(PRESETS)
+            kw.update(choices=list(PRESETS), metavar="{" + ",".join(PRESETS) + "}")
         elif f.name in CHOICES:
-            kw["choices"] = list(CHOICES[f.name])
+            kw.update(choices=list(CHOICES[f.name]), metavar="{" + ",".join(CHOICES[f.name]) + "}")
         else:
             kw["type"] = _typed(kind, f.name)
         p.add_argument(flag(f.name), **kw)
-    p.formatter_class = argparse.HelpFormatter
     return p
 
 

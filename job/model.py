@@ -7,7 +7,6 @@ Parameter names follow the GPT-2 / Hugging Face layout (transformer.wte, transfo
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -144,7 +143,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # Padded vocabulary rows are never targets, so training pushes their logits down on its own.
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()

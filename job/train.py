@@ -102,7 +102,7 @@ def autocast_ctx(cfg: TrainConfig, rt: Runtime):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rt: Runtime):
+    def __init__(self, cfg: TrainConfig, rt: Runtime, train_loader=None, val_loader=None):
         self.cfg, self.rt = cfg, rt
         self.log = MetricsLogger(cfg.log_dir, enabled=rt.master)
         B, T = cfg.micro_batch, cfg.seq_len
@@ -115,8 +115,9 @@ class Trainer:
         self.model = GPT(cfg.model_config()).to(rt.device)
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                              rt.device_type)
-        self.train_loader = ShardLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world)
-        self.val_loader = ShardLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world)
+        # Loaders can be injected (the benchmark feeds synthetic tokens through the very same step).
+        self.train_loader = train_loader or ShardLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world)
+        self.val_loader = val_loader or ShardLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world)
         self.start_step, self.val_done_at_start = 0, False
         self._resume()
         self.use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cuda")

@@ -1,0 +1,64 @@
+"""Config defaults, overrides, and every bad input of the trainer giving one clear line (real CLI runs)."""
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli, train_cmd
+
+from job.config import TrainConfig, parse_args
+from job.data import write_shard
+from job.errors import UserError
+
+
+def test_defaults_are_build_nanogpt_gpt2_run():
+    c = parse_args([])
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (12, 12, 768, 1024, 50304)
+    assert (c.max_lr, c.min_lr_ratio, c.warmup_steps, c.max_steps) == (6e-4, 0.1, 715, 19073)
+    assert (c.weight_decay, c.beta1, c.beta2, c.eps, c.grad_clip) == (0.1, 0.9, 0.95, 1e-8, 1.0)
+    assert (c.micro_batch, c.seq_len, c.total_batch_tokens) == (64, 1024, 524288)
+    assert c.data_dir == "/persistent/edu_fineweb10B"
+
+
+def test_cli_overrides_beat_preset_defaults():
+    c = parse_args(["--preset", "tiny", "--max-steps", "7", "--max-lr", "1e-3", "--data-dir", "/d", "--log-dir", "/l"])
+    assert (c.n_layer, c.n_embd, c.max_steps, c.max_lr, c.data_dir, c.log_dir) == (4, 128, 7, 1e-3, "/d", "/l")
+    assert parse_args(["--preset", "gpt2-xl"]).n_embd == 1600
+    assert isinstance(c, TrainConfig)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--bogus-knob", "1"], "--bogus-knob"),
+    (["--max-steps", "ten"], "--max-steps"),
+    (["--max-lr", "2"], "--max-lr"),
+    (["--preset", "gpt5"], "gpt5"),
+    (["--n-head", "5"], "divisible"),
+    (["--seq-len", "2048"], "block size"),
+    (["--total-batch-tokens", "500000"], "not divisible"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_values_raise_clear_errors(argv, needle):
+    with pytest.raises(UserError, match=needle):
+        parse_args(argv)
+
+
+def test_total_batch_must_divide_by_world_size():
+    parse_args(["--micro-batch", "16", "--total-batch-tokens", "16384"], world_size=1)
+    with pytest.raises(UserError, match="16 x 1024 x 3"):
+        parse_args(["--micro-batch", "16", "--total-batch-tokens", "16384"], world_size=3)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--nonsense", "3"], ["--nonsense"]),
+    (["--max-steps", "abc"], ["--max-steps", "integer"]),
+    (["--total-batch-tokens", "1000"], ["not divisible"]),
+    (["--resume", "/no/such/model_00100.pt"], ["--resume", "does not exist"]),
+])
+def test_trainer_cli_bad_input_is_one_line(tmp_path, shards, extra, needles):
+    assert_one_line_error(run_cli(*train_cmd(shards, tmp_path / "log"), *extra), *needles)
+    assert not (tmp_path / "log").exists()  # nothing written on bad input
+
+
+def test_trainer_cli_missing_or_empty_data_dir(tmp_path):
+    assert_one_line_error(run_cli(*train_cmd(tmp_path / "nope", tmp_path / "log")), "does not exist", "job.prepare")
+    (tmp_path / "empty").mkdir()
+    write_shard(tmp_path / "empty" / "a_train_000001.npy", np.arange(1000))
+    assert_one_line_error(run_cli(*train_cmd(tmp_path / "empty", tmp_path / "log")), "no val shards", "job.prepare")

@@ -1,0 +1,176 @@
+"""End-to-end runs of the real trainer: exact resume after SIGKILL, SIGTERM, torchrun DDP, checkpoints."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli, train_cmd
+
+from job import checkpoint as ckpt_lib
+
+pytestmark = pytest.mark.slow
+STEPS = 24
+
+
+def popen(args, **env_extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("timed out waiting for the trainer")
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """One uninterrupted run: the loss trajectory every interrupted run must reproduce."""
+    log = tmp_path_factory.mktemp("reference")
+    run_cli(*train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8), check=True)
+    return log
+
+
+def assert_same_losses(log_dir, reference_dir):
+    got, want = losses(log_dir), losses(reference_dir)
+    assert sorted(got) == list(range(STEPS)) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+
+def test_uninterrupted_run_learns_and_writes_build_nanogpt_checkpoints(reference):
+    ls = losses(reference)
+    assert ls[STEPS - 1] < ls[0] - 1.0  # it learns
+    vals = events(reference, "val")
+    assert [v["step"] for v in vals] == [0, 5, 10, 15, 20, 24]
+    assert [s for s, _ in ckpt_lib.list_checkpoints(reference)] == [8, 16, 24]
+    ck = torch.load(reference / "model_00024.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "config", "step", "val_loss", "optimizer", "data", "rng", "train_config"):
+        assert key in ck
+    assert ck["step"] == 24 and ck["val_loss"] == pytest.approx(vals[-1]["loss"])
+    assert ck["config"]["n_layer"] == 2 and ck["train_config"]["max_steps"] == STEPS
+    legacy = (reference / "log.txt").read_text().splitlines()
+    assert "0 train " in legacy[1] and legacy[0].startswith("0 val ")
+    human = (reference / "train.log").read_text()
+    assert "tok/s" in human and "ETA" in human and "norm" in human
+
+
+def test_sigkill_mid_run_then_resume_gives_identical_losses(shards, reference, tmp_path):
+    log = tmp_path / "log"
+    args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8)
+    proc = popen(args)
+    wait_for(lambda: 12 in losses(log), proc)  # past the step-8 checkpoint, before the step-16 one
+    proc.kill()
+    proc.wait()
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [8]
+    run_cli(*args, check=True)  # the same command again resumes
+    assert events(log, "resume")[0]["step"] == 8
+    assert_same_losses(log, reference)
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(shards, reference, tmp_path):
+    log = tmp_path / "log"
+    args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8)
+    proc = popen(args, NANOGPT_TEST_SAVE_DELAY=3)  # every save holds its half-written temp file for 3 s
+    wait_for(lambda: any(p.name.startswith(".model_00016.pt.tmp") for p in log.glob(".*")), proc)
+    proc.kill()
+    proc.wait()
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [8]  # the interrupted one is invisible
+    ckpt_lib.load(log / "model_00008.pt")
+    run_cli(*args, check=True)
+    assert not list(log.glob(".*tmp*"))  # the stale temp file was cleaned
+    assert events(log, "resume")[0]["step"] == 8
+    assert_same_losses(log, reference)
+
+
+def test_sigterm_finishes_step_saves_and_exits_zero(shards, reference, tmp_path):
+    log = tmp_path / "log"
+    args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 0)
+    proc = popen(args)
+    wait_for(lambda: 10 in losses(log), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    saved = ckpt_lib.list_checkpoints(log)
+    assert len(saved) == 1
+    step = saved[0][0]
+    assert step == max(losses(log)) + 1  # the model after every finished step
+    run_cli(*args, check=True)
+    assert_same_losses(log, reference)
+
+
+def test_torchrun_two_processes_match_single_process(shards, reference, tmp_path):
+    log = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "device cpu x 2" in proc.stdout and "4 x 32 x 2 ranks x 1 accum" in proc.stdout
+    got, want = losses(log), losses(reference)
+    assert sorted(got) == sorted(want)
+    for step in want:  # same total batch, same tokens: only the float summation order differs
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+    a = torch.load(log / "model_00024.pt", weights_only=True)["model"]
+    b = torch.load(reference / "model_00024.pt", weights_only=True)["model"]
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def test_retention_keeps_last_n_plus_every_kth(shards, tmp_path):
+    log = tmp_path / "log"
+    run_cli(*train_cmd(shards, log, "--max-steps", 12, "--checkpoint-every", 2, "--keep-last", 2, "--keep-every", 4),
+            check=True)
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4, 8, 10, 12]
+
+
+def test_checkpoint_by_minutes(shards, tmp_path):
+    log = tmp_path / "log"
+    run_cli(*train_cmd(shards, log, "--max-steps", 6, "--checkpoint-every", 0, "--checkpoint-minutes", 1e-6, "--keep-last", 0),
+            check=True)
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_finished_run_rerun_does_nothing(shards, reference, tmp_path):
+    log = tmp_path / "log"
+    args = train_cmd(shards, log, "--max-steps", 4)
+    run_cli(*args, check=True)
+    before = (log / "model_00004.pt").stat().st_mtime_ns
+    out = run_cli(*args, check=True).stdout
+    assert "nothing to do" in out and (log / "model_00004.pt").stat().st_mtime_ns == before
+
+
+def test_resume_refuses_other_model_and_never_overwrites(shards, reference, tmp_path):
+    proc = run_cli(*train_cmd(shards, reference, "--max-steps", STEPS, "--n-embd", "32"))
+    assert_one_line_error(proc, "different model", "n_embd=64")
+    before = sorted(p.name for p in reference.iterdir())
+    proc = run_cli(*train_cmd(shards, reference, "--max-steps", STEPS, "--resume", "never"))
+    assert_one_line_error(proc, "--resume never", "another --log-dir")
+    assert sorted(p.name for p in reference.iterdir()) == before
+
+
+def test_resume_from_explicit_path(shards, reference, tmp_path):
+    log = tmp_path / "log"
+    run_cli(*train_cmd(shards, log, "--max-steps", STEPS, "--resume", reference / "model_00016.pt"), check=True)
+    got, want = losses(log), losses(reference)
+    assert sorted(got) == list(range(16, STEPS))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+def test_sample_cli_from_log_dir(reference):
+    a = run_cli("-m", "job.sample", "--checkpoint", reference, "--num", 2, "--max-tokens", 8, "--seed", 7, check=True).stdout
+    b = run_cli("-m", "job.sample", "--checkpoint", reference / "model_00024.pt", "--num", 2, "--max-tokens", 8, "--seed", 7,
+                check=True).stdout
+    assert a == b and "sample 1: Hello, I'm a language model," in a
+    assert_one_line_error(run_cli("-m", "job.sample", "--checkpoint", reference / "nope.pt"), "does not exist")
+    assert os.environ.get("NANOGPT_TEST_SAVE_DELAY") is None
