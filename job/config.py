@@ -49,6 +49,7 @@ class TrainConfig:
     val_steps: int = 20  # micro-batches of val data per evaluation
     hellaswag_every: int = 250  # 0 disables HellaSwag
     hellaswag_path: str | None = None  # local hellaswag_val.jsonl; default: downloaded into the cache dir
+    hellaswag_url: str = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
     hellaswag_limit: int = 0  # evaluate only the first N examples (0: all 10042)
     sample_every: int = 250  # 0: only at the end
     sample_prompt: str = "Hello, I'm a language model,"
@@ -180,6 +181,7 @@ HELP = {
     "eval_every": "val loss every N steps (0: only at the end)",
     "hellaswag_every": "HellaSwag every N steps (0: off)",
     "hellaswag_path": "local hellaswag_val.jsonl (default: downloaded once into DATA_DIR/../hellaswag)",
+    "hellaswag_url": "where to download the val jsonl from when no cached copy exists",
     "hellaswag_limit": "evaluate only the first N examples (0: all)",
     "sample_every": "print samples every N steps (0: only at the end)",
     "sample_num": "samples per sampling event (0: off)",

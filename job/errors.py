@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -20,7 +21,9 @@ def cli_main(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            # Under torchrun every process hits the same mistake: one line per machine is enough.
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

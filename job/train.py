@@ -165,7 +165,7 @@ class Trainer:
     def _load_hellaswag(self):
         from job import hellaswag
 
-        kwargs = dict(path=self.cfg.hellaswag_path, cache_dir=hellaswag_cache_dir(self.cfg))
+        kwargs = dict(path=self.cfg.hellaswag_path, cache_dir=hellaswag_cache_dir(self.cfg), url=self.cfg.hellaswag_url)
         # The master downloads into the cache first; the other ranks then read the cached file.
         examples = hellaswag.load_examples(**kwargs) if self.rt.master else None
         if self.rt.ddp:

@@ -34,6 +34,22 @@ def shards(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def hellaswag_rows(tmp_path_factory) -> Path:
+    """Nine HellaSwag-format rows from the corpus: the right ending is the line that follows the context."""
+    lines = [ln for ln in CORPUS.read_text().splitlines() if len(ln.split()) >= 6]
+    rows = []
+    for i in range(9):
+        ctx, right = lines[100 * i], lines[100 * i + 1]
+        wrong = [lines[(100 * i + 37 * k) % len(lines)] for k in (3, 5, 7)]
+        endings = wrong[:]
+        endings.insert(i % 4, right)
+        rows.append({"ctx": ctx, "endings": endings, "label": i % 4})
+    path = tmp_path_factory.mktemp("hellaswag") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def env(**extra) -> dict:
     e = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     e.update({k: str(v) for k, v in extra.items()})

@@ -34,10 +34,11 @@ def wait_for(predicate, proc, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
+def reference(shards, hellaswag_rows, tmp_path_factory):
     """One uninterrupted run: the loss trajectory every interrupted run must reproduce."""
     log = tmp_path_factory.mktemp("reference")
-    run_cli(*train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8), check=True)
+    run_cli(*train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8, "--hellaswag-every", 12,
+                       "--hellaswag-path", hellaswag_rows), check=True)
     return log
 
 
@@ -60,9 +61,16 @@ def test_uninterrupted_run_learns_and_writes_build_nanogpt_checkpoints(reference
     assert ck["step"] == 24 and ck["val_loss"] == pytest.approx(vals[-1]["loss"])
     assert ck["config"]["n_layer"] == 2 and ck["train_config"]["max_steps"] == STEPS
     legacy = (reference / "log.txt").read_text().splitlines()
-    assert "0 train " in legacy[1] and legacy[0].startswith("0 val ")
+    assert legacy[0].startswith("0 val ") and legacy[1].startswith("0 hella ") and legacy[2].startswith("0 train ")
+    assert sum(line.split()[1] == "train" for line in legacy) == STEPS
     human = (reference / "train.log").read_text()
     assert "tok/s" in human and "ETA" in human and "norm" in human
+
+
+def test_hellaswag_offline_is_one_clear_line_before_training(shards, tmp_path):
+    proc = run_cli(*train_cmd(shards, tmp_path / "log", "--hellaswag-every", 5, "--hellaswag-url", "http://127.0.0.1:9/val.jsonl"))
+    assert_one_line_error(proc, "cannot download HellaSwag", "--hellaswag-path")
+    assert not losses(tmp_path / "log")
 
 
 def test_sigkill_mid_run_then_resume_gives_identical_losses(shards, reference, tmp_path):
@@ -109,10 +117,11 @@ def test_sigterm_finishes_step_saves_and_exits_zero(shards, reference, tmp_path)
     assert_same_losses(log, reference)
 
 
-def test_torchrun_two_processes_match_single_process(shards, reference, tmp_path):
+def test_torchrun_two_processes_match_single_process(shards, hellaswag_rows, reference, tmp_path):
     log = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8)],
+                           *train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8, "--hellaswag-every", 12,
+                                      "--hellaswag-path", hellaswag_rows)],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "device cpu x 2" in proc.stdout and "4 x 32 x 2 ranks x 1 accum" in proc.stdout
@@ -120,6 +129,10 @@ def test_torchrun_two_processes_match_single_process(shards, reference, tmp_path
     assert sorted(got) == sorted(want)
     for step in want:  # same total batch, same tokens: only the float summation order differs
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
+    # HellaSwag examples are split over the two ranks and the counts summed: every example is scored once.
+    h_ddp, h_ref = events(log, "hellaswag"), events(reference, "hellaswag")
+    assert [(h["step"], h["total"]) for h in h_ddp] == [(h["step"], h["total"]) for h in h_ref] == [(0, 9), (12, 9), (24, 9)]
+    assert all(abs(a["correct"] - b["correct"]) <= 1 for a, b in zip(h_ddp, h_ref, strict=True))
     a = torch.load(log / "model_00024.pt", weights_only=True)["model"]
     b = torch.load(reference / "model_00024.pt", weights_only=True)["model"]
     for k in b:
