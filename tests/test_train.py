@@ -187,3 +187,16 @@ def test_sample_cli_from_log_dir(reference):
     assert a == b and "sample 1: Hello, I'm a language model," in a
     assert_one_line_error(run_cli("-m", "job.sample", "--checkpoint", reference / "nope.pt"), "does not exist")
     assert os.environ.get("NANOGPT_TEST_SAVE_DELAY") is None
+
+
+def test_compile_on_works_with_eval_hellaswag_and_sampling(shards, hellaswag_rows, reference, tmp_path):
+    """build-nanogpt had to turn compile off for eval and sampling; here the same run uses all three."""
+    log = tmp_path / "log"
+    run_cli(*train_cmd(shards, log, "--max-steps", 6, "--compile", "on", "--hellaswag-every", 3, "--hellaswag-path", hellaswag_rows,
+                       "--sample-every", 3, "--sample-num", 2, "--sample-tokens", 5), check=True, timeout=600)
+    assert [e["step"] for e in events(log, "val")] == [0, 5, 6]
+    assert [e["step"] for e in events(log, "hellaswag")] == [0, 3, 6]
+    assert [len(e["samples"]) for e in events(log, "sample")] == [2, 2]
+    # Same model, same data: the compiled step reproduces the eager reference (first steps of the same schedule).
+    want = losses(reference)
+    assert all(losses(log)[s] == pytest.approx(want[s], rel=1e-4) for s in range(6))
