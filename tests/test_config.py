@@ -62,3 +62,10 @@ def test_trainer_cli_missing_or_empty_data_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     write_shard(tmp_path / "empty" / "a_train_000001.npy", np.arange(1000))
     assert_one_line_error(run_cli(*train_cmd(tmp_path / "empty", tmp_path / "log")), "no val shards", "job.prepare")
+
+
+def test_trainer_cli_damaged_checkpoint_is_one_line(tmp_path, shards):
+    bad = tmp_path / "model_00005.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_cli(*train_cmd(shards, tmp_path / "log", "--resume", bad)), "cannot be read", "--resume")
+    assert bad.read_bytes() == b"not a checkpoint"
