@@ -6,12 +6,20 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DATA := data/tinyshakespeare
 DEMO_LOG := model_weights
 
-.PHONY: help venv demo test lint bench clean-demo
+# The container contract (image name, /app, /persistent, /app/log): one file, also read by job/ and infra/.
+include job/contract.env
+
+.PHONY: help venv demo demo-data test lint bench clean-demo check-docker build-image push-image run-local run-local-cpu shell
 
 help:
 	@echo "make demo    train the tiny GPT-2 on the bundled Shakespeare (CPU, a few minutes) and print samples"
 	@echo "make test    run the test suite (lint included)"
 	@echo "make bench   time training steps (scripts/bench_train.py; PRESET=gpt2 on a GPU)"
+	@echo "make build-image [NAME=...] [BASE_IMAGE=...]   build the trainer image as NAME:<git sha> and NAME:latest"
+	@echo "make push-image REGISTRY=registry.example.com/team   push both tags"
+	@echo "make run-local [CMD='...']   train in the image on this machine's GPUs (./data -> /persistent, ./model_weights -> /app/log)"
+	@echo "make run-local-cpu           the same on the CPU (tiny preset on the bundled corpus)"
+	@echo "make shell                   a shell in the image with the same mounts"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,14 +28,17 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-demo: venv
+demo-data: venv
 	@if ls $(DEMO_DATA)/*val*.npy >/dev/null 2>&1; then echo "using shards in $(DEMO_DATA)"; \
 	else $(PY) -m job.prepare text job/assets/tinyshakespeare.txt --out $(DEMO_DATA) --shard-size 50000; fi
+
+demo: demo-data
 	$(PY) -m job.train --preset tiny --data-dir $(DEMO_DATA) --log-dir $(DEMO_LOG) $(ARGS)
 	$(PY) -m job.sample --checkpoint $(DEMO_LOG) --num 3 --max-tokens 48 --prompt "ROMEO:"
 
 lint: venv
-	$(VENV)/bin/ruff check job infra scripts tests
+	$(VENV)/bin/ruff check job infra scripts tests train.py
+	$(VENV)/bin/hadolint docker/Dockerfile
 
 test: venv lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -38,3 +49,45 @@ bench: venv
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_LOG)
+
+# ---- the trainer image ------------------------------------------------------------------------------
+NAME ?= $(IMAGE_NAME)
+GIT_SHA := $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+DOCKER ?= docker
+BUILD_ARGS = --build-arg WORKDIR=$(WORKDIR) --build-arg LOG_DIR=$(LOG_DIR) --build-arg PERSISTENT=$(PERSISTENT) \
+	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
+# Mounts of the old workflow: persistent storage -> /persistent, weights -> /app/log. Run as the calling
+# user so checkpoints on the host are the user's; ulimits as NVIDIA recommends for PyTorch.
+HOST_DATA ?= $(CURDIR)/data
+HOST_WEIGHTS ?= $(CURDIR)/model_weights
+RUN_FLAGS = --rm --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 --user $$(id -u):$$(id -g) \
+	-v $(HOST_DATA):$(PERSISTENT) -v $(HOST_WEIGHTS):$(LOG_DIR)
+CMD ?=
+
+check-docker:
+	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "error: docker is not installed: install Docker Engine (https://docs.docker.com/engine/install/) and retry" >&2; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "error: cannot talk to the Docker daemon: start it (sudo systemctl start docker) or add your user to the docker group" >&2; exit 1; }
+
+build-image: check-docker
+	$(DOCKER) build -f docker/Dockerfile $(BUILD_ARGS) -t $(NAME):$(GIT_SHA) -t $(NAME):latest .
+
+push-image: check-docker
+	@test -n "$(REGISTRY)" || { echo "error: REGISTRY is not set: make push-image REGISTRY=registry.example.com/team" >&2; exit 1; }
+	$(DOCKER) tag $(NAME):$(GIT_SHA) $(REGISTRY)/$(NAME):$(GIT_SHA)
+	$(DOCKER) tag $(NAME):latest $(REGISTRY)/$(NAME):latest
+	$(DOCKER) push $(REGISTRY)/$(NAME):$(GIT_SHA)
+	$(DOCKER) push $(REGISTRY)/$(NAME):latest
+
+run-local: check-docker
+	@$(DOCKER) info --format '{{json .Runtimes}}' | grep -q nvidia || { echo "error: this Docker has no NVIDIA runtime (install nvidia-container-toolkit for GPUs); to train on the CPU instead run: make run-local-cpu" >&2; exit 1; }
+	@mkdir -p $(HOST_DATA) $(HOST_WEIGHTS)
+	$(DOCKER) run --gpus all $(RUN_FLAGS) $(NAME):latest $(CMD)
+
+run-local-cpu: check-docker
+	@mkdir -p $(HOST_DATA) $(HOST_WEIGHTS)
+	@ls $(HOST_DATA)/tinyshakespeare/*val*.npy >/dev/null 2>&1 || $(MAKE) --no-print-directory demo-data
+	$(DOCKER) run $(RUN_FLAGS) $(NAME):latest $(or $(CMD),python -m job.launch --preset tiny --data-dir $(PERSISTENT)/tinyshakespeare)
+
+shell: check-docker
+	@mkdir -p $(HOST_DATA) $(HOST_WEIGHTS)
+	$(DOCKER) run -it $(RUN_FLAGS) $(NAME):latest bash

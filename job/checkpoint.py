@@ -18,7 +18,8 @@ import torch
 from job import contract
 from job.errors import UserError
 
-_NAME = re.compile(r"^model_(\d+)\.pt$")
+_PREFIX = contract.CHECKPOINT_GLOB.split("*")[0]
+_NAME = re.compile(rf"^{re.escape(_PREFIX)}(\d+)\.pt$")
 FORMAT_VERSION = 1
 # Model fields that must match for a checkpoint to be loadable into this run's model.
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -72,7 +73,7 @@ def clean_stale_temps(log_dir) -> None:
     """Remove temp files left by a process killed mid-write (they are never valid checkpoints)."""
     d = Path(log_dir)
     if d.is_dir():
-        for p in d.glob(".model_*.pt.tmp*"):
+        for p in d.glob(f".{_PREFIX}*.pt.tmp*"):
             p.unlink(missing_ok=True)
 
 

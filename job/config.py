@@ -43,7 +43,8 @@ class TrainConfig:
     seed: int = 1337
     # data and outputs
     data_dir: str = contract.DATA_DIR
-    log_dir: str = "log"  # relative to WORKDIR: /app/log in the container, as in build-nanogpt
+    # Relative, as in build-nanogpt: "log" under the container's WORKDIR is the contract's LOG_DIR (/app/log).
+    log_dir: str = os.path.relpath(contract.LOG_DIR, contract.WORKDIR)
     # evaluation
     eval_every: int = 250  # val loss every N steps (0: only at the end)
     val_steps: int = 20  # micro-batches of val data per evaluation

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli, train_cmd
 
+from conftest import assert_one_line_error, run_cli, train_cmd
 from job.config import TrainConfig, parse_args
 from job.data import write_shard
 from job.errors import UserError

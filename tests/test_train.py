@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli, train_cmd
 
+from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow

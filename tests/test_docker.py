@@ -1,0 +1,181 @@
+"""The real trainer image, built and run on the machine's Docker engine (CPU torch, local Debian base).
+
+The only deviation from production: BASE_IMAGE is a locally made Debian image (no registry is reachable)
+and torch is the CPU wheel; the container runs without `--gpus all` because this host has no GPU.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS, ROOT, losses
+from job import contract
+from job.data import write_shard
+from job.tokenizer import EOT, encode
+
+pytestmark = pytest.mark.slow
+BASE = "nanogpt-test-base:bookworm"
+NAME = "nanogpt-train-test"
+UID = 4321  # a host user that is not root: files must come out owned by it
+SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--total-batch-tokens", "2048",
+         "--eval-every", "3", "--val-steps", "2", "--sample-num", "1", "--sample-tokens", "4"]
+
+
+def sh(*args, check=True, timeout=1200, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def docker():
+    if shutil.which("docker") is None:
+        pytest.skip("the docker CLI is not installed here (CI installs docker.io and starts dockerd in .ci/run)")
+    if sh("docker", "info", check=False).returncode != 0:
+        pytest.skip("no Docker daemon is reachable here (CI starts dockerd in .ci/run)")
+    return "docker"
+
+
+def cpu_torch_wheel() -> Path:
+    links = sh("python3", "-m", "pip", "config", "get", "global.find-links", check=False).stdout.strip() or "/opt/wheels"
+    found = sorted(glob.glob(f"{links}/torch-2.13.0+cpu-*.whl"))
+    if not found:
+        pytest.skip(f"no local CPU torch 2.13.0 wheel in {links}: the build would pull GBs of CUDA torch")
+    return Path(found[0])
+
+
+@pytest.fixture(scope="module")
+def context(docker, tmp_path_factory) -> Path:
+    """A copy of the repository's tracked files as the build context (the test edits it to force rebuilds)."""
+    sh(ROOT / "scripts" / "make_test_base_image.sh", BASE, timeout=900)
+    ctx = tmp_path_factory.mktemp("context")
+    files = sh("git", "ls-files", "-co", "--exclude-standard", cwd=ROOT).stdout.split("\n")
+    for f in filter(None, files):
+        if (ROOT / f).is_file():
+            (ctx / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, ctx / f)
+    shutil.copy(cpu_torch_wheel(), ctx / "docker" / "wheels")
+    return ctx
+
+
+def build(ctx: Path) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.time()
+    proc = sh("make", "-C", ctx, "build-image", f"NAME={NAME}", f"BASE_IMAGE={BASE}", timeout=1800)
+    return proc, time.time() - t0
+
+
+def layers(image: str) -> list[str]:
+    return json.loads(sh("docker", "image", "inspect", "-f", "{{json .RootFS.Layers}}", image).stdout)
+
+
+@pytest.fixture(scope="module")
+def image(context) -> str:
+    proc, seconds = build(context)
+    print(f"full build: {seconds:.1f} s")
+    return f"{NAME}:latest"
+
+
+@pytest.fixture
+def persistent(tmp_path) -> Path:
+    """A persistent filesystem with shards of the bundled corpus, as the old workflow mounts it."""
+    fs = tmp_path / "fs"
+    (fs / "shakespeare").mkdir(parents=True)
+    tokens = np.array([EOT] + encode(CORPUS.read_text()), dtype=np.uint16)
+    for i in range(0, len(tokens), 50_000):
+        write_shard(fs / "shakespeare" / f"data_{'val' if i == 0 else 'train'}_{i // 50_000:06d}.npy", tokens[i : i + 50_000])
+    return fs
+
+
+def weights_dir(tmp_path) -> Path:
+    w = tmp_path / "model_weights"
+    w.mkdir()
+    shutil.chown(w, UID, UID)
+    return w
+
+
+def test_old_workflow_command_trains_resumes_and_files_belong_to_the_user(image, persistent, tmp_path):
+    w = weights_dir(tmp_path)
+    old_cmd = ["docker", "run", "--rm", "-v", f"{persistent}:{contract.PERSISTENT}", "-v", f"{w}:{contract.LOG_DIR}", image,
+               "torchrun", "--standalone", "--nproc_per_node=2", "train.py", *SMALL, "--data-dir", f"{contract.PERSISTENT}/shakespeare"]
+    first = sh(*old_cmd, "--max-steps", 6, "--checkpoint-every", 3)
+    assert "device cpu x 2" in first.stdout
+    saved = sorted(p.name for p in w.glob("model_*.pt"))
+    assert saved == ["model_00003.pt", "model_00006.pt"]
+    for p in w.iterdir():
+        assert (p.stat().st_uid, p.stat().st_gid) == (UID, UID), p  # not root
+    second = sh(*old_cmd, "--max-steps", 9, "--checkpoint-every", 3)
+    assert "resumed from log/model_00006.pt at step 6" in second.stdout
+    assert sorted(losses(w)) == list(range(9))
+    assert all(p.stat().st_uid == UID for p in w.iterdir())
+
+
+def test_default_command_runs_one_process_per_device_and_user_flag(image, persistent, tmp_path):
+    w = weights_dir(tmp_path)
+    # No GPU here: NPROC stands in for the GPU count the launcher would detect.
+    proc = sh("docker", "run", "--rm", "--user", f"{UID}:{UID}", "-e", "NPROC=2", "-v", f"{persistent}:{contract.PERSISTENT}",
+              "-v", f"{w}:{contract.LOG_DIR}", image, "python", "-m", "job.launch", *SMALL,
+              "--data-dir", f"{contract.PERSISTENT}/shakespeare", "--max-steps", 3)
+    assert "--nproc_per_node=2" in proc.stdout and "device cpu x 2" in proc.stdout
+    assert [p.stat().st_uid for p in w.glob("model_*.pt")] == [UID]
+
+
+def test_default_command_without_data_says_what_to_do(image, tmp_path):
+    proc = sh("docker", "run", "--rm", "-v", f"{tmp_path}:{contract.PERSISTENT}", image, check=False)
+    assert proc.returncode != 0
+    assert f"error: data dir {contract.DATA_DIR} does not exist" in proc.stderr
+
+
+def test_image_follows_the_contract_and_carries_no_secrets(image):
+    cfg = json.loads(sh("docker", "image", "inspect", "-f", "{{json .Config}}", image).stdout)
+    assert cfg["WorkingDir"] == contract.WORKDIR
+    assert cfg["Cmd"] == ["python", "-m", "job.launch"]
+    names = [e.split("=", 1)[0] for e in cfg["Env"]]
+    assert not [n for n in names if any(s in n.upper() for s in ("SECRET", "TOKEN", "PASSWORD", "AWS_", "API_KEY"))]
+    history = sh("docker", "history", "--no-trunc", image).stdout
+    assert "AWS_" not in history and "LAMBDA_API_KEY" not in history
+    # Tokenizer files are baked in: encoding works with networking off.
+    out = sh("docker", "run", "--rm", "--network", "none", image, "python", "-c",
+             "from job.tokenizer import encode; print(encode(\"Hello, I'm a language model,\"))").stdout
+    assert out.strip() == "[15496, 11, 314, 1101, 257, 3303, 2746, 11]"
+
+
+def test_code_only_change_reuses_the_dependency_layers(image, context):
+    before = layers(image)
+    with open(context / "job" / "__init__.py", "a") as f:
+        f.write(f"# rebuild marker {time.time()}\n")
+    proc, seconds = build(context)
+    print(f"code-only rebuild: {seconds:.1f} s")
+    after = layers(image)
+    assert after[:-1] == before[:-1]  # system packages and the venv: cache hits
+    assert after[-1] != before[-1]  # only the source layer is new
+    assert "Collecting" not in proc.stdout and "apt-get" not in proc.stdout.split("COPY job/")[-1]
+
+
+def make(*args, **kw) -> subprocess.CompletedProcess:
+    return sh("make", "--no-print-directory", "-C", ROOT, *args, check=False, **kw)
+
+
+def test_make_targets_without_docker_say_so_in_one_line():
+    for target in ("build-image", "run-local", "shell", "push-image"):
+        proc = make(target, "DOCKER=/nonexistent/docker")
+        assert proc.returncode != 0
+        assert proc.stderr.strip().splitlines()[0].startswith("error: docker is not installed"), proc.stderr
+
+
+def test_run_local_without_nvidia_runtime_offers_the_cpu_run(docker):
+    if "nvidia" in sh("docker", "info", "--format", "{{json .Runtimes}}").stdout:
+        pytest.skip("this Docker has the NVIDIA runtime, so run-local would really train")
+    proc = make("run-local")
+    assert proc.returncode != 0
+    assert "no NVIDIA runtime" in proc.stderr and "make run-local-cpu" in proc.stderr
+    proc = make("push-image")
+    assert proc.returncode != 0 and "REGISTRY is not set" in proc.stderr
