@@ -57,11 +57,12 @@ DOCKER ?= docker
 BUILD_ARGS = --build-arg WORKDIR=$(WORKDIR) --build-arg LOG_DIR=$(LOG_DIR) --build-arg PERSISTENT=$(PERSISTENT) \
 	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 # Mounts of the old workflow: persistent storage -> /persistent, weights -> /app/log. Run as the calling
-# user so checkpoints on the host are the user's; ulimits as NVIDIA recommends for PyTorch.
+# user so checkpoints on the host are the user's.
 HOST_DATA ?= $(CURDIR)/data
 HOST_WEIGHTS ?= $(CURDIR)/model_weights
-RUN_FLAGS = --rm --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 --user $$(id -u):$$(id -g) \
-	-v $(HOST_DATA):$(PERSISTENT) -v $(HOST_WEIGHTS):$(LOG_DIR)
+RUN_FLAGS = --rm --ipc=host --user $$(id -u):$$(id -g) -v $(HOST_DATA):$(PERSISTENT) -v $(HOST_WEIGHTS):$(LOG_DIR)
+# Unlimited locked memory (pinned host buffers, NCCL) and a 64 MiB stack, as NVIDIA recommends for PyTorch on GPUs.
+GPU_FLAGS = --gpus all --ulimit memlock=-1 --ulimit stack=67108864
 CMD ?=
 
 check-docker:
@@ -81,11 +82,11 @@ push-image: check-docker
 run-local: check-docker
 	@$(DOCKER) info --format '{{json .Runtimes}}' | grep -q nvidia || { echo "error: this Docker has no NVIDIA runtime (install nvidia-container-toolkit for GPUs); to train on the CPU instead run: make run-local-cpu" >&2; exit 1; }
 	@mkdir -p $(HOST_DATA) $(HOST_WEIGHTS)
-	$(DOCKER) run --gpus all $(RUN_FLAGS) $(NAME):latest $(CMD)
+	$(DOCKER) run $(GPU_FLAGS) $(RUN_FLAGS) $(NAME):latest $(CMD)
 
 run-local-cpu: check-docker
 	@mkdir -p $(HOST_DATA) $(HOST_WEIGHTS)
-	@ls $(HOST_DATA)/tinyshakespeare/*val*.npy >/dev/null 2>&1 || $(MAKE) --no-print-directory demo-data
+	@$(MAKE) --no-print-directory demo-data DEMO_DATA=$(HOST_DATA)/tinyshakespeare
 	$(DOCKER) run $(RUN_FLAGS) $(NAME):latest $(or $(CMD),python -m job.launch --preset tiny --data-dir $(PERSISTENT)/tinyshakespeare)
 
 shell: check-docker

@@ -102,6 +102,16 @@ def weights_dir(tmp_path) -> Path:
     return w
 
 
+def test_make_run_local_cpu_prepares_the_corpus_and_trains(image, tmp_path):
+    data, w = tmp_path / "data", tmp_path / "w"
+    proc = make("run-local-cpu", f"NAME={NAME}", f"HOST_DATA={data}", f"HOST_WEIGHTS={w}",
+                f"CMD=python -m job.launch {' '.join(SMALL)} --total-batch-tokens 1024 --data-dir /persistent/tinyshakespeare --max-steps 3",
+                timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (data / "tinyshakespeare").glob("*.npy"))[-1] == "data_val_000000.npy"
+    assert (w / "model_00003.pt").is_file() and "done: 3 steps" in proc.stdout
+
+
 def test_old_workflow_command_trains_resumes_and_files_belong_to_the_user(image, persistent, tmp_path):
     w = weights_dir(tmp_path)
     old_cmd = ["docker", "run", "--rm", "-v", f"{persistent}:{contract.PERSISTENT}", "-v", f"{w}:{contract.LOG_DIR}", image,
