@@ -9,7 +9,7 @@ DEMO_LOG := model_weights
 # The container contract (image name, /app, /persistent, /app/log): one file, also read by job/ and infra/.
 include job/contract.env
 
-.PHONY: help venv demo demo-data test lint bench clean-demo check-docker build-image push-image run-local run-local-cpu shell
+.PHONY: fetch-weights help venv demo demo-data test lint bench clean-demo check-docker build-image push-image run-local run-local-cpu shell
 
 help:
 	@echo "make demo    train the tiny GPT-2 on the bundled Shakespeare (CPU, a few minutes) and print samples"
@@ -21,7 +21,7 @@ help:
 	@echo "make run-local-cpu           the same on the CPU (tiny preset on the bundled corpus)"
 	@echo "make shell                   a shell in the image with the same mounts"
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-launcher.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
@@ -92,3 +92,8 @@ run-local-cpu: check-docker
 shell: check-docker
 	@mkdir -p $(HOST_DATA) $(HOST_WEIGHTS)
 	$(DOCKER) run -it $(RUN_FLAGS) $(NAME):latest bash
+
+# ---- the launcher (runs on the laptop) ---------------------------------------------------------------
+fetch-weights: venv
+	@test -n "$(HOST)" || { echo "error: HOST is not set: make fetch-weights HOST=ubuntu@IP [TO=dir] [FLAGS=--latest-only]" >&2; exit 1; }
+	$(VENV)/bin/fab fetch-weights --host $(HOST) $(if $(TO),--to $(TO)) $(FLAGS)

@@ -1,0 +1,122 @@
+"""SSH to the GPU box with host keys always verified, and every failure turned into one actionable line."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+
+import fabric
+import invoke
+import paramiko
+
+from job.errors import UserError
+
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+# paramiko logs tracebacks from its transport thread; with no logging configured they would land on stderr
+# above our one-line error. A NullHandler keeps them quiet unless the app sets up logging itself.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+
+def parse_host(host: str, port: int | None = None) -> tuple[str | None, str, int | None]:
+    """`user@host:port`, `user@host`, `host`, `[v6addr]:port` -> (user, host, port); an explicit `port` must agree."""
+    user, _, rest = host.rpartition("@")
+    hostname, hport = rest, None
+    if rest.startswith("[") and "]" in rest:  # bracketed IPv6, as in known_hosts
+        hostname, _, tail = rest[1:].partition("]")
+        hport = tail[1:] if tail.startswith(":") else None
+    elif rest.count(":") == 1:
+        hostname, hport = rest.split(":")
+    if hport is not None:
+        if not hport.isdigit():
+            raise UserError(f"bad port in {host!r}: expected user@host:PORT with a number")
+        if port is not None and int(hport) != port:
+            raise UserError(f"{host!r} says port {hport} but --port is {port}: give the port once")
+        port = int(hport)
+    if not hostname:
+        raise UserError(f"no host name in {host!r}: expected user@host or user@host:port")
+    return user or None, hostname, port
+
+
+class UnknownHostKey(Exception):
+    pass
+
+
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Called only for hosts with no known_hosts entry at all; a known host with another key raises BadHostKeyException
+    inside paramiko before we get here. Like OpenSSH's StrictHostKeyChecking=accept-new, never a silent AutoAddPolicy."""
+
+    def __init__(self, known_hosts: str, accept_new: bool):
+        self.known_hosts, self.accept_new = known_hosts, accept_new
+
+    def missing_host_key(self, client, hostname, key):
+        if not self.accept_new:
+            raise UnknownHostKey(hostname)
+        os.makedirs(os.path.dirname(self.known_hosts) or ".", mode=0o700, exist_ok=True)
+        fd = os.open(self.known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def connect(host: str, *, port: int | None = None, key: str | None = None, known_hosts: str | None = None,
+            accept_new_host_key: bool = False, timeout: float = 10) -> fabric.Connection:
+    """Open and check an SSH connection (runs `true`); raise UserError with the fix on any failure."""
+    user, hostname, port = parse_host(host, port)
+    known_hosts = os.path.expanduser(known_hosts or "~/.ssh/known_hosts")
+    if key and not os.path.isfile(os.path.expanduser(key)):
+        raise UserError(f"SSH key {key} does not exist: pass the private key file with --key")
+    # With --key use only that key (like IdentitiesOnly), so a wrong key fails clearly instead of trying the agent's.
+    auth = dict(key_filename=[os.path.expanduser(key)], allow_agent=False, look_for_keys=False) if key else {}
+    conn = fabric.Connection(hostname, user=user, port=port, connect_kwargs=dict(auth, banner_timeout=timeout, auth_timeout=timeout))
+    conn.connect_timeout = timeout  # set after init: Connection() would int() it, turning 0.5 s into "no timeout"
+    client = conn.client
+    for f in (SYSTEM_KNOWN_HOSTS, known_hosts):  # "system" keys are read-only for paramiko: it never rewrites these files
+        if os.path.isfile(f):
+            client.load_system_host_keys(f)
+    client.set_missing_host_key_policy(_HostKeyPolicy(known_hosts, accept_new_host_key))
+    where = f"{conn.user}@{conn.host}:{conn.port}"
+    try:
+        conn.open()
+        run(conn, "true", timeout=timeout)
+        return conn
+    except Exception as e:
+        conn.close()
+        raise UserError(_explain(e, conn, where, known_hosts)) from e
+
+
+def run(conn: fabric.Connection, cmd: str, *, hide: bool = True, warn: bool = False, **kw) -> invoke.Result:
+    """conn.run without forwarding our stdin: a launcher has nothing to type, and a captured stdin (pytest, CI) makes invoke fail."""
+    return conn.run(cmd, hide=hide, warn=warn, in_stream=False, **kw)
+
+
+def _explain(e: Exception, conn: fabric.Connection, where: str, known_hosts: str) -> str:
+    h = conn.host if conn.port == 22 else f"[{conn.host}]:{conn.port}"
+    if isinstance(e, UnknownHostKey):
+        return (f"unknown host key for {h} (not in {known_hosts}): verify and add it with `ssh-keyscan -p {conn.port} {conn.host} >> {known_hosts}`"
+                ", or trust it on first use with --accept-new-host-key")
+    if isinstance(e, paramiko.BadHostKeyException):
+        return (f"HOST KEY CHANGED for {h}: possible man-in-the-middle; if the box was re-created remove the old line with "
+                f"`ssh-keygen -R '{h}' -f {known_hosts}` and connect again")
+    if isinstance(e, paramiko.AuthenticationException):
+        return f"authentication failed for {where}: pass the private key authorized for user '{conn.user}' with --key, or use the right user@"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve {conn.host}: check the address"
+    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):  # paramiko's wrapper for refused/unreachable
+        errs = {getattr(x, "errno", None) for x in e.errors.values()}
+        if errs <= {errno.ECONNREFUSED}:
+            return f"connection refused by {conn.host}:{conn.port}: is sshd running there, and is this the right --port?"
+        return f"cannot reach {conn.host}:{conn.port} (host unreachable): check the address, security group / firewall and your IP"
+    if isinstance(e, invoke.exceptions.Failure):  # connected and authenticated, but the check command failed
+        return f"connected to {where} but `true` failed ({type(e).__name__}): check the login shell of user '{conn.user}' on the box"
+    if "protocol banner" in str(e):  # TCP connected, but no SSH greeting before the timeout
+        return (f"timed out waiting for sshd's greeting from {conn.host}:{conn.port}: something accepted the connection but is not answering "
+                "as sshd; check --port and that no security group / firewall / proxy is in the way")
+    if isinstance(e, (TimeoutError, socket.timeout)) or "timeout" in str(e).lower() or "timed out" in str(e).lower():
+        return (f"timed out connecting to {conn.host}:{conn.port}: check the security group / firewall allows SSH from your IP, "
+                "and that the address is right")
+    if isinstance(e, OSError) and e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return f"cannot reach {conn.host}:{conn.port} ({e.strerror}): check the address, your network, and the security group / firewall"
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"SSH to {where} failed: {msg}: check the address, --port and that sshd is running there"

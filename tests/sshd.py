@@ -1,0 +1,111 @@
+"""A real OpenSSH server on 127.0.0.1 for tests: throwaway host key, user key and config in a tmp dir.
+
+Plain module (start_sshd / SSHServer.stop) plus a pytest fixture factory (sshd_fixture). Needs root or a user
+sshd can log in as: it runs as the current user and authorizes a freshly generated key for that user.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SSHD = "/usr/sbin/sshd"  # sshd refuses to re-exec itself unless started by absolute path
+SKIP_REASON = "openssh-server is not installed (CI installs it in .ci/run)"
+
+
+@dataclass
+class SSHServer:
+    host: str
+    port: int
+    user: str
+    key_path: str  # private key authorized for `user`
+    known_hosts_path: str  # holds the correct `[127.0.0.1]:PORT ssh-ed25519 ...` line
+    host_public_key_line: str  # that line, without the newline
+    proc: subprocess.Popen
+
+    @property
+    def address(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def sshd_available() -> bool:
+    return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None
+
+
+def keygen(path: str | Path) -> str:
+    """Generate an unencrypted ed25519 key pair at `path` (+ .pub); return the public key as `type base64`."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(path)], check=True, capture_output=True)
+    return " ".join(Path(f"{path}.pub").read_text().split()[:2])
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picked it, then we let go of it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_sshd(tmp_dir: str | Path, timeout: float = 10) -> SSHServer:
+    d = Path(tmp_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    host_key, user_key = d / "host_ed25519", d / "user_ed25519"
+    host_pub = keygen(host_key)
+    keygen(user_key)
+    (d / "authorized_keys").write_text(Path(f"{user_key}.pub").read_text())
+    port = free_port()
+    known_hosts_line = f"[127.0.0.1]:{port} {host_pub}"
+    (d / "known_hosts").write_text(known_hosts_line + "\n")
+    config = d / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n"
+        f"StrictModes no\nUsePAM no\nPidFile {d / 'sshd.pid'}\nSubsystem sftp internal-sftp\n"
+    )
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir; absent in slim images
+    log = open(d / "sshd.log", "wb")  # a file, not a pipe: a full pipe would block sshd
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    server = SSHServer("127.0.0.1", port, getpass.getuser(), str(user_key), str(d / "known_hosts"), known_hosts_line, proc)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited with {proc.returncode}: {(d / 'sshd.log').read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"sshd did not listen on {port} within {timeout}s: {(d / 'sshd.log').read_text()}") from None
+            time.sleep(0.05)
+
+
+def sshd_fixture(scope: str = "module"):
+    """Make a pytest fixture yielding a running SSHServer: `sshd = sshd_fixture()` at module level in a test file."""
+
+    @pytest.fixture(scope=scope)
+    def _sshd(tmp_path_factory):
+        if not sshd_available():
+            pytest.skip(SKIP_REASON)
+        server = start_sshd(tmp_path_factory.mktemp("sshd"))
+        yield server
+        server.stop()
+
+    return _sshd
