@@ -103,7 +103,7 @@ def sshd_fixture(scope: str = "module"):
     @pytest.fixture(scope=scope)
     def _sshd(tmp_path_factory):
         if not sshd_available():
-            pytest.skip(SKIP_REASON)
+            pytest.skip(reason=SKIP_REASON)
         server = start_sshd(tmp_path_factory.mktemp("sshd"))
         yield server
         server.stop()

@@ -39,9 +39,9 @@ def sh(*args, check=True, timeout=1200, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def docker():
     if shutil.which("docker") is None:
-        pytest.skip("the docker CLI is not installed here (CI installs docker.io and starts dockerd in .ci/run)")
+        pytest.skip(reason="the docker CLI is not installed here (CI installs docker.io and starts dockerd in .ci/run)")
     if sh("docker", "info", check=False).returncode != 0:
-        pytest.skip("no Docker daemon is reachable here (CI starts dockerd in .ci/run)")
+        pytest.skip(reason="no Docker daemon is reachable here (CI starts dockerd in .ci/run)")
     return "docker"
 
 
@@ -49,7 +49,7 @@ def cpu_torch_wheel() -> Path:
     links = sh("python3", "-m", "pip", "config", "get", "global.find-links", check=False).stdout.strip() or "/opt/wheels"
     found = sorted(glob.glob(f"{links}/torch-2.13.0+cpu-*.whl"))
     if not found:
-        pytest.skip(f"no local CPU torch 2.13.0 wheel in {links}: the build would pull GBs of CUDA torch")
+        pytest.skip(reason=f"no local CPU torch 2.13.0 wheel in {links}: the build would pull GBs of CUDA torch")
     return Path(found[0])
 
 
@@ -183,7 +183,7 @@ def test_make_targets_without_docker_say_so_in_one_line():
 
 def test_run_local_without_nvidia_runtime_offers_the_cpu_run(docker):
     if "nvidia" in sh("docker", "info", "--format", "{{json .Runtimes}}").stdout:
-        pytest.skip("this Docker has the NVIDIA runtime, so run-local would really train")
+        pytest.skip(reason="this Docker has the NVIDIA runtime, so run-local would really train")
     proc = make("run-local")
     assert proc.returncode != 0
     assert "no NVIDIA runtime" in proc.stderr and "make run-local-cpu" in proc.stderr
