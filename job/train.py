@@ -26,7 +26,7 @@ from job.errors import UserError, cli_main
 from job.metrics import MetricsLogger, format_eta, peak_flops
 from job.model import GPT
 from job.optim import configure_optimizer, get_lr
-from job.sample import generate_samples
+from job.sample import default_device, generate_samples
 
 
 @dataclass
@@ -45,11 +45,7 @@ class Runtime:
 
 def pick_device(requested: str) -> str:
     if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return default_device()
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")
     if requested == "mps" and not torch.backends.mps.is_available():
