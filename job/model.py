@@ -100,6 +100,9 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rows per chunk of the chunked cross-entropy (0: plain F.cross_entropy over the full logits). A training
+        # choice, not architecture: it is not in GPTConfig, so checkpoints do not depend on it.
+        self.ce_chunk_tokens = 0
         # Weight tying (as GPT-2): the output projection is the token embedding; saves 38M params at 124M.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -139,6 +142,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.ce_chunk_tokens:
+            # The loss without the (B*T, vocab) logits: returned logits are None on this path.
+            return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.ce_chunk_tokens)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -159,6 +165,57 @@ class GPT(nn.Module):
             choice = torch.multinomial(topk_probs, 1, generator=generator)
             idx = torch.cat((idx, torch.gather(topk_idx, -1, choice)), dim=1)
         return idx
+
+
+# --- chunked cross-entropy ------------------------------------------------------------------------
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against `targets`, `chunk` rows at a time.
+
+    The full logits of a GPT-2 batch are big: 64 x 1024 rows x 50304 columns is 6.6 GB in bf16, and the loss
+    and its gradient want fp32 copies on top. Here each chunk's logits live only inside the loop, and the
+    gradients (softmax - onehot, pushed through the two matmuls autograd would run anyway) are computed there
+    too, so the backward pass only scales them: no logits are kept and no matmul is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):
+        n = h.size(0)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums in fp32 at least
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        for start in range(0, n, chunk):
+            hc, tc = h[start : start + chunk], targets[start : start + chunk, None]
+            logits = hc @ weight.t()  # under autocast a bf16 matmul, exactly like the lm_head Linear
+            lf = logits.to(acc)
+            lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+            loss = loss + (lse - lf.gather(1, tc)).sum()
+            # d(mean loss)/d(logits) = (softmax - onehot) / n, in the logits' dtype as autograd would have it.
+            d = torch.exp(lf - lse)
+            d = d.scatter_add(1, tc, torch.full_like(tc, -1, dtype=d.dtype)).div_(n).to(logits.dtype)
+            grad_h[start : start + chunk] = (d @ weight.to(d.dtype)).to(h.dtype)
+            grad_w += (d.t() @ hc.to(d.dtype)).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets) in chunks of `chunk` rows, never holding all the logits."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedCrossEntropy.apply(h, weight, targets, chunk)
+    # Evaluation: no gradient to prepare, just the chunked sum.
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    total = torch.zeros((), dtype=acc, device=h.device)
+    for start in range(0, h.size(0), chunk):
+        logits = (h[start : start + chunk] @ weight.t()).to(acc)
+        total = total + F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
+    return total / h.size(0)
 
 
 # --- Hugging Face conversion ---------------------------------------------------------------------

@@ -1,10 +1,12 @@
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
-from job.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig, from_hf_state_dict, load_hf_into, to_hf_state_dict
+from job.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig, chunked_cross_entropy, from_hf_state_dict, load_hf_into, to_hf_state_dict
 
 
 def hf_model(n_layer=2, n_head=4, n_embd=128, n_positions=64, seed=0):
@@ -94,3 +96,52 @@ def test_too_long_sequence_is_rejected():
     m = GPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32))
     with pytest.raises(ValueError, match="block size"):
         m(torch.zeros((1, 9), dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 1000])  # divides the rows, leaves a short last chunk, one chunk for all
+def test_chunked_cross_entropy_equals_full_in_value_and_gradient(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
+    w = (0.1 * torch.randn(1000, 32, dtype=torch.float64)).requires_grad_()
+    t = torch.randint(0, 1000, (300,))
+    want = F.cross_entropy(h @ w.t(), t)
+    gh, gw = torch.autograd.grad(3 * want, (h, w))  # a non-unit upstream gradient, like loss / grad_accum
+    got = chunked_cross_entropy(h, w, t, chunk)
+    ch, cw = torch.autograd.grad(3 * got, (h, w))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ch, gh, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(cw, gw, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():  # the evaluation path prepares no gradient but gives the same value
+        torch.testing.assert_close(chunked_cross_entropy(h, w, t, chunk), want, rtol=1e-12, atol=0)
+
+
+def test_model_with_chunked_loss_matches_plain_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    chunked = copy.deepcopy(plain)
+    chunked.ce_chunk_tokens = 24  # 3 x 32 = 96 rows in 4 chunks
+    idx, tgt = torch.randint(0, GPT2_VOCAB, (3, 32)), torch.randint(0, GPT2_VOCAB, (3, 32))
+    logits, want = plain(idx, tgt)
+    none, got = chunked(idx, tgt)
+    assert logits.shape == (3, 32, PADDED_VOCAB) and none is None  # the chunked path never builds the logits
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    grads = dict(chunked.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_plain():
+    torch.manual_seed(0)
+    h = torch.randn(256, 64, requires_grad=True)
+    w = (0.1 * torch.randn(2000, 64)).requires_grad_()
+    t = torch.randint(0, 2000, (256,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.cross_entropy(F.linear(h, w), t)
+        got = chunked_cross_entropy(h, w, t, 100)
+    gh, gw = torch.autograd.grad(want, (h, w))
+    ch, cw = torch.autograd.grad(got, (h, w))
+    assert ch.dtype == h.dtype and cw.dtype == w.dtype
+    torch.testing.assert_close(got, want.float(), rtol=1e-3, atol=0)
+    assert ((ch - gh).norm() / gh.norm()).item() < 1e-2 and ((cw - gw).norm() / gw.norm()).item() < 1e-2
