@@ -8,6 +8,7 @@ a 100M-token shard is 200 MB, and eight ranks each holding one would waste 1.6 G
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,9 @@ class ShardLoader:
     exact stream, even if the run resumes with a different number of ranks.
     """
 
-    def __init__(self, data_dir, split: str, B: int, T: int, rank: int = 0, world: int = 1):
+    def __init__(self, data_dir, split: str, B: int, T: int, rank: int = 0, world: int = 1, pin_memory: bool = False):
         self.B, self.T, self.rank, self.world = B, T, rank, world
+        self.pin_memory = pin_memory  # read windows straight into page-locked memory (CUDA can then copy asynchronously)
         self.split = split
         self.shards = list_shards(data_dir, split)
         if not self.shards:
@@ -106,7 +108,9 @@ class ShardLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = self.B, self.T
         start = self.offset + self.rank * B * T
-        buf = torch.from_numpy(self._load()[start : start + B * T + 1].astype(np.int64))
+        # One copy: uint16 from the memory map straight into the (pinned) int64 tensor handed on.
+        buf = torch.empty(B * T + 1, dtype=torch.int64, pin_memory=self.pin_memory)
+        np.copyto(buf.numpy(), self._load()[start : start + B * T + 1], casting="safe")
         x = buf[:-1].view(B, T)
         y = buf[1:].view(B, T)
         self.offset += B * T * self.world
@@ -126,3 +130,49 @@ class ShardLoader:
             )
         self.shard, self.offset, self._tokens = shard, offset, None
         self._skip_short()
+
+
+class DeviceLoader:
+    """Wraps a loader so batches come out already on the device, copied ahead of use.
+
+    On CUDA each batch sits in pinned memory and its host-to-device copy is queued non-blocking `depth`
+    batches before the step asks for it: the training thread never waits for a copy, and reading the next
+    window from the memory map happens while the GPU is still busy with the current micro-step.
+    `state_dict()` is the position of the next batch *handed out*, not of the next one read, so a
+    checkpoint resumes at exactly the same token whatever was prefetched. depth 0: copy when asked.
+    """
+
+    def __init__(self, loader, device: str | torch.device, depth: int = 1):
+        self.loader, self.device, self.depth = loader, torch.device(device), depth
+        self.cuda = self.device.type == "cuda"
+        self._queue: deque = deque()  # (position before the batch, x, y)
+
+    def _fetch(self) -> None:
+        state = self.loader.state_dict()
+        x, y = self.loader.next_batch()
+        if self.cuda:
+            if not x.is_pinned():
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        else:
+            x, y = x.to(self.device), y.to(self.device)
+        self._queue.append((state, x, y))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._queue:
+            self._fetch()
+        _, x, y = self._queue.popleft()
+        while len(self._queue) < self.depth:
+            self._fetch()
+        return x, y
+
+    def state_dict(self) -> dict:
+        return self._queue[0][0] if self._queue else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._queue.clear()
+        self.loader.load_state_dict(state)
+
+    def reset(self) -> None:
+        self._queue.clear()
+        self.loader.reset()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from job.data import ShardLoader, check_data_dir, list_shards, load_shard, write_shard
+from job.data import DeviceLoader, ShardLoader, check_data_dir, list_shards, load_shard, write_shard
 from job.errors import UserError
 
 
@@ -79,3 +79,27 @@ def test_data_dir_checks(tmp_path):
 def test_shards_too_small_for_one_step_are_an_error(counting_shards):
     with pytest.raises(UserError, match="shorter than one step"):
         ShardLoader(counting_shards, "train", 64, 128, world=2)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_device_loader_hands_out_the_same_stream_and_resumes_exactly(counting_shards, depth):
+    plain = ShardLoader(counting_shards, "train", 2, 16)
+    staged = DeviceLoader(ShardLoader(counting_shards, "train", 2, 16), "cpu", depth)
+    for _ in range(30):  # across shard boundaries
+        (xa, ya), (xb, yb) = plain.next_batch(), staged.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # The saved position is the next batch handed out, whatever was read ahead: a resume continues there.
+    state = staged.state_dict()
+    assert state == plain.state_dict()
+    resumed = DeviceLoader(ShardLoader(counting_shards, "train", 2, 16), "cpu", depth)
+    resumed.load_state_dict(state)
+    for (xa, _), (xb, _) in zip(windows(plain, 10), windows(resumed, 10), strict=True):
+        assert torch.equal(xa, xb)
+    resumed.reset()
+    assert torch.equal(resumed.next_batch()[0], ShardLoader(counting_shards, "train", 2, 16).next_batch()[0])
+
+
+def test_loader_copies_uint16_tokens_above_32767_exactly(tmp_path):
+    write_shard(tmp_path / "x_train_000000.npy", np.arange(50000, 50300))
+    x, y = ShardLoader(tmp_path, "train", 2, 100).next_batch()
+    assert x.dtype == torch.int64 and x[0, 0].item() == 50000 and y[-1, -1].item() == 50200
