@@ -68,6 +68,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | on | off
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs (see CHOICES for why no CUDA graphs)
+    ce_chunk_tokens: int = 0  # cross-entropy fused with lm_head in chunks of N rows (0: plain, full logits)
+    prefetch: int = 1  # batches copied (pinned, non-blocking) to the device ahead of use; 0: copy when used
+    ddp_bucket_mb: int = 25  # DDP gradient all-reduce bucket size (MiB)
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(block_size=self.block_size, vocab_size=self.vocab_size, n_layer=self.n_layer,
@@ -87,7 +91,10 @@ PRESET_TRAINING = {
 }
 PRESETS = {name: {**dims, **PRESET_TRAINING.get(name, {})} for name, dims in MODEL_PRESETS.items()}
 
-CHOICES = {"device": ("auto", "cuda", "mps", "cpu"), "dtype": ("auto", "bfloat16", "float32"), "compile": ("auto", "on", "off")}
+# Compile modes with CUDA graphs (reduce-overhead, max-autotune) are left out on purpose: with gradient
+# accumulation they hand a graph-owned buffer to .grad and the next micro-step overwrites it (pytorch#169545).
+CHOICES = {"device": ("auto", "cuda", "mps", "cpu"), "dtype": ("auto", "bfloat16", "float32"), "compile": ("auto", "on", "off"),
+           "compile_mode": ("default", "max-autotune-no-cudagraphs")}
 
 
 def flag(name: str) -> str:
@@ -116,11 +123,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         raise UserError(f"{flag(name)} {msg}")
 
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "micro_batch", "seq_len", "total_batch_tokens",
-                 "max_steps", "val_steps", "log_every"):
+                 "max_steps", "val_steps", "log_every", "ddp_bucket_mb"):
         if getattr(cfg, name) <= 0:
             bad(name, f"must be a positive integer, got {getattr(cfg, name)}")
     for name in ("warmup_steps", "sample_num", "eval_every", "hellaswag_every", "hellaswag_limit", "sample_every", "sample_tokens",
-                 "checkpoint_every", "keep_every", "keep_last", "checkpoint_minutes", "weight_decay", "grad_clip"):
+                 "checkpoint_every", "keep_every", "keep_last", "checkpoint_minutes", "weight_decay", "grad_clip", "ce_chunk_tokens",
+                 "prefetch"):
         if getattr(cfg, name) < 0:
             bad(name, f"must be >= 0, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
@@ -194,6 +202,10 @@ HELP = {
     "device": "auto picks cuda, then mps, then cpu",
     "dtype": "auto: bf16 autocast on CUDA, fp32 elsewhere",
     "compile": "torch.compile; auto: on for CUDA",
+    "compile_mode": "torch.compile mode (CUDA-graph modes are not offered: they break gradient accumulation)",
+    "ce_chunk_tokens": "compute the loss fused with the output layer, N tokens at a time, never holding the full logits (0: off)",
+    "prefetch": "batches copied ahead to the device from pinned memory (0: copy each batch when it is used)",
+    "ddp_bucket_mb": "DDP all-reduce bucket size in MiB",
 }
 
 

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job import checkpoint as ckpt_lib
 from job.config import TrainConfig, parse_args
-from job.data import ShardLoader, check_data_dir
+from job.data import DeviceLoader, ShardLoader, check_data_dir
 from job.errors import UserError, cli_main
 from job.metrics import MetricsLogger, format_eta, peak_flops
 from job.model import GPT
@@ -109,25 +109,38 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
         self.model = GPT(cfg.model_config()).to(rt.device)
+        self.model.ce_chunk_tokens = cfg.ce_chunk_tokens
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                              rt.device_type)
-        # Loaders can be injected (the benchmark feeds synthetic tokens through the very same step).
-        self.train_loader = train_loader or ShardLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world)
-        self.val_loader = val_loader or ShardLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world)
+        # Loaders can be injected (the benchmark feeds synthetic tokens through the very same step). Either way
+        # batches reach the step already on the device, copied ahead from pinned memory on CUDA.
+        pin = rt.device_type == "cuda"
+        self.train_loader = DeviceLoader(train_loader or ShardLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world, pin_memory=pin),
+                                         rt.device, cfg.prefetch)
+        self.val_loader = DeviceLoader(val_loader or ShardLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world, pin_memory=pin),
+                                       rt.device, cfg.prefetch)
         self.start_step, self.val_done_at_start = 0, False
         self._resume()
         self.use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cuda")
         # Compile only the fixed-shape train/val forward; HellaSwag and sampling (varying shapes) use the eager
         # model, which shares the same parameters. That is what lets compile stay on with evaluation.
-        self.fwd_model = torch.compile(self.model) if self.use_compile else self.model
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        self.fwd_model = torch.compile(self.model, mode=mode) if self.use_compile else self.model
         self.train_model = self.fwd_model
         if rt.ddp:
-            self.train_model = DDP(self.fwd_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+            # Gradients live in DDP's buckets (no second copy, no copy back); a static graph lets DDP skip its
+            # per-step bookkeeping, but only without no_sync(): with gradient accumulation it crashes or silently
+            # stops all-reducing (pytorch/pytorch#143580), so it is on only when every micro-step syncs.
+            self.train_model = DDP(self.fwd_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+                                   bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True,
+                                   static_graph=self.grad_accum == 1)
         self.autocast, self.autocast_dtype = autocast_ctx(cfg, rt)
         self.hellaswag = self._load_hellaswag() if cfg.hellaswag_every else None
         self.peak = peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device_type == "cuda" else None
         self.flops_per_token = self.model.flops_per_token(T)
         self.stop = StopFlag()
+        self.saver = ckpt_lib.AsyncSaver(cfg.log_dir, cfg.keep_last, cfg.keep_every)
+        self.held_for: dict[int, dict] = {}  # step -> how long its save held training, until the write is logged
         self.last_save_time = time.time()
         self.last_saved_step = self.start_step if self.start_step else None
 
@@ -184,7 +197,7 @@ class Trainer:
         for _ in range(self.cfg.val_steps):
             x, y = self.val_loader.next_batch()
             with self.autocast:
-                _, loss = self.fwd_model(x.to(self.rt.device), y.to(self.rt.device))
+                _, loss = self.fwd_model(x, y)
             total += loss.detach().float()
         self.model.train()
         val_loss = self._all_reduce(total / self.cfg.val_steps).item() / self.rt.world
@@ -215,6 +228,7 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self, step: int, val_loss: float | None) -> None:
+        """Snapshot the state and write it in the background: training is held only for the copy to CPU memory."""
         if self.last_saved_step == step:
             return
         if self.rt.master:
@@ -230,26 +244,35 @@ class Trainer:
                 "train_config": cfg.to_dict(),
                 "format_version": ckpt_lib.FORMAT_VERSION,
             }
-            t0 = time.time()
-            path = ckpt_lib.save(state, cfg.log_dir, step)
-            removed = ckpt_lib.apply_retention(cfg.log_dir, cfg.keep_last, cfg.keep_every)
-            self.log.line(f"step {step:6d} | saved {path} ({time.time() - t0:.2f} s)"
-                          + (f", removed {', '.join(p.name for p in removed)}" if removed else ""))
-            self.log.event("checkpoint", step=step, path=str(path), val_loss=val_loss,
-                           seconds=round(time.time() - t0, 3))
+            self.held_for[step] = self.saver.save(state, step, val_loss=val_loss)
+            self._report_saves()  # the previous write, if save() just waited for it
         if self.rt.ddp:
-            dist.barrier()  # no rank runs ahead (or exits) while the master is still writing
+            dist.barrier()  # every rank resumes together (the master was held for the snapshot)
         self.last_saved_step = step
         self.last_save_time = time.time()
 
+    def _report_saves(self, wait: bool = False) -> None:
+        """Log the checkpoint writes that have finished (all of them, after waiting, with wait=True)."""
+        if not self.rt.master:
+            return
+        for done in self.saver.wait() if wait else self.saver.poll():
+            held = self.held_for.pop(done["step"], {"stall_s": 0.0})
+            removed = done["removed"]
+            self.log.line(f"step {done['step']:6d} | saved {done['path']} (training held {held['stall_s']:.2f} s, "
+                          f"written in the background in {done['write_s']:.2f} s)"
+                          + (f", removed {', '.join(p.name for p in removed)}" if removed else ""))
+            self.log.event("checkpoint", step=done["step"], path=str(done["path"]), val_loss=done["val_loss"],
+                           seconds=round(done["write_s"], 3), stall_s=round(held["stall_s"], 3))
+
     # --- the loop ----------------------------------------------------------------------------------
-    def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over `grad_accum` micro-batches. Nothing here waits for the GPU: the loss is summed
+        on the device, batches arrive already copied, and the caller decides when to read anything back."""
         cfg, rt = self.cfg, self.rt
         self.optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=rt.device)
         for micro in range(self.grad_accum):
             x, y = self.train_loader.next_batch()
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate locally.
             sync = not rt.ddp or micro == self.grad_accum - 1
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
@@ -265,14 +288,40 @@ class Trainer:
         self.optimizer.step()
         return loss_accum, norm, lr
 
-    def run(self) -> None:
+    def train_and_agree(self, step: int, read_back: bool = True) -> tuple[float | None, float | None, float, bool, bool]:
+        """train_step, then (loss, grad norm, lr, stop?, save now?) with at most one host sync.
+
+        Under DDP the loss, the stop request and the timed-save request travel in one all-reduce and are read
+        back every step, so every rank takes the same decision (a rank that stopped alone would hang the
+        others). A single process reads back only when asked (steps that log): between those the host queues
+        step after step without waiting for the GPU; loss and norm are then None.
+        """
         cfg, rt = self.cfg, self.rt
+        loss_accum, norm, lr = self.train_step(step)
+        timed = bool(cfg.checkpoint_minutes and rt.master and time.time() - self.last_save_time >= 60 * cfg.checkpoint_minutes)
+        if not (rt.ddp or read_back):
+            return None, None, lr, self.stop.requested, timed
+        flags = torch.tensor([float(self.stop.requested), float(timed)], device=rt.device)
+        packed = torch.cat([loss_accum.float().view(1), norm.float().view(1), flags])
+        loss_v, norm_v, stop_v, timed_v = self._all_reduce(packed).tolist()
+        return loss_v / rt.world, norm_v / rt.world, lr, bool(stop_v), bool(timed_v)
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # A write in flight always completes before the process moves on, even after an error.
+            self._report_saves(wait=True)
+
+    def _loop(self) -> None:
+        cfg = self.cfg
         self._print_header()
         step, val_loss = self.start_step, None
         if step >= cfg.max_steps and self.start_step:
             self.log.line(f"already trained to step {step} (--max-steps {cfg.max_steps}): nothing to do")
             return
         recent: list[float] = []
+        window_s, window_n = 0.0, 0  # train time and steps since the last log line
         while True:
             last = step == cfg.max_steps
             fresh = not (step == self.start_step and self.val_done_at_start)  # already evaluated before the resume
@@ -287,26 +336,29 @@ class Trainer:
                 self.save(step, val_loss)
             if last:
                 break
+            log_now = step % cfg.log_every == 0 or step == cfg.max_steps - 1
             t0 = time.time()
-            loss_accum, norm, lr = self.train_step(step)
-            # One host sync per step: loss, stop request and timed-save request travel in one all-reduce, so
-            # every rank takes the same decision (a rank that stopped alone would hang the others).
-            timed = cfg.checkpoint_minutes and rt.master and time.time() - self.last_save_time >= 60 * cfg.checkpoint_minutes
-            packed = torch.stack([loss_accum.float(), torch.tensor(float(self.stop.requested), device=rt.device),
-                                  torch.tensor(float(bool(timed)), device=rt.device)])
-            loss_v, stop_v, timed_v = self._all_reduce(packed).tolist()
-            loss_v /= rt.world
-            dt = time.time() - t0
-            recent = (recent + [dt])[-20:]
-            if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-                self._log_step(step, loss_v, lr, float(norm), dt, sum(recent) / len(recent))
+            loss_v, norm_v, lr, stop, timed = self.train_and_agree(step, read_back=log_now)
+            window_s, window_n = window_s + time.time() - t0, window_n + 1
+            if log_now:
+                # Steps that did not read back were only queued; the read-back waited for all of them, so the
+                # window's mean is the true time per step.
+                dt = window_s / window_n
+                recent = (recent + [dt])[-20:]
+                self._log_step(step, loss_v, lr, norm_v, dt, sum(recent) / len(recent))
+                window_s, window_n = 0.0, 0
+            self._report_saves()
             step += 1
-            if stop_v or timed_v:
+            if stop or timed:
                 self.save(step, None)
-            if stop_v:
+            if stop:
+                self._report_saves(wait=True)
                 self.log.line(f"stopped at step {step}: resume with the same command")
+                self.log.event("end", step=step, reason="stopped")  # the S3 sidecar and cost guard wait for this
                 return
+        self._report_saves(wait=True)  # "end" means every checkpoint is on disk
         self.log.line(f"done: {cfg.max_steps} steps, final val loss {val_loss:.4f}")
+        self.log.event("end", step=cfg.max_steps, reason="done")
 
     def _log_step(self, step: int, loss: float, lr: float, norm: float, dt: float, avg_dt: float) -> None:
         tok_s = self.cfg.total_batch_tokens / dt
