@@ -5,7 +5,7 @@ final checkpoint is verified safe, or caps the run at --max-hours. It works with
                           [--terminate-when-done] [--max-hours H] [--s3 s3://BUCKET/PREFIX] [--s3-endpoint URL]
                           [--stop-grace-minutes 30] [--idle-minutes 0] [--keep-on-failure] [--poll-seconds 30]
 
-It needs only the stdlib, requests, boto3 (with --s3) and job/ + infra/{lambda_cloud,s3,digest,guard}.py: it runs
+It needs only the stdlib, requests, boto3 (with --s3) and job/ + infra/{lambda_cloud,s3,guard}.py: it runs
 in a container of the trainer image, with the weights dir mounted at --log-dir, no GPU and no Docker access.
 
 File contract, all in the log dir (the box's weights dir; names start with "." so fetch-weights ignores them):
@@ -25,7 +25,7 @@ File contract, all in the log dir (the box's weights dir; names start with "." s
   .fetched-NAME  written by the laptop (over SSH) after fetch-weights verified NAME on local disk: its sha256, as
                  text or JSON {"sha256"}. Counts as safe when it matches the local file's sha256.
   .guard-status  JSON the guard rewrites on every change: {"state", "detail", "instance_id", "deadline", "time"};
-                 states: watching, stop-requested, waiting-sync, blocked, terminating, terminated, kept.
+                 states: watching, stop-requested, waiting-sync, blocked, terminating, terminated, kept, error.
   .guard-ID.json the guard's own state (first start, deadline, metrics.jsonl offset), so a restarted guard keeps
                  the same --max-hours clock.
 
@@ -48,13 +48,13 @@ dedicated key for launched runs and delete it in the Lambda dashboard when the r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from infra.digest import sha256_file
 from infra.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
 from job import contract
 from job.errors import UserError, cli_main
@@ -169,7 +169,11 @@ class Guard:
         cached = self._hashes.get(path.name)
         if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
             return cached[2]
-        digest = sha256_file(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()
         self._hashes[path.name] = (st.st_size, st.st_mtime_ns, digest)
         return digest
 
@@ -234,7 +238,7 @@ class Guard:
                                                 "time": round(now, 3)}))
         if over is None:
             # The grace runs from the request as written (its time survives a restart of the guard).
-            if capped and now - json.loads(stop_file.read_text()).get("time", now) >= self.grace:
+            if capped and now - _requested_at(stop_file) >= self.grace:
                 return self._finish("the trainer did not stop within the grace period after the stop request", forced=True)
             if capped:
                 self.status("stop-requested", f"--max-hours reached: wrote {STOP}, waiting for the trainer to checkpoint and stop")
@@ -277,10 +281,25 @@ class Guard:
 
     def run(self, poll_seconds: float) -> str:
         while True:
-            final = self.step()
+            try:
+                final = self.step()
+            except UserError as e:  # e.g. S3 credentials missing: say so and keep guarding
+                self.status("error", f"{e}; retrying")
+                final = None
+            except Exception as e:  # a guard that dies protects nothing: report it and look again next time
+                self.status("error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}; retrying")
+                final = None
             if final:
                 return final
             time.sleep(poll_seconds)
+
+
+def _requested_at(stop_file: Path) -> float:
+    """When the stop was requested: the time the guard wrote in it, else the file's mtime (someone else wrote it)."""
+    try:
+        return float(json.loads(stop_file.read_text())["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return stop_file.stat().st_mtime
 
 
 @cli_main
