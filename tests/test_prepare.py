@@ -1,9 +1,13 @@
-"""job.prepare on real files: shard layout, exact tokens, input formats, determinism, fineweb-edu, bad input."""
+"""job.prepare on real files: shard layout, exact tokens, input formats, determinism, resume after a kill, verify, bad input."""
 
+import hashlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +20,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from job.errors import UserError  # noqa: E402
-from job.prepare import file_documents, prepare_documents  # noqa: E402
+from job.prepare import DELAY_ENV, MANIFEST, file_source, main, parquet_files, prepare, prepare_documents  # noqa: E402
 from job.tokenizer import EOT, get_encoding  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "job" / "assets" / "tinyshakespeare.txt"
-# Varied lengths on purpose: empty, unicode, and one document longer than several small shards.
+# Varied lengths on purpose: empty, unicode, a literal "<|endoftext|>" (text, not the EOT token), and one document
+# longer than several small shards.
 DOCS = [
     "Hello world.",
     "",
     "naïve café — 日本語 🚀\n\ttabs and  spaces",
+    "a literal <|endoftext|> inside a document is ordinary text",
     "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 12,
 ]
 DOCS += [f"document {i}: " + "word " * (i % 23) for i in range(60)]
@@ -40,20 +46,29 @@ def expected(docs) -> np.ndarray:
 def check_shards(paths, prefix, shard_size, want):
     names = [p.name for p in paths]
     assert names == [f"{prefix}_val_000000.npy"] + [f"{prefix}_train_{i:06d}.npy" for i in range(1, len(paths))]
-    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(names)  # nothing else left behind (staging dir)
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(names + [MANIFEST])  # no temp files left behind
     shards = [np.load(p) for p in paths]
     assert all(s.dtype == np.uint16 and s.ndim == 1 for s in shards)
     assert [len(s) for s in shards[:-1]] == [shard_size] * (len(shards) - 1) and 0 < len(shards[-1]) <= shard_size
     np.testing.assert_array_equal(np.concatenate(shards), want)
+    manifest = json.loads((paths[0].parent / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["tokens"] == len(want)
+    assert [s["name"] for s in manifest["shards"]] == names
+    assert [s["sha256"] for s in manifest["shards"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    return manifest
 
 
 def test_tinyshakespeare(tmp_path):
-    paths = prepare_documents(file_documents([SHAKESPEARE]), tmp_path / "out", shard_size=100_000, workers=1)
+    paths = prepare(file_source([SHAKESPEARE]), tmp_path / "out", shard_size=100_000, workers=1)
     text = SHAKESPEARE.read_text(encoding="utf-8")
     want = expected([text])
     assert len(paths) == -(-len(want) // 100_000) == 4
     check_shards(paths, "data", 100_000, want)
     assert get_encoding().decode(np.concatenate([np.load(p) for p in paths])[1:].tolist()) == text
+    # build-nanogpt writes shards with np.save: ours are the very same bytes
+    buf = io.BytesIO()
+    np.save(buf, np.load(paths[-1]))
+    assert paths[-1].read_bytes() == buf.getvalue()
 
 
 def write_corpus(d: Path) -> dict[str, list[Path]]:
@@ -76,7 +91,7 @@ def test_formats_give_identical_shards(tmp_path, shard_size):
     corpus, want = write_corpus(tmp_path / "corpus"), expected(DOCS)
     outputs = {}
     for fmt, files in corpus.items():
-        paths = prepare_documents(file_documents(files, text_field="body"), tmp_path / fmt, shard_size, prefix="c", workers=1)
+        paths = prepare(file_source(files, text_field="body"), tmp_path / fmt, shard_size, prefix="c", workers=1, batch_docs=5)
         check_shards(paths, "c", shard_size, want)
         outputs[fmt] = [p.read_bytes() for p in paths]
     assert all(o == outputs["txt"] for o in outputs.values())
@@ -85,7 +100,8 @@ def test_formats_give_identical_shards(tmp_path, shard_size):
 def test_workers_identical_bytes(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     files = corpus["txt"] + corpus["parquet"]  # a mixed list is tokenized in the order given
-    runs = [prepare_documents(file_documents(files, "body"), tmp_path / f"w{w}", 101, workers=w) for w in (1, 2)]
+    # batches of 3 documents: many tasks in flight, returned in order by the pool
+    runs = [prepare(file_source(files, "body"), tmp_path / f"w{w}", 101, workers=w, batch_docs=3) for w in (1, 2)]
     assert [p.name for p in runs[0]] == [p.name for p in runs[1]]
     assert [p.read_bytes() for p in runs[0]] == [p.read_bytes() for p in runs[1]]
     check_shards(runs[1], "data", 101, expected(DOCS + DOCS))
@@ -96,42 +112,157 @@ def test_overwrite_replaces_and_removes_stale(tmp_path):
     prepare_documents(DOCS, out, 50, workers=1)
     assert len(list(out.glob("data_train_*.npy"))) > 3
     (out / "notes.md").write_text("keep me")
-    with pytest.raises(UserError, match="--overwrite"):
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="different prepare run .*--overwrite"):
         prepare_documents(DOCS[:2], out, 50, workers=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused: nothing touched
     paths = prepare_documents(DOCS[:3], out, 5, prefix="small", workers=1, overwrite=True)
-    assert sorted(out.iterdir()) == sorted(paths + [out / "notes.md"])  # the old data_* shards are gone, other files kept
+    assert sorted(out.iterdir()) == sorted(paths + [out / "notes.md", out / MANIFEST])  # old data_* shards gone, others kept
     want = expected(DOCS[:3])
     assert len(paths) == -(-len(want) // 5) > 1
     np.testing.assert_array_equal(np.concatenate([np.load(p) for p in paths]), want)
 
 
-@pytest.mark.parametrize("prefix", ["interval", "my_train", "a/b", ""])
-def test_bad_prefix(tmp_path, prefix):
-    with pytest.raises(UserError, match="prefix"):
-        prepare_documents(DOCS, tmp_path, 10, prefix=prefix, workers=1)
-
-
-def test_bad_files_in_process(tmp_path):
-    # more of the same failures as the CLI cases below, without ~3 s of process start-up each
-    (tmp_path / "empty.txt").write_text("")
-    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "nofield.parquet")
-    (tmp_path / "nofield.json").write_text(json.dumps([{"body": "a"}, {"text": "b"}]))
+def test_shards_without_manifest_are_refused(tmp_path):
     out = tmp_path / "out"
-    for files, field, want in [
-        (["empty.txt"], "text", "only empty documents"),
-        (["nofield.parquet"], "body", "nofield.parquet row 1 has no text field 'body' \\(fields: content\\)"),
-        (["empty.txt", "nofield.json"], "body", "nofield.json row 2 has no text field 'body'"),
-    ]:
-        with pytest.raises(UserError, match=want):
-            prepare_documents(file_documents([tmp_path / f for f in files], field), out, 10, workers=1)
-        assert list(out.iterdir()) == []  # the staging dir is gone
+    out.mkdir()
+    np.save(out / "edufineweb_val_000000.npy", np.array([EOT, 1, 2], dtype=np.uint16))
+    with pytest.raises(UserError, match="already has 1 shards .*--overwrite"):
+        prepare_documents(DOCS, out, 50, workers=1)
 
 
-def cli(cmd: str, env=None) -> subprocess.Popen:
+def fineweb_like(d: Path, nfiles: int = 4, per_file: int = 40) -> list[str]:
+    """Parquet files shaped like FineWeb-edu's (text plus metadata columns); returns the documents in order."""
+    d.mkdir(parents=True)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    docs = []
+    for k in range(nfiles):
+        rows = [text[(k * per_file + i) * 997 % 900_000 :][: 40 + (k * per_file + i) * 131 % 1500] for i in range(per_file)]
+        docs += rows
+        table = pa.table({"text": rows, "id": [f"<urn:uuid:{k}-{i}>" for i in range(per_file)], "score": [3.2] * per_file,
+                          "token_count": [len(r) // 4 for r in rows]})
+        pq.write_table(table, d / f"{k:03d}_00000.parquet", row_group_size=16)
+    return docs
+
+
+def test_resume_redoes_from_first_damaged_shard_without_rereading_done_files(tmp_path):
+    docs = fineweb_like(tmp_path / "pq")
+    files = parquet_files([str(tmp_path / "pq")])
+    ref = prepare(file_source(files), tmp_path / "ref", 300, prefix="edufineweb", workers=1, batch_docs=7)
+    manifest = check_shards(ref, "edufineweb", 300, expected(docs))
+    out = tmp_path / "out"
+    prepare(file_source(files), out, 300, prefix="edufineweb", workers=1, batch_docs=7)
+    # A shard that starts inside a document of the third file: the resume must skip two whole files and part of a document.
+    k = next(i for i, s in enumerate(manifest["shards"]) if s["start"][1] > 0 and s["start"][0] > 2 * 40)
+    (out / ref[k].name).unlink()
+    (out / f".{ref[k + 1].name}.tmp").write_bytes(b"half a shard")  # what a kill during a write leaves
+    (out / ref[k + 2].name).write_bytes(b"truncated")
+    # Files before the resume point are not even opened: make the first two unreadable (same size, so the same source).
+    for f in files[:2]:
+        f.write_bytes(b"\0" * f.stat().st_size)
+    paths = prepare(file_source(files), out, 300, prefix="edufineweb", workers=1, batch_docs=7)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in ref]
+    assert json.loads((out / MANIFEST).read_text()) == manifest
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in ref] + [MANIFEST])
+    # Complete: a third run changes nothing.
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    prepare(file_source(files), out, 300, prefix="edufineweb", workers=1, batch_docs=7)
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+
+
+def cli(cmd: str, env=None, **kw) -> subprocess.Popen:
     """Start `python -m job.prepare CMD` (CMD split on spaces; test paths have none), offline, with its own HF cache."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     argv = [sys.executable, "-m", "job.prepare", *cmd.split()]
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_then_resume_gives_identical_shards(tmp_path):
+    docs = fineweb_like(tmp_path / "pq")
+    ref = prepare(file_source(parquet_files([str(tmp_path / "pq")])), tmp_path / "ref", 300, prefix="edufineweb",
+                  workers=1, batch_docs=7)
+    out = tmp_path / "out"
+    cmd = f"fineweb-edu --data-files {tmp_path}/pq --out {out} --shard-size 300 --workers 2 --batch-docs 7"
+    # Each shard write pauses half-way (temp file on disk, not renamed), so the kill lands in the middle of one.
+    proc = cli(cmd, {DELAY_ENV: "0.15"}, start_new_session=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                m = json.loads((out / MANIFEST).read_text())
+            except (FileNotFoundError, ValueError):
+                m = {"shards": [], "units": []}
+            if len(m["shards"]) >= 12 and m["units"] and list(out.glob(".*.npy.tmp")):
+                break
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: main process and tokenizer workers, like a lost machine
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    m = json.loads((out / MANIFEST).read_text())
+    assert not m["complete"] and 12 <= len(m["shards"]) < len(ref)
+    assert list(out.glob(".*.npy.tmp")), "the kill should have caught a shard mid-write"
+    for s in m["shards"]:  # what the manifest lists is whole and right
+        assert hashlib.sha256((out / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+    verify_run = cli(f"verify {out}")
+    stdout, _ = verify_run.communicate(timeout=60)
+    assert verify_run.returncode == 1 and "INCOMPLETE" in stdout and "temp file of an interrupted write" in stdout
+
+    proc = cli(cmd)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert f"resuming {out}: {len(m['shards'])} shards" in stdout
+    assert f"from {len(docs)} documents" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in ref] + [MANIFEST])
+    assert [(out / p.name).read_bytes() for p in ref] == [p.read_bytes() for p in ref]
+    assert json.loads((out / MANIFEST).read_text())["shards"] == json.loads((tmp_path / "ref" / MANIFEST).read_text())["shards"]
+
+
+def run_verify(capsys, d) -> tuple[int, str]:
+    try:
+        main(["verify", str(d)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().out
+
+
+def test_verify(tmp_path, capsys):
+    out = tmp_path / "out"
+    paths = prepare_documents(DOCS, out, 40, prefix="edufineweb", workers=1)
+    capsys.readouterr()
+    code, text = run_verify(capsys, out)
+    assert code == 0 and f"{len(paths)} of {len(paths)} shards ok" in text and "BAD" not in text
+    # one flipped token (same size, so only the hash can tell), one truncated file, one shard not in the manifest
+    data = bytearray(paths[2].read_bytes())
+    data[-1] ^= 1
+    paths[2].write_bytes(bytes(data))
+    paths[4].write_bytes(paths[4].read_bytes()[:-6])
+    np.save(out / "other_train_000009.npy", np.array([EOT, 5], dtype=np.uint16))
+    code, text = run_verify(capsys, out)
+    assert code == 1
+    assert f"{paths[2].name}: BAD: sha256" in text
+    assert f"{paths[4].name}: BAD: truncated" in text
+    assert "other_train_000009.npy: BAD: not in the manifest" in text
+    assert f"{len(paths) - 2} of {len(paths)} shards ok" in text and f"Delete {paths[2].name}" in text
+    # A shard whose documents were cut differently than the manifest says: caught by the EOT count.
+    (out / "other_train_000009.npy").unlink()
+    paths[2].write_bytes(paths[3].read_bytes())
+    m = json.loads((out / MANIFEST).read_text())
+    m["shards"][2]["sha256"] = m["shards"][3]["sha256"]
+    m["shards"][2]["start"] = [0, 0]
+    (out / MANIFEST).write_text(json.dumps(m))
+    code, text = run_verify(capsys, out)
+    assert f"{paths[2].name}: BAD: EOT structure" in text
+    # Without a manifest (build-nanogpt's own shards): dtype, sizes and EOT, no hashes.
+    (out / MANIFEST).unlink()
+    paths[4].unlink()
+    for p in paths[5:]:
+        p.unlink()
+    np.save(paths[3], np.arange(40, dtype=np.int32))
+    code, text = run_verify(capsys, out)
+    assert code == 1 and "no manifest.json" in text and f"{paths[3].name}: BAD: not a flat uint16 array" in text
+    assert f"{paths[0].name}: ok" in text and f"{paths[2].name}: ok" in text
 
 
 def test_fineweb_edu_local_dataset_dir(tmp_path):
@@ -148,10 +279,11 @@ def test_fineweb_edu_local_dataset_dir(tmp_path):
         pq.write_table(table, repo / f"sample/10BT/{k:03d}_00000.parquet")
     env = {"HF_HOME": str(tmp_path / "hf")}
     runs = {
-        "full": (40, cli(f"fineweb-edu --dataset {repo} --out {tmp_path}/full --shard-size 64 --workers 2", env)),
+        "full": (40, cli(f"fineweb-edu --dataset {repo} --out {tmp_path}/full --shard-size 64 --workers 2 --batch-docs 6", env)),
         "few": (
             7,
-            cli(f"fineweb-edu --dataset {repo} --name sample-10BT --out {tmp_path}/few --shard-size 64 --max-docs 7", env),
+            cli(f"fineweb-edu --dataset {repo} --name sample-10BT --out {tmp_path}/few --shard-size 64 --max-docs 7 "
+                "--workers 1 --progress-every 0", env),
         ),
     }
     for out, (n, proc) in runs.items():
@@ -160,6 +292,9 @@ def test_fineweb_edu_local_dataset_dir(tmp_path):
         assert f"from {n} documents" in stdout
         paths = sorted((tmp_path / out).glob("*.npy"), key=lambda p: int(p.stem[-6:]))  # val_000000 first, then train_000001...
         check_shards(paths, "edufineweb", 64, expected(docs[:n]))
+        if out == "few":  # not a terminal: progress lines with documents (of the total), tokens, rate and ETA
+            assert f"prepare: 7/7 (100.0%) docs | {len(expected(docs[:7])):,} tokens |" in stderr, stderr
+            assert "M tok/s | ETA " in stderr
 
 
 # name -> (command line, text the error line must contain); every case gets --out {tmp}/out_NAME unless it names one
@@ -174,6 +309,11 @@ BAD = {
     "hub_unreachable": ("fineweb-edu --max-docs 1", "cannot reach the Hugging Face hub"),
     "bad_shard_size": ("text {tmp}/ok.txt --shard-size 0", "--shard-size"),
     "bad_prefix": ("text {tmp}/ok.txt --prefix interval", "--prefix"),
+    "data_files_missing": ("fineweb-edu --data-files {tmp}/nowhere", "--data-files {tmp}/nowhere: no parquet files there"),
+    "data_files_not_parquet": ("fineweb-edu --data-files {tmp}/ok.txt", "not a .parquet file"),
+    "data_files_and_dataset": ("fineweb-edu --data-files {tmp}/ok.txt --dataset x", "pass one of them"),
+    "verify_no_dir": ("verify {tmp}/nowhere", "is not a directory"),
+    "verify_no_shards": ("verify {tmp}", "has no shards"),
 }
 
 
@@ -187,7 +327,7 @@ def bad_runs(tmp_path_factory):
     (tmp / "ok.txt").write_text("fine text")
     (tmp / "data.csv").write_text("text\nhello\n")
     (tmp / "empty.jsonl").write_text("")
-    # the first row alone fills several shards, so the failure comes after shards were written (to staging)
+    # the first row alone fills several shards, and the bad row is in the same batch: nothing is committed
     (tmp / "nofield.jsonl").write_text(json.dumps({"text": "long " * 500}) + "\n" + json.dumps({"body": "x"}) + "\n")
     (tmp / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
     (tmp / "shards").mkdir()
@@ -199,20 +339,20 @@ def bad_runs(tmp_path_factory):
         out = tmp / f"out_{name}"
         out.mkdir()
         (out / "keep.txt").write_text("precious")
-        cmd = cmd.format(tmp=tmp) + ("" if "--out" in cmd else f" --out {out}")
+        cmd = cmd.format(tmp=tmp) + ("" if "--out" in cmd or cmd.startswith("verify") else f" --out {out}")
         procs[name] = (cli(cmd, {"HF_HOME": str(tmp / "hf")}), snapshot(tmp / "shards", out), out)
     results = {}
     for name, (proc, before, out) in procs.items():
         _, stderr = proc.communicate(timeout=120)
-        results[name] = (proc.returncode, stderr, before, snapshot(tmp / "shards", out))
+        results[name] = (proc.returncode, stderr, before, snapshot(tmp / "shards", out), tmp)
     return results
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_exits_2_with_one_line(bad_runs, case):
-    rc, stderr, before, after = bad_runs[case]
+    rc, stderr, before, after, tmp = bad_runs[case]
     lines = stderr.strip().splitlines()
     assert rc == 2, stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
-    assert BAD[case][1] in lines[0], lines[0]
-    assert after == before  # existing files untouched, no shards or staging dir left behind
+    assert BAD[case][1].format(tmp=tmp) in lines[0], lines[0]
+    assert after == before  # existing files untouched, no shards, manifest or temp files left behind
