@@ -96,14 +96,13 @@ def test_types_table(api, fake):
 
 
 def test_invalid_key_is_one_clear_line(fake):
-    bad = LambdaLike = LambdaCloud("not-the-key-77", fake.url, backoff=0)
+    bad = LambdaCloud("not-the-key-77", fake.url, backoff=0)
     with pytest.raises(LambdaAPIError) as e:
         bad.instances()
     msg = one_line(e.value)
     assert "rejected the API key" in msg and "not-the-key-77" not in msg and e.value.code == "global/invalid-api-key"
     assert fake.requests[-1].auth_scheme == "Bearer" and not fake.requests[-1].auth_ok
     fake.requests.clear()  # the fixture's auth check is for the good key
-    del LambdaLike
 
 
 def test_429_then_success_and_5xx_retried(api, fake):
