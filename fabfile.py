@@ -1,19 +1,155 @@
-"""Laptop-side tasks (`fab --list`). Each task is a thin wrapper over a plain function in infra/ that takes
-a Connection; those functions are what the tests call directly."""
+"""Laptop-side tasks (`fab --list`). Each task is a thin wrapper over plain functions in infra/ that take a
+Connection; those functions are what the tests call directly.
+
+    fab launch --host ubuntu@IP [--fs NAME] [--preset gpt2] [--steps N] [--sync-s3 s3://B/P] ...
+    fab logs --host ubuntu@IP [--tail 100]      fab status --host ubuntu@IP      fab stop --host ubuntu@IP
+    fab fetch-weights --host ubuntu@IP [--to DIR] [--latest-only] [--s3 s3://B/P]
+"""
 
 from __future__ import annotations
+
+import shlex
 
 from fabric import task
 
 from job.errors import UserError, cli_main
 
+SSH_HELP = {
+    "key": "SSH private key (default: agent / ~/.ssh)",
+    "port": "SSH port (default 22)",
+    "known_hosts": "known_hosts file (default ~/.ssh/known_hosts)",
+    "accept_new_host_key": "trust a box seen for the first time and remember its key (like OpenSSH accept-new)",
+}
 
-def _connect(host: str, port: int | None, key: str | None, known_hosts: str | None, accept_new_host_key: bool):
-    from infra.ssh import connect
 
-    if not host:
-        raise UserError("no box given: pass --host ubuntu@IP")
-    return connect(host, port=port, key=key, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key)
+def _ssh(key, port, known_hosts, accept_new_host_key):
+    from infra.launch import SSHOptions
+
+    return SSHOptions(key=key, port=int(port) if port else None, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key)
+
+
+def _hosts(host: str, hosts: str) -> list[str]:
+    if host and hosts:
+        raise UserError("give --host for one box or --hosts A,B for several, not both")
+    return [h.strip() for h in (hosts or host or "").split(",") if h.strip()]
+
+
+def _pairs(values: str, flag: str) -> dict[str, str]:
+    out = {}
+    for item in shlex.split(values or ""):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UserError(f"{flag} takes KEY=VALUE pairs separated by spaces, got {item!r}")
+        out[k] = v
+    return out
+
+
+@task(help={
+    "host": "the box, e.g. ubuntu@203.0.113.7",
+    "hosts": "several boxes for one multi-node run: ubuntu@A,ubuntu@B (the first is node 0 and holds the checkpoints)",
+    **SSH_HELP,
+    "image": "REGISTRY/NAME:TAG to docker pull on the box (default: build the image there from this source)",
+    "ship": "docker save the local image and load it on the box (small or offline boxes)",
+    "build_arg": "extra docker build args for the build on the box, e.g. 'BASE_IMAGE=...'",
+    "wheels": "a local directory of .whl files to install in the image built on the box",
+    "fs": "name of the Lambda persistent filesystem to keep data on (mounted at /persistent)",
+    "data_dir": "a directory on the box instead of --fs (default ~/nanogpt-data)",
+    "weights_dir": "the box's dir for checkpoints and logs, mounted at /app/log (default ~/model_weights)",
+    "nproc": "trainer processes per box (default: one per GPU)",
+    "preset": "model/training preset: gpt2 (default), tiny, ...",
+    "steps": "number of optimizer steps (default: the preset's)",
+    "train_args": "more trainer flags, quoted: '--eval-every 100 --checkpoint-every 500'",
+    "env": "environment for the trainer, quoted: 'NCCL_DEBUG=INFO'",
+    "allow_cpu": "train on the CPUs when the box has no GPU",
+    "detach": "start and return, without streaming the log",
+    "restart": "stop the active run (with a checkpoint) and start again",
+    "sync_s3": "s3://BUCKET/PREFIX: a sidecar on the box uploads each checkpoint as soon as it is saved",
+    "s3_endpoint": "S3-compatible endpoint URL for --sync-s3 (default: AWS)",
+    "master_addr": "multi-node: the first host's address as the others reach it (default: as given in --hosts)",
+    "master_port": "multi-node: rendezvous port on the first host (default 29500)",
+})
+def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_new_host_key=False, image=None, ship=False,
+           build_arg="", wheels=None, fs=None, data_dir=None, weights_dir="~/model_weights", nproc=None, preset="gpt2", steps=None,
+           train_args="", env="", allow_cpu=False, detach=False, restart=False, sync_s3=None, s3_endpoint=None, master_addr=None,
+           master_port=29500):
+    """Check and prepare the box, start training in the container, stream its log (Ctrl-C detaches)."""
+    from infra.launch import LaunchOptions
+    from infra.launch import launch as do_launch
+    from infra.trainer import Job
+
+    @cli_main
+    def go():
+        job = Job(preset=preset, steps=int(steps) if steps else None, nproc=int(nproc) if nproc and nproc != "auto" else None,
+                  trainer_args=shlex.split(train_args or ""), env=_pairs(env, "--env"))
+        opts = LaunchOptions(hosts=_hosts(host, hosts), ssh=_ssh(key, port, known_hosts, accept_new_host_key), job=job, image=image,
+                             ship=ship, build_args=_pairs(build_arg, "--build-arg"), wheels=wheels, fs=fs, data_dir=data_dir,
+                             weights_dir=weights_dir, allow_cpu=allow_cpu, detach=detach, restart=restart, sync_s3=sync_s3,
+                             s3_endpoint=s3_endpoint, master_addr=master_addr, master_port=int(master_port))
+        raise SystemExit(do_launch(opts))
+
+    go()
+
+
+@task(help={"host": "the box, e.g. ubuntu@203.0.113.7", "tail": "start with the last N lines (default 100; 'all')",
+            "no_follow": "print and return instead of following", **SSH_HELP})
+def logs(c, host="", tail="100", no_follow=False, key=None, port=None, known_hosts=None, accept_new_host_key=False):
+    """Re-attach to the training log (Ctrl-C detaches; training goes on)."""
+    from infra.box import find_docker
+    from infra.launch import follow
+    from infra.trainer import find_train_container, stream_logs
+
+    @cli_main
+    def go():
+        with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
+            docker = find_docker(conn)
+            name = find_train_container(conn, docker)["name"]
+            if no_follow:
+                stream_logs(conn, docker, name, tail=tail, follow=False)
+            else:
+                raise SystemExit(follow(conn, docker, name, host, tail=tail))
+
+    go()
+
+
+@task(help={"host": "the box, e.g. ubuntu@203.0.113.7", **SSH_HELP})
+def status(c, host="", key=None, port=None, known_hosts=None, accept_new_host_key=False):
+    """Is it running? step, loss, tok/s, ETA, newest checkpoint, GPU use."""
+    from infra.box import find_docker
+    from infra.trainer import format_status
+    from infra.trainer import status as get_status
+
+    @cli_main
+    def go():
+        with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
+            print(format_status(get_status(conn, find_docker(conn))))
+
+    go()
+
+
+@task(help={"host": "the box", "hosts": "all boxes of a multi-node run: ubuntu@A,ubuntu@B",
+            "timeout": "seconds to wait for the final checkpoint before killing (default 300)", **SSH_HELP})
+def stop(c, host="", hosts="", timeout=300, key=None, port=None, known_hosts=None, accept_new_host_key=False):
+    """Stop training with a checkpoint (SIGTERM, then wait), then the S3 sidecar after its last upload."""
+    from infra.box import find_docker
+    from infra.trainer import newest_checkpoint, running, stop_container
+
+    @cli_main
+    def go():
+        ssh = _ssh(key, port, known_hosts, accept_new_host_key)
+        for h in _hosts(host, hosts):
+            with ssh.connect(h) as conn:
+                docker = find_docker(conn)
+                active = running(conn, docker)
+                if not active:
+                    print(f"no training running on {conn.host}")
+                for ct in active:
+                    stop_container(conn, docker, ct["name"], timeout=int(timeout))
+                for ct in running(conn, docker, role="sync"):
+                    stop_container(conn, docker, ct["name"], timeout=600)
+                for ct in active:
+                    print(f"stopped {ct['name']} on {conn.host}; newest checkpoint: {newest_checkpoint(conn, docker, ct['name']) or 'none'}")
+
+    go()
 
 
 @task(help={
@@ -21,10 +157,7 @@ def _connect(host: str, port: int | None, key: str | None, known_hosts: str | No
     "to": "local directory (default ./model_weights)",
     "weights_dir": "the box's weights dir (default ~/model_weights)",
     "latest_only": "only the newest checkpoint (plus logs)",
-    "key": "SSH private key (default: agent / ~/.ssh)",
-    "port": "SSH port (default 22)",
-    "known_hosts": "known_hosts file (default ~/.ssh/known_hosts)",
-    "accept_new_host_key": "trust a box seen for the first time and remember its key",
+    **SSH_HELP,
     "s3": "also upload them to s3://BUCKET/PREFIX (AWS credentials from the usual chain)",
     "s3_endpoint": "S3-compatible endpoint URL (default: AWS, or AWS_ENDPOINT_URL)",
 })
@@ -37,11 +170,10 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
     from infra.s3 import client, parse_s3_url, upload_files
 
     @cli_main
-    def run():
+    def go():
         if s3:
             parse_s3_url(s3)  # a typo fails before any transfer
-        conn = _connect(host, int(port) if port else None, key, known_hosts, accept_new_host_key)
-        with conn:
+        with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
             report = fetch(conn, weights_dir, to, latest_only=latest_only)
         print(f"fetched {len(report.copied)} files ({report.bytes_transferred / 2**20:.1f} MiB) to {to}, "
               f"{len(report.skipped)} already complete")
@@ -49,4 +181,7 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
             up = upload_files([Path(to) / n for n in report.copied + report.skipped], s3, s3=client(s3_endpoint))
             print(f"uploaded {len(up.uploaded)} files to {s3}, {len(up.skipped)} already there")
 
-    run()
+    go()
+
+
+from infra.cloud_tasks import instances, provision, terminate, types  # noqa: E402,F401

@@ -7,7 +7,6 @@ file already complete locally (same size and hash) is skipped, so a second run t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import shlex
@@ -16,12 +15,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from infra.digest import CHUNK, sha256_file
 from infra.ssh import run
 from job import contract
 from job.errors import UserError
 
 LOG_FILES = (contract.METRICS_FILE, contract.HUMAN_LOG_FILE, contract.NANOGPT_LOG_FILE)
-CHUNK = 1 << 20
 
 
 @dataclass
@@ -29,14 +28,6 @@ class FetchReport:
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     bytes_transferred: int = 0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def remote_files(conn, remote_dir: str, latest_only: bool = False) -> dict[str, int]:

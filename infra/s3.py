@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.fetch import sha256_file
+from infra.digest import sha256_file
 from job.errors import UserError
 
 MIB = 2**20

@@ -6,6 +6,8 @@ import errno
 import logging
 import os
 import socket
+import sys
+import time
 
 import fabric
 import invoke
@@ -89,6 +91,56 @@ def connect(host: str, *, port: int | None = None, key: str | None = None, known
 def run(conn: fabric.Connection, cmd: str, *, hide: bool = True, warn: bool = False, **kw) -> invoke.Result:
     """conn.run without forwarding our stdin: a launcher has nothing to type, and a captured stdin (pytest, CI) makes invoke fail."""
     return conn.run(cmd, hide=hide, warn=warn, in_stream=False, **kw)
+
+
+class ConnectionLost(UserError):
+    pass
+
+
+def stream(conn: fabric.Connection, cmd: str, out=None, stdin_chunks=None) -> int:
+    """Run `cmd` on the box and copy its output here as it comes; return its exit status.
+
+    A plain paramiko channel rather than conn.run: Ctrl-C here must only stop the *streaming* (the remote
+    command, e.g. `docker logs -f`, is a viewer; training runs detached), and a dropped connection must be told
+    apart from a command that ended. stdin_chunks, if given, is fed to the command's stdin (docker load).
+    """
+    out = out or sys.stdout
+    chan = conn.client.get_transport().open_session()
+    chan.set_combine_stderr(True)
+    chan.exec_command(cmd)
+    try:
+        if stdin_chunks is not None:
+            for chunk in stdin_chunks:
+                chan.sendall(chunk)
+            chan.shutdown_write()
+        pending = b""
+        while True:
+            data = chan.recv(65536)
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                out.write(line.decode("utf-8", "replace") + "\n")
+            out.flush()
+        if pending:
+            out.write(pending.decode("utf-8", "replace") + "\n")
+            out.flush()
+        # EOF. A command that ended sends its exit status; a dropped connection closes the channel without one
+        # (paramiko leaves exit_status at -1) and takes the transport down: the command may still run there.
+        chan.status_event.wait(5)
+        if chan.exit_status == -1:
+            transport = conn.client.get_transport()
+            deadline = time.monotonic() + 5
+            while transport is not None and transport.is_active() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if transport is None or not transport.is_active():
+                raise ConnectionLost(f"lost the SSH connection to {conn.host}")
+        return chan.exit_status
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        raise ConnectionLost(f"lost the SSH connection to {conn.host} ({type(e).__name__})") from None
+    finally:
+        chan.close()
 
 
 def _explain(e: Exception, conn: fabric.Connection, where: str, known_hosts: str) -> str:

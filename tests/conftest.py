@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from job.tokenizer import EOT, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
+BASE = "nanogpt-test-base:bookworm"  # a local Debian image standing in for the CUDA base (scripts/make_test_base_image.sh)
 
 # A model small enough that a training step takes tens of milliseconds on one CPU core.
 SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--seq-len", "32",
@@ -90,3 +93,28 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+# ---- the real Docker engine ----------------------------------------------------------------------------
+def sh(*args, check=True, timeout=1200, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def docker():
+    if shutil.which("docker") is None:
+        pytest.skip(reason="the docker CLI is not installed here (CI installs docker.io and starts dockerd in .ci/run)")
+    if sh("docker", "info", check=False).returncode != 0:
+        pytest.skip(reason="no Docker daemon is reachable here (CI starts dockerd in .ci/run)")
+    return "docker"
+
+
+def cpu_torch_wheel() -> Path:
+    links = sh("python3", "-m", "pip", "config", "get", "global.find-links", check=False).stdout.strip() or "/opt/wheels"
+    found = sorted(glob.glob(f"{links}/torch-2.13.0+cpu-*.whl"))
+    if not found:
+        pytest.skip(reason=f"no local CPU torch 2.13.0 wheel in {links}: the build would pull GBs of CUDA torch")
+    return Path(found[0])

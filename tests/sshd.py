@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class SSHServer:
     known_hosts_path: str  # holds the correct `[127.0.0.1]:PORT ssh-ed25519 ...` line
     host_public_key_line: str  # that line, without the newline
     proc: subprocess.Popen
+    auth_dir: Path | None = None  # outside tmp_dir for another user; removed on stop
 
     @property
     def address(self) -> str:
@@ -43,6 +45,8 @@ class SSHServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.auth_dir:
+            shutil.rmtree(self.auth_dir, ignore_errors=True)
 
 
 def sshd_available() -> bool:
@@ -62,27 +66,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_sshd(tmp_dir: str | Path, timeout: float = 10) -> SSHServer:
+def start_sshd(tmp_dir: str | Path, timeout: float = 10, user: str | None = None, user_key: str | Path | None = None,
+               extra_config: str = "") -> SSHServer:
+    """sshd for `user` (default: the current one). user_key: reuse that key pair instead of generating one (several
+    boxes, one laptop key). extra_config: more sshd_config lines (e.g. `SetEnv PATH=...` for a box without docker)."""
     d = Path(tmp_dir)
     d.mkdir(parents=True, exist_ok=True)
-    host_key, user_key = d / "host_ed25519", d / "user_ed25519"
+    host_key = d / "host_ed25519"
     host_pub = keygen(host_key)
-    keygen(user_key)
-    (d / "authorized_keys").write_text(Path(f"{user_key}.pub").read_text())
+    if user_key is None:
+        user_key = d / "user_ed25519"
+        keygen(user_key)
+    # sshd reads authorized_keys as the user logging in: for another user it must sit where that user can read it.
+    auth_dir = d if user is None else Path(tempfile.mkdtemp(prefix="sshd-auth-"))
+    auth_dir.chmod(auth_dir.stat().st_mode | 0o755)
+    (auth_dir / "authorized_keys").write_text(Path(f"{user_key}.pub").read_text())
     port = free_port()
     known_hosts_line = f"[127.0.0.1]:{port} {host_pub}"
     (d / "known_hosts").write_text(known_hosts_line + "\n")
     config = d / "sshd_config"
     config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {auth_dir / 'authorized_keys'}\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n"
-        f"StrictModes no\nUsePAM no\nPidFile {d / 'sshd.pid'}\nSubsystem sftp internal-sftp\n"
+        f"StrictModes no\nUsePAM no\nPidFile {d / 'sshd.pid'}\nSubsystem sftp internal-sftp\n{extra_config}"
     )
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir; absent in slim images
     log = open(d / "sshd.log", "wb")  # a file, not a pipe: a full pipe would block sshd
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
     log.close()
-    server = SSHServer("127.0.0.1", port, getpass.getuser(), str(user_key), str(d / "known_hosts"), known_hosts_line, proc)
+    server = SSHServer("127.0.0.1", port, user or getpass.getuser(), str(user_key), str(d / "known_hosts"), known_hosts_line, proc,
+                       auth_dir if user is not None else None)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:

@@ -6,7 +6,6 @@ and torch is the CPU wheel; the container runs without `--gpus all` because this
 
 from __future__ import annotations
 
-import glob
 import json
 import shutil
 import subprocess
@@ -16,41 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CORPUS, ROOT, losses
+from conftest import BASE, CORPUS, ROOT, cpu_torch_wheel, losses, sh
 from job import contract
 from job.data import write_shard
 from job.tokenizer import EOT, encode
 
 pytestmark = pytest.mark.slow
-BASE = "nanogpt-test-base:bookworm"
 NAME = "nanogpt-train-test"
 UID = 4321  # a host user that is not root: files must come out owned by it
 SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--total-batch-tokens", "2048",
          "--eval-every", "3", "--val-steps", "2", "--sample-num", "1", "--sample-tokens", "4"]
-
-
-def sh(*args, check=True, timeout=1200, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def docker():
-    if shutil.which("docker") is None:
-        pytest.skip(reason="the docker CLI is not installed here (CI installs docker.io and starts dockerd in .ci/run)")
-    if sh("docker", "info", check=False).returncode != 0:
-        pytest.skip(reason="no Docker daemon is reachable here (CI starts dockerd in .ci/run)")
-    return "docker"
-
-
-def cpu_torch_wheel() -> Path:
-    links = sh("python3", "-m", "pip", "config", "get", "global.find-links", check=False).stdout.strip() or "/opt/wheels"
-    found = sorted(glob.glob(f"{links}/torch-2.13.0+cpu-*.whl"))
-    if not found:
-        pytest.skip(reason=f"no local CPU torch 2.13.0 wheel in {links}: the build would pull GBs of CUDA torch")
-    return Path(found[0])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,356 @@
+"""`fab launch / logs / status / stop / fetch-weights` end to end: the laptop is this test process running the real
+`fab` CLI, the box is a real OpenSSH server on loopback logging in a real non-root user who is in the docker
+group, and the box's Docker is this machine's real engine. The image is built *on the box* from the source
+that fab sends (a local Debian base and the CPU torch wheel stand in for the CUDA base: no registry here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BASE, ROOT, SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
+from job import contract
+from sshd import free_port, keygen, sshd_available, start_sshd
+
+pytestmark = pytest.mark.slow
+BOX_USER = "nanogpt-box"  # stands in for Lambda's `ubuntu`: not root, in the docker group
+TRAIN = [a for a in SMALL if a not in ("--preset", "tiny", "--device", "cpu")]
+
+
+def fab(*args, timeout=900, env=None, check=False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(Path(sys.executable).parent / "fab"), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fab {args} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+BOX_DIRS: list[Path] = []
+
+
+def box_path(name: str) -> Path:
+    """A directory the box user owns on "the box's disk". Not under pytest's tmp dir: pytest keeps
+    /tmp/pytest-of-root at 0700 (and resets it when another pytest starts), which the box user cannot enter."""
+    d = Path(tempfile.mkdtemp(prefix=f"nanogpt-box-{name}-"))
+    user = pwd.getpwnam(BOX_USER)
+    shutil.chown(d, user.pw_uid, user.pw_gid)
+    BOX_DIRS.append(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def box_user(docker):
+    if os.geteuid() != 0:
+        pytest.skip(reason="creating the box's login user needs root (CI runs as root)")
+    if not sshd_available():
+        pytest.skip(reason="openssh-server is not installed (CI installs it in .ci/run)")
+    try:
+        pwd.getpwnam(BOX_USER)
+    except KeyError:
+        add_user(BOX_USER, "docker")
+    return pwd.getpwnam(BOX_USER)
+
+
+def add_user(name: str, *groups: str) -> None:
+    sh("useradd", "--create-home", "--shell", "/bin/bash", *(["--groups", ",".join(groups)] if groups else []), name)
+    sh("usermod", "-p", "*", name)  # useradd leaves the account locked ("!"), which sshd refuses even with a key; "*": no password login
+
+
+@pytest.fixture(scope="module")
+def laptop(tmp_path_factory):
+    """The laptop's SSH key and known_hosts (shared by every box of the module)."""
+    d = tmp_path_factory.mktemp("laptop")
+    keygen(d / "id_ed25519")
+    return d
+
+
+@pytest.fixture(scope="module")
+def boxes(box_user, laptop, tmp_path_factory):
+    """Two boxes (two sshd ports; one Docker engine) for the single- and multi-node runs."""
+    servers = [start_sshd(tmp_path_factory.mktemp(f"sshd{i}"), user=BOX_USER, user_key=laptop / "id_ed25519") for i in range(2)]
+    (laptop / "known_hosts").write_text("".join(s.host_public_key_line + "\n" for s in servers))
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wheels")
+    shutil.copy(cpu_torch_wheel(), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_image(docker):
+    sh(ROOT / "scripts" / "make_test_base_image.sh", BASE, timeout=900)
+    # Earlier runs' source builds would make the first launch skip its build: drop their tags (the layers stay cached).
+    tags = [t for t in sh("docker", "images", contract.IMAGE_NAME, "--format", "{{.Repository}}:{{.Tag}}").stdout.split() if ":src-" in t]
+    if tags:
+        sh("docker", "rmi", "--no-prune", *tags, check=False)
+    return BASE
+
+
+def ssh_args(server, laptop) -> list[str]:
+    return ["--host", server.address, "--key", server.key_path, "--known-hosts", laptop / "known_hosts"]
+
+
+@pytest.fixture(scope="module")
+def run_dirs(box_user):
+    return {"data": box_path("data"), "weights": box_path("weights")}
+
+
+def launch_args(server, laptop, wheels, base_image, run_dirs, *extra) -> list[str]:
+    return ["launch", *ssh_args(server, laptop), "--allow-cpu", "--preset", "tiny", "--wheels", wheels,
+            "--build-arg", f"BASE_IMAGE={base_image}", "--data-dir", run_dirs["data"], "--weights-dir", run_dirs["weights"], *extra]
+
+
+def docker_ps(label="nanogpt.role=train") -> list[str]:
+    return sh("docker", "ps", "--filter", f"label={label}", "--format", "{{.Names}}").stdout.split()
+
+
+def descendants(pid: int) -> list[int]:
+    children = [int(p) for p in sh("pgrep", "-P", pid, check=False).stdout.split()]
+    return children + [d for c in children for d in descendants(c)]
+
+
+def wait_for(pred, timeout=300, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_containers(docker):
+    yield
+    for d in BOX_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+    for label in ("nanogpt.role=train", "nanogpt.role=sync"):
+        names = sh("docker", "ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}}").stdout.split()
+        if names:
+            sh("docker", "rm", "-f", *names, check=False)
+
+
+# ---- one run, followed from start to stop ---------------------------------------------------------------
+
+def test_launch_builds_on_the_box_prepares_data_and_refuses_a_second_run(boxes, laptop, wheels, base_image, run_dirs, box_user):
+    proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, run_dirs, "--nproc", 2, "--steps", 100000, "--detach",
+                            "--train-args", " ".join(TRAIN + ["--checkpoint-every", "20", "--log-every", "1"])), check=True)
+    out = proc.stdout
+    assert "none (CPU)" in out and str(run_dirs["data"]) in out  # the preflight table
+    assert "sending the image source" in out and "building nanogpt-train:src-" in out
+    assert "data: no shards" in out and (run_dirs["data"] / "tinyshakespeare").is_dir()  # prepared in the container
+    assert "started nanogpt-train on 127.0.0.1" in out and "fab logs --host" in out
+    assert docker_ps() == ["nanogpt-train"]
+    wait_for(lambda: len(events(run_dirs["weights"], "train")) >= 3, what="training steps")
+    start = events(run_dirs["weights"], "start")[0]
+    assert start["world"] == 2  # --nproc 2: torchrun with two CPU processes
+
+    again = fab(*launch_args(boxes[0], laptop, wheels, base_image, run_dirs, "--nproc", 2, "--detach"))
+    assert_one_line_error(again, "already active", "--restart")
+    assert "started" not in again.stdout
+    assert docker_ps() == ["nanogpt-train"]
+
+
+def test_logs_status_and_a_dropped_connection_while_streaming(boxes, laptop, run_dirs):
+    logs = fab("logs", *ssh_args(boxes[0], laptop), "--tail", 5, "--no-follow", check=True)
+    assert "| loss " in logs.stdout
+    status = fab("status", *ssh_args(boxes[0], laptop), check=True).stdout
+    assert "state" in status and "running" in status and "step" in status and "tok_s" in status and "eta" in status
+
+    # Follow the log, then kill the SSH session under it: the streaming ends with one line, the training does not.
+    follow = subprocess.Popen([str(Path(sys.executable).parent / "fab"), "logs", *map(str, ssh_args(boxes[0], laptop))], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    while len(seen) < 3:
+        line = follow.stdout.readline()
+        assert line, follow.stderr.read()
+        if "| loss " in line:
+            seen.append(line)
+    sessions = descendants(boxes[0].proc.pid)  # sshd's per-connection processes and what they run (docker logs -f)
+    assert sessions
+    for pid in sessions:
+        os.kill(pid, signal.SIGKILL)
+    _, err = follow.communicate(timeout=60)
+    assert follow.returncode != 0
+    assert err.strip().startswith("error: lost the SSH connection") and "fab logs --host" in err and len(err.strip().splitlines()) == 1
+    assert docker_ps() == ["nanogpt-train"]  # training goes on
+    before = len(events(run_dirs["weights"], "train"))
+    wait_for(lambda: len(events(run_dirs["weights"], "train")) > before + 2, what="training to go on")
+
+    # Re-attach; Ctrl-C detaches cleanly.
+    again = subprocess.Popen([str(Path(sys.executable).parent / "fab"), "logs", *map(str, ssh_args(boxes[0], laptop)), "--tail", "2"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while "| loss " not in (line := again.stdout.readline()):
+        assert line, again.stderr.read()
+    again.send_signal(signal.SIGINT)
+    out, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err
+    assert "stopped streaming (Ctrl-C)" in out and "training goes on" in out
+    assert docker_ps() == ["nanogpt-train"]
+
+
+def test_stop_leaves_a_final_checkpoint_and_relaunch_resumes_to_the_end(boxes, laptop, wheels, base_image, run_dirs, box_user):
+    proc = fab("stop", *ssh_args(boxes[0], laptop), check=True)
+    assert docker_ps() == []
+    stopped = [e for e in events(run_dirs["weights"], "end") if e["reason"] == "stopped"]
+    assert stopped, "the trainer did not log a stop"
+    final = run_dirs["weights"] / contract.CHECKPOINT_FORMAT.format(step=stopped[-1]["step"])
+    assert final.is_file() and final.name in proc.stdout
+    assert all(p.stat().st_uid == box_user.pw_uid for p in run_dirs["weights"].iterdir())  # the user's files, not root's
+
+    # Same command again (no --restart needed: nothing runs): it resumes and streams to the end.
+    end = stopped[-1]["step"] + 6
+    proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, run_dirs, "--nproc", 2, "--steps", end,
+                            "--train-args", " ".join(TRAIN + ["--checkpoint-every", "20", "--log-every", "1"])), check=True)
+    assert "already on 127.0.0.1 (same source): not rebuilding" in proc.stdout
+    assert "data: shards found" in proc.stdout
+    assert f"resumed from {contract.LOG_DIR}/{final.name}" in proc.stdout or f"resumed from log/{final.name}" in proc.stdout
+    assert f"step {end - 1:6d}/{end}" in proc.stdout and f"done: {end} steps" in proc.stdout and "training finished" in proc.stdout
+    assert (run_dirs["weights"] / contract.CHECKPOINT_FORMAT.format(step=end)).is_file()
+
+
+def test_fetch_weights_brings_the_run_home(boxes, laptop, run_dirs, tmp_path):
+    first = fab("fetch-weights", *ssh_args(boxes[0], laptop), "--weights-dir", run_dirs["weights"], "--to", tmp_path / "w", check=True)
+    names = sorted(p.name for p in run_dirs["weights"].glob(contract.CHECKPOINT_GLOB))
+    for n in names:
+        assert hashlib.sha256((tmp_path / "w" / n).read_bytes()).digest() == hashlib.sha256((run_dirs["weights"] / n).read_bytes()).digest()
+    assert f"fetched {len(names) + 3} files" in first.stdout
+    second = fab("fetch-weights", *ssh_args(boxes[0], laptop), "--weights-dir", run_dirs["weights"], "--to", tmp_path / "w", check=True)
+    assert "fetched 0 files (0.0 MiB)" in second.stdout
+
+
+# ---- several boxes --------------------------------------------------------------------------------------
+
+def test_two_nodes_rendezvous_and_train_as_one_job(boxes, laptop, wheels, base_image, tmp_path_factory):
+    data, weights = box_path("mn-data"), box_path("mn-weights")
+    hosts = ",".join(s.address for s in boxes)
+    proc = fab("launch", "--hosts", hosts, "--key", boxes[0].key_path, "--known-hosts", laptop / "known_hosts", "--allow-cpu",
+               "--preset", "tiny", "--wheels", wheels, "--build-arg", f"BASE_IMAGE={base_image}", "--data-dir", data, "--weights-dir", weights,
+               "--nproc", 1, "--steps", 4, "--master-addr", "127.0.0.1", "--master-port", free_port(), "--env", "GLOO_SOCKET_IFNAME=lo",
+               "--train-args", " ".join(TRAIN + ["--log-every", "1"]), check=True)
+    out = proc.stdout
+    assert "started nanogpt-train-node0 on 127.0.0.1 (node 0 of 2)" in out and "started nanogpt-train-node1 on 127.0.0.1 (node 1 of 2)" in out
+    assert "device cpu x 2" in out  # one process on each node, one job: world size 2
+    assert "done: 4 steps" in out
+    assert events(weights, "start")[0]["world"] == 2
+    assert (weights / contract.CHECKPOINT_FORMAT.format(step=4)).is_file()
+    node1 = sh("docker", "inspect", "--format", "{{.State.ExitCode}}", "nanogpt-train-node1").stdout.strip()
+    assert node1 == "0"
+
+
+# ---- checkpoints to S3 from the box ---------------------------------------------------------------------
+
+def test_sync_s3_sidecar_uploads_each_checkpoint_and_keeps_the_keys_secret(boxes, laptop, wheels, base_image, tmp_path_factory):
+    from moto.server import ThreadedMotoServer
+
+    from infra.s3 import client
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        secret = "sEcReT-" + hashlib.sha256(os.urandom(8)).hexdigest()[:24]
+        env = {"AWS_ACCESS_KEY_ID": "AKIATESTLAUNCH", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+        os.environ.update(env)  # for this process's own boto3 client below
+        s3 = client(endpoint)
+        s3.create_bucket(Bucket="runs")
+        data, weights = box_path("s3-data"), box_path("s3-weights")
+        proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--preset", "tiny", "--wheels", wheels, "--build-arg",
+                   f"BASE_IMAGE={base_image}", "--data-dir", data, "--weights-dir", weights, "--nproc", 1, "--steps", 6,
+                   "--sync-s3", "s3://runs/exp1", "--s3-endpoint", endpoint, "--train-args", " ".join(TRAIN + ["--checkpoint-every", "3"]),
+                   env=env, check=True)
+        assert "sidecar nanogpt-train-sync uploads each new checkpoint to s3://runs/exp1" in proc.stdout
+        wait_for(lambda: not docker_ps("nanogpt.role=sync"), timeout=120, what="the sidecar to finish")
+        sidecar_log = sh("docker", "logs", "nanogpt-train-sync").stdout
+        assert "training ended and every checkpoint is in S3" in sidecar_log
+        for name in ("model_00003.pt", "model_00006.pt"):
+            body = s3.get_object(Bucket="runs", Key=f"exp1/{name}")["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == hashlib.sha256((weights / name).read_bytes()).hexdigest()
+            assert json.loads((weights / f".synced-{name}").read_text())["sha256"] == hashlib.sha256(body).hexdigest()
+        assert s3.head_object(Bucket="runs", Key=f"exp1/{contract.METRICS_FILE}")["ContentLength"] > 0
+        # The secret is in no output, no container's config, no log; the box keeps it in a 0600 file of the user.
+        inspect = sh("docker", "inspect", "nanogpt-train-sync", "nanogpt-train").stdout
+        for text in (proc.stdout, proc.stderr, inspect, sidecar_log, sh("docker", "logs", "nanogpt-train").stdout):
+            assert secret not in text
+        creds = Path(pwd.getpwnam(BOX_USER).pw_dir) / ".config/nanogpt/aws-credentials"
+        assert creds.stat().st_mode & 0o777 == 0o600 and creds.stat().st_uid == pwd.getpwnam(BOX_USER).pw_uid
+    finally:
+        server.stop()
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            os.environ.pop(k, None)
+
+
+# ---- failures: one clear line each, nothing started -----------------------------------------------------
+
+def test_unknown_host_key_wrong_key_and_closed_port(boxes, laptop, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    proc = fab("launch", "--host", boxes[0].address, "--key", boxes[0].key_path, "--known-hosts", empty, "--allow-cpu")
+    assert_one_line_error(proc, "unknown host key", "--accept-new-host-key")
+    keygen(tmp_path / "other")
+    proc = fab("status", "--host", boxes[0].address, "--key", tmp_path / "other", "--known-hosts", laptop / "known_hosts")
+    assert_one_line_error(proc, "authentication failed", "--key")
+    proc = fab("logs", "--host", f"{BOX_USER}@127.0.0.1:{free_port()}", "--key", boxes[0].key_path, "--known-hosts", laptop / "known_hosts")
+    assert_one_line_error(proc, "connection refused", "--port")
+
+
+def test_no_gpu_without_allow_cpu_and_unwritable_data_dir(boxes, laptop, tmp_path):
+    proc = fab("launch", *ssh_args(boxes[0], laptop))
+    assert_one_line_error(proc, "no NVIDIA GPU found", "--allow-cpu")
+    locked = Path(tempfile.mkdtemp(prefix="nanogpt-root-owned-"))
+    locked.chmod(0o755)
+    BOX_DIRS.append(locked)
+    proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--data-dir", locked / "data")
+    assert_one_line_error(proc, "data dir", "is not writable by nanogpt-box", "chown")
+    proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--fs", "no-such-fs")
+    assert_one_line_error(proc, "no persistent filesystem named 'no-such-fs'", "--data-dir")
+
+
+def test_box_without_docker(box_user, laptop, tmp_path):
+    # The box user's PATH holds no docker, as on a machine where it was never installed.
+    bare = Path(tempfile.mkdtemp(prefix="nodocker-bin-"))
+    bare.chmod(0o755)
+    BOX_DIRS.append(bare)
+    for tool in ("sh", "bash", "true", "printf", "id", "nproc", "mkdir", "touch", "rm"):
+        os.symlink(shutil.which(tool), bare / tool)
+    server = start_sshd(tmp_path / "sshd", user=BOX_USER, user_key=laptop / "id_ed25519", extra_config=f"SetEnv PATH={bare}\n")
+    try:
+        kh = tmp_path / "kh"
+        kh.write_text(server.host_public_key_line + "\n")
+        proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", kh, "--allow-cpu")
+        assert_one_line_error(proc, "docker is not installed on 127.0.0.1")
+    finally:
+        server.stop()
+
+
+def test_user_not_in_docker_group(box_user, laptop, tmp_path, docker):
+    user = "nanogpt-nodocker"
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        add_user(user)
+    server = start_sshd(tmp_path / "sshd", user=user, user_key=laptop / "id_ed25519")
+    try:
+        kh = tmp_path / "kh"
+        kh.write_text(server.host_public_key_line + "\n")
+        proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", kh, "--allow-cpu")
+        assert_one_line_error(proc, f"user {user} on 127.0.0.1 may not use Docker", "usermod -aG docker")
+    finally:
+        server.stop()
