@@ -7,6 +7,7 @@ that fab sends (a local Debian base and the CPU torch wheel stand in for the CUD
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pwd
@@ -352,5 +353,67 @@ def test_user_not_in_docker_group(box_user, laptop, tmp_path, docker):
         kh.write_text(server.host_public_key_line + "\n")
         proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", kh, "--allow-cpu")
         assert_one_line_error(proc, f"user {user} on 127.0.0.1 may not use Docker", "usermod -aG docker")
+    finally:
+        server.stop()
+
+
+def test_fs_name_is_found_where_lambda_mounts_it(boxes, laptop):
+    from infra.box import preflight
+    from infra.ssh import connect
+
+    home = Path(pwd.getpwnam(BOX_USER).pw_dir)
+    fs = home / f"fs-{os.getpid()}"  # older Lambda images mount persistent storage at ~/NAME
+    fs.mkdir()
+    shutil.chown(fs, BOX_USER, BOX_USER)
+    BOX_DIRS.append(fs)
+    conn = connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts"))
+    with conn:
+        box = preflight(conn, fs=fs.name, weights_dir=str(box_path("fs-weights")), allow_cpu=True)
+    assert box.data_dir == str(fs) and box.persistent and box.uid == pwd.getpwnam(BOX_USER).pw_uid
+
+
+def test_image_that_cannot_be_pulled(boxes, laptop, run_dirs):
+    proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--data-dir", run_dirs["data"], "--weights-dir", run_dirs["weights"],
+               "--image", f"127.0.0.1:{free_port()}/nanogpt-train:nope")
+    assert_one_line_error(proc, "docker pull 127.0.0.1:", "failed on 127.0.0.1", "docker login")
+    assert "started" not in proc.stdout
+
+
+@pytest.fixture
+def second_engine(docker):
+    """Another Docker engine on this machine (own data root and socket): a box that does not have our images."""
+    d = Path(tempfile.mkdtemp(prefix="nanogpt-engine-"))
+    sock = d / "docker.sock"
+    log = open(d / "dockerd.log", "wb")
+    proc = subprocess.Popen(["dockerd", "--data-root", d / "data", "--exec-root", d / "exec", "-H", f"unix://{sock}", "--pidfile", d / "pid",
+                             "--bridge", "none", "--iptables=false", "--ip6tables=false"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sh("docker", "-H", f"unix://{sock}", "info", check=False).returncode == 0, timeout=60, what="the second dockerd")
+        d.chmod(0o755)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_ship_streams_the_local_image_into_the_boxs_engine_once(box_user, laptop, second_engine, base_image, tmp_path):
+    from infra.image import ship_to_box
+    from infra.ssh import connect
+
+    server = start_sshd(tmp_path / "sshd", user=BOX_USER, user_key=laptop / "id_ed25519", extra_config=f"SetEnv DOCKER_HOST=unix://{second_engine}\n")
+    try:
+        kh = tmp_path / "kh"
+        kh.write_text(server.host_public_key_line + "\n")
+        local_id = sh("docker", "image", "inspect", "--format", "{{.Id}}", base_image).stdout.strip()
+        with connect(server.address, key=server.key_path, known_hosts=str(kh)) as conn:
+            out = io.StringIO()
+            assert ship_to_box(conn, "docker", base_image, out=out) == base_image
+            assert "shipping nanogpt-test-base:bookworm" in out.getvalue() and "Loaded image" in out.getvalue()
+            remote_id = sh("docker", "-H", f"unix://{second_engine}", "image", "inspect", "--format", "{{.Id}}", base_image).stdout.strip()
+            assert remote_id == local_id
+            again = io.StringIO()
+            ship_to_box(conn, "docker", base_image, out=again)
+            assert "already has nanogpt-test-base:bookworm" in again.getvalue() and "not shipping" in again.getvalue()
     finally:
         server.stop()
