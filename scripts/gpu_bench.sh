@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 6 in one command, sized to finish in about 7 minutes on one H100/H200:
+#
+#   bash scripts/gpu_bench.sh                          # GPU box: gpt2, B=64, T=1024, bf16; logs + JSON in ./bench-out
+#   OUT=/tmp/b DEVICE=cpu PRESET=tiny bash scripts/gpu_bench.sh   # the same stages on a CPU, as a smoke test
+#
+# Stages (each its own process under `timeout`, so one hang or crash costs only its own slot):
+#   env       torch/CUDA versions, nvidia-smi
+#   main      matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory; (a) with the real
+#             loader on a generated shard; eval + sampling + HellaSwag cost and recompiles after warm-up
+#             (TORCH_LOGS=recompiles prints any reason); checkpoint stall of model + AdamW; numerics (a) vs (b)
+#   variants  (a) with the chunked loss, and with micro-batch 32 (same tokens per step), checked against main's (b)
+#   autotune  (a) with compile mode max-autotune-no-cudagraphs (slow to compile: last, with what time is left)
+# Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), PYTHON (default /opt/torch/.venv/bin/python3,
+# else .venv/bin/python, else python3), BUDGET seconds for all stages (default 420), BENCH_ARGS extra bench_train.py
+# flags for every stage, MB_VARIANT the micro-batch variant (default 32; 4 on CPU), CE_CHUNK (default 8192).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-./bench-out}
+DEVICE=${DEVICE:-cuda}
+PRESET=${PRESET:-gpt2}
+BUDGET=${BUDGET:-420}
+CE_CHUNK=${CE_CHUNK:-8192}
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x /opt/torch/.venv/bin/python3 ]; then PYTHON=/opt/torch/.venv/bin/python3
+    elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
+    else PYTHON=python3; fi
+fi
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+: > "$OUT/stages.txt"
+
+ARGS=(--preset "$PRESET" --device "$DEVICE" --steps 20 --warmup 3)
+if [ "$DEVICE" = cpu ]; then
+    ARGS+=(--quick)  # CPU: a smoke test of every stage, not a measurement
+    MB_VARIANT=${MB_VARIANT:-4}
+fi
+MB_VARIANT=${MB_VARIANT:-32}
+# shellcheck disable=SC2206  # BENCH_ARGS is meant to be split into words
+ARGS+=(${BENCH_ARGS:-})
+
+T_START=$(date +%s)
+# stage NAME LIMIT_SECONDS [ENV=VALUE...] -- ARGS...: run "$PYTHON ARGS" with at most LIMIT seconds (and never past BUDGET).
+stage() {
+    local name=$1 limit=$2 envs=()
+    shift 2
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    local left=$(( BUDGET - ($(date +%s) - T_START) ))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped (budget of ${BUDGET}s spent)" | tee -a "$OUT/stages.txt"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s): $PYTHON $*"
+    local t0 rc
+    t0=$(date +%s)
+    env "${envs[@]}" timeout -k 10 "$limit" "$PYTHON" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    local what=ok
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && what="TIMED OUT"
+    [ "$rc" -ne 0 ] && [ "$what" = ok ] && what="FAILED"
+    echo "== $name: $what (rc $rc) in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/stages.txt"
+    # The report (everything after the progress lines); the whole log is in $OUT/$name.log.
+    sed -n '/^device /,$p' "$OUT/$name.log"
+    [ "$rc" -ne 0 ] && tail -n 15 "$OUT/$name.log"
+}
+
+stage env 60 -- -c "
+import platform, torch
+print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| available', torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print('gpu', p.name, f'{p.total_memory / 2**30:.1f} GiB', 'SMs', p.multi_processor_count)
+"
+cat "$OUT/env.log"
+command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --json "$OUT/main.json"
+stage variants 150 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" --json "$OUT/variants.json" \
+    --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}"
+stage autotune 150 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" --json "$OUT/autotune.json" \
+    --variant "autotune:compile_mode=max-autotune-no-cudagraphs"
+
+echo "== all stages in $(( $(date +%s) - T_START ))s; logs and JSON in $OUT"
+cat "$OUT/stages.txt"
+! grep -qv ': ok ' "$OUT/stages.txt"

@@ -1,0 +1,132 @@
+"""The benchmark runs end to end on the CPU and says what it measured in lines a reader (or a script) can parse.
+
+Timings are never asserted: only that every figure is there, well-formed and consistent with the JSON.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error, env, run_cli
+
+BENCH = str(ROOT / "scripts" / "bench_train.py")
+# The tiny preset shrunk further, so a quick run takes seconds on one core.
+SMALL = ["--preset", "tiny", "--device", "cpu", "--quick", "--micro-batch", "4", "--seq-len", "32",
+         "--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=64"]
+NUM = r"[\d,]+(?:\.\d+)?"
+ROW = re.compile(rf"^(\(a\) [\w -]+?|\(b\) plain eager)\s+(\d+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM})%\s+({NUM})\s+\S")
+
+
+def table(stdout: str) -> dict[str, tuple]:
+    rows = {}
+    for line in stdout.splitlines():
+        if m := ROW.match(line):
+            rows[m.group(1).strip()] = tuple(float(g.replace(",", "")) for g in m.groups()[1:])
+    return rows
+
+
+def one(pattern: str, stdout: str) -> re.Match:
+    found = [m for line in stdout.splitlines() if (m := re.match(pattern, line))]
+    assert len(found) == 1, (pattern, stdout)
+    return found[0]
+
+
+def test_quick_cpu_run_reports_every_figure(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_cli(BENCH, *SMALL, "--variant", "ce:ce_chunk_tokens=48", "--variant", "mb2:micro_batch=2", "--json", out, check=True)
+    text = proc.stdout
+    rows = table(text)
+    assert set(rows) == {"(a) trainer", "(a) real data", "(a) ce", "(a) mb2", "(b) plain eager"}, text
+    assert rows["(a) mb2"][:2] == (2, 4) and rows["(a) trainer"][:2] == (4, 2)  # same tokens per step, twice the accumulation
+    for _, _, ms, tok_s, mfu, mem in rows.values():
+        assert ms > 0 and tok_s > 0 and mfu > 0 and mem > 0
+    assert float(one(r"^ratio a/b: ([\d.]+)x$", text).group(1)) > 0
+    one(r"^real data vs synthetic: [+-][\d.]+% tok/s", text)
+    one(r"^matmul peak\s+[\d.]+ TFLOP/s \(float32 512\^3 GEMM", text)
+    one(r"^FLOPs/token\s+[\d.]+ GFLOP = 6N [\d.]+ \(N=[\d.]+M\) \+ attention 12\*L\*d\*T [\d.]+$", text)
+    for name in ("a", "ce", "mb2"):  # same seed, same rows: every optimised run follows the plain trajectory
+        one(rf"^numerics {name} vs b: max rel loss diff [\d.e+-]+ over 4 steps \(tolerance 1e-04\): ok$", text)
+    assert int(one(r"^recompiles after warm-up: (\d+) \(frames compiled in warm-up: \d+\)$", text).group(1)) == 0
+    one(r"^eval: val [\d.]+ s \(2 batches\), sampling [\d.]+ s \(4 x 4 tokens\), HellaSwag [\d.]+ ms/example", text)
+    one(r"^eval share: [\d.]+% of wall time", text)
+    one(r"^checkpoint: [\d,]+ MiB, training held [\d.]+ s .* written in [\d.]+ s in the background", text)
+
+    res = json.loads(out.read_text())
+    assert res["flops"]["per_token"] == res["flops"]["6N"] + res["flops"]["attention"]
+    assert set(res["runs"]) == {"a", "real", "ce", "mb2", "b"}
+    for name, r in res["runs"].items():
+        assert len(r["losses"]) == 4 and r["steps"] == 3 and r["tokens_per_step"] == 256, name
+        assert r["tok_s"] == pytest.approx(256 / (r["ms_per_step"] / 1000))
+    assert res["runs"]["mb2"]["settings"] == {"micro_batch": 2}
+    assert res["ratio_a_b"] == pytest.approx(res["runs"]["a"]["tok_s"] / res["runs"]["b"]["tok_s"])
+    assert res["eval"]["recompiles_after_warmup"] == 0 and res["ckpt"]["bytes"] > 0
+    assert all(n["ok"] for n in res["numerics"].values())
+
+
+def test_variants_alone_compare_with_an_earlier_baseline(tmp_path):
+    base = tmp_path / "main.json"
+    run_cli(BENCH, *SMALL, "--runs", "b", "--json", base, check=True)
+    text = run_cli(BENCH, *SMALL, "--runs", "", "--variant", "ce:ce_chunk_tokens=40", "--compare-json", base, check=True).stdout
+    assert set(table(text)) == {"(a) ce"}
+    one(r"^numerics ce vs b: .* ok$", text)
+    text = run_cli(BENCH, *SMALL, "--runs", "", "--variant", "ce:ce_chunk_tokens=40", "--compare-json", tmp_path / "nope.json",
+                   check=True).stdout
+    one(r"^numerics: no baseline to compare with", text)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--variant", "ce"], "expected NAME:key=value"),
+    (["--variant", "x:no_such_field=1"], "not key=value with a TrainConfig field"),
+    (["--variant", "x:micro_batch=many"], "micro_batch expects int"),
+    (["--variant", "x:micro_batch=3"], "not divisible"),
+    (["--runs", "a,zzz"], "unknown run 'zzz'"),
+])
+def test_mistakes_are_one_clear_line(args, needle):
+    assert_one_line_error(run_cli(BENCH, *SMALL, *args), needle)
+
+
+def test_trainer_and_bench_import_without_the_launcher_or_datasets_packages():
+    """The GPU box's Python has torch, numpy and tiktoken but not datasets, fabric, paramiko or boto3."""
+    code = f"""
+import importlib.abc, runpy, sys
+BLOCKED = {{"datasets", "fabric", "paramiko", "boto3", "botocore", "invoke"}}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import job.train, job.model, job.data, job.checkpoint, job.config, job.hellaswag
+runpy.run_path({BENCH!r}, run_name="not_main")
+print("imports ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "imports ok" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_eval_and_sampling_do_not_recompile_after_warm_up():
+    text = run_cli(BENCH, *SMALL, "--runs", "eval", "--compile", "on", "--set", "ce_chunk_tokens=48", check=True, timeout=600).stdout
+    m = one(r"^recompiles after warm-up: (\d+) \(frames compiled in warm-up: (\d+)\)$", text)
+    assert int(m.group(1)) == 0 and int(m.group(2)) >= 1  # the eval-mode graph is compiled once, in warm-up
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable,
+            BENCH_ARGS="--micro-batch 4 --seq-len 32 --set n_layer=2 --set n_head=2 --set n_embd=64")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = (out / "stages.txt").read_text().splitlines()
+    assert [s.split(":")[0] for s in stages] == ["== env", "== main", "== variants", "== autotune"], stages
+    assert all(": ok (rc 0)" in s for s in stages)
+    for name in ("main", "variants", "autotune"):
+        assert json.loads((out / f"{name}.json").read_text())["runs"]
+    assert set(json.loads((out / "variants.json").read_text())["numerics"]) == {"ce8192", "mb4"}
+    assert "recompiles after warm-up: 0" in (out / "main.log").read_text()
+    assert os.access(ROOT / "scripts" / "gpu_bench.sh", os.X_OK)

@@ -1,0 +1,70 @@
+"""The optimised training step computes the same thing as the plain one: same loss trajectory, step by step."""
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import CORPUS, ROOT
+from job.config import from_dict, validate
+from job.tokenizer import encode
+
+spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+STEPS = 20
+B, T = 2, 32
+
+
+@pytest.fixture(scope="module")
+def text():
+    return torch.tensor(encode(CORPUS.read_text()[:200_000]))
+
+
+@pytest.fixture
+def ddp_world_of_one():
+    rt = bench.runtime("cpu", ddp=True)  # a real gloo process group: the trainer's DDP wrapper and all-reduce
+    yield rt
+    dist.destroy_process_group()
+
+
+def tiny_config(tmp_path, **overrides):
+    # The tiny preset's model; short sequences and two micro-steps per update keep 20 steps to seconds.
+    cfg = from_dict({"preset": "tiny", "device": "cpu", "micro_batch": B, "seq_len": T, "resume": "never",
+                     "log_dir": str(tmp_path), "hellaswag_every": 0, **overrides})
+    cfg.total_batch_tokens = B * T * 2
+    return validate(cfg)
+
+
+def trajectories(cfg, rt, text):
+    trainer = bench.make_trainer(cfg, rt)
+    trainer.train_loader.loader = bench.SyntheticLoader(B, T, text=text)  # Shakespeare windows, the same for both
+    assert trainer.grad_accum == 2 and trainer.rt.ddp
+    optimised = [trainer.train_and_agree(step)[0] for step in range(STEPS)]
+    plain_rt = dataclasses.replace(rt, ddp=False)
+    plain = bench.PlainStep(cfg, plain_rt, bench.SyntheticLoader(B, T, text=text), 2)
+    reference = [plain.step(step) for step in range(STEPS)]
+    return optimised, reference, trainer, plain
+
+
+def test_optimised_step_matches_plain_step_for_20_steps(tmp_path, ddp_world_of_one, text):
+    # DDP wrapper (world 1), chunked loss (64 rows in chunks of 48: the last one short), prefetching loader,
+    # loss summed on the device and read back once per step -- against eager + full logits + a read-back per step.
+    cfg = tiny_config(tmp_path, ce_chunk_tokens=48, prefetch=1)
+    got, want, trainer, plain = trajectories(cfg, ddp_world_of_one, text)
+    assert want[-1] < want[0] - 1.0  # it learns, so the comparison means something
+    assert got == pytest.approx(want, rel=1e-5)
+    for (name, a), b in zip(trainer.model.named_parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_optimised_step_matches_plain_step(tmp_path, ddp_world_of_one, text):
+    """The same with torch.compile on (inductor on the CPU): what the GPU run uses, minus bf16."""
+    cfg = tiny_config(tmp_path, ce_chunk_tokens=48, prefetch=1, compile="on")
+    got, want, trainer, _ = trajectories(cfg, ddp_world_of_one, text)
+    assert trainer.use_compile
+    assert got == pytest.approx(want, rel=1e-4)
