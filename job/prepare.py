@@ -103,6 +103,7 @@ def _encode_batch(batch: tuple[np.ndarray, bytes]) -> tuple[np.ndarray, np.ndarr
 
 def _worker_init(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits main()'s handler; Pool.terminate needs the default
     if sys.platform.startswith("linux"):
         # Die with the main process: a pool worker whose parent was SIGKILLed would otherwise wait forever.
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -115,9 +116,17 @@ def _worker_init(parent: int) -> None:
 
 def _datasets():
     import datasets  # imported late: ~1 s that --help and argument errors should not pay
+    import tqdm
 
     # we turn datasets' failures into one `error:` line; its own logger would print them a second time, longer
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()  # ours says more
+    # The first tqdm object (datasets makes some even with bars off) starts tqdm's monitor thread, which would rule out
+    # forking the workers (see _pool); it only tunes the refresh rate of stalled bars.
+    tqdm.tqdm.monitor_interval = 0
+    # Every IterableDataset imports torch when it is installed (for DataLoader workers, which we do not use): ~2 s and
+    # ~300 MB per process for nothing. Nothing else in job.prepare's process uses datasets with torch.
+    datasets.config.TORCH_AVAILABLE = False
     return datasets
 
 
@@ -576,6 +585,14 @@ class Progress:
 
 # --- the pipeline ------------------------------------------------------------------------------------------
 
+def _pool(workers: int):
+    # fork: workers start in milliseconds with the tokenizer already built (spawn costs each ~0.5 s of imports and BPE
+    # parsing, which is most of a small run). But a fork copies locks held by other threads, so it is used only while
+    # this process runs no other thread; otherwise spawn.
+    method = "fork" if "fork" in mp.get_all_start_methods() and threading.active_count() == 1 else "spawn"
+    return mp.get_context(method).Pool(workers, _worker_init, (os.getpid(),))
+
+
 def prepare(source: Source, out_dir, shard_size: int = SHARD_SIZE, prefix: str = "data", workers: int | None = None,
             overwrite: bool = False, batch_docs: int = BATCH_DOCS, progress_every: float = 30.0) -> list[Path]:
     """Tokenize `source` into shards `{prefix}_{val|train}_{index:06d}.npy` in out_dir; returns their paths, val first.
@@ -609,11 +626,9 @@ def prepare(source: Source, out_dir, shard_size: int = SHARD_SIZE, prefix: str =
         print(f"resuming {out}: {len(shards)} shards ({g:,} tokens) already complete, restarting at document {doc:,}")
     unit_rows = list(manifest["units"])
     t0 = time.time()
+    pool = _pool(workers) if workers > 1 else None  # first: before this function starts any thread of its own
     progress = Progress(doc, g, progress_every)
     threading.Thread(target=lambda: progress.set_total(source.total_docs()), daemon=True).start()
-    # The pool starts before the source opens any reader thread; spawn, not fork, so no worker inherits a lock
-    # held by one of the main process's threads.
-    pool = mp.get_context("spawn").Pool(workers, _worker_init, (os.getpid(),)) if workers > 1 else None
     writer = ShardWriter(out, manifest, prefix)
     batches = source.batches(doc, unit_rows, batch_docs)
     ok = False

@@ -1,0 +1,145 @@
+"""How fast does job.prepare tokenize, against tiktoken's own batch encoder on the same documents?
+
+    python scripts/bench_prepare.py [--workers N] [--mb 40] [--repeat 3] [--shard-size 1000000]
+
+Writes a FineWeb-edu-shaped parquet corpus (text + metadata columns, ~1,000 tokens per document on average,
+cut from the bundled tinyshakespeare.txt; no network) and times, in one run, interleaved and `--repeat` times:
+
+  tiktoken batch   Encoding.encode_ordinary_batch(docs, num_threads=N): tiktoken's parallel encoder, documents
+                   already in memory, nothing written (the reference rate)
+  job.prepare      `python -m job.prepare fineweb-edu --data-files CORPUS --workers N` end to end, in-process:
+                   worker start-up, reading parquet through datasets, tokenizing, packing, writing and fsyncing
+                   the shards and the manifest
+  single loop      [encode_ordinary(d) for d in docs] in one process, the naive baseline
+
+All three count the same tokens (the documents' own; the EOT separators prepare adds are left out), so the
+rates compare directly. The goal: job.prepare >= 90% of tiktoken batch with the same N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from job import prepare  # noqa: E402
+from job.tokenizer import get_encoding  # noqa: E402
+
+CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
+
+
+def make_corpus(d: Path, mb: float, files: int, seed: int = 0) -> list[str]:
+    """Documents of log-normal length (median ~2,500 characters, mean ~3,400, about 1,000 GPT-2 tokens of this text,
+    like FineWeb-edu's ~1,040 tokens per document), written as `files` parquet files with FineWeb-edu's columns."""
+    text = CORPUS.read_text(encoding="utf-8")
+    rng = random.Random(seed)
+    docs, size = [], 0
+    while size < mb * 1e6:
+        n = int(min(len(text) // 2, rng.lognormvariate(7.8, 0.8)))
+        start = rng.randrange(0, len(text) - n)
+        docs.append(text[start : start + n])
+        size += n
+    d.mkdir(parents=True, exist_ok=True)
+    per = -(-len(docs) // files)
+    for k in range(files):
+        rows = docs[k * per : (k + 1) * per]
+        table = pa.table({
+            "text": rows, "id": [f"<urn:uuid:{k}-{i}>" for i in range(len(rows))], "dump": ["CC-MAIN-2024-10"] * len(rows),
+            "url": [f"https://example.org/{k}/{i}" for i in range(len(rows))], "language": ["en"] * len(rows),
+            "token_count": [len(r) // 3 for r in rows], "score": [3.0] * len(rows), "int_score": [3] * len(rows),
+        })
+        pq.write_table(table, d / f"{k:03d}_00000.parquet", row_group_size=2000)  # FineWeb's files use row groups too
+    return docs
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=prepare.default_workers(), help="processes/threads for both (default: all cores)")
+    p.add_argument("--mb", type=float, default=40.0, help="corpus size in MB of text (default 40)")
+    p.add_argument("--files", type=int, default=4, help="parquet files (default 4)")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; medians are reported (default 3)")
+    p.add_argument("--shard-size", type=int, default=1_000_000, help="tokens per shard for job.prepare (default 1M: ~10 commits)")
+    p.add_argument("--batch-docs", type=int, default=prepare.BATCH_DOCS)
+    p.add_argument("--dir", help="work dir (default: a temp dir, removed at the end)")
+    args = p.parse_args(argv)
+
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    enc = get_encoding()
+    try:
+        docs = make_corpus(work / "corpus", args.mb, args.files)
+        chars = sum(map(len, docs))
+        ntok = sum(len(t) for t in enc.encode_ordinary_batch(docs, num_threads=args.workers))  # also warms tiktoken up
+        print(f"corpus: {len(docs):,} documents, {chars / 1e6:.1f}M characters, {ntok:,} tokens "
+              f"({ntok / len(docs):,.0f} per document) in {args.files} parquet files", flush=True)
+
+        def tiktoken_batch():
+            enc.encode_ordinary_batch(docs, num_threads=args.workers)
+
+        def single_loop():
+            for d in docs:
+                enc.encode_ordinary(d)
+
+        def job_prepare():
+            out = work / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = ["fineweb-edu", "--data-files", str(work / "corpus"), "--out", str(out), "--workers", str(args.workers),
+                   "--shard-size", str(args.shard_size), "--batch-docs", str(args.batch_docs)]
+            with contextlib.redirect_stdout(io.StringIO()):
+                paths = prepare.main(cmd)
+            written = sum(os.path.getsize(p) for p in paths)
+            assert written > 2 * (ntok + len(docs)), "prepare wrote fewer tokens than the corpus holds"
+
+        runs = {"tiktoken batch": (tiktoken_batch, f"{args.workers} threads"),
+                "job.prepare": (job_prepare, f"{args.workers} workers + main"),
+                "single loop": (single_loop, "1")}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for r in range(args.repeat):
+            for name, (fn, _) in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+            print(f"repeat {r + 1}/{args.repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = ntok / med["tiktoken batch"]
+    print(f"\nmachine: {cpu_name()}, {prepare.default_workers()} CPUs usable; Python {platform.python_version()}; "
+          f"tiktoken {__import__('tiktoken').__version__}; median of {args.repeat}")
+    print(f"{'method':<16} {'processes':<20} {'seconds':>8} {'tokens/s':>12} {'vs tiktoken batch':>18}")
+    for name, (_, procs) in runs.items():
+        rate = ntok / med[name]
+        print(f"{name:<16} {procs:<20} {med[name]:>8.2f} {rate:>12,.0f} {rate / base:>17.1%}")
+    ratio = med["tiktoken batch"] / med["job.prepare"]
+    print(f"\njob.prepare end to end / tiktoken batch encode = {ratio:.3f} (goal >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
