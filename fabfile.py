@@ -12,6 +12,7 @@ import shlex
 
 from fabric import task
 
+from infra.cloud_tasks import instances, provision, terminate, types  # noqa: F401 (Lambda Cloud tasks, listed by fab --list)
 from job.errors import UserError, cli_main
 
 SSH_HELP = {
@@ -67,13 +68,31 @@ def _pairs(values: str, flag: str) -> dict[str, str]:
     "s3_endpoint": "S3-compatible endpoint URL for --sync-s3 (default: AWS)",
     "master_addr": "multi-node: the first host's address as the others reach it (default: as given in --hosts)",
     "master_port": "multi-node: rendezvous port on the first host (default 29500)",
+    "provision": "create the box on Lambda Cloud first (with --type, --ssh-key; shows the price and asks)",
+    "type": "--provision: instance type, e.g. gpu_8x_h100_sxm5 (fab types)",
+    "region": "--provision: region, or auto (one with capacity now)",
+    "ssh_key": "--provision: the name of your SSH key in Lambda Cloud",
+    "name": "--provision: instance name",
+    "ssh_user": "--provision: login user on the new box (default ubuntu)",
+    "yes": "--provision: do not ask before launching the instance",
+    "step_seconds": "--provision: seconds per step for the cost estimate (default: measured or assumed per GPU type)",
+    "terminate_when_done": "terminate the instance once training ends and the final checkpoint is in S3 or on this disk",
+    "max_hours": "stop training with a checkpoint after H hours, then terminate (needs the final checkpoint safe, as above)",
+    "fetch_to": "--terminate-when-done without --sync-s3: where the weights come before terminating (default ./model_weights)",
+    "api_key_file": "Lambda API key file, mode 600 (default ~/.config/lambda/api_key; LAMBDA_API_KEY wins)",
+    "api_base": "Lambda API base URL (default https://cloud.lambdalabs.com/api/v1, or LAMBDA_API_BASE)",
+    "guard_poll": "seconds between the cost guard's looks at the run (default 30)",
 })
 def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_new_host_key=False, image=None, ship=False,
            build_arg="", wheels=None, fs=None, data_dir=None, weights_dir="~/model_weights", nproc=None, preset="gpt2", steps=None,
            train_args="", env="", allow_cpu=False, detach=False, restart=False, sync_s3=None, s3_endpoint=None, master_addr=None,
-           master_port=29500):
+           master_port=29500, provision=False, type="", region="auto", ssh_key="", name=None, ssh_user="ubuntu", yes=False,  # noqa: F811
+           step_seconds=None, terminate_when_done=False, max_hours=None, fetch_to="model_weights", api_key_file=None, api_base=None,
+           guard_poll=30):
     """Check and prepare the box, start training in the container, stream its log (Ctrl-C detaches)."""
-    from infra.launch import LaunchOptions
+    import os
+
+    from infra.launch import CloudOptions, LaunchOptions
     from infra.launch import launch as do_launch
     from infra.trainer import Job
 
@@ -84,7 +103,12 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
         opts = LaunchOptions(hosts=_hosts(host, hosts), ssh=_ssh(key, port, known_hosts, accept_new_host_key), job=job, image=image,
                              ship=ship, build_args=_pairs(build_arg, "--build-arg"), wheels=wheels, fs=fs, data_dir=data_dir,
                              weights_dir=weights_dir, allow_cpu=allow_cpu, detach=detach, restart=restart, sync_s3=sync_s3,
-                             s3_endpoint=s3_endpoint, master_addr=master_addr, master_port=int(master_port))
+                             s3_endpoint=s3_endpoint, master_addr=master_addr, master_port=int(master_port), fetch_to=fetch_to,
+                             cloud=CloudOptions(provision=provision, type_name=type, region=region, ssh_key=ssh_key, name=name, ssh_user=ssh_user,
+                                                yes=yes, terminate_when_done=terminate_when_done,
+                                                max_hours=float(max_hours) if max_hours is not None else None, api_key_file=api_key_file,
+                                                api_base=api_base or os.environ.get("LAMBDA_API_BASE"), guard_poll_seconds=float(guard_poll),
+                                                step_seconds=float(step_seconds) if step_seconds else None))
         raise SystemExit(do_launch(opts))
 
     go()
@@ -183,5 +207,3 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
 
     go()
 
-
-from infra.cloud_tasks import instances, provision, terminate, types  # noqa: E402,F401

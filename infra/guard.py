@@ -56,13 +56,14 @@ import time
 from pathlib import Path
 
 from infra.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
+from infra.sync import MARKER
 from job import contract
 from job.errors import UserError, cli_main
 
 STATUS = ".guard-status"
-STOP = ".stop-request"
+STOP = contract.STOP_REQUEST_FILE
 EXIT = ".train-exit"
-SYNCED = ".synced-{name}"
+SYNCED = MARKER  # written by the S3 sidecar
 FETCHED = ".fetched-{name}"
 
 

@@ -14,12 +14,50 @@ from dataclasses import dataclass, field
 from infra.box import Box, preflight, table
 from infra.image import ensure_image
 from infra.ssh import ConnectionLost, connect, run, stream
-from infra.trainer import ROLE, Job, docker_base, ensure_data, exit_code, refuse_if_active, running, start, stop_container, stream_logs
+from infra.trainer import (
+    GPU_FLAGS,
+    ROLE,
+    Job,
+    containers,
+    docker_base,
+    ensure_data,
+    exit_code,
+    refuse_if_active,
+    running,
+    start,
+    stop_container,
+    stream_logs,
+)
 from job import contract
 from job.errors import UserError
 
 CREDENTIALS = ".config/nanogpt/aws-credentials"  # on the box, relative to the user's home; 0600
 SECRET_MOUNT = "/run/nanogpt/aws-credentials"
+LAMBDA_KEY = ".config/nanogpt/lambda-api-key"  # on the box, for the cost guard only; 0600
+LAMBDA_KEY_MOUNT = "/run/nanogpt/lambda-api-key"
+
+
+@dataclass
+class CloudOptions:
+    """Lambda Cloud: provision the box first, and/or guard its cost from the box itself (infra/guard.py)."""
+
+    provision: bool = False
+    type_name: str = ""
+    region: str = "auto"
+    ssh_key: str = ""
+    name: str | None = None
+    ssh_user: str = "ubuntu"
+    yes: bool = False
+    terminate_when_done: bool = False
+    max_hours: float | None = None
+    api_key_file: str | None = None
+    api_base: str | None = None
+    guard_poll_seconds: float = 30.0
+    step_seconds: float | None = None
+
+    @property
+    def guarded(self) -> bool:
+        return self.terminate_when_done or self.max_hours is not None
 
 
 @dataclass
@@ -54,6 +92,8 @@ class LaunchOptions:
     s3_endpoint: str | None = None
     master_addr: str | None = None  # the first host's address as the others reach it (default: as given)
     master_port: int = 29500
+    cloud: CloudOptions = field(default_factory=CloudOptions)
+    fetch_to: str = "model_weights"  # where --terminate-when-done without S3 brings the weights before terminating
 
 
 def hint(host: str) -> str:
@@ -61,9 +101,19 @@ def hint(host: str) -> str:
             f"stop (with a checkpoint): fab stop --host {host}")
 
 
+def send_secret(conn, relpath: str, body: bytes) -> str:
+    """Write a secret to a 0600 file under the box user's home; return its absolute path. It travels on the SSH
+    channel's stdin, never on a command line (which `ps` would show), and is never printed."""
+    path = run(conn, f'printf %s "$HOME/{relpath}"').stdout
+    q = shlex.quote(path)
+    cmd = f"umask 077 && mkdir -p \"$(dirname {q})\" && cat > {q}.tmp && chmod 600 {q}.tmp && mv {q}.tmp {q}"
+    if stream(conn, cmd, out=io.StringIO(), stdin_chunks=[body]) != 0:
+        raise UserError(f"could not write {relpath} on {conn.host}: check that ~/.config is writable there")
+    return path
+
+
 def send_aws_credentials(conn) -> str:
-    """Write the laptop's AWS credentials to a 0600 file on the box; return its absolute path. They travel on
-    the SSH channel's stdin, never on a command line."""
+    """The laptop's AWS credentials (the usual chain), as a shared-credentials file on the box."""
     import boto3
 
     session = boto3.Session()
@@ -77,13 +127,13 @@ def send_aws_credentials(conn) -> str:
         lines.append(f"aws_session_token = {frozen.token}")
     if session.region_name:
         lines.append(f"region = {session.region_name}")
-    body = ("\n".join(lines) + "\n").encode()
-    path = run(conn, f'printf %s "$HOME/{CREDENTIALS}"').stdout
-    q = shlex.quote(path)
-    cmd = f"umask 077 && mkdir -p \"$(dirname {q})\" && cat > {q}.tmp && chmod 600 {q}.tmp && mv {q}.tmp {q}"
-    if stream(conn, cmd, out=io.StringIO(), stdin_chunks=[body]) != 0:
-        raise UserError(f"could not write the AWS credentials file on {conn.host}: check that ~/.config is writable there")
-    return path
+    return send_secret(conn, CREDENTIALS, ("\n".join(lines) + "\n").encode())
+
+
+def sidecar_flags(box: Box, name: str, role: str) -> str:
+    """A helper container beside the trainer: the weights dir mounted, no GPU, the host's network (S3, the API)."""
+    flags = docker_base(box, detach=True, name=name, labels={ROLE: role}, network_host=True)
+    return flags.replace(" " + GPU_FLAGS, "")
 
 
 def start_sidecar(conn, box: Box, image: str, url: str, endpoint: str | None, out=sys.stdout) -> str:
@@ -93,9 +143,7 @@ def start_sidecar(conn, box: Box, image: str, url: str, endpoint: str | None, ou
     name = f"{contract.CONTAINER_NAME}-sync"
     run(conn, f"{box.docker} rm -f {name} >/dev/null 2>&1", warn=True)
     creds = send_aws_credentials(conn)
-    flags = docker_base(box, detach=True, name=name, labels={ROLE: "sync"}, network_host=True)
-    flags = flags.replace(" --gpus all", "").replace(" --ulimit memlock=-1 --ulimit stack=67108864", "")  # no GPU for uploads
-    flags += f" -v {shlex.quote(f'{creds}:{SECRET_MOUNT}:ro')} -e AWS_SHARED_CREDENTIALS_FILE={SECRET_MOUNT}"
+    flags = sidecar_flags(box, name, "sync") + f" -v {shlex.quote(f'{creds}:{SECRET_MOUNT}:ro')} -e AWS_SHARED_CREDENTIALS_FILE={SECRET_MOUNT}"
     if endpoint:
         flags += f" -e AWS_ENDPOINT_URL={shlex.quote(endpoint)}"
     cmd = f"{flags} {shlex.quote(image)} python -m infra.sync --log-dir {contract.LOG_DIR} --s3 {shlex.quote(url)}"
@@ -106,22 +154,124 @@ def start_sidecar(conn, box: Box, image: str, url: str, endpoint: str | None, ou
     return name
 
 
+def start_guard(conn, box: Box, image: str, instance_id: str, cloud: CloudOptions, api_key: str, sync_s3: str | None,
+                s3_endpoint: str | None, out=sys.stdout) -> str:
+    """The cost guard in its own container (see infra/guard.py): it terminates this instance once training is over
+    and the final checkpoint is safe, or stops the run at --max-hours. It runs on the box, so closing the laptop
+    changes nothing. The API key reaches it as a 0600 file mounted read-only, never as an environment variable."""
+    for c in containers(conn, box.docker, role="guard", all_states=True):
+        run(conn, f"{box.docker} rm -f {shlex.quote(c['name'])}", warn=True)
+    key_file = send_secret(conn, LAMBDA_KEY, api_key.encode())
+    name = f"{contract.CONTAINER_NAME}-guard"
+    flags = sidecar_flags(box, name, "guard") + f" -v {shlex.quote(f'{key_file}:{LAMBDA_KEY_MOUNT}:ro')}"
+    args = ["python", "-m", "infra.guard", "--instance-id", instance_id, "--log-dir", contract.LOG_DIR, "--api-key-file", LAMBDA_KEY_MOUNT,
+            "--poll-seconds", str(cloud.guard_poll_seconds)]
+    if cloud.api_base:
+        args += ["--api-base", cloud.api_base]
+    if cloud.terminate_when_done:
+        args.append("--terminate-when-done")
+    if cloud.max_hours is not None:
+        args += ["--max-hours", str(cloud.max_hours)]
+    if sync_s3:
+        args += ["--s3", sync_s3] + (["--s3-endpoint", s3_endpoint] if s3_endpoint else [])
+        flags += f" -v {shlex.quote(f'{send_aws_credentials(conn)}:{SECRET_MOUNT}:ro')} -e AWS_SHARED_CREDENTIALS_FILE={SECRET_MOUNT}"
+    res = run(conn, f"{flags} {shlex.quote(image)} {' '.join(shlex.quote(a) for a in args)}", warn=True)
+    if res.failed:
+        raise UserError(f"could not start the cost guard on {conn.host}: {' '.join(res.stderr.split())[:300]}")
+    what = [w for w, on in (("terminates the instance once training is over and the final checkpoint is safe", cloud.terminate_when_done),
+                            (f"stops training after {cloud.max_hours:g} h" if cloud.max_hours is not None else "", cloud.max_hours is not None))
+            if on]
+    out.write(f"cost guard {name} on the box {' and '.join(what)}\n")
+    return name
+
+
+def clear_run_markers(conn, box: Box) -> None:
+    """A new run starts without an earlier run's exit status or stop request (the guard's file contract)."""
+    from infra.guard import EXIT
+
+    w = shlex.quote(box.weights_dir)
+    run(conn, f"rm -f {w}/{EXIT} {w}/{EXIT}.tmp {w}/{contract.STOP_REQUEST_FILE}", warn=True)
+
+
+def watch_exit(conn, box: Box, name: str) -> None:
+    """On the box, outliving this SSH session: write the trainer container's exit status to .train-exit when it
+    ends, so the guard also sees a crash that logged no "end"."""
+    from infra.guard import EXIT
+
+    final = shlex.quote(f"{box.weights_dir}/{EXIT}")
+    inner = f"{box.docker} wait {shlex.quote(name)} > {final}.tmp && mv {final}.tmp {final}"
+    run(conn, f"setsid nohup sh -c {shlex.quote(inner)} >/dev/null 2>&1 < /dev/null &", warn=True)
+
+
+def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
+    """--provision: show the price and the estimated cost, ask, launch, wait for SSH. Returns (user@ip, instance id, key)."""
+    from infra.cloud import confirm, cost_line, dollars, plan_provision, provision
+    from infra.lambda_cloud import LambdaCloud, load_api_key
+    from job.config import PRESETS
+
+    cloud = opts.cloud
+    key = load_api_key(cloud.api_key_file)
+    api = LambdaCloud(key, cloud.api_base)
+    plan = plan_provision(api, cloud.type_name, cloud.region, cloud.ssh_key, opts.fs)
+    steps = opts.job.steps or PRESETS[opts.job.preset]["max_steps"]
+    out.write(cost_line(plan, steps, cloud.step_seconds) + "\n")
+    confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", cloud.yes)
+    inst = provision(api, plan=plan, name=cloud.name, ssh_port=opts.ssh.port or 22, out=out)
+    return f"{cloud.ssh_user}@{inst['ip']}", inst["id"], key
+
+
+def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
+    """The Lambda instance behind an address we were given (for --terminate-when-done on a box we did not provision)."""
+    from infra.lambda_cloud import LambdaCloud
+    from infra.ssh import parse_host
+
+    ip = parse_host(host)[1]
+    found = [i for i in LambdaCloud(api_key, api_base).instances() if i.get("ip") == ip and i.get("status") != "terminated"]
+    if len(found) != 1:
+        raise UserError(f"no Lambda instance of yours has the address {ip} (`fab instances` lists them): the cost guard needs it")
+    return found[0]["id"]
+
+
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
-    if not opts.hosts:
-        raise UserError("no box given: pass --host ubuntu@IP (or --hosts ubuntu@A,ubuntu@B for several)")
+    cloud = opts.cloud
     if opts.sync_s3:
         from infra.s3 import parse_s3_url
 
         parse_s3_url(opts.sync_s3)  # a typo fails before anything happens on the box
-    conns = [opts.ssh.connect(h) for h in opts.hosts]
+    if cloud.guarded and len(opts.hosts) > 1:
+        raise UserError("--terminate-when-done / --max-hours guard one instance: use them with --host (or --provision), not --hosts")
+    instance_id = api_key = None
+    if cloud.provision:
+        if opts.hosts:
+            raise UserError("--provision creates the box: leave out --host/--hosts")
+        host, instance_id, api_key = provision_box(opts, out)
+        opts.hosts = [host]
+        # A box created a minute ago has a host key nobody could have checked: record it on first contact (accept-new),
+        # and say so. A key that changes later is still refused.
+        opts.ssh.accept_new_host_key = True
+        out.write(f"first contact with {host}: its SSH host key is recorded in known_hosts (accept-new)\n")
+    if not opts.hosts:
+        raise UserError("no box given: pass --host ubuntu@IP (or --hosts ubuntu@A,ubuntu@B for several, or --provision)")
+    if cloud.guarded and instance_id is None:
+        from infra.lambda_cloud import load_api_key
+
+        api_key = load_api_key(cloud.api_key_file)
+        instance_id = instance_id_for(opts.hosts[0], api_key, cloud.api_base)
     try:
-        return _launch(opts, conns, out)
-    finally:
-        for c in conns:
-            c.close()
+        conns = [opts.ssh.connect(h) for h in opts.hosts]
+        try:
+            return _launch(opts, conns, out, instance_id, api_key)
+        finally:
+            for c in conns:
+                c.close()
+    except UserError as e:
+        if cloud.provision:  # never leave a billed box behind without saying so
+            raise UserError(f"{e} -- instance {instance_id} is still running and billed: fix the cause and `fab launch --host "
+                            f"{opts.hosts[0]}` again, or `fab terminate --id {instance_id}`") from None
+        raise
 
 
-def _launch(opts: LaunchOptions, conns, out) -> int:
+def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api_key: str | None = None) -> int:
     boxes = [preflight(c, fs=opts.fs, data_dir=opts.data_dir, weights_dir=opts.weights_dir, allow_cpu=opts.allow_cpu) for c in conns]
     out.write(table(boxes) + "\n")
     if not opts.restart:
@@ -131,21 +281,37 @@ def _launch(opts: LaunchOptions, conns, out) -> int:
               for conn, box in zip(conns, boxes, strict=True)]
     for conn, box, image in zip(conns, boxes, images, strict=True):
         ensure_data(conn, box, image, opts.job, out=out)
-    if opts.sync_s3:
-        start_sidecar(conns[0], boxes[0], images[0], opts.sync_s3, opts.s3_endpoint, out=out)
     if opts.restart:  # stopped only now, with the new image and data ready: the least time without training
         for conn, box in zip(conns, boxes, strict=True):
             for c in running(conn, box.docker):
                 stop_container(conn, box.docker, c["name"], out=out)
+    if opts.sync_s3:
+        start_sidecar(conns[0], boxes[0], images[0], opts.sync_s3, opts.s3_endpoint, out=out)
+    clear_run_markers(conns[0], boxes[0])
+    if opts.cloud.guarded:
+        start_guard(conns[0], boxes[0], images[0], instance_id, opts.cloud, api_key, opts.sync_s3, opts.s3_endpoint, out=out)
     nnodes = len(conns)
     master = (opts.master_addr or conns[0].host, opts.master_port)
     names = [start(conn, box, image, opts.job, nnodes=nnodes, node_rank=rank, master=master, out=out)
              for rank, (conn, box, image) in enumerate(zip(conns, boxes, images, strict=True))]
+    if opts.cloud.guarded:
+        watch_exit(conns[0], boxes[0], names[0])
     target = f"{conns[0].user}@{conns[0].host}" + (f":{conns[0].port}" if conns[0].port != 22 else "")
     if opts.detach:
         out.write(hint(target) + "\n")
+        if opts.cloud.terminate_when_done and not opts.sync_s3:
+            out.write(f"the instance is terminated once the final checkpoint is safe: run `fab fetch-weights --host {target}` after "
+                      "training (it marks what it verified), or launch with --sync-s3 so nothing waits for this laptop\n")
         return 0
-    return follow(conns[0], boxes[0].docker, names[0], target, out=out)
+    code = follow(conns[0], boxes[0].docker, names[0], target, out=out)
+    if opts.cloud.terminate_when_done and not opts.sync_s3:
+        # Without S3 the laptop is the safe place: bring the weights home now; fetch-weights marks each verified
+        # checkpoint on the box (.fetched-NAME), which is what lets the guard terminate the instance.
+        from infra.fetch import fetch_weights
+
+        report = fetch_weights(conns[0], boxes[0].weights_dir, opts.fetch_to)
+        out.write(f"fetched {len(report.copied)} files to {opts.fetch_to}; the cost guard terminates the instance now\n")
+    return code
 
 
 def follow(conn, docker: str, name: str, target: str, tail: int | str = "all", out=sys.stdout) -> int:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job import checkpoint as ckpt_lib
+from job import contract
 from job.config import TrainConfig, parse_args
 from job.data import DeviceLoader, ShardLoader, check_data_dir
 from job.errors import UserError, cli_main
@@ -298,6 +299,10 @@ class Trainer:
         """
         cfg, rt = self.cfg, self.rt
         loss_accum, norm, lr = self.train_step(step)
+        if rt.master and not self.stop.requested and (Path(cfg.log_dir) / contract.STOP_REQUEST_FILE).exists():
+            # The cost guard on the box (--max-hours) asks for the same clean stop as SIGTERM: checkpoint, then exit.
+            self.stop.requested = True
+            self.log.line(f"{contract.STOP_REQUEST_FILE} in {cfg.log_dir}: stopping with a checkpoint")
         timed = bool(cfg.checkpoint_minutes and rt.master and time.time() - self.last_save_time >= 60 * cfg.checkpoint_minutes)
         if not (rt.ddp or read_back):
             return None, None, lr, self.stop.requested, timed
@@ -375,7 +380,8 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         self.log.line(f"model {cfg.preset}: {self.model.num_params() / 1e6:.1f}M params | device {rt.device} x {rt.world} | "
                       f"batch {cfg.total_batch_tokens:,} tokens = {cfg.micro_batch} x {cfg.seq_len} x {rt.world} ranks x "
-                      f"{self.grad_accum} accum | compile {'on' if self.use_compile else 'off'} | log dir {cfg.log_dir}")
+                      f"{self.grad_accum} accum | compile {'on, ' + cfg.compile_mode if self.use_compile else 'off'}"
+                      + (f" | loss in chunks of {cfg.ce_chunk_tokens} tokens" if cfg.ce_chunk_tokens else "") + f" | log dir {cfg.log_dir}")
         if self.start_step:
             self.log.line(f"resumed from {self.resumed_from} at step {self.start_step}")
             self.log.event("resume", step=self.start_step, path=self.resumed_from)

@@ -385,8 +385,11 @@ def second_engine(docker):
     d = Path(tempfile.mkdtemp(prefix="nanogpt-engine-"))
     sock = d / "docker.sock"
     log = open(d / "dockerd.log", "wb")
-    proc = subprocess.Popen(["dockerd", "--data-root", d / "data", "--exec-root", d / "exec", "-H", f"unix://{sock}", "--pidfile", d / "pid",
-                             "--bridge", "none", "--iptables=false", "--ip6tables=false"], stdout=log, stderr=subprocess.STDOUT)
+    # In a network namespace of its own (unshare --net; `ip netns exec` would also hide the cgroup mounts): a second
+    # daemon in the host's namespace tears down the first one's docker0 bridge. `docker load` needs no network.
+    cmd = ["unshare", "--net", "dockerd", "--data-root", d / "data", "--exec-root", d / "exec", "-H", f"unix://{sock}",
+           "--pidfile", d / "pid", "--bridge", "none", "--iptables=false", "--ip6tables=false"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: sh("docker", "-H", f"unix://{sock}", "info", check=False).returncode == 0, timeout=60, what="the second dockerd")
         d.chmod(0o755)
@@ -417,3 +420,88 @@ def test_ship_streams_the_local_image_into_the_boxs_engine_once(box_user, laptop
             assert "already has nanogpt-test-base:bookworm" in again.getvalue() and "not shipping" in again.getvalue()
     finally:
         server.stop()
+
+
+# ---- Lambda Cloud: provision, and the cost guard on the box ---------------------------------------------
+
+@pytest.fixture
+def fake_lambda():
+    from fake_lambda import FakeLambda
+
+    with FakeLambda(boot_polls=1) as api:
+        yield api
+
+
+def wait_terminated(fake, iid: str, timeout=180):
+    wait_for(lambda: fake.instances[iid]["status"] == "terminated", timeout=timeout, what=f"the guard to terminate {iid}")
+
+
+def assert_key_kept_secret(key: str, *texts: str):
+    for text in texts:
+        assert key not in text
+    for name in sh("docker", "ps", "-a", "--filter", "label=nanogpt.role", "--format", "{{.Names}}").stdout.split():
+        assert key not in sh("docker", "inspect", name).stdout and key not in sh("docker", "logs", name).stdout
+
+
+def test_provision_launch_and_terminate_when_the_final_checkpoint_is_in_s3(fake_lambda, boxes, laptop, wheels, base_image, tmp_path):
+    """`fab launch --provision` from nothing: fake Lambda API + real sshd as the new box + real Docker + moto S3."""
+    from fake_lambda import A10, TEST_KEY
+    from moto.server import ThreadedMotoServer
+
+    from infra.s3 import client
+
+    s3_server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3_server.start()
+    env = {"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": fake_lambda.url, "AWS_ACCESS_KEY_ID": "AKIATESTGUARD",
+           "AWS_SECRET_ACCESS_KEY": "guard-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        endpoint = "http://{}:{}".format(*s3_server.get_host_and_port())
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+        s3 = client(endpoint)
+        s3.create_bucket(Bucket="runs")
+        known = tmp_path / "known_hosts"  # a new box: nothing known about it yet
+        known.write_text("")
+        proc = fab("launch", "--provision", "--type", A10, "--ssh-key", "laptop", "--yes", "--ssh-user", BOX_USER, "--port", boxes[0].port,
+                   "--key", boxes[0].key_path, "--known-hosts", known, "--allow-cpu", "--preset", "tiny", "--steps", 4, "--wheels", wheels,
+                   "--build-arg", f"BASE_IMAGE={base_image}", "--data-dir", box_path("pv-data"), "--weights-dir", (w := box_path("pv-weights")),
+                   "--nproc", 1, "--sync-s3", "s3://runs/pv", "--s3-endpoint", endpoint, "--terminate-when-done", "--guard-poll", 1,
+                   "--train-args", " ".join(TRAIN + ["--checkpoint-every", "2"]), env=env, check=True)
+        (iid,) = fake_lambda.instances
+        out = proc.stdout
+        assert "gpu_1x_a10 x1 in us-south-1: $0.75/hour" in out and "about $" in out  # price and estimate before launching
+        assert "launched gpu_1x_a10 in us-south-1" in out and "first contact with nanogpt-box@127.0.0.1" in out
+        assert "cost guard nanogpt-train-guard on the box terminates the instance" in out and "done: 4 steps" in out
+        assert f"[127.0.0.1]:{boxes[0].port}" in known.read_text()  # accept-new recorded the new box's key
+        wait_terminated(fake_lambda, iid)
+        body = s3.get_object(Bucket="runs", Key="pv/model_00004.pt")["Body"].read()  # the final checkpoint was safe first
+        assert hashlib.sha256(body).hexdigest() == hashlib.sha256((w / "model_00004.pt").read_bytes()).hexdigest()
+        terminate = fake_lambda.calls("POST", "/instance-operations/terminate")
+        assert [c.body for c in terminate] == [{"instance_ids": [iid]}] and all(c.auth_ok for c in terminate)
+        assert fake_lambda.problems == []
+        assert_key_kept_secret(TEST_KEY, proc.stdout, proc.stderr)
+    finally:
+        s3_server.stop()
+        for k in env:
+            os.environ.pop(k, None)
+
+
+def test_max_hours_stops_training_fetches_home_then_terminates(fake_lambda, boxes, laptop, wheels, base_image, tmp_path):
+    """A box provisioned earlier (found by its IP), no S3: at --max-hours the trainer checkpoints and stops, launch
+    brings the weights to this disk (marking them on the box), and only then does the guard terminate the instance."""
+    from fake_lambda import TEST_KEY
+
+    box = fake_lambda.add_instance("earlier-box")
+    w = box_path("mh-weights")
+    proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, {"data": box_path("mh-data"), "weights": w}, "--nproc", 1,
+                            "--steps", 100000, "--max-hours", 0.0001, "--terminate-when-done", "--guard-poll", 1,
+                            "--fetch-to", tmp_path / "home", "--train-args", " ".join(TRAIN)),
+               env={"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": fake_lambda.url}, check=True)
+    stopped = events(w, "end")
+    assert [e["reason"] for e in stopped] == ["stopped"] and ".stop-request in" in proc.stdout
+    final = contract.CHECKPOINT_FORMAT.format(step=stopped[0]["step"])
+    assert (tmp_path / "home" / final).read_bytes() == (w / final).read_bytes()
+    assert (w / f".fetched-{final}").read_text() == hashlib.sha256((w / final).read_bytes()).hexdigest()
+    wait_terminated(fake_lambda, box["id"])
+    assert json.loads((w / ".guard-status").read_text())["state"] == "terminated"
+    assert fake_lambda.problems == []
+    assert_key_kept_secret(TEST_KEY, proc.stdout, proc.stderr)
