@@ -64,6 +64,7 @@ class TrainConfig:
     keep_last: int = 3  # retention: the newest N checkpoints...
     keep_every: int = 5000  # ...plus every checkpoint whose step is a multiple of this (0: none)
     resume: str = "auto"  # auto | never | PATH
+    init_from: str | None = None  # hf:DIR: start from a Hugging Face GPT-2 directory's weights (a checkpoint to resume wins)
     # hardware
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
@@ -159,6 +160,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         bad("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
     if cfg.hellaswag_path and not os.path.isfile(cfg.hellaswag_path):
         bad("hellaswag_path", f"file {cfg.hellaswag_path} does not exist: pass a hellaswag_val.jsonl or --hellaswag-every 0")
+    if cfg.init_from is not None:
+        if not cfg.init_from.startswith("hf:"):
+            bad("init_from", f"must be hf:DIR (a Hugging Face GPT-2 model directory, e.g. from `python -m job.export`), got {cfg.init_from!r}")
+        from job.export import check_init_from  # reads the directory's config.json, so a mismatch fails before any work
+
+        check_init_from(cfg.init_from, cfg.model_config())
     return cfg
 
 
@@ -199,6 +206,7 @@ HELP = {
     "keep_last": "keep the newest N checkpoints (0: keep all)...",
     "keep_every": "...plus every checkpoint whose step is a multiple of N",
     "resume": "auto (newest checkpoint in --log-dir) | never | PATH",
+    "init_from": "hf:DIR: start from the weights of a Hugging Face GPT-2 model directory (e.g. written by job.export)",
     "device": "auto picks cuda, then mps, then cpu",
     "dtype": "auto: bf16 autocast on CUDA, fp32 elsewhere",
     "compile": "torch.compile; auto: on for CUDA",
