@@ -150,7 +150,8 @@ def table(boxes: list[Box]) -> str:
     return "\n".join([format_table(rows), *notes])
 
 
-def format_table(rows: list[tuple[str, ...]]) -> str:
+def format_table(rows: list) -> str:
     """Plain aligned columns; the first row is the header."""
+    rows = [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

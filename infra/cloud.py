@@ -59,9 +59,9 @@ def list_types(types: dict) -> list[dict]:
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    cells = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+    from infra.box import format_table
+
+    return format_table([headers, *rows])
 
 
 def dollars(cents: float) -> str:

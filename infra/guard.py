@@ -48,13 +48,13 @@ dedicated key for launched runs and delete it in the Lambda dashboard when the r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from infra.digest import sha256_file
 from infra.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
 from infra.sync import MARKER
 from job import contract
@@ -170,11 +170,7 @@ class Guard:
         cached = self._hashes.get(path.name)
         if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
             return cached[2]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest = sha256_file(path)
         self._hashes[path.name] = (st.st_size, st.st_mtime_ns, digest)
         return digest
 
