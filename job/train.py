@@ -110,6 +110,11 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
         self.model = GPT(cfg.model_config()).to(rt.device)
+        if cfg.init_from:  # a Hugging Face GPT-2 directory's weights; a checkpoint that _resume() finds below still wins
+            from job.export import init_from_hf
+
+            init_from_hf(self.model, cfg.init_from)
+            self.log.line(f"initialized the weights from {cfg.init_from}")
         self.model.ce_chunk_tokens = cfg.ce_chunk_tokens
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                              rt.device_type)
