@@ -9,12 +9,14 @@ DEMO_LOG := model_weights
 # The container contract (image name, /app, /persistent, /app/log): one file, also read by job/ and infra/.
 include job/contract.env
 
-.PHONY: fetch-weights help venv demo demo-data test lint bench clean-demo check-docker build-image push-image run-local run-local-cpu shell
+.PHONY: fetch-weights help venv demo demo-data test lint bench bench-prepare plot clean-demo check-docker build-image push-image run-local run-local-cpu shell
 
 help:
 	@echo "make demo    train the tiny GPT-2 on the bundled Shakespeare (CPU, a few minutes) and print samples"
 	@echo "make test    run the test suite (lint included)"
 	@echo "make bench   time training steps (scripts/bench_train.py; PRESET=gpt2 on a GPU)"
+	@echo "make plot [LOGDIR=model_weights]   loss and HellaSwag curves of a run -> LOGDIR/plot.png"
+	@echo "make bench-prepare   tokenizing throughput: job.prepare vs tiktoken's batch encoder (scripts/bench_prepare.py)"
 	@echo "make build-image [NAME=...] [BASE_IMAGE=...]   build the trainer image as NAME:<git sha> and NAME:latest"
 	@echo "make push-image REGISTRY=registry.example.com/team   push both tags"
 	@echo "make run-local [CMD='...']   train in the image on this machine's GPUs (./data -> /persistent, ./model_weights -> /app/log)"
@@ -46,6 +48,13 @@ test: venv lint
 PRESET ?= tiny
 bench: venv
 	$(PY) scripts/bench_train.py --preset $(PRESET) $(ARGS)
+
+bench-prepare: venv
+	$(PY) scripts/bench_prepare.py $(ARGS)
+
+LOGDIR ?= $(DEMO_LOG)
+plot: venv
+	$(PY) -m job.plot $(LOGDIR) $(ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_LOG)
