@@ -190,9 +190,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lf = logits.to(acc)
             lse = torch.logsumexp(lf, dim=-1, keepdim=True)
             loss = loss + (lse - lf.gather(1, tc)).sum()
-            # d(mean loss)/d(logits) = (softmax - onehot) / n, in the logits' dtype as autograd would have it.
-            d = torch.exp(lf - lse)
-            d = d.scatter_add(1, tc, torch.full_like(tc, -1, dtype=d.dtype)).div_(n).to(logits.dtype)
+            # d(mean loss)/d(logits) = (softmax - onehot) / n, in the logits' dtype as autograd would have it;
+            # worked in place in lf, whose values are not needed any more.
+            d = lf.sub_(lse).exp_()
+            d = d.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=d.dtype)).div_(n).to(logits.dtype)
             grad_h[start : start + chunk] = (d @ weight.to(d.dtype)).to(h.dtype)
             grad_w += (d.t() @ hc.to(d.dtype)).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
