@@ -549,6 +549,7 @@ class Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
+            tqdm.monitor_interval = 0  # no monitor thread: a later prepare() in this process can still fork its workers
             self.bar = tqdm(initial=docs, unit="doc", unit_scale=True, dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
 
     def set_total(self, total: int | None) -> None:
