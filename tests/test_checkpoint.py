@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -24,14 +25,23 @@ def trained_state():
     return model, opt
 
 
+def wait_for_temp(log_dir, step):
+    """The writer thread has opened its temp file (it starts a moment after save() returns)."""
+    deadline = time.time() + 30
+    while not list(log_dir.glob(f".model_{step:05d}.pt.tmp*")):
+        assert time.time() < deadline, "the background write never started"
+        time.sleep(0.005)
+
+
 def test_snapshot_is_what_gets_written_even_if_training_changes_the_model_meanwhile(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOGPT_TEST_SAVE_DELAY", "0.5")  # the write stays in flight while we "train"
+    monkeypatch.setenv("NANOGPT_TEST_SAVE_DELAY", "2")  # the write stays in flight while we "train"
     model, opt = trained_state()
     want = {k: v.clone() for k, v in model.state_dict().items()}
     want_m = opt.state_dict()["state"][0]["exp_avg"].clone()
     saver = ckpt_lib.AsyncSaver(tmp_path)
     held = saver.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1}, 1)
-    assert saver.busy and held["stall_s"] >= 0
+    assert held["stall_s"] >= 0
+    wait_for_temp(tmp_path, 1)
     assert ckpt_lib.list_checkpoints(tmp_path) == []  # half-written: not visible
     with torch.no_grad():  # training goes on in place, as the optimizer does
         for p in model.parameters():
@@ -47,11 +57,12 @@ def test_snapshot_is_what_gets_written_even_if_training_changes_the_model_meanwh
 
 
 def test_next_save_waits_for_the_previous_write(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOGPT_TEST_SAVE_DELAY", "0.3")
+    monkeypatch.setenv("NANOGPT_TEST_SAVE_DELAY", "1")
     model, _ = trained_state()
     saver = ckpt_lib.AsyncSaver(tmp_path, keep_last=1)
     saver.save({"model": model.state_dict()}, 1)
-    assert list(tmp_path.glob(".model_00001.pt.tmp*")) and not ckpt_lib.list_checkpoints(tmp_path)
+    wait_for_temp(tmp_path, 1)
+    assert not ckpt_lib.list_checkpoints(tmp_path)
     held = saver.save({"model": model.state_dict()}, 2)
     # save(2) returned only after checkpoint 1 was complete (and reported), never two writes at once.
     assert [s for s, _ in ckpt_lib.list_checkpoints(tmp_path)] == [1] and held["wait_s"] > 0
