@@ -27,6 +27,7 @@ import io
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,6 +70,12 @@ def make_corpus(d: Path, mb: float, files: int, seed: int = 0) -> list[str]:
         })
         pq.write_table(table, d / f"{k:03d}_00000.parquet", row_group_size=2000)  # FineWeb's files use row groups too
     return docs
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its children that have exited (prepare's workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def cpu_name() -> str:
@@ -137,11 +144,13 @@ def main(argv=None) -> int:
                 "single loop": (single_loop, "1"),
                 "reader only": (reader_only, "1 (prepare's main)")}
         times: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         for r in range(args.repeat):
             for name, (fn, _) in runs.items():
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(), time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(cpu_seconds() - c0)
             print(f"repeat {r + 1}/{args.repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     finally:
         if not args.dir:
@@ -151,10 +160,12 @@ def main(argv=None) -> int:
     base = ntok / med["tiktoken batch"]
     print(f"\nmachine: {cpu_name()}, {prepare.default_workers()} CPUs usable; Python {platform.python_version()}; "
           f"tiktoken {__import__('tiktoken').__version__}; median of {args.repeat}")
-    print(f"{'method':<16} {'processes':<22} {'seconds':>8} {'tokens/s':>12} {'vs tiktoken batch':>18}")
+    print(f"{'method':<16} {'processes':<22} {'seconds':>8} {'tokens/s':>12} {'vs tiktoken batch':>18} {'CPU s':>7}")
     for name, (_, procs) in runs.items():
         rate = ntok / med[name]
-        print(f"{name:<16} {procs:<22} {med[name]:>8.2f} {rate:>12,.0f} {rate / base:>17.1%}")
+        print(f"{name:<16} {procs:<22} {med[name]:>8.2f} {rate:>12,.0f} {rate / base:>17.1%} {statistics.median(cpu[name]):>7.2f}")
+    print("(CPU s: user + system seconds of all its threads and processes; unlike the wall time, other load on the machine "
+          "hardly changes it)")
     print(f"(a fresh job.prepare process adds {startup:.2f} s of start-up: interpreter and imports, datasets included)")
     ratio = med["tiktoken batch"] / med["job.prepare"]
     print(f"\njob.prepare end to end / tiktoken batch encode = {ratio:.3f} (goal >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'})")
