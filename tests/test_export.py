@@ -136,3 +136,20 @@ def test_export_cli_then_init_from_continues_the_model(shards, tmp_path):
                           "--init-from", "not a local directory")
     assert not (tmp_path / "third").exists()
     assert_one_line_error(run_cli("-m", "job.export", "--checkpoint", first, "--out", hf), "already holds", "--overwrite")
+
+
+def test_init_from_hub_id_only_from_the_local_cache(exported, tmp_path):
+    # hf:ORG/NAME resolves through the Hugging Face cache (as `hf download` leaves it) and never downloads
+    _, out = exported
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "cache" / "models--ours--tiny" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for p in out.iterdir():
+        (snapshot / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "cache" / "models--ours--tiny" / "refs").mkdir()
+    (tmp_path / "cache" / "models--ours--tiny" / "refs" / "main").write_text(commit)
+    code = "from job.export import resolve_hf_dir; print(resolve_hf_dir('hf:ours/tiny'))"
+    proc = run_cli("-c", code, check=True, HF_HUB_CACHE=tmp_path / "cache", HF_HUB_OFFLINE=1)
+    assert proc.stdout.strip() == str(snapshot)
+    proc = run_cli("-c", code.replace("ours/tiny", "gpt2"), HF_HUB_CACHE=tmp_path / "cache", HF_HUB_OFFLINE=1)
+    assert proc.returncode != 0 and "gpt2 is not a local directory (and not in the Hugging Face cache)" in proc.stderr
