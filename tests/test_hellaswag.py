@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import CORPUS
 from job import hellaswag
 from job.errors import UserError
-from job.model import GPT, GPT2_VOCAB, GPTConfig
+from job.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig
 from job.tokenizer import EOT, encode
 
 
@@ -234,3 +235,19 @@ def test_bad_local_file_is_a_user_error(tmp_path, content, needle):
         hellaswag.load_examples(path=str(path))
     msg = str(e.value)
     assert needle in msg and str(path) in msg and "\n" not in msg
+
+
+def test_batched_predictions_equal_one_example_at_a_time():
+    """Examples of different lengths (and numbers of endings) share padded batches: each pick must stay its own."""
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(block_size=48, vocab_size=PADDED_VOCAB, n_layer=2, n_head=2, n_embd=32)).eval()
+    lines = [ln for ln in CORPUS.read_text().splitlines() if len(ln.split()) >= 4]
+    examples = []
+    for i in range(23):
+        endings = [lines[(7 * i + 11 * k) % len(lines)] for k in range(3 + i % 2)]
+        examples.append({"ctx": " ".join(lines[5 * i : 5 * i + 1 + i % 6]), "endings": endings, "label": i % 3})
+    with torch.no_grad():
+        one_by_one = [hellaswag.score_example(model, *hellaswag.render_example(ex)[:2]) for ex in examples]
+        for batch in (1, 4, 16, 64):
+            assert hellaswag.predict(model, examples, "cpu", batch_examples=batch).tolist() == one_by_one
+    assert len(set(one_by_one)) > 1  # the picks differ between examples: a mix-up would show
