@@ -184,9 +184,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        w_mm = None  # the weight in the matmuls' dtype (bf16 under autocast), cast once rather than per chunk
         for start in range(0, n, chunk):
             hc, tc = h[start : start + chunk], targets[start : start + chunk, None]
-            logits = hc @ weight.t()  # under autocast a bf16 matmul, exactly like the lm_head Linear
+            logits = hc @ (weight if w_mm is None else w_mm).t()  # under autocast a bf16 matmul, like the lm_head Linear
+            if w_mm is None:
+                w_mm = weight.to(logits.dtype)
             lf = logits.to(acc)
             lse = torch.logsumexp(lf, dim=-1, keepdim=True)
             loss = loss + (lse - lf.gather(1, tc)).sum()
@@ -194,7 +197,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # worked in place in lf, whose values are not needed any more.
             d = lf.sub_(lse).exp_()
             d = d.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=d.dtype)).div_(n).to(logits.dtype)
-            grad_h[start : start + chunk] = (d @ weight.to(d.dtype)).to(h.dtype)
+            grad_h[start : start + chunk] = (d @ w_mm).to(h.dtype)
             grad_w += (d.t() @ hc.to(d.dtype)).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype

@@ -9,7 +9,8 @@
 #   main      matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory; (a) with the real
 #             loader on a generated shard; eval + sampling + HellaSwag cost and recompiles after warm-up
 #             (TORCH_LOGS=recompiles prints any reason); checkpoint stall of model + AdamW; numerics (a) vs (b)
-#   variants  (a) with the chunked loss, and with micro-batch 32 (same tokens per step), checked against main's (b)
+#   variants  (a) with the chunked loss, with micro-batch 32 (same tokens per step), and without the DDP wrapper
+#             (one GPU without torchrun; the same graph, so the compile cache makes it cheap), checked against main's (b)
 #   autotune  (a) with compile mode max-autotune-no-cudagraphs (slow to compile: last, with what time is left)
 # Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), PYTHON (default /opt/torch/.venv/bin/python3,
 # else .venv/bin/python, else python3), BUDGET seconds for all stages (default 420), BENCH_ARGS extra bench_train.py
@@ -79,7 +80,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --json "$OUT/main.json"
 stage variants 150 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" --json "$OUT/variants.json" \
-    --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}"
+    --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}" --variant "noddp:ddp=0"
 stage autotune 150 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" --json "$OUT/autotune.json" \
     --variant "autotune:compile_mode=max-autotune-no-cudagraphs"
 

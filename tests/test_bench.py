@@ -127,6 +127,6 @@ def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     assert all(": ok (rc 0)" in s for s in stages)
     for name in ("main", "variants", "autotune"):
         assert json.loads((out / f"{name}.json").read_text())["runs"]
-    assert set(json.loads((out / "variants.json").read_text())["numerics"]) == {"ce8192", "mb4"}
+    assert set(json.loads((out / "variants.json").read_text())["numerics"]) == {"ce8192", "mb4", "noddp"}
     assert "recompiles after warm-up: 0" in (out / "main.log").read_text()
     assert os.access(ROOT / "scripts" / "gpu_bench.sh", os.X_OK)
