@@ -22,6 +22,7 @@ tied embedding counted once, as the output layer). Timings: median over --steps 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import gc
@@ -265,6 +266,7 @@ def variant_config(base: TrainConfig, settings: dict) -> TrainConfig:
 
 def make_trainer(cfg: TrainConfig, rt: Runtime) -> Trainer:
     cfg = dataclasses.replace(cfg, log_dir=tempfile.mkdtemp(prefix="bench-log-"))
+    atexit.register(shutil.rmtree, cfg.log_dir, ignore_errors=True)
     pin = rt.device_type == "cuda"
     trainer = Trainer(cfg, rt, train_loader=SyntheticLoader(cfg.micro_batch, cfg.seq_len, seed=cfg.seed, pin=pin),
                       val_loader=SyntheticLoader(cfg.micro_batch, cfg.seq_len, seed=cfg.seed + 1, pin=pin))
