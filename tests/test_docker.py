@@ -139,8 +139,10 @@ def test_code_only_change_reuses_the_dependency_layers(image, context):
     proc, seconds = build(context)
     print(f"code-only rebuild: {seconds:.1f} s")
     after = layers(image)
-    assert after[:-1] == before[:-1]  # system packages and the venv: cache hits
-    assert after[-1] != before[-1]  # only the source layer is new
+    changed = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if a != b]
+    # Only the source layers (job/, then infra/, whose layer also records its parent dir) are new; the system
+    # packages and the venv are cache hits.
+    assert changed and min(changed) >= len(after) - 2, changed
     assert "Collecting" not in proc.stdout and "apt-get" not in proc.stdout.split("COPY job/")[-1]
 
 
