@@ -70,15 +70,29 @@ def docker_base(box: Box, *, detach: bool, name: str | None, labels: dict[str, s
 
 
 def has_shards(conn, box: Box, job: Job) -> bool:
+    """Ready to train: train and val shards, and, where job.prepare wrote them, its manifest says it finished (an
+    interrupted prepare leaves complete shards but not all of them; running prepare again resumes it). Shards made
+    elsewhere (build-nanogpt's fineweb.py) have no manifest and count as they are."""
+    from job.prepare import MANIFEST
+
     d = shlex.quote(posixpath.join(box.data_dir, job.data_subdir))
-    return run(conn, f"ls {d}/*train*.npy >/dev/null 2>&1 && ls {d}/*val*.npy >/dev/null 2>&1", warn=True).ok
+    if run(conn, f"ls {d}/*train*.npy >/dev/null 2>&1 && ls {d}/*val*.npy >/dev/null 2>&1", warn=True).failed:
+        return False
+    manifest = run(conn, f"cat {d}/{MANIFEST} 2>/dev/null", warn=True)
+    if not manifest.ok:
+        return True
+    try:
+        return json.loads(manifest.stdout).get("complete") is True
+    except ValueError:
+        return False
 
 
 def ensure_data(conn, box: Box, image: str, job: Job, out=sys.stdout) -> None:
     if has_shards(conn, box, job):
         out.write(f"data: shards found in {box.data_dir}/{job.data_subdir} on {conn.host}\n")
         return
-    out.write(f"data: no shards in {box.data_dir}/{job.data_subdir} on {conn.host}: preparing them there ({box.cpus} cores)\n")
+    out.write(f"data: no complete set of shards in {box.data_dir}/{job.data_subdir} on {conn.host}: preparing them there "
+              f"({box.cpus} cores; an interrupted preparation resumes)\n")
     cmd = f"{docker_base(box, detach=False, name=None, labels={ROLE: 'prepare'})} {shlex.quote(image)} {job.prepare_command()}"
     status = stream(conn, f"{cmd} 2>&1", out=out)
     if status != 0:

@@ -155,7 +155,7 @@ def test_launch_builds_on_the_box_prepares_data_and_refuses_a_second_run(boxes, 
     out = proc.stdout
     assert "none (CPU)" in out and str(run_dirs["data"]) in out  # the preflight table
     assert "sending the image source" in out and "building nanogpt-train:src-" in out
-    assert "data: no shards" in out and (run_dirs["data"] / "tinyshakespeare").is_dir()  # prepared in the container
+    assert "data: no complete set of shards" in out and (run_dirs["data"] / "tinyshakespeare").is_dir()  # prepared in the container
     assert "started nanogpt-train on 127.0.0.1" in out and "fab logs --host" in out
     assert docker_ps() == ["nanogpt-train"]
     wait_for(lambda: len(events(run_dirs["weights"], "train")) >= 3, what="training steps")
@@ -505,3 +505,23 @@ def test_max_hours_stops_training_fetches_home_then_terminates(fake_lambda, boxe
     assert json.loads((w / ".guard-status").read_text())["state"] == "terminated"
     assert fake_lambda.problems == []
     assert_key_kept_secret(TEST_KEY, proc.stdout, proc.stderr)
+
+
+def test_an_interrupted_preparation_is_not_taken_for_data(boxes, laptop):
+    from infra.box import preflight
+    from infra.ssh import connect
+    from infra.trainer import Job, has_shards
+    from job.prepare import MANIFEST
+
+    data = box_path("partial")
+    shards = data / "edu_fineweb10B"
+    shards.mkdir()
+    for name in ("edufineweb_val_000000.npy", "edufineweb_train_000001.npy"):
+        (shards / name).write_bytes(b"\x93NUMPY")
+    with connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts")) as conn:
+        box = preflight(conn, data_dir=str(data), weights_dir=str(box_path("partial-w")), allow_cpu=True)
+        assert has_shards(conn, box, Job(preset="gpt2"))  # shards made elsewhere (no manifest) count as they are
+        (shards / MANIFEST).write_text(json.dumps({"complete": False, "shards": []}))
+        assert not has_shards(conn, box, Job(preset="gpt2"))  # prepare stopped half way: run it again (it resumes)
+        (shards / MANIFEST).write_text(json.dumps({"complete": True, "shards": []}))
+        assert has_shards(conn, box, Job(preset="gpt2"))
