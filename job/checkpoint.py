@@ -21,6 +21,7 @@ import torch
 
 from job import contract
 from job.errors import UserError
+from job.fsutil import fsync_dir
 
 _PREFIX = contract.CHECKPOINT_GLOB.split("*")[0]
 _NAME = re.compile(rf"^{re.escape(_PREFIX)}(\d+)\.pt$")
@@ -42,14 +43,6 @@ def list_checkpoints(log_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(state: dict, log_dir, step: int) -> Path:
     """Write temp file, fsync, rename, fsync the directory: a kill at any moment leaves only whole files."""
     d = Path(log_dir)
@@ -66,7 +59,7 @@ def save(state: dict, log_dir, step: int) -> Path:
                 time.sleep(delay)
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(d)
+        fsync_dir(d)
     finally:
         if tmp.exists():
             tmp.unlink()

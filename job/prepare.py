@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from job.errors import UserError, cli_main
+from job.fsutil import fsync_dir
 from job.metrics import format_eta
 from job.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
@@ -356,14 +357,6 @@ def _npy_header(n: int) -> bytes:
     return buf.getvalue()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     # one line per key and per shard: small, and readable with `cat` even for a hundred shards
@@ -535,7 +528,7 @@ class ShardWriter:
         if final is not None:
             self.manifest.update(final, complete=True)
         _write_json(self.out / MANIFEST, self.manifest)
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
 
 
 class Progress:
