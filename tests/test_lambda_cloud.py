@@ -247,11 +247,12 @@ def test_cost_estimates(tmp_path):
     hours, dollars = cloud.estimate_cost(2392, 19073, 0.25)
     assert hours == pytest.approx(19073 * 0.25 / 3600 * 1.1 + 0.25) and dollars == pytest.approx(hours * 23.92)
     assert cloud.estimate_cost(2392, 1000, 0.5, nodes=2)[1] == pytest.approx(2 * cloud.estimate_cost(2392, 1000, 0.5)[1])
-    assert cloud.assumed_step_seconds(H100) == pytest.approx(2**19 / (285_000 * 8))
+    assert cloud.assumed_step_seconds(H100) == pytest.approx(2**19 / (dict(cloud.ASSUMED_TOKENS_PER_GPU_SECOND)["h100"] * 8))
     assert cloud.assumed_step_seconds("gpu_1x_mystery") is None
     plan = cloud.Plan(H100, "us-east-1", "laptop", None, 2392, 8)
     line = cloud.cost_line(plan, 19073)
-    assert line.startswith("gpu_8x_h100_sxm5 x1 in us-east-1: $23.92/hour; 19073 steps x 0.23 s (assumed)") and "about $" in line
+    assert line.startswith(f"gpu_8x_h100_sxm5 x1 in us-east-1: $23.92/hour; 19073 steps x {cloud.assumed_step_seconds(H100):.2f} s (assumed)")
+    assert "about $" in line
     assert "(measured)" in cloud.cost_line(plan, 100, 0.3)
     assert "no estimate" in cloud.cost_line(cloud.Plan("gpu_1x_mystery", "r", "k", None, 100, 1), 100)
     metrics = tmp_path / "metrics.jsonl"
