@@ -304,7 +304,8 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
                       "training (it marks what it verified), or launch with --sync-s3 so nothing waits for this laptop\n")
         return 0
     code = follow(conns[0], boxes[0].docker, names[0], target, out=out)
-    if opts.cloud.terminate_when_done and not opts.sync_s3:
+    finished = exit_code(conns[0], boxes[0].docker, names[0]) == 0  # not after Ctrl-C: training still runs
+    if opts.cloud.terminate_when_done and not opts.sync_s3 and finished:
         # Without S3 the laptop is the safe place: bring the weights home now; fetch-weights marks each verified
         # checkpoint on the box (.fetched-NAME), which is what lets the guard terminate the instance.
         from infra.fetch import fetch_weights
