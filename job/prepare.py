@@ -642,7 +642,8 @@ def prepare(source: Source, out_dir, shard_size: int = SHARD_SIZE, prefix: str =
     t0 = time.time()
     pool = _pool(workers) if workers > 1 else None  # first: before this function starts any thread of its own
     progress = Progress(doc, g, progress_every)
-    threading.Thread(target=lambda: progress.set_total(source.total_docs()), daemon=True).start()
+    counting = threading.Thread(target=lambda: progress.set_total(source.total_docs()), daemon=True)
+    counting.start()
     writer = ShardWriter(out, manifest, prefix)
     batches = source.batches(doc, unit_rows, batch_docs)
     ok = False
@@ -686,6 +687,7 @@ def prepare(source: Source, out_dir, shard_size: int = SHARD_SIZE, prefix: str =
               file=sys.stderr)
         raise
     finally:
+        counting.join(timeout=5)  # the last progress line shows the total when counting was nearly done (short runs)
         progress.close()
         if pool:
             pool.terminate()
