@@ -539,6 +539,7 @@ class Progress:
         self.tokens0 = self.tokens = tokens
         self.total: int | None = None
         self.every, self.t0, self.last = every, time.time(), time.time()
+        self.printed: tuple | None = None  # (docs, total) of the last line printed
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -570,12 +571,17 @@ class Progress:
             self.bar.set_postfix_str(f"{self.tokens / 1e6:,.1f}M tok, {self.rate() / 1e6:.2f}M tok/s", refresh=False)
             self.bar.update(docs)
         elif time.time() - self.last >= self.every:
-            self.last = time.time()
-            print(f"prepare: {self.line()}", file=sys.stderr, flush=True)
+            self._print()
+
+    def _print(self) -> None:
+        self.last, self.printed = time.time(), (self.docs, self.total)
+        print(f"prepare: {self.line()}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.docs > self.docs0 and self.printed != (self.docs, self.total):
+            self._print()  # the final count, with the total if it arrived after the last line
 
 
 # --- the pipeline ------------------------------------------------------------------------------------------
