@@ -22,6 +22,8 @@ help:
 	@echo "make run-local [CMD='...']   train in the image on this machine's GPUs (./data -> /persistent, ./model_weights -> /app/log)"
 	@echo "make run-local-cpu           the same on the CPU (tiny preset on the bundled corpus)"
 	@echo "make shell                   a shell in the image with the same mounts"
+	@echo "make fetch-weights HOST=ubuntu@IP [TO=dir] [FLAGS=...]   checkpoints from the box (fab fetch-weights)"
+	@echo "the cloud path (fab --list): fab launch --host ubuntu@IP | logs | status | stop; fab provision | types | instances | terminate"
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-launcher.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
