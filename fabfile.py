@@ -163,6 +163,10 @@ def stop(c, host="", hosts="", timeout=300, key=None, port=None, known_hosts=Non
         for h in _hosts(host, hosts):
             with ssh.connect(h) as conn:
                 docker = find_docker(conn)
+                # A stop by hand is a pause, not "training done": the cost guard must not terminate the box now.
+                for ct in running(conn, docker, role="guard"):
+                    stop_container(conn, docker, ct["name"], timeout=30)
+                    print("the cost guard is stopped too: `fab launch` again re-arms it, `fab terminate` ends the box")
                 active = running(conn, docker)
                 if not active:
                     print(f"no training running on {conn.host}")

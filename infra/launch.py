@@ -15,7 +15,6 @@ from infra.box import Box, preflight, table
 from infra.image import ensure_image
 from infra.ssh import ConnectionLost, connect, run, stream
 from infra.trainer import (
-    GPU_FLAGS,
     ROLE,
     Job,
     containers,
@@ -132,8 +131,7 @@ def send_aws_credentials(conn) -> str:
 
 def sidecar_flags(box: Box, name: str, role: str) -> str:
     """A helper container beside the trainer: the weights dir mounted, no GPU, the host's network (S3, the API)."""
-    flags = docker_base(box, detach=True, name=name, labels={ROLE: role}, network_host=True)
-    return flags.replace(" " + GPU_FLAGS, "")
+    return docker_base(box, detach=True, name=name, labels={ROLE: role}, network_host=True, gpus=False)
 
 
 def start_sidecar(conn, box: Box, image: str, url: str, endpoint: str | None, out=sys.stdout) -> str:

@@ -54,7 +54,9 @@ class Job:
         return args + self.trainer_args
 
 
-def docker_base(box: Box, *, detach: bool, name: str | None, labels: dict[str, str], network_host: bool = False) -> str:
+def docker_base(box: Box, *, detach: bool, name: str | None, labels: dict[str, str], network_host: bool = False,
+                gpus: bool = True) -> str:
+    """`docker run` with what every container of ours shares; gpus=False for those that never touch a GPU."""
     # --init: a tiny init as PID 1 forwards `docker stop`'s SIGTERM. Without it torchrun is PID 1, and the kernel drops
     # signals to a PID 1 that has no handler yet, so a stop in the first seconds would wait for the SIGKILL.
     parts = [box.docker, "run", "-d" if detach else "--rm", "--init", "--user", f"{box.uid}:{box.gid}", "--ipc=host",
@@ -63,8 +65,8 @@ def docker_base(box: Box, *, detach: bool, name: str | None, labels: dict[str, s
         parts += ["--name", shlex.quote(name)]
     parts += [f"--label {shlex.quote(f'{k}={v}')}" for k, v in labels.items()]
     if network_host:
-        parts.append("--network host")  # multi-node: the rendezvous and NCCL/Gloo talk over the hosts' own interfaces
-    if box.use_gpus:
+        parts.append("--network host")  # multi-node rendezvous and NCCL/Gloo; sidecars reach S3 and the API as the host does
+    if gpus and box.use_gpus:
         parts.append(GPU_FLAGS)
     return " ".join(parts)
 
@@ -93,7 +95,7 @@ def ensure_data(conn, box: Box, image: str, job: Job, out=sys.stdout) -> None:
         return
     out.write(f"data: no complete set of shards in {box.data_dir}/{job.data_subdir} on {conn.host}: preparing them there "
               f"({box.cpus} cores; an interrupted preparation resumes)\n")
-    cmd = f"{docker_base(box, detach=False, name=None, labels={ROLE: 'prepare'})} {shlex.quote(image)} {job.prepare_command()}"
+    cmd = f"{docker_base(box, detach=False, name=None, labels={ROLE: 'prepare'}, gpus=False)} {shlex.quote(image)} {job.prepare_command()}"
     status = stream(conn, f"{cmd} 2>&1", out=out)
     if status != 0:
         raise UserError(f"data preparation failed on {conn.host} (exit {status}): its output is above; fix it and launch again")

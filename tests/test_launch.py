@@ -525,3 +525,20 @@ def test_an_interrupted_preparation_is_not_taken_for_data(boxes, laptop):
         assert not has_shards(conn, box, Job(preset="gpt2"))  # prepare stopped half way: run it again (it resumes)
         (shards / MANIFEST).write_text(json.dumps({"complete": True, "shards": []}))
         assert has_shards(conn, box, Job(preset="gpt2"))
+
+
+def test_stop_by_hand_pauses_a_guarded_run_without_terminating(fake_lambda, boxes, laptop, wheels, base_image, tmp_path):
+    from fake_lambda import TEST_KEY
+
+    box = fake_lambda.add_instance("paused-box")
+    w = box_path("pause-weights")
+    env = {"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": fake_lambda.url}
+    fab(*launch_args(boxes[0], laptop, wheels, base_image, {"data": box_path("pause-data"), "weights": w}, "--nproc", 1, "--steps", 100000,
+                     "--terminate-when-done", "--guard-poll", 1, "--detach", "--train-args", " ".join(TRAIN)), env=env, check=True)
+    wait_for(lambda: len(events(w, "train")) >= 3, what="training steps")
+    proc = fab("stop", *ssh_args(boxes[0], laptop), check=True)
+    assert "the cost guard is stopped too" in proc.stdout
+    assert [e["reason"] for e in events(w, "end")] == ["stopped"]
+    time.sleep(3)  # three of the guard's polls, had it still been running
+    assert box["status"] == "active" and fake_lambda.calls("POST", "/instance-operations/terminate") == []
+    assert not docker_ps("nanogpt.role=guard")
