@@ -113,6 +113,11 @@ def send_secret(conn, relpath: str, body: bytes) -> str:
 
 def send_aws_credentials(conn) -> str:
     """The laptop's AWS credentials (the usual chain), as a shared-credentials file on the box."""
+    return send_secret(conn, CREDENTIALS, aws_credentials_file())
+
+
+def aws_credentials_file() -> bytes:
+    """The laptop's AWS credentials as a shared-credentials file; one line of error when there are none."""
     import boto3
 
     session = boto3.Session()
@@ -126,7 +131,7 @@ def send_aws_credentials(conn) -> str:
         lines.append(f"aws_session_token = {frozen.token}")
     if session.region_name:
         lines.append(f"region = {session.region_name}")
-    return send_secret(conn, CREDENTIALS, ("\n".join(lines) + "\n").encode())
+    return ("\n".join(lines) + "\n").encode()
 
 
 def sidecar_flags(box: Box, name: str, role: str) -> str:
@@ -235,7 +240,8 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     if opts.sync_s3:
         from infra.s3 import parse_s3_url
 
-        parse_s3_url(opts.sync_s3)  # a typo fails before anything happens on the box
+        parse_s3_url(opts.sync_s3)  # a typo, or no credentials, fails before anything happens on the box
+        aws_credentials_file()
     if cloud.guarded and len(opts.hosts) > 1:
         raise UserError("--terminate-when-done / --max-hours guard one instance: use them with --host (or --provision), not --hosts")
     instance_id = api_key = None

@@ -542,3 +542,11 @@ def test_stop_by_hand_pauses_a_guarded_run_without_terminating(fake_lambda, boxe
     time.sleep(3)  # three of the guard's polls, had it still been running
     assert box["status"] == "active" and fake_lambda.calls("POST", "/instance-operations/terminate") == []
     assert not docker_ps("nanogpt.role=guard")
+
+
+def test_sync_s3_without_aws_credentials_fails_before_touching_the_box(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run([str(Path(sys.executable).parent / "fab"), "launch", "--host", f"u@127.0.0.1:{free_port()}", "--sync-s3", "s3://b/p"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert_one_line_error(proc, "--sync-s3 needs AWS credentials", "aws configure")  # not "connection refused": checked first
