@@ -160,6 +160,11 @@ def _last(series: dict[int, float]) -> str:
     s = max(series)
     return f"{series[s]:.4f} at step {s}"
 
+def _tokens(n: float) -> str:
+    """1.2M, 10.0B: the unit that fits a tiny demo run as well as a 10B-token one."""
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n:,.0f}"
+
+
 
 @cli_main
 def main(argv: list[str] | None = None) -> Path:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> Path:
     plot(run, out, tps, args.smooth, args.title)
     last = max([*run.train, *run.val, *run.hellaswag])
     print(f"wrote {out}: {len(run.train)} train, {len(run.val)} val, {len(run.hellaswag)} HellaSwag points from {run.source}; "
-          f"last step {last} ({last * tps / 1e9:.3g}B tokens), val loss {_last(run.val)}, HellaSwag {_last(run.hellaswag)}"
+          f"last step {last} ({_tokens(last * tps)} tokens), val loss {_last(run.val)}, HellaSwag {_last(run.hellaswag)}"
           + (f"; skipped {run.skipped} unreadable lines" if run.skipped else ""))
     if not math.isfinite(sum(run.train.values())):
         print("warning: the train loss has non-finite values", file=sys.stderr)

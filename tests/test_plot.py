@@ -73,7 +73,7 @@ def test_png_from_cli(tmp_path):
     fake_run(tmp_path / "log")
     proc = run_cli("-m", "job.plot", tmp_path / "log", "--out", tmp_path / "curves.png", "--smooth", 5, check=True)
     assert "100 train, 10 val, 10 HellaSwag points" in proc.stdout
-    assert f"last step 99 ({99 * 4096 / 1e9:.3g}B tokens)" in proc.stdout
+    assert "last step 99 (405,504 tokens)" in proc.stdout
     png = (tmp_path / "curves.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 20_000
     import matplotlib.image
@@ -82,7 +82,7 @@ def test_png_from_cli(tmp_path):
     assert (width, height) == (14 * 110, 5 * 110)
     # a log.txt gets build-nanogpt's 2**19 tokens per step unless told otherwise
     proc = run_cli("-m", "job.plot", tmp_path / "log" / "log.txt", check=True)
-    assert f"({99 * LOG_TXT_TOKENS_PER_STEP / 1e9:.3g}B tokens)" in proc.stdout
+    assert f"({99 * LOG_TXT_TOKENS_PER_STEP / 1e6:.3g}M tokens)" in proc.stdout
     assert_one_line_error(run_cli("-m", "job.plot", tmp_path / "nowhere"), "does not exist")
 
 
