@@ -13,7 +13,7 @@ import shlex
 from fabric import task
 
 from infra.cloud_tasks import instances, provision, terminate, types  # noqa: F401 (Lambda Cloud tasks, listed by fab --list)
-from job.errors import UserError, cli_main
+from job.errors import UserError, cli_main, number
 
 SSH_HELP = {
     "key": "SSH private key (default: agent / ~/.ssh)",
@@ -26,7 +26,8 @@ SSH_HELP = {
 def _ssh(key, port, known_hosts, accept_new_host_key):
     from infra.launch import SSHOptions
 
-    return SSHOptions(key=key, port=int(port) if port else None, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key)
+    return SSHOptions(key=key, port=number(port, "--port", minimum=1) if port else None, known_hosts=known_hosts,
+                      accept_new_host_key=accept_new_host_key)
 
 
 def _hosts(host: str, hosts: str) -> list[str]:
@@ -86,9 +87,9 @@ def _pairs(values: str, flag: str) -> dict[str, str]:
 def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_new_host_key=False, image=None, ship=False,
            build_arg="", wheels=None, fs=None, data_dir=None, weights_dir="~/model_weights", nproc=None, preset="gpt2", steps=None,
            train_args="", env="", allow_cpu=False, detach=False, restart=False, sync_s3=None, s3_endpoint=None, master_addr=None,
-           master_port=29500, provision=False, type="", region="auto", ssh_key="", name=None, ssh_user="ubuntu", yes=False,  # noqa: F811
+           master_port="29500", provision=False, type="", region="auto", ssh_key="", name=None, ssh_user="ubuntu", yes=False,  # noqa: F811
            step_seconds=None, terminate_when_done=False, max_hours=None, fetch_to="model_weights", api_key_file=None, api_base=None,
-           guard_poll=30):
+           guard_poll="30"):
     """Check and prepare the box, start training in the container, stream its log (Ctrl-C detaches)."""
     import os
 
@@ -98,17 +99,21 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
 
     @cli_main
     def go():
-        job = Job(preset=preset, steps=int(steps) if steps else None, nproc=int(nproc) if nproc and nproc != "auto" else None,
+        def maybe(value, flag, cast=int, minimum=1):
+            return number(value, flag, cast, minimum) if value not in (None, "", "auto") else None
+
+        job = Job(preset=preset, steps=maybe(steps, "--steps"), nproc=maybe(nproc, "--nproc"),
                   trainer_args=shlex.split(train_args or ""), env=_pairs(env, "--env"))
+        cloud = CloudOptions(provision=provision, type_name=type, region=region, ssh_key=ssh_key, name=name, ssh_user=ssh_user,
+                             yes=yes, terminate_when_done=terminate_when_done, max_hours=maybe(max_hours, "--max-hours", float, 0),
+                             api_key_file=api_key_file, api_base=api_base or os.environ.get("LAMBDA_API_BASE"),
+                             guard_poll_seconds=number(guard_poll, "--guard-poll", float, minimum=0.1),
+                             step_seconds=maybe(step_seconds, "--step-seconds", float, 0))
         opts = LaunchOptions(hosts=_hosts(host, hosts), ssh=_ssh(key, port, known_hosts, accept_new_host_key), job=job, image=image,
                              ship=ship, build_args=_pairs(build_arg, "--build-arg"), wheels=wheels, fs=fs, data_dir=data_dir,
                              weights_dir=weights_dir, allow_cpu=allow_cpu, detach=detach, restart=restart, sync_s3=sync_s3,
-                             s3_endpoint=s3_endpoint, master_addr=master_addr, master_port=int(master_port), fetch_to=fetch_to,
-                             cloud=CloudOptions(provision=provision, type_name=type, region=region, ssh_key=ssh_key, name=name, ssh_user=ssh_user,
-                                                yes=yes, terminate_when_done=terminate_when_done,
-                                                max_hours=float(max_hours) if max_hours is not None else None, api_key_file=api_key_file,
-                                                api_base=api_base or os.environ.get("LAMBDA_API_BASE"), guard_poll_seconds=float(guard_poll),
-                                                step_seconds=float(step_seconds) if step_seconds else None))
+                             s3_endpoint=s3_endpoint, master_addr=master_addr, master_port=number(master_port, "--master-port", minimum=1),
+                             fetch_to=fetch_to, cloud=cloud)
         raise SystemExit(do_launch(opts))
 
     go()
@@ -152,14 +157,14 @@ def status(c, host="", key=None, port=None, known_hosts=None, accept_new_host_ke
 
 @task(help={"host": "the box", "hosts": "all boxes of a multi-node run: ubuntu@A,ubuntu@B",
             "timeout": "seconds to wait for the final checkpoint before killing (default 300)", **SSH_HELP})
-def stop(c, host="", hosts="", timeout=300, key=None, port=None, known_hosts=None, accept_new_host_key=False):
+def stop(c, host="", hosts="", timeout="300", key=None, port=None, known_hosts=None, accept_new_host_key=False):
     """Stop training with a checkpoint (SIGTERM, then wait), then the S3 sidecar after its last upload."""
     from infra.box import find_docker
     from infra.trainer import newest_checkpoint, running, stop_container
 
     @cli_main
     def go():
-        ssh = _ssh(key, port, known_hosts, accept_new_host_key)
+        ssh, wait_s = _ssh(key, port, known_hosts, accept_new_host_key), number(timeout, "--timeout")
         for h in _hosts(host, hosts):
             with ssh.connect(h) as conn:
                 docker = find_docker(conn)
@@ -171,7 +176,7 @@ def stop(c, host="", hosts="", timeout=300, key=None, port=None, known_hosts=Non
                 if not active:
                     print(f"no training running on {conn.host}")
                 for ct in active:
-                    stop_container(conn, docker, ct["name"], timeout=int(timeout))
+                    stop_container(conn, docker, ct["name"], timeout=wait_s)
                 for ct in running(conn, docker, role="sync"):
                     stop_container(conn, docker, ct["name"], timeout=600)
                 for ct in active:

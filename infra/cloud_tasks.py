@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fabric import task
 
-from job.errors import cli_main
+from job.errors import cli_main, number
 
 KEY_HELP = {"api_key_file": "file holding the Lambda API key, mode 600 (default ~/.config/lambda/api_key; LAMBDA_API_KEY wins)",
             "api_base": "API base URL (default https://cloud.lambdalabs.com/api/v1, or LAMBDA_API_BASE)"}
@@ -47,7 +47,7 @@ def instances(c, api_key_file=None, api_base=None):
                 name="instance name (default nanogpt-DATE-TIME-XXXX)", yes="do not ask before launching (it costs money)",
                 ssh_port="port to wait on for SSH (22)", timeout="seconds to wait for active (default 1800)",
                 poll="seconds between status checks (default 5)"))
-def provision(c, type="", region="auto", ssh_key="", fs=None, name=None, yes=False, ssh_port=22, timeout=1800, api_key_file=None,
+def provision(c, type="", region="auto", ssh_key="", fs=None, name=None, yes=False, ssh_port="22", timeout="1800", api_key_file=None,
               api_base=None, poll="5"):
     """Launch an instance, wait until it is active and answers SSH, print its IP and the next command."""
     from infra.cloud import confirm, dollars, plan_provision
@@ -55,10 +55,11 @@ def provision(c, type="", region="auto", ssh_key="", fs=None, name=None, yes=Fal
 
     @cli_main
     def run():
+        port, wait_s, poll_s = number(ssh_port, "--ssh-port", minimum=1), number(timeout, "--timeout", float), number(poll, "--poll", float)
         api = _api(api_key_file, api_base)
         plan = plan_provision(api, type, region, ssh_key, fs)
         confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", yes)
-        inst = launch(api, plan=plan, name=name, ssh_port=int(ssh_port), timeout=float(timeout), poll_interval=float(poll))
+        inst = launch(api, plan=plan, name=name, ssh_port=port, timeout=wait_s, poll_interval=poll_s)
         print(f"ready: {inst['name']} (id {inst['id']}) at {inst['ip']}, {dollars(plan.price_cents)}/hour")
         print(f"next:  fab launch --host ubuntu@{inst['ip']} --accept-new-host-key")
         print(f"done:  fab terminate --id {inst['id']}")

@@ -30,3 +30,14 @@ def cli_main(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def number(value, flag: str, cast=int, minimum: float | None = 0):
+    """A command-line value as a number, or one line naming the flag (for CLIs, like fab's, that parse no types)."""
+    try:
+        n = cast(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} takes {'a whole number' if cast is int else 'a number'}, got {value!r}") from None
+    if minimum is not None and n < minimum:
+        raise UserError(f"{flag} must be at least {minimum}, got {value!r}")
+    return n

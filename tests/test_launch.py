@@ -550,3 +550,18 @@ def test_sync_s3_without_aws_credentials_fails_before_touching_the_box(tmp_path)
     proc = subprocess.run([str(Path(sys.executable).parent / "fab"), "launch", "--host", f"u@127.0.0.1:{free_port()}", "--sync-s3", "s3://b/p"],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert_one_line_error(proc, "--sync-s3 needs AWS credentials", "aws configure")  # not "connection refused": checked first
+
+
+@pytest.mark.parametrize("args, line", [
+    (["launch", "--host", "u@127.0.0.1", "--nproc", "abc"], "error: --nproc takes a whole number, got 'abc'"),
+    (["launch", "--host", "u@127.0.0.1", "--steps", "0"], "error: --steps must be at least 1, got '0'"),
+    (["launch", "--host", "u@127.0.0.1", "--max-hours", "soon"], "error: --max-hours takes a number, got 'soon'"),
+    (["launch", "--host", "u@127.0.0.1", "--master-port", "x"], "error: --master-port takes a whole number, got 'x'"),
+    (["status", "--host", "u@127.0.0.1", "--port", "ssh"], "error: --port takes a whole number, got 'ssh'"),
+    (["stop", "--host", "u@127.0.0.1", "--timeout", "long"], "error: --timeout takes a whole number, got 'long'"),
+    (["provision", "--type", "t", "--ssh-key", "k", "--ssh-port", "x"], "error: --ssh-port takes a whole number, got 'x'"),
+])
+def test_numeric_flags_are_checked_before_anything_happens(args, line):
+    # Nothing listens anywhere here: the flag must be refused before any connection is tried.
+    proc = fab(*args, env={"LAMBDA_API_KEY": "k", "LAMBDA_API_BASE": f"http://127.0.0.1:{free_port()}"}, timeout=60)
+    assert assert_one_line_error(proc) == line
