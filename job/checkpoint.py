@@ -93,10 +93,10 @@ def load(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist: pass --resume auto, never or an existing model_*.pt") from None
+        raise UserError(f"checkpoint {path} does not exist: pass an existing model_*.pt file, or a log dir that holds them") from None
     except Exception as e:  # truncated or foreign file
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not ours; "
-                        "delete it or point --resume at another one") from None
+                        "delete it or use another one") from None
 
 
 def find_resumable(log_dir) -> tuple[Path, dict] | None:
