@@ -22,6 +22,7 @@ MIB = 2**20
 class UploadReport:
     uploaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # name -> digest, verified in S3 (uploaded or skipped)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -51,6 +52,7 @@ def upload_files(paths: list[Path], url: str, s3=None, chunk_mib: int = 64) -> U
         for path in sorted(paths):
             key = f"{prefix}/{path.name}" if prefix else path.name
             digest, size = sha256_file(path), path.stat().st_size
+            report.sha256[path.name] = digest
             if _matches(s3, bucket, key, size, digest):
                 report.skipped.append(path.name)
                 continue

@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-from infra.digest import sha256_file
 from infra.s3 import client, parse_s3_url, upload_files
 from job import contract
 from job.errors import cli_main
@@ -71,7 +70,7 @@ class Syncer:
         done = []
         for ckpt in pending_checkpoints(self.log_dir):
             report = upload_files([ckpt], self.url, s3=self.s3)
-            digest = sha256_file(ckpt)
+            digest = report.sha256[ckpt.name]
             tmp = marker(self.log_dir, ckpt.name).with_suffix(".tmp")
             tmp.write_text(json.dumps({"url": f"{self.url.rstrip('/')}/{ckpt.name}", "sha256": digest, "size": ckpt.stat().st_size}))
             os.replace(tmp, marker(self.log_dir, ckpt.name))
