@@ -96,7 +96,7 @@ def load(path) -> dict:
         raise UserError(f"checkpoint {path} does not exist: pass an existing model_*.pt file, or a log dir that holds them") from None
     except Exception as e:  # truncated or foreign file
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is damaged or not ours; "
-                        "delete it or use another one") from None
+                        "delete it or use another one (when training: --resume PATH)") from None
 
 
 def find_resumable(log_dir) -> tuple[Path, dict] | None:
