@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 from job import contract
 from job.errors import UserError
-from job.model import MODEL_PRESETS, PADDED_VOCAB, GPTConfig
+from job.model import MODEL_PRESETS, PADDED_VOCAB, SDPA_BACKENDS, GPTConfig
 
 
 @dataclass
@@ -69,7 +69,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | on | off
-    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs (see CHOICES for why no CUDA graphs)
+    compile_mode: str = "default"  # default | tuned | max-autotune-no-cudagraphs (see COMPILE_OPTIONS, and CHOICES for why no CUDA graphs)
+    sdpa_backend: str = "auto"  # attention kernel tried first: auto (torch's order) | cudnn | flash | efficient | math
     ce_chunk_tokens: int = 0  # cross-entropy fused with lm_head in chunks of N rows (0: plain, full logits)
     prefetch: int = 1  # batches copied (pinned, non-blocking) to the device ahead of use; 0: copy when used
     ddp_bucket_mb: int = 25  # DDP gradient all-reduce bucket size (MiB)
@@ -95,7 +96,14 @@ PRESETS = {name: {**dims, **PRESET_TRAINING.get(name, {})} for name, dims in MOD
 # Compile modes with CUDA graphs (reduce-overhead, max-autotune) are left out on purpose: with gradient
 # accumulation they hand a graph-owned buffer to .grad and the next micro-step overwrites it (pytorch#169545).
 CHOICES = {"device": ("auto", "cuda", "mps", "cpu"), "dtype": ("auto", "bfloat16", "float32"), "compile": ("auto", "on", "off"),
-           "compile_mode": ("default", "max-autotune-no-cudagraphs")}
+           "compile_mode": ("default", "tuned", "max-autotune-no-cudagraphs"), "sdpa_backend": ("auto", *SDPA_BACKENDS)}
+# Inductor settings per compile mode that is ours rather than torch's. "tuned" is max-autotune-no-cudagraphs without
+# its GEMM autotuning: Inductor tries block sizes for its own fused kernels (norms, GELU, the loss, casts) by
+# coordinate descent and keeps the fastest; the matmuls stay cuBLAS. GEMM autotuning is what crashed on torch 2.11
+# (Triton templates, illegal memory access: docs/BENCHMARKS.md).
+COMPILE_OPTIONS = {"tuned": {"coordinate_descent_tuning": True}}
+# Attention backends that exist only on CUDA: asking for them elsewhere is a mistake, not a silent fallback.
+CUDA_ONLY_SDPA = ("cudnn", "efficient")
 
 
 def flag(name: str) -> str:
@@ -210,7 +218,9 @@ HELP = {
     "device": "auto picks cuda, then mps, then cpu",
     "dtype": "auto: bf16 autocast on CUDA, fp32 elsewhere",
     "compile": "torch.compile; auto: on for CUDA",
-    "compile_mode": "torch.compile mode (CUDA-graph modes are not offered: they break gradient accumulation)",
+    "compile_mode": "torch.compile mode; tuned: default plus Inductor's coordinate-descent tuning of its own kernels "
+                    "(CUDA-graph modes are not offered: they break gradient accumulation)",
+    "sdpa_backend": "attention kernel to try first (the others stay as fallbacks; math runs alone); auto: torch's own order; cudnn and efficient need CUDA",
     "ce_chunk_tokens": "compute the loss fused with the output layer, N tokens at a time, never holding the full logits (0: off)",
     "prefetch": "batches copied ahead to the device from pinned memory (0: copy each batch when it is used)",
     "ddp_bucket_mb": "DDP all-reduce bucket size in MiB",

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job import checkpoint as ckpt_lib
 from job import contract
-from job.config import TrainConfig, parse_args
+from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args
 from job.data import DeviceLoader, ShardLoader, check_data_dir
 from job.errors import UserError, cli_main
 from job.metrics import MetricsLogger, format_eta, peak_flops
@@ -98,9 +98,19 @@ def autocast_ctx(cfg: TrainConfig, rt: Runtime):
     return contextlib.nullcontext(), None
 
 
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile with one of CHOICES["compile_mode"]: torch's own modes by name, ours as Inductor options."""
+    if mode in COMPILE_OPTIONS:
+        return torch.compile(model, options=COMPILE_OPTIONS[mode])
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rt: Runtime, train_loader=None, val_loader=None):
         self.cfg, self.rt = cfg, rt
+        if cfg.sdpa_backend in CUDA_ONLY_SDPA and rt.device_type != "cuda":
+            raise UserError(f"--sdpa-backend {cfg.sdpa_backend} needs a CUDA GPU and this run is on {rt.device_type}: "
+                            "use --sdpa-backend auto")
         self.log = MetricsLogger(cfg.log_dir, enabled=rt.master)
         B, T = cfg.micro_batch, cfg.seq_len
         self.grad_accum = cfg.total_batch_tokens // (B * T * rt.world)
@@ -116,6 +126,7 @@ class Trainer:
             init_from_hf(self.model, cfg.init_from)
             self.log.line(f"initialized the weights from {cfg.init_from}")
         self.model.ce_chunk_tokens = cfg.ce_chunk_tokens
+        self.model.set_sdpa_backend(cfg.sdpa_backend)
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                              rt.device_type)
         # Loaders can be injected (the benchmark feeds synthetic tokens through the very same step). Either way
@@ -130,8 +141,7 @@ class Trainer:
         self.use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cuda")
         # Compile only the fixed-shape train/val forward; HellaSwag and sampling (varying shapes) use the eager
         # model, which shares the same parameters. That is what lets compile stay on with evaluation.
-        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-        self.fwd_model = torch.compile(self.model, mode=mode) if self.use_compile else self.model
+        self.fwd_model = compile_model(self.model, cfg.compile_mode) if self.use_compile else self.model
         self.train_model = self.fwd_model
         if rt.ddp:
             # Gradients live in DDP's buckets (no second copy, no copy back); a static graph lets DDP skip its
@@ -386,6 +396,7 @@ class Trainer:
         self.log.line(f"model {cfg.preset}: {self.model.num_params() / 1e6:.1f}M params | device {rt.device} x {rt.world} | "
                       f"batch {cfg.total_batch_tokens:,} tokens = {cfg.micro_batch} x {cfg.seq_len} x {rt.world} ranks x "
                       f"{self.grad_accum} accum | compile {'on, ' + cfg.compile_mode if self.use_compile else 'off'}"
+                      + (f" | attention: {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else "")
                       + (f" | loss in chunks of {cfg.ce_chunk_tokens} tokens" if cfg.ce_chunk_tokens else "") + f" | log dir {cfg.log_dir}")
         if self.start_step:
             self.log.line(f"resumed from {self.resumed_from} at step {self.start_step}")

@@ -281,7 +281,8 @@ def describe(cfg: TrainConfig, trainer: Trainer) -> str:
     return (f"compile {cfg.compile_mode if trainer.use_compile else 'off'}, "
             f"{'fused' if trainer.optimizer.defaults.get('fused') else 'unfused'} AdamW, "
             f"{'DDP x1' if trainer.rt.ddp else 'no DDP'}, prefetch {cfg.prefetch}, "
-            f"loss {'chunked ' + str(cfg.ce_chunk_tokens) if cfg.ce_chunk_tokens else 'full logits'}")
+            f"loss {'chunked ' + str(cfg.ce_chunk_tokens) if cfg.ce_chunk_tokens else 'full logits'}"
+            + (f", attention {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else ""))
 
 
 def trainer_step_fn(trainer: Trainer):
@@ -296,7 +297,74 @@ def run_trainer(name: str, cfg: TrainConfig, rt: Runtime, args, fpt: float, peak
     times, losses = timed_steps(trainer_step_fn(trainer), args.warmup, args.steps, rt.device)
     res = summarize(name, times, losses, cfg.total_batch_tokens, cfg.micro_batch, trainer.grad_accum, fpt, peak,
                     memory_peak_gib(rt), describe(cfg, trainer))
+    if args.profile:  # after the timed steps, so profiling costs none of the figures above
+        res["profile"] = run_profile(trainer, rt, args, res["ms_per_step"])
+    print(f"# ({name}) done: {res['ms_per_step']:.1f} ms/step, {res['tok_s']:,.0f} tok/s, MFU {100 * res['mfu']:.1f}%", flush=True)
     return (res, trainer) if keep else (res, None)
+
+
+# Kernel (GPU) or operator (CPU) names -> what part of the step they are; the first match wins, so attention
+# kernels (which run GEMM-like instructions) are claimed before the matmuls, and the loss before other reductions.
+PROFILE_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("communication", ("nccl", "allreduce", "all_reduce")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "clip_grad", "norm_kernel")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "aten::mm", "aten::addmm", "aten::bmm", "matmul")),
+    ("loss", ("softmax", "nll", "cross_entropy", "logsumexp")),
+    ("layer norm", ("layer_norm",)),
+    ("gelu", ("gelu", "tanh")),
+    ("embedding", ("embedding", "index_put", "scatter", "gather")),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill", "zero")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, needles in PROFILE_CATEGORIES:
+        if any(n in low for n in needles):
+            return category
+    return "other"
+
+
+def run_profile(trainer: Trainer, rt: Runtime, args, wall_ms: float) -> dict:
+    """Where one step's time goes: GPU kernel time by category (operator self time on a CPU), for 2 steps of
+    the already-warm trainer, beside the measured wall time per step. The gap is time the GPU sat idle."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step_fn = trainer_step_fn(trainer)
+    cuda = rt.device_type == "cuda"
+    n = 1 if args.quick else 2
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(rt.device)
+    with profile(activities=activities) as prof:
+        for s in range(n):
+            step_fn(s)
+        sync(rt.device)
+    kernels: dict[str, list] = {}  # name -> [total microseconds, calls]
+    for evt in prof.key_averages():
+        if cuda:
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = evt.self_device_time_total
+        else:
+            if evt.key.startswith(("ProfilerStep", "Torch-Compiled", "CompiledFunction", "## ")):
+                continue
+            us = evt.self_cpu_time_total
+        if us > 0:
+            k = kernels.setdefault(evt.key, [0.0, 0])
+            k[0] += us
+            k[1] += evt.count
+    busy_ms = sum(us for us, _ in kernels.values()) / 1000 / n
+    by_cat: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        cat = kernel_category(name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + us / 1000 / n
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]
+    return {"steps": n, "what": "GPU kernel time" if cuda else "CPU operator self time", "wall_ms_per_step": wall_ms,
+            "busy_ms_per_step": busy_ms, "categories_ms": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": name, "ms_per_step": us / 1000 / n, "calls_per_step": calls / n, "category": kernel_category(name)}
+                    for name, (us, calls) in top],
+            "attention_kernels": sorted(name for name in kernels if kernel_category(name) == "attention")}
 
 
 def run_real(trainer: Trainer, cfg: TrainConfig, rt: Runtime, args, fpt: float, peak: float) -> dict:
@@ -473,11 +541,25 @@ def print_report(res: dict) -> None:
               f"{iv['sample_every']} steps (val {100 * sh['val']:.2f}%, HellaSwag {100 * sh['hellaswag']:.2f}%, "
               f"sampling {100 * sh['sample']:.2f}%; step {e['step_s_at_preset_batch']:.2f} s at the preset's batch)")
         print(f"recompiles after warm-up: {e['recompiles_after_warmup']} (frames compiled in warm-up: {e['compiled_frames_warmup']})")
+    for name, r in res["runs"].items():
+        if "profile" in r:
+            print_profile(LABELS.get(name, f"(a) {name}"), r["profile"])
     if "ckpt" in res:
         c = res["ckpt"]
         print(f"checkpoint: {c['bytes'] / 2**20:,.0f} MiB, training held {c['stall_s']:.3f} s "
               f"(first save, which allocates the buffers: {c['stall_first_s']:.3f} s), written in {c['write_s']:.2f} s in the background; "
               f"step {c['step_ms_while_writing']:.1f} ms while writing vs {c['step_ms_idle']:.1f} ms")
+
+
+def print_profile(label: str, pr: dict) -> None:
+    wall, busy = pr["wall_ms_per_step"], pr["busy_ms_per_step"]
+    print(f"profile {label}: {pr['what']} {busy:.1f} ms per step of {wall:.1f} ms wall ({100 * busy / wall:.0f}%; "
+          f"over {pr['steps']} step{'s' if pr['steps'] > 1 else ''} after the timed ones)")
+    print("  " + ", ".join(f"{cat} {ms:.1f} ms ({100 * ms / wall:.1f}%)" for cat, ms in pr["categories_ms"].items()))
+    for k in pr["top"]:
+        print(f"  {k['ms_per_step']:8.2f} ms {100 * k['ms_per_step'] / wall:5.1f}% x{k['calls_per_step']:<5g} {k['category']:<13} {k['name'][:110]}")
+    if pr["attention_kernels"]:
+        print("  attention kernels: " + "; ".join(n[:90] for n in pr["attention_kernels"]))
 
 
 @cli_main
@@ -502,6 +584,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gemm-size", type=int, help="matmul size for the peak (default 8192 on GPU, 1024 on CPU)")
     p.add_argument("--quick", action="store_true", help="a smoke test: 3 steps after 1 warm-up, small evals")
     p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--profile", action="store_true", help="after timing (a) and each variant, profile 2 more steps: "
+                   "GPU time by kernel category (matmul, attention, loss, ...), the top kernels, which attention kernel ran")
     args = p.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in runs if r not in RUNS]
@@ -537,7 +621,6 @@ def main(argv: list[str] | None = None) -> None:
     trainer = None
     if any(r in runs for r in ("a", "real", "eval", "ckpt")):
         res["runs"]["a"], trainer = run_trainer("a", cfg, rt_a, args, fpt, peak, keep=True)
-        print(f"# (a) done: {res['runs']['a']['tok_s']:,.0f} tok/s", flush=True)
         if "eval" in runs:
             res["eval"] = run_eval(trainer, cfg, rt_a, args, res["runs"]["a"])
             print("# eval done", flush=True)
@@ -561,7 +644,8 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # one failed variant (e.g. a compile mode that breaks) must not lose the others
             res["runs"][vname] = {"name": vname, "error": " ".join(f"{type(e).__name__}: {e}".split())[:300], "settings": settings}
         res["runs"][vname]["settings"] = settings
-        print(f"# variant {vname} done", flush=True)
+        if "error" in res["runs"][vname]:
+            print(f"# ({vname}) failed: {res['runs'][vname]['error']}", flush=True)
         _reset_compiled()
     reference = None
     if "b" in runs:

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 6 in one command, sized to finish in 7 to 8 minutes on one H100/H200:
+# The GPU benchmark of issue 6 in one command, sized to finish in 6 to 8 minutes on one H100/H200:
 #
 #   bash scripts/gpu_bench.sh                          # GPU box: gpt2, B=64, T=1024, bf16; logs + JSON in ./bench-out
 #   OUT=/tmp/b DEVICE=cpu PRESET=tiny bash scripts/gpu_bench.sh   # the same stages on a CPU, as a smoke test
 #
-# Stages (each its own process under `timeout`, so one hang or crash costs only its own slot):
-#   env       torch/CUDA versions, nvidia-smi
-#   main      matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory; (a) with the real
-#             loader on a generated shard; eval + sampling + HellaSwag cost and recompiles after warm-up
-#             (TORCH_LOGS=recompiles prints any reason); checkpoint stall of model + AdamW; numerics (a) vs (b)
-#   variants  (a) with the chunked loss, with micro-batch 32 (same tokens per step), and without the DDP wrapper
-#             (one GPU without torchrun; the same graph, so the compile cache makes it cheap), checked against main's (b)
-#   autotune  (a) with compile mode max-autotune-no-cudagraphs (slow to compile: last, with what time is left)
-# Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), PYTHON (default /opt/torch/.venv/bin/python3,
-# else .venv/bin/python, else python3), BUDGET seconds for all stages (default 450), BENCH_ARGS extra bench_train.py
-# flags for every stage, MB_VARIANT the micro-batch variant (default 32; 4 on CPU), CE_CHUNK (default 8192).
+# Stages (each its own process under `timeout`, so one hang or crash costs only its own slot), run in the order
+# STAGES names them (default "main attention tuned"; env always runs first):
+#   env        torch/CUDA versions, nvidia-smi
+#   main       matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory, and where (a)'s GPU time
+#              goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
+#              eval + sampling + HellaSwag cost and recompiles after warm-up (TORCH_LOGS=recompiles prints any reason);
+#              checkpoint stall of model + AdamW; numerics (a) vs (b)
+#   attention  (a) with cuDNN attention tried first (--sdpa-backend cudnn), profiled: its attention kernels are listed,
+#              so the log shows that cuDNN really ran
+#   tuned      (a) with cuDNN attention and compile mode "tuned" (Inductor coordinate-descent tuning of its own
+#              kernels; slow to compile), then "tuned" alone
+#   variants   (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
+#   autotune   (opt-in; crashed on torch 2.11) compile mode max-autotune-no-cudagraphs
+# Every variant is checked against main's (b) losses (numerics).
+# Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), STAGES, PYTHON (default
+# /opt/torch/.venv/bin/python3, else .venv/bin/python, else python3), BUDGET seconds for all stages (default 450),
+# BENCH_ARGS extra bench_train.py flags for every stage, MB_VARIANT the micro-batch variant (default 32; 4 on CPU),
+# CE_CHUNK (default 8192).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +30,7 @@ DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-gpt2}
 BUDGET=${BUDGET:-450}
 CE_CHUNK=${CE_CHUNK:-8192}
+STAGES=${STAGES:-main attention tuned}
 if [ -z "${PYTHON:-}" ]; then
     if [ -x /opt/torch/.venv/bin/python3 ]; then PYTHON=/opt/torch/.venv/bin/python3
     elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
@@ -33,7 +41,9 @@ mkdir -p "$OUT"
 : > "$OUT/stages.txt"
 
 ARGS=(--preset "$PRESET" --device "$DEVICE" --steps 20 --warmup 3)
+SDPA=cudnn
 if [ "$DEVICE" = cpu ]; then
+    SDPA=flash  # cuDNN attention is CUDA-only: the CPU smoke test runs the same stage with the CPU's flash kernel
     ARGS+=(--quick)  # CPU: a smoke test of every stage, not a measurement
     MB_VARIANT=${MB_VARIANT:-4}
 fi
@@ -78,11 +88,21 @@ if torch.cuda.is_available():
 cat "$OUT/env.log"
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --json "$OUT/main.json"
-stage variants 170 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" --json "$OUT/variants.json" \
-    --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}" --variant "noddp:ddp=0"
-stage autotune 150 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" --json "$OUT/autotune.json" \
-    --variant "autotune:compile_mode=max-autotune-no-cudagraphs"
+for name in $STAGES; do
+    case $name in
+        main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
+        attention) stage attention 120 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
+            --json "$OUT/attention.json" --variant "$SDPA:sdpa_backend=$SDPA" ;;
+        tuned) stage tuned 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
+            --json "$OUT/tuned.json" --variant "${SDPA}_tuned:sdpa_backend=$SDPA,compile_mode=tuned" --variant "tuned:compile_mode=tuned" ;;
+        variants) stage variants 170 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
+            --json "$OUT/variants.json" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" \
+            --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}" --variant "noddp:ddp=0" ;;
+        autotune) stage autotune 150 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
+            --json "$OUT/autotune.json" --variant "autotune:compile_mode=max-autotune-no-cudagraphs" ;;
+        *) echo "== $name: unknown stage (STAGES takes main attention tuned variants autotune)" | tee -a "$OUT/stages.txt" ;;
+    esac
+done
 
 echo "== all stages in $(( $(date +%s) - T_START ))s; logs and JSON in $OUT"
 cat "$OUT/stages.txt"

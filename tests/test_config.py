@@ -51,6 +51,10 @@ def test_total_batch_must_divide_by_world_size():
     (["--max-steps", "abc"], ["--max-steps", "integer"]),
     (["--total-batch-tokens", "1000"], ["not divisible"]),
     (["--resume", "/no/such/model_00100.pt"], ["--resume", "does not exist"]),
+    (["--sdpa-backend", "cudnn"], ["--sdpa-backend cudnn needs a CUDA GPU", "use --sdpa-backend auto"]),
+    (["--sdpa-backend", "efficient"], ["--sdpa-backend efficient needs a CUDA GPU"]),
+    (["--sdpa-backend", "fast"], ["--sdpa-backend", "invalid choice"]),
+    (["--compile-mode", "reduce-overhead"], ["--compile-mode", "invalid choice"]),
 ])
 def test_trainer_cli_bad_input_is_one_line(tmp_path, shards, extra, needles):
     assert_one_line_error(run_cli(*train_cmd(shards, tmp_path / "log"), *extra), *needles)

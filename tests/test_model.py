@@ -5,8 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.nn.attention import SDPBackend
+from torch.profiler import profile
 
-from job.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig, chunked_cross_entropy, from_hf_state_dict, load_hf_into, to_hf_state_dict
+from job.model import (
+    GPT,
+    GPT2_VOCAB,
+    PADDED_VOCAB,
+    GPTConfig,
+    chunked_cross_entropy,
+    from_hf_state_dict,
+    load_hf_into,
+    sdpa_priority,
+    to_hf_state_dict,
+)
 
 
 def hf_model(n_layer=2, n_head=4, n_embd=128, n_positions=64, seed=0):
@@ -145,3 +157,31 @@ def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_plain():
     assert ch.dtype == h.dtype and cw.dtype == w.dtype
     torch.testing.assert_close(got, want.float(), rtol=1e-3, atol=0)
     assert ((ch - gh).norm() / gh.norm()).item() < 1e-2 and ((cw - gw).norm() / gw.norm()).item() < 1e-2
+
+
+def attention_ops(model: GPT, idx: torch.Tensor) -> set[str]:
+    with profile() as prof:
+        model(idx)
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+
+
+def test_sdpa_backend_choice_picks_the_kernel_that_runs():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, GPT2_VOCAB, (2, 32))
+    want = model(idx)[0]
+    for name, op in (("auto", "aten::_scaled_dot_product_flash_attention_for_cpu"), ("flash", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+                     ("math", "aten::_scaled_dot_product_attention_math")):
+        model.set_sdpa_backend(name)
+        assert attention_ops(model, idx) == {op}, name
+        torch.testing.assert_close(model(idx)[0], want, rtol=1e-5, atol=1e-5)
+    # After the forward pass torch's global choice is back to its own (the preference is scoped to the model).
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
+def test_sdpa_preference_keeps_the_other_kernels_as_fallbacks():
+    assert sdpa_priority("auto") is None
+    cudnn = sdpa_priority("cudnn")
+    assert cudnn[0] == SDPBackend.CUDNN_ATTENTION
+    assert set(cudnn) == {SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH}
+    assert sdpa_priority("math") == [SDPBackend.MATH]  # the reference kernel: alone, always able to run

@@ -50,10 +50,12 @@ def trajectories(cfg, rt, text):
     return optimised, reference, trainer, plain
 
 
-def test_optimised_step_matches_plain_step_for_20_steps(tmp_path, ddp_world_of_one, text):
+@pytest.mark.parametrize("sdpa", ["auto", "flash", "math"])
+def test_optimised_step_matches_plain_step_for_20_steps(tmp_path, ddp_world_of_one, text, sdpa):
     # DDP wrapper (world 1), chunked loss (64 rows in chunks of 48: the last one short), prefetching loader,
-    # loss summed on the device and read back once per step -- against eager + full logits + a read-back per step.
-    cfg = tiny_config(tmp_path, ce_chunk_tokens=48, prefetch=1)
+    # loss summed on the device and read back once per step, and each attention kernel the CPU has --
+    # against eager + full logits + torch's own attention choice + a read-back per step.
+    cfg = tiny_config(tmp_path, ce_chunk_tokens=48, prefetch=1, sdpa_backend=sdpa)
     got, want, trainer, plain = trajectories(cfg, ddp_world_of_one, text)
     assert want[-1] < want[0] - 1.0  # it learns, so the comparison means something
     assert got == pytest.approx(want, rel=1e-5)
@@ -62,9 +64,11 @@ def test_optimised_step_matches_plain_step_for_20_steps(tmp_path, ddp_world_of_o
 
 
 @pytest.mark.slow
-def test_compiled_optimised_step_matches_plain_step(tmp_path, ddp_world_of_one, text):
-    """The same with torch.compile on (inductor on the CPU): what the GPU run uses, minus bf16."""
-    cfg = tiny_config(tmp_path, ce_chunk_tokens=48, prefetch=1, compile="on")
+@pytest.mark.parametrize("mode, sdpa", [("default", "auto"), ("tuned", "flash")])
+def test_compiled_optimised_step_matches_plain_step(tmp_path, ddp_world_of_one, text, mode, sdpa):
+    """The same with torch.compile on (inductor on the CPU): what the GPU run uses, minus bf16; also with our
+    "tuned" compile mode and an attention preference, which torch.compile has to trace inside forward."""
+    cfg = tiny_config(tmp_path, ce_chunk_tokens=48, prefetch=1, compile="on", compile_mode=mode, sdpa_backend=sdpa)
     got, want, trainer, _ = trajectories(cfg, ddp_world_of_one, text)
     assert trainer.use_compile
     assert got == pytest.approx(want, rel=1e-4)
