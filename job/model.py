@@ -134,6 +134,10 @@ class GPT(nn.Module):
         # Rows per chunk of the chunked cross-entropy (0: plain F.cross_entropy over the full logits). A training
         # choice, not architecture: it is not in GPTConfig, so checkpoints do not depend on it.
         self.ce_chunk_tokens = 0
+        # Under autocast the residual stream stays fp32 (the embeddings are fp32 and each add promotes the bf16
+        # branch output), as in build-nanogpt. A dtype here (bf16) casts it once after the embeddings instead, which
+        # halves the memory traffic of every residual add and layer norm; training choice, like ce_chunk_tokens.
+        self.residual_dtype: torch.dtype | None = None
         # Weight tying (as GPT-2): the output projection is the token embedding; saves 38M params at 124M.
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -176,6 +180,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} exceeds block size {self.config.block_size}")
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.residual_dtype)  # only under autocast: its layer norms take any input dtype, plain ones do not
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)

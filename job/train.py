@@ -111,6 +111,9 @@ class Trainer:
         if cfg.sdpa_backend in CUDA_ONLY_SDPA and rt.device_type != "cuda":
             raise UserError(f"--sdpa-backend {cfg.sdpa_backend} needs a CUDA GPU and this run is on {rt.device_type}: "
                             "use --sdpa-backend auto")
+        if cfg.residual_dtype == "bfloat16" and autocast_ctx(cfg, rt)[1] != torch.bfloat16:
+            raise UserError("--residual-dtype bfloat16 needs bf16 autocast, and this run computes in float32: "
+                            "add --dtype bfloat16 (the default on CUDA) or use --residual-dtype float32")
         self.log = MetricsLogger(cfg.log_dir, enabled=rt.master)
         B, T = cfg.micro_batch, cfg.seq_len
         self.grad_accum = cfg.total_batch_tokens // (B * T * rt.world)
@@ -127,6 +130,7 @@ class Trainer:
             self.log.line(f"initialized the weights from {cfg.init_from}")
         self.model.ce_chunk_tokens = cfg.ce_chunk_tokens
         self.model.set_sdpa_backend(cfg.sdpa_backend)
+        self.model.residual_dtype = torch.bfloat16 if cfg.residual_dtype == "bfloat16" else None
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                              rt.device_type)
         # Loaders can be injected (the benchmark feeds synthetic tokens through the very same step). Either way
@@ -397,6 +401,7 @@ class Trainer:
                       f"batch {cfg.total_batch_tokens:,} tokens = {cfg.micro_batch} x {cfg.seq_len} x {rt.world} ranks x "
                       f"{self.grad_accum} accum | compile {'on, ' + cfg.compile_mode if self.use_compile else 'off'}"
                       + (f" | attention: {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else "")
+                      + (f" | residual stream {cfg.residual_dtype}" if cfg.residual_dtype != "float32" else "")
                       + (f" | loss in chunks of {cfg.ce_chunk_tokens} tokens" if cfg.ce_chunk_tokens else "") + f" | log dir {cfg.log_dir}")
         if self.start_step:
             self.log.line(f"resumed from {self.resumed_from} at step {self.start_step}")

@@ -282,7 +282,8 @@ def describe(cfg: TrainConfig, trainer: Trainer) -> str:
             f"{'fused' if trainer.optimizer.defaults.get('fused') else 'unfused'} AdamW, "
             f"{'DDP x1' if trainer.rt.ddp else 'no DDP'}, prefetch {cfg.prefetch}, "
             f"loss {'chunked ' + str(cfg.ce_chunk_tokens) if cfg.ce_chunk_tokens else 'full logits'}"
-            + (f", attention {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else ""))
+            + (f", attention {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else "")
+            + (f", residual {cfg.residual_dtype}" if cfg.residual_dtype != "float32" else ""))
 
 
 def trainer_step_fn(trainer: Trainer):

@@ -5,18 +5,19 @@
 #   OUT=/tmp/b DEVICE=cpu PRESET=tiny bash scripts/gpu_bench.sh   # the same stages on a CPU, as a smoke test
 #
 # Stages (each its own process under `timeout`, so one hang or crash costs only its own slot), run in the order
-# STAGES names them (default "main attention tuned"; env always runs first):
-#   env        torch/CUDA versions, nvidia-smi
-#   main       matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory, and where (a)'s GPU time
-#              goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
-#              eval + sampling + HellaSwag cost and recompiles after warm-up (TORCH_LOGS=recompiles prints any reason);
-#              checkpoint stall of model + AdamW; numerics (a) vs (b)
-#   attention  (a) with cuDNN attention tried first (--sdpa-backend cudnn), profiled: its attention kernels are listed,
-#              so the log shows that cuDNN really ran
-#   tuned      (a) with cuDNN attention and compile mode "tuned" (Inductor coordinate-descent tuning of its own
-#              kernels; slow to compile), then "tuned" alone
-#   variants   (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
-#   autotune   (opt-in; crashed on torch 2.11) compile mode max-autotune-no-cudagraphs
+# STAGES names them (default "main candidates tuned"; env always runs first):
+#   env         torch/CUDA versions, nvidia-smi
+#   main        matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory, and where (a)'s GPU time
+#               goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
+#               eval + sampling + HellaSwag cost and recompiles after warm-up (TORCH_LOGS=recompiles prints any reason);
+#               checkpoint stall of model + AdamW; numerics (a) vs (b)
+#   candidates  (a) with cuDNN attention tried first (--sdpa-backend cudnn; the profile lists the attention kernels
+#               that ran, so the log shows whether cuDNN really did), with that and a bf16 residual stream
+#               (--residual-dtype bfloat16), and with the bf16 residual stream alone
+#   tuned       (a) with both and compile mode "tuned" (Inductor's coordinate-descent tuning of its own kernels;
+#               slow to compile), then "tuned" alone
+#   variants    (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
+#   autotune    (opt-in; crashed on torch 2.11) compile mode max-autotune-no-cudagraphs
 # Every variant is checked against main's (b) losses (numerics).
 # Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), STAGES, PYTHON (default
 # /opt/torch/.venv/bin/python3, else .venv/bin/python, else python3), BUDGET seconds for all stages (default 450),
@@ -30,7 +31,7 @@ DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-gpt2}
 BUDGET=${BUDGET:-450}
 CE_CHUNK=${CE_CHUNK:-8192}
-STAGES=${STAGES:-main attention tuned}
+STAGES=${STAGES:-main candidates tuned}
 if [ -z "${PYTHON:-}" ]; then
     if [ -x /opt/torch/.venv/bin/python3 ]; then PYTHON=/opt/torch/.venv/bin/python3
     elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
@@ -44,7 +45,8 @@ ARGS=(--preset "$PRESET" --device "$DEVICE" --steps 20 --warmup 3)
 SDPA=cudnn
 if [ "$DEVICE" = cpu ]; then
     SDPA=flash  # cuDNN attention is CUDA-only: the CPU smoke test runs the same stage with the CPU's flash kernel
-    ARGS+=(--quick)  # CPU: a smoke test of every stage, not a measurement
+    # CPU: a smoke test of every stage, not a measurement; bf16 autocast as on a GPU, so every setting applies.
+    ARGS+=(--quick --dtype bfloat16)
     MB_VARIANT=${MB_VARIANT:-4}
 fi
 MB_VARIANT=${MB_VARIANT:-32}
@@ -91,16 +93,18 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 for name in $STAGES; do
     case $name in
         main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
-        attention) stage attention 120 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
-            --json "$OUT/attention.json" --variant "$SDPA:sdpa_backend=$SDPA" ;;
+        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
+            --json "$OUT/candidates.json" --variant "$SDPA:sdpa_backend=$SDPA" \
+            --variant "${SDPA}_res16:sdpa_backend=$SDPA,residual_dtype=bfloat16" --variant "res16:residual_dtype=bfloat16" ;;
         tuned) stage tuned 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
-            --json "$OUT/tuned.json" --variant "${SDPA}_tuned:sdpa_backend=$SDPA,compile_mode=tuned" --variant "tuned:compile_mode=tuned" ;;
+            --json "$OUT/tuned.json" --variant "${SDPA}_res16_tuned:sdpa_backend=$SDPA,residual_dtype=bfloat16,compile_mode=tuned" \
+            --variant "tuned:compile_mode=tuned" ;;
         variants) stage variants 170 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
             --json "$OUT/variants.json" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" \
             --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}" --variant "noddp:ddp=0" ;;
         autotune) stage autotune 150 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
             --json "$OUT/autotune.json" --variant "autotune:compile_mode=max-autotune-no-cudagraphs" ;;
-        *) echo "== $name: unknown stage (STAGES takes main attention tuned variants autotune)" | tee -a "$OUT/stages.txt" ;;
+        *) echo "== $name: unknown stage (STAGES takes main candidates tuned variants autotune)" | tee -a "$OUT/stages.txt" ;;
     esac
 done
 

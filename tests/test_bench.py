@@ -117,19 +117,20 @@ def test_compiled_eval_and_sampling_do_not_recompile_after_warm_up():
 @pytest.mark.slow
 def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "out"
-    e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main attention tuned variants autotune",
+    e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main candidates tuned variants autotune",
             BENCH_ARGS="--micro-batch 4 --seq-len 32 --set n_layer=2 --set n_head=2 --set n_embd=64")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = (out / "stages.txt").read_text().splitlines()
-    names = ["main", "attention", "tuned", "variants", "autotune"]
+    names = ["main", "candidates", "tuned", "variants", "autotune"]
     assert [s.split(":")[0] for s in stages] == ["== env"] + [f"== {n}" for n in names], stages
     assert all(": ok (rc 0)" in s for s in stages)
     for name in names:
         assert json.loads((out / f"{name}.json").read_text())["runs"]
-    # Every variant is checked against main's (b); on a CPU the attention stage prefers the CPU's flash kernel.
-    expected = {"attention": {"flash"}, "tuned": {"flash_tuned", "tuned"}, "variants": {"ce8192", "mb4", "noddp"}}
+    # Every variant is checked against main's (b); on a CPU the candidates prefer the CPU's flash kernel.
+    expected = {"candidates": {"flash", "flash_res16", "res16"}, "tuned": {"flash_res16_tuned", "tuned"},
+                "variants": {"ce8192", "mb4", "noddp"}}
     for name, variants in expected.items():
         numerics = json.loads((out / f"{name}.json").read_text())["numerics"]
         assert set(numerics) == variants and all(n["ok"] for n in numerics.values()), (name, numerics)
@@ -137,7 +138,7 @@ def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     # The profiled stages say where (a)'s time went and which attention kernel ran.
     profile = json.loads((out / "main.json").read_text())["runs"]["a"]["profile"]
     assert profile["categories_ms"]["matmul"] > 0 and profile["busy_ms_per_step"] > 0
-    assert any("flash_attention" in k for k in json.loads((out / "attention.json").read_text())["runs"]["flash"]["profile"]["attention_kernels"])
+    assert any("flash_attention" in k for k in json.loads((out / "candidates.json").read_text())["runs"]["flash"]["profile"]["attention_kernels"])
     assert "profile (a) trainer:" in (out / "main.log").read_text()
 
 
@@ -146,5 +147,5 @@ def test_gpu_bench_script_names_an_unknown_stage(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert "== mian: unknown stage (STAGES takes main attention tuned variants autotune)" in proc.stdout
+    assert "== mian: unknown stage (STAGES takes main candidates tuned variants autotune)" in proc.stdout
     assert os.access(ROOT / "scripts" / "gpu_bench.sh", os.X_OK)

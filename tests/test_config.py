@@ -55,6 +55,7 @@ def test_total_batch_must_divide_by_world_size():
     (["--sdpa-backend", "efficient"], ["--sdpa-backend efficient needs a CUDA GPU"]),
     (["--sdpa-backend", "fast"], ["--sdpa-backend", "invalid choice"]),
     (["--compile-mode", "reduce-overhead"], ["--compile-mode", "invalid choice"]),
+    (["--residual-dtype", "bfloat16"], ["--residual-dtype bfloat16 needs bf16 autocast", "--dtype bfloat16"]),
 ])
 def test_trainer_cli_bad_input_is_one_line(tmp_path, shards, extra, needles):
     assert_one_line_error(run_cli(*train_cmd(shards, tmp_path / "log"), *extra), *needles)

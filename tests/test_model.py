@@ -185,3 +185,25 @@ def test_sdpa_preference_keeps_the_other_kernels_as_fallbacks():
     assert cudnn[0] == SDPBackend.CUDNN_ATTENTION
     assert set(cudnn) == {SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH}
     assert sdpa_priority("math") == [SDPBackend.MATH]  # the reference kernel: alone, always able to run
+
+
+def test_residual_dtype_keeps_the_stream_in_bf16_only_under_autocast():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, GPT2_VOCAB, (2, 16))
+    seen = []
+    for block in model.transformer.h:
+        block.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+
+    def stream(residual, autocast):
+        seen.clear()
+        model.residual_dtype = residual
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, _ = model(idx)
+        return set(seen), logits
+
+    assert stream(None, True)[0] == {torch.float32}  # build-nanogpt: autocast leaves the residual stream fp32
+    got, logits = stream(torch.bfloat16, True)
+    assert got == {torch.bfloat16}
+    torch.testing.assert_close(logits.float(), stream(None, True)[1].float(), rtol=0.05, atol=0.05)
+    assert stream(torch.bfloat16, False)[0] == {torch.float32}  # no autocast: nothing to match, the setting is inert

@@ -63,6 +63,16 @@ def test_optimised_step_matches_plain_step_for_20_steps(tmp_path, ddp_world_of_o
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_bf16_residual_stream_stays_within_the_bf16_tolerance(tmp_path, ddp_world_of_one, text):
+    # bf16 autocast on the CPU for both; (a) also keeps the residual stream in bf16, (b) in fp32 as build-nanogpt.
+    cfg = tiny_config(tmp_path, dtype="bfloat16", residual_dtype="bfloat16")
+    got, want, trainer, _ = trajectories(cfg, ddp_world_of_one, text)
+    assert trainer.model.residual_dtype == torch.bfloat16
+    assert want[-1] < want[0] - 1.0
+    assert got != want  # the setting really changes the arithmetic...
+    assert got == pytest.approx(want, rel=bench.NUMERICS_TOL["bfloat16"])  # ...within what bf16 allows
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, sdpa", [("default", "auto"), ("tuned", "flash")])
 def test_compiled_optimised_step_matches_plain_step(tmp_path, ddp_world_of_one, text, mode, sdpa):
