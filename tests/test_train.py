@@ -185,3 +185,27 @@ def test_compile_on_works_with_eval_hellaswag_and_sampling(shards, hellaswag_row
     # Same model, same data: the compiled step reproduces the eager reference (first steps of the same schedule).
     want = losses(reference)
     assert all(losses(log)[s] == pytest.approx(want[s], rel=1e-4) for s in range(6))
+
+
+def torchrun(shards, log, *extra, **env_extra) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *train_cmd(shards, log, *extra)], cwd=ROOT, env=env(**env_extra), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_compiled_ddp_cuts_the_graph_at_buckets_so_all_reduce_overlaps_backward(shards, tmp_path):
+    # DDP wraps the compiled model; Dynamo still sees the DDP module it runs under and cuts the graph at bucket
+    # boundaries (its DDPOptimizer), so each bucket's gradients are all-reduced while the rest of the backward runs
+    # instead of after one monolithic backward graph. 1 MiB buckets: the tiny model's gradients fill two.
+    args = ("--max-steps", 8, "--checkpoint-every", 0, "--ddp-bucket-mb", 1, "--total-batch-tokens", 512)
+    compiled = torchrun(shards, tmp_path / "compiled", *args, "--compile", "on", TORCH_LOGS="ddp_graphs")
+    assert "2 ranks x 2 accum" in compiled.stdout
+    assert "---submod_1 graph---" in compiled.stdout + compiled.stderr
+    torchrun(shards, tmp_path / "eager", *args)
+    got, want = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert sorted(got) == sorted(want) == list(range(8))
+    assert want[7] < want[0] - 0.5
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
