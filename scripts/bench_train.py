@@ -348,7 +348,9 @@ def run_profile(trainer: Trainer, rt: Runtime, args, wall_ms: float) -> dict:
                 continue
             us = evt.self_device_time_total
         else:
-            if evt.key.startswith(("ProfilerStep", "Torch-Compiled", "CompiledFunction", "## ")):
+            # Operators only: autograd nodes (SomethingBackward0) and compiled-region markers are frames around them.
+            if evt.key.startswith(("ProfilerStep", "Torch-Compiled", "CompiledFunction", "## ", "autograd::")) or \
+                    evt.key.rstrip("0123456789").endswith("Backward"):
                 continue
             us = evt.self_cpu_time_total
         if us > 0:

@@ -12,8 +12,8 @@
 #               eval + sampling + HellaSwag cost and recompiles after warm-up (TORCH_LOGS=recompiles prints any reason);
 #               checkpoint stall of model + AdamW; numerics (a) vs (b)
 #   candidates  (a) with cuDNN attention tried first (--sdpa-backend cudnn; the profile lists the attention kernels
-#               that ran, so the log shows whether cuDNN really did), with that and a bf16 residual stream
-#               (--residual-dtype bfloat16), and with the bf16 residual stream alone
+#               that ran, so the log shows whether cuDNN really did) and its eval cost (cuDNN builds a plan per new
+#               shape: sampling and HellaSwag have many), then that plus a bf16 residual stream (--residual-dtype bfloat16)
 #   tuned       (a) with both and compile mode "tuned" (Inductor's coordinate-descent tuning of its own kernels;
 #               slow to compile), then "tuned" alone
 #   variants    (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
@@ -93,9 +93,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 for name in $STAGES; do
     case $name in
         main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
-        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
-            --json "$OUT/candidates.json" --variant "$SDPA:sdpa_backend=$SDPA" \
-            --variant "${SDPA}_res16:sdpa_backend=$SDPA,residual_dtype=bfloat16" --variant "res16:residual_dtype=bfloat16" ;;
+        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --set "sdpa_backend=$SDPA" --runs a,eval --profile \
+            --compare-json "$OUT/main.json" --json "$OUT/candidates.json" --variant "res16:residual_dtype=bfloat16" ;;
         tuned) stage tuned 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
             --json "$OUT/tuned.json" --variant "${SDPA}_res16_tuned:sdpa_backend=$SDPA,residual_dtype=bfloat16,compile_mode=tuned" \
             --variant "tuned:compile_mode=tuned" ;;
