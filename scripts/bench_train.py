@@ -298,8 +298,8 @@ def run_trainer(name: str, cfg: TrainConfig, rt: Runtime, args, fpt: float, peak
     times, losses = timed_steps(trainer_step_fn(trainer), args.warmup, args.steps, rt.device)
     res = summarize(name, times, losses, cfg.total_batch_tokens, cfg.micro_batch, trainer.grad_accum, fpt, peak,
                     memory_peak_gib(rt), describe(cfg, trainer))
-    if args.profile:  # after the timed steps, so profiling costs none of the figures above
-        res["profile"] = run_profile(trainer, rt, args, res["ms_per_step"])
+    if args.profile:  # after the timed steps, so profiling costs none of the figures above (nor can lose them)
+        res["profile"] = guarded(f"({name}) profile", run_profile, trainer, rt, args, res["ms_per_step"])
     print(f"# ({name}) done: {res['ms_per_step']:.1f} ms/step, {res['tok_s']:,.0f} tok/s, MFU {100 * res['mfu']:.1f}%", flush=True)
     return (res, trainer) if keep else (res, None)
 
@@ -357,6 +357,8 @@ def run_profile(trainer: Trainer, rt: Runtime, args, wall_ms: float) -> dict:
             k = kernels.setdefault(evt.key, [0.0, 0])
             k[0] += us
             k[1] += evt.count
+    if not kernels:
+        raise RuntimeError("the profiler recorded no " + ("GPU kernels (is CUPTI available?)" if cuda else "operators"))
     busy_ms = sum(us for us, _ in kernels.values()) / 1000 / n
     by_cat: dict[str, float] = {}
     for name, (us, _) in kernels.items():
@@ -534,7 +536,10 @@ def print_report(res: dict) -> None:
     for name, n in res.get("numerics", {}).items():
         print(f"numerics {name} vs b: max rel loss diff {n['max_rel_diff']:.2e} over {n['steps']} steps "
               f"(tolerance {n['tolerance']:.0e}): {'ok' if n['ok'] else 'FAIL'}")
-    if "eval" in res:
+    for part in ("eval", "ckpt"):
+        if "error" in res.get(part, {}):
+            print(f"{part}: failed: {res[part]['error']}")
+    if "eval" in res and "error" not in res["eval"]:
         e = res["eval"]
         iv = e["intervals"]
         print(f"eval: val {e['val_s']:.3f} s ({e['val_batches']} batches), sampling {e['sample_s']:.3f} s ({e['sample']}), "
@@ -545,9 +550,11 @@ def print_report(res: dict) -> None:
               f"sampling {100 * sh['sample']:.2f}%; step {e['step_s_at_preset_batch']:.2f} s at the preset's batch)")
         print(f"recompiles after warm-up: {e['recompiles_after_warmup']} (frames compiled in warm-up: {e['compiled_frames_warmup']})")
     for name, r in res["runs"].items():
-        if "profile" in r:
+        if "error" in r.get("profile", {}):
+            print(f"profile {LABELS.get(name, f'(a) {name}')}: failed: {r['profile']['error']}")
+        elif "profile" in r:
             print_profile(LABELS.get(name, f"(a) {name}"), r["profile"])
-    if "ckpt" in res:
+    if "ckpt" in res and "error" not in res["ckpt"]:
         c = res["ckpt"]
         print(f"checkpoint: {c['bytes'] / 2**20:,.0f} MiB, training held {c['stall_s']:.3f} s "
               f"(first save, which allocates the buffers: {c['stall_first_s']:.3f} s), written in {c['write_s']:.2f} s in the background; "
@@ -623,17 +630,20 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer = None
     if any(r in runs for r in ("a", "real", "eval", "ckpt")):
-        res["runs"]["a"], trainer = run_trainer("a", cfg, rt_a, args, fpt, peak, keep=True)
-        if "eval" in runs:
-            res["eval"] = run_eval(trainer, cfg, rt_a, args, res["runs"]["a"])
-            print("# eval done", flush=True)
-        if "ckpt" in runs:
-            res["ckpt"] = run_ckpt(trainer, rt_a, args)
-            print("# checkpoint done", flush=True)
-        if "real" in runs:
-            res["runs"]["real"] = run_real(trainer, cfg, rt_a, args, fpt, peak)
-            res["real_vs_synthetic"] = res["runs"]["real"]["tok_s"] / res["runs"]["a"]["tok_s"] - 1
-            print("# real data done", flush=True)
+        # Every part is guarded: a setting that breaks on this torch (a compile, a kernel) costs its own figures only.
+        try:
+            res["runs"]["a"], trainer = run_trainer("a", cfg, rt_a, args, fpt, peak, keep=True)
+        except Exception as e:
+            res["runs"]["a"] = {"name": "a", "error": failure(e)}
+            print(f"# (a) failed: {res['runs']['a']['error']}", flush=True)
+        if trainer is not None and "eval" in runs:
+            res["eval"] = guarded("eval", run_eval, trainer, cfg, rt_a, args, res["runs"]["a"])
+        if trainer is not None and "ckpt" in runs:
+            res["ckpt"] = guarded("checkpoint", run_ckpt, trainer, rt_a, args)
+        if trainer is not None and "real" in runs:
+            res["runs"]["real"] = guarded("real data", run_real, trainer, cfg, rt_a, args, fpt, peak)
+            if "tok_s" in res["runs"]["real"]:
+                res["real_vs_synthetic"] = res["runs"]["real"]["tok_s"] / res["runs"]["a"]["tok_s"] - 1
         if "a" not in runs:
             del res["runs"]["a"]
     del trainer
@@ -642,19 +652,16 @@ def main(argv: list[str] | None = None) -> None:
         vrt = dataclasses.replace(rt, ddp=bool(settings.get("ddp", args.ddp == "on")))
         try:
             res["runs"][vname], _ = run_trainer(vname, vcfg, vrt, args, fpt, peak)
-        except torch.OutOfMemoryError:
-            res["runs"][vname] = {"name": vname, "error": "out of GPU memory", "settings": settings}
         except Exception as e:  # one failed variant (e.g. a compile mode that breaks) must not lose the others
-            res["runs"][vname] = {"name": vname, "error": " ".join(f"{type(e).__name__}: {e}".split())[:300], "settings": settings}
-        res["runs"][vname]["settings"] = settings
-        if "error" in res["runs"][vname]:
+            res["runs"][vname] = {"name": vname, "error": failure(e)}
             print(f"# ({vname}) failed: {res['runs'][vname]['error']}", flush=True)
+        res["runs"][vname]["settings"] = settings
         _reset_compiled()
     reference = None
     if "b" in runs:
         res["runs"]["b"] = run_plain(cfg, rt_plain, args, fpt, peak)
         reference = res["runs"]["b"]["losses"]
-        if "a" in res["runs"]:
+        if "tok_s" in res["runs"].get("a", {}):
             res["ratio_a_b"] = res["runs"]["a"]["tok_s"] / res["runs"]["b"]["tok_s"]
     elif args.compare_json:
         reference = earlier_baseline(args.compare_json, res)
@@ -665,6 +672,28 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
     if dist.is_initialized():
         dist.destroy_process_group()
+    failed = [name for name, r in res["runs"].items() if "error" in r or "error" in r.get("profile", {})]
+    failed += [part for part in ("eval", "ckpt") if "error" in res.get(part, {})]
+    failed += [f"numerics of {name}" for name, n in res["numerics"].items() if not n["ok"]]
+    if failed:
+        raise UserError(f"failed: {', '.join(failed)} (every other figure is above" + (f" and in {args.json})" if args.json else ")"))
+
+
+def failure(e: BaseException) -> str:
+    if isinstance(e, torch.OutOfMemoryError):
+        return "out of GPU memory"
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def guarded(what: str, fn, *args):
+    """fn(*args), or {"error": ...} (said on stdout) if it raised."""
+    try:
+        out = fn(*args)
+    except Exception as e:
+        print(f"# {what} failed: {failure(e)}", flush=True)
+        return {"error": failure(e)}
+    print(f"# {what} done", flush=True)
+    return out
 
 
 def _reset_compiled() -> None:

@@ -78,6 +78,22 @@ def test_variants_alone_compare_with_an_earlier_baseline(tmp_path):
     one(r"^numerics: no baseline to compare with", text)
 
 
+def test_a_failing_run_costs_only_its_own_figures(tmp_path):
+    # (a) asks for a CUDA-only attention kernel on the CPU: it fails; the variant, (b) and the numerics still run,
+    # the JSON is still written, and the exit status says that something failed.
+    out = tmp_path / "r.json"
+    proc = run_cli(BENCH, *SMALL, "--runs", "a,eval,b", "--set", "sdpa_backend=cudnn", "--variant", "flash:sdpa_backend=flash",
+                   "--json", out)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == f"error: failed: a (every other figure is above and in {out})"
+    one(r"^\(a\) trainer\s+failed: UserError: --sdpa-backend cudnn needs a CUDA GPU", proc.stdout)
+    assert set(table(proc.stdout)) == {"(a) flash", "(b) plain eager"}
+    one(r"^numerics flash vs b: .* ok$", proc.stdout)
+    res = json.loads(out.read_text())
+    assert "needs a CUDA GPU" in res["runs"]["a"]["error"] and "eval" not in res and "ratio_a_b" not in res
+    assert res["runs"]["flash"]["tok_s"] > 0 and res["runs"]["b"]["tok_s"] > 0
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--variant", "ce"], "expected NAME:key=value"),
     (["--variant", "x:no_such_field=1"], "not key=value with a TrainConfig field"),
