@@ -85,7 +85,9 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             # Inside forward (not a global switch) so torch.compile records the choice in the graph it traces
-            # and caches: a cached graph of another backend can never be reused by mistake.
+            # and caches: a cached graph of another backend can never be reused by mistake. (Compiled, Inductor may
+            # still fuse the math kernel's matmul-softmax-matmul back into a fused kernel; bench --profile shows
+            # which kernels ran.)
             with sdpa_kernel(self.sdpa_order, set_priority=True):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
