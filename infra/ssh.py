@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 
 import fabric
@@ -114,15 +117,22 @@ def stream(conn: fabric.Connection, cmd: str, out=None, stdin_chunks=None) -> in
                 chan.sendall(chunk)
             chan.shutdown_write()
         pending = b""
-        while True:
-            data = chan.recv(65536)
-            if not data:
-                break
-            pending += data
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                out.write(line.decode("utf-8", "replace") + "\n")
-            out.flush()
+        with _ctrl_c_as_flag() as interrupted:
+            chan.settimeout(0.2)  # wake up to look at the flag even while the box sends nothing
+            while True:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                try:
+                    data = chan.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    out.write(line.decode("utf-8", "replace") + "\n")
+                out.flush()
         if pending:
             out.write(pending.decode("utf-8", "replace") + "\n")
             out.flush()
@@ -141,6 +151,25 @@ def stream(conn: fabric.Connection, cmd: str, out=None, stdin_chunks=None) -> in
         raise ConnectionLost(f"lost the SSH connection to {conn.host} ({type(e).__name__})") from None
     finally:
         chan.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_as_flag():
+    """Ctrl-C sets an event instead of raising KeyboardInterrupt wherever the main thread happens to be.
+
+    Raised asynchronously, the interrupt can land inside a finalizer (paramiko's Channel.__del__ runs whenever the
+    garbage collector frees an earlier channel), where Python drops it: the streaming then ignored Ctrl-C. The
+    caller checks the event between reads and raises KeyboardInterrupt itself, at a known place.
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can own signal handlers
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _explain(e: Exception, conn: fabric.Connection, where: str, known_hosts: str) -> str:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import errno
+import io
+import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import fabric
 import pytest
 
-from infra.ssh import _explain, connect, run
+from infra.ssh import _explain, connect, run, stream
 from job.errors import UserError
 from tests.sshd import free_port, keygen, sshd_fixture
 
@@ -31,6 +35,48 @@ def test_connect_runs_command(sshd):
     try:
         assert run(conn, "echo hi").stdout.strip() == "hi"
     finally:
+        conn.close()
+
+
+class SlowFinalizer:
+    """Stands for paramiko's Channel.__del__: a finalizer that runs on the main thread while Ctrl-C arrives."""
+
+    def __del__(self):
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class FinalizingOutput(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.victim = SlowFinalizer()
+
+    def write(self, text):
+        n = super().write(text)
+        self.victim = None  # the first line frees it: its finalizer runs here, on the main thread, for 2 s
+        return n
+
+
+def test_ctrl_c_during_a_finalizer_still_stops_streaming(sshd):
+    # Python drops an exception raised inside a finalizer, so a KeyboardInterrupt that lands in one (paramiko frees
+    # old channels at any time) was lost and the streaming ignored Ctrl-C. The box prints one line, then nothing
+    # for 30 s; Ctrl-C comes while the finalizer runs: streaming must still end at once, SIGINT handed back after.
+    conn = connect(sshd.address, key=sshd.key_path, known_hosts=sshd.known_hosts_path)
+    out = FinalizingOutput()
+    before = signal.getsignal(signal.SIGINT)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            stream(conn, "echo started; sleep 30; echo too-late", out=out)
+        assert time.monotonic() - t0 < 6
+        assert out.getvalue() == "started\n"
+        assert signal.getsignal(signal.SIGINT) is before
+        assert run(conn, "echo still-usable").stdout.strip() == "still-usable"  # the connection survives the detach
+    finally:
+        timer.cancel()
         conn.close()
 
 
