@@ -94,7 +94,7 @@ for name in $STAGES; do
     case $name in
         main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
         candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --set "sdpa_backend=$SDPA" --runs a,eval --profile \
-            --compare-json "$OUT/main.json" --json "$OUT/candidates.json" --variant "res16:residual_dtype=bfloat16" ;;
+            --compare-json "$OUT/main.json" --json "$OUT/candidates.json" --variant "${SDPA}_res16:residual_dtype=bfloat16" ;;
         tuned) stage tuned 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
             --json "$OUT/tuned.json" --variant "${SDPA}_res16_tuned:sdpa_backend=$SDPA,residual_dtype=bfloat16,compile_mode=tuned" \
             --variant "tuned:compile_mode=tuned" ;;
