@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
            "B": cfg.micro_batch, "tokens_per_step": cfg.total_batch_tokens, "peak_flops": peak, "peak_dtype": peak_dtype, "gemm_size": gemm,
            "nominal_peak": peak_flops(name) if rt.device_type == "cuda" else None,
            "flops": {"per_token": fpt, "N": n_params, "6N": 6 * n_params, "attention": 12 * mc.n_layer * mc.n_embd * cfg.seq_len},
-           "steps": args.steps, "warmup": args.warmup, "seed": cfg.seed, "runs": {}}
+           "steps": args.steps, "warmup": args.warmup, "seed": cfg.seed, "set": parse_settings(args.set, "--set"), "runs": {}}
     print(f"# {name}: {cfg.preset} B={cfg.micro_batch} T={cfg.seq_len} x{args.grad_accum} accum, {dtype}; runs {','.join(runs)}"
           + (f" + variants {','.join(n for n, _, _ in variants)}" if variants else ""), flush=True)
 

@@ -18,7 +18,8 @@
 #               slow to compile), then "tuned" alone
 #   variants    (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
 #   autotune    (opt-in; crashed on torch 2.11) compile mode max-autotune-no-cudagraphs
-# Every variant is checked against main's (b) losses (numerics).
+# Every variant is checked against main's (b) losses (numerics). Last, scripts/bench_summary.py puts every stage's
+# runs in one table against main's (a) (tok/s, as each stage measures its own peak) and names the fastest.
 # Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), STAGES, PYTHON (default
 # /opt/torch/.venv/bin/python3, else .venv/bin/python, else python3), BUDGET seconds for all stages (default 450),
 # BENCH_ARGS extra bench_train.py flags for every stage, MB_VARIANT the micro-batch variant (default 32; 4 on CPU),
@@ -108,5 +109,12 @@ for name in $STAGES; do
 done
 
 echo "== all stages in $(( $(date +%s) - T_START ))s; logs and JSON in $OUT"
+# One table of every stage's runs against main's (a) (the later stages' numerics are checked against main's (b)
+# too), and the fastest run whose numerics held: $OUT/summary.txt.
+jsons=("$OUT/main.json")
+for name in $STAGES; do
+    case $name in candidates|tuned|variants|autotune) jsons+=("$OUT/$name.json") ;; esac
+done
+"$PYTHON" scripts/bench_summary.py "${jsons[@]}" | tee "$OUT/summary.txt"
 cat "$OUT/stages.txt"
 ! grep -qv ': ok ' "$OUT/stages.txt"

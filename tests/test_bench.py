@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, assert_one_line_error, env, run_cli
 
 BENCH = str(ROOT / "scripts" / "bench_train.py")
+SUMMARY = str(ROOT / "scripts" / "bench_summary.py")
 # The tiny preset shrunk further, so a quick run takes seconds on one core.
 SMALL = ["--preset", "tiny", "--device", "cpu", "--quick", "--micro-batch", "4", "--seq-len", "32",
          "--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=64"]
@@ -92,6 +93,17 @@ def test_a_failing_run_costs_only_its_own_figures(tmp_path):
     res = json.loads(out.read_text())
     assert "needs a CUDA GPU" in res["runs"]["a"]["error"] and "eval" not in res and "ratio_a_b" not in res
     assert res["runs"]["flash"]["tok_s"] > 0 and res["runs"]["b"]["tok_s"] > 0
+    assert res["set"]["sdpa_backend"] == "cudnn" and res["runs"]["flash"]["settings"] == {"sdpa_backend": "flash"}
+
+    # The summary over it and a stage that wrote nothing: the failure and the gap are rows, not a crash; with no (a)
+    # to compare with it still names the fastest run whose numerics held, and the settings that make it the default.
+    text = run_cli(SUMMARY, out, tmp_path / "tuned.json", check=True).stdout
+    one(r"^summary: tiny on CPU .*; no \(a\) in the first file to compare with", text)
+    one(r"^r\s+\(a\) trainer\s+failed: UserError: --sdpa-backend cudnn needs a CUDA GPU", text)
+    one(r"^r\s+\(a\) flash\s+[\d.]+\s+[\d,]+\s+-\s+[\d.]+%\s+[\d.]+\s+[\d.e+-]+ ok  n_layer=2, n_head=2, n_embd=64, sdpa_backend=flash$", text)
+    one(r"^tuned\s+no results \(the stage wrote no JSON: see tuned.log\)$", text)
+    assert one(r"^fastest with numerics ok: r \(a\) flash, ([\d,]+) tok/s$", text).group(1) == f"{res['runs']['flash']['tok_s']:,.0f}"
+    one(r"^its settings over the preset: n_layer=2, n_head=2, n_embd=64, sdpa_backend=flash$", text)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -103,6 +115,12 @@ def test_a_failing_run_costs_only_its_own_figures(tmp_path):
 ])
 def test_mistakes_are_one_clear_line(args, needle):
     assert_one_line_error(run_cli(BENCH, *SMALL, *args), needle)
+
+
+def test_summary_mistakes_are_one_clear_line(tmp_path):
+    assert_one_line_error(run_cli(SUMMARY, tmp_path / "main.json"), "none of", "exists: run scripts/bench_train.py --json FILE")
+    (tmp_path / "main.json").write_text('{"runs": ')
+    assert_one_line_error(run_cli(SUMMARY, tmp_path / "main.json"), "is not a bench_train.py JSON (JSONDecodeError)")
 
 
 def test_trainer_and_bench_import_without_the_launcher_or_datasets_packages():
@@ -157,6 +175,20 @@ def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     assert any("flash_attention" in k for k in json.loads((out / "candidates.json").read_text())["runs"]["a"]["profile"]["attention_kernels"])
     assert "profile (a) trainer:" in (out / "main.log").read_text()
     assert json.loads((out / "candidates.json").read_text())["eval"]["recompiles_after_warmup"] == 0
+    # The closing summary: every stage's runs in one table, tok/s against main's (a), the fastest named.
+    summary = (out / "summary.txt").read_text()
+    assert summary in proc.stdout
+    ref = json.loads((out / "main.json").read_text())["runs"]["a"]["tok_s"]
+    best = (0, "")
+    for name in names:
+        res = json.loads((out / f"{name}.json").read_text())
+        for run, r in res["runs"].items():
+            label = {"a": "trainer", "real": "real data", "b": "plain eager"}.get(run, run)
+            m = one(rf"^{name}\s+\([ab]\) {label}\s+[\d.]+\s+([\d,]+)\s+([+-][\d.]+)%", summary)
+            assert m.group(1) == f"{r['tok_s']:,.0f}" and m.group(2) == f"{(r['tok_s'] / ref - 1) * 100:+.1f}", (name, run, summary)
+            if run not in ("b", "real") and r["tok_s"] > best[0]:
+                best = (r["tok_s"], f"{name} (a) {label}")
+    assert one(r"^fastest with numerics ok: (.+), [\d,]+ tok/s \([+-][\d.]+% vs \(a\)\)$", summary).group(1) == best[1]
 
 
 def test_gpu_bench_script_names_an_unknown_stage(tmp_path):
