@@ -6,8 +6,8 @@
 gpu_bench.sh runs each stage in its own process, so each stage measures its own matmul peak and its MFU moves
 with that peak (it varied 755-787 TFLOP/s between runs on one H200); tok/s does not, so the runs are compared
 on tok/s. The last lines name the fastest run whose losses matched the plain baseline and the settings it ran
-with (the stage's --set plus the variant's): what would have to become the trainer's default. A missing file (a stage that timed out or crashed before writing) is
-listed as such, not an error; no readable file at all is.
+with (the stage's --set plus the variant's): what would have to become the trainer's default. A missing file (a
+stage that timed out or crashed before writing) is listed as such, not an error; no readable file at all is.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ LABELS = {"a": "(a) trainer", "real": "(a) real data", "b": "(b) plain eager"}
 
 def load(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        res = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a bench_train.py JSON ({type(e).__name__}): pass the files its --json wrote") from None
+    if not isinstance(res, dict) or not isinstance(res.get("runs"), dict):
+        raise UserError(f"{path} is not a bench_train.py JSON (no runs in it): pass the files its --json wrote")
+    return res
 
 
 def rows(stage: str, res: dict) -> list[dict]:
@@ -64,7 +67,7 @@ def summarize(paths: list[Path]) -> list[str]:
     table = [row for stage, res in loaded if res for row in rows(stage, res)]
     first = next(res for _, res in loaded if res)
     ref = next((r for r in table if r["stage"] == loaded[0][0] and r["run"] == "a" and r["tok_s"]), None)
-    lines = [f"summary: {first['preset']} on {first['device']}, torch {first['torch']}, {first['dtype']}; "
+    lines = [f"summary: {first.get('preset')} on {first.get('device')}, torch {first.get('torch')}, {first.get('dtype')}; "
              + (f"tok/s against {ref['stage']}'s (a) {ref['tok_s']:,.0f}" if ref else "no (a) in the first file to compare with")
              + " (MFU: of each stage's own measured matmul peak)",
              f"{'stage':<12} {'run':<24} {'ms/step':>9} {'tok/s':>11} {'vs (a)':>8} {'MFU':>6} {'peak GiB':>9}  numerics / settings"]

@@ -70,6 +70,7 @@ stage() {
     echo "== $name (limit ${limit}s): $PYTHON $*"
     local t0 rc
     t0=$(date +%s)
+    rm -f "$OUT/$name.json"  # a JSON left by an earlier run must not pass for this one's (the summary reads them)
     env "${envs[@]}" timeout -k 10 "$limit" "$PYTHON" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
     local what=ok

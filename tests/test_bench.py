@@ -121,6 +121,8 @@ def test_summary_mistakes_are_one_clear_line(tmp_path):
     assert_one_line_error(run_cli(SUMMARY, tmp_path / "main.json"), "none of", "exists: run scripts/bench_train.py --json FILE")
     (tmp_path / "main.json").write_text('{"runs": ')
     assert_one_line_error(run_cli(SUMMARY, tmp_path / "main.json"), "is not a bench_train.py JSON (JSONDecodeError)")
+    (tmp_path / "main.json").write_text('[1, 2]')
+    assert_one_line_error(run_cli(SUMMARY, tmp_path / "main.json"), "is not a bench_train.py JSON (no runs in it)")
 
 
 def test_trainer_and_bench_import_without_the_launcher_or_datasets_packages():
@@ -198,3 +200,15 @@ def test_gpu_bench_script_names_an_unknown_stage(tmp_path):
     assert proc.returncode != 0
     assert "== mian: unknown stage (STAGES takes main candidates tuned variants autotune)" in proc.stdout
     assert os.access(ROOT / "scripts" / "gpu_bench.sh", os.X_OK)
+
+
+def test_gpu_bench_script_never_reports_an_earlier_runs_json(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "main.json").write_text(json.dumps({"preset": "tiny", "runs": {"a": {"tok_s": 1e9, "ms_per_step": 1, "mfu": 1, "peak_mem_gib": 1}}}))
+    e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main", BENCH_ARGS="--runs zzz")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "== main: FAILED (rc 2)" in proc.stdout, proc.stdout
+    assert not (out / "main.json").exists() and "1,000,000,000" not in proc.stdout
+    assert f"error: none of {out}/main.json exists" in proc.stderr
