@@ -224,8 +224,8 @@ HELP = {
                     "(CUDA-graph modes are not offered: they break gradient accumulation)",
     "residual_dtype": "dtype of the residual stream between blocks under bf16 autocast: float32 as build-nanogpt, or bfloat16 "
                       "(half the memory traffic of the residual adds and layer norms; needs bf16 autocast)",
-    "sdpa_backend": "attention kernel to try first (the others stay as fallbacks; math runs alone); auto: torch's own order; "
-                    "cudnn and efficient need CUDA",
+    "sdpa_backend": "attention kernel to try first (the others stay as fallbacks; math runs alone); auto: torch's own order "
+                    "(cuDNN first on H100/H200 with torch >= 2.11, else flash); cudnn and efficient need CUDA",
     "ce_chunk_tokens": "compute the loss fused with the output layer, N tokens at a time, never holding the full logits (0: off)",
     "prefetch": "batches copied ahead to the device from pinned memory (0: copy each batch when it is used)",
     "ddp_bucket_mb": "DDP all-reduce bucket size in MiB",

@@ -39,10 +39,11 @@ MODEL_PRESETS = {
 }
 
 
-# Which attention kernel SDPA tries first. "auto" is torch's own order (FlashAttention-2 first on CUDA); the others
-# put one backend first and keep the rest behind it, so inputs it cannot serve (a shape, a dtype, a CPU) still fall
-# back instead of failing. cuDNN's fused attention is the one worth trying on Hopper (H100/H200), where it is
-# reported 1.7-2.3x faster than FlashAttention-2 for training shapes; it is opt-in until measured here.
+# Which attention kernel SDPA tries first. "auto" is torch's own order: FlashAttention-2 first on CUDA, except on
+# H100/H200 (sm90) and B200 (sm100) with cuDNN newer than 9.15 (the torch >= 2.11 CUDA wheels), where torch puts
+# cuDNN's fused attention first. The others put one backend first and keep the rest behind it, so inputs it cannot
+# serve (a shape, a dtype, a CPU) still fall back instead of failing: "flash" is the way back to FlashAttention-2 on
+# Hopper (cuDNN's attention backward has had NaN bugs at some shapes), and the A/B the benchmark runs against auto.
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,

@@ -11,11 +11,11 @@
 #               goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
 #               eval + sampling + HellaSwag cost and recompiles after warm-up (TORCH_LOGS=recompiles prints any reason);
 #               checkpoint stall of model + AdamW; numerics (a) vs (b)
-#   candidates  (a) with cuDNN attention tried first (--sdpa-backend cudnn; the profile lists the attention kernels
-#               that ran, so the log shows whether cuDNN really did) and its eval cost (cuDNN builds a plan per new
-#               shape: sampling and HellaSwag have many), then that plus a bf16 residual stream (--residual-dtype bfloat16)
-#   tuned       (a) with both and compile mode "tuned" (Inductor's coordinate-descent tuning of its own kernels;
-#               slow to compile), then "tuned" alone
+#   candidates  (a) with FlashAttention-2 tried first (--sdpa-backend flash) against main's torch order, which on an
+#               H100/H200 with torch >= 2.11 already runs cuDNN's attention (both profiles list the attention kernels that
+#               ran), with its eval cost; then (a) with a bf16 residual stream (--residual-dtype bfloat16)
+#   tuned       (a) with the bf16 residual and compile mode "tuned" (Inductor's coordinate-descent tuning of its own
+#               kernels; slow to compile), then "tuned" alone
 #   variants    (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
 #   autotune    (opt-in; crashed on torch 2.11) compile mode max-autotune-no-cudagraphs
 # Every variant is checked against main's (b) losses (numerics). Last, scripts/bench_summary.py puts every stage's
@@ -43,9 +43,7 @@ mkdir -p "$OUT"
 : > "$OUT/stages.txt"
 
 ARGS=(--preset "$PRESET" --device "$DEVICE" --steps 20 --warmup 3)
-SDPA=cudnn
 if [ "$DEVICE" = cpu ]; then
-    SDPA=flash  # cuDNN attention is CUDA-only: the CPU smoke test runs the same stage with the CPU's flash kernel
     # CPU: a smoke test of every stage, not a measurement; bf16 autocast as on a GPU, so every setting applies.
     ARGS+=(--quick --dtype bfloat16)
     MB_VARIANT=${MB_VARIANT:-4}
@@ -84,7 +82,8 @@ stage() {
 
 stage env 60 -- -c "
 import platform, torch
-print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| available', torch.cuda.is_available())
+print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda, '| cudnn',
+      torch.backends.cudnn.version(), '| available', torch.cuda.is_available())  # cuDNN > 9.15 on sm90: attention runs cuDNN
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print('gpu', p.name, f'{p.total_memory / 2**30:.1f} GiB', 'SMs', p.multi_processor_count)
@@ -95,10 +94,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 for name in $STAGES; do
     case $name in
         main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
-        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --set "sdpa_backend=$SDPA" --runs a,eval --profile \
-            --compare-json "$OUT/main.json" --json "$OUT/candidates.json" --variant "${SDPA}_res16:residual_dtype=bfloat16" ;;
+        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --set sdpa_backend=flash --runs a,eval --profile \
+            --compare-json "$OUT/main.json" --json "$OUT/candidates.json" --variant "res16:sdpa_backend=auto,residual_dtype=bfloat16" ;;
         tuned) stage tuned 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
-            --json "$OUT/tuned.json" --variant "${SDPA}_res16_tuned:sdpa_backend=$SDPA,residual_dtype=bfloat16,compile_mode=tuned" \
+            --json "$OUT/tuned.json" --variant "res16_tuned:residual_dtype=bfloat16,compile_mode=tuned" \
             --variant "tuned:compile_mode=tuned" ;;
         variants) stage variants 170 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
             --json "$OUT/variants.json" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" \
