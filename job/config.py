@@ -69,7 +69,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cuda | mps | cpu
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | on | off
-    compile_mode: str = "default"  # default | tuned | max-autotune-no-cudagraphs (see COMPILE_OPTIONS, and CHOICES for why no CUDA graphs)
+    compile_mode: str = "default"  # default | tuned | autotune | max-autotune-no-cudagraphs (see COMPILE_OPTIONS, and CHOICES for why no CUDA graphs)
     residual_dtype: str = "float32"  # the residual stream under bf16 autocast: float32 (build-nanogpt) | bfloat16
     sdpa_backend: str = "auto"  # attention kernel tried first: auto (torch's order) | cudnn | flash | efficient | math
     ce_chunk_tokens: int = 0  # cross-entropy fused with lm_head in chunks of N rows (0: plain, full logits)
@@ -97,13 +97,17 @@ PRESETS = {name: {**dims, **PRESET_TRAINING.get(name, {})} for name, dims in MOD
 # Compile modes with CUDA graphs (reduce-overhead, max-autotune) are left out on purpose: with gradient
 # accumulation they hand a graph-owned buffer to .grad and the next micro-step overwrites it (pytorch#169545).
 CHOICES = {"device": ("auto", "cuda", "mps", "cpu"), "dtype": ("auto", "bfloat16", "float32"), "compile": ("auto", "on", "off"),
-           "compile_mode": ("default", "tuned", "max-autotune-no-cudagraphs"), "sdpa_backend": ("auto", *SDPA_BACKENDS),
+           "compile_mode": ("default", "tuned", "autotune", "max-autotune-no-cudagraphs"), "sdpa_backend": ("auto", *SDPA_BACKENDS),
            "residual_dtype": ("float32", "bfloat16")}
 # Inductor settings per compile mode that is ours rather than torch's. "tuned" is max-autotune-no-cudagraphs without
 # its GEMM autotuning: Inductor tries block sizes for its own fused kernels (norms, GELU, the loss, casts) by
 # coordinate descent and keeps the fastest; the matmuls stay cuBLAS. GEMM autotuning is what crashed on torch 2.11
-# (Triton templates, illegal memory access: docs/BENCHMARKS.md).
-COMPILE_OPTIONS = {"tuned": {"coordinate_descent_tuning": True}}
+# (Triton templates, illegal memory access: docs/BENCHMARKS.md). "autotune" is max-autotune-no-cudagraphs with each
+# GEMM candidate benchmarked in a child process: a Triton template that faults the GPU kills that child and drops
+# out of the race instead of killing the run. Only with GEMM autotuning can Inductor fuse an epilogue (the GELU after
+# the MLP's first matmul, casts) into a matmul of its own, saving a round trip of that tensor through memory.
+COMPILE_OPTIONS = {"tuned": {"coordinate_descent_tuning": True},
+                   "autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "autotune_in_subproc": True}}
 # Attention backends that exist only on CUDA: asking for them elsewhere is a mistake, not a silent fallback.
 CUDA_ONLY_SDPA = ("cudnn", "efficient")
 
@@ -220,8 +224,9 @@ HELP = {
     "device": "auto picks cuda, then mps, then cpu",
     "dtype": "auto: bf16 autocast on CUDA, fp32 elsewhere",
     "compile": "torch.compile; auto: on for CUDA",
-    "compile_mode": "torch.compile mode; tuned: default plus Inductor's coordinate-descent tuning of its own kernels "
-                    "(CUDA-graph modes are not offered: they break gradient accumulation)",
+    "compile_mode": "torch.compile mode; tuned: default plus Inductor's coordinate-descent tuning of its own kernels; "
+                    "autotune: max-autotune-no-cudagraphs with GEMM candidates timed in child processes, so a faulting "
+                    "kernel is dropped, not fatal (CUDA-graph modes are not offered: they break gradient accumulation)",
     "residual_dtype": "dtype of the residual stream between blocks under bf16 autocast: float32 as build-nanogpt, or bfloat16 "
                       "(half the memory traffic of the residual adds and layer norms; needs bf16 autocast)",
     "sdpa_backend": "attention kernel to try first (the others stay as fallbacks; math runs alone); auto: torch's own order "

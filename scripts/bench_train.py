@@ -310,7 +310,8 @@ PROFILE_CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("communication", ("nccl", "allreduce", "all_reduce")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "clip_grad", "norm_kernel")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "aten::mm", "aten::addmm", "aten::bmm", "matmul")),
+    # triton_tem_*: Inductor's GEMM templates (compile mode autotune), with whatever epilogue they fused
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm", "matmul")),
     ("loss", ("softmax", "nll", "cross_entropy", "logsumexp")),
     ("layer norm", ("layer_norm",)),
     ("gelu", ("gelu", "tanh")),

@@ -17,7 +17,8 @@
 #   tuned       (a) with the bf16 residual and compile mode "tuned" (Inductor's coordinate-descent tuning of its own
 #               kernels; slow to compile), then "tuned" alone
 #   variants    (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
-#   autotune    (opt-in; crashed on torch 2.11) compile mode max-autotune-no-cudagraphs
+#   autotune    (opt-in; slow to compile) compile mode "autotune": max-autotune-no-cudagraphs (which crashed on torch 2.11,
+#               a Triton GEMM template faulting the GPU) with every GEMM candidate timed in a child process
 # Every variant is checked against main's (b) losses (numerics). Last, scripts/bench_summary.py puts every stage's
 # runs in one table against main's (a) (tok/s, as each stage measures its own peak) and names the fastest.
 # Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), STAGES, PYTHON (default
@@ -102,8 +103,8 @@ for name in $STAGES; do
         variants) stage variants 170 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
             --json "$OUT/variants.json" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" \
             --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}" --variant "noddp:ddp=0" ;;
-        autotune) stage autotune 150 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
-            --json "$OUT/autotune.json" --variant "autotune:compile_mode=max-autotune-no-cudagraphs" ;;
+        autotune) stage autotune 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
+            --json "$OUT/autotune.json" --variant "autotune:compile_mode=autotune" ;;
         *) echo "== $name: unknown stage (STAGES takes main candidates tuned variants autotune)" | tee -a "$OUT/stages.txt" ;;
     esac
 done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,14 @@ from job.tokenizer import EOT, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
+
+
+def script_module(name: str):
+    """Import scripts/NAME.py (scripts/ is not a package) to test its functions directly."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 BASE = "nanogpt-test-base:bookworm"  # a local Debian image standing in for the CUDA base (scripts/make_test_base_image.sh)
 
 # A model small enough that a training step takes tens of milliseconds on one CPU core.

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, env, run_cli
+from conftest import ROOT, assert_one_line_error, env, run_cli, script_module
 
 BENCH = str(ROOT / "scripts" / "bench_train.py")
 SUMMARY = str(ROOT / "scripts" / "bench_summary.py")
@@ -115,6 +115,25 @@ def test_a_failing_run_costs_only_its_own_figures(tmp_path):
 ])
 def test_mistakes_are_one_clear_line(args, needle):
     assert_one_line_error(run_cli(BENCH, *SMALL, *args), needle)
+
+
+@pytest.mark.parametrize("kernel, category", [
+    # CUDA kernel names as the profiler reports them on an H100 (cuBLAS, cuDNN, FlashAttention-2, Inductor, NCCL)
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_NNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off", "matmul"),
+    ("triton_tem_fused_addmm_gelu_view_3", "matmul"),  # an Inductor GEMM template with the GELU fused in
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", "attention"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128, 128>>", "attention"),
+    ("triton_red_fused__log_softmax__to_copy_nll_loss_forward_5", "loss"),
+    ("triton_per_fused__to_copy_add_native_layer_norm_native_layer_norm_backward_12", "layer norm"),
+    ("triton_poi_fused__to_copy_add_mul_tanh_view_8", "gelu"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("Memcpy HtoD (Pinned -> Device)", "copy/fill"),
+    ("triton_poi_fused_embedding_dense_backward_1", "embedding"),
+])
+def test_profile_puts_gpu_kernels_in_their_category(kernel, category):
+    assert script_module("bench_train").kernel_category(kernel) == category
 
 
 def test_summary_mistakes_are_one_clear_line(tmp_path):

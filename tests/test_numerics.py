@@ -1,19 +1,16 @@
 """The optimised training step computes the same thing as the plain one: same loss trajectory, step by step."""
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import CORPUS, ROOT
+from conftest import CORPUS, script_module
 from job.config import from_dict, validate
 from job.tokenizer import encode
 
-spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = script_module("bench_train")
 
 STEPS = 20
 B, T = 2, 32
@@ -74,10 +71,11 @@ def test_bf16_residual_stream_stays_within_the_bf16_tolerance(tmp_path, ddp_worl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, sdpa", [("default", "auto"), ("tuned", "flash")])
+@pytest.mark.parametrize("mode, sdpa", [("default", "auto"), ("tuned", "flash"), ("autotune", "auto")])
 def test_compiled_optimised_step_matches_plain_step(tmp_path, ddp_world_of_one, text, mode, sdpa):
     """The same with torch.compile on (inductor on the CPU): what the GPU run uses, minus bf16; also with our
-    "tuned" compile mode and an attention preference, which torch.compile has to trace inside forward."""
+    "tuned" compile mode and an attention preference, which torch.compile has to trace inside forward, and with
+    "autotune" (GEMM autotuning, candidates timed in child processes)."""
     cfg = tiny_config(tmp_path, ce_chunk_tokens=48, prefetch=1, compile="on", compile_mode=mode, sdpa_backend=sdpa)
     got, want, trainer, _ = trajectories(cfg, ddp_world_of_one, text)
     assert trainer.use_compile
