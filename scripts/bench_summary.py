@@ -73,7 +73,7 @@ def summarize(paths: list[Path]) -> list[str]:
              f"{'stage':<12} {'run':<24} {'ms/step':>9} {'tok/s':>11} {'vs (a)':>8} {'MFU':>6} {'peak GiB':>9}  numerics / settings"]
     for stage, res in loaded:
         if res is None:
-            lines.append(f"{stage:<12} no results (the stage wrote no JSON: see {stage}.log)")
+            lines.append(f"{stage:<12} no results ({stage}.json is missing: the stage failed, timed out or was skipped)")
         else:
             lines += [row_line(r, ref) for r in table if r["stage"] == stage]
     # Only runs of the trainer's step whose losses were checked and held are candidates for a new default.

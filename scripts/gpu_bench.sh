@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 6 in one command, sized to finish in 6 to 8 minutes on one H100/H200:
+# The GPU benchmark of issue 6 in one command, sized to finish in at most 9 minutes on one H100/H200:
 #
 #   bash scripts/gpu_bench.sh                          # GPU box: gpt2, B=64, T=1024, bf16; logs + JSON in ./bench-out
 #   OUT=/tmp/b DEVICE=cpu PRESET=tiny bash scripts/gpu_bench.sh   # the same stages on a CPU, as a smoke test
 #
 # Stages (each its own process under `timeout`, so one hang or crash costs only its own slot), run in the order
-# STAGES names them (default "main candidates tuned"; env always runs first):
+# STAGES names them (default "main candidates tuned autotune"; env always runs first; a stage that would start with
+# less than 20 s of BUDGET left is skipped, and says so):
 #   env         torch/CUDA versions, nvidia-smi
 #   main        matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory, and where (a)'s GPU time
 #               goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
@@ -13,16 +14,16 @@
 #               checkpoint stall of model + AdamW; numerics (a) vs (b)
 #   candidates  (a) with FlashAttention-2 tried first (--sdpa-backend flash) against main's torch order, which on an
 #               H100/H200 with torch >= 2.11 already runs cuDNN's attention (both profiles list the attention kernels that
-#               ran), with its eval cost; then (a) with a bf16 residual stream (--residual-dtype bfloat16)
+#               ran); then (a) with a bf16 residual stream (--residual-dtype bfloat16)
 #   tuned       (a) with the bf16 residual and compile mode "tuned" (Inductor's coordinate-descent tuning of its own
 #               kernels; slow to compile), then "tuned" alone
 #   variants    (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
-#   autotune    (opt-in; slow to compile) compile mode "autotune": max-autotune-no-cudagraphs (which crashed on torch 2.11,
+#   autotune    (slow to compile) compile mode "autotune": max-autotune-no-cudagraphs (which crashed on torch 2.11,
 #               a Triton GEMM template faulting the GPU) with every GEMM candidate timed in a child process
 # Every variant is checked against main's (b) losses (numerics). Last, scripts/bench_summary.py puts every stage's
 # runs in one table against main's (a) (tok/s, as each stage measures its own peak) and names the fastest.
 # Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), STAGES, PYTHON (default
-# /opt/torch/.venv/bin/python3, else .venv/bin/python, else python3), BUDGET seconds for all stages (default 450),
+# /opt/torch/.venv/bin/python3, else .venv/bin/python, else python3), BUDGET seconds for all stages (default 540),
 # BENCH_ARGS extra bench_train.py flags for every stage, MB_VARIANT the micro-batch variant (default 32; 4 on CPU),
 # CE_CHUNK (default 8192).
 set -uo pipefail
@@ -31,9 +32,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./bench-out}
 DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-gpt2}
-BUDGET=${BUDGET:-450}
+BUDGET=${BUDGET:-540}
 CE_CHUNK=${CE_CHUNK:-8192}
-STAGES=${STAGES:-main candidates tuned}
+STAGES=${STAGES:-main candidates tuned autotune}
 if [ -z "${PYTHON:-}" ]; then
     if [ -x /opt/torch/.venv/bin/python3 ]; then PYTHON=/opt/torch/.venv/bin/python3
     elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
@@ -95,7 +96,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 for name in $STAGES; do
     case $name in
         main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
-        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --set sdpa_backend=flash --runs a,eval --profile \
+        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --set sdpa_backend=flash --runs a --profile \
             --compare-json "$OUT/main.json" --json "$OUT/candidates.json" --variant "res16:sdpa_backend=auto,residual_dtype=bfloat16" ;;
         tuned) stage tuned 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
             --json "$OUT/tuned.json" --variant "res16_tuned:residual_dtype=bfloat16,compile_mode=tuned" \
