@@ -81,7 +81,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # Flash attention on GPU: never materialises the (T, T) matrix.
+        # A fused attention kernel on GPU (cuDNN or FlashAttention): never materialises the (T, T) matrix.
         if self.sdpa_order is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
