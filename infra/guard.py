@@ -10,7 +10,8 @@ in a container of the trainer image, with the weights dir mounted at --log-dir, 
 
 File contract, all in the log dir (the box's weights dir; names start with "." so fetch-weights ignores them):
 
-  metrics.jsonl  {"event": "end", "reason": "done"|"stopped"}, written by the trainer after its final checkpoint.
+  metrics.jsonl  {"event": "end", "reason": "done"|"stopped"|"diverged"}, written by the trainer after its final
+                 checkpoint (diverged: after the saves in flight landed; it writes no new one).
                  Only "end" lines appended after the guard first started count (a resumed run's old ones do not).
   .train-exit    the trainer container's exit status as text ("0", "137"), written by the launcher side when the
                  container exits (e.g. `docker wait NAME > .train-exit.tmp && mv .train-exit.tmp .train-exit` on the

@@ -13,6 +13,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class TrainingDiverged(UserError):
+    """The loss or the weights stopped being finite numbers; the run stopped without saving them."""
+
+    exit_code = 3
+
+
 def cli_main(fn):
     """Wrap a CLI entry point so UserError prints `error: ...` on stderr and exits non-zero."""
 

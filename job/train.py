@@ -8,6 +8,7 @@ graceful SIGTERM, and torch.compile that coexists with evaluation and sampling.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ from job import checkpoint as ckpt_lib
 from job import contract
 from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args
 from job.data import DeviceLoader, ShardLoader, check_data_dir
-from job.errors import UserError, cli_main
+from job.errors import TrainingDiverged, UserError, cli_main
 from job.metrics import MetricsLogger, format_eta, peak_flops
 from job.model import GPT
 from job.optim import configure_optimizer, get_lr
@@ -223,6 +224,8 @@ class Trainer:
         val_loss = self._all_reduce(total / self.cfg.val_steps).item() / self.rt.world
         self.log.line(f"step {step:6d} | val loss {val_loss:.4f}")
         self.log.event("val", step=step, loss=val_loss)
+        if not math.isfinite(val_loss):
+            self._diverged(step, f"the val loss is {val_loss}")
         return val_loss
 
     def eval_hellaswag(self, step: int) -> None:
@@ -251,6 +254,10 @@ class Trainer:
         """Snapshot the state and write it in the background: training is held only for the copy to CPU memory."""
         if self.last_saved_step == step:
             return
+        # Between log lines nothing is read back, so weights can turn NaN unseen: a checkpoint must never keep them.
+        # Every rank holds the same weights, so every rank reaches the same answer without talking to the others.
+        if not self._weights_finite():
+            self._diverged(step, "the weights are no longer finite numbers")
         if self.rt.master:
             cfg = self.cfg
             state = {
@@ -283,6 +290,27 @@ class Trainer:
                           + (f", removed {', '.join(p.name for p in removed)}" if removed else ""))
             self.log.event("checkpoint", step=done["step"], path=str(done["path"]), val_loss=done["val_loss"],
                            seconds=round(done["write_s"], 3), stall_s=round(held["stall_s"], 3))
+
+    # --- divergence --------------------------------------------------------------------------------
+    def _weights_finite(self) -> bool:
+        # The max-abs norm is NaN or inf exactly when some weight is: one reduction per tensor, one read-back.
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(list(self.model.parameters()), norm_type=float("inf"))))
+
+    def _diverged(self, step: int, what: str) -> None:
+        """Stop a run whose numbers are no longer finite, before it writes them anywhere or burns more GPU hours.
+
+        NaN never heals (every later update is NaN too), so going on only wastes the rented box and, worse, would
+        rotate the last good checkpoints out. Saves already in flight hold weights checked finite: they land."""
+        self._report_saves(wait=True)
+        saved = ckpt_lib.list_checkpoints(self.cfg.log_dir)
+        self.log.line(f"step {step:6d} | {what}: training diverged, stopping without saving")
+        self.log.event("end", step=step, reason="diverged")  # the S3 sidecar and the cost guard finish on this
+        where = (f"the last checkpoint, {saved[-1][1]} (step {saved[-1][0]}), was written before" if saved
+                 else f"no checkpoint was written to {self.cfg.log_dir}")
+        raise TrainingDiverged(
+            f"training diverged at step {step} ({what}) and stopped without saving; {where}: resume from it with a lower "
+            f"--max-lr" + (" or with --grad-clip 1.0" if not self.cfg.grad_clip else "")
+            + " (the same settings repeat the same steps exactly)")
 
     # --- the loop ----------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -371,6 +399,8 @@ class Trainer:
                 recent = (recent + [dt])[-20:]
                 self._log_step(step, loss_v, lr, norm_v, dt, sum(recent) / len(recent))
                 window_s, window_n = 0.0, 0
+            if loss_v is not None and not math.isfinite(loss_v + norm_v):  # under DDP: read back, and agreed, each step
+                self._diverged(step, f"the loss is {loss_v}, the gradient norm {norm_v}")
             self._report_saves()
             step += 1
             if stop or timed:

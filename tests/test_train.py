@@ -124,6 +124,39 @@ def test_torchrun_two_processes_match_single_process(shards, hellaswag_rows, ref
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("ranks,checkpoint_every", [(1, 1), (1, 0), (2, 0)], ids=["caught-by-save", "caught-by-loss", "ddp"])
+def test_nan_stops_the_run_without_saving_and_names_the_last_good_checkpoint(shards, reference, tmp_path, ranks,
+                                                                             checkpoint_every):
+    """Weights turn NaN mid-run: here the resumed optimizer state holds a second moment of -1, so the first update
+    takes its square root. The run must stop at the next check (the save's weight check, or the loss read back;
+    under DDP both ranks together), write nothing, and leave the last checkpoint as it was."""
+    log = tmp_path / "log"
+    log.mkdir()
+    ck = torch.load(reference / "model_00016.pt", weights_only=True)
+    for state in ck["optimizer"]["state"].values():
+        state["exp_avg_sq"].fill_(-1.0)
+    torch.save(ck, log / "model_00016.pt")
+    before = (log / "model_00016.pt").read_bytes()
+    args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", checkpoint_every)
+    if ranks == 1:
+        proc = run_cli(*args)
+        assert proc.returncode == 3
+        line = assert_one_line_error(proc, "training diverged at step 17", "stopped without saving",
+                                     f"{log / 'model_00016.pt'} (step 16)", "lower --max-lr")
+        assert ("weights are no longer finite" in line) == (checkpoint_every == 1)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and proc.stderr.count("error: training diverged at step 17") == 1, proc.stderr
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [16] and not list(log.glob("*.tmp*"))
+    assert (log / "model_00016.pt").read_bytes() == before
+    ls = losses(log)
+    assert ls[16] == pytest.approx(losses(reference)[16], rel=1e-4)  # the step that took the square root was fine
+    if checkpoint_every == 0:  # the next loss shows the NaN, in the log too
+        assert sorted(ls) == [16, 17] and ls[17] != ls[17]
+    assert [(e["step"], e["reason"]) for e in events(log, "end")] == [(17, "diverged")]
+
+
 def test_retention_keeps_last_n_plus_every_kth(shards, tmp_path):
     log = tmp_path / "log"
     run_cli(*train_cmd(shards, log, "--max-steps", 12, "--checkpoint-every", 2, "--keep-last", 2, "--keep-every", 4),
