@@ -82,8 +82,9 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # every process got it: one line per machine is enough
+            print(f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
+                  "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
 
 def hellaswag_cache_dir(cfg: TrainConfig) -> Path:

@@ -1,0 +1,105 @@
+"""`python -m job.launch` with several processes (NPROC=2 on the CPU): torchrun's agent hosted in the launcher.
+
+What the plain `torchrun` command got wrong, each reproduced: a user mistake came out as our line plus torchrun's
+ChildFailedError traceback and exit 1; SIGTERM killed the workers 30 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) into
+their final save and exited 1 with a traceback.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli, train_cmd
+from job import checkpoint as ckpt_lib
+from job.launch import children, torchrun_args
+from sshd import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def launch_cmd(shards, log, *extra) -> list[str]:
+    return ["-m", "job.launch", *train_cmd(shards, log, *extra)[2:]]
+
+
+def start(args, **env_extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(NPROC=2, **env_extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the trainer exited or hung ({proc.returncode}):\n" + "".join(proc.communicate()))
+        time.sleep(0.05)
+
+
+def test_user_mistake_is_one_line_and_the_workers_exit_status(shards, tmp_path):
+    proc = run_cli(*launch_cmd(shards, tmp_path / "log", "--max-lr", 5), NPROC=2)
+    assert_one_line_error(proc, "--max-lr must be in (0, 1)")
+    assert proc.returncode == 2 and "--nproc_per_node=2" in proc.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["docker-stop", "ctrl-c"])
+def test_a_stop_reaches_each_worker_once_and_they_save_however_long_it_takes_then_exit_0(shards, tmp_path, sig):
+    """One Ctrl-C is a clean stop and a second aborts, so a signal passed on twice would abort: this one stops."""
+    log = tmp_path / "log"
+    # torchrun would SIGKILL the workers 1 s after passing SIGTERM on; the final save here takes 4 s.
+    proc = start(launch_cmd(shards, log, "--max-steps", 10_000, "--checkpoint-every", 0), TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1,
+                 NANOGPT_TEST_SAVE_DELAY=4)
+    wait_until(lambda: len(losses(log)) >= 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert "Traceback" not in out + err and err.count(f"received {sig.name}") == 1  # local rank 0 says it
+    stopped = events(log, "end")
+    assert [e["reason"] for e in stopped] == ["stopped"]
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [stopped[0]["step"]]
+    assert ckpt_lib.load(log / f"model_{stopped[0]['step']:05d}.pt")["step"] == stopped[0]["step"]
+
+
+def test_a_killed_worker_is_one_line_naming_it_and_its_signal(shards, tmp_path):
+    log = tmp_path / "log"
+    proc = start(launch_cmd(shards, log, "--max-steps", 10_000))
+
+    def workers() -> list[int]:  # the launcher runs torchrun's agent in a child; the trainers are the agent's
+        return [w for agent in children(proc.pid) for w in children(agent)]
+
+    wait_until(lambda: len(workers()) == 2 and losses(log), proc)
+    os.kill(workers()[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGKILL
+    # The other rank may print its own traceback (its peer vanished mid-collective): that is its output. The
+    # launcher adds one line, not torchrun's ChildFailedError report.
+    assert "ChildFailedError" not in err and "job.train FAILED" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        next(line for line in err.splitlines() if "exited with signal SIGKILL" in line)]
+
+
+def test_a_stop_while_waiting_for_the_other_machines_exits_at_once(shards, tmp_path):
+    port = free_port()
+    proc = start(launch_cmd(shards, tmp_path / "log"), NNODES=2, NODE_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+
+    def store_listening() -> bool:  # node 0's agent serves the rendezvous: it runs, with its signal handlers
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(store_listening, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "received SIGTERM before training started: exiting" in err
+
+
+def test_torchrun_arguments_per_machine():
+    assert torchrun_args(["--preset", "gpt2"], gpus=1, nproc_env=None) is None  # one process: no torchrun at all
+    assert torchrun_args(["--x"], gpus=8, nproc_env=None) == ["--standalone", "--nproc_per_node=8", "-m", "job.train", "--x"]
+    assert torchrun_args([], gpus=8, nproc_env="2")[1] == "--nproc_per_node=2"
+    two = torchrun_args([], gpus=8, nproc_env=None, env={"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1",
+                                                         "MASTER_PORT": "29500"})
+    assert two[:4] == ["--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"]
