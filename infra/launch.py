@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import shlex
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from infra.trainer import (
     stream_logs,
 )
 from job import contract
-from job.errors import UserError
+from job.errors import TrainingDiverged, UserError
 
 CREDENTIALS = ".config/nanogpt/aws-credentials"  # on the box, relative to the user's home; 0600
 SECRET_MOUNT = "/run/nanogpt/aws-credentials"
@@ -98,6 +99,19 @@ class LaunchOptions:
 def hint(host: str) -> str:
     return (f"training goes on on {host}. Re-attach: fab logs --host {host}   status: fab status --host {host}   "
             f"stop (with a checkpoint): fab stop --host {host}")
+
+
+def failure_advice(host: str, code: int) -> str:
+    """What a trainer container's non-zero exit status means, and what to do (job.errors, job.launch)."""
+    if code == TrainingDiverged.exit_code:
+        return (f"training on {host} diverged (exit {code}; the error above names the last good checkpoint): launch again "
+                "with a lower learning rate, e.g. --train-args \"--max-lr 3e-4\"; it resumes from that checkpoint")
+    if code == UserError.exit_code:
+        return f"training on {host} stopped on a mistake (exit {code}; the error above names it and the fix): fix it and launch again"
+    if code > 128 and code - 128 in signal.valid_signals():
+        return (f"training on {host} was killed by {signal.Signals(code - 128).name} (exit {code}; out of memory, or a stop that "
+                "outlasted its timeout?): the log is above; launch again and it resumes from the newest checkpoint")
+    return f"training on {host} exited with status {code}: the log is above; fix the cause and launch again (it resumes)"
 
 
 def send_secret(conn, relpath: str, body: bytes) -> str:
@@ -333,6 +347,6 @@ def follow(conn, docker: str, name: str, target: str, tail: int | str = "all", o
         out.write(hint(target) + "\n")
         return 0
     if code != 0:
-        raise UserError(f"training on {conn.host} exited with status {code}: the log is above; fix the cause and launch again (it resumes)")
+        raise UserError(failure_advice(conn.host, code))
     out.write(f"training finished on {conn.host}: fetch the weights with `fab fetch-weights --host {target}`\n")
     return 0

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import BASE, ROOT, SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
 from job import contract
+from job.errors import UserError
 from sshd import free_port, keygen, sshd_available, start_sshd
 
 pytestmark = pytest.mark.slow
@@ -370,6 +371,29 @@ def test_fs_name_is_found_where_lambda_mounts_it(boxes, laptop):
     with conn:
         box = preflight(conn, fs=fs.name, weights_dir=str(box_path("fs-weights")), allow_cpu=True)
     assert box.data_dir == str(fs) and box.persistent and box.uid == pwd.getpwnam(BOX_USER).pw_uid
+
+
+@pytest.mark.parametrize("code,says", [(0, None), (3, "diverged (exit 3; the error above names the last good checkpoint)"),
+                                       (2, "stopped on a mistake (exit 2"), (137, "killed by SIGKILL (exit 137"),
+                                       (1, "exited with status 1")])
+def test_follow_says_what_the_trainers_exit_status_means(boxes, laptop, base_image, code, says):
+    """job.launch passes the trainer's own status on (2: a user mistake, 3: diverged); `fab launch` explains it."""
+    from infra.launch import follow
+    from infra.ssh import connect
+
+    name = f"nanogpt-exit-{code}-{os.getpid()}"
+    sh("docker", "run", "-d", "--name", name, "--label", "nanogpt.role=train", base_image, "sh", "-c",
+       f"echo the trainer says goodbye; exit {code}")
+    out = io.StringIO()
+    with connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts")) as conn:
+        if says is None:
+            assert follow(conn, "docker", name, "ubuntu@box", out=out) == 0
+            assert "training finished on" in out.getvalue()
+        else:
+            with pytest.raises(UserError) as e:
+                follow(conn, "docker", name, "ubuntu@box", out=out)
+            assert says in str(e.value)
+    assert "the trainer says goodbye" in out.getvalue()
 
 
 def test_image_that_cannot_be_pulled(boxes, laptop, run_dirs):
