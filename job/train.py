@@ -303,15 +303,18 @@ class Trainer:
         NaN never heals (every later update is NaN too), so going on only wastes the rented box and, worse, would
         rotate the last good checkpoints out. Saves already in flight hold weights checked finite: they land."""
         self._report_saves(wait=True)
-        saved = ckpt_lib.list_checkpoints(self.cfg.log_dir)
+        saved = ckpt_lib.list_checkpoints(self.cfg.log_dir) if self.rt.master else []
         self.log.line(f"step {step:6d} | {what}: training diverged, stopping without saving")
         self.log.event("end", step=step, reason="diverged")  # the S3 sidecar and the cost guard finish on this
-        where = (f"the last checkpoint, {saved[-1][1]} (step {saved[-1][0]}), was written before" if saved
-                 else f"no checkpoint was written to {self.cfg.log_dir}")
-        raise TrainingDiverged(
-            f"training diverged at step {step} ({what}) and stopped without saving; {where}: resume from it with a lower "
-            f"--max-lr" + (" or with --grad-clip 1.0" if not self.cfg.grad_clip else "")
-            + " (the same settings repeat the same steps exactly)")
+        lower = "a lower --max-lr" + (" or with --grad-clip 1.0" if not self.cfg.grad_clip else "")
+        if not self.rt.master:  # another machine of a multi-node run: rank 0 writes (and names) the checkpoints
+            then = f"rank 0's log names the last checkpoint: resume from it with {lower}"
+        elif saved:
+            then = f"the last checkpoint, {saved[-1][1]} (step {saved[-1][0]}), was written before: resume from it with {lower}"
+        else:
+            then = f"no checkpoint was written to {self.cfg.log_dir}: start again with {lower}"
+        raise TrainingDiverged(f"training diverged at step {step} ({what}) and stopped without saving; {then} "
+                               "(the same settings repeat the same steps exactly)")
 
     # --- the loop ----------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -124,6 +124,13 @@ def test_torchrun_two_processes_match_single_process(shards, hellaswag_rows, ref
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+def poison_second_moments(src, dst) -> None:
+    ck = torch.load(src, weights_only=True)
+    for state in ck["optimizer"]["state"].values():
+        state["exp_avg_sq"].fill_(-1.0)
+    torch.save(ck, dst)
+
+
 @pytest.mark.parametrize("ranks,checkpoint_every", [(1, 1), (1, 0), (2, 0)], ids=["caught-by-save", "caught-by-loss", "ddp"])
 def test_nan_stops_the_run_without_saving_and_names_the_last_good_checkpoint(shards, reference, tmp_path, ranks,
                                                                              checkpoint_every):
@@ -132,10 +139,7 @@ def test_nan_stops_the_run_without_saving_and_names_the_last_good_checkpoint(sha
     under DDP both ranks together), write nothing, and leave the last checkpoint as it was."""
     log = tmp_path / "log"
     log.mkdir()
-    ck = torch.load(reference / "model_00016.pt", weights_only=True)
-    for state in ck["optimizer"]["state"].values():
-        state["exp_avg_sq"].fill_(-1.0)
-    torch.save(ck, log / "model_00016.pt")
+    poison_second_moments(reference / "model_00016.pt", log / "model_00016.pt")
     before = (log / "model_00016.pt").read_bytes()
     args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", checkpoint_every)
     # Two ranks run under the image's launcher (torchrun's agent), which passes the workers' exit status on.
@@ -151,6 +155,15 @@ def test_nan_stops_the_run_without_saving_and_names_the_last_good_checkpoint(sha
     if checkpoint_every == 0:  # the next loss shows the NaN, in the log too
         assert sorted(ls) == [16, 17] and ls[17] != ls[17]
     assert [(e["step"], e["reason"]) for e in events(log, "end")] == [(17, "diverged")]
+
+
+def test_nan_before_any_checkpoint_of_this_log_dir_says_so(shards, reference, tmp_path):
+    poison_second_moments(reference / "model_00016.pt", tmp_path / "elsewhere.pt")
+    log = tmp_path / "log"
+    proc = run_cli(*train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 0, "--resume", tmp_path / "elsewhere.pt"))
+    assert proc.returncode == 3
+    assert_one_line_error(proc, "training diverged at step 17", f"no checkpoint was written to {log}: start again with a lower --max-lr")
+    assert ckpt_lib.list_checkpoints(log) == []
 
 
 def test_retention_keeps_last_n_plus_every_kth(shards, tmp_path):
