@@ -255,6 +255,7 @@ class Trainer:
         """Snapshot the state and write it in the background: training is held only for the copy to CPU memory."""
         if self.last_saved_step == step:
             return
+        t0 = time.perf_counter()  # training is held from here until the snapshot is in CPU memory
         # Between log lines nothing is read back, so weights can turn NaN unseen: a checkpoint must never keep them.
         # Every rank holds the same weights, so every rank reaches the same answer without talking to the others.
         if not self._weights_finite():
@@ -272,7 +273,8 @@ class Trainer:
                 "train_config": cfg.to_dict(),
                 "format_version": ckpt_lib.FORMAT_VERSION,
             }
-            self.held_for[step] = self.saver.save(state, step, val_loss=val_loss)
+            held = self.saver.save(state, step, val_loss=val_loss)
+            self.held_for[step] = {**held, "stall_s": time.perf_counter() - t0}  # with the check and state_dict()
             self._report_saves()  # the previous write, if save() just waited for it
         if self.rt.ddp:
             dist.barrier()  # every rank resumes together (the master was held for the snapshot)
