@@ -252,7 +252,8 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self, step: int, val_loss: float | None) -> None:
-        """Snapshot the state and write it in the background: training is held only for the copy to CPU memory."""
+        """Snapshot the state and write it in the background: training is held only for a finite-weights check and
+        the copy to CPU memory."""
         if self.last_saved_step == step:
             return
         t0 = time.perf_counter()  # training is held from here until the snapshot is in CPU memory
