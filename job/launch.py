@@ -78,11 +78,12 @@ def children(pid: int) -> list[int]:
 def supervise(args: list[str]) -> int:
     """Run the agent (run_agent) in a child process and pass stops on to the workers; the job's exit status."""
     cmd = [sys.executable, "-c", "import sys; from job.launch import run_agent; sys.exit(run_agent(sys.argv[1:]))", *args]
-    # Its own session: a Ctrl-C in the terminal reaches only this process, which decides who gets it.
-    agent = subprocess.Popen(cmd, start_new_session=True)
+    agent: subprocess.Popen | None = None
     early = []
 
     def forward(signum: int, frame) -> None:
+        if agent is None:  # before the agent exists (a stop in the first instant): nothing to pass it on to
+            raise SystemExit(128 + signum)
         workers = children(agent.pid)
         if not workers and agent.poll() is None and signum in FORWARDED:
             # Still meeting the other machines: nothing trained, nothing to save. SIGTERM ends the agent.
@@ -96,8 +97,10 @@ def supervise(args: list[str]) -> int:
             except ProcessLookupError:
                 pass
 
-    for sig in (*FORWARDED, signal.SIGHUP, signal.SIGQUIT):
+    for sig in (*FORWARDED, signal.SIGHUP, signal.SIGQUIT):  # first, so no stop can orphan the agent
         signal.signal(sig, forward)
+    # Its own session: a Ctrl-C in the terminal reaches only this process, which decides who gets it.
+    agent = subprocess.Popen(cmd, start_new_session=True)
     code = agent.wait()  # handlers run while waiting (PEP 475 retries the wait)
     if early:
         return 128 + early[0]

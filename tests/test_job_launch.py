@@ -1,4 +1,4 @@
-"""`python -m job.launch` with several processes (NPROC=2 on the CPU): torchrun's agent hosted in the launcher.
+"""`python -m job.launch` with several processes (NPROC=2 on the CPU): torchrun's agent in a child of the launcher.
 
 What the plain `torchrun` command got wrong, each reproduced: a user mistake came out as our line plus torchrun's
 ChildFailedError traceback and exit 1; SIGTERM killed the workers 30 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) into
@@ -86,7 +86,7 @@ def test_a_stop_while_waiting_for_the_other_machines_exits_at_once(shards, tmp_p
     port = free_port()
     proc = start(launch_cmd(shards, tmp_path / "log"), NNODES=2, NODE_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
-    def store_listening() -> bool:  # node 0's agent serves the rendezvous: it runs, with its signal handlers
+    def store_listening() -> bool:  # node 0's agent serves the rendezvous: it runs, and the launcher waits on it
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
