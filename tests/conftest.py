@@ -19,6 +19,12 @@ from job.tokenizer import EOT, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
+BASE = "nanogpt-test-base:bookworm"  # a local Debian image standing in for the CUDA base (scripts/make_test_base_image.sh)
+
+# A model small enough that a training step takes tens of milliseconds on one CPU core.
+SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--seq-len", "32",
+         "--micro-batch", "4", "--total-batch-tokens", "256", "--warmup-steps", "5", "--eval-every", "5", "--val-steps", "2",
+         "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
 
 
 def script_module(name: str):
@@ -27,12 +33,6 @@ def script_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-BASE = "nanogpt-test-base:bookworm"  # a local Debian image standing in for the CUDA base (scripts/make_test_base_image.sh)
-
-# A model small enough that a training step takes tens of milliseconds on one CPU core.
-SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--seq-len", "32",
-         "--micro-batch", "4", "--total-batch-tokens", "256", "--warmup-steps", "5", "--eval-every", "5", "--val-steps", "2",
-         "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")
