@@ -19,6 +19,7 @@ from infra.digest import CHUNK, sha256_file
 from infra.ssh import run
 from job import contract
 from job.errors import UserError
+from job.fsutil import NO_SPACE, free_bytes, human_bytes
 
 LOG_FILES = (contract.METRICS_FILE, contract.HUMAN_LOG_FILE, contract.NANOGPT_LOG_FILE)
 
@@ -73,6 +74,10 @@ def fetch_weights(conn, remote_dir: str, local_dir, latest_only: bool = False, p
         else:
             todo.append(name)
     total = sum(sizes[n] - _part_size(local / n) for n in todo)
+    free = free_bytes(local)
+    if total > free:  # refuse before the first byte, not gigabytes in
+        raise UserError(f"{local} has {human_bytes(free)} free and this fetch needs {human_bytes(total)} ({len(todo)} files): "
+                        "make room there, fetch --latest-only, or fetch --to a disk with room")
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="fetch", disable=not progress or None)
     sftp = conn.sftp()
     try:
@@ -110,14 +115,23 @@ def _download(sftp, remote: str, dest: Path, size: int, digest: str | None, bar)
     if start > size or not digest:  # a stale .part from an older, bigger file, or a log: start over
         part.unlink(missing_ok=True)
         start = 0
-    with sftp.open(remote, "rb") as src, open(part, "ab") as out:
-        src.seek(start)
-        src.prefetch(size)  # pipelined reads: many requests in flight instead of one round trip per chunk
-        while chunk := src.read(CHUNK):
-            out.write(chunk)
-            bar.update(len(chunk))
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with sftp.open(remote, "rb") as src, open(part, "ab") as out:
+            src.seek(start)
+            src.prefetch(size)  # pipelined reads: many requests in flight instead of one round trip per chunk
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        # A checkpoint's .part stays: once there is room, the next fetch appends to it instead of starting over.
+        have = part.stat().st_size
+        resume = f"; it goes on from the {human_bytes(have)} in {part.name}" if digest else ""
+        raise UserError(f"no space left on the device for {dest} ({human_bytes(free_bytes(part))} free, "
+                        f"{human_bytes(size - have)} still to copy): make room there and run fetch-weights again{resume}") from None
     if digest and sha256_file(part) != digest:
         part.unlink()
         raise UserError(f"{dest.name}: the downloaded bytes do not match the box's sha256 (file changed during the copy?): run fetch-weights again")

@@ -10,10 +10,11 @@ in a container of the trainer image, with the weights dir mounted at --log-dir, 
 
 File contract, all in the log dir (the box's weights dir; names start with "." so fetch-weights ignores them):
 
-  metrics.jsonl  {"event": "end", "reason": "done"|"stopped"|"diverged"}, written by the trainer after its final
-                 checkpoint (diverged: after the saves in flight landed; it writes no new one).
+  metrics.jsonl  {"event": "end", "reason": "done"|"stopped"|"diverged"|"checkpoint-failed"}, written by the trainer
+                 after its final checkpoint (diverged: after the saves in flight landed, writing no new one;
+                 checkpoint-failed: a checkpoint could not be written, e.g. a full disk, and training stopped).
                  Only "end" lines appended after the guard first started count (a resumed run's old ones do not).
-  .train-exit    the trainer container's exit status as text ("0" done/stopped, "2" a user mistake, "3" diverged,
+  .train-exit    the trainer container's exit status as text ("0" done/stopped, "2" a user mistake or full disk, "3" diverged,
                  "137" killed; job.launch passes the trainer's own status on), written by the launcher side when the
                  container exits (e.g. `docker wait NAME > .train-exit.tmp && mv .train-exit.tmp .train-exit` on the
                  host). Covers crashes, which log no "end". Ignored if older than the guard's first start.

@@ -9,6 +9,7 @@ Training stops only to copy the state into CPU memory (`AsyncSaver`); a thread w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -21,7 +22,7 @@ import torch
 
 from job import contract
 from job.errors import UserError
-from job.fsutil import fsync_dir
+from job.fsutil import fsync_dir, write_failure
 
 _PREFIX = contract.CHECKPOINT_GLOB.split("*")[0]
 _NAME = re.compile(rf"^{re.escape(_PREFIX)}(\d+)\.pt$")
@@ -43,13 +44,24 @@ def list_checkpoints(log_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint file could not be written (a full disk, most often); nothing visible changed."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 def save(state: dict, log_dir, step: int) -> Path:
-    """Write temp file, fsync, rename, fsync the directory: a kill at any moment leaves only whole files."""
+    """Write temp file, fsync, rename, fsync the directory: a kill at any moment leaves only whole files.
+
+    A failed write (full disk, I/O error) removes its temp file and raises CheckpointWriteError, which says why
+    in one line: torch's zip writer reports a full disk only as "unexpected pos", so the free space decides."""
     d = Path(log_dir)
-    d.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(d, step)
     tmp = d / f".{final.name}.tmp{os.getpid()}"
     try:
+        d.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -60,10 +72,45 @@ def save(state: dict, log_dir, step: int) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         fsync_dir(d)
+    except Exception as e:
+        _remove(tmp)  # first, so the free space below is what the next attempt would have
+        raise CheckpointWriteError(f"checkpoint {final.name} could not be written to {d}: {write_failure(e, d, state_bytes(state))}",
+                                   step) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
     return final
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):  # gone already, or its directory never was one
+        path.unlink(missing_ok=True)
+
+
+def state_bytes(state) -> int:
+    """Bytes of tensor data in `state`, a storage shared by several tensors (the tied wte/lm_head) counted once:
+    within a percent of the file torch.save writes (tested)."""
+    seen: dict[int, int] = {}
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(state)
+    return sum(seen.values())
+
+
+def estimate_bytes(model: torch.nn.Module) -> int:
+    """The size of a training checkpoint of `model` before its optimizer has any state: the weights plus AdamW's
+    two moments of each (same dtype), the rest (data position, RNG, config) being kilobytes."""
+    weights = state_bytes(list(model.parameters()))
+    return 3 * weights + state_bytes(list(model.buffers())) + 2**16
 
 
 def clean_stale_temps(log_dir) -> None:
@@ -74,19 +121,38 @@ def clean_stale_temps(log_dir) -> None:
             p.unlink(missing_ok=True)
 
 
-def apply_retention(log_dir, keep_last: int, keep_every: int) -> list[Path]:
-    """Keep the newest `keep_last` plus every step divisible by `keep_every`; keep_last 0 keeps everything."""
+def retained(steps, keep_last: int, keep_every: int) -> list[int]:
+    """Which of the checkpoint `steps` the retention policy keeps: the newest `keep_last` plus every step
+    divisible by `keep_every`; keep_last 0 keeps everything."""
+    steps = sorted(steps)
     if keep_last <= 0:
-        return []
+        return steps
+    newest = set(steps[-keep_last:])
+    return [s for s in steps if s in newest or (keep_every and s % keep_every == 0)]
+
+
+def apply_retention(log_dir, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete the checkpoints that `retained` does not keep; returns their paths."""
     ckpts = list_checkpoints(log_dir)
-    newest = {step for step, _ in ckpts[-keep_last:]}
+    keep = set(retained([step for step, _ in ckpts], keep_last, keep_every))
     removed = []
     for step, path in ckpts:
-        if step in newest or (keep_every and step % keep_every == 0):
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
+        if step not in keep:
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
+
+
+def most_on_disk(existing, future, keep_last: int, keep_every: int) -> int:
+    """The most checkpoints on disk at once when `future` steps are saved into a log dir holding `existing`:
+    each new file is complete before retention removes old ones, so a rotation briefly holds keep_last + 1."""
+    on_disk = sorted(existing)
+    most = len(on_disk)
+    for step in future:
+        on_disk.append(step)
+        most = max(most, len(on_disk))
+        on_disk = retained(on_disk, keep_last, keep_every)
+    return most
 
 
 def load(path) -> dict:

@@ -6,6 +6,8 @@ import functools
 import os
 import sys
 
+from job.fsutil import NO_SPACE
+
 
 class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
@@ -31,6 +33,14 @@ def cli_main(fn):
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            # Writers that know their files say more (the checkpoint and shard writers do); this is the rest.
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"error: no space left on the device{where}: make room there (or write to another disk), then run the "
+                  "same command again", file=sys.stderr, flush=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

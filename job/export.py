@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from job.errors import UserError, cli_main
+from job.fsutil import write_failure
 from job.model import GPT, GPT2_VOCAB, GPTConfig, load_hf_into, to_hf_state_dict
 from job.tokenizer import EOT, get_encoding
 
@@ -154,25 +155,34 @@ def export(checkpoint, out_dir, dtype: str = "float32", overwrite: bool = False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF refuses files without format=pt
-        for name, text in files.items():
-            _write_text(tmp / name, text)
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in OUTPUT_FILES:  # mkdtemp and safetensors create owner-only files; an export is meant to be shared
-            os.chmod(tmp / name, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for name in OUTPUT_FILES:  # file by file: other files a user keeps in --out stay
-                os.replace(tmp / name, out / name)
+        _write_export(tmp, out, weights, files, save_file)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space is what a retry would have
+        need = sum(t.nbytes for t in weights.values()) + sum(len(t) for t in files.values())
+        raise UserError(f"cannot write the export to {out}: {write_failure(e, out.parent, need)}; --out is as it was") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = (out / "model.safetensors").stat().st_size
     print(f"exported {path} (step {step}, val loss {val}) to {out}: {model.num_params() / 1e6:.1f}M parameters, "
           f"{dtype}, model.safetensors {size / 2**20:.1f} MiB")
     return out
+
+
+def _write_export(tmp: Path, out: Path, weights: dict, files: dict, save_file) -> None:
+    """Write everything into `tmp`, then move it to `out` (whole, or file by file where `out` exists)."""
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF refuses files without format=pt
+    for name, text in files.items():
+        _write_text(tmp / name, text)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in OUTPUT_FILES:  # mkdtemp and safetensors create owner-only files; an export is meant to be shared
+        os.chmod(tmp / name, 0o666 & ~umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    if not out.exists():
+        os.replace(tmp, out)
+    else:
+        for name in OUTPUT_FILES:  # file by file: other files a user keeps in --out stay
+            os.replace(tmp / name, out / name)
 
 
 # --- import: --init-from hf:DIR --------------------------------------------------------------------------

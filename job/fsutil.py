@@ -3,8 +3,13 @@ tokenizer workers stay light)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
+
+# The errors a full disk (or a full quota) gives a write.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def fsync_dir(path: Path) -> None:
@@ -14,3 +19,29 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def free_bytes(path) -> int:
+    """Free space for an unprivileged writer on the file system that holds `path` (or would, once created)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def human_bytes(n: float) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def write_failure(e: BaseException, directory, need: int) -> str:
+    """Why writing `need` bytes into `directory` failed, in a few words. Some writers (torch's zip writer,
+    safetensors) hide the errno of a full disk, so the free space left after removing the partial file decides."""
+    free = free_bytes(directory)
+    if getattr(e, "errno", None) in NO_SPACE or free < need:
+        return f"no space left on the device ({human_bytes(free)} free; this needs about {human_bytes(need)})"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

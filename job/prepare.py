@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from job.errors import UserError, cli_main
-from job.fsutil import fsync_dir
+from job.fsutil import fsync_dir, write_failure
 from job.metrics import format_eta
 from job.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
@@ -459,6 +459,7 @@ class ShardWriter:
         self.out, self.manifest, self.prefix = out, manifest, prefix
         self.index = len(manifest["shards"])
         self.error: BaseException | None = None
+        self.why = ""  # the error in a few words, worked out where it happened
         self.q: queue.Queue = queue.Queue(maxsize=1)
         self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
@@ -467,7 +468,7 @@ class ShardWriter:
     def _put(self, item) -> None:
         while True:
             if self.error is not None:
-                raise UserError(f"cannot write shards to {self.out}: {_reason(self.error)}") from self.error
+                raise self._failure()
             try:
                 self.q.put(item, timeout=0.5)
                 return
@@ -491,7 +492,7 @@ class ShardWriter:
             self._put(StopIteration)
             self.thread.join()
         if self.error is not None:
-            raise UserError(f"cannot write shards to {self.out}: {_reason(self.error)}") from self.error
+            raise self._failure()
 
     def _run(self) -> None:
         while (item := self.q.get()) is not StopIteration:
@@ -499,27 +500,25 @@ class ShardWriter:
                 try:
                     self._commit(*item)
                 except BaseException as e:
+                    self.why = write_failure(e, self.out, 0 if item[1] is None else item[1].nbytes)
                     self.error = e
+
+    def _failure(self) -> UserError:
+        err = UserError(f"cannot write shards to {self.out}: {self.why}; the shards already written stay: make room, then run "
+                        "the same command to go on from them")
+        err.__cause__ = self.error
+        return err
 
     def _commit(self, name, tokens, start, end, units, final) -> None:
         if name is not None:
             header = _npy_header(len(tokens))
             digest = hashlib.sha256(header)
             tmp = self.out / f".{name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(header)
-                data = memoryview(tokens).cast("B")
-                if self.delay:
-                    half = len(data) // 4 * 2
-                    f.write(data[:half])
-                    f.flush()
-                    time.sleep(self.delay)
-                    data = data[half:]
-                    digest.update(memoryview(tokens).cast("B")[:half])
-                f.write(data)
-                digest.update(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                self._write_shard(tmp, header, tokens, digest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # give the space back: the error message reports what is free
+                raise
             os.replace(tmp, self.out / name)
             self.manifest["shards"].append({"name": name, "split": "val" if name.split("_")[-2] == "val" else "train",
                                             "tokens": int(len(tokens)), "sha256": digest.hexdigest(),
@@ -529,6 +528,22 @@ class ShardWriter:
             self.manifest.update(final, complete=True)
         _write_json(self.out / MANIFEST, self.manifest)
         fsync_dir(self.out)
+
+    def _write_shard(self, tmp: Path, header: bytes, tokens: np.ndarray, digest) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            data = memoryview(tokens).cast("B")
+            if self.delay:
+                half = len(data) // 4 * 2
+                f.write(data[:half])
+                f.flush()
+                time.sleep(self.delay)
+                data = data[half:]
+                digest.update(memoryview(tokens).cast("B")[:half])
+            f.write(data)
+            digest.update(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class Progress:

@@ -25,6 +25,7 @@ from job import contract
 from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args
 from job.data import DeviceLoader, ShardLoader, check_data_dir
 from job.errors import TrainingDiverged, UserError, cli_main
+from job.fsutil import free_bytes, human_bytes
 from job.metrics import MetricsLogger, format_eta, peak_flops
 from job.model import GPT
 from job.optim import configure_optimizer, get_lr
@@ -165,6 +166,8 @@ class Trainer:
         self.held_for: dict[int, dict] = {}  # step -> how long its save held training, until the write is logged
         self.last_save_time = time.time()
         self.last_saved_step = self.start_step if self.start_step else None
+        self.room_warning = self._check_room() if rt.master else None
+        self.write_error: ckpt_lib.CheckpointWriteError | None = None  # the master's first failed checkpoint write
 
     # --- resume ------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -261,7 +264,7 @@ class Trainer:
         # Every rank holds the same weights, so every rank reaches the same answer without talking to the others.
         if not self._weights_finite():
             self._diverged(step, "the weights are no longer finite numbers")
-        if self.rt.master:
+        if self.rt.master and self.write_error is None:  # after a failed write, training stops at the next step
             cfg = self.cfg
             state = {
                 "model": self.model.state_dict(),
@@ -274,8 +277,12 @@ class Trainer:
                 "train_config": cfg.to_dict(),
                 "format_version": ckpt_lib.FORMAT_VERSION,
             }
-            held = self.saver.save(state, step, val_loss=val_loss)
-            self.held_for[step] = {**held, "stall_s": time.perf_counter() - t0}  # with the check and state_dict()
+            try:
+                held = self.saver.save(state, step, val_loss=val_loss)
+            except ckpt_lib.CheckpointWriteError as e:  # the previous write failed; this one was not started
+                self.write_error = self.write_error or e
+            else:
+                self.held_for[step] = {**held, "stall_s": time.perf_counter() - t0}  # with the check and state_dict()
             self._report_saves()  # the previous write, if save() just waited for it
         if self.rt.ddp:
             dist.barrier()  # every rank resumes together (the master was held for the snapshot)
@@ -286,7 +293,14 @@ class Trainer:
         """Log the checkpoint writes that have finished (all of them, after waiting, with wait=True)."""
         if not self.rt.master:
             return
-        for done in self.saver.wait() if wait else self.saver.poll():
+        try:
+            finished = self.saver.wait() if wait else self.saver.poll()
+        except ckpt_lib.CheckpointWriteError as e:
+            # Kept, not raised: under DDP the other ranks must hear of it first (train_and_agree), or they would
+            # wait for this one in the next collective until torchrun kills them.
+            self.write_error = self.write_error or e
+            finished = self.saver.poll()
+        for done in finished:
             held = self.held_for.pop(done["step"], {"stall_s": 0.0})
             removed = done["removed"]
             self.log.line(f"step {done['step']:6d} | saved {done['path']} (training held {held['stall_s']:.2f} s, "
@@ -294,6 +308,45 @@ class Trainer:
                           + (f", removed {', '.join(p.name for p in removed)}" if removed else ""))
             self.log.event("checkpoint", step=done["step"], path=str(done["path"]), val_loss=done["val_loss"],
                            seconds=round(done["write_s"], 3), stall_s=round(held["stall_s"], 3))
+
+    def _check_room(self) -> str | None:
+        """Refuse to start when the log dir cannot hold even the next checkpoint (better now than an hour in), and
+        return a warning when this run's checkpoints, with the retention policy, will outgrow its free space."""
+        cfg = self.cfg
+        size, free = ckpt_lib.estimate_bytes(self.model), free_bytes(cfg.log_dir)
+        if free < size:
+            raise UserError(f"{cfg.log_dir} has {human_bytes(free)} free and a checkpoint of this model takes about "
+                            f"{human_bytes(size)}: free space there, or pass a --log-dir on a disk with room")
+        every = cfg.checkpoint_every
+        future = [s for s in range(self.start_step + 1, cfg.max_steps + 1) if s == cfg.max_steps or (every and s % every == 0)]
+        existing = [s for s, _ in ckpt_lib.list_checkpoints(cfg.log_dir)]
+        more = ckpt_lib.most_on_disk(existing, future, cfg.keep_last, cfg.keep_every) - len(existing)
+        if free >= more * size:
+            return None
+        return (f"warning: {cfg.log_dir} has {human_bytes(free)} free, and this run's checkpoints will need up to "
+                f"{human_bytes(more * size)} more at once ({more} of about {human_bytes(size)}, with --keep-last {cfg.keep_last} "
+                f"--keep-every {cfg.keep_every}): the run stops with an error when the disk fills. Free space, or keep "
+                "fewer checkpoints")
+
+    def _write_failed(self) -> None:
+        """A checkpoint could not be written: stop (a run that cannot save only burns the box) and say how to go on.
+        Every rank calls this in the same step (train_and_agree); only the master knows the details."""
+        self._report_saves(wait=True)
+        e = self.write_error
+        if not self.rt.master:
+            raise UserError("rank 0 could not write a checkpoint and training stopped: rank 0's error line names the "
+                            "cause and the checkpoint to resume from")
+        cfg = self.cfg
+        saved = ckpt_lib.list_checkpoints(cfg.log_dir)
+        if saved:
+            then = (f"{saved[-1][1].name} (step {saved[-1][0]}) is the last one written and is intact: make room (move old "
+                    "checkpoints away, or keep fewer with --keep-last), then run the same command to resume from it")
+        else:
+            then = "no checkpoint was written yet: make room, or pass a --log-dir on a disk with room, and start again"
+        with contextlib.suppress(OSError):  # the log lives on the same disk: it may be full too
+            self.log.line(f"step {e.step:6d} | {e}: stopping")
+            self.log.event("end", step=e.step, reason="checkpoint-failed")  # the S3 sidecar and the cost guard finish
+        raise UserError(f"{e}; {then}") from e
 
     # --- divergence --------------------------------------------------------------------------------
     def _weights_finite(self) -> bool:
@@ -343,12 +396,12 @@ class Trainer:
         self.optimizer.step()
         return loss_accum, norm, lr
 
-    def train_and_agree(self, step: int, read_back: bool = True) -> tuple[float | None, float | None, float, bool, bool]:
-        """train_step, then (loss, grad norm, lr, stop?, save now?) with at most one host sync.
+    def train_and_agree(self, step: int, read_back: bool = True) -> tuple[float | None, float | None, float, bool, bool, bool]:
+        """train_step, then (loss, grad norm, lr, stop?, save now?, a checkpoint write failed?) with at most one host sync.
 
-        Under DDP the loss, the stop request and the timed-save request travel in one all-reduce and are read
-        back every step, so every rank takes the same decision (a rank that stopped alone would hang the
-        others). A single process reads back only when asked (steps that log): between those the host queues
+        Under DDP the loss, the stop request, the timed-save request and a failed write travel in one all-reduce
+        and are read back every step, so every rank takes the same decision (a rank that stopped alone would hang
+        the others). A single process reads back only when asked (steps that log): between those the host queues
         step after step without waiting for the GPU; loss and norm are then None.
         """
         cfg, rt = self.cfg, self.rt
@@ -358,12 +411,13 @@ class Trainer:
             self.stop.requested = True
             self.log.line(f"{contract.STOP_REQUEST_FILE} in {cfg.log_dir}: stopping with a checkpoint")
         timed = bool(cfg.checkpoint_minutes and rt.master and time.time() - self.last_save_time >= 60 * cfg.checkpoint_minutes)
+        failed = self.write_error is not None
         if not (rt.ddp or read_back):
-            return None, None, lr, self.stop.requested, timed
-        flags = torch.tensor([float(self.stop.requested), float(timed)], device=rt.device)
+            return None, None, lr, self.stop.requested, timed, failed
+        flags = torch.tensor([float(self.stop.requested), float(timed), float(failed)], device=rt.device)
         packed = torch.cat([loss_accum.float().view(1), norm.float().view(1), flags])
-        loss_v, norm_v, stop_v, timed_v = self._all_reduce(packed).tolist()
-        return loss_v / rt.world, norm_v / rt.world, lr, bool(stop_v), bool(timed_v)
+        loss_v, norm_v, stop_v, timed_v, failed_v = self._all_reduce(packed).tolist()
+        return loss_v / rt.world, norm_v / rt.world, lr, bool(stop_v), bool(timed_v), bool(failed_v)
 
     def run(self) -> None:
         try:
@@ -397,7 +451,7 @@ class Trainer:
                 break
             log_now = step % cfg.log_every == 0 or step == cfg.max_steps - 1
             t0 = time.time()
-            loss_v, norm_v, lr, stop, timed = self.train_and_agree(step, read_back=log_now)
+            loss_v, norm_v, lr, stop, timed, failed = self.train_and_agree(step, read_back=log_now)
             window_s, window_n = window_s + time.time() - t0, window_n + 1
             if log_now:
                 # Steps that did not read back were only queued; the read-back waited for all of them, so the
@@ -408,16 +462,22 @@ class Trainer:
                 window_s, window_n = 0.0, 0
             if loss_v is not None and not math.isfinite(loss_v + norm_v):  # under DDP: read back, and agreed, each step
                 self._diverged(step, f"the loss is {loss_v}, the gradient norm {norm_v}")
+            if failed:
+                self._write_failed()
             self._report_saves()
             step += 1
             if stop or timed:
                 self.save(step, None)
             if stop:
                 self._report_saves(wait=True)
+                if self.write_error:
+                    self._write_failed()
                 self.log.line(f"stopped at step {step}: resume with the same command")
                 self.log.event("end", step=step, reason="stopped")  # the S3 sidecar and cost guard wait for this
                 return
         self._report_saves(wait=True)  # "end" means every checkpoint is on disk
+        if self.write_error:
+            self._write_failed()
         self.log.line(f"done: {cfg.max_steps} steps, final val loss {val_loss:.4f}")
         self.log.event("end", step=cfg.max_steps, reason="done")
 
@@ -440,6 +500,8 @@ class Trainer:
                       + (f" | attention: {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else "")
                       + (f" | residual stream {cfg.residual_dtype}" if cfg.residual_dtype != "float32" else "")
                       + (f" | loss in chunks of {cfg.ce_chunk_tokens} tokens" if cfg.ce_chunk_tokens else "") + f" | log dir {cfg.log_dir}")
+        if self.room_warning:
+            self.log.line(self.room_warning)
         if self.start_step:
             self.log.line(f"resumed from {self.resumed_from} at step {self.start_step}")
             self.log.event("resume", step=self.start_step, path=self.resumed_from)

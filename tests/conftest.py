@@ -104,6 +104,32 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
+# ---- a real full disk ------------------------------------------------------------------------------------
+@pytest.fixture
+def disk(tmp_path):
+    """disk(bytes) -> a directory on a tmpfs of that size; grow(dir, bytes) gives it more room."""
+    mounted = []
+
+    def make(size: int, name: str = "disk"):
+        d = tmp_path / name
+        d.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 1024}k", "tmpfs", str(d)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(reason=f"cannot mount a size-limited tmpfs here ({proc.stderr.strip()}): it needs root, "
+                               "which CI has")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def grow(d, size: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size // 1024}k", str(d)], check=True)
+
+
 # ---- the real Docker engine ----------------------------------------------------------------------------
 def sh(*args, check=True, timeout=1200, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)

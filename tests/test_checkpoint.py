@@ -77,9 +77,26 @@ def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path):
     not_a_dir.write_text("x")
     saver = ckpt_lib.AsyncSaver(not_a_dir)
     saver.save({"step": 1}, 1)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt_lib.CheckpointWriteError, match=r"model_00001.pt could not be written to .*file: File exists$"):
         saver.wait()
     assert saver.wait() == []  # reported once
+
+
+@pytest.mark.parametrize("keep_last,keep_every,existing,every,steps", [
+    (3, 0, [], 2, 20), (3, 8, [], 2, 30), (1, 0, [], 1, 5), (0, 0, [], 5, 20), (2, 0, [3, 6, 7], 4, 24), (1, 4, [2], 1, 9),
+])
+def test_most_on_disk_is_what_retention_leaves_on_a_real_disk(tmp_path, keep_last, keep_every, existing, every, steps):
+    """The trainer's free-space check counts checkpoints with most_on_disk; count the real files instead."""
+    for s in existing:
+        ckpt_lib.checkpoint_path(tmp_path, s).write_bytes(b"x")
+    future = [s for s in range(1, steps + 1) if s % every == 0 and s not in existing]
+    most = len(existing)
+    for s in future:
+        ckpt_lib.save({"step": s}, tmp_path, s)
+        most = max(most, len(ckpt_lib.list_checkpoints(tmp_path)))  # the new file is whole before retention runs
+        ckpt_lib.apply_retention(tmp_path, keep_last, keep_every)
+    assert ckpt_lib.most_on_disk(existing, future, keep_last, keep_every) == most
+    assert sorted(s for s, _ in ckpt_lib.list_checkpoints(tmp_path)) == ckpt_lib.retained(existing + future, keep_last, keep_every)
 
 
 @pytest.mark.slow

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 
 import pytest
+from tqdm import tqdm
 
-from conftest import ROOT, assert_one_line_error
-from infra.fetch import fetch_weights
+from conftest import ROOT, assert_one_line_error, grow
+from infra.fetch import _download, fetch_weights
 from infra.ssh import connect
 from job.errors import UserError
 from sshd import start_sshd
@@ -104,3 +106,35 @@ def test_fab_fetch_weights_task(server, box, tmp_path):
     bad = subprocess.run([*cmd[:5], "root@127.0.0.1", "--port", "1", "--to", str(local)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert_one_line_error(bad)
+
+
+def test_fetch_that_cannot_fit_is_refused_before_any_transfer(server, box, tmp_path, disk):
+    local = disk(5 * 2**20) / "weights"  # one 3 MiB checkpoint fits, three do not
+    with conn_for(server) as c:
+        with pytest.raises(UserError, match=r"weights has \d+ MiB free and this fetch needs 9 MiB \(5 files\): make room "
+                                            r"there, fetch --latest-only, or fetch --to a disk with room"):
+            fetch_weights(c, str(box), local, progress=False)
+        assert list(local.iterdir()) == []
+        report = fetch_weights(c, str(box), local, latest_only=True, progress=False)
+    assert sorted(report.copied) == ["metrics.jsonl", "model_03000.pt", "train.log"]
+    assert same_files(box, local, report.copied)
+
+
+def test_disk_filling_during_a_transfer_keeps_the_part_and_the_next_fetch_goes_on(server, box, tmp_path, disk):
+    # Something else fills the disk after the free-space check: the write itself fails.
+    local = disk(2 * 2**20) / "weights"
+    local.mkdir()
+    name, size = "model_03000.pt", (box / "model_03000.pt").stat().st_size
+    with conn_for(server) as c:
+        sftp = c.sftp()
+        digest = hashlib.sha256((box / name).read_bytes()).hexdigest()
+        with pytest.raises(UserError, match=rf"no space left on the device for {local / name} \(\d+ KiB free, 1 MiB still "
+                                            r"to copy\): make room there and run fetch-weights again; it goes on from the "
+                                            rf"2 MiB in {name}.part"):
+            _download(sftp, str(box / name), local / name, size, digest, tqdm(disable=True))
+        part = local / f"{name}.part"
+        assert part.stat().st_size > 0 and not (local / name).exists()
+        kept = part.read_bytes()
+        grow(local.parent, 8 * 2**20)
+        fetch_weights(c, str(box), local, latest_only=True, progress=False)
+    assert same_files(box, local, [name]) and (box / name).read_bytes().startswith(kept)

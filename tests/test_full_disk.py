@@ -1,0 +1,135 @@
+"""A full disk, for real: size-limited tmpfs mounts that run out of space while the trainer checkpoints, the
+preparer writes shards, or the exporter writes weights. Each tool must say so in one line, keep every complete file
+it wrote before, and carry on from them once there is room."""
+
+import hashlib
+
+import pytest
+import torch
+
+from conftest import CORPUS, SMALL, assert_one_line_error, events, grow, losses, run_cli, train_cmd
+from job import checkpoint as ckpt_lib
+from job.config import parse_args
+from job.errors import cli_main
+from job.model import GPT
+
+STEPS = 6
+
+
+def small_checkpoint_bytes() -> int:
+    return ckpt_lib.estimate_bytes(GPT(parse_args(SMALL).model_config()))
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """The same run on a disk with room: the losses and checkpoints the interrupted run must reproduce."""
+    log = tmp_path_factory.mktemp("reference")
+    run_cli(*train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 2), check=True)
+    return log
+
+
+@pytest.mark.slow
+def test_full_disk_stops_training_in_one_line_and_the_same_command_resumes(shards, reference, disk):
+    size = small_checkpoint_bytes()
+    # The estimate the free-space check uses is the real file's size, within a percent.
+    assert (reference / "model_00002.pt").stat().st_size == pytest.approx(size, rel=0.01)
+    log = disk(int(1.5 * size)) / "log"  # room for one checkpoint, not two
+    args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 2)
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    line = assert_one_line_error(proc, "checkpoint model_00004.pt could not be written", "no space left on the device",
+                                 "model_00002.pt (step 2) is the last one written and is intact",
+                                 "run the same command to resume")
+    assert f"about {size / 2**20:.0f} MiB" in line
+    # Warned at the start: three checkpoints were planned and one fits.
+    assert "will need up to" in proc.stdout and "the run stops with an error when the disk fills" in proc.stdout
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [2] and not list(log.glob(".*tmp*"))
+    assert events(log, "end")[-1] == {**events(log, "end")[-1], "step": 4, "reason": "checkpoint-failed"}
+    ck, want = ckpt_lib.load(log / "model_00002.pt"), ckpt_lib.load(reference / "model_00002.pt")
+    for k, v in want["model"].items():
+        assert torch.equal(ck["model"][k], v), k
+
+    grow(log.parent, 6 * size)
+    run_cli(*args, check=True)  # the same command, now with room
+    assert events(log, "resume")[-1]["step"] == 2
+    got, ref = losses(log), losses(reference)
+    assert sorted(got) == list(range(STEPS)) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), step
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_stops_at_once_in_one_line(shards, disk):
+    """Only rank 0 writes: the others hear of the failure in the step's all-reduce and stop with it, rather than
+    wait for it in a collective until torchrun kills them with a traceback."""
+    log = disk(int(1.5 * small_checkpoint_bytes())) / "log"
+    args = train_cmd(shards, log, "--max-steps", 12, "--checkpoint-every", 2)
+    proc = run_cli("-m", "job.launch", *args[2:], NPROC=2)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "checkpoint model_00004.pt could not be written", "model_00002.pt (step 2) is the last one")
+    assert "Traceback" not in proc.stdout and "exited with" not in proc.stdout
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [2]
+    assert max(losses(log)) < 11  # stopped within a step or two of finding out, not at the end of the run
+    assert events(log, "end")[-1]["reason"] == "checkpoint-failed"
+
+
+@pytest.mark.slow
+def test_no_room_for_one_checkpoint_is_refused_before_training(shards, disk):
+    log = disk(small_checkpoint_bytes() // 2) / "log"
+    proc = run_cli(*train_cmd(shards, log, "--max-steps", STEPS))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, f"{log} has", "free and a checkpoint of this model takes about",
+                          "pass a --log-dir on a disk with room")
+    assert not (log / "train.log").exists()  # refused before the first step
+
+
+def test_prepare_on_a_full_disk_keeps_its_shards_and_finishes_once_there_is_room(tmp_path, disk):
+    cmd = ["-m", "job.prepare", "text", CORPUS, "--shard-size", 50_000]
+    run_cli(*cmd, "--out", tmp_path / "ref", check=True)
+    out = disk(300 * 1024) / "shards"  # two shards of 100 KB fit, the third does not
+    proc = run_cli(*cmd, "--out", out)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, f"cannot write shards to {out}: no space left on the device", "the shards already written stay")
+    kept = sorted(p.name for p in out.glob("*.npy"))
+    assert kept and not list(out.glob(".*tmp*"))  # complete shards only
+    grow(out.parent, 4 * 2**20)
+    run_cli(*cmd, "--out", out, check=True)
+    want = sorted(p.name for p in (tmp_path / "ref").glob("*.npy"))
+    assert sorted(p.name for p in out.glob("*.npy")) == want and len(want) > len(kept)
+    for name in want:
+        assert digest(out / name) == digest(tmp_path / "ref" / name), name
+
+
+def test_export_on_a_full_disk_leaves_the_previous_export_as_it_was(tmp_path, disk):
+    model = GPT(parse_args(SMALL).model_config())
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "step": 3, "val_loss": 9.0},
+               tmp_path / "model_00003.pt")
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    out = disk(int(1.6 * weights)) / "hf"  # one export fits, a second beside it (written before the swap) does not
+    run_cli("-m", "job.export", "--checkpoint", tmp_path, "--out", out, check=True)
+    before = {p.name: digest(p) for p in out.iterdir()}
+    proc = run_cli("-m", "job.export", "--checkpoint", tmp_path, "--out", out, "--overwrite")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, f"cannot write the export to {out}: no space left on the device", "--out is as it was")
+    assert {p.name: digest(p) for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["hf"]  # no temp dir left behind
+
+
+def test_any_other_full_disk_write_is_one_line(disk, capsys):
+    path = disk(64 * 1024) / "big.bin"
+
+    @cli_main
+    def writer():
+        path.write_bytes(b"x" * 2**20)
+
+    with pytest.raises(SystemExit) as exit_:
+        writer()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    # (a failed write() names no file, unlike a failed open(); the writers above name theirs)
+    assert err == "error: no space left on the device: make room there (or write to another disk), then run the same command again"
