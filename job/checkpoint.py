@@ -22,7 +22,7 @@ import torch
 
 from job import contract
 from job.errors import UserError
-from job.fsutil import fsync_dir, write_failure
+from job.fsutil import free_bytes, fsync_dir, out_of_space, write_failure
 
 _PREFIX = contract.CHECKPOINT_GLOB.split("*")[0]
 _NAME = re.compile(rf"^{re.escape(_PREFIX)}(\d+)\.pt$")
@@ -47,9 +47,9 @@ def list_checkpoints(log_dir) -> list[tuple[int, Path]]:
 class CheckpointWriteError(UserError):
     """A checkpoint file could not be written (a full disk, most often); nothing visible changed."""
 
-    def __init__(self, message: str, step: int):
+    def __init__(self, message: str, step: int, no_space: bool):
         super().__init__(message)
-        self.step = step
+        self.step, self.no_space = step, no_space
 
 
 def save(state: dict, log_dir, step: int) -> Path:
@@ -74,8 +74,9 @@ def save(state: dict, log_dir, step: int) -> Path:
         fsync_dir(d)
     except Exception as e:
         _remove(tmp)  # first, so the free space below is what the next attempt would have
-        raise CheckpointWriteError(f"checkpoint {final.name} could not be written to {d}: {write_failure(e, d, state_bytes(state))}",
-                                   step) from e
+        need = state_bytes(state)
+        raise CheckpointWriteError(f"checkpoint {final.name} could not be written to {d}: {write_failure(e, d, need)}", step,
+                                   no_space=out_of_space(e, free_bytes(d), need)) from e
     finally:
         _remove(tmp)
     return final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -34,18 +35,35 @@ def cli_main(fn):
                 print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
         except OSError as e:
-            if e.errno not in NO_SPACE:
+            message = file_system_error(e)
+            if message is None:
                 raise
-            # Writers that know their files say more (the checkpoint and shard writers do); this is the rest.
-            where = f" writing {e.filename}" if e.filename else ""
-            print(f"error: no space left on the device{where}: make room there (or write to another disk), then run the "
-                  "same command again", file=sys.stderr, flush=True)
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: {message}", file=sys.stderr, flush=True)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+def file_system_error(e: OSError) -> str | None:
+    """One line for what the file system refused (a full disk, a path this user may not write, a read-only mount),
+    or None for an OSError that is not about the user's files (a bug: its traceback is wanted). Writers that know
+    more (the checkpoint, shard and export writers) say it themselves; this is for the rest."""
+    path = f" {e.filename}" if e.filename else ""
+    if e.errno in NO_SPACE:
+        return (f"no space left on the device{' for' + path if path else ''}: make room there (or write to another "
+                "disk), then run the same command again")
+    if not path:  # without a path, neither we nor the user can tell which file: keep the traceback
+        return None
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied:{path} ({e.strerror}): this user (uid {os.getuid()}) may not use it; fix its owner or mode "
+                f"(e.g. `sudo chown -R {os.getuid()}:{os.getgid()} DIR`, on the host for a mounted volume) or use another path")
+    if e.errno == errno.EROFS:
+        return f"{path.strip()} is on a read-only file system: use a writable path (a volume mounted with :ro?)"
+    return None
 
 
 def number(value, flag: str, cast=int, minimum: float | None = 0):

@@ -152,13 +152,16 @@ def export(checkpoint, out_dir, dtype: str = "float32", overwrite: bool = False)
         ),
     }
     # Everything is written to a temp dir next to --out first: a failure half-way leaves --out as it was.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    need = sum(t.nbytes for t in weights.values()) + sum(len(t) for t in files.values())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out}: {write_failure(e, out.parent, need)}") from e
     try:
         _write_export(tmp, out, weights, files, save_file)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space is what a retry would have
-        need = sum(t.nbytes for t in weights.values()) + sum(len(t) for t in files.values())
         raise UserError(f"cannot write the export to {out}: {write_failure(e, out.parent, need)}; --out is as it was") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

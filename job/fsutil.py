@@ -35,11 +35,17 @@ def human_bytes(n: float) -> str:
     return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
+def out_of_space(e: BaseException, free: int, need: int) -> bool:
+    errno_ = getattr(e, "errno", None)
+    return errno_ in NO_SPACE or (errno_ is None and free < need)
+
+
 def write_failure(e: BaseException, directory, need: int) -> str:
     """Why writing `need` bytes into `directory` failed, in a few words. Some writers (torch's zip writer,
-    safetensors) hide the errno of a full disk, so the free space left after removing the partial file decides."""
+    safetensors) hide the errno of a full disk, so for them the free space left after removing the partial file
+    decides."""
     free = free_bytes(directory)
-    if getattr(e, "errno", None) in NO_SPACE or free < need:
+    if out_of_space(e, free, need):
         return f"no space left on the device ({human_bytes(free)} free; this needs about {human_bytes(need)})"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror

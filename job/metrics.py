@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,15 +35,34 @@ def format_eta(seconds: float) -> str:
 class MetricsLogger:
     """Only the master rank writes; other ranks get a logger that does nothing."""
 
+    FILES = (contract.HUMAN_LOG_FILE, contract.METRICS_FILE, contract.NANOGPT_LOG_FILE)
+
     def __init__(self, log_dir, enabled: bool = True):
         self.enabled = enabled
         self.dir = Path(log_dir)
+        self.torn: set[str] = set()  # files whose last append failed, maybe half-way through a line
+        self.warned = False
         if enabled:
+            # Fail now, with the path in the error (cli_main turns it into one line), if the log dir or a log file in
+            # it cannot be written: a read-only volume, or files left by a container that ran as root.
             self.dir.mkdir(parents=True, exist_ok=True)
+            for name in self.FILES:
+                open(self.dir / name, "a").close()
 
     def _append(self, name: str, text: str) -> None:
-        with open(self.dir / name, "a", encoding="utf-8") as f:
-            f.write(text)
+        """Append, or warn once and go on: a log line is not worth a training run (the lines still reach stdout,
+        and a full disk or a lost mount stops training at the next checkpoint anyway, with its own error)."""
+        path = self.dir / name
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(("\n" if name in self.torn else "") + text)  # never glue a line onto a torn one
+            self.torn.discard(name)
+        except OSError as e:
+            self.torn.add(name)
+            if not self.warned:
+                self.warned = True
+                print(f"warning: cannot append to {path} ({e.strerror}): training goes on; log lines still go to stdout, "
+                      "and the files are retried at each line", file=sys.stderr, flush=True)
 
     def line(self, text: str) -> None:
         if self.enabled:

@@ -313,6 +313,9 @@ class Trainer:
         """Refuse to start when the log dir cannot hold even the next checkpoint (better now than an hour in), and
         return a warning when this run's checkpoints, with the retention policy, will outgrow its free space."""
         cfg = self.cfg
+        probe = Path(cfg.log_dir) / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")  # an OSError naming the dir (one line from cli_main) if checkpoints could not go there
+        probe.unlink()
         size, free = ckpt_lib.estimate_bytes(self.model), free_bytes(cfg.log_dir)
         if free < size:
             raise UserError(f"{cfg.log_dir} has {human_bytes(free)} free and a checkpoint of this model takes about "
@@ -338,14 +341,14 @@ class Trainer:
                             "cause and the checkpoint to resume from")
         cfg = self.cfg
         saved = ckpt_lib.list_checkpoints(cfg.log_dir)
+        fix = "make room (move old checkpoints away, or keep fewer with --keep-last)" if e.no_space else "fix that"
         if saved:
-            then = (f"{saved[-1][1].name} (step {saved[-1][0]}) is the last one written and is intact: make room (move old "
-                    "checkpoints away, or keep fewer with --keep-last), then run the same command to resume from it")
+            then = (f"{saved[-1][1].name} (step {saved[-1][0]}) is the last one written and is intact: {fix}, then run the same "
+                    "command to resume from it")
         else:
-            then = "no checkpoint was written yet: make room, or pass a --log-dir on a disk with room, and start again"
-        with contextlib.suppress(OSError):  # the log lives on the same disk: it may be full too
-            self.log.line(f"step {e.step:6d} | {e}: stopping")
-            self.log.event("end", step=e.step, reason="checkpoint-failed")  # the S3 sidecar and the cost guard finish
+            then = f"no checkpoint was written yet: {fix} or pass another --log-dir, and start again"
+        self.log.line(f"step {e.step:6d} | {e}: stopping")
+        self.log.event("end", step=e.step, reason="checkpoint-failed")  # the S3 sidecar and the cost guard finish on this
         raise UserError(f"{e}; {then}") from e
 
     # --- divergence --------------------------------------------------------------------------------

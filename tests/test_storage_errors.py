@@ -1,13 +1,17 @@
-"""A full disk, for real: size-limited tmpfs mounts that run out of space while the trainer checkpoints, the
-preparer writes shards, or the exporter writes weights. Each tool must say so in one line, keep every complete file
-it wrote before, and carry on from them once there is room."""
+"""File systems that refuse writes, for real: size-limited tmpfs mounts that run out of space while the trainer
+checkpoints, the preparer writes shards or the exporter writes weights; a mount turned read-only under a running
+trainer; a log file it may not append to. Each tool must say so in one line, keep every complete file it wrote
+before, and carry on from them once the cause is fixed."""
 
 import hashlib
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import CORPUS, SMALL, assert_one_line_error, events, grow, losses, run_cli, train_cmd
+from conftest import CORPUS, ROOT, SMALL, assert_one_line_error, env, events, grow, losses, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
 from job.config import parse_args
 from job.errors import cli_main
@@ -85,7 +89,7 @@ def test_no_room_for_one_checkpoint_is_refused_before_training(shards, disk):
     assert proc.returncode == 2
     assert_one_line_error(proc, f"{log} has", "free and a checkpoint of this model takes about",
                           "pass a --log-dir on a disk with room")
-    assert not (log / "train.log").exists()  # refused before the first step
+    assert (log / "train.log").read_text() == ""  # refused before the first step
 
 
 def test_prepare_on_a_full_disk_keeps_its_shards_and_finishes_once_there_is_room(tmp_path, disk):
@@ -133,3 +137,52 @@ def test_any_other_full_disk_write_is_one_line(disk, capsys):
     err = capsys.readouterr().err.strip()
     # (a failed write() names no file, unlike a failed open(); the writers above name theirs)
     assert err == "error: no space left on the device: make room there (or write to another disk), then run the same command again"
+
+
+@pytest.mark.slow
+def test_log_dir_turning_read_only_mid_run_stops_at_the_next_checkpoint(shards, disk):
+    d = disk(4 * small_checkpoint_bytes())
+    log = d / "log"
+    args = train_cmd(shards, log, "--max-steps", 400, "--checkpoint-every", 4, "--eval-every", 0)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while not ckpt_lib.list_checkpoints(log) or subprocess.run(["mount", "-o", "remount,ro", str(d)]).returncode:
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint, or the mount never went read-only"
+            time.sleep(0.05)  # (a remount to read-only waits until no file there is open for writing)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, out + err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 2, err
+    # The log files failed first: one warning, and training went on to the checkpoint, which decides.
+    assert lines[0].startswith(f"warning: cannot append to {log}/") and "(Read-only file system)" in lines[0]
+    step = ckpt_lib.list_checkpoints(log)[-1][0]
+    assert lines[1].startswith(f"error: checkpoint model_{step + 4:05d}.pt could not be written to {log}: Read-only file "
+                               f"system; model_{step:05d}.pt (step {step}) is the last one written and is intact: fix that, "
+                               "then run the same command to resume from it"), lines[1]
+    assert max(losses(log)) < 400 - 1
+
+
+def test_unwritable_log_dir_or_log_file_is_one_line_before_training(shards, disk, tmp_path):
+    d = disk(2**20)
+    subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+    proc = run_cli(*train_cmd(shards, d / "log", "--max-steps", 2))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, f"{d / 'log'} is on a read-only file system: use a writable path (a volume mounted with :ro?)")
+
+    log = tmp_path / "log"  # a log left by another run, whose train.log this process may not append to
+    log.mkdir()
+    (log / "train.log").write_text("step 0 | from another run\n")
+    if subprocess.run(["chattr", "+i", str(log / "train.log")], capture_output=True).returncode != 0:
+        pytest.skip(reason="this file system has no immutable attribute (chattr +i), the way to refuse root a write")
+    try:
+        proc = run_cli(*train_cmd(shards, log, "--max-steps", 2))
+    finally:
+        subprocess.run(["chattr", "-i", str(log / "train.log")], check=True)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, f"error: permission denied: {log / 'train.log'} (Operation not permitted): this user",
+                          "may not use it; fix its owner or mode")
+    assert (log / "train.log").read_text() == "step 0 | from another run\n" and not ckpt_lib.list_checkpoints(log)
