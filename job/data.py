@@ -54,10 +54,29 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
 
 def load_shard(path: str | os.PathLike) -> np.ndarray:
     """Memory-map one shard; the OS pages in only the windows we touch."""
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:  # cut short by an interrupted copy, or not a .npy file at all
+        raise UserError(f"shard {path} cannot be read: {_shard_problem(path, e)}; copy it again or re-create it with "
+                        "job.prepare (`python -m job.prepare verify DIR` checks every shard)") from None
     if arr.dtype != np.uint16 or arr.ndim != 1:
         raise UserError(f"shard {path} is not a flat uint16 array (dtype {arr.dtype}, shape {arr.shape}): re-create it with job.prepare")
     return arr
+
+
+def _shard_problem(path, e: BaseException) -> str:
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            need = f.tell() + int(np.prod(shape)) * dtype.itemsize
+    except (ValueError, EOFError, OSError):
+        return f"not a .npy file ({size:,} bytes)"
+    if size < need:
+        return f"truncated ({size:,} bytes on disk, its header describes {need:,})"
+    return f"{type(e).__name__}: {e}"
 
 
 class ShardLoader:

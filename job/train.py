@@ -117,8 +117,16 @@ class Trainer:
         if cfg.residual_dtype == "bfloat16" and autocast_ctx(cfg, rt)[1] != torch.bfloat16:
             raise UserError("--residual-dtype bfloat16 needs bf16 autocast, and this run computes in float32: "
                             "add --dtype bfloat16 (the default on CUDA) or use --residual-dtype float32")
-        self.log = MetricsLogger(cfg.log_dir, enabled=rt.master)
         B, T = cfg.micro_batch, cfg.seq_len
+        # Loaders can be injected (the benchmark feeds synthetic tokens through the very same step). Either way
+        # batches reach the step already on the device, copied ahead from pinned memory on CUDA.
+        pin = rt.device_type == "cuda"
+        self.train_loader = DeviceLoader(train_loader or ShardLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world, pin_memory=pin),
+                                         rt.device, cfg.prefetch)
+        self.val_loader = DeviceLoader(val_loader or ShardLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world, pin_memory=pin),
+                                       rt.device, cfg.prefetch)
+        # After the shards were opened (a bad one is an error before anything is written to the log dir).
+        self.log = MetricsLogger(cfg.log_dir, enabled=rt.master)
         self.grad_accum = cfg.total_batch_tokens // (B * T * rt.world)
         torch.manual_seed(cfg.seed)
         if rt.device_type == "cuda":
@@ -136,13 +144,6 @@ class Trainer:
         self.model.residual_dtype = torch.bfloat16 if cfg.residual_dtype == "bfloat16" else None
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                              rt.device_type)
-        # Loaders can be injected (the benchmark feeds synthetic tokens through the very same step). Either way
-        # batches reach the step already on the device, copied ahead from pinned memory on CUDA.
-        pin = rt.device_type == "cuda"
-        self.train_loader = DeviceLoader(train_loader or ShardLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world, pin_memory=pin),
-                                         rt.device, cfg.prefetch)
-        self.val_loader = DeviceLoader(val_loader or ShardLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world, pin_memory=pin),
-                                       rt.device, cfg.prefetch)
         self.start_step, self.val_done_at_start = 0, False
         self._resume()
         self.use_compile = cfg.compile == "on" or (cfg.compile == "auto" and rt.device_type == "cuda")
@@ -516,6 +517,8 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_data_dir(cfg.data_dir)
+    if Path(cfg.log_dir).exists() and not Path(cfg.log_dir).is_dir():
+        raise UserError(f"--log-dir {cfg.log_dir} is a file, not a directory: pass a directory (it is created if missing)")
     rt = setup_runtime(cfg)
     try:
         Trainer(cfg, rt).run()

@@ -1,5 +1,7 @@
 """Config defaults, overrides, and every bad input of the trainer giving one clear line (real CLI runs)."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,21 @@ def test_trainer_cli_damaged_checkpoint_is_one_line(tmp_path, shards):
     bad.write_bytes(b"not a checkpoint")
     assert_one_line_error(run_cli(*train_cmd(shards, tmp_path / "log", "--resume", bad)), "cannot be read", "--resume")
     assert bad.read_bytes() == b"not a checkpoint"
+
+
+def test_trainer_cli_truncated_or_foreign_shard_and_a_file_as_log_dir(tmp_path, shards):
+    """A shard cut short by an interrupted copy (np.load would only say "mmap length is greater than file size"),
+    a file that is no .npy at all, and --log-dir naming a file: each one line, before anything is written."""
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    victim = sorted(data.glob("*train*.npy"))[0]
+    full = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[: full // 2])
+    assert_one_line_error(run_cli(*train_cmd(data, tmp_path / "log")), f"shard {victim} cannot be read: truncated "
+                          f"({full // 2:,} bytes on disk, its header describes {full:,})", "job.prepare verify DIR")
+    victim.write_text("not tokens")
+    assert_one_line_error(run_cli(*train_cmd(data, tmp_path / "log")), f"shard {victim} cannot be read: not a .npy file (10 bytes)")
+    assert not (tmp_path / "log").exists()
+    (tmp_path / "file").write_text("notes")
+    assert_one_line_error(run_cli(*train_cmd(shards, tmp_path / "file")), f"--log-dir {tmp_path / 'file'} is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "notes"
