@@ -51,6 +51,7 @@ dedicated key for launched runs and delete it in the Lambda dashboard when the r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -86,8 +87,13 @@ class SelfTerminator:
 
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 class Guard:
@@ -102,6 +108,7 @@ class Guard:
         self.grace, self.idle, self.keep_on_failure, self.out, self.clock = stop_grace_minutes * 60, idle_minutes * 60, keep_on_failure, out, clock
         if not self.dir.is_dir():
             raise UserError(f"log dir {self.dir} does not exist: mount the box's weights dir there")
+        self._unwritable = False  # warned that the log dir refuses writes (a full disk): guarding goes on from memory
         self.state = self._load_state(max_hours)
         self._hashes: dict[str, tuple[int, int, str]] = {}
         self._status: tuple[str, str] | None = None
@@ -122,14 +129,28 @@ class Guard:
             state = {"started": now, "metrics_offset": metrics.stat().st_size if metrics.exists() else 0,
                      "deadline": now + max_hours * 3600 if max_hours else None}
             (self.dir / STOP).unlink(missing_ok=True)  # an old run's request must not stop this one
-            atomic_write(path, json.dumps(state))
+            self._write(path, json.dumps(state))
         return state
+
+    def _write(self, path: Path, text: str) -> bool:
+        """Write one of the guard's files, or say once that the log dir refuses writes and go on without: the files
+        only report and persist; a guard that died on a full disk would leave the box running, billing."""
+        try:
+            atomic_write(path, text)
+            return True
+        except OSError as e:
+            if not self._unwritable:
+                self._unwritable = True
+                self.out.write(f"guard: warning: cannot write {path.name} in {self.dir} ({e.strerror}): guarding goes on from "
+                               "memory; statuses go to this output only\n")
+                self.out.flush()
+            return False
 
     def status(self, state: str, detail: str) -> None:
         if self._status == (state, detail):
             return
         self._status = (state, detail)
-        atomic_write(self.dir / STATUS, json.dumps({"state": state, "detail": detail, "instance_id": self.term.instance_id,
+        self._write(self.dir / STATUS, json.dumps({"state": state, "detail": detail, "instance_id": self.term.instance_id,
                                                     "deadline": self.state["deadline"], "time": round(self.clock(), 3)}))
         self.out.write(f"guard: {state}: {detail}\n")
         self.out.flush()
@@ -234,11 +255,12 @@ class Guard:
         stop_file = self.dir / STOP
         capped = bool(deadline and now >= deadline)
         if capped and not stop_file.exists():
-            atomic_write(stop_file, json.dumps({"reason": f"--max-hours reached ({(deadline - self.state['started']) / 3600:g} h)",
-                                                "time": round(now, 3)}))
+            self._write(stop_file, json.dumps({"reason": f"--max-hours reached ({(deadline - self.state['started']) / 3600:g} h)",
+                                               "time": round(now, 3)}))
         if over is None:
-            # The grace runs from the request as written (its time survives a restart of the guard).
-            if capped and now - _requested_at(stop_file) >= self.grace:
+            # The grace runs from the request as written (its time survives a restart of the guard), or from the
+            # deadline when the request could not be written (a full disk: the trainer was never asked).
+            if capped and now - _requested_at(stop_file, deadline) >= self.grace:
                 return self._finish("the trainer did not stop within the grace period after the stop request", forced=True)
             if capped:
                 self.status("stop-requested", f"--max-hours reached: wrote {STOP}, waiting for the trainer to checkpoint and stop")
@@ -294,12 +316,16 @@ class Guard:
             time.sleep(poll_seconds)
 
 
-def _requested_at(stop_file: Path) -> float:
-    """When the stop was requested: the time the guard wrote in it, else the file's mtime (someone else wrote it)."""
+def _requested_at(stop_file: Path, deadline: float) -> float:
+    """When the stop was requested: the time the guard wrote in it, else the file's mtime (someone else wrote it),
+    else (no file) the deadline."""
     try:
         return float(json.loads(stop_file.read_text())["time"])
     except (OSError, ValueError, KeyError, TypeError):
-        return stop_file.stat().st_mtime
+        try:
+            return stop_file.stat().st_mtime
+        except OSError:
+            return deadline
 
 
 @cli_main

@@ -8,7 +8,9 @@ anything matching model_*.pt can be uploaded at once; after upload and read-back
 a marker `.synced-<name>` is written beside it. The logs (metrics.jsonl, train.log, log.txt) follow on each
 pass when they changed. The sidecar exits after the pass that follows the trainer's "end" event (training
 done or stopped) in metrics.jsonl, or on SIGTERM after one last pass, so a box that dies loses nothing that
-was already saved.
+was already saved. A pass that fails (S3 unreachable, credentials expired, no room for a marker) is reported
+once and retried every interval, never fatal: a dead sidecar would upload nothing more. SIGTERM while failing
+exits 1 after one last try.
 
 Contract with the cost guard (infra/guard.py): the final checkpoint is safely in S3 once its
 `.synced-<name>` marker exists; the marker holds the JSON {"url", "sha256", "size"} of the uploaded object.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from infra.s3 import client, parse_s3_url, upload_files
 from job import contract
-from job.errors import cli_main
+from job.errors import UserError, cli_main
 
 LOG_FILES = (contract.METRICS_FILE, contract.HUMAN_LOG_FILE, contract.NANOGPT_LOG_FILE)
 MARKER = ".synced-{name}"
@@ -72,8 +74,12 @@ class Syncer:
             report = upload_files([ckpt], self.url, s3=self.s3)
             digest = report.sha256[ckpt.name]
             tmp = marker(self.log_dir, ckpt.name).with_suffix(".tmp")
-            tmp.write_text(json.dumps({"url": f"{self.url.rstrip('/')}/{ckpt.name}", "sha256": digest, "size": ckpt.stat().st_size}))
-            os.replace(tmp, marker(self.log_dir, ckpt.name))
+            try:
+                tmp.write_text(json.dumps({"url": f"{self.url.rstrip('/')}/{ckpt.name}", "sha256": digest, "size": ckpt.stat().st_size}))
+                os.replace(tmp, marker(self.log_dir, ckpt.name))
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
             verb = "uploaded" if report.uploaded else "already in S3:"
             self.out.write(f"sync: {verb} {ckpt.name} -> {self.url}\n")
             done.append(ckpt.name)
@@ -108,13 +114,30 @@ def run_sidecar(log_dir: Path, url: str, s3, interval: float, out=sys.stdout) ->
     signal.signal(signal.SIGINT, on_term)
     out.write(f"sync: watching {log_dir} for checkpoints, uploading to {url}\n")
     out.flush()
+    failing = ""  # the last pass's error, said once until it changes or clears
     while True:
         finished = ended(log_dir, offset) or stop["requested"]
-        syncer.sync_once()
-        if finished:
-            out.write("sync: training ended and every checkpoint is in S3: exiting\n" if not stop["requested"]
-                      else "sync: stopped after a last pass\n")
-            return
+        try:
+            syncer.sync_once()
+        except Exception as e:  # S3 unreachable, credentials expired, no room for a marker: a dead sidecar uploads nothing
+            why = " ".join((str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}").split())[:300]
+            if why != failing:
+                out.write(f"sync: error: {why}; retrying every {interval:g} s\n")
+                out.flush()
+            failing = why
+            if stop["requested"]:  # a stop (fab stop, docker stop) while failing: do not hold the box hostage
+                out.write(f"sync: stopped with checkpoints not confirmed in S3 ({why})\n")
+                out.flush()
+                raise SystemExit(1) from None
+        else:
+            if failing:
+                out.write("sync: working again\n")
+                failing = ""
+            if finished:
+                out.write("sync: training ended and every checkpoint is in S3: exiting\n" if not stop["requested"]
+                          else "sync: stopped after a last pass\n")
+                out.flush()
+                return
         deadline = time.monotonic() + interval
         while time.monotonic() < deadline and not stop["requested"]:
             time.sleep(0.2)

@@ -175,6 +175,27 @@ def test_ignored_stop_request_never_loses_the_only_copy(fake, box):
     assert terminated(fake) == [{"instance_ids": [me["id"]]}]
 
 
+def test_a_full_disk_never_kills_the_guard(fake, box, disk):
+    """Its status, state and stop-request files cannot be written: it must still terminate the box at --max-hours
+    (the grace then runs from the deadline, since the trainer could not be asked to stop)."""
+    _, key = box
+    log = disk(2**20) / "model_weights"
+    log.mkdir()
+    me = fake.add_instance("run")
+    ckpt = checkpoint(log, 5)
+    (log / ".fetched-model_00005.pt").write_text(sha(ckpt))  # the laptop has it
+    with open(log / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+    g = GuardProc(fake, log, key, "--instance-id", me["id"], "--max-hours", "0.0001", "--stop-grace-minutes", "0.001")
+    rc, out, err = g.finish()
+    assert rc == 0, out + err
+    assert f"guard: warning: cannot write .guard-{me['id']}.json in {log} (No space left on device)" in out
+    assert "guard: terminated: the trainer did not stop within the grace period" in out
+    assert terminated(fake) == [{"instance_ids": [me["id"]]}]
+    assert not list(log.glob("*.tmp")) and not (log / ".stop-request").exists()
+
+
 def test_failed_run_kept_or_terminated(fake, box):
     log, key = box
     me = fake.add_instance("run")

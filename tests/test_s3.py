@@ -85,3 +85,65 @@ def test_bad_urls_and_missing_bucket_are_one_line(endpoint, tmp_path):
     with pytest.raises(UserError, match="NoSuchBucket") as e:
         upload_files([p], "s3://no-such-bucket/x", s3=client(endpoint))
     assert "\n" not in str(e.value) and "testing" not in str(e.value)
+
+
+def test_sidecar_survives_an_s3_outage_and_a_full_disk_then_finishes(tmp_path, disk, monkeypatch):
+    """The S3 sidecar on the box: S3 unreachable at first, then no room for its .synced marker. Each is said once
+    and retried; when both clear it uploads, marks, and exits after the trainer's "end" like any other run."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from sshd import free_port
+
+    creds = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    for k, v in creds.items():
+        monkeypatch.setenv(k, v)
+    port = free_port()
+    log = disk(2**20) / "model_weights"
+    log.mkdir()
+    ckpt = log / "model_00010.pt"
+    ckpt.write_bytes(os.urandom(65536))
+    filler = log / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    out = tmp_path / "sidecar.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    with open(out, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "infra.sync", "--log-dir", str(log), "--s3", "s3://late/run",
+                                 "--endpoint-url", f"http://127.0.0.1:{port}", "--interval", "0.2"], cwd=ROOT, env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
+
+    def wait_for(text: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in out.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, out.read_text()
+            time.sleep(0.1)
+
+    server, started = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False), False
+    try:
+        wait_for("sync: error: cannot reach S3 for s3://late (EndpointConnectionError)")  # S3 down
+        server.start()
+        started = True
+        client(f"http://127.0.0.1:{port}").create_bucket(Bucket="late")
+        wait_for("No space left on device; retrying")  # uploaded, but the marker cannot be written
+        filler.unlink()
+        wait_for("sync: working again")
+        with open(log / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"event": "end", "step": 10, "reason": "done"}) + "\n")
+        assert proc.wait(timeout=60) == 0, out.read_text()
+        s3 = client(f"http://127.0.0.1:{port}")
+        body = s3.get_object(Bucket="late", Key="run/model_00010.pt")["Body"].read()
+        assert body == ckpt.read_bytes()
+        assert json.loads((log / ".synced-model_00010.pt").read_text())["sha256"] == hashlib.sha256(body).hexdigest()
+    finally:
+        proc.kill()
+        if started:
+            server.stop()
+    text = out.read_text()
+    assert text.count("sync: error:") == 2, text  # each failure said once, not once per pass
+    assert text.rstrip().endswith("sync: training ended and every checkpoint is in S3: exiting"), text
+    assert not list(log.glob("*.tmp"))
