@@ -310,6 +310,12 @@ class Trainer:
             self.log.event("checkpoint", step=done["step"], path=str(done["path"]), val_loss=done["val_loss"],
                            seconds=round(done["write_s"], 3), stall_s=round(held["stall_s"], 3))
 
+    def _flush_saves(self) -> None:
+        """Wait for every write in flight and log it; stop if one failed."""
+        self._report_saves(wait=True)
+        if self.write_error:
+            self._write_failed()
+
     def _check_room(self) -> str | None:
         """Refuse to start when the log dir cannot hold even the next checkpoint (better now than an hour in), and
         return a warning when this run's checkpoints, with the retention policy, will outgrow its free space."""
@@ -473,15 +479,11 @@ class Trainer:
             if stop or timed:
                 self.save(step, None)
             if stop:
-                self._report_saves(wait=True)
-                if self.write_error:
-                    self._write_failed()
+                self._flush_saves()
                 self.log.line(f"stopped at step {step}: resume with the same command")
                 self.log.event("end", step=step, reason="stopped")  # the S3 sidecar and cost guard wait for this
                 return
-        self._report_saves(wait=True)  # "end" means every checkpoint is on disk
-        if self.write_error:
-            self._write_failed()
+        self._flush_saves()  # "end" means every checkpoint is on disk
         self.log.line(f"done: {cfg.max_steps} steps, final val loss {val_loss:.4f}")
         self.log.event("end", step=cfg.max_steps, reason="done")
 
