@@ -107,8 +107,8 @@ def failure_advice(host: str, code: int) -> str:
         return (f"training on {host} diverged (exit {code}; the error above names the last good checkpoint): launch again "
                 "with a lower learning rate, e.g. --train-args \"--max-lr 3e-4\"; it resumes from that checkpoint")
     if code == UserError.exit_code:
-        return (f"training on {host} stopped on a problem it could name (exit {code}: a mistake in the settings or files, or a "
-                "full disk; the error above says which and the fix): fix it and launch again; it resumes from the newest checkpoint")
+        return (f"training on {host} stopped on a problem it could name (exit {code}: a mistake in the settings or files, a full "
+                "disk, or out of GPU memory; the error above says which and the fix): fix it and launch again; it resumes from the newest checkpoint")
     if code > 128 and code - 128 in signal.valid_signals():
         return (f"training on {host} was killed by {signal.Signals(code - 128).name} (exit {code}; out of memory, or a stop that "
                 "outlasted its timeout?): the log is above; launch again and it resumes from the newest checkpoint")

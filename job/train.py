@@ -88,6 +88,11 @@ class StopFlag:
                   "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    # torch.OutOfMemoryError on CUDA; the CPU allocator says "can't allocate memory" in a plain RuntimeError.
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
 def hellaswag_cache_dir(cfg: TrainConfig) -> Path:
     # Next to the data on the persistent filesystem, so a new box does not download it again.
     return Path(cfg.data_dir).resolve().parent / "hellaswag"
@@ -169,6 +174,7 @@ class Trainer:
         self.last_saved_step = self.start_step if self.start_step else None
         self.room_warning = self._check_room() if rt.master else None
         self.write_error: ckpt_lib.CheckpointWriteError | None = None  # the master's first failed checkpoint write
+        self.step = self.start_step
 
     # --- resume ------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -310,6 +316,20 @@ class Trainer:
             self.log.event("checkpoint", step=done["step"], path=str(done["path"]), val_loss=done["val_loss"],
                            seconds=round(done["write_s"], 3), stall_s=round(held["stall_s"], 3))
 
+    def _oom(self) -> UserError:
+        """What to change when a step (or an evaluation) did not fit in memory, with the figures that say so."""
+        cfg, rt = self.cfg, self.rt
+        B, T = cfg.micro_batch, cfg.seq_len
+        where = f"out of {rt.device_type.upper() if rt.device_type == 'cuda' else rt.device_type} memory at step {self.step}"
+        if rt.device_type == "cuda":
+            total = torch.cuda.get_device_properties(rt.device).total_memory
+            where += f" (peak {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB)"
+        fix = (f"lower --micro-batch, e.g. --micro-batch {B // 2}: gradient accumulation keeps the {cfg.total_batch_tokens:,} "
+               "tokens per step" if B > 1 else "lower --seq-len or use a smaller model (--preset)")
+        if not cfg.ce_chunk_tokens:
+            fix += f"; --ce-chunk-tokens 8192 also avoids the full {B} x {T} x {cfg.vocab_size} logits"
+        return UserError(f"{where} with micro-batch {B} x seq-len {T}: {fix}")
+
     def _flush_saves(self) -> None:
         """Wait for every write in flight and log it; stop if one failed."""
         self._report_saves(wait=True)
@@ -432,6 +452,10 @@ class Trainer:
     def run(self) -> None:
         try:
             self._loop()
+        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain one
+            if not out_of_memory(e):
+                raise
+            raise self._oom() from None  # from None: the traceback's frames hold the tensors that did not fit
         finally:
             # A write in flight always completes before the process moves on, even after an error.
             self._report_saves(wait=True)
@@ -446,6 +470,7 @@ class Trainer:
         recent: list[float] = []
         window_s, window_n = 0.0, 0  # train time and steps since the last log line
         while True:
+            self.step = step  # for an out-of-memory error's message
             last = step == cfg.max_steps
             fresh = not (step == self.start_step and self.val_done_at_start)  # already evaluated before the resume
             val_loss = None

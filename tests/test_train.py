@@ -251,3 +251,22 @@ def test_compiled_ddp_cuts_the_graph_at_buckets_so_all_reduce_overlaps_backward(
     assert want[7] < want[0] - 0.5
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
+
+
+def test_out_of_memory_is_one_line_naming_the_micro_batch_to_use(shards, tmp_path):
+    """A real allocation failure (the address space capped at 6 GiB, the CPU's stand-in for a full GPU): the
+    128 x 128 x 50304 logits and their gradient do not fit. The answer is a smaller micro-batch, not a traceback."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    args = train_cmd(shards, tmp_path / "log", "--micro-batch", 128, "--seq-len", 128, "--block-size", 128,
+                     "--total-batch-tokens", 32768, "--max-steps", 2)
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300, preexec_fn=cap)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert_one_line_error(proc, "out of cpu memory at step 0 with micro-batch 128 x seq-len 128: lower --micro-batch, "
+                          "e.g. --micro-batch 64: gradient accumulation keeps the 32,768 tokens per step; "
+                          "--ce-chunk-tokens 8192 also avoids the full 128 x 128 x 50304 logits")
+    assert ckpt_lib.list_checkpoints(tmp_path / "log") == []
