@@ -38,8 +38,8 @@ for that long. Then, with --terminate-when-done, the newest checkpoint must be v
 there is nothing to lose. At --max-hours the guard writes .stop-request and, once training is over, does the same;
 if the trainer ignores the request for --stop-grace-minutes, the guard terminates anyway provided the newest
 checkpoint is verified (the steps since then are lost), and otherwise keeps the box and says why in .guard-status:
-it never destroys the only copy of a checkpoint. A failed run (non-zero exit) with --keep-on-failure is left
-running for inspection.
+it never destroys the only copy of a checkpoint. A failed run (non-zero exit, or an "end" event whose reason
+is diverged or checkpoint-failed: job.errors.END_REASONS) with --keep-on-failure is left running for inspection.
 
 The API key: Lambda Cloud API keys are not scoped (any key can launch and terminate anything in the account), so
 the guard narrows its own use instead: it reads the key from a 0600 file mounted read-only (never an environment
@@ -62,7 +62,7 @@ from infra.digest import sha256_file
 from infra.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
 from infra.sync import MARKER
 from job import contract
-from job.errors import UserError, cli_main
+from job.errors import END_REASONS, UserError, cli_main
 
 STATUS = ".guard-status"
 STOP = contract.STOP_REQUEST_FILE
@@ -168,7 +168,8 @@ class Guard:
                     except ValueError:
                         continue  # a line being written
                     if isinstance(e, dict) and e.get("event") == "end":
-                        return f"training ended ({e.get('reason', 'end')} at step {e.get('step', '?')})", 0
+                        reason = e.get("reason", "end")
+                        return f"training ended ({reason} at step {e.get('step', '?')})", END_REASONS.get(reason, 0)
         exit_file = self.dir / EXIT
         if exit_file.exists() and exit_file.stat().st_mtime >= self.state["started"] - 1:
             text = exit_file.read_text().strip()

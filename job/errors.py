@@ -22,6 +22,11 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+# The reasons of the trainer's "end" event (metrics.jsonl) and the exit status each goes with: the cost guard acts
+# on the event before the container's exit status exists (--keep-on-failure keeps a box whose run failed).
+END_REASONS = {"done": 0, "stopped": 0, "diverged": TrainingDiverged.exit_code, "checkpoint-failed": UserError.exit_code}
+
+
 def cli_main(fn):
     """Wrap a CLI entry point so UserError prints `error: ...` on stderr and exits non-zero."""
 

@@ -216,6 +216,22 @@ def test_failed_run_kept_or_terminated(fake, box):
     assert terminated(fake) == [{"instance_ids": [me["id"]]}]
 
 
+@pytest.mark.parametrize("reason", ["diverged", "checkpoint-failed"])
+def test_a_run_that_ended_in_failure_is_kept_with_keep_on_failure(fake, box, reason):
+    """The trainer's "end" event comes before its exit status: a diverged run or one that could not checkpoint is a
+    failure there too, so --keep-on-failure keeps the box for inspection."""
+    log, key = box
+    me = fake.add_instance("run")
+    checkpoint(log, 10)
+    g = GuardProc(fake, log, key, "--instance-id", me["id"], "--terminate-when-done", "--keep-on-failure")
+    g.wait_for("watching")
+    event(log, event="end", step=12, reason=reason)
+    rc, _, err = g.finish()
+    assert rc == 0, err
+    assert g.status()["state"] == "kept" and f"training ended ({reason} at step 12)" in g.status()["detail"]
+    assert terminated(fake) == [] and me["status"] == "active"
+
+
 def test_terminate_failure_is_retried_not_fatal(fake, box):
     log, key = box
     key.write_text("revoked-key\n")
@@ -249,3 +265,12 @@ def test_setup_mistakes_are_one_line(fake, box, tmp_path):
     key.chmod(0o644)
     rc, _, err = GuardProc(fake, log, key, "--instance-id", "abc", "--terminate-when-done").finish()
     assert rc == 2 and f"run `chmod 600 {key}`" in err and err.count("\n") == 1
+
+
+def test_every_end_reason_the_trainer_writes_has_an_exit_status():
+    import re
+
+    from job.errors import END_REASONS
+
+    written = set(re.findall(r'event\("end", [^)]*reason="([a-z-]+)"', (ROOT / "job" / "train.py").read_text()))
+    assert written == set(END_REASONS), written
