@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from job.errors import UserError, cli_main  # noqa: E402
 
 LABELS = {"a": "(a) trainer", "real": "(a) real data", "b": "(b) plain eager"}
+# A candidate must beat the trainer's step by this much to be worth confirming: run-to-run spread on one GPU was
+# 0.01-1 % (docs/BENCHMARKS.md), so less is noise.
+MIN_GAIN = 0.01
 
 
 def load(path: Path) -> dict | None:
@@ -60,13 +63,35 @@ def row_line(r: dict, ref: dict | None) -> str:
             f"{check}{'  ' + what if what else ''}")
 
 
-def summarize(paths: list[Path]) -> list[str]:
+def collect(paths: list[Path]) -> tuple[list, list[dict], dict | None]:
+    """(stage, JSON or None) per file, every run's row, and the first file's (a) row (the reference)."""
     loaded = [(p.stem, load(p)) for p in paths]
     if not any(res for _, res in loaded):
         raise UserError(f"none of {', '.join(map(str, paths))} exists: run scripts/bench_train.py --json FILE (or gpu_bench.sh) first")
     table = [row for stage, res in loaded if res for row in rows(stage, res)]
-    first = next(res for _, res in loaded if res)
     ref = next((r for r in table if r["stage"] == loaded[0][0] and r["run"] == "a" and r["tok_s"]), None)
+    return loaded, table, ref
+
+
+def fastest(table: list[dict]) -> dict | None:
+    # Only runs of the trainer's step whose losses were checked and held are candidates for a new default.
+    fair = [r for r in table if r["run"] not in ("b", "real") and r["tok_s"] and not r["error"] and r["numerics"] and r["numerics"]["ok"]]
+    return max(fair, key=lambda r: r["tok_s"]) if fair else None
+
+
+def winner_sets(paths: list[Path]) -> list[str]:
+    """`--set key=value` arguments of the fastest run if it beats the reference by MIN_GAIN (else none): what
+    gpu_bench.sh's confirm stage measures again beside the plain baseline, in one process."""
+    _, table, ref = collect(paths)
+    best = fastest(table)
+    if not (best and ref) or best is ref or best["tok_s"] < ref["tok_s"] * (1 + MIN_GAIN):
+        return []
+    return [arg for k, v in best["settings"].items() for arg in ("--set", f"{k}={v}")]
+
+
+def summarize(paths: list[Path]) -> list[str]:
+    loaded, table, ref = collect(paths)
+    first = next(res for _, res in loaded if res)
     lines = [f"summary: {first.get('preset')} on {first.get('device')}, torch {first.get('torch')}, {first.get('dtype')}; "
              + (f"tok/s against {ref['stage']}'s (a) {ref['tok_s']:,.0f}" if ref else "no (a) in the first file to compare with")
              + " (MFU: of each stage's own measured matmul peak)",
@@ -76,10 +101,8 @@ def summarize(paths: list[Path]) -> list[str]:
             lines.append(f"{stage:<12} no results ({stage}.json is missing: the stage failed, timed out or was skipped)")
         else:
             lines += [row_line(r, ref) for r in table if r["stage"] == stage]
-    # Only runs of the trainer's step whose losses were checked and held are candidates for a new default.
-    fair = [r for r in table if r["run"] not in ("b", "real") and r["tok_s"] and not r["error"] and r["numerics"] and r["numerics"]["ok"]]
-    if fair:
-        best = max(fair, key=lambda r: r["tok_s"])
+    best = fastest(table)
+    if best:
         lines.append(f"fastest with numerics ok: {best['stage']} {best['label']}, {best['tok_s']:,.0f} tok/s"
                      + (f" ({best['tok_s'] / ref['tok_s'] - 1:+.1%} vs (a))" if ref else ""))
         lines.append("its settings over the preset: " + (", ".join(f"{k}={v}" for k, v in best["settings"].items()) or "none"))
@@ -90,8 +113,10 @@ def summarize(paths: list[Path]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="+", type=Path, help="bench_train.py --json files; the first file's (a) is the reference")
+    p.add_argument("--winner-sets", action="store_true",
+                   help=f"print only the fastest run's settings as --set arguments, if it beats the reference by {MIN_GAIN:.0%}")
     args = p.parse_args(argv)
-    print("\n".join(summarize(args.json)))
+    print(" ".join(winner_sets(args.json)) if args.winner_sets else "\n".join(summarize(args.json)))
 
 
 if __name__ == "__main__":

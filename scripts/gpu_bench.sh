@@ -5,8 +5,9 @@
 #   OUT=/tmp/b DEVICE=cpu PRESET=tiny bash scripts/gpu_bench.sh   # the same stages on a CPU, as a smoke test
 #
 # Stages (each its own process under `timeout`, so one hang or crash costs only its own slot), run in the order
-# STAGES names them (default "main candidates tuned autotune"; env always runs first; a stage that would start with
-# less than 20 s of BUDGET left is skipped, and says so):
+# STAGES names them (default "main candidates tuned confirm autotune"; env always runs first; a stage that would start
+# with less than 20 s of BUDGET left is skipped, and says so; until confirm has run, CONFIRM_RESERVE seconds of the
+# budget are kept for it):
 #   env         torch/CUDA versions, nvidia-smi
 #   main        matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory, and where (a)'s GPU time
 #               goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
@@ -18,6 +19,10 @@
 #   tuned       (a) with the bf16 residual and compile mode "tuned" (Inductor's coordinate-descent tuning of its own
 #               kernels; slow to compile), then "tuned" alone
 #   variants    (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
+#   confirm     the fastest run so far whose numerics held, if it beat main's (a) by 1 % or more
+#               (scripts/bench_summary.py --winner-sets), measured again as issue 6 asks for the default: matmul
+#               peak, (a) with those settings beside (b) plain eager, ratio, MFU, numerics, in one process. Skipped
+#               (and says so) when nothing beat the defaults.
 #   autotune    (slow to compile) compile mode "autotune": max-autotune-no-cudagraphs (which crashed on torch 2.11,
 #               a Triton GEMM template faulting the GPU) with every GEMM candidate timed in a child process
 # Every variant is checked against main's (b) losses (numerics). Last, scripts/bench_summary.py puts every stage's
@@ -34,7 +39,9 @@ DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-gpt2}
 BUDGET=${BUDGET:-540}
 CE_CHUNK=${CE_CHUNK:-8192}
-STAGES=${STAGES:-main candidates tuned autotune}
+STAGES=${STAGES:-main candidates tuned confirm autotune}
+CONFIRM_RESERVE=${CONFIRM_RESERVE:-150}
+case " $STAGES " in *" confirm "*) RESERVE=$CONFIRM_RESERVE ;; *) RESERVE=0 ;; esac
 if [ -z "${PYTHON:-}" ]; then
     if [ -x /opt/torch/.venv/bin/python3 ]; then PYTHON=/opt/torch/.venv/bin/python3
     elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
@@ -55,13 +62,14 @@ MB_VARIANT=${MB_VARIANT:-32}
 ARGS+=(${BENCH_ARGS:-})
 
 T_START=$(date +%s)
-# stage NAME LIMIT_SECONDS [ENV=VALUE...] -- ARGS...: run "$PYTHON ARGS" with at most LIMIT seconds (and never past BUDGET).
+# stage NAME LIMIT_SECONDS [ENV=VALUE...] -- ARGS...: run "$PYTHON ARGS" with at most LIMIT seconds (and never past
+# BUDGET, less the RESERVE still kept for the confirm stage).
 stage() {
     local name=$1 limit=$2 envs=()
     shift 2
     while [ "$1" != "--" ]; do envs+=("$1"); shift; done
     shift
-    local left=$(( BUDGET - ($(date +%s) - T_START) ))
+    local left=$(( BUDGET - ($(date +%s) - T_START) - RESERVE ))
     if [ "$left" -lt 20 ]; then
         echo "== $name: skipped (budget of ${BUDGET}s spent)" | tee -a "$OUT/stages.txt"
         return
@@ -93,6 +101,8 @@ if torch.cuda.is_available():
 cat "$OUT/env.log"
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
+# main's JSON first: the summary compares every run with its (a)
+jsons=("$OUT/main.json")
 for name in $STAGES; do
     case $name in
         main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
@@ -104,19 +114,26 @@ for name in $STAGES; do
         variants) stage variants 170 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
             --json "$OUT/variants.json" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" \
             --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}" --variant "noddp:ddp=0" ;;
+        confirm)
+            RESERVE=0
+            # shellcheck disable=SC2207  # the --set arguments are single words
+            win=($("$PYTHON" scripts/bench_summary.py --winner-sets "${jsons[@]}" 2>/dev/null))
+            if [ ${#win[@]} -eq 0 ]; then
+                rm -f "$OUT/confirm.json"
+                echo "== confirm: ok (nothing to confirm: no run beat main's (a) by 1 % or more with its numerics held)" | tee -a "$OUT/stages.txt"
+            else
+                stage confirm 200 -- scripts/bench_train.py "${ARGS[@]}" "${win[@]}" --runs a,b --json "$OUT/confirm.json"
+            fi ;;
         autotune) stage autotune 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
             --json "$OUT/autotune.json" --variant "autotune:compile_mode=autotune" ;;
-        *) echo "== $name: unknown stage (STAGES takes main candidates tuned variants autotune)" | tee -a "$OUT/stages.txt" ;;
+        *) echo "== $name: unknown stage (STAGES takes main candidates tuned variants confirm autotune)" | tee -a "$OUT/stages.txt" ;;
     esac
+    case $name in candidates|tuned|variants|autotune|confirm) jsons+=("$OUT/$name.json") ;; esac
 done
 
 echo "== all stages in $(( $(date +%s) - T_START ))s; logs and JSON in $OUT"
 # One table of every stage's runs against main's (a) (the later stages' numerics are checked against main's (b)
 # too), and the fastest run whose numerics held: $OUT/summary.txt.
-jsons=("$OUT/main.json")
-for name in $STAGES; do
-    case $name in candidates|tuned|variants|autotune) jsons+=("$OUT/$name.json") ;; esac
-done
 "$PYTHON" scripts/bench_summary.py "${jsons[@]}" | tee "$OUT/summary.txt"
 cat "$OUT/stages.txt"
 ! grep -qv ': ok ' "$OUT/stages.txt"

@@ -144,6 +144,26 @@ def test_summary_mistakes_are_one_clear_line(tmp_path):
     assert_one_line_error(run_cli(SUMMARY, tmp_path / "main.json"), "is not a bench_train.py JSON (no runs in it)")
 
 
+def bench_json(path, tok_s: dict, numerics_ok: dict, sets: dict | None = None):
+    runs = {name: {"tok_s": t, "ms_per_step": 1.0, "mfu": 0.5, "peak_mem_gib": 1.0,
+                   "settings": {"compile_mode": name} if name not in ("a", "b") else {}} for name, t in tok_s.items()}
+    numerics = {name: {"max_rel_diff": 1e-6 if ok else 0.5, "ok": ok} for name, ok in numerics_ok.items()}
+    path.write_text(json.dumps({"preset": "gpt2", "set": sets or {}, "runs": runs, "numerics": numerics}))
+    return path
+
+
+def test_winner_sets_name_only_a_real_gain_whose_numerics_held(tmp_path):
+    main = bench_json(tmp_path / "main.json", {"a": 100.0, "b": 80.0}, {"a": True})
+    cands = bench_json(tmp_path / "candidates.json", {"a": 100.5, "res16": 104.0, "bad": 130.0},
+                       {"a": True, "res16": True, "bad": False}, sets={"sdpa_backend": "flash"})
+    cli = [SUMMARY, main, cands, "--winner-sets"]
+    # res16 is the fastest that held (bad's losses diverged; b is the baseline, not a candidate), 4 % over (a).
+    assert run_cli(*cli, check=True).stdout.strip() == "--set sdpa_backend=flash --set compile_mode=res16"
+    bench_json(cands, {"a": 100.5, "res16": 100.9}, {"a": True, "res16": True})  # within the 1 % of noise
+    assert run_cli(*cli, check=True).stdout.strip() == ""
+    assert run_cli(SUMMARY, main, "--winner-sets", check=True).stdout.strip() == ""  # the defaults are the fastest
+
+
 def test_trainer_and_bench_import_without_the_launcher_or_datasets_packages():
     """The GPU box's Python has torch, numpy and tiktoken but not datasets, fabric, paramiko or boto3."""
     code = f"""
@@ -172,15 +192,25 @@ def test_compiled_eval_and_sampling_do_not_recompile_after_warm_up():
 @pytest.mark.slow
 def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "out"
-    e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main candidates tuned variants autotune",
+    e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main candidates tuned variants confirm autotune",
             BENCH_ARGS="--micro-batch 4 --seq-len 32 --set n_layer=2 --set n_head=2 --set n_embd=64")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = (out / "stages.txt").read_text().splitlines()
     names = ["main", "candidates", "tuned", "variants", "autotune"]
-    assert [s.split(":")[0] for s in stages] == ["== env"] + [f"== {n}" for n in names], stages
-    assert all(": ok (rc 0)" in s for s in stages)
+    assert [s.split(":")[0] for s in stages] == ["== env"] + [f"== {n}" for n in names[:4] + ["confirm"] + names[4:]], stages
+    # confirm re-measures the fastest run before it if that run beat main's (a) by 1 % (CPU timings: either way).
+    win = run_cli(SUMMARY, *[out / f"{n}.json" for n in names[:4]], "--winner-sets", check=True).stdout.split()
+    if win:
+        confirm = json.loads((out / "confirm.json").read_text())
+        assert set(confirm["runs"]) == {"a", "b"} and confirm["numerics"]["a"]["ok"]
+        assert {f"{k}={v}" for k, v in confirm["set"].items()} == {w for w in win if w != "--set"}
+        names.insert(4, "confirm")
+    else:
+        assert "== confirm: ok (nothing to confirm: no run beat main's (a) by 1 % or more" in proc.stdout
+        assert not (out / "confirm.json").exists()
+    assert all(": ok (" in s for s in stages)
     for name in names:
         assert json.loads((out / f"{name}.json").read_text())["runs"]
     # Every variant is checked against main's (b); the candidates' (a) puts the flash kernel first.
@@ -217,7 +247,7 @@ def test_gpu_bench_script_names_an_unknown_stage(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert "== mian: unknown stage (STAGES takes main candidates tuned variants autotune)" in proc.stdout
+    assert "== mian: unknown stage (STAGES takes main candidates tuned variants confirm autotune)" in proc.stdout
     assert os.access(ROOT / "scripts" / "gpu_bench.sh", os.X_OK)
 
 
