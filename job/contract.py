@@ -34,4 +34,5 @@ CHECKPOINT_FORMAT = _C["CHECKPOINT_PREFIX"] + "{step:05d}.pt"
 METRICS_FILE = _C["METRICS_FILE"]  # one JSON object per event
 HUMAN_LOG_FILE = _C["HUMAN_LOG_FILE"]  # the human lines printed on stdout
 NANOGPT_LOG_FILE = _C["NANOGPT_LOG_FILE"]  # build-nanogpt's own format ("{step} train {loss}"), for old tools
+COMPILE_CACHE_DIR = _C["COMPILE_CACHE_DIR"]  # in the log dir: torch.compile's caches, kept across container restarts
 STOP_REQUEST_FILE = _C["STOP_REQUEST_FILE"]  # in the log dir: the cost guard asks the trainer to checkpoint and stop

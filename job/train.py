@@ -330,6 +330,16 @@ class Trainer:
             fix += f"; --ce-chunk-tokens 8192 also avoids the full {B} x {T} x {cfg.vocab_size} logits"
         return UserError(f"{where} with micro-batch {B} x seq-len {T}: {fix}")
 
+    def _log_compile(self, step: int, seconds: float) -> None:
+        """How the first step's compile went: graphs from the cache (a relaunch) or compiled afresh."""
+        from torch._dynamo.utils import counters
+
+        hits, misses = counters["inductor"].get("fxgraph_cache_hit", 0), counters["inductor"].get("fxgraph_cache_miss", 0)
+        where = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default cache dir")
+        self.log.line(f"step {step:6d} | first step {seconds:.1f} s with torch.compile: {hits} of {hits + misses} graphs from "
+                      f"the cache in {where}")
+        self.log.event("compile", step=step, seconds=round(seconds, 3), cache_hits=hits, cache_misses=misses)
+
     def _flush_saves(self) -> None:
         """Wait for every write in flight and log it; stop if one failed."""
         self._report_saves(wait=True)
@@ -488,6 +498,8 @@ class Trainer:
             t0 = time.time()
             loss_v, norm_v, lr, stop, timed, failed = self.train_and_agree(step, read_back=log_now)
             window_s, window_n = window_s + time.time() - t0, window_n + 1
+            if step == self.start_step and self.use_compile:
+                self._log_compile(step, time.time() - t0)
             if log_now:
                 # Steps that did not read back were only queued; the read-back waited for all of them, so the
                 # window's mean is the true time per step.
@@ -546,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     check_data_dir(cfg.data_dir)
     if Path(cfg.log_dir).exists() and not Path(cfg.log_dir).is_dir():
         raise UserError(f"--log-dir {cfg.log_dir} is a file, not a directory: pass a directory (it is created if missing)")
+    # Inductor reads this when it first compiles; a path set by the user wins.
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((Path(cfg.log_dir) / contract.COMPILE_CACHE_DIR).absolute())
     rt = setup_runtime(cfg)
     try:
         Trainer(cfg, rt).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import glob
 import importlib.util
 import json
@@ -9,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,9 @@ def hellaswag_rows(tmp_path_factory) -> Path:
 
 def env(**extra) -> dict:
     e = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # One compile cache for every test's trainer (torch's own default), not one per temp log dir: the same graphs
+    # compile once per machine. The test of the log-dir cache passes TORCHINDUCTOR_CACHE_DIR="".
+    e.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
     e.update({k: str(v) for k, v in extra.items()})
     return e
 
