@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,13 @@ def events(log_dir, kind: str) -> list[dict]:
 def losses(log_dir) -> dict[int, float]:
     """Train loss per step; after a crash and resume the re-run steps overwrite the first attempt's."""
     return {e["step"]: e["loss"] for e in events(log_dir, "train")}
+
+
+def one(pattern: str, text: str) -> re.Match:
+    """The match of `pattern` at the start of exactly one line of `text`."""
+    found = [m for line in text.splitlines() if (m := re.match(pattern, line))]
+    assert len(found) == 1, (pattern, text)
+    return found[0]
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, env, run_cli, script_module
+from conftest import ROOT, assert_one_line_error, env, one, run_cli, script_module
 
 BENCH = str(ROOT / "scripts" / "bench_train.py")
 SUMMARY = str(ROOT / "scripts" / "bench_summary.py")
@@ -28,12 +28,6 @@ def table(stdout: str) -> dict[str, tuple]:
         if m := ROW.match(line):
             rows[m.group(1).strip()] = tuple(float(g.replace(",", "")) for g in m.groups()[1:])
     return rows
-
-
-def one(pattern: str, stdout: str) -> re.Match:
-    found = [m for line in stdout.splitlines() if (m := re.match(pattern, line))]
-    assert len(found) == 1, (pattern, stdout)
-    return found[0]
 
 
 def test_quick_cpu_run_reports_every_figure(tmp_path):

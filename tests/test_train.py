@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli, train_cmd
+from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
@@ -277,18 +277,11 @@ def test_compile_cache_lives_in_the_log_dir_so_a_relaunch_reuses_it(shards, tmp_
     log = tmp_path / "log"
     first = run_cli(*train_cmd(shards, log, "--compile", "on", "--max-steps", 2), check=True, TORCHINDUCTOR_CACHE_DIR="")
     cache = log / ".compile-cache"
-    m = one_match(r"first step [\d.]+ s with torch\.compile: 0 of (\d+) graphs from the cache in (\S+)$", first.stdout)
+    m = one(r"step +0 \| first step [\d.]+ s with torch\.compile: 0 of (\d+) graphs from the cache in (\S+)$", first.stdout)
     assert int(m.group(1)) > 0 and m.group(2) == str(cache) and any(cache.iterdir())
     again = run_cli(*train_cmd(shards, log, "--compile", "on", "--max-steps", 4), check=True, TORCHINDUCTOR_CACHE_DIR="")
-    m = one_match(r"first step [\d.]+ s with torch\.compile: (\d+) of (\d+) graphs from the cache", again.stdout)
+    m = one(r"step +2 \| first step [\d.]+ s with torch\.compile: (\d+) of (\d+) graphs from the cache", again.stdout)
     assert m.group(1) == m.group(2) != "0", again.stdout  # every graph from the cache: nothing compiled again
     compiles = events(log, "compile")
     assert len(compiles) == 2 and compiles[0]["cache_misses"] > 0 and compiles[1]["cache_misses"] == 0, compiles
 
-
-def one_match(pattern: str, text: str):
-    import re
-
-    found = [m for line in text.splitlines() if (m := re.search(pattern, line))]
-    assert len(found) == 1, (pattern, text)
-    return found[0]
