@@ -14,6 +14,8 @@ class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
 
     exit_code = 2
+    # Said by every process, not only each machine's first: for what one rank can meet alone (its GPU's memory).
+    every_rank = False
 
 
 class TrainingDiverged(UserError):
@@ -36,7 +38,7 @@ def cli_main(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             # Under torchrun every process hits the same mistake: one line per machine is enough.
-            if os.environ.get("LOCAL_RANK", "0") == "0":
+            if os.environ.get("LOCAL_RANK", "0") == "0" or e.every_rank:
                 print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
         except OSError as e:

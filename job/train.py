@@ -321,6 +321,8 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         B, T = cfg.micro_batch, cfg.seq_len
         where = f"out of {rt.device_type.upper() if rt.device_type == 'cuda' else rt.device_type} memory at step {self.step}"
+        if rt.world > 1:  # one GPU may be short alone (another process on it): each rank says it for itself
+            where = f"rank {rt.rank} ({rt.device}): {where}"
         if rt.device_type == "cuda":
             total = torch.cuda.get_device_properties(rt.device).total_memory
             where += f" (peak {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB)"
@@ -328,7 +330,9 @@ class Trainer:
                "tokens per step" if B > 1 else "lower --seq-len or use a smaller model (--preset)")
         if not cfg.ce_chunk_tokens:
             fix += f"; --ce-chunk-tokens 8192 also avoids the full {B} x {T} x {cfg.vocab_size} logits"
-        return UserError(f"{where} with micro-batch {B} x seq-len {T}: {fix}")
+        err = UserError(f"{where} with micro-batch {B} x seq-len {T}: {fix}")
+        err.every_rank = True
+        return err
 
     def _log_compile(self, step: int, seconds: float) -> None:
         """How the first step's compile went: graphs from the cache (a relaunch) or compiled afresh."""

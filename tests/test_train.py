@@ -1,6 +1,7 @@
 """End-to-end runs of the real trainer: exact resume after SIGKILL, SIGTERM, torchrun DDP, checkpoints."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -285,3 +286,25 @@ def test_compile_cache_lives_in_the_log_dir_so_a_relaunch_reuses_it(shards, tmp_
     compiles = events(log, "compile")
     assert len(compiles) == 2 and compiles[0]["cache_misses"] > 0 and compiles[1]["cache_misses"] == 0, compiles
 
+
+
+def test_out_of_memory_under_ddp_names_the_rank_that_ran_out(shards, tmp_path):
+    """One GPU can be short alone (another process on it), so each rank that runs out says so itself, with its
+    rank; nothing else is printed (no torchrun traceback), and the status is the trainer's 2."""
+    import resource
+
+    def cap():  # per process: each worker gets its own 6 GiB of address space
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    args = train_cmd(shards, tmp_path / "log", "--micro-batch", 128, "--seq-len", 128, "--block-size", 128,
+                     "--total-batch-tokens", 32768, "--max-steps", 2)
+    proc = subprocess.run([sys.executable, "-m", "job.launch", *map(str, args[2:])], cwd=ROOT, env=env(NPROC=2),
+                          capture_output=True, text=True, timeout=300, preexec_fn=cap)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    oom = r"error: rank [01] \(cpu\): out of cpu memory at step 0 with micro-batch 128 x seq-len 128: lower --micro-batch, " \
+          r"e\.g\. --micro-batch 64: .*"
+    lines = proc.stderr.strip().splitlines()
+    assert any(re.fullmatch(oom, line) for line in lines), proc.stderr
+    # The rank that ran out second may first be told to stop by torchrun's agent (it stops the others when one fails).
+    assert all(re.fullmatch(oom, line) or line.startswith("received SIGTERM") for line in lines), proc.stderr
