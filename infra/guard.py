@@ -132,19 +132,17 @@ class Guard:
             self._write(path, json.dumps(state))
         return state
 
-    def _write(self, path: Path, text: str) -> bool:
+    def _write(self, path: Path, text: str) -> None:
         """Write one of the guard's files, or say once that the log dir refuses writes and go on without: the files
         only report and persist; a guard that died on a full disk would leave the box running, billing."""
         try:
             atomic_write(path, text)
-            return True
         except OSError as e:
             if not self._unwritable:
                 self._unwritable = True
                 self.out.write(f"guard: warning: cannot write {path.name} in {self.dir} ({e.strerror}): guarding goes on from "
                                "memory; statuses go to this output only\n")
                 self.out.flush()
-            return False
 
     def status(self, state: str, detail: str) -> None:
         if self._status == (state, detail):

@@ -65,6 +65,8 @@ def load_shard(path: str | os.PathLike) -> np.ndarray:
 
 
 def _shard_problem(path, e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno:  # the file could not be opened at all (permissions, I/O): say that
+        return e.strerror
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:

@@ -71,7 +71,8 @@ stage() {
     shift
     local left=$(( BUDGET - ($(date +%s) - T_START) - RESERVE ))
     if [ "$left" -lt 20 ]; then
-        echo "== $name: skipped (budget of ${BUDGET}s spent)" | tee -a "$OUT/stages.txt"
+        echo "== $name: skipped (under 20 s left of the ${BUDGET}s budget$([ "$RESERVE" -gt 0 ] && echo " once ${RESERVE}s are kept for confirm"))" \
+            | tee -a "$OUT/stages.txt"
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
