@@ -250,9 +250,10 @@ def base_config(args) -> TrainConfig:
     cfg.total_batch_tokens = cfg.micro_batch * cfg.seq_len * args.grad_accum
     cfg.hellaswag_every, cfg.resume = 0, "never"
     for k, v in parse_settings(args.set, "--set").items():
-        if k == "ddp":
-            raise UserError("--set ddp=...: use --ddp on|off")
-        setattr(cfg, k, v)
+        if k == "ddp":  # the same vocabulary as --variant, so bench_summary.py --winner-sets can name any winner
+            args.ddp = "on" if v else "off"
+        else:
+            setattr(cfg, k, v)
     if args.quick:
         cfg.val_steps, cfg.sample_tokens = 2, 4
     return validate(cfg)
@@ -587,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--ddp", default="on", choices=["on", "off"], help="wrap (a) in DDP with world size 1, as under torchrun")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field for (a) and variants")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field for (a) and variants, or ddp=0/1 (as --ddp)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="another (a) with these settings")
     p.add_argument("--compare-json", help="results JSON of an earlier run whose (b) losses the variants are checked against")

@@ -158,6 +158,24 @@ def test_winner_sets_name_only_a_real_gain_whose_numerics_held(tmp_path):
     assert run_cli(SUMMARY, main, "--winner-sets", check=True).stdout.strip() == ""  # the defaults are the fastest
 
 
+def test_a_winner_without_ddp_is_measured_again_without_ddp(tmp_path):
+    # gpu_bench's variants stage runs noddp:ddp=0; when it wins, confirm passes its settings back as --set, and
+    # bench_train.py takes ddp there as it does in --variant (it once refused it, failing the confirm stage).
+    main = bench_json(tmp_path / "main.json", {"a": 100.0, "b": 80.0}, {"a": True})
+    variants = tmp_path / "variants.json"
+    variants.write_text(json.dumps({"set": {"n_layer": 2}, "numerics": {"noddp": {"max_rel_diff": 0.0, "ok": True}},
+                                    "runs": {"noddp": {"tok_s": 110.0, "ms_per_step": 1.0, "mfu": 0.5, "peak_mem_gib": 1.0,
+                                                       "settings": {"ddp": 0}}}}))
+    win = run_cli(SUMMARY, main, variants, "--winner-sets", check=True).stdout.split()
+    assert win == ["--set", "n_layer=2", "--set", "ddp=0"]
+    out = tmp_path / "confirm.json"
+    text = run_cli(BENCH, *SMALL, *win[2:], "--runs", "a", "--json", out, check=True).stdout
+    one(r"^\(a\) trainer .* no DDP, ", text)
+    assert json.loads(out.read_text())["set"]["ddp"] == 0
+    text = run_cli(BENCH, *SMALL, "--set", "ddp=1", "--runs", "a", check=True).stdout
+    one(r"^\(a\) trainer .* DDP x1, ", text)
+
+
 def test_trainer_and_bench_import_without_the_launcher_or_datasets_packages():
     """The GPU box's Python has torch, numpy and tiktoken but not datasets, fabric, paramiko or boto3."""
     code = f"""
