@@ -56,9 +56,14 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def under_ddp() -> bool:
+    """Started by torchrun with other ranks (gloo or NCCL process group)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     device = pick_device(cfg.device)
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ddp = under_ddp()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -573,5 +578,26 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """`python -m job.train` and the old workflow's train.py: main(), and a DDP rank then ends without the
+    interpreter's teardown. DDP keeps the process group and its C++ threads (gloo's) alive past
+    destroy_process_group, and their teardown racing the interpreter's once aborted a rank that had already
+    finished ("terminate called without an active exception", SIGABRT, in CI after a clean one-line error): the
+    launcher then reports a crash, and the exit status no longer says done / stopped / mistake. Every file the run
+    writes is complete by now (checkpoint writes are waited for in Trainer.run), so nothing is lost by skipping it."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:  # cli_main's exit status for errors; argparse's for --help and usage mistakes
+        code = e.code
+    if under_ddp():
+        if isinstance(code, str):  # what sys.exit("...") would have printed
+            print(code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
