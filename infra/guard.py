@@ -15,7 +15,7 @@ File contract, all in the log dir (the box's weights dir; names start with "." s
                  checkpoint-failed: a checkpoint could not be written, e.g. a full disk, and training stopped).
                  Only "end" lines appended after the guard first started count (a resumed run's old ones do not).
   .train-exit    the trainer container's exit status as text ("0" done/stopped, "2" a user mistake or full disk, "3" diverged,
-                 "137" killed; job.launch passes the trainer's own status on), written by the launcher side when the
+                 "4" a rank lost another, "137" killed; job.launch passes the trainer's own status on), written by the launcher side when the
                  container exits (e.g. `docker wait NAME > .train-exit.tmp && mv .train-exit.tmp .train-exit` on the
                  host). Covers crashes, which log no "end". Ignored if older than the guard's first start.
   .stop-request  written by the guard at --max-hours (JSON {"reason", "time"}). Whoever owns the trainer turns it

@@ -29,7 +29,7 @@ from infra.trainer import (
     stream_logs,
 )
 from job import contract
-from job.errors import TrainingDiverged, UserError
+from job.errors import RankLost, TrainingDiverged, UserError
 
 CREDENTIALS = ".config/nanogpt/aws-credentials"  # on the box, relative to the user's home; 0600
 SECRET_MOUNT = "/run/nanogpt/aws-credentials"
@@ -109,6 +109,10 @@ def failure_advice(host: str, code: int) -> str:
     if code == UserError.exit_code:
         return (f"training on {host} stopped on a problem it could name (exit {code}: a mistake in the settings or files, a full "
                 "disk, or out of GPU memory; the error above says which and the fix): fix it and launch again; it resumes from the newest checkpoint")
+    if code == RankLost.exit_code:
+        return (f"training on {host} stopped because a rank lost contact with another (exit {code}: a machine of the run "
+                "went away, or the network between them; the error above says which rank and the last checkpoint): launch "
+                "again and it resumes from it")
     if code > 128 and code - 128 in signal.valid_signals():
         return (f"training on {host} was killed by {signal.Signals(code - 128).name} (exit {code}; out of memory, or a stop that "
                 "outlasted its timeout?): the log is above; launch again and it resumes from the newest checkpoint")

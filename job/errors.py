@@ -18,6 +18,13 @@ class UserError(Exception):
     every_rank = False
 
 
+class RankLost(UserError):
+    """Another rank went away mid-run (killed, crashed, its machine gone): this one cannot go on alone. Not the
+    first failure, so not the status the launcher reports; its line says what this rank saw and what to resume."""
+
+    exit_code = 4
+
+
 class TrainingDiverged(UserError):
     """The loss or the weights stopped being finite numbers; the run stopped without saving them."""
 

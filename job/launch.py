@@ -35,12 +35,20 @@ import socket
 import subprocess
 import sys
 
-from job.errors import TrainingDiverged, UserError
+from job.errors import RankLost, TrainingDiverged, UserError
 
-# Exit statuses whose worker has already said everything in one line (a user mistake, a diverged run, a second
-# Ctrl-C): nothing to add.
-SELF_EXPLAINED = {UserError.exit_code, TrainingDiverged.exit_code, 130}
+# Exit statuses whose worker has already said everything in one line (a user mistake, a diverged run, a rank that
+# lost another, a second Ctrl-C): nothing to add.
+SELF_EXPLAINED = {UserError.exit_code, TrainingDiverged.exit_code, RankLost.exit_code, 130}
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
+# What a worker's fatal signal most often means, for the launcher's one line.
+SIGNAL_CAUSES = {
+    signal.SIGKILL: "killed outright, most often by the kernel's out-of-memory killer: the machine's RAM, not the GPU's "
+                    "(`dmesg` on the box says)",
+    signal.SIGSEGV: "a crash inside native code (torch, NCCL or the driver)",
+    signal.SIGABRT: "a crash inside native code (torch, NCCL or the driver)",
+    signal.SIGBUS: "a bus error: shared memory (/dev/shm) too small for the container, or a file mapped from disk that went away",
+}
 
 
 def torchrun_args(argv: list[str], gpus: int, nproc_env: str | None, env: dict[str, str] | None = None) -> list[str] | None:
@@ -119,6 +127,14 @@ class _QuietAgent(logging.Filter):
         return "failed (exitcode" not in msg and "closing signal" not in msg
 
 
+def first_failure(failures: dict) -> tuple[int, object]:
+    """The failure to report: the earliest, leaving out ranks that only lost another (RankLost): the agent sees a
+    killed rank and its survivor fail in the same poll, and their timestamps tie to the second."""
+    causes = {r: f for r, f in failures.items() if f.exitcode != RankLost.exit_code} or failures
+    rank = min(causes, key=lambda r: (causes[r].timestamp, r))
+    return rank, causes[rank]
+
+
 def run_agent(args: list[str], own_signals: bool = False) -> int:
     """Run torchrun's elastic agent here with `args`; the job's exit status. With own_signals it handles SIGTERM
     and SIGINT itself, as `torchrun` does."""
@@ -135,13 +151,14 @@ def run_agent(args: list[str], own_signals: bool = False) -> int:
     try:
         run(parse_args(args))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = first_failure(e.failures)
         code = failure.exitcode
         status = 128 - code if code < 0 else code  # a signal -N exits as 128+N, as a shell reports it
         if status not in SELF_EXPLAINED:
             what = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"status {code}"
-            print(f"error: training failed: rank {rank} on {socket.gethostname()} exited with {what} (its output is above)",
-                  file=sys.stderr, flush=True)
+            cause = SIGNAL_CAUSES.get(-code)
+            print(f"error: training failed: rank {rank} on {socket.gethostname()} exited with {what}"
+                  + (f": {cause}" if cause else "") + " (its output is above)", file=sys.stderr, flush=True)
         return status
     return 0
 

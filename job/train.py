@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -24,8 +25,9 @@ from job import checkpoint as ckpt_lib
 from job import contract
 from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args
 from job.data import DeviceLoader, ShardLoader, check_data_dir
-from job.errors import TrainingDiverged, UserError, cli_main
+from job.errors import RankLost, TrainingDiverged, UserError, cli_main
 from job.fsutil import free_bytes, human_bytes
+from job.launch import children
 from job.metrics import MetricsLogger, format_eta, peak_flops
 from job.model import GPT
 from job.optim import configure_optimizer, get_lr
@@ -88,9 +90,29 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        if signum == signal.SIGTERM and sibling_gone():
+            # torchrun's agent stopping the survivors of a failed rank, not a user's stop: no checkpoint can follow
+            # (the next collective fails), so promise none; the failure is said once, below, by whoever sees it.
+            return
         if os.environ.get("LOCAL_RANK", "0") == "0":  # every process got it: one line per machine is enough
             print(f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
                   "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+
+def sibling_gone() -> bool:
+    """Under torchrun, whether a rank of this machine has already exited: the agent's children (the workers) are
+    fewer than it started. The agent reaps a failed worker before it signals the others."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if not (local and local.isdigit() and os.path.isdir("/proc")):
+        return False
+    return len(children(os.getppid())) < int(local)
+
+
+def lost_rank(e: BaseException) -> bool:
+    # A collective whose peer went away: NCCL's errors are c10d's DistError family; gloo raises a plain
+    # RuntimeError naming the connection that closed.
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("Connection closed by peer", "Connection reset by peer",
+                                                                       "Broken pipe"))
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -339,6 +361,19 @@ class Trainer:
         err.every_rank = True
         return err
 
+    def _lost_rank(self, e: RuntimeError) -> RankLost:
+        """Another rank is gone: say so on this one in a line (not gloo's or NCCL's traceback), and what to resume."""
+        # gloo: "[.../pair.cc:553] Connection closed by peer [10.0.0.2]:5025. This is typically caused by ..."
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]).split(". ")[0]
+        msg = (f"rank {self.rt.rank}: another rank is gone (a collective failed at step {self.step}: {reason}): this one "
+               "stops too, without a checkpoint; the launcher's line names the rank that failed first")
+        if self.rt.master:
+            self._report_saves(wait=True)  # a write in flight finishes first, and is the one to resume from
+            saved = ckpt_lib.list_checkpoints(self.cfg.log_dir)
+            msg += (f"; {saved[-1][1].name} (step {saved[-1][0]}) is the last checkpoint: run the same command to resume from "
+                    "it" if saved else "; no checkpoint was written yet")
+        return RankLost(msg)
+
     def _log_compile(self, step: int, seconds: float) -> None:
         """How the first step's compile went: graphs from the cache (a relaunch) or compiled afresh."""
         from torch._dynamo.utils import counters
@@ -472,9 +507,11 @@ class Trainer:
         try:
             self._loop()
         except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain one
-            if not out_of_memory(e):
-                raise
-            raise self._oom() from None  # from None: the traceback's frames hold the tensors that did not fit
+            if out_of_memory(e):
+                raise self._oom() from None  # from None: the traceback's frames hold the tensors that did not fit
+            if self.rt.ddp and lost_rank(e):
+                raise self._lost_rank(e) from None
+            raise
         finally:
             # A write in flight always completes before the process moves on, even after an error.
             self._report_saves(wait=True)

@@ -13,10 +13,12 @@ import sys
 import time
 
 import pytest
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli, train_cmd
+from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
-from job.launch import children, torchrun_args
+from job.errors import RankLost, UserError
+from job.launch import children, first_failure, torchrun_args
 from sshd import free_port
 
 pytestmark = pytest.mark.slow
@@ -64,22 +66,36 @@ def test_a_stop_reaches_each_worker_once_and_they_save_however_long_it_takes_the
     assert ckpt_lib.load(log / f"model_{stopped[0]['step']:05d}.pt")["step"] == stopped[0]["step"]
 
 
-def test_a_killed_worker_is_one_line_naming_it_and_its_signal(shards, tmp_path):
+def test_a_killed_worker_is_one_line_naming_it_and_its_signal_and_the_survivor_says_what_to_resume(shards, tmp_path):
     log = tmp_path / "log"
-    proc = start(launch_cmd(shards, log, "--max-steps", 10_000))
+    proc = start(launch_cmd(shards, log, "--max-steps", 10_000, "--checkpoint-every", 2))
 
-    def workers() -> list[int]:  # the launcher runs torchrun's agent in a child; the trainers are the agent's
-        return [w for agent in children(proc.pid) for w in children(agent)]
+    def workers() -> dict[int, int]:  # rank -> pid; the launcher runs torchrun's agent in a child, the trainers are its
+        found = {}
+        for pid in (w for agent in children(proc.pid) for w in children(agent)):
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            if b"RANK" in environ:  # not yet exec'd with the worker's environment
+                found[int(environ[b"RANK"])] = pid
+        return found
 
-    wait_until(lambda: len(workers()) == 2 and losses(log), proc)
-    os.kill(workers()[0], signal.SIGKILL)
+    wait_until(lambda: len(workers()) == 2 and len(losses(log)) >= 4 and ckpt_lib.list_checkpoints(log), proc)
+    os.kill(workers()[1], signal.SIGKILL)  # as the kernel's out-of-memory killer would
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGKILL
-    # The other rank may print its own traceback (its peer vanished mid-collective): that is its output. The
-    # launcher adds one line, not torchrun's ChildFailedError report.
-    assert "ChildFailedError" not in err and "job.train FAILED" not in err
-    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
-        next(line for line in err.splitlines() if "exited with signal SIGKILL" in line)]
+    # Rank 0's collective fails (gloo: connection closed by peer): one line instead of its traceback, naming the
+    # checkpoint to resume from; no "saving a checkpoint" promise when the agent then stops it; the launcher's
+    # line (not torchrun's ChildFailedError report) names the rank, its signal and what that signal usually means.
+    assert "Traceback" not in out + err and "ChildFailedError" not in err and "received SIGTERM" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2, err
+    last = ckpt_lib.list_checkpoints(log)[-1]
+    step = one(r"^error: rank 0: another rank is gone \(a collective failed at step (\d+): [^()]*(?:closed|reset) by peer[^()]*\): "
+               r"this one stops too, without a checkpoint; the launcher's line names the rank that failed first; "
+               rf"{last[1].name} \(step {last[0]}\) is the last checkpoint: run the same command to resume from it$", lines[0]).group(1)
+    assert last[0] <= int(step) + 1
+    one(r"^error: training failed: rank 1 on \S+ exited with signal SIGKILL: killed outright, most often by the kernel's "
+        r"out-of-memory killer: .* \(its output is above\)$", lines[1])
 
 
 def test_a_stop_while_waiting_for_the_other_machines_exits_at_once(shards, tmp_path):
@@ -94,6 +110,21 @@ def test_a_stop_while_waiting_for_the_other_machines_exits_at_once(shards, tmp_p
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "received SIGTERM before training started: exiting" in err
+
+
+def test_the_failure_reported_is_the_cause_not_a_survivor_that_lost_it():
+    # The agent finds a killed rank and the rank that lost it in one poll: their timestamps tie to the second, and
+    # torchrun's get_first_failure would then name the lower rank, here the survivor.
+    failures = {r: ProcessFailure(local_rank=r, pid=100 + r, exitcode=code, error_file="") for r, code in
+                [(0, RankLost.exit_code), (1, -signal.SIGKILL), (2, RankLost.exit_code)]}
+    for f in failures.values():
+        f.timestamp = 1_700_000_000
+    assert first_failure(failures)[0] == 1
+    failures[3] = ProcessFailure(local_rank=3, pid=103, exitcode=UserError.exit_code, error_file="")
+    failures[3].timestamp = 1_699_999_999  # earlier: the first cause
+    assert first_failure(failures)[0] == 3
+    only_lost = {r: failures[r] for r in (0, 2)}  # the rank that went away is on another machine
+    assert first_failure(only_lost)[0] == 0
 
 
 def test_torchrun_arguments_per_machine():

@@ -375,7 +375,7 @@ def test_fs_name_is_found_where_lambda_mounts_it(boxes, laptop):
 
 @pytest.mark.parametrize("code,says", [(0, None), (3, "diverged (exit 3; the error above names the last good checkpoint)"),
                                        (2, "stopped on a problem it could name (exit 2"), (137, "killed by SIGKILL (exit 137"),
-                                       (1, "exited with status 1")])
+                                       (4, "a rank lost contact with another (exit 4"), (1, "exited with status 1")])
 def test_follow_says_what_the_trainers_exit_status_means(boxes, laptop, base_image, code, says):
     """job.launch passes the trainer's own status on (2: a user mistake, 3: diverged); `fab launch` explains it."""
     from infra.launch import follow
