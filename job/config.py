@@ -91,6 +91,13 @@ PRESET_TRAINING = {
         eval_every=50, val_steps=8, hellaswag_every=0, sample_every=0, sample_tokens=48, checkpoint_every=100,
         keep_every=0, data_dir="data/tinyshakespeare",
     ),
+    # The larger models keep the 124M run's schedule and its 0.5M-token batch with smaller micro-batches (more
+    # accumulation): at 64 they would not fit an 80 GB card. scripts/estimate_memory.py puts one eager step at 53,
+    # 46 and 47 GiB with these (gpt2-medium at 64: 102 GiB); the compiled step needs less (gpt2 at 64: 65 GiB
+    # estimated, 41.7 GiB measured on an H100), which leaves room for the CUDA context and fragmentation.
+    "gpt2-medium": dict(micro_batch=32),
+    "gpt2-large": dict(micro_batch=16),
+    "gpt2-xl": dict(micro_batch=8),
 }
 PRESETS = {name: {**dims, **PRESET_TRAINING.get(name, {})} for name, dims in MODEL_PRESETS.items()}
 
@@ -131,6 +138,25 @@ def from_dict(values: dict) -> TrainConfig:
         if getattr(cfg, k) is None:
             setattr(cfg, k, GPTConfig.__dataclass_fields__[k].default)
     return cfg
+
+
+def parse_settings(items: list[str], where: str, extra: tuple[str, ...] = ()) -> dict:
+    """KEY=VALUE strings (a script's --set) -> {TrainConfig field: value of the field's type}; `extra` names keys
+    the caller takes besides the fields (ints)."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or (key not in types and key not in extra):
+            raise UserError(f"{where}: {item!r} is not key=value with a TrainConfig field (see python -m job.train --help)"
+                            + "".join(f" or {k}" for k in extra))
+        kind = {"int": int, "float": float}.get(str(types.get(key, "int")).split(" ")[0], str)
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise UserError(f"{where}: {key} expects {kind.__name__}, got {value!r}") from None
+    return out
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:

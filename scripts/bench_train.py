@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job.config import TrainConfig, from_dict, validate  # noqa: E402
+from job.config import TrainConfig, from_dict, parse_settings, validate  # noqa: E402
 from job.data import DeviceLoader, ShardLoader, write_shard  # noqa: E402
 from job.errors import UserError, cli_main  # noqa: E402
 from job.metrics import peak_flops  # noqa: E402
@@ -224,23 +224,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     name, _, spec = text.partition(":")
     if not name or not spec:
         raise UserError(f"--variant {text!r}: expected NAME:key=value[,key=value...], e.g. ce:ce_chunk_tokens=8192")
-    return name, parse_settings(spec.split(","), f"--variant {name}")
-
-
-def parse_settings(items: list[str], where: str) -> dict:
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or (key not in types and key != "ddp"):
-            raise UserError(f"{where}: {item!r} is not key=value with a TrainConfig field (see python -m job.train --help) or ddp")
-        kind = {"int": int, "float": float}.get(str(types.get(key, "int")).split(" ")[0], str)
-        try:
-            out[key] = kind(value)
-        except ValueError:
-            raise UserError(f"{where}: {key} expects {kind.__name__}, got {value!r}") from None
-    return out
+    return name, parse_settings(spec.split(","), f"--variant {name}", extra=("ddp",))
 
 
 def base_config(args) -> TrainConfig:
@@ -249,7 +233,7 @@ def base_config(args) -> TrainConfig:
     cfg.device, cfg.compile, cfg.dtype = args.device, args.compile, args.dtype
     cfg.total_batch_tokens = cfg.micro_batch * cfg.seq_len * args.grad_accum
     cfg.hellaswag_every, cfg.resume = 0, "never"
-    for k, v in parse_settings(args.set, "--set").items():
+    for k, v in parse_settings(args.set, "--set", extra=("ddp",)).items():
         if k == "ddp":  # the same vocabulary as --variant, so bench_summary.py --winner-sets can name any winner
             args.ddp = "on" if v else "off"
         else:
@@ -626,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
            "B": cfg.micro_batch, "tokens_per_step": cfg.total_batch_tokens, "peak_flops": peak, "peak_dtype": peak_dtype, "gemm_size": gemm,
            "nominal_peak": peak_flops(name) if rt.device_type == "cuda" else None,
            "flops": {"per_token": fpt, "N": n_params, "6N": 6 * n_params, "attention": 12 * mc.n_layer * mc.n_embd * cfg.seq_len},
-           "steps": args.steps, "warmup": args.warmup, "seed": cfg.seed, "set": parse_settings(args.set, "--set"), "runs": {}}
+           "steps": args.steps, "warmup": args.warmup, "seed": cfg.seed, "set": parse_settings(args.set, "--set", extra=("ddp",)), "runs": {}}
     print(f"# {name}: {cfg.preset} B={cfg.micro_batch} T={cfg.seq_len} x{args.grad_accum} accum, {dtype}; runs {','.join(runs)}"
           + (f" + variants {','.join(n for n, _, _ in variants)}" if variants else ""), flush=True)
 

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Peak memory of one training step of a preset, on any machine and without the memory: the trainer's model and
+AdamW run one step (forward, backward, optimizer) on fake tensors under torch's MemTracker, which adds up the
+live tensors by kind.
+
+    python scripts/estimate_memory.py --preset gpt2-xl                 # the preset's own micro-batch
+    python scripts/estimate_memory.py --preset gpt2 --micro-batch 64 --set ce_chunk_tokens=8192 --json est.json
+
+It counts the eager step: every activation autograd keeps, every temporary the ops make. torch.compile fuses
+many of those away, so the trainer's compiled step needs less: for gpt2 at B=64, T=1024 this gives 65.2 GiB,
+where one H100 measured 59.9 GiB for the plain eager step and 41.7 GiB for the trainer's (docs/BENCHMARKS.md).
+Read it as an upper bound with room to spare; the larger presets' default micro-batches are chosen from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+
+from job.config import TrainConfig, from_dict, parse_settings, validate  # noqa: E402
+from job.errors import cli_main  # noqa: E402
+from job.model import GPT  # noqa: E402
+from job.optim import configure_optimizer  # noqa: E402
+
+KINDS = ("Parameter", "Gradient", "Optstate", "Activation", "Temp", "Buffer", "Other")
+
+
+def estimate(cfg: TrainConfig) -> dict[str, int]:
+    """Bytes at the step's peak, by kind (MemTracker's categories) and "Total"."""
+    B, T = cfg.micro_batch, cfg.seq_len
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16  # "auto" is bf16 on a GPU
+    with FakeTensorMode():
+        model = GPT(cfg.model_config())
+        model.ce_chunk_tokens = cfg.ce_chunk_tokens
+        model.residual_dtype = torch.bfloat16 if cfg.residual_dtype == "bfloat16" else None
+        opt = configure_optimizer(model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, "cpu", fused=False)
+        # AdamW makes its moments at its first step: make them first, so the tracked step is a steady-state one.
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        x = torch.randint(0, cfg.vocab_size, (B, T))
+        y = torch.randint(0, cfg.vocab_size, (B, T))
+        tracker = MemTracker()
+        tracker.track_external(model, opt, x, y)
+        with tracker:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        (snap,) = tracker.get_tracker_snapshot("peak").values()
+    out = {str(getattr(k, "value", k)): v for k, v in snap.items()}
+    return {k: out.get(k, 0) for k in (*KINDS, "Total")}
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2")
+    p.add_argument("--micro-batch", type=int, help="B (default: the preset's)")
+    p.add_argument("--seq-len", type=int, help="T (default: the preset's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="TrainConfig field, e.g. ce_chunk_tokens=8192 or residual_dtype=bfloat16")
+    p.add_argument("--json", help="also write the figures (bytes) here")
+    args = p.parse_args(argv)
+    values = {"preset": args.preset, "micro_batch": args.micro_batch, "seq_len": args.seq_len, "dtype": args.dtype,
+              **parse_settings(args.set, "--set")}
+    cfg = validate(from_dict({k: v for k, v in values.items() if v is not None}))
+    est = estimate(cfg)
+    gib = {k: v / 2**30 for k, v in est.items()}
+    print(f"{cfg.preset}: micro-batch {cfg.micro_batch} x seq-len {cfg.seq_len}, {'float32' if cfg.dtype == 'float32' else 'bfloat16'}"
+          + (f", loss in chunks of {cfg.ce_chunk_tokens}" if cfg.ce_chunk_tokens else "")
+          + (f", residual {cfg.residual_dtype}" if cfg.residual_dtype != "float32" else ""))
+    print("peak of one eager training step (fake tensors; torch.compile needs less): "
+          + ", ".join(f"{k.lower()} {v:.2f}" for k, v in gib.items() if v >= 0.005 and k != "Total") + f" GiB; total {gib['Total']:.2f} GiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": cfg.preset, "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len,
+                                               "bytes": est}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
