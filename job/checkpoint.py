@@ -72,7 +72,7 @@ def save(state: dict, log_dir, step: int) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         fsync_dir(d)
-    except Exception as e:
+    except (OSError, RuntimeError) as e:  # a full disk or a refused write (torch's zip writer: RuntimeError); not bugs
         _remove(tmp)  # first, so the free space below is what the next attempt would have
         need = state_bytes(state)
         raise CheckpointWriteError(f"checkpoint {final.name} could not be written to {d}: {write_failure(e, d, need)}", step,

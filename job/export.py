@@ -121,6 +121,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def export(checkpoint, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write the HF model directory for a checkpoint (file, or log dir = its newest); returns the directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from job.sample import load_model, resolve_checkpoint
@@ -160,7 +161,7 @@ def export(checkpoint, out_dir, dtype: str = "float32", overwrite: bool = False)
         raise UserError(f"cannot write the export to {out}: {write_failure(e, out.parent, need)}") from e
     try:
         _write_export(tmp, out, weights, files, save_file)
-    except Exception as e:
+    except (OSError, SafetensorError) as e:  # how a full disk or a refused write comes out; anything else is a bug
         shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space is what a retry would have
         raise UserError(f"cannot write the export to {out}: {write_failure(e, out.parent, need)}; --out is as it was") from e
     finally:

@@ -82,6 +82,20 @@ def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path):
     assert saver.wait() == []  # reported once
 
 
+class NotPicklable:
+    def __reduce__(self):
+        raise TypeError("a bug: this object cannot be pickled")
+
+
+def test_a_bug_in_the_state_keeps_its_traceback_and_leaves_nothing(tmp_path):
+    # A full disk or a refused write is one line (CheckpointWriteError, a UserError); a bug in what is saved is not
+    # dressed up as one: its own exception reaches the training thread, traceback and all.
+    with pytest.raises(TypeError, match="a bug: this object cannot be pickled") as e:
+        ckpt_lib.save({"step": 1, "oops": NotPicklable()}, tmp_path, 1)  # what the writer thread runs
+    assert not isinstance(e.value, ckpt_lib.CheckpointWriteError) and e.traceback
+    assert list(tmp_path.iterdir()) == []  # no temp file, no checkpoint
+
+
 @pytest.mark.parametrize("keep_last,keep_every,existing,every,steps", [
     (3, 0, [], 2, 20), (3, 8, [], 2, 30), (1, 0, [], 1, 5), (0, 0, [], 5, 20), (2, 0, [3, 6, 7], 4, 24), (1, 4, [2], 1, 9),
 ])
