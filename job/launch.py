@@ -128,9 +128,11 @@ class _QuietAgent(logging.Filter):
 
 
 def first_failure(failures: dict) -> tuple[int, object]:
-    """The failure to report: the earliest, leaving out ranks that only lost another (RankLost): the agent sees a
-    killed rank and its survivor fail in the same poll, and their timestamps tie to the second."""
-    causes = {r: f for r, f in failures.items() if f.exitcode != RankLost.exit_code} or failures
+    """The failure to report: the earliest, leaving out the consequences of another rank's failure, a rank that lost
+    it (RankLost) and one the agent then stopped (SIGTERM): the agent can find them in the same poll as the cause,
+    and their timestamps tie to the second."""
+    consequences = (RankLost.exit_code, -signal.SIGTERM)
+    causes = {r: f for r, f in failures.items() if f.exitcode not in consequences} or failures
     rank = min(causes, key=lambda r: (causes[r].timestamp, r))
     return rank, causes[rank]
 

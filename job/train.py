@@ -633,6 +633,13 @@ def entry(argv: list[str] | None = None) -> None:
             print(code, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
+        if code and os.environ.get("LOCAL_RANK", "0") != "0":
+            # A mistake in the settings or files stops every rank alike, and only each machine's local rank 0 says
+            # it. Leave first and the agent would SIGTERM rank 0 before its line is out (seen in CI): let a sibling
+            # (normally rank 0, printing) go first, for at most a few seconds.
+            deadline = time.time() + 5
+            while time.time() < deadline and not sibling_gone():
+                time.sleep(0.05)
         os._exit(code if isinstance(code, int) else 0 if code is None else 1)
     sys.exit(code)
 

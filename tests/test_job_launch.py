@@ -125,6 +125,12 @@ def test_the_failure_reported_is_the_cause_not_a_survivor_that_lost_it():
     assert first_failure(failures)[0] == 3
     only_lost = {r: failures[r] for r in (0, 2)}  # the rank that went away is on another machine
     assert first_failure(only_lost)[0] == 0
+    # A mistake every rank makes: rank 1 said nothing and left first, the agent stopped rank 0 in the same second.
+    mistake = {0: ProcessFailure(local_rank=0, pid=100, exitcode=-signal.SIGTERM, error_file=""),
+               1: ProcessFailure(local_rank=1, pid=101, exitcode=UserError.exit_code, error_file="")}
+    for f in mistake.values():
+        f.timestamp = 1_700_000_000
+    assert first_failure(mistake)[0] == 1
 
 
 def test_torchrun_arguments_per_machine():
