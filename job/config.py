@@ -70,7 +70,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | on | off
     compile_mode: str = "default"  # default | tuned | autotune | max-autotune-no-cudagraphs (see COMPILE_OPTIONS, and CHOICES for why no CUDA graphs)
-    residual_dtype: str = "float32"  # the residual stream under bf16 autocast: float32 (build-nanogpt) | bfloat16
+    residual_dtype: str = "auto"  # the residual stream: auto (bfloat16 under bf16 autocast) | float32 (build-nanogpt) | bfloat16
     sdpa_backend: str = "auto"  # attention kernel tried first: auto (torch's order) | cudnn | flash | efficient | math
     ce_chunk_tokens: int = 0  # cross-entropy fused with lm_head in chunks of N rows (0: plain, full logits)
     prefetch: int = 1  # batches copied (pinned, non-blocking) to the device ahead of use; 0: copy when used
@@ -105,7 +105,7 @@ PRESETS = {name: {**dims, **PRESET_TRAINING.get(name, {})} for name, dims in MOD
 # accumulation they hand a graph-owned buffer to .grad and the next micro-step overwrites it (pytorch#169545).
 CHOICES = {"device": ("auto", "cuda", "mps", "cpu"), "dtype": ("auto", "bfloat16", "float32"), "compile": ("auto", "on", "off"),
            "compile_mode": ("default", "tuned", "autotune", "max-autotune-no-cudagraphs"), "sdpa_backend": ("auto", *SDPA_BACKENDS),
-           "residual_dtype": ("float32", "bfloat16")}
+           "residual_dtype": ("auto", "float32", "bfloat16")}
 # Inductor settings per compile mode that is ours rather than torch's. "tuned" is max-autotune-no-cudagraphs without
 # its GEMM autotuning: Inductor tries block sizes for its own fused kernels (norms, GELU, the loss, casts) by
 # coordinate descent and keeps the fastest; the matmuls stay cuBLAS. GEMM autotuning is what crashed on torch 2.11
@@ -253,8 +253,8 @@ HELP = {
     "compile_mode": "torch.compile mode; tuned: default plus Inductor's coordinate-descent tuning of its own kernels; "
                     "autotune: max-autotune-no-cudagraphs with GEMM candidates timed in child processes, so a faulting "
                     "kernel is dropped, not fatal (CUDA-graph modes are not offered: they break gradient accumulation)",
-    "residual_dtype": "dtype of the residual stream between blocks under bf16 autocast: float32 as build-nanogpt, or bfloat16 "
-                      "(half the memory traffic of the residual adds and layer norms; needs bf16 autocast)",
+    "residual_dtype": "dtype of the residual stream between blocks: auto is bfloat16 under bf16 autocast (half the memory "
+                      "traffic of the residual adds and layer norms), float32 keeps build-nanogpt's fp32 stream exactly",
     "sdpa_backend": "attention kernel to try first (the others stay as fallbacks; math runs alone); auto: torch's own order "
                     "(cuDNN first on H100/H200 with torch >= 2.11, else flash); cudnn and efficient need CUDA",
     "ce_chunk_tokens": "compute the loss fused with the output layer, N tokens at a time, never holding the full logits (0: off)",

@@ -63,6 +63,21 @@ def sdpa_priority(name: str) -> list[SDPBackend] | None:
     return [first] + [b for b in SDPA_BACKENDS.values() if b != first]
 
 
+def settle_sdpa_order(device: torch.device) -> None:
+    """Make torch choose its own attention order now, before any sdpa_kernel(set_priority=True) context runs.
+
+    On a GPU torch fixes its default order lazily, at the first attention call of the process (cuDNN first on
+    Hopper/Blackwell with a recent cuDNN, FlashAttention-2 first elsewhere). A priority context entered before
+    that call saves the order from before that choice (FlashAttention first) and puts it back on exit; from then
+    on the process never runs torch's own choice again. Seen on an H100: a run with "auto" after one with "flash"
+    in the same process ran FlashAttention-2, 4 % slower per step. One tiny call first makes the order every
+    context saves and restores torch's own."""
+    if device.type != "cuda":
+        return  # the CPU picks by what is enabled, with no lazy default
+    q = torch.zeros(1, 1, 8, 64, device=device, dtype=torch.bfloat16)
+    F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -146,8 +161,10 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def set_sdpa_backend(self, name: str) -> None:
-        """Prefer one attention kernel (see SDPA_BACKENDS); like ce_chunk_tokens, not part of the checkpoint."""
+        """Prefer one attention kernel (see SDPA_BACKENDS); like ce_chunk_tokens, not part of the checkpoint.
+        Call it after the model is on its device."""
         order = sdpa_priority(name)
+        settle_sdpa_order(self.lm_head.weight.device)
         for block in self.transformer.h:
             block.attn.sdpa_order = order
 

@@ -133,6 +133,17 @@ def autocast_ctx(cfg: TrainConfig, rt: Runtime):
     return contextlib.nullcontext(), None
 
 
+def residual_dtype(cfg: TrainConfig, compute_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The residual stream's dtype for GPT.residual_dtype (None: whatever autocast leaves it, fp32).
+
+    auto is bf16 under bf16 autocast: half the bytes through every residual add and layer norm, the memory-bound
+    part of the step (measured on an H100: docs/BENCHMARKS.md), as llm.c keeps its activations; float32 is
+    build-nanogpt's stream exactly."""
+    if cfg.residual_dtype == "bfloat16" or (cfg.residual_dtype == "auto" and compute_dtype == torch.bfloat16):
+        return torch.bfloat16
+    return None
+
+
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """torch.compile with one of CHOICES["compile_mode"]: torch's own modes by name, ours as Inductor options."""
     if mode in COMPILE_OPTIONS:
@@ -173,7 +184,7 @@ class Trainer:
             self.log.line(f"initialized the weights from {cfg.init_from}")
         self.model.ce_chunk_tokens = cfg.ce_chunk_tokens
         self.model.set_sdpa_backend(cfg.sdpa_backend)
-        self.model.residual_dtype = torch.bfloat16 if cfg.residual_dtype == "bfloat16" else None
+        self.model.residual_dtype = residual_dtype(cfg, autocast_ctx(cfg, rt)[1])
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                              rt.device_type)
         self.start_step, self.val_done_at_start = 0, False
@@ -587,7 +598,7 @@ class Trainer:
                       f"batch {cfg.total_batch_tokens:,} tokens = {cfg.micro_batch} x {cfg.seq_len} x {rt.world} ranks x "
                       f"{self.grad_accum} accum | compile {'on, ' + cfg.compile_mode if self.use_compile else 'off'}"
                       + (f" | attention: {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else "")
-                      + (f" | residual stream {cfg.residual_dtype}" if cfg.residual_dtype != "float32" else "")
+                      + (" | residual stream bfloat16" if self.model.residual_dtype == torch.bfloat16 else "")
                       + (f" | loss in chunks of {cfg.ce_chunk_tokens} tokens" if cfg.ce_chunk_tokens else "") + f" | log dir {cfg.log_dir}")
         if self.room_warning:
             self.log.line(self.room_warning)

@@ -268,7 +268,7 @@ def describe(cfg: TrainConfig, trainer: Trainer) -> str:
             f"{'DDP x1' if trainer.rt.ddp else 'no DDP'}, prefetch {cfg.prefetch}, "
             f"loss {'chunked ' + str(cfg.ce_chunk_tokens) if cfg.ce_chunk_tokens else 'full logits'}"
             + (f", attention {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else "")
-            + (f", residual {cfg.residual_dtype}" if cfg.residual_dtype != "float32" else ""))
+            + (", residual bfloat16" if trainer.model.residual_dtype == torch.bfloat16 else ""))
 
 
 def trainer_step_fn(trainer: Trainer):
@@ -329,6 +329,8 @@ def run_profile(trainer: Trainer, rt: Runtime, args, wall_ms: float) -> dict:
         sync(rt.device)
     kernels: dict[str, list] = {}  # name -> [total microseconds, calls]
     for evt in prof.key_averages():
+        if getattr(evt, "is_user_annotation", False):
+            continue  # record_function ranges (DDP's forward, ...): also on the GPU timeline, but they are not kernels
         if cuda:
             if evt.device_type != torch.autograd.DeviceType.CUDA:
                 continue
