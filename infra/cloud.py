@@ -19,12 +19,13 @@ from job.errors import UserError
 TOKENS_PER_STEP = 2**19  # build-nanogpt's GPT-2 batch
 # GPT-2 (124M) training throughput per GPU in tokens/s (bf16 autocast, torch.compile, flash attention, T=1024),
 # used only when no step time was measured. H100 and H200: measured on one GPU with scripts/bench_train.py
-# (docs/BENCHMARKS.md, 2026-11-26: 473K and 511K tok/s), times an ASSUMED 0.9 for 8-GPU DDP scaling; GH200 is taken
+# (docs/BENCHMARKS.md, 2026-11-26: H100 489K tok/s with the bf16 residual stream, H200 511K before it), times an
+# ASSUMED 0.9 for 8-GPU DDP scaling; GH200 is taken
 # as an H100. The others are not measured here: A100 is the order of magnitude build-nanogpt's lecture reports
 # (~1.5M tok/s on 8xA100 80GB), the rest are rough guesses. Replace them with `make bench PRESET=gpt2` on the real
 # card (tok/s) or the ms/step of a previous run's metrics.jsonl.
 ASSUMED_TOKENS_PER_GPU_SECOND = [
-    ("gh200", 425_000), ("h200", 460_000), ("h100", 425_000), ("b200", 700_000), ("a100", 190_000),
+    ("gh200", 440_000), ("h200", 460_000), ("h100", 440_000), ("b200", 700_000), ("a100", 190_000),
     ("a6000", 60_000), ("a10", 40_000), ("v100", 45_000),
 ]
 # Time billed outside training steps: boot, image pull, compile warm-up (fixed), then evals and checkpoints (fraction).

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, help="T (default: the preset's)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="TrainConfig field, e.g. ce_chunk_tokens=8192 or residual_dtype=bfloat16")
+                   help="TrainConfig field, e.g. ce_chunk_tokens=8192 or residual_dtype=float32")
     p.add_argument("--json", help="also write the figures (bytes) here")
     args = p.parse_args(argv)
     values = {"preset": args.preset, "micro_batch": args.micro_batch, "seq_len": args.seq_len, "dtype": args.dtype,

@@ -60,9 +60,10 @@ def test_optimised_step_matches_plain_step_for_20_steps(tmp_path, ddp_world_of_o
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_bf16_residual_stream_stays_within_the_bf16_tolerance(tmp_path, ddp_world_of_one, text):
+@pytest.mark.parametrize("residual", ["auto", "bfloat16"])  # auto: the default, bf16 under bf16 autocast
+def test_bf16_residual_stream_stays_within_the_bf16_tolerance(tmp_path, ddp_world_of_one, text, residual):
     # bf16 autocast on the CPU for both; (a) also keeps the residual stream in bf16, (b) in fp32 as build-nanogpt.
-    cfg = tiny_config(tmp_path, dtype="bfloat16", residual_dtype="bfloat16")
+    cfg = tiny_config(tmp_path, dtype="bfloat16", residual_dtype=residual)
     got, want, trainer, _ = trajectories(cfg, ddp_world_of_one, text)
     assert trainer.model.residual_dtype == torch.bfloat16
     assert want[-1] < want[0] - 1.0
@@ -80,3 +81,10 @@ def test_compiled_optimised_step_matches_plain_step(tmp_path, ddp_world_of_one, 
     got, want, trainer, _ = trajectories(cfg, ddp_world_of_one, text)
     assert trainer.use_compile
     assert got == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype, residual, want", [("bfloat16", "float32", None), ("float32", "auto", None),
+                                                   ("auto", "auto", None)])  # auto on the CPU: fp32 compute
+def test_the_residual_stream_stays_fp32_unless_bf16_autocast_and_not_asked_to(tmp_path, ddp_world_of_one, dtype, residual, want):
+    trainer = bench.make_trainer(tiny_config(tmp_path, dtype=dtype, residual_dtype=residual), ddp_world_of_one)
+    assert trainer.model.residual_dtype is want
