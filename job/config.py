@@ -70,7 +70,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | on | off
     compile_mode: str = "default"  # default | tuned | autotune | max-autotune-no-cudagraphs (see COMPILE_OPTIONS, and CHOICES for why no CUDA graphs)
-    residual_dtype: str = "auto"  # the residual stream: auto (bfloat16 under bf16 autocast) | float32 (build-nanogpt) | bfloat16
+    residual_dtype: str = "auto"  # the residual stream: auto (bf16 under bf16 autocast on CUDA) | float32 (build-nanogpt) | bfloat16
     sdpa_backend: str = "auto"  # attention kernel tried first: auto (torch's order) | cudnn | flash | efficient | math
     ce_chunk_tokens: int = 0  # cross-entropy fused with lm_head in chunks of N rows (0: plain, full logits)
     prefetch: int = 1  # batches copied (pinned, non-blocking) to the device ahead of use; 0: copy when used
@@ -253,7 +253,7 @@ HELP = {
     "compile_mode": "torch.compile mode; tuned: default plus Inductor's coordinate-descent tuning of its own kernels; "
                     "autotune: max-autotune-no-cudagraphs with GEMM candidates timed in child processes, so a faulting "
                     "kernel is dropped, not fatal (CUDA-graph modes are not offered: they break gradient accumulation)",
-    "residual_dtype": "dtype of the residual stream between blocks: auto is bfloat16 under bf16 autocast (half the memory "
+    "residual_dtype": "dtype of the residual stream between blocks: auto is bfloat16 under bf16 autocast on CUDA (half the memory "
                       "traffic of the residual adds and layer norms), float32 keeps build-nanogpt's fp32 stream exactly",
     "sdpa_backend": "attention kernel to try first (the others stay as fallbacks; math runs alone); auto: torch's own order "
                     "(cuDNN first on H100/H200 with torch >= 2.11, else flash); cudnn and efficient need CUDA",

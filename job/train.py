@@ -133,13 +133,16 @@ def autocast_ctx(cfg: TrainConfig, rt: Runtime):
     return contextlib.nullcontext(), None
 
 
-def residual_dtype(cfg: TrainConfig, compute_dtype: torch.dtype | None) -> torch.dtype | None:
+def residual_dtype(cfg: TrainConfig, compute_dtype: torch.dtype | None, device_type: str) -> torch.dtype | None:
     """The residual stream's dtype for GPT.residual_dtype (None: whatever autocast leaves it, fp32).
 
-    auto is bf16 under bf16 autocast: half the bytes through every residual add and layer norm, the memory-bound
-    part of the step (measured on an H100: docs/BENCHMARKS.md), as llm.c keeps its activations; float32 is
+    auto is bf16 under bf16 autocast on CUDA: half the bytes through every residual add and layer norm, the
+    memory-bound part of the step (an H100: 4.8 % more tokens/s, docs/BENCHMARKS.md), as llm.c keeps its
+    activations. Elsewhere auto stays fp32 (on the CPU the extra casts cost more than they save); float32 is
     build-nanogpt's stream exactly."""
-    if cfg.residual_dtype == "bfloat16" or (cfg.residual_dtype == "auto" and compute_dtype == torch.bfloat16):
+    if cfg.residual_dtype == "bfloat16":
+        return torch.bfloat16
+    if cfg.residual_dtype == "auto" and compute_dtype == torch.bfloat16 and device_type == "cuda":
         return torch.bfloat16
     return None
 
@@ -184,7 +187,7 @@ class Trainer:
             self.log.line(f"initialized the weights from {cfg.init_from}")
         self.model.ce_chunk_tokens = cfg.ce_chunk_tokens
         self.model.set_sdpa_backend(cfg.sdpa_backend)
-        self.model.residual_dtype = residual_dtype(cfg, autocast_ctx(cfg, rt)[1])
+        self.model.residual_dtype = residual_dtype(cfg, autocast_ctx(cfg, rt)[1], rt.device_type)
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                              rt.device_type)
         self.start_step, self.val_done_at_start = 0, False

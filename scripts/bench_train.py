@@ -305,6 +305,9 @@ PROFILE_CATEGORIES = (
 )
 
 
+PROFILE_TOP_PRINTED, PROFILE_TOP_JSON = 12, 60  # the log shows the first; --json keeps more for reading afterwards
+
+
 def kernel_category(name: str) -> str:
     low = name.lower()
     for category, needles in PROFILE_CATEGORIES:
@@ -352,7 +355,7 @@ def run_profile(trainer: Trainer, rt: Runtime, args, wall_ms: float) -> dict:
     for name, (us, _) in kernels.items():
         cat = kernel_category(name)
         by_cat[cat] = by_cat.get(cat, 0.0) + us / 1000 / n
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:PROFILE_TOP_JSON]
     return {"steps": n, "what": "GPU kernel time" if cuda else "CPU operator self time", "wall_ms_per_step": wall_ms,
             "busy_ms_per_step": busy_ms, "categories_ms": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "top": [{"name": name, "ms_per_step": us / 1000 / n, "calls_per_step": calls / n, "category": kernel_category(name)}
@@ -554,7 +557,7 @@ def print_profile(label: str, pr: dict) -> None:
     print(f"profile {label}: {pr['what']} {busy:.1f} ms per step of {wall:.1f} ms wall ({100 * busy / wall:.0f}%; "
           f"over {pr['steps']} step{'s' if pr['steps'] > 1 else ''} after the timed ones)")
     print("  " + ", ".join(f"{cat} {ms:.1f} ms ({100 * ms / wall:.1f}%)" for cat, ms in pr["categories_ms"].items()))
-    for k in pr["top"]:
+    for k in pr["top"][:PROFILE_TOP_PRINTED]:
         print(f"  {k['ms_per_step']:8.2f} ms {100 * k['ms_per_step'] / wall:5.1f}% x{k['calls_per_step']:<5g} {k['category']:<13} {k['name'][:110]}")
     if pr["attention_kernels"]:
         print("  attention kernels: " + "; ".join(n[:90] for n in pr["attention_kernels"]))

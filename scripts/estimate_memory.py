@@ -41,7 +41,7 @@ def estimate(cfg: TrainConfig) -> dict[str, int]:
     with FakeTensorMode():
         model = GPT(cfg.model_config())
         model.ce_chunk_tokens = cfg.ce_chunk_tokens
-        model.residual_dtype = residual_dtype(cfg, dtype if dtype == torch.bfloat16 else None)
+        model.residual_dtype = residual_dtype(cfg, dtype if dtype == torch.bfloat16 else None, "cuda")
         opt = configure_optimizer(model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, "cpu", fused=False)
         # AdamW makes its moments at its first step: make them first, so the tracked step is a steady-state one.
         for p in model.parameters():
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     gib = {k: v / 2**30 for k, v in est.items()}
     print(f"{cfg.preset}: micro-batch {cfg.micro_batch} x seq-len {cfg.seq_len}, {'float32' if cfg.dtype == 'float32' else 'bfloat16'}"
           + (f", loss in chunks of {cfg.ce_chunk_tokens}" if cfg.ce_chunk_tokens else "")
-          + (", residual bfloat16" if residual_dtype(cfg, None if cfg.dtype == "float32" else torch.bfloat16) else ""))
+          + (", residual bfloat16" if residual_dtype(cfg, None if cfg.dtype == "float32" else torch.bfloat16, "cuda") else ""))
     print("peak of one eager training step (fake tensors; torch.compile needs less): "
           + ", ".join(f"{k.lower()} {v:.2f}" for k, v in gib.items() if v >= 0.005 and k != "Total") + f" GiB; total {gib['Total']:.2f} GiB")
     if args.json:
