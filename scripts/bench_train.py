@@ -143,23 +143,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str, n: int, reps: int = 10, warm_s: float | None = None) -> tuple[float, str]:
+def matmul_peak(device: str, n: int, reps: int = 10) -> tuple[float, str]:
     """Median FLOP/s of an n x n x n GEMM: bf16 on CUDA (what training uses), fp32 on CPU.
 
-    On a GPU the GEMMs first run for warm_s seconds (default 1): an idle card starts at low clocks, and a few
-    warm-up calls (milliseconds) were not enough to keep the figure steady (746 to 778 TFLOP/s between runs on
-    one H100)."""
+    On a GPU the GEMMs first run for a second: an idle card starts at low clocks, and three warm-up calls
+    (milliseconds) left the figure unsteady (746 to 778 TFLOP/s between runs on one H100)."""
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    warm_until = time.perf_counter() + (warm_s if warm_s is not None else (1.0 if cuda else 0.0))
-    for i in range(1_000_000):  # at least 3 calls: they pick kernels and warm caches
+    warm_until, calls = time.perf_counter() + (1.0 if cuda else 0.0), 0
+    while calls < 3 or time.perf_counter() < warm_until:  # the first calls also pick kernels and warm caches
         a @ b
-        if i >= 2 and (i % 10 == 0 or not cuda) and time.perf_counter() >= warm_until:
-            sync(device)
-            if time.perf_counter() >= warm_until:
-                break
+        calls += 1
+        if calls % 10 == 0:
+            sync(device)  # keeps the host's clock within 10 GEMMs of the GPU's work
     times = []
     for _ in range(reps):
         sync(device)
