@@ -248,6 +248,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         w_mm = None  # the weight in the matmuls' dtype (bf16 under autocast), cast once rather than per chunk
+        compiling = torch.compiler.is_compiling()
+        cols = torch.arange(weight.size(0), device=h.device) if compiling else None
         for start in range(0, n, chunk):
             hc, tc = h[start : start + chunk], targets[start : start + chunk, None]
             logits = hc @ (weight if w_mm is None else w_mm).t()  # under autocast a bf16 matmul, like the lm_head Linear
@@ -256,10 +258,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lf = logits.to(acc)
             lse = torch.logsumexp(lf, dim=-1, keepdim=True)
             loss = loss + (lse - lf.gather(1, tc)).sum()
-            # d(mean loss)/d(logits) = (softmax - onehot) / n, in the logits' dtype as autograd would have it;
-            # worked in place in lf, whose values are not needed any more.
-            d = lf.sub_(lse).exp_()
-            d = d.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=d.dtype)).div_(n).to(logits.dtype)
+            # d(mean loss)/d(logits) = (softmax - onehot) / n, in the logits' dtype as autograd would have it.
+            if compiling:
+                # One elementwise expression (the onehot as a compare with the target's column), which Inductor
+                # compiles to one kernel: one read of the logits, one write of d. A scatter here would make it
+                # write an fp32 softmax first and read it back, twice the traffic of the loss it replaces.
+                d = ((lf - lse).exp() - (cols == tc).to(acc)).div(n).to(logits.dtype)
+            else:
+                # Eager: in place in lf, whose values are not needed any more, so no second fp32 chunk is made.
+                d = lf.sub_(lse).exp_()
+                d = d.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=d.dtype)).div_(n).to(logits.dtype)
             grad_h[start : start + chunk] = (d @ w_mm).to(h.dtype)
             grad_w += (d.t() @ hc.to(d.dtype)).to(acc)
         ctx.save_for_backward(grad_h, grad_w)

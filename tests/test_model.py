@@ -1,5 +1,6 @@
 import copy
 import math
+import re
 import subprocess
 import sys
 
@@ -128,6 +129,46 @@ def test_chunked_cross_entropy_equals_full_in_value_and_gradient(chunk):
     torch.testing.assert_close(cw, gw, rtol=1e-10, atol=1e-14)
     with torch.no_grad():  # the evaluation path prepares no gradient but gives the same value
         torch.testing.assert_close(chunked_cross_entropy(h, w, t, chunk), want, rtol=1e-12, atol=0)
+
+
+def test_compiled_chunked_cross_entropy_equals_full_in_value_and_gradient():
+    # Under torch.compile the gradient is one elementwise expression (a compare for the onehot), not the eager
+    # path's in-place scatter: the same arithmetic, so float64 must still match the plain loss to rounding.
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
+    w = (0.1 * torch.randn(1000, 32, dtype=torch.float64)).requires_grad_()
+    t = torch.randint(0, 1000, (300,))
+    want = F.cross_entropy(h @ w.t(), t)
+    gh, gw = torch.autograd.grad(3 * want, (h, w))
+    torch._dynamo.reset()
+    compiled = torch.compile(chunked_cross_entropy, fullgraph=True)  # fullgraph: no silent fallback to eager
+    got = compiled(h, w, t, 128)  # 128 + 128 + a short last chunk of 44
+    ch, cw = torch.autograd.grad(3 * got, (h, w))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ch, gh, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(cw, gw, rtol=1e-10, atol=1e-14)
+
+
+def test_compiled_chunked_loss_keeps_no_fp32_copy_of_a_chunk():
+    # The loss is memory-bound on a GPU: what it costs is the passes over the (rows, vocab) logits. Compiled under
+    # bf16 autocast, each chunk must be written once as bf16 logits and once as the bf16 gradient, with the fp32
+    # softmax only in registers. (The eager path's scatter made Inductor write an fp32 chunk and read it back.)
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    h = torch.randn(256, 32, requires_grad=True)
+    w = (0.1 * torch.randn(1000, 32)).requires_grad_()
+    t = torch.randint(0, 1000, (256,))
+
+    def loss(h, w, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return chunked_cross_entropy(h, w, t, 128)
+
+    torch._dynamo.reset()
+    _, (forward_code, *_) = run_and_get_code(torch.compile(loss, fullgraph=True), h, w, t)
+    chunk_buffer = r"empty_strided_\w+\(\(128, 1000\), \(1000, 1\), torch\.{}\)"
+    assert re.search(chunk_buffer.format("bfloat16"), forward_code), "the bf16 logits buffer must show (format check)"
+    assert not re.search(chunk_buffer.format("float32"), forward_code), "an fp32 (rows, vocab) buffer was written"
 
 
 def test_model_with_chunked_loss_matches_plain_loss_and_gradients():
