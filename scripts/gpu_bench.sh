@@ -5,8 +5,9 @@
 #   OUT=/tmp/b DEVICE=cpu PRESET=tiny bash scripts/gpu_bench.sh   # the same stages on a CPU, as a smoke test
 #
 # Stages (each its own process under `timeout`, so one hang or crash costs only its own slot), run in the order
-# STAGES names them (default "main candidates autotune confirm tuned": on an H100 main took 104 s and candidates 68 s,
-# so autotune, the likelier gain, gets the time before confirm; env always runs first; a stage that would start
+# STAGES names them (default "main loss candidates confirm autotune tuned": on an H100 main took 104 s and candidates
+# about 70 s, so confirm can still measure a winning candidate before autotune, which has crashed before, takes what
+# is left; env always runs first; a stage that would start
 # with less than 20 s of BUDGET left is skipped, and says so; until confirm has run, CONFIRM_RESERVE seconds of the
 # budget are kept for it):
 #   env         torch/CUDA versions, nvidia-smi
@@ -14,13 +15,19 @@
 #               goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
 #               eval + sampling + HellaSwag cost and recompiles after warm-up (TORCH_LOGS=recompiles prints any reason);
 #               checkpoint stall of model + AdamW; numerics (a) vs (b)
-#   candidates  (a) with FlashAttention-2 tried first (--sdpa-backend flash) against main's torch order, which on an
-#               H100/H200 with torch >= 2.11 already runs cuDNN's attention (both profiles list the attention kernels that
-#               ran); then (a) with build-nanogpt's fp32 residual stream (--residual-dtype float32), the before of the
-#               bf16 stream that is the default since 2026-11-26 (H100: 4.8 % more tok/s)
+#   loss        the output layer and its loss alone (scripts/bench_loss.py): full logits against the fused, chunked
+#               loss in chunks of CE_CHUNK and of 65536 rows; the loss kernels' time as passes over the logits
+#   candidates  (a) with the loss fused with the output layer (--ce-chunk-tokens): in chunks of CE_CHUNK rows (15 GiB
+#               less memory; 2 % slower on an H200 before its gradient became one elementwise pass, eighth session)
+#               and in one chunk of the whole micro-batch (65536 rows: the same memory as full logits, no loss
+#               kernel left in the backward), each against main's (a) with full logits (profiled: the loss kernels
+#               took 23 ms of a 268 ms H100 step, about twice what three passes over the logits need)
 #   tuned       (a) with compile mode "tuned" (Inductor's coordinate-descent tuning of its own kernels; slow to
 #               compile: two such runs in one stage passed 226 s on an H100)
-#   variants    (measured on 2026-11-26, opt-in) the chunked loss, micro-batch 32 (same tokens per step), no DDP wrapper
+#   variants    (measured on 2026-11-26, opt-in) (a) with FlashAttention-2 first instead of torch's order (cuDNN's
+#               attention on an H100/H200 with torch >= 2.11: 4 % faster), with build-nanogpt's fp32 residual stream
+#               (the bf16 stream, the default since, was 4.8 % faster), micro-batch 32 (same tokens per step), and
+#               without the DDP wrapper (1 % faster); profiled, so each lists the attention kernels that ran
 #   confirm     the fastest run so far whose numerics held, if it beat main's (a) by 1 % or more
 #               (scripts/bench_summary.py --winner-sets), measured again as issue 6 asks for the default: matmul
 #               peak, (a) with those settings beside (b) plain eager, ratio, MFU, numerics, in one process. Skipped
@@ -32,7 +39,7 @@
 # Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), STAGES, PYTHON (default
 # /opt/torch/.venv/bin/python3, else .venv/bin/python, else python3), BUDGET seconds for all stages (default 540),
 # BENCH_ARGS extra bench_train.py flags for every stage, MB_VARIANT the micro-batch variant (default 32; 4 on CPU),
-# CE_CHUNK (default 8192).
+# CE_CHUNK (default 8192; 48 on CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,8 +47,7 @@ OUT=${OUT:-./bench-out}
 DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-gpt2}
 BUDGET=${BUDGET:-540}
-CE_CHUNK=${CE_CHUNK:-8192}
-STAGES=${STAGES:-main candidates autotune confirm tuned}
+STAGES=${STAGES:-main loss candidates confirm autotune tuned}
 CONFIRM_RESERVE=${CONFIRM_RESERVE:-150}
 case " $STAGES " in *" confirm "*) RESERVE=$CONFIRM_RESERVE ;; *) RESERVE=0 ;; esac
 if [ -z "${PYTHON:-}" ]; then
@@ -58,8 +64,11 @@ if [ "$DEVICE" = cpu ]; then
     # CPU: a smoke test of every stage, not a measurement; bf16 autocast as on a GPU, so every setting applies.
     ARGS+=(--quick --dtype bfloat16)
     MB_VARIANT=${MB_VARIANT:-4}
+    CE_CHUNK=${CE_CHUNK:-48}  # several chunks and a short last one in a micro-batch of 4 x 32 rows
+    LOSS_ARGS=(--rows 200 --dim 32 --steps 2 --warmup 1)
 fi
 MB_VARIANT=${MB_VARIANT:-32}
+CE_CHUNK=${CE_CHUNK:-8192}
 # shellcheck disable=SC2206  # BENCH_ARGS is meant to be split into words
 ARGS+=(${BENCH_ARGS:-})
 
@@ -109,12 +118,14 @@ jsons=("$OUT/main.json")
 for name in $STAGES; do
     case $name in
         main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
-        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --set sdpa_backend=flash --runs a --profile \
-            --compare-json "$OUT/main.json" --json "$OUT/candidates.json" --variant "fp32res:sdpa_backend=auto,residual_dtype=float32" ;;
+        loss) stage loss 120 -- scripts/bench_loss.py --device "$DEVICE" --chunks "0,${CE_CHUNK},65536" ${LOSS_ARGS[@]+"${LOSS_ARGS[@]}"} \
+            --json "$OUT/loss.json" ;;
+        candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
+            --json "$OUT/candidates.json" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" --variant "ce65536:ce_chunk_tokens=65536" ;;
         tuned) stage tuned 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
             --json "$OUT/tuned.json" --variant "tuned:compile_mode=tuned" ;;
-        variants) stage variants 170 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --compare-json "$OUT/main.json" \
-            --json "$OUT/variants.json" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" \
+        variants) stage variants 200 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
+            --json "$OUT/variants.json" --variant "flash:sdpa_backend=flash" --variant "fp32res:residual_dtype=float32" \
             --variant "mb${MB_VARIANT}:micro_batch=${MB_VARIANT}" --variant "noddp:ddp=0" ;;
         confirm)
             RESERVE=0
@@ -128,7 +139,7 @@ for name in $STAGES; do
             fi ;;
         autotune) stage autotune 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
             --json "$OUT/autotune.json" --variant "autotune:compile_mode=autotune" ;;
-        *) echo "== $name: unknown stage (STAGES takes main candidates tuned variants confirm autotune)" | tee -a "$OUT/stages.txt" ;;
+        *) echo "== $name: unknown stage (STAGES takes main loss candidates tuned variants confirm autotune)" | tee -a "$OUT/stages.txt" ;;
     esac
     case $name in candidates|tuned|variants|autotune|confirm) jsons+=("$OUT/$name.json") ;; esac
 done

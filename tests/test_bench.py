@@ -15,6 +15,7 @@ from conftest import ROOT, assert_one_line_error, env, one, run_cli, script_modu
 
 BENCH = str(ROOT / "scripts" / "bench_train.py")
 SUMMARY = str(ROOT / "scripts" / "bench_summary.py")
+LOSS = str(ROOT / "scripts" / "bench_loss.py")
 # The tiny preset shrunk further, so a quick run takes seconds on one core.
 SMALL = ["--preset", "tiny", "--device", "cpu", "--quick", "--micro-batch", "4", "--seq-len", "32",
          "--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=64"]
@@ -116,6 +117,16 @@ def test_mistakes_are_one_clear_line(args, needle):
     assert_one_line_error(run_cli(BENCH, *SMALL, *args), needle)
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--chunks", "0,many"], "expected comma-separated whole numbers"),
+    (["--chunks", "0,-8"], "chunk sizes are 0 (full logits) or a positive number of rows"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--rows", "0"], "--rows must be a positive number"),
+])
+def test_loss_bench_mistakes_are_one_clear_line(args, needle):
+    assert_one_line_error(run_cli(LOSS, "--device", "cpu", *args), needle)
+
+
 @pytest.mark.parametrize("kernel, category", [
     # CUDA kernel names as the profiler reports them on an H100 (cuBLAS, cuDNN, FlashAttention-2, Inductor, NCCL)
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_NNT", "matmul"),
@@ -209,14 +220,15 @@ def test_compiled_eval_and_sampling_do_not_recompile_after_warm_up():
 @pytest.mark.slow
 def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "out"
-    e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main candidates tuned variants confirm autotune",
+    e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main loss candidates tuned variants confirm autotune",
             BENCH_ARGS="--micro-batch 4 --seq-len 32 --set n_layer=2 --set n_head=2 --set n_embd=64")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = (out / "stages.txt").read_text().splitlines()
     names = ["main", "candidates", "tuned", "variants", "autotune"]
-    assert [s.split(":")[0] for s in stages] == ["== env"] + [f"== {n}" for n in names[:4] + ["confirm"] + names[4:]], stages
+    order = ["env", "main", "loss", "candidates", "tuned", "variants", "confirm", "autotune"]
+    assert [s.split(":")[0] for s in stages] == [f"== {n}" for n in order], stages
     # confirm re-measures the fastest run before it if that run beat main's (a) by 1 % (CPU timings: either way).
     win = run_cli(SUMMARY, *[out / f"{n}.json" for n in names[:4]], "--winner-sets", check=True).stdout.split()
     if win:
@@ -230,9 +242,9 @@ def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     assert all(": ok (" in s for s in stages)
     for name in names:
         assert json.loads((out / f"{name}.json").read_text())["runs"]
-    # Every variant is checked against main's (b); the candidates' (a) puts the flash kernel first.
-    expected = {"candidates": {"a", "fp32res"}, "tuned": {"tuned"},
-                "variants": {"ce8192", "mb4", "noddp"}}
+    # Every variant is checked against main's (b); variants' flash run puts the flash kernel first.
+    expected = {"candidates": {"ce48", "ce65536"}, "tuned": {"tuned"},
+                "variants": {"flash", "fp32res", "mb4", "noddp"}}
     for name, variants in expected.items():
         numerics = json.loads((out / f"{name}.json").read_text())["numerics"]
         assert set(numerics) == variants and all(n["ok"] for n in numerics.values()), (name, numerics)
@@ -243,8 +255,16 @@ def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     # record_function ranges are not kernels: DDP's forward range (its whole forward) once counted as 88 ms of an H100's
     # 282 ms step, and its self time here on the CPU placed it among the top operators.
     assert not [t for t in profile["top"] if t["name"].startswith("DistributedDataParallel")], profile["top"]
-    assert any("flash_attention" in k for k in json.loads((out / "candidates.json").read_text())["runs"]["a"]["profile"]["attention_kernels"])
+    assert any("flash_attention" in k for k in json.loads((out / "variants.json").read_text())["runs"]["flash"]["profile"]["attention_kernels"])
+    # The loss variants are what they say: in chunks of 48 rows, and in one chunk of all 4 x 32 rows.
+    losses = {r: v["notes"] for r, v in json.loads((out / "candidates.json").read_text())["runs"].items()}
+    assert "loss chunked 48" in losses["ce48"] and "loss chunked 65536" in losses["ce65536"], losses
     assert "profile (a) trainer:" in (out / "main.log").read_text()
+    # The loss stage: full logits and both chunkings, the same loss and gradients, the loss kernels timed apart.
+    loss = json.loads((out / "loss.json").read_text())
+    assert [r["chunk"] for r in loss["runs"]] == [0, 48, 65536] and loss["rows"] == 200
+    for r in loss["runs"]:
+        assert r["loss_ms"] > 0 and r["matmul_ms"] > 0 and r["rel_loss"] < 1e-3 and r["rel_grad_h"] < 1e-2, r
     assert json.loads((out / "main.json").read_text())["eval"]["recompiles_after_warmup"] == 0
     # The closing summary: every stage's runs in one table, tok/s against main's (a), the fastest named.
     summary = (out / "summary.txt").read_text()
@@ -267,7 +287,7 @@ def test_gpu_bench_script_names_an_unknown_stage(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert "== mian: unknown stage (STAGES takes main candidates tuned variants confirm autotune)" in proc.stdout
+    assert "== mian: unknown stage (STAGES takes main loss candidates tuned variants confirm autotune)" in proc.stdout
     assert os.access(ROOT / "scripts" / "gpu_bench.sh", os.X_OK)
 
 

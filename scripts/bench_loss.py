@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""The output layer and its loss alone, forward and backward: the full-logits loss beside the fused, chunked one.
+
+    python scripts/bench_loss.py                                   # on a GPU: 64 x 1024 rows, 768 -> 50304, bf16
+    python scripts/bench_loss.py --device cpu --rows 2048 --dim 64  # the same comparison on a CPU, smaller
+
+For each --chunks entry (0: `lm_head` then F.cross_entropy over the full logits, as build-nanogpt; N: the model's
+chunked_cross_entropy, N rows at a time, whose gradient is made in the forward pass), compiled as the trainer
+compiles it: ms per forward + backward (median of --steps after --warmup), the time of the loss kernels alone
+and of the matmuls (from the profiler), peak memory on a GPU, and the loss kernels' time as passes over the bf16
+logits at this device's measured copy bandwidth. The loss is memory-bound, so passes are what it costs: one read
+for the log-sum-exp, one read and one write for the gradient is the least a loss of this form can do (3 passes).
+On an H100 the trainer's loss kernels took 23 ms per 2 x 65536-row step, which is about 5 passes.
+Losses and gradients are checked against the first entry's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_train import kernel_category, sync, timed_steps  # noqa: E402
+
+from job.errors import UserError, cli_main  # noqa: E402
+from job.model import PADDED_VOCAB, chunked_cross_entropy  # noqa: E402
+from job.train import pick_device  # noqa: E402
+
+
+def copy_bandwidth(device: str, nbytes: int) -> float:
+    """Bytes moved per second (read + write) by a device-to-device copy of nbytes: the memory speed to count
+    passes against."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(8):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def loss_fn(chunk: int, dtype: torch.dtype, device_type: str):
+    def f(h, w, t):
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            if chunk:
+                return chunked_cross_entropy(h, w, t, chunk)
+            return F.cross_entropy(F.linear(h, w), t)
+    return f
+
+
+def measure(chunk: int, h, w, t, args, device: str) -> dict:
+    dtype = getattr(torch, args.dtype)
+    fn = loss_fn(chunk, dtype, device.split(":")[0])
+    if args.compile == "on":
+        torch._dynamo.reset()
+        fn = torch.compile(fn)
+
+    def step(_i: int) -> float:
+        h.grad = w.grad = None
+        loss = fn(h, w, t)
+        loss.backward()
+        return loss.item()
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = timed_steps(step, args.warmup, args.steps, device)
+    res = {"chunk": chunk, "ms": 1000 * statistics.median(times), "loss": losses[-1],
+           "grad_h": h.grad.detach().clone(), "grad_w": w.grad.detach().clone()}
+    if device.startswith("cuda"):
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    res.update(profile(step, device))
+    return res
+
+
+def profile(step, device: str) -> dict:
+    """Kernel time (GPU) or operator self time (CPU) per step, by category: the loss's own kernels and the matmuls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.startswith("cuda")
+    n = 2
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(n):
+            step(i)
+        sync(device)
+    cats: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if getattr(evt, "is_user_annotation", False):
+            continue
+        if cuda:
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = evt.self_device_time_total
+        else:
+            if evt.key.startswith(("ProfilerStep", "Torch-Compiled", "CompiledFunction", "## ", "autograd::")) or \
+                    evt.key.rstrip("0123456789").endswith("Backward"):
+                continue
+            us = evt.self_cpu_time_total
+        cat = kernel_category(evt.key)  # Inductor names its kernels after the ops fused: log_softmax, logsumexp, ...
+        cats[cat] = cats.get(cat, 0.0) + us / 1000 / n
+    return {"loss_ms": cats.get("loss", 0.0), "matmul_ms": cats.get("matmul", 0.0),
+            "other_ms": sum(v for k, v in cats.items() if k not in ("loss", "matmul"))}
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cuda, cpu, mps or auto")
+    p.add_argument("--rows", type=int, default=None, help="B x T rows of one micro-step (default 65536 on a GPU, 2048 on a CPU)")
+    p.add_argument("--dim", type=int, default=None, help="hidden size (default 768 on a GPU, 64 on a CPU)")
+    p.add_argument("--vocab", type=int, default=PADDED_VOCAB)
+    p.add_argument("--chunks", default="0,8192,65536", help="comma-separated ce_chunk_tokens values; 0 is the full-logits loss")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--compile", default="on", choices=("on", "off"))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", help="write the figures here too")
+    args = p.parse_args(argv)
+    try:
+        chunks = [int(c) for c in args.chunks.split(",")]
+    except ValueError:
+        raise UserError(f"--chunks {args.chunks!r}: expected comma-separated whole numbers, e.g. 0,8192,65536") from None
+    if not chunks or any(c < 0 for c in chunks):
+        raise UserError(f"--chunks {args.chunks!r}: chunk sizes are 0 (full logits) or a positive number of rows")
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    for flag in ("rows", "dim", "vocab"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be a positive number")
+    device = str(pick_device(args.device))
+    if device == "cpu":
+        # Inductor's CPU kernels are invisible to the profiler unless each is wrapped in a named range.
+        torch._inductor.config.cpp.enable_kernel_profile = True
+    gpu = not device.startswith("cpu")
+    rows = args.rows or (65536 if gpu else 2048)
+    dim = args.dim or (768 if gpu else 64)
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, dim, generator=g).to(device).requires_grad_()
+    w = (0.02 * torch.randn(args.vocab, dim, generator=g)).to(device).requires_grad_()
+    t = torch.randint(0, args.vocab, (rows,), generator=g).to(device)
+    logits_bytes = rows * args.vocab * (2 if args.dtype == "bfloat16" else 4)
+    bw = copy_bandwidth(device, min(logits_bytes, 2 << 30))
+    print(f"device {device} | {rows} rows x {dim} -> {args.vocab}, {args.dtype}, compile {args.compile} | "
+          f"logits {logits_bytes / 2**30:.2f} GiB | copy bandwidth {bw / 1e9:,.0f} GB/s (read + write)", flush=True)
+
+    results = []
+    for c in chunks:
+        r = measure(c, h, w, t, args, device)
+        r["loss_passes"] = r["loss_ms"] / 1000 * bw / logits_bytes
+        results.append(r)
+        print(f"# chunk {c} done: {r['ms']:.2f} ms", flush=True)
+    ref = results[0]
+    for r in results:
+        r["rel_loss"] = abs(r["loss"] - ref["loss"]) / abs(ref["loss"])
+        r["rel_grad_h"] = ((r["grad_h"] - ref["grad_h"]).norm() / ref["grad_h"].norm()).item()
+        r["rel_grad_w"] = ((r["grad_w"] - ref["grad_w"]).norm() / ref["grad_w"].norm()).item()
+    for r in results:
+        del r["grad_h"], r["grad_w"]
+    print(f"{'loss':<16}{'ms/fwd+bwd':>11}{'loss kern':>11}{'passes':>8}{'matmul':>9}{'other':>8}{'mem GiB':>9}  vs first")
+    for r in results:
+        name = "full logits" if r["chunk"] == 0 else f"chunks of {r['chunk']}"
+        mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
+        print(f"{name:<16}{r['ms']:>11.2f}{r['loss_ms']:>11.2f}{r['loss_passes']:>8.1f}{r['matmul_ms']:>9.2f}{r['other_ms']:>8.2f}"
+              f"{mem:>9}  loss {r['rel_loss']:.1e}, grads {r['rel_grad_h']:.1e} / {r['rel_grad_w']:.1e}")
+    if args.json:
+        out = {"device": device, "rows": rows, "dim": dim, "vocab": args.vocab, "dtype": args.dtype, "compile": args.compile,
+               "copy_bandwidth": bw, "logits_bytes": logits_bytes, "runs": results, "torch": torch.__version__}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
