@@ -294,7 +294,10 @@ def run_trainer(name: str, cfg: TrainConfig, rt: Runtime, args, fpt: float, peak
                     memory_peak_gib(rt), describe(cfg, trainer))
     if args.profile:  # after the timed steps, so profiling costs none of the figures above (nor can lose them)
         res["profile"] = guarded(f"({name}) profile", run_profile, trainer, rt, args, res["ms_per_step"])
-    print(f"# ({name}) done: {res['ms_per_step']:.1f} ms/step, {res['tok_s']:,.0f} tok/s, MFU {100 * res['mfu']:.1f}%", flush=True)
+    # MFU here is against the peak measured before the runs; the report's is against the higher of that and the peak
+    # measured after them, so the two can differ.
+    print(f"# ({name}) done: {res['ms_per_step']:.1f} ms/step, {res['tok_s']:,.0f} tok/s, "
+          f"MFU {100 * res['mfu']:.1f}% of the peak measured before the runs", flush=True)
     return (res, trainer) if keep else (res, None)
 
 
