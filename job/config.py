@@ -90,6 +90,9 @@ PRESET_TRAINING = {
         micro_batch=8, seq_len=128, total_batch_tokens=1024, max_steps=300, warmup_steps=20, max_lr=3e-3,
         eval_every=50, val_steps=8, hellaswag_every=0, sample_every=0, sample_tokens=48, checkpoint_every=100,
         keep_every=0, data_dir="data/tinyshakespeare",
+        # The loss fused with the output layer, one chunk per micro-batch of 8 x 128: on a laptop CPU the 128 -> 50304
+        # output layer is most of this model's step, and the fused loss made the whole step 7 % faster (docs/BENCHMARKS.md).
+        ce_chunk_tokens=1024,
     ),
     # The larger models keep the 124M run's schedule and its 0.5M-token batch with smaller micro-batches (more
     # accumulation): at 64 they would not fit an 80 GB card. scripts/estimate_memory.py puts one eager step at 53,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_train import kernel_category, sync, timed_steps  # noqa: E402
+from bench_train import kernel_category, profile_kernels, sync, timed_steps  # noqa: E402
 
 from job.errors import UserError, cli_main  # noqa: E402
 from job.model import PADDED_VOCAB, chunked_cross_entropy  # noqa: E402
@@ -89,29 +89,10 @@ def measure(chunk: int, h, w, t, args, device: str) -> dict:
 
 def profile(step, device: str) -> dict:
     """Kernel time (GPU) or operator self time (CPU) per step, by category: the loss's own kernels and the matmuls."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    cuda = device.startswith("cuda")
     n = 2
-    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for i in range(n):
-            step(i)
-        sync(device)
     cats: dict[str, float] = {}
-    for evt in prof.key_averages():
-        if getattr(evt, "is_user_annotation", False):
-            continue
-        if cuda:
-            if evt.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = evt.self_device_time_total
-        else:
-            if evt.key.startswith(("ProfilerStep", "Torch-Compiled", "CompiledFunction", "## ", "autograd::")) or \
-                    evt.key.rstrip("0123456789").endswith("Backward"):
-                continue
-            us = evt.self_cpu_time_total
-        cat = kernel_category(evt.key)  # Inductor names its kernels after the ops fused: log_softmax, logsumexp, ...
+    for name, (us, _) in profile_kernels(step, device, n).items():
+        cat = kernel_category(name)  # Inductor names its kernels after the ops fused: log_softmax, logsumexp, ...
         cats[cat] = cats.get(cat, 0.0) + us / 1000 / n
     return {"loss_ms": cats.get("loss", 0.0), "matmul_ms": cats.get("matmul", 0.0),
             "other_ms": sum(v for k, v in cats.items() if k not in ("loss", "matmul"))}

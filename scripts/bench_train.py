@@ -328,21 +328,18 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def run_profile(trainer: Trainer, rt: Runtime, args, wall_ms: float) -> dict:
-    """Where one step's time goes: GPU kernel time by category (operator self time on a CPU), for 2 steps of
-    the already-warm trainer, beside the measured wall time per step. The gap is time the GPU sat idle."""
+def profile_kernels(step_fn, device: str, n: int) -> dict[str, list]:
+    """{kernel (GPU) or operator (CPU) name: [total microseconds, calls]} over n calls of step_fn(i)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step_fn = trainer_step_fn(trainer)
-    cuda = rt.device_type == "cuda"
-    n = 1 if args.quick else 2
+    cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sync(rt.device)
+    sync(device)
     with profile(activities=activities) as prof:
         for s in range(n):
             step_fn(s)
-        sync(rt.device)
-    kernels: dict[str, list] = {}  # name -> [total microseconds, calls]
+        sync(device)
+    kernels: dict[str, list] = {}
     for evt in prof.key_averages():
         if getattr(evt, "is_user_annotation", False):
             continue  # record_function ranges (DDP's forward, ...): also on the GPU timeline, but they are not kernels
@@ -360,6 +357,15 @@ def run_profile(trainer: Trainer, rt: Runtime, args, wall_ms: float) -> dict:
             k = kernels.setdefault(evt.key, [0.0, 0])
             k[0] += us
             k[1] += evt.count
+    return kernels
+
+
+def run_profile(trainer: Trainer, rt: Runtime, args, wall_ms: float) -> dict:
+    """Where one step's time goes: GPU kernel time by category (operator self time on a CPU), for 2 steps of
+    the already-warm trainer, beside the measured wall time per step. The gap is time the GPU sat idle."""
+    cuda = rt.device_type == "cuda"
+    n = 1 if args.quick else 2
+    kernels = profile_kernels(trainer_step_fn(trainer), rt.device, n)
     if not kernels:
         raise RuntimeError("the profiler recorded no " + ("GPU kernels (is CUPTI available?)" if cuda else "operators"))
     busy_ms = sum(us for us, _ in kernels.values()) / 1000 / n

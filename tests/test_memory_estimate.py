@@ -20,7 +20,7 @@ def estimate(tmp_path, *args) -> dict:
 
 
 def test_the_estimate_counts_the_weights_and_adams_moments_exactly(tmp_path):
-    est = estimate(tmp_path, "--preset", "tiny")
+    est = estimate(tmp_path, "--preset", "tiny", "--set", "ce_chunk_tokens=0")  # full logits (tiny's default is chunked)
     weights = 4 * sum(p.numel() for p in GPT(from_dict({"preset": "tiny"}).model_config()).parameters())  # fp32, tied once
     assert est["Parameter"] == weights
     assert 2 * weights <= est["Optstate"] <= 2 * weights + 4096  # two moments, plus a step counter per tensor

@@ -263,7 +263,7 @@ def test_out_of_memory_is_one_line_naming_the_micro_batch_to_use(shards, tmp_pat
         resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
 
     args = train_cmd(shards, tmp_path / "log", "--micro-batch", 128, "--seq-len", 128, "--block-size", 128,
-                     "--total-batch-tokens", 32768, "--max-steps", 2)
+                     "--total-batch-tokens", 32768, "--max-steps", 2, "--ce-chunk-tokens", 0)  # full logits
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=300, preexec_fn=cap)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -297,7 +297,7 @@ def test_out_of_memory_under_ddp_names_the_rank_that_ran_out(shards, tmp_path):
         resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
 
     args = train_cmd(shards, tmp_path / "log", "--micro-batch", 128, "--seq-len", 128, "--block-size", 128,
-                     "--total-batch-tokens", 32768, "--max-steps", 2)
+                     "--total-batch-tokens", 32768, "--max-steps", 2, "--ce-chunk-tokens", 0)  # full logits
     proc = subprocess.run([sys.executable, "-m", "job.launch", *map(str, args[2:])], cwd=ROOT, env=env(NPROC=2),
                           capture_output=True, text=True, timeout=300, preexec_fn=cap)
     assert proc.returncode == 2, proc.stdout + proc.stderr
