@@ -91,11 +91,16 @@ def profile(step, device: str) -> dict:
     """Kernel time (GPU) or operator self time (CPU) per step, by category: the loss's own kernels and the matmuls."""
     n = 2
     cats: dict[str, float] = {}
-    for name, (us, _) in profile_kernels(step, device, n).items():
+    loss_kernels = []
+    for name, (us, calls) in profile_kernels(step, device, n).items():
         cat = kernel_category(name)  # Inductor names its kernels after the ops fused: log_softmax, logsumexp, ...
         cats[cat] = cats.get(cat, 0.0) + us / 1000 / n
+        if cat == "loss":
+            loss_kernels.append({"name": name, "ms": us / 1000 / n, "calls": calls / n})
+    # Which kernels the loss became, and how long each took: e.g. whether the log-sum-exp is one online pass.
+    loss_kernels.sort(key=lambda k: -k["ms"])
     return {"loss_ms": cats.get("loss", 0.0), "matmul_ms": cats.get("matmul", 0.0),
-            "other_ms": sum(v for k, v in cats.items() if k not in ("loss", "matmul"))}
+            "other_ms": sum(v for k, v in cats.items() if k not in ("loss", "matmul")), "loss_kernels": loss_kernels}
 
 
 @cli_main
@@ -159,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
         print(f"{name:<16}{r['ms']:>11.2f}{r['loss_ms']:>11.2f}{r['loss_passes']:>8.1f}{r['matmul_ms']:>9.2f}{r['other_ms']:>8.2f}"
               f"{mem:>9}  loss {r['rel_loss']:.1e}, grads {r['rel_grad_h']:.1e} / {r['rel_grad_w']:.1e}")
+    for r in results:
+        name = "full logits" if r["chunk"] == 0 else f"chunks of {r['chunk']}"
+        for k in r["loss_kernels"][:4]:
+            print(f"  {name}: {k['ms']:8.2f} ms in {k['calls']:g} calls  {k['name'][:110]}")
     if args.json:
         out = {"device": device, "rows": rows, "dim": dim, "vocab": args.vocab, "dtype": args.dtype, "compile": args.compile,
                "copy_bandwidth": bw, "logits_bytes": logits_bytes, "runs": results, "torch": torch.__version__}

@@ -265,6 +265,7 @@ def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     assert [r["chunk"] for r in loss["runs"]] == [0, 48, 65536] and loss["rows"] == 200
     for r in loss["runs"]:
         assert r["loss_ms"] > 0 and r["matmul_ms"] > 0 and r["rel_loss"] < 1e-3 and r["rel_grad_h"] < 1e-2, r
+        assert r["loss_kernels"] and abs(sum(k["ms"] for k in r["loss_kernels"]) - r["loss_ms"]) < 1e-6, r
     assert json.loads((out / "main.json").read_text())["eval"]["recompiles_after_warmup"] == 0
     # The closing summary: every stage's runs in one table, tok/s against main's (a), the fastest named.
     summary = (out / "summary.txt").read_text()
