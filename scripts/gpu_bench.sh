@@ -7,9 +7,8 @@
 # Stages (each its own process under `timeout`, so one hang or crash costs only its own slot), run in the order
 # STAGES names them (default "main loss candidates confirm autotune tuned": on an H100 main took 104 s and candidates
 # about 70 s, so confirm can still measure a winning candidate before autotune, which has crashed before, takes what
-# is left; env always runs first; a stage that would start
-# with less than 20 s of BUDGET left is skipped, and says so; until confirm has run, CONFIRM_RESERVE seconds of the
-# budget are kept for it):
+# is left; env always runs first; a stage that would start with less than 20 s of BUDGET left is skipped, and says
+# so; until confirm has run, CONFIRM_RESERVE seconds of the budget are kept for it):
 #   env         torch/CUDA versions, nvidia-smi
 #   main        matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory, and where (a)'s GPU time
 #               goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
@@ -21,7 +20,7 @@
 #               less memory; 2 % slower on an H200 before its gradient became one elementwise pass, eighth session)
 #               and in one chunk of the whole micro-batch (65536 rows: the same memory as full logits, no loss
 #               kernel left in the backward), each against main's (a) with full logits (profiled: the loss kernels
-#               took 23 ms of a 268 ms H100 step, about twice what three passes over the logits need)
+#               took 23 ms of a 268 ms H100 step, nearly twice what three passes over the logits need)
 #   tuned       (a) with compile mode "tuned" (Inductor's coordinate-descent tuning of its own kernels; slow to
 #               compile: two such runs in one stage passed 226 s on an H100)
 #   variants    (measured on 2026-11-26, opt-in) (a) with FlashAttention-2 first instead of torch's order (cuDNN's
