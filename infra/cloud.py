@@ -19,13 +19,14 @@ from job.errors import UserError
 TOKENS_PER_STEP = 2**19  # build-nanogpt's GPT-2 batch
 # GPT-2 (124M) training throughput per GPU in tokens/s (bf16 autocast, torch.compile, flash attention, T=1024),
 # used only when no step time was measured. H100 and H200: measured on one GPU with scripts/bench_train.py
-# (docs/BENCHMARKS.md, 2026-11-26: H100 489K tok/s with the bf16 residual stream, H200 511K before it), times an
+# (docs/BENCHMARKS.md: H100 500K tok/s on 2026-11-27 with the fused chunked loss, H200 511K on 2026-11-26 before
+# the bf16 residual stream and the fused loss), times an
 # ASSUMED 0.9 for 8-GPU DDP scaling; GH200 is taken
 # as an H100. The others are not measured here: A100 is the order of magnitude build-nanogpt's lecture reports
 # (~1.5M tok/s on 8xA100 80GB), the rest are rough guesses. Replace them with `make bench PRESET=gpt2` on the real
 # card (tok/s) or the ms/step of a previous run's metrics.jsonl.
 ASSUMED_TOKENS_PER_GPU_SECOND = [
-    ("gh200", 440_000), ("h200", 460_000), ("h100", 440_000), ("b200", 700_000), ("a100", 190_000),
+    ("gh200", 450_000), ("h200", 460_000), ("h100", 450_000), ("b200", 700_000), ("a100", 190_000),
     ("a6000", 60_000), ("a10", 40_000), ("v100", 45_000),
 ]
 # Time billed outside training steps: boot, image pull, compile warm-up (fixed), then evals and checkpoints (fraction).
