@@ -146,18 +146,18 @@ def sync(device: str) -> None:
 def matmul_peak(device: str, n: int, reps: int = 10) -> tuple[float, str]:
     """Median FLOP/s of an n x n x n GEMM: bf16 on CUDA (what training uses), fp32 on CPU.
 
-    On a GPU the GEMMs first run for a second: an idle card starts at low clocks, and three warm-up calls
-    (milliseconds) left the figure unsteady (746 to 778 TFLOP/s between runs on one H100)."""
+    A short burst: three warm-up calls (they pick the kernel and warm caches), then reps GEMMs timed one by one
+    (~20 ms on an H100). A second of back-to-back GEMMs first (tried in the seventh session, so that an idle card
+    would reach its clocks) read 536-687 TFLOP/s on an H100 in the ninth, below the ~690 TFLOP/s that the
+    trainer's own GEMMs ran at in the same runs (most likely the card held at its power limit by a second of
+    the heaviest GEMM there is), so it was no ceiling; short bursts read 746-778 on H100s before. A card still
+    at idle clocks reads low before the runs: the report takes the higher of this and the after-runs figure."""
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    warm_until, calls = time.perf_counter() + (1.0 if cuda else 0.0), 0
-    while calls < 3 or time.perf_counter() < warm_until:  # the first calls also pick kernels and warm caches
+    for _ in range(3):
         a @ b
-        calls += 1
-        if calls % 10 == 0:
-            sync(device)  # keeps the host's clock within 10 GEMMs of the GPU's work
     times = []
     for _ in range(reps):
         sync(device)
