@@ -5,22 +5,22 @@
 #   OUT=/tmp/b DEVICE=cpu PRESET=tiny bash scripts/gpu_bench.sh   # the same stages on a CPU, as a smoke test
 #
 # Stages (each its own process under `timeout`, so one hang or crash costs only its own slot), run in the order
-# STAGES names them (default "main loss candidates confirm autotune tuned": on an H100 main took 104 s and candidates
-# about 70 s, so confirm can still measure a winning candidate before autotune, which has crashed before, takes what
-# is left; env always runs first; a stage that would start with less than 20 s of BUDGET left is skipped, and says
-# so; until confirm has run, CONFIRM_RESERVE seconds of the budget are kept for it):
+# STAGES names them (default "main loss candidates confirm autotune tuned": on an H100 env, main, loss, candidates
+# and confirm took 8, 120, 37, 84 and 58 s in the ninth session, so confirm can still measure a winning candidate
+# before autotune, which has crashed before, takes what is left; env always runs first; a stage that would start
+# with less than 20 s of BUDGET left is skipped, and says so; until confirm has run, CONFIRM_RESERVE seconds of the
+# budget are kept for it):
 #   env         torch/CUDA versions, nvidia-smi
 #   main        matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory, and where (a)'s GPU time
 #               goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
 #               eval + sampling + HellaSwag cost and recompiles after warm-up (TORCH_LOGS=recompiles prints any reason);
 #               checkpoint stall of model + AdamW; numerics (a) vs (b)
 #   loss        the output layer and its loss alone (scripts/bench_loss.py): full logits against the fused, chunked
-#               loss in chunks of CE_CHUNK and of 65536 rows; the loss kernels' time as passes over the logits
-#   candidates  (a) with the loss fused with the output layer (--ce-chunk-tokens): in chunks of CE_CHUNK rows (15 GiB
-#               less memory; 2 % slower on an H200 before its gradient became one elementwise pass, eighth session)
-#               and in one chunk of the whole micro-batch (65536 rows: the same memory as full logits, no loss
-#               kernel left in the backward), each against main's (a) with full logits (profiled: the loss kernels
-#               took 23 ms of a 268 ms H100 step, nearly twice what three passes over the logits need)
+#               loss in chunks of LOSS_CHUNKS rows; the loss kernels' time as passes over the logits
+#   candidates  the loss's other settings beside the default (chunks of 8192 rows, fused with the output layer:
+#               3.3-4.2 % faster than full logits and 10.9 GiB less on an H100, ninth session): (a) with full logits
+#               (ce_chunk_tokens=0) and (a) in chunks of CE_CHUNK rows (default 65536, one chunk of the whole
+#               micro-batch: as fast as 8192 there, 5.3 GiB more), each against main's (a); profiled
 #   tuned       (a) with compile mode "tuned" (Inductor's coordinate-descent tuning of its own kernels; slow to
 #               compile: two such runs in one stage passed 226 s on an H100)
 #   variants    (measured on 2026-11-26, opt-in) (a) with FlashAttention-2 first instead of torch's order (cuDNN's
@@ -38,7 +38,8 @@
 # Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), STAGES, PYTHON (default
 # /opt/torch/.venv/bin/python3, else .venv/bin/python, else python3), BUDGET seconds for all stages (default 540),
 # BENCH_ARGS extra bench_train.py flags for every stage, MB_VARIANT the micro-batch variant (default 32; 4 on CPU),
-# CE_CHUNK (default 8192; 48 on CPU).
+# CE_CHUNK the candidates' other chunking (default 65536; 48 on CPU), LOSS_CHUNKS the loss stage's chunkings
+# (default 0,8192,65536; 0,48,65536 on CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,10 +65,12 @@ if [ "$DEVICE" = cpu ]; then
     ARGS+=(--quick --dtype bfloat16)
     MB_VARIANT=${MB_VARIANT:-4}
     CE_CHUNK=${CE_CHUNK:-48}  # several chunks and a short last one in a micro-batch of 4 x 32 rows
+    LOSS_CHUNKS=${LOSS_CHUNKS:-0,48,65536}
     LOSS_ARGS=(--rows 200 --dim 32 --steps 2 --warmup 1)
 fi
 MB_VARIANT=${MB_VARIANT:-32}
-CE_CHUNK=${CE_CHUNK:-8192}
+CE_CHUNK=${CE_CHUNK:-65536}
+LOSS_CHUNKS=${LOSS_CHUNKS:-0,8192,65536}
 # shellcheck disable=SC2206  # BENCH_ARGS is meant to be split into words
 ARGS+=(${BENCH_ARGS:-})
 
@@ -117,10 +120,10 @@ jsons=("$OUT/main.json")
 for name in $STAGES; do
     case $name in
         main) stage main 220 TORCH_LOGS=recompiles -- scripts/bench_train.py "${ARGS[@]}" --profile --json "$OUT/main.json" ;;
-        loss) stage loss 120 -- scripts/bench_loss.py --device "$DEVICE" --chunks "0,${CE_CHUNK},65536" ${LOSS_ARGS[@]+"${LOSS_ARGS[@]}"} \
+        loss) stage loss 120 -- scripts/bench_loss.py --device "$DEVICE" --chunks "$LOSS_CHUNKS" ${LOSS_ARGS[@]+"${LOSS_ARGS[@]}"} \
             --json "$OUT/loss.json" ;;
         candidates) stage candidates 160 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
-            --json "$OUT/candidates.json" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" --variant "ce65536:ce_chunk_tokens=65536" ;;
+            --json "$OUT/candidates.json" --variant "full:ce_chunk_tokens=0" --variant "ce${CE_CHUNK}:ce_chunk_tokens=${CE_CHUNK}" ;;
         tuned) stage tuned 240 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \
             --json "$OUT/tuned.json" --variant "tuned:compile_mode=tuned" ;;
         variants) stage variants 200 -- scripts/bench_train.py "${ARGS[@]}" --runs "" --profile --compare-json "$OUT/main.json" \

@@ -243,7 +243,7 @@ def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     for name in names:
         assert json.loads((out / f"{name}.json").read_text())["runs"]
     # Every variant is checked against main's (b); variants' flash run puts the flash kernel first.
-    expected = {"candidates": {"ce48", "ce65536"}, "tuned": {"tuned"},
+    expected = {"candidates": {"full", "ce48"}, "tuned": {"tuned"},
                 "variants": {"flash", "fp32res", "mb4", "noddp"}}
     for name, variants in expected.items():
         numerics = json.loads((out / f"{name}.json").read_text())["numerics"]
@@ -256,9 +256,10 @@ def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     # 282 ms step, and its self time here on the CPU placed it among the top operators.
     assert not [t for t in profile["top"] if t["name"].startswith("DistributedDataParallel")], profile["top"]
     assert any("flash_attention" in k for k in json.loads((out / "variants.json").read_text())["runs"]["flash"]["profile"]["attention_kernels"])
-    # The loss variants are what they say: in chunks of 48 rows, and in one chunk of all 4 x 32 rows.
+    # The loss variants are what they say: full logits, and in chunks of 48 rows (main's (a) runs the preset's own).
     losses = {r: v["notes"] for r, v in json.loads((out / "candidates.json").read_text())["runs"].items()}
-    assert "loss chunked 48" in losses["ce48"] and "loss chunked 65536" in losses["ce65536"], losses
+    assert "loss full logits" in losses["full"] and "loss chunked 48" in losses["ce48"], losses
+    assert "loss chunked 1024" in json.loads((out / "main.json").read_text())["runs"]["a"]["notes"]
     assert "profile (a) trainer:" in (out / "main.log").read_text()
     # The loss stage: full logits and both chunkings, the same loss and gradients, the loss kernels timed apart.
     loss = json.loads((out / "loss.json").read_text())
