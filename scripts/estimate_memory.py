@@ -4,7 +4,7 @@ AdamW run one step (forward, backward, optimizer) on fake tensors under torch's 
 live tensors by kind.
 
     python scripts/estimate_memory.py --preset gpt2-xl                 # the preset's own micro-batch
-    python scripts/estimate_memory.py --preset gpt2 --micro-batch 64 --set ce_chunk_tokens=8192 --json est.json
+    python scripts/estimate_memory.py --preset gpt2 --micro-batch 64 --set ce_chunk_tokens=0 --json est.json  # full logits
 
 It counts the eager step: every activation autograd keeps, every temporary the ops make. With full logits
 (`--set ce_chunk_tokens=0`) torch.compile fuses many of those away, so the trainer's compiled step needs less: for
