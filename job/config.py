@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, fields
 
 from job import contract
-from job.errors import UserError
+from job.errors import ArgumentParser, UserError
 from job.model import MODEL_PRESETS, PADDED_VOCAB, SDPA_BACKENDS, GPTConfig
 
 
@@ -215,11 +215,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     return cfg
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of usage + message
-        raise UserError(f"{message} (see `python -m job.train --help`)")
-
-
 def _typed(kind, name):
     def convert(text):
         try:
@@ -270,7 +265,7 @@ HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m job.train", description="Train GPT-2 (build-nanogpt reproduction). "
+    p = ArgumentParser(prog="python -m job.train", description="Train GPT-2 (build-nanogpt reproduction). "
                 "Every option overrides the preset's default.")
     for f in fields(TrainConfig):
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)

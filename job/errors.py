@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import os
@@ -89,3 +90,13 @@ def number(value, flag: str, cast=int, minimum: float | None = 0):
     if minimum is not None and n < minimum:
         raise UserError(f"{flag} must be at least {minimum}, got {value!r}")
     return n
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse under the project's error contract: a usage mistake (unknown flag, missing or malformed value) is one
+    `error:` line naming the problem and pointing at --help, exit status 2, instead of argparse's usage block."""
+
+    def error(self, message):
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr, flush=True)
+        sys.exit(UserError.exit_code)
