@@ -1,0 +1,5 @@
+"""`python -m job.prepare`: see job/prepare/__init__.py."""
+
+from job.prepare.cli import main
+
+main()
