@@ -6,7 +6,9 @@ import os
 import re
 
 SHARD_SIZE = 100_000_000  # build-nanogpt's: 100M tokens, 200 MB per shard
-BATCH_DOCS = 128  # documents per tokenizer task (~600 KB of FineWeb text): the hand-off cost is amortized, and a task fits the pipe twice
+# documents per tokenizer task (a few hundred KB of FineWeb text): the hand-off cost is amortized, and a task fits
+# the widened pipe (encode._widen_pipes) twice; docs/BENCHMARKS.md has the throughput measured with it
+BATCH_DOCS = 128
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 PREFIXES = {"text": "data", "fineweb-edu": "edufineweb"}  # edufineweb_train_000001.npy, as build-nanogpt names them

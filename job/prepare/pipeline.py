@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -78,9 +79,9 @@ class Packer:
         return final
 
 
-def _hold(results: Iterator, need: int, progress: Progress) -> tuple[list, int]:
+def _hold(results: Iterator, need: int, progress: Progress) -> tuple[deque, int]:
     """The first results, until `need` tokens have come or the stream ended, and the tokens they hold."""
-    held, seen = [], 0
+    held, seen = deque(), 0
     while seen < need:
         try:
             tokens, lengths = next(results)
@@ -96,7 +97,7 @@ def _pack(results: Iterator, writer: ShardWriter, progress: Progress, shard_size
           unit_rows: list[int], label: str) -> dict:
     """Cut the tokenized stream into shards; returns the run's totals."""
     g = sum(s["tokens"] for s in writer.manifest["shards"])
-    held, val = [], shard_size  # resumed past the val shard: the split was made when it was committed
+    held, val = deque(), shard_size  # resumed past the val shard: the split was made when it was committed
     if writer.index == 0:
         need = split.decided_after(shard_size)
         held, seen = _hold(results, need, progress)
@@ -104,8 +105,8 @@ def _pack(results: Iterator, writer: ShardWriter, progress: Progress, shard_size
         if need and seen >= need:
             print(split.describe(val, None), flush=True)
     packer = Packer(writer, shard_size, val, g, start)
-    for tokens, lengths in held:
-        packer.add(tokens, lengths, unit_rows)
+    while held:  # popped one by one: each batch's memory goes back once it is in a shard
+        packer.add(*held.popleft(), unit_rows)
     for tokens, lengths in results:
         progress.update(len(lengths), packer.add(tokens, lengths, unit_rows))
     return packer.finish(label, unit_rows)

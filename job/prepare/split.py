@@ -4,23 +4,23 @@ The val shard is the first shard, as in build-nanogpt. Its size follows the corp
 
     val = min(shard_size, VAL_MAX, max(VAL_MIN, total // VAL_SHARE))
 
-so a large corpus gives a full val shard of `shard_size` tokens (fineweb.py's layout: for FineWeb-Edu 10BT at the
-default 100M-token shards, the same 100M val shard and the same bytes), while a corpus of a few shards or less keeps
-nine tenths or more for training instead of losing everything to val. VAL_MIN keeps the val loss an average over
-enough text to compare one evaluation with the next; it also means that any --shard-size up to VAL_MIN is laid out
-exactly as fineweb.py would (every shard, val included, `shard_size` tokens). The corpus must hold more tokens
-than the val shard takes, or there is nothing to train on: that is a user error.
+A corpus of ten shards or more gets a full val shard of `shard_size` tokens: fineweb.py's layout, so FineWeb-Edu
+10BT at the default 100M-token shards gives the same 100M val shard and the same bytes. A smaller corpus gives a
+tenth of itself to val, but no less than VAL_MIN tokens, so that the val loss still averages over enough text to
+compare one evaluation with the next; the rest is train. Because of that floor, any --shard-size up to VAL_MIN is
+laid out exactly as fineweb.py would (every shard, val included, `shard_size` tokens). A corpus that the val shard
+would take whole leaves nothing to train on: that is a user error (too_small).
 
 While the total is unknown the pipeline holds the tokens back (2 bytes each) until the rule no longer depends on it:
-at `decided_after(shard_size)` tokens val is min(shard_size, VAL_MAX) whatever follows. At the default shard size
-that is a billion tokens (2 GB) before the first shard is committed; with --shard-size up to VAL_MIN, none.
+after `decided_after(shard_size)` tokens val is min(shard_size, VAL_MAX) whatever follows. At the default shard
+size that is a billion tokens (2 GB) before the first shard is committed; with --shard-size up to VAL_MIN, none.
 """
 
 from __future__ import annotations
 
 from job.errors import UserError
 
-VAL_SHARE = 10  # the val shard takes at most 1/VAL_SHARE of the corpus...
+VAL_SHARE = 10  # the val shard takes 1/VAL_SHARE of the corpus...
 VAL_MIN = 100_000  # ...but at least this many tokens (or --shard-size, if smaller)...
 VAL_MAX = 100_000_000  # ...and at most build-nanogpt's val shard
 
