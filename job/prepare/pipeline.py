@@ -127,12 +127,15 @@ def _tokenize(source: Source, out: Path, manifest: dict, shard_size: int, prefix
     counting.start()
     writer = ShardWriter(out, manifest, prefix)
     batches = source.batches(doc, unit_rows, batch_docs)
-    ok = False
+    ok = refused = False
     try:
         # imap keeps document order; each task is a whole batch, so the hand-off cost is paid per --batch-docs documents
         results = pool.imap(encode.encode_batch, batches) if pool else map(encode.encode_batch, batches)
         final = _pack(iter(results), writer, progress, shard_size, (doc, off), unit_rows, source.label)
         ok = True
+    except UserError:
+        refused = True  # its error line is the last line
+        raise
     except KeyboardInterrupt:
         if pool:
             pool.terminate()
@@ -143,7 +146,7 @@ def _tokenize(source: Source, out: Path, manifest: dict, shard_size: int, prefix
         raise
     finally:
         counting.join(timeout=5)  # the last progress line shows the total when counting was nearly done (short runs)
-        progress.close(last_line=ok)
+        progress.close(last_line=not refused)
         if pool:
             pool.terminate()
         if not ok and writer.thread.is_alive():

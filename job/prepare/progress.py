@@ -55,7 +55,7 @@ class Progress:
         print(f"prepare: {self.line()}", file=sys.stderr, flush=True)
 
     def close(self, last_line: bool = True) -> None:
-        """Close the bar, or print the final count (unless the run failed: then its error is the last line)."""
+        """Close the bar, or print the final count (unless last_line is False: a refused run ends on its error line)."""
         if self.bar is not None:
             self.bar.close()
         elif last_line and self.docs > self.docs0 and self.printed != (self.docs, self.total):
