@@ -70,7 +70,7 @@ class Packer:
             raise UserError(f"{label} has no documents: nothing to tokenize")
         if total == docs:
             raise UserError(f"{label} has only empty documents ({docs:,}): nothing to tokenize")
-        if self.writer.index == 0:  # the val shard never filled: every token would be val
+        if self.writer.index == 0:  # nothing cut yet: every token is in the val shard, none would train
             raise split.too_small(label, total, self.val)
         final = {"documents": docs, "tokens": total, "units": list(unit_rows)}
         if self.n:
