@@ -87,7 +87,7 @@ def _read_jsonl(path: Path, fix: str) -> list[dict]:
 
 @functools.lru_cache(maxsize=1 << 15)
 def _render_tokens(ctx: str, endings: tuple[str, ...]) -> tuple[list[int], list[list[int]]]:
-    # Cached: every evaluation scores the same 10042 examples; tokenizing them again each time would cost seconds.
+    # Cached: every evaluation scores the same examples; tokenizing them again each time would be repeated work.
     # The leading space: in GPT-2's BPE a word after a space is a different token than at the start of text.
     return encode(ctx), [encode(" " + end) for end in endings]
 
@@ -145,7 +145,7 @@ def predict(model, examples: list[dict], device, batch_examples: int = 16) -> to
 
     Examples go through the model `batch_examples` at a time (all their endings as rows of one batch), sorted by
     length so that little is padding, and nothing is read back to the host: one example per forward and a host
-    sync each, as build-nanogpt does, costs ~4 ms an example on an H100/H200, mostly launch overhead.
+    sync each, as build-nanogpt does, is mostly launch overhead on a GPU (docs/BENCHMARKS.md has both timings).
     """
     device = torch.device(device)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["ctx"]) + sum(len(e) for e in examples[i]["endings"]))

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from job.errors import UserError  # noqa: E402
 from job.prepare import DELAY_ENV, MANIFEST, file_source, main, parquet_files, prepare, prepare_documents  # noqa: E402
+from job.prepare.split import VAL_MAX, VAL_MIN, decided_after, val_size  # noqa: E402
 from job.tokenizer import EOT, get_encoding  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,73 @@ def test_tinyshakespeare(tmp_path):
     assert paths[-1].read_bytes() == buf.getvalue()
 
 
+def test_val_split_rule():
+    # small: the minimum, or the whole --shard-size below it (make demo's 50,000: every shard, val included, full)
+    assert val_size(338_026, 100_000_000) == VAL_MIN == 100_000
+    assert val_size(338_026, 50_000) == 50_000
+    assert val_size(1121, 37) == 37
+    # medium: a tenth of the corpus
+    assert val_size(5_000_000, 100_000_000) == 500_000
+    assert val_size(999_999_999, 100_000_000) == 99_999_999
+    # huge: one full shard, as fineweb.py (FineWeb-Edu 10BT: the 100M val shard), and never more than VAL_MAX
+    assert val_size(10_000_000_000, 100_000_000) == 100_000_000
+    assert val_size(1_000_000_000, 100_000_000) == 100_000_000
+    assert val_size(10_000_000_000, 500_000_000) == VAL_MAX == 100_000_000
+    assert val_size(10_000_000_000, 1_000_000) == 1_000_000
+    # how long the pipeline holds tokens back before the rule no longer depends on the total
+    assert decided_after(100_000_000) == 1_000_000_000
+    assert decided_after(120_000) == 1_200_000
+    assert decided_after(VAL_MIN) == decided_after(50_000) == 0
+    for shard_size in (120_000, 100_000_000, 500_000_000):
+        need = decided_after(shard_size)
+        assert val_size(need, shard_size) == val_size(100 * need, shard_size) == min(shard_size, VAL_MAX)
+
+
+def test_default_shard_size_splits_a_small_corpus(tmp_path, capsys):
+    out = tmp_path / "out"
+    paths = prepare(file_source([SHAKESPEARE]), out, workers=1)
+    want = expected([SHAKESPEARE.read_text(encoding="utf-8")])
+    assert [p.name for p in paths] == ["data_val_000000.npy", "data_train_000001.npy"]
+    assert [len(np.load(p)) for p in paths] == [VAL_MIN, len(want) - VAL_MIN]
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in paths]), want)
+    assert f"val split: the first 100,000 of {len(want):,} tokens (29.6%); train: the other {len(want) - VAL_MIN:,}" in capsys.readouterr().out
+    assert run_verify(capsys, out)[0] == 0
+    # a resume keeps the short val shard and redoes only the missing train shard
+    before = paths[1].read_bytes()
+    paths[1].unlink()
+    mtime = paths[0].stat().st_mtime_ns
+    assert prepare(file_source([SHAKESPEARE]), out, workers=1) == paths
+    assert "resuming" in capsys.readouterr().out
+    assert paths[0].stat().st_mtime_ns == mtime and paths[1].read_bytes() == before
+
+
+def test_large_corpus_gets_a_full_val_shard(tmp_path, capsys):
+    # over ten shards of 120,000 tokens (> VAL_MIN): the first full shard is val, exactly as fineweb.py cuts it
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"part{i}.txt")
+        files[-1].write_bytes(SHAKESPEARE.read_bytes())
+    paths = prepare(file_source(files), tmp_path / "out", 120_000, workers=2)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    check_shards(paths, "data", 120_000, expected([text] * 4))
+    assert "val split: the first 120,000 tokens, a full shard (the corpus has at least 1,200,000)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bundled_corpus_with_default_sizes_trains(tmp_path):
+    data, log = tmp_path / "data", tmp_path / "log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    prep = subprocess.run([sys.executable, "-m", "job.prepare", "text", str(SHAKESPEARE), "--out", str(data)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert prep.returncode == 0, prep.stderr
+    assert "wrote 2 shards" in prep.stdout and "(1 val, 1 train)" in prep.stdout
+    train = subprocess.run([sys.executable, "-m", "job.train", "--preset", "tiny", "--max-steps", "3", "--data-dir", str(data),
+                            "--log-dir", str(log), "--device", "cpu", "--sample-num", "0"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    assert "done: 3 steps" in train.stdout and "val loss" in train.stdout
+
+
 def write_corpus(d: Path) -> dict[str, list[Path]]:
     """The same DOCS as .txt files (one per document), one .jsonl, one .json and two .parquet files."""
     d.mkdir()
@@ -86,7 +154,8 @@ def write_corpus(d: Path) -> dict[str, list[Path]]:
     return {"txt": txt, "jsonl": [d / "c.jsonl"], "json": [d / "c.json"], "parquet": [d / "a.parquet", d / "b.parquet"]}
 
 
-@pytest.mark.parametrize("shard_size", [37, 1000, 10**6])
+# 1120: the corpus (1121 tokens) is one token more than the val shard, just enough for a train shard
+@pytest.mark.parametrize("shard_size", [37, 1000, 1120])
 def test_formats_give_identical_shards(tmp_path, shard_size):
     corpus, want = write_corpus(tmp_path / "corpus"), expected(DOCS)
     outputs = {}
@@ -314,6 +383,7 @@ BAD = {
     "data_files_and_dataset": ("fineweb-edu --data-files {tmp}/ok.txt --dataset x", "pass one of them"),
     "verify_no_dir": ("verify {tmp}/nowhere", "is not a directory"),
     "verify_no_shards": ("verify {tmp}", "has no shards"),
+    "corpus_too_small": ("text {tmp}/ok.txt", "has 3 tokens, too few to split into val and train"),
 }
 
 
