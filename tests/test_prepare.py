@@ -124,6 +124,16 @@ def test_large_corpus_gets_a_full_val_shard(tmp_path, capsys):
     assert "val split: the first 120,000 tokens, a full shard (the corpus has at least 1,200,000)" in capsys.readouterr().out
 
 
+def test_a_source_known_to_be_large_cuts_a_full_val_shard_without_holding_tokens_back(tmp_path, capsys):
+    # a whole hub corpus (Source.large) is not counted first: val is one full shard from the first token on
+    source = file_source([SHAKESPEARE])
+    source.large = True
+    paths = prepare(source, tmp_path / "out", 120_000, workers=1)
+    want = expected([SHAKESPEARE.read_text(encoding="utf-8")])
+    assert [len(np.load(p)) for p in paths] == [120_000, 120_000, len(want) - 240_000]
+    assert "val split: the first 120,000 tokens, a full shard" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_bundled_corpus_with_default_sizes_trains(tmp_path):
     data, log = tmp_path / "data", tmp_path / "log"

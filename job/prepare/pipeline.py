@@ -94,15 +94,15 @@ def _hold(results: Iterator, need: int, progress: Progress) -> tuple[deque, int]
 
 
 def _pack(results: Iterator, writer: ShardWriter, progress: Progress, shard_size: int, start: tuple[int, int],
-          unit_rows: list[int], label: str) -> dict:
+          unit_rows: list[int], label: str, large: bool = False) -> dict:
     """Cut the tokenized stream into shards; returns the run's totals."""
     g = sum(s["tokens"] for s in writer.manifest["shards"])
     held, val = deque(), shard_size  # resumed past the val shard: the split was made when it was committed
     if writer.index == 0:
-        need = split.decided_after(shard_size)
+        need = 0 if large else split.decided_after(shard_size)
         held, seen = _hold(results, need, progress)
-        val = split.val_size(seen, shard_size)
-        if need and seen >= need:
+        val = split.val_size(seen, shard_size) if need else min(shard_size, split.VAL_MAX)
+        if large or (need and seen >= need):
             print(split.describe(val, None), flush=True)
     packer = Packer(writer, shard_size, val, g, start)
     while held:  # popped one by one: each batch's memory goes back once it is in a shard
@@ -131,7 +131,7 @@ def _tokenize(source: Source, out: Path, manifest: dict, shard_size: int, prefix
     try:
         # imap keeps document order; each task is a whole batch, so the hand-off cost is paid per --batch-docs documents
         results = pool.imap(encode.encode_batch, batches) if pool else map(encode.encode_batch, batches)
-        final = _pack(iter(results), writer, progress, shard_size, (doc, off), unit_rows, source.label)
+        final = _pack(iter(results), writer, progress, shard_size, (doc, off), unit_rows, source.label, source.large)
         ok = True
     except UserError:
         refused = True  # its error line is the last line

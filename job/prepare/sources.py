@@ -97,6 +97,9 @@ class Source:
                  max_docs: int | None = None):
         self.label, self.units, self.field, self.max_docs = label, units, field, max_docs
         self.identity = identity or {"files": [u.ident() for u in units], "field": field}
+        # Known to hold far more than ten shards (a whole hub corpus): the val split is a full shard from the start, and
+        # the pipeline need not hold tokens back to learn the total (job/prepare/split.py).
+        self.large = False
 
     def total_docs(self) -> int | None:
         """Documents in the whole source, for the ETA; None when that costs more than reading parquet footers."""
@@ -268,4 +271,6 @@ def fineweb_source(dataset: str = FINEWEB, name: str = "sample-10BT", max_docs: 
         units.append(Unit(kind, f))
     identity = {"dataset": dataset if not local else Path(dataset).name, "name": name, "files": [u.ident() for u in units],
                 "field": "text"}
-    return Source(f"{dataset} ({name})", units, "text", identity, max_docs)
+    source = Source(f"{dataset} ({name})", units, "text", identity, max_docs)
+    source.large = not local and max_docs is None  # the hub's FineWeb-edu subsets are billions of tokens
+    return source

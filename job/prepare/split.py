@@ -13,7 +13,8 @@ would take whole leaves nothing to train on: that is a user error (too_small).
 
 While the total is unknown the pipeline holds the tokens back (2 bytes each) until the rule no longer depends on it:
 after `decided_after(shard_size)` tokens val is min(shard_size, VAL_MAX) whatever follows. At the default shard
-size that is a billion tokens (2 GB) before the first shard is committed; with --shard-size up to VAL_MIN, none.
+size that is a billion tokens (2 GB) before the first shard is committed; with --shard-size up to VAL_MIN, none; for a
+source known to be that large (a FineWeb-edu subset streamed from the hub: Source.large), none either.
 """
 
 from __future__ import annotations
