@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.lambda_cloud import LambdaAPIError, LambdaCloud
 from job.errors import UserError
+from job.sidecar.lambda_cloud import LambdaAPIError, LambdaCloud
 
 TOKENS_PER_STEP = 2**19  # build-nanogpt's GPT-2 batch
 # GPT-2 (124M) training throughput per GPU in tokens/s (bf16 autocast, torch.compile, fused attention, T=1024),
