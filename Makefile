@@ -41,7 +41,7 @@ demo: demo-data
 	$(PY) -m job.sample --checkpoint $(DEMO_LOG) --num 3 --max-tokens 48 --prompt "ROMEO:"
 
 lint: venv
-	$(VENV)/bin/ruff check job infra scripts tests train.py
+	$(VENV)/bin/ruff check job infra scripts tests train.py fabfile.py
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 test: venv lint
