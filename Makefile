@@ -41,7 +41,7 @@ demo: demo-data
 	$(PY) -m job.sample --checkpoint $(DEMO_LOG) --num 3 --max-tokens 48 --prompt "ROMEO:"
 
 lint: venv
-	$(VENV)/bin/ruff check job infra scripts tests train.py
+	$(VENV)/bin/ruff check job infra scripts tests train.py fabfile.py
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 test: venv lint
@@ -98,7 +98,7 @@ run-local: check-docker
 run-local-cpu: check-docker
 	@mkdir -p $(HOST_DATA) $(HOST_WEIGHTS)
 	@$(MAKE) --no-print-directory demo-data DEMO_DATA=$(HOST_DATA)/tinyshakespeare
-	$(DOCKER) run $(RUN_FLAGS) $(NAME):latest $(or $(CMD),python -m job.launch --preset tiny --data-dir $(PERSISTENT)/tinyshakespeare)
+	$(DOCKER) run $(RUN_FLAGS) $(NAME):latest $(or $(CMD),python -m job.supervisor --preset tiny --data-dir $(PERSISTENT)/tinyshakespeare)
 
 shell: check-docker
 	@mkdir -p $(HOST_DATA) $(HOST_WEIGHTS)

@@ -93,9 +93,9 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
     """Check and prepare the box, start training in the container, stream its log (Ctrl-C detaches)."""
     import os
 
+    from infra.container import Job
     from infra.launch import CloudOptions, LaunchOptions
     from infra.launch import launch as do_launch
-    from infra.trainer import Job
 
     @cli_main
     def go():
@@ -124,8 +124,8 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
 def logs(c, host="", tail="100", no_follow=False, key=None, port=None, known_hosts=None, accept_new_host_key=False):
     """Re-attach to the training log (Ctrl-C detaches; training goes on)."""
     from infra.box import find_docker
+    from infra.container import find_train_container, stream_logs
     from infra.launch import follow
-    from infra.trainer import find_train_container, stream_logs
 
     @cli_main
     def go():
@@ -144,8 +144,8 @@ def logs(c, host="", tail="100", no_follow=False, key=None, port=None, known_hos
 def status(c, host="", key=None, port=None, known_hosts=None, accept_new_host_key=False):
     """Is it running? step, loss, tok/s, ETA, newest checkpoint, GPU use."""
     from infra.box import find_docker
-    from infra.trainer import format_status
-    from infra.trainer import status as get_status
+    from infra.container import format_status
+    from infra.container import status as get_status
 
     @cli_main
     def go():
@@ -160,7 +160,7 @@ def status(c, host="", key=None, port=None, known_hosts=None, accept_new_host_ke
 def stop(c, host="", hosts="", timeout="300", key=None, port=None, known_hosts=None, accept_new_host_key=False):
     """Stop training with a checkpoint (SIGTERM, then wait), then the S3 sidecar after its last upload."""
     from infra.box import find_docker
-    from infra.trainer import newest_checkpoint, running, stop_container
+    from infra.container import newest_checkpoint, running, stop_container
 
     @cli_main
     def go():
@@ -200,7 +200,7 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
     from pathlib import Path
 
     from infra.fetch import fetch_weights as fetch
-    from infra.s3 import client, parse_s3_url, upload_files
+    from job.sidecar.s3 import client, parse_s3_url, upload_files
 
     @cli_main
     def go():

@@ -13,17 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.lambda_cloud import LambdaAPIError, LambdaCloud
 from job.errors import UserError
+from job.sidecar.lambda_cloud import LambdaAPIError, LambdaCloud
 
 TOKENS_PER_STEP = 2**19  # build-nanogpt's GPT-2 batch
-# GPT-2 (124M) training throughput per GPU in tokens/s (bf16 autocast, torch.compile, fused attention, T=1024),
-# used only when no step time was measured. H100 and H200: measured on one GPU with scripts/bench_train.py
-# (docs/BENCHMARKS.md: H100 500K tok/s on 2026-11-27 with the fused chunked loss, H200 511K on 2026-11-26 before
-# the bf16 residual stream and the fused loss), times an ASSUMED 0.9 for 8-GPU DDP scaling; GH200 is taken as an
-# H100. The others are not measured here: A100 is the order of magnitude build-nanogpt's lecture reports
-# (~1.5M tok/s on 8xA100 80GB), the rest are rough guesses. Replace them with `make bench PRESET=gpt2` on the real
-# card (tok/s) or the ms/step of a previous run's metrics.jsonl.
+# GPT-2 (124M) training throughput per GPU in tokens/s (bf16 autocast, torch.compile, fused attention, T=1024), for
+# the cost estimate when neither --step-seconds nor a previous run's step time is given. docs/BENCHMARKS.md says
+# which entries come from measurements (scripts/bench_train.py, scaled for multi-GPU DDP) and which are rough
+# guesses; `make bench PRESET=gpt2` on the real card, or a previous run's metrics.jsonl, replaces them.
 ASSUMED_TOKENS_PER_GPU_SECOND = [
     ("gh200", 450_000), ("h200", 460_000), ("h100", 450_000), ("b200", 700_000), ("a100", 190_000),
     ("a6000", 60_000), ("a10", 40_000), ("v100", 45_000),

@@ -11,7 +11,7 @@ KEY_HELP = {"api_key_file": "file holding the Lambda API key, mode 600 (default 
 
 
 def _api(api_key_file, api_base):
-    from infra.lambda_cloud import LambdaCloud
+    from job.sidecar.lambda_cloud import LambdaCloud
 
     return LambdaCloud.from_env(api_key_file, api_base)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from infra.digest import CHUNK, sha256_file
 from infra.ssh import run
 from job import contract
 from job.errors import UserError
 from job.fsutil import NO_SPACE, free_bytes, human_bytes
+from job.sidecar.digest import CHUNK, sha256_file
 
 LOG_FILES = (contract.METRICS_FILE, contract.HUMAN_LOG_FILE, contract.NANOGPT_LOG_FILE)
 
@@ -94,12 +94,10 @@ def fetch_weights(conn, remote_dir: str, local_dir, latest_only: bool = False, p
 
 def mark_fetched(conn, remote_dir: str, verified: dict[str, str]) -> None:
     """Leave `.fetched-NAME` (the sha256 verified here) beside each checkpoint now safe on this disk: the box's cost
-    guard (infra/guard.py) may terminate the instance only once the final checkpoint is safe somewhere."""
+    guard (job/sidecar/guard.py) may terminate the instance only once the final checkpoint is safe somewhere."""
     if not verified:
         return
-    from infra.guard import FETCHED
-
-    cmd = " && ".join(f"printf %s {digest} > {shlex.quote(posixpath.join(remote_dir, FETCHED.format(name=name)))}"
+    cmd = " && ".join(f"printf %s {digest} > {shlex.quote(posixpath.join(remote_dir, contract.FETCHED_MARKER.format(name=name)))}"
                       for name, digest in verified.items())
     run(conn, cmd, warn=True)  # a read-only weights dir only means the guard keeps waiting; the fetch itself succeeded
 

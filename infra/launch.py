@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import io
 import shlex
-import signal
 import sys
 from dataclasses import dataclass, field
 
 from infra.box import Box, preflight, table
-from infra.image import ensure_image
-from infra.ssh import ConnectionLost, connect, run, stream
-from infra.trainer import (
+from infra.container import (
     ROLE,
     Job,
     containers,
@@ -28,18 +25,23 @@ from infra.trainer import (
     stop_container,
     stream_logs,
 )
+from infra.image import ensure_image
+from infra.ssh import ConnectionLost, connect, run, stream
 from job import contract
-from job.errors import RankLost, TrainingDiverged, UserError
+from job.errors import UserError
 
 CREDENTIALS = ".config/nanogpt/aws-credentials"  # on the box, relative to the user's home; 0600
 SECRET_MOUNT = "/run/nanogpt/aws-credentials"
 LAMBDA_KEY = ".config/nanogpt/lambda-api-key"  # on the box, for the cost guard only; 0600
 LAMBDA_KEY_MOUNT = "/run/nanogpt/lambda-api-key"
+# The programs that run on the box beside the trainer, in containers of the same image (job/sidecar/).
+SYNC_MODULE = "job.sidecar.sync"
+GUARD_MODULE = "job.sidecar.guard"
 
 
 @dataclass
 class CloudOptions:
-    """Lambda Cloud: provision the box first, and/or guard its cost from the box itself (infra/guard.py)."""
+    """Lambda Cloud: provision the box first, and/or guard its cost from the box itself (job/sidecar/guard.py)."""
 
     provision: bool = False
     type_name: str = ""
@@ -101,22 +103,19 @@ def hint(host: str) -> str:
             f"stop (with a checkpoint): fab stop --host {host}")
 
 
+# What to do after a trainer container's non-zero exit status; what the status means is job.contract's table.
+NEXT_STEP = {
+    contract.EXIT_DIVERGED: "launch again with a lower learning rate, e.g. --train-args \"--max-lr 3e-4\"; it resumes from the last good "
+                            "checkpoint (the error above names it)",
+    contract.EXIT_USER_ERROR: "fix what the error above names and launch again; it resumes from the newest checkpoint",
+    contract.EXIT_RANK_LOST: "launch again; it resumes from the last checkpoint (the error above names it and the rank)",
+}
+
+
 def failure_advice(host: str, code: int) -> str:
-    """What a trainer container's non-zero exit status means, and what to do (job.errors, job.launch)."""
-    if code == TrainingDiverged.exit_code:
-        return (f"training on {host} diverged (exit {code}; the error above names the last good checkpoint): launch again "
-                "with a lower learning rate, e.g. --train-args \"--max-lr 3e-4\"; it resumes from that checkpoint")
-    if code == UserError.exit_code:
-        return (f"training on {host} stopped on a problem it could name (exit {code}: a mistake in the settings or files, a full "
-                "disk, or out of GPU memory; the error above says which and the fix): fix it and launch again; it resumes from the newest checkpoint")
-    if code == RankLost.exit_code:
-        return (f"training on {host} stopped because a rank lost contact with another (exit {code}: a machine of the run "
-                "went away, or the network between them; the error above says which rank and the last checkpoint): launch "
-                "again and it resumes from it")
-    if code > 128 and code - 128 in signal.valid_signals():
-        return (f"training on {host} was killed by {signal.Signals(code - 128).name} (exit {code}; out of memory, or a stop that "
-                "outlasted its timeout?): the log is above; launch again and it resumes from the newest checkpoint")
-    return f"training on {host} exited with status {code}: the log is above; fix the cause and launch again (it resumes)"
+    """One line for a trainer container's non-zero exit status: what it means (job.contract.EXIT_STATUSES) and what to do."""
+    then = NEXT_STEP.get(code, "the log is above; fix the cause and launch again (it resumes from the newest checkpoint)")
+    return f"training on {host} exited with status {code}: {contract.exit_meaning(code)}; {then}"
 
 
 def send_secret(conn, relpath: str, body: bytes) -> str:
@@ -168,7 +167,7 @@ def start_sidecar(conn, box: Box, image: str, url: str, endpoint: str | None, ou
     flags = sidecar_flags(box, name, "sync") + f" -v {shlex.quote(f'{creds}:{SECRET_MOUNT}:ro')} -e AWS_SHARED_CREDENTIALS_FILE={SECRET_MOUNT}"
     if endpoint:
         flags += f" -e AWS_ENDPOINT_URL={shlex.quote(endpoint)}"
-    cmd = f"{flags} {shlex.quote(image)} python -m infra.sync --log-dir {contract.LOG_DIR} --s3 {shlex.quote(url)}"
+    cmd = f"{flags} {shlex.quote(image)} python -m {SYNC_MODULE} --log-dir {contract.LOG_DIR} --s3 {shlex.quote(url)}"
     res = run(conn, cmd, warn=True)
     if res.failed:
         raise UserError(f"could not start the S3 sidecar on {conn.host}: {' '.join(res.stderr.split())[:300]}")
@@ -178,7 +177,7 @@ def start_sidecar(conn, box: Box, image: str, url: str, endpoint: str | None, ou
 
 def start_guard(conn, box: Box, image: str, instance_id: str, cloud: CloudOptions, api_key: str, sync_s3: str | None,
                 s3_endpoint: str | None, out=sys.stdout) -> str:
-    """The cost guard in its own container (see infra/guard.py): it terminates this instance once training is over
+    """The cost guard in its own container (see job/sidecar/guard.py): it terminates this instance once training is over
     and the final checkpoint is safe, or stops the run at --max-hours. It runs on the box, so closing the laptop
     changes nothing. The API key reaches it as a 0600 file mounted read-only, never as an environment variable."""
     for c in containers(conn, box.docker, role="guard", all_states=True):
@@ -186,7 +185,7 @@ def start_guard(conn, box: Box, image: str, instance_id: str, cloud: CloudOption
     key_file = send_secret(conn, LAMBDA_KEY, api_key.encode())
     name = f"{contract.CONTAINER_NAME}-guard"
     flags = sidecar_flags(box, name, "guard") + f" -v {shlex.quote(f'{key_file}:{LAMBDA_KEY_MOUNT}:ro')}"
-    args = ["python", "-m", "infra.guard", "--instance-id", instance_id, "--log-dir", contract.LOG_DIR, "--api-key-file", LAMBDA_KEY_MOUNT,
+    args = ["python", "-m", GUARD_MODULE, "--instance-id", instance_id, "--log-dir", contract.LOG_DIR, "--api-key-file", LAMBDA_KEY_MOUNT,
             "--poll-seconds", str(cloud.guard_poll_seconds)]
     if cloud.api_base:
         args += ["--api-base", cloud.api_base]
@@ -209,18 +208,15 @@ def start_guard(conn, box: Box, image: str, instance_id: str, cloud: CloudOption
 
 def clear_run_markers(conn, box: Box) -> None:
     """A new run starts without an earlier run's exit status or stop request (the guard's file contract)."""
-    from infra.guard import EXIT
-
     w = shlex.quote(box.weights_dir)
-    run(conn, f"rm -f {w}/{EXIT} {w}/{EXIT}.tmp {w}/{contract.STOP_REQUEST_FILE}", warn=True)
+    done = contract.TRAIN_EXIT_FILE
+    run(conn, f"rm -f {w}/{done} {w}/{done}.tmp {w}/{contract.STOP_REQUEST_FILE}", warn=True)
 
 
 def watch_exit(conn, box: Box, name: str) -> None:
     """On the box, outliving this SSH session: write the trainer container's exit status to .train-exit when it
     ends, so the guard also sees a crash that logged no "end"."""
-    from infra.guard import EXIT
-
-    final = shlex.quote(f"{box.weights_dir}/{EXIT}")
+    final = shlex.quote(f"{box.weights_dir}/{contract.TRAIN_EXIT_FILE}")
     inner = f"{box.docker} wait {shlex.quote(name)} > {final}.tmp && mv {final}.tmp {final}"
     run(conn, f"setsid nohup sh -c {shlex.quote(inner)} >/dev/null 2>&1 < /dev/null &", warn=True)
 
@@ -228,24 +224,30 @@ def watch_exit(conn, box: Box, name: str) -> None:
 def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
     """--provision: show the price and the estimated cost, ask, launch, wait for SSH. Returns (user@ip, instance id, key)."""
     from infra.cloud import confirm, cost_line, dollars, plan_provision, provision
-    from infra.lambda_cloud import LambdaCloud, load_api_key
-    from job.config import PRESETS
+    from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
 
     cloud = opts.cloud
+    steps = opts.job.steps or preset_steps(opts.job.preset)
     key = load_api_key(cloud.api_key_file)
     api = LambdaCloud(key, cloud.api_base)
     plan = plan_provision(api, cloud.type_name, cloud.region, cloud.ssh_key, opts.fs)
-    steps = opts.job.steps or PRESETS[opts.job.preset]["max_steps"]
     out.write(cost_line(plan, steps, cloud.step_seconds) + "\n")
     confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", cloud.yes)
     inst = provision(api, plan=plan, name=cloud.name, ssh_port=opts.ssh.port or 22, out=out)
     return f"{cloud.ssh_user}@{inst['ip']}", inst["id"], key
 
 
+def preset_steps(preset: str) -> int:
+    """The steps a trainer preset runs by default, for the cost estimate (the contract's table: no torch here)."""
+    if preset not in contract.PRESET_MAX_STEPS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(contract.PRESET_MAX_STEPS)}")
+    return contract.PRESET_MAX_STEPS[preset]
+
+
 def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
     """The Lambda instance behind an address we were given (for --terminate-when-done on a box we did not provision)."""
-    from infra.lambda_cloud import LambdaCloud
     from infra.ssh import parse_host
+    from job.sidecar.lambda_cloud import LambdaCloud
 
     ip = parse_host(host)[1]
     found = [i for i in LambdaCloud(api_key, api_base).instances() if i.get("ip") == ip and i.get("status") != "terminated"]
@@ -257,7 +259,7 @@ def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     cloud = opts.cloud
     if opts.sync_s3:
-        from infra.s3 import parse_s3_url
+        from job.sidecar.s3 import parse_s3_url
 
         parse_s3_url(opts.sync_s3)  # a typo, or no credentials, fails before anything happens on the box
         aws_credentials_file()
@@ -276,7 +278,7 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     if not opts.hosts:
         raise UserError("no box given: pass --host ubuntu@IP (or --hosts ubuntu@A,ubuntu@B for several, or --provision)")
     if cloud.guarded and instance_id is None:
-        from infra.lambda_cloud import load_api_key
+        from job.sidecar.lambda_cloud import load_api_key
 
         api_key = load_api_key(cloud.api_key_file)
         instance_id = instance_id_for(opts.hosts[0], api_key, cloud.api_base)

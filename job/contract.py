@@ -1,12 +1,20 @@
-"""The container contract, read from contract.env beside this file (the single source of truth).
+"""The container contract, read from contract.env beside this file (the single source of truth), and the tables
+every side reads: what each exit status means, and how many steps each preset runs.
 
 Inside the image the trainer runs from WORKDIR, reads shards from the persistent filesystem mounted at
 PERSISTENT and writes logs and checkpoints to LOG_DIR (the host's ~/model_weights in the old workflow).
 The Makefile includes the same file and hands the values to docker build, so nothing is copied by hand.
+
+Both sides import this module: the trainer and the sidecars in the image, and the launcher on the laptop, which
+has neither torch nor numpy. So it imports nothing but the standard library.
+
+    python -m job.contract exit-codes      # the exit-status table, as Markdown, for the docs
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 ENV_FILE = Path(__file__).resolve().parent / "contract.env"
@@ -36,3 +44,71 @@ HUMAN_LOG_FILE = _C["HUMAN_LOG_FILE"]  # the human lines printed on stdout
 NANOGPT_LOG_FILE = _C["NANOGPT_LOG_FILE"]  # build-nanogpt's own format ("{step} train {loss}"), for old tools
 COMPILE_CACHE_DIR = _C["COMPILE_CACHE_DIR"]  # in the log dir: torch.compile's caches, kept across container restarts
 STOP_REQUEST_FILE = _C["STOP_REQUEST_FILE"]  # in the log dir: the cost guard asks the trainer to checkpoint and stop
+TRAIN_EXIT_FILE = _C["TRAIN_EXIT_FILE"]  # in the log dir: the trainer container's exit status, for the cost guard
+SYNCED_MARKER = _C["SYNCED_PREFIX"] + "{name}"  # in the log dir: NAME is verified in S3 (written by the S3 sidecar)
+FETCHED_MARKER = _C["FETCHED_PREFIX"] + "{name}"  # in the log dir: NAME is verified on the laptop (written by fetch-weights)
+PREPARE_MANIFEST = _C["PREPARE_MANIFEST"]  # beside the shards: job.prepare's record of what it wrote and whether it finished
+
+# ---- exit statuses ----------------------------------------------------------------------------------------
+# One table for the trainer (job.errors, the supervisor), the sidecars, the launcher's explanation of a container's
+# status and the docs (`python -m job.contract exit-codes`). A process killed by signal N exits 128+N.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_RANK_LOST = 4
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_KILLED = 128 + signal.SIGKILL
+
+EXIT_STATUSES = {
+    EXIT_OK: "done, or stopped with a final checkpoint (Ctrl-C, `fab stop`, `docker stop`, the cost guard's stop request)",
+    EXIT_FAILED: "a failure with no status of its own: a bug (its traceback is above), or a command that says why in its last "
+                 "line (a `fab` prompt not answered yes, `python -m job.prepare verify` finding a bad shard, the S3 sidecar "
+                 "stopped before its uploads were confirmed)",
+    EXIT_USER_ERROR: "a problem the user can fix (a setting, a missing or unreadable file, a full disk, out of GPU memory, a "
+                     "checkpoint that could not be written), named with its fix in one `error:` line",
+    EXIT_DIVERGED: "training diverged: the loss or the weights stopped being finite; nothing after the last good checkpoint was saved",
+    EXIT_RANK_LOST: "a rank lost contact with another: a machine of the run went away, or the network between them",
+    EXIT_INTERRUPTED: "interrupted: a second Ctrl-C aborted the run without a final checkpoint",
+    EXIT_KILLED: "killed by SIGKILL: the kernel's out-of-memory killer (the machine's RAM), or a stop that outlasted its timeout",
+}
+
+# The reasons of the trainer's "end" event (metrics.jsonl) and the exit status each goes with: the cost guard acts
+# on the event before the container's exit status exists.
+END_REASONS = {"done": EXIT_OK, "stopped": EXIT_OK, "diverged": EXIT_DIVERGED, "checkpoint-failed": EXIT_USER_ERROR}
+
+
+def exit_meaning(code: int) -> str:
+    """What an exit status means, from the table; other statuses above 128 name their signal."""
+    if code in EXIT_STATUSES:
+        return EXIT_STATUSES[code]
+    if code > 128 and code - 128 in signal.valid_signals():
+        return f"killed by {signal.Signals(code - 128).name}"
+    return "not one of the statuses the project uses: the output above says more"
+
+
+def exit_statuses_markdown() -> str:
+    rows = ["| Status | Meaning |", "| --- | --- |"]
+    rows += [f"| {code} | {meaning} |" for code, meaning in sorted(EXIT_STATUSES.items())]
+    rows.append("| 128+N | killed by signal N (143: SIGTERM, 139: SIGSEGV, a crash in native code) |")
+    return "\n".join(rows) + "\n"
+
+
+# ---- presets, as the launcher needs them -----------------------------------------------------------------
+# The optimizer steps each trainer preset runs by default (job.config.PRESETS, where a preset does not set
+# max_steps: TrainConfig's 19073, one epoch of FineWeb-edu 10B). The launcher's cost estimate needs them without
+# importing job.config, which imports torch; tests/test_contract.py checks they agree with job.config.
+PRESET_MAX_STEPS = {"gpt2": 19073, "gpt2-medium": 19073, "gpt2-large": 19073, "gpt2-xl": 19073, "tiny": 300}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from job.errors import ArgumentParser
+
+    p = ArgumentParser(prog="python -m job.contract", description="Print a table of the container contract for the docs.")
+    p.add_argument("table", choices=["exit-codes"], help="exit-codes: what each exit status means, as a Markdown table")
+    p.parse_args(argv)
+    sys.stdout.write(exit_statuses_markdown())
+
+
+if __name__ == "__main__":
+    main()

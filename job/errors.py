@@ -8,13 +8,14 @@ import functools
 import os
 import sys
 
+from job import contract
 from job.fsutil import NO_SPACE
 
 
 class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
 
-    exit_code = 2
+    exit_code = contract.EXIT_USER_ERROR
     # Said by every process, not only each machine's first: for what one rank can meet alone (its GPU's memory).
     every_rank = False
 
@@ -23,18 +24,17 @@ class RankLost(UserError):
     """Another rank went away mid-run (killed, crashed, its machine gone): this one cannot go on alone. Not the
     first failure, so not the status the launcher reports; its line says what this rank saw and what to resume."""
 
-    exit_code = 4
+    exit_code = contract.EXIT_RANK_LOST
 
 
 class TrainingDiverged(UserError):
     """The loss or the weights stopped being finite numbers; the run stopped without saving them."""
 
-    exit_code = 3
+    exit_code = contract.EXIT_DIVERGED
 
 
-# The reasons of the trainer's "end" event (metrics.jsonl) and the exit status each goes with: the cost guard acts
-# on the event before the container's exit status exists (--keep-on-failure keeps a box whose run failed).
-END_REASONS = {"done": 0, "stopped": 0, "diverged": TrainingDiverged.exit_code, "checkpoint-failed": UserError.exit_code}
+# The reasons of the trainer's "end" event and the exit status each goes with (the table is the contract's).
+END_REASONS = contract.END_REASONS
 
 
 def cli_main(fn):
@@ -55,10 +55,10 @@ def cli_main(fn):
                 raise
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"error: {message}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(contract.EXIT_USER_ERROR)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(contract.EXIT_INTERRUPTED)
 
     return wrapper
 

@@ -27,11 +27,11 @@ from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args
 from job.data import DeviceLoader, ShardLoader, check_data_dir
 from job.errors import RankLost, TrainingDiverged, UserError, cli_main
 from job.fsutil import free_bytes, human_bytes
-from job.launch import children
 from job.metrics import MetricsLogger, format_eta, peak_flops
 from job.model import GPT
 from job.optim import configure_optimizer, get_lr
 from job.sample import default_device, generate_samples
+from job.supervisor import children
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """A fake Lambda Cloud API v1 for tests: a real HTTP server on 127.0.0.1 (a thread in the test process, reachable from
-subprocesses) that answers the endpoints we use with the shapes of Lambda's API description (see infra/lambda_cloud.py)
+subprocesses) that answers the endpoints we use with the shapes of Lambda's API description (see job/sidecar/lambda_cloud.py)
 and checks every request it gets: the auth header, the JSON body's field names and types, the launch constraints.
 Anything off is both refused (as Lambda would) and recorded in `problems`, which a test asserts is empty.
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from moto.server import ThreadedMotoServer
 
-from infra.guard import SelfTerminator
-from infra.lambda_cloud import LambdaCloud
-from infra.s3 import client, upload_files
 from job.errors import UserError
+from job.sidecar.guard import SelfTerminator
+from job.sidecar.lambda_cloud import LambdaCloud
+from job.sidecar.s3 import client, upload_files
 from tests.conftest import ROOT
 from tests.fake_lambda import TEST_KEY, FakeLambda
 
@@ -63,7 +63,7 @@ class GuardProc:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **AWS)
         env["LAMBDA_API_KEY"] = "decoy-from-env"  # must be ignored: the guard takes the key from the file only
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "infra.guard", "--log-dir", str(log), "--api-key-file", str(key),
+        self.proc = subprocess.Popen([sys.executable, "-m", "job.sidecar.guard", "--log-dir", str(log), "--api-key-file", str(key),
                                       "--api-base", fake.url, "--poll-seconds", "0.05", *map(str, flags)],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from infra import cloud
-from infra.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
 from job.errors import UserError
+from job.sidecar.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
 from tests.conftest import ROOT
 from tests.fake_lambda import A10, A100, H100, TEST_KEY, FakeLambda
 from tests.sshd import free_port, sshd_available, start_sshd

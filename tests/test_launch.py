@@ -261,7 +261,7 @@ def test_two_nodes_rendezvous_and_train_as_one_job(boxes, laptop, wheels, base_i
 def test_sync_s3_sidecar_uploads_each_checkpoint_and_keeps_the_keys_secret(boxes, laptop, wheels, base_image, tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
-    from infra.s3 import client
+    from job.sidecar.s3 import client
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -373,11 +373,11 @@ def test_fs_name_is_found_where_lambda_mounts_it(boxes, laptop):
     assert box.data_dir == str(fs) and box.persistent and box.uid == pwd.getpwnam(BOX_USER).pw_uid
 
 
-@pytest.mark.parametrize("code,says", [(0, None), (3, "diverged (exit 3; the error above names the last good checkpoint)"),
-                                       (2, "stopped on a problem it could name (exit 2"), (137, "killed by SIGKILL (exit 137"),
-                                       (4, "a rank lost contact with another (exit 4"), (1, "exited with status 1")])
+@pytest.mark.parametrize("code,says", [(0, None), (3, "exited with status 3: training diverged"),
+                                       (2, "exited with status 2: a problem the user can fix"), (137, "exited with status 137: killed by SIGKILL"),
+                                       (4, "exited with status 4: a rank lost contact with another"), (1, "exited with status 1: a failure")])
 def test_follow_says_what_the_trainers_exit_status_means(boxes, laptop, base_image, code, says):
-    """job.launch passes the trainer's own status on (2: a user mistake, 3: diverged); `fab launch` explains it."""
+    """job.supervisor passes the trainer's own status on (2: a user mistake, 3: diverged); `fab launch` explains it."""
     from infra.launch import follow
     from infra.ssh import connect
 
@@ -472,7 +472,7 @@ def test_provision_launch_and_terminate_when_the_final_checkpoint_is_in_s3(fake_
     from fake_lambda import A10, TEST_KEY
     from moto.server import ThreadedMotoServer
 
-    from infra.s3 import client
+    from job.sidecar.s3 import client
 
     s3_server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3_server.start()
@@ -533,8 +533,8 @@ def test_max_hours_stops_training_fetches_home_then_terminates(fake_lambda, boxe
 
 def test_an_interrupted_preparation_is_not_taken_for_data(boxes, laptop):
     from infra.box import preflight
+    from infra.container import Job, has_shards
     from infra.ssh import connect
-    from infra.trainer import Job, has_shards
     from job.prepare import MANIFEST
 
     data = box_path("partial")

@@ -8,8 +8,8 @@ import os
 import pytest
 from moto.server import ThreadedMotoServer
 
-from infra.s3 import client, parse_s3_url, upload_files
 from job.errors import UserError
+from job.sidecar.s3 import client, parse_s3_url, upload_files
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_sidecar_survives_an_s3_outage_and_a_full_disk_then_finishes(tmp_path, d
     out = tmp_path / "sidecar.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     with open(out, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "infra.sync", "--log-dir", str(log), "--s3", "s3://late/run",
+        proc = subprocess.Popen([sys.executable, "-m", "job.sidecar.sync", "--log-dir", str(log), "--s3", "s3://late/run",
                                  "--endpoint-url", f"http://127.0.0.1:{port}", "--interval", "0.2"], cwd=ROOT, env=env,
                                 stdout=sink, stderr=subprocess.STDOUT)
 

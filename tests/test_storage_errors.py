@@ -73,7 +73,7 @@ def test_under_ddp_every_rank_stops_at_once_in_one_line(shards, disk):
     wait for it in a collective until torchrun kills them with a traceback."""
     log = disk(int(1.5 * small_checkpoint_bytes())) / "log"
     args = train_cmd(shards, log, "--max-steps", 12, "--checkpoint-every", 2)
-    proc = run_cli("-m", "job.launch", *args[2:], NPROC=2)
+    proc = run_cli("-m", "job.supervisor", *args[2:], NPROC=2)
     assert proc.returncode == 2
     assert_one_line_error(proc, "checkpoint model_00004.pt could not be written", "model_00002.pt (step 2) is the last one")
     assert "Traceback" not in proc.stdout and "exited with" not in proc.stdout

@@ -144,7 +144,7 @@ def test_nan_stops_the_run_without_saving_and_names_the_last_good_checkpoint(sha
     before = (log / "model_00016.pt").read_bytes()
     args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", checkpoint_every)
     # Two ranks run under the image's launcher (torchrun's agent), which passes the workers' exit status on.
-    proc = run_cli(*args) if ranks == 1 else run_cli("-m", "job.launch", *args[2:], NPROC=ranks)
+    proc = run_cli(*args) if ranks == 1 else run_cli("-m", "job.supervisor", *args[2:], NPROC=ranks)
     assert proc.returncode == 3
     line = assert_one_line_error(proc, "training diverged at step 17", "stopped without saving",
                                  f"{log / 'model_00016.pt'} (step 16)", "lower --max-lr")
@@ -298,7 +298,7 @@ def test_out_of_memory_under_ddp_names_the_rank_that_ran_out(shards, tmp_path):
 
     args = train_cmd(shards, tmp_path / "log", "--micro-batch", 128, "--seq-len", 128, "--block-size", 128,
                      "--total-batch-tokens", 32768, "--max-steps", 2, "--ce-chunk-tokens", 0)  # full logits
-    proc = subprocess.run([sys.executable, "-m", "job.launch", *map(str, args[2:])], cwd=ROOT, env=env(NPROC=2),
+    proc = subprocess.run([sys.executable, "-m", "job.supervisor", *map(str, args[2:])], cwd=ROOT, env=env(NPROC=2),
                           capture_output=True, text=True, timeout=300, preexec_fn=cap)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr

@@ -1,6 +1,8 @@
-"""Upload fetched checkpoints to S3 with boto3: multipart, verified, incremental.
+"""Upload checkpoints to S3 with boto3: multipart, verified, incremental.
 
-Credentials come from the usual AWS chain on the laptop (env, ~/.aws, SSO, instance role); nothing here
+Shared by the laptop (`fab fetch-weights --s3`) and the box (the S3 sidecar; the cost guard's check of what is
+in S3), so both write and read the same sha256 metadata: it lives in job/sidecar/, which the image installs, and
+imports no torch. Credentials come from the usual AWS chain (env, ~/.aws, SSO, instance role); nothing here
 prints or stores them. AWS_ENDPOINT_URL (or --s3-endpoint) points at any S3-compatible store.
 Each object carries the sha256 of its bytes as metadata: a re-run skips objects whose size and sha256
 match, and every upload is checked (size + sha256 read back) before it counts as done. In transit,
@@ -12,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.digest import sha256_file
 from job.errors import UserError
+from job.sidecar.digest import sha256_file
 
 MIB = 2**20
 

@@ -21,6 +21,7 @@ ROLE = "nanogpt.role"
 RANK = "nanogpt.node-rank"
 # GPU runs: unlimited locked memory (pinned buffers, NCCL) and a 64 MiB stack, as NVIDIA recommends for PyTorch.
 GPU_FLAGS = "--gpus all --ulimit memlock=-1 --ulimit stack=67108864"
+SUPERVISOR = "job.supervisor"  # the image's default command: one trainer process per GPU under torchrun
 STOP_TIMEOUT = 300  # seconds `docker stop` waits for the final checkpoint (1.5 GB to network storage) before SIGKILL
 
 
@@ -47,7 +48,7 @@ class Job:
         return f"python -m job.prepare fineweb-edu --out {out}"
 
     def trainer_command(self) -> list[str]:
-        args = ["python", "-m", "job.launch", "--preset", self.preset, "--data-dir", f"{contract.PERSISTENT}/{self.data_subdir}",
+        args = ["python", "-m", SUPERVISOR, "--preset", self.preset, "--data-dir", f"{contract.PERSISTENT}/{self.data_subdir}",
                 "--log-dir", contract.LOG_DIR, "--resume", "auto"]
         if self.steps:
             args += ["--max-steps", str(self.steps)]
@@ -75,12 +76,10 @@ def has_shards(conn, box: Box, job: Job) -> bool:
     """Ready to train: train and val shards, and, where job.prepare wrote them, its manifest says it finished (an
     interrupted prepare leaves complete shards but not all of them; running prepare again resumes it). Shards made
     elsewhere (build-nanogpt's fineweb.py) have no manifest and count as they are."""
-    from job.prepare import MANIFEST
-
     d = shlex.quote(posixpath.join(box.data_dir, job.data_subdir))
     if run(conn, f"ls {d}/*train*.npy >/dev/null 2>&1 && ls {d}/*val*.npy >/dev/null 2>&1", warn=True).failed:
         return False
-    manifest = run(conn, f"cat {d}/{MANIFEST} 2>/dev/null", warn=True)
+    manifest = run(conn, f"cat {d}/{contract.PREPARE_MANIFEST} 2>/dev/null", warn=True)
     if not manifest.ok:
         return True
     try:

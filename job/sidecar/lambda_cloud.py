@@ -19,6 +19,10 @@ https://cloud.lambdalabs.com/api/v1/docs, browsable at https://docs-api.lambda.a
 
 The key comes from LAMBDA_API_KEY or a file only its owner can read (default ~/.config/lambda/api_key). It is kept in
 one attribute, sent only as a header, and scrubbed from any text this module builds from a server reply.
+
+Two sides use this client: the laptop (provisioning and the fab tasks, through infra.cloud) and the cost guard on
+the box (job.sidecar.guard, which only terminates its own instance). It lives in job/sidecar/ because the image
+installs job/ and not infra/; it imports neither torch nor numpy, so the laptop's launcher can import it too.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The image's default command: one trainer process per visible GPU.
 
-    python -m job.launch [trainer flags]        # torchrun --standalone --nproc_per_node=<GPUs> -m job.train [flags]
+    python -m job.supervisor [trainer flags]        # torchrun --standalone --nproc_per_node=<GPUs> -m job.train [flags]
 
 NPROC overrides the count (e.g. NPROC=2 for two CPU processes); with no GPU and no NPROC it runs one
 CPU process and says so.
@@ -35,11 +35,11 @@ import socket
 import subprocess
 import sys
 
-from job.errors import RankLost, TrainingDiverged, UserError
+from job import contract
 
 # Exit statuses whose worker has already said everything in one line (a user mistake, a diverged run, a rank that
-# lost another, a second Ctrl-C): nothing to add.
-SELF_EXPLAINED = {UserError.exit_code, TrainingDiverged.exit_code, RankLost.exit_code, 130}
+# lost another, a second Ctrl-C): nothing to add. job.contract.EXIT_STATUSES says what each means.
+SELF_EXPLAINED = {contract.EXIT_USER_ERROR, contract.EXIT_DIVERGED, contract.EXIT_RANK_LOST, contract.EXIT_INTERRUPTED}
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 # What a worker's fatal signal most often means, for the launcher's one line.
 SIGNAL_CAUSES = {
@@ -85,7 +85,7 @@ def children(pid: int) -> list[int]:
 
 def supervise(args: list[str]) -> int:
     """Run the agent (run_agent) in a child process and pass stops on to the workers; the job's exit status."""
-    cmd = [sys.executable, "-c", "import sys; from job.launch import run_agent; sys.exit(run_agent(sys.argv[1:]))", *args]
+    cmd = [sys.executable, "-c", "import sys; from job.supervisor import run_agent; sys.exit(run_agent(sys.argv[1:]))", *args]
     agent: subprocess.Popen | None = None
     early = []
 
@@ -131,7 +131,7 @@ def first_failure(failures: dict) -> tuple[int, object]:
     """The failure to report: the earliest, leaving out the consequences of another rank's failure, a rank that lost
     it (RankLost) and one the agent then stopped (SIGTERM): the agent can find them in the same poll as the cause,
     and their timestamps tie to the second."""
-    consequences = (RankLost.exit_code, -signal.SIGTERM)
+    consequences = (contract.EXIT_RANK_LOST, -signal.SIGTERM)
     causes = {r: f for r, f in failures.items() if f.exitcode not in consequences} or failures
     rank = min(causes, key=lambda r: (causes[r].timestamp, r))
     return rank, causes[rank]
@@ -172,13 +172,13 @@ def main() -> None:
     nproc_env = os.environ.get("NPROC")
     if nproc_env is not None and not nproc_env.isdigit():
         print(f"error: NPROC must be a number of processes, got {nproc_env!r}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(contract.EXIT_USER_ERROR)
     if not gpus and not nproc_env:
         print("no GPU visible (run with --gpus all for the GPUs): training on the CPU", file=sys.stderr, flush=True)
     missing = [k for k in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT") if int(os.environ.get("NNODES", "1") or 1) > 1 and not os.environ.get(k)]
     if missing:
         print(f"error: NNODES > 1 needs {', '.join(missing)} too (fab launch --hosts sets them)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(contract.EXIT_USER_ERROR)
     args = torchrun_args(sys.argv[1:], gpus, nproc_env, dict(os.environ))
     if args is None:
         cmd = [sys.executable, "-m", "job.train", *sys.argv[1:]]

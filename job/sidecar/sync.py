@@ -1,6 +1,6 @@
 """The S3 sidecar: runs on the box beside the trainer and uploads each checkpoint as soon as it is complete.
 
-    python -m infra.sync --log-dir /app/log --s3 s3://BUCKET/PREFIX [--endpoint-url URL] [--interval 10]
+    python -m job.sidecar.sync --log-dir /app/log --s3 s3://BUCKET/PREFIX [--endpoint-url URL] [--interval 10]
 
 `fab launch --sync-s3 s3://...` starts it in its own container (same image, the weights dir mounted), before
 the trainer. A checkpoint file only ever appears complete (the trainer writes a temp name and renames), so
@@ -12,7 +12,7 @@ was already saved. A pass that fails (S3 unreachable, credentials expired, no ro
 once and retried every interval, never fatal: a dead sidecar would upload nothing more. SIGTERM while failing
 exits 1 after one last try.
 
-Contract with the cost guard (infra/guard.py): the final checkpoint is safely in S3 once its
+Contract with the cost guard (job/sidecar/guard.py): the final checkpoint is safely in S3 once its
 `.synced-<name>` marker exists; the marker holds the JSON {"url", "sha256", "size"} of the uploaded object.
 
 Credentials: the usual AWS chain inside the container. `fab launch` writes the laptop's credentials to a
@@ -22,7 +22,6 @@ no command line, no environment variable (which `docker inspect` would show) and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -30,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-from infra.s3 import client, parse_s3_url, upload_files
 from job import contract
-from job.errors import UserError, cli_main
+from job.errors import ArgumentParser, UserError, cli_main
+from job.sidecar.s3 import client, parse_s3_url, upload_files
 
 LOG_FILES = (contract.METRICS_FILE, contract.HUMAN_LOG_FILE, contract.NANOGPT_LOG_FILE)
-MARKER = ".synced-{name}"
+MARKER = contract.SYNCED_MARKER
 
 
 def marker(log_dir: Path, name: str) -> Path:
@@ -95,7 +94,7 @@ class Syncer:
             upload_files(changed, self.url, s3=self.s3)
         # Retention deleted some checkpoints: drop their markers too.
         for m in self.log_dir.glob(MARKER.format(name="*")):
-            if not (self.log_dir / m.name[len(".synced-"):]).exists():
+            if not (self.log_dir / m.name[len(MARKER.format(name="")):]).exists():
                 m.unlink(missing_ok=True)
         self.out.flush()
         return done
@@ -128,7 +127,7 @@ def run_sidecar(log_dir: Path, url: str, s3, interval: float, out=sys.stdout) ->
             if stop["requested"]:  # a stop (fab stop, docker stop) while failing: do not hold the box hostage
                 out.write(f"sync: stopped with checkpoints not confirmed in S3 ({why})\n")
                 out.flush()
-                raise SystemExit(1) from None
+                raise SystemExit(contract.EXIT_FAILED) from None
         else:
             if failing:
                 out.write("sync: working again\n")
@@ -145,7 +144,7 @@ def run_sidecar(log_dir: Path, url: str, s3, interval: float, out=sys.stdout) ->
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m infra.sync", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m job.sidecar.sync", description=__doc__.split("\n\n")[0])
     p.add_argument("--log-dir", default=contract.LOG_DIR)
     p.add_argument("--s3", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")

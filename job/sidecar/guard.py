@@ -1,12 +1,12 @@
 """The cost guard: runs on the box, beside the trainer, and terminates the instance once training is over and the
 final checkpoint is verified safe, or caps the run at --max-hours. It works with the laptop closed.
 
-    python -m infra.guard --instance-id ID --log-dir /app/log --api-key-file /run/secrets/lambda_api_key
+    python -m job.sidecar.guard --instance-id ID --log-dir /app/log --api-key-file /run/secrets/lambda_api_key
                           [--terminate-when-done] [--max-hours H] [--s3 s3://BUCKET/PREFIX] [--s3-endpoint URL]
                           [--stop-grace-minutes 30] [--idle-minutes 0] [--keep-on-failure] [--poll-seconds 30]
 
-It needs only the stdlib, requests, boto3 (with --s3) and job/ + infra/{lambda_cloud,s3,guard}.py: it runs
-in a container of the trainer image, with the weights dir mounted at --log-dir, no GPU and no Docker access.
+It needs only the stdlib, requests, boto3 (with --s3) and job.contract, job.errors and job/sidecar/ (no torch): it
+runs in a container of the trainer image, with the weights dir mounted at --log-dir, no GPU and no Docker access.
 
 File contract, all in the log dir (the box's weights dir; names start with "." so fetch-weights ignores them):
 
@@ -14,15 +14,15 @@ File contract, all in the log dir (the box's weights dir; names start with "." s
                  after its final checkpoint (diverged: after the saves in flight landed, writing no new one;
                  checkpoint-failed: a checkpoint could not be written, e.g. a full disk, and training stopped).
                  Only "end" lines appended after the guard first started count (a resumed run's old ones do not).
-  .train-exit    the trainer container's exit status as text ("0" done/stopped, "2" a user mistake or full disk, "3" diverged,
-                 "4" a rank lost another, "137" killed; job.launch passes the trainer's own status on), written by the launcher side when the
+  .train-exit    the trainer container's exit status as text (job.contract.EXIT_STATUSES says what each means; the
+                 supervisor passes the trainer's own status on), written by the launcher side when the
                  container exits (e.g. `docker wait NAME > .train-exit.tmp && mv .train-exit.tmp .train-exit` on the
                  host). Covers crashes, which log no "end". Ignored if older than the guard's first start.
   .stop-request  written by the guard at --max-hours (JSON {"reason", "time"}). Whoever owns the trainer turns it
                  into a clean stop: SIGTERM to the trainer (`docker stop -t 600 CONTAINER`, or the trainer checking
                  for the file each step), which checkpoints, logs "end" and exits 0. The guard cannot signal the
                  trainer itself: it has no Docker socket (that would be root on the host) and no shared PID namespace.
-  .synced-NAME   written by the S3 sidecar (infra/sync.py) once NAME is uploaded and verified: JSON {"url", "sha256",
+  .synced-NAME   written by the S3 sidecar (job/sidecar/sync.py) once NAME is uploaded and verified: JSON {"url", "sha256",
                  "size"}. A hint only: the guard checks the object itself (HEAD: size, and the sha256 metadata
                  against the sha256 it computes of the local file).
   .fetched-NAME  written by the laptop (over SSH) after fetch-weights verified NAME on local disk: its sha256, as
@@ -39,7 +39,7 @@ there is nothing to lose. At --max-hours the guard writes .stop-request and, onc
 if the trainer ignores the request for --stop-grace-minutes, the guard terminates anyway provided the newest
 checkpoint is verified (the steps since then are lost), and otherwise keeps the box and says why in .guard-status:
 it never destroys the only copy of a checkpoint. A failed run (non-zero exit, or an "end" event whose reason
-is diverged or checkpoint-failed: job.errors.END_REASONS) with --keep-on-failure is left running for inspection.
+is diverged or checkpoint-failed: job.contract.END_REASONS) with --keep-on-failure is left running for inspection.
 
 The API key: Lambda Cloud API keys are not scoped (any key can launch and terminate anything in the account), so
 the guard narrows its own use instead: it reads the key from a 0600 file mounted read-only (never an environment
@@ -50,7 +50,6 @@ dedicated key for launched runs and delete it in the Lambda dashboard when the r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -58,17 +57,17 @@ import sys
 import time
 from pathlib import Path
 
-from infra.digest import sha256_file
-from infra.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
-from infra.sync import MARKER
 from job import contract
-from job.errors import END_REASONS, UserError, cli_main
+from job.contract import END_REASONS
+from job.errors import ArgumentParser, UserError, cli_main
+from job.sidecar.digest import sha256_file
+from job.sidecar.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
 
 STATUS = ".guard-status"
 STOP = contract.STOP_REQUEST_FILE
-EXIT = ".train-exit"
-SYNCED = MARKER  # written by the S3 sidecar
-FETCHED = ".fetched-{name}"
+EXIT = contract.TRAIN_EXIT_FILE  # written on the box when the trainer container exits
+SYNCED = contract.SYNCED_MARKER  # written by the S3 sidecar
+FETCHED = contract.FETCHED_MARKER  # written by fetch-weights
 
 
 class SelfTerminator:
@@ -229,7 +228,7 @@ class Guard:
     def _s3_check(self, url: str, size: int, digest: str) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from infra.s3 import client, parse_s3_url
+        from job.sidecar.s3 import client, parse_s3_url
 
         bucket, key = parse_s3_url(url)
         try:
@@ -329,7 +328,7 @@ def _requested_at(stop_file: Path, deadline: float) -> float:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m infra.guard", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m job.sidecar.guard", description=__doc__.split("\n\n")[0])
     p.add_argument("--instance-id", required=True, help="this box's Lambda instance id (the only one the guard may terminate)")
     p.add_argument("--log-dir", default=contract.LOG_DIR, help="the trainer's log dir as mounted here")
     p.add_argument("--api-key-file", required=True, help="file with the Lambda API key, mode 600, mounted read-only")
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     api = LambdaCloud(load_api_key(a.api_key_file, env={}), a.api_base)
     s3 = None
     if a.s3:
-        from infra.s3 import client, parse_s3_url
+        from job.sidecar.s3 import client, parse_s3_url
 
         parse_s3_url(a.s3)
         s3 = client(a.s3_endpoint)

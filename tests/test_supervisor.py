@@ -1,4 +1,4 @@
-"""`python -m job.launch` with several processes (NPROC=2 on the CPU): torchrun's agent in a child of the launcher.
+"""`python -m job.supervisor` with several processes (NPROC=2 on the CPU): torchrun's agent in a child of the supervisor.
 
 What the plain `torchrun` command got wrong, each reproduced: a user mistake came out as our line plus torchrun's
 ChildFailedError traceback and exit 1; SIGTERM killed the workers 30 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) into
@@ -18,14 +18,14 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
 from job.errors import RankLost, UserError
-from job.launch import children, first_failure, torchrun_args
+from job.supervisor import children, first_failure, torchrun_args
 from sshd import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def launch_cmd(shards, log, *extra) -> list[str]:
-    return ["-m", "job.launch", *train_cmd(shards, log, *extra)[2:]]
+    return ["-m", "job.supervisor", *train_cmd(shards, log, *extra)[2:]]
 
 
 def start(args, **env_extra) -> subprocess.Popen:
