@@ -22,12 +22,6 @@ def test_preset_step_counts_match_the_trainers_config():
         assert from_dict({"preset": preset}).max_steps == steps, preset
 
 
-def test_the_manifest_name_is_the_one_job_prepare_writes():
-    from job.prepare import MANIFEST
-
-    assert contract.PREPARE_MANIFEST == MANIFEST
-
-
 def test_errors_and_end_reasons_take_their_statuses_from_the_table():
     assert (UserError.exit_code, TrainingDiverged.exit_code, RankLost.exit_code) == (2, 3, 4)
     assert {UserError.exit_code, TrainingDiverged.exit_code, RankLost.exit_code, contract.EXIT_INTERRUPTED} <= set(contract.EXIT_STATUSES)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 
+from job import contract
+
 SHARD_SIZE = 100_000_000  # build-nanogpt's: 100M tokens, 200 MB per shard
 # documents per tokenizer task (a few hundred KB of FineWeb text): the hand-off cost is amortized, and a task fits
 # the widened pipe (encode._widen_pipes) twice; docs/BENCHMARKS.md has the throughput measured with it
 BATCH_DOCS = 128
-MANIFEST = "manifest.json"
+MANIFEST = contract.PREPARE_MANIFEST  # the launcher reads the same name to tell finished data from a partial run
 MANIFEST_VERSION = 1
 PREFIXES = {"text": "data", "fineweb-edu": "edufineweb"}  # edufineweb_train_000001.npy, as build-nanogpt names them
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>val|train)_(?P<index>\d{6})\.npy$")
