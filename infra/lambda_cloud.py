@@ -27,6 +27,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -88,6 +89,19 @@ class _Bearer(requests.auth.AuthBase):
         return "<Bearer hidden>"
 
 
+def check_base_url(url: str) -> str:
+    """The API base URL, or one line when it is not an http(s) URL requests could use (a typo, a missing scheme)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port is what checks it)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise UserError(f"the Lambda API base URL {url!r} is not an http(s) URL: pass --api-base (or set {BASE_URL_ENV}) like "
+                        f"{DEFAULT_BASE_URL}, or leave both unset")
+    return url
+
+
 class LambdaCloud:
     """One method per endpoint; each returns the reply's `data`. Retries 429, 5xx and connection errors with
     exponential backoff (Retry-After honoured), except where a retry could launch a second billed box."""
@@ -96,7 +110,7 @@ class LambdaCloud:
                  backoff: float = 1.0, max_backoff: float = 30.0, sleep=time.sleep):
         if not api_key:
             raise UserError(f"empty Lambda Cloud API key: set {KEY_ENV} or fill the key file")
-        self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = check_base_url(base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
         self._auth = _Bearer(api_key)
         self.timeout, self.tries, self.backoff, self.max_backoff, self._sleep = timeout, max(1, tries), backoff, max_backoff, sleep
         self.session = requests.Session()
