@@ -15,7 +15,7 @@ import sys
 from fabric import task
 
 from infra.cloud_tasks import instances, provision, terminate, types  # noqa: F401 (Lambda Cloud tasks, listed by fab --list)
-from job.errors import UserError, cli_main, number
+from job.errors import UserError, check_output_path, cli_main, number
 
 SSH_HELP = {
     "key": "SSH private key (default: agent / ~/.ssh)",
@@ -107,6 +107,7 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
     from infra.lambda_cloud import check_base_url
     from infra.launch import CloudOptions, LaunchOptions
     from infra.launch import launch as do_launch
+    from infra.s3 import check_endpoint
     from infra.trainer import Job
 
     @cli_main
@@ -117,6 +118,7 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
         api = api_base or os.environ.get("LAMBDA_API_BASE")
         if api:
             check_base_url(api)  # a typo fails now, not when the cost guard first calls the API
+        check_endpoint(s3_endpoint)  # used on the box: checked here, before anything happens there
         job = Job(preset=preset, steps=maybe(steps, "--steps"), nproc=maybe(nproc, "--nproc"),
                   trainer_args=_split(train_args, "--train-args"), env=_pairs(env, "--env"))
         cloud = CloudOptions(provision=provision, type_name=type, region=region, ssh_key=ssh_key, name=name, ssh_user=ssh_user,
@@ -216,12 +218,14 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
     from pathlib import Path
 
     from infra.fetch import fetch_weights as fetch
-    from infra.s3 import client, parse_s3_url, upload_files
+    from infra.s3 import check_endpoint, client, parse_s3_url, upload_files
 
     @cli_main
     def go():
+        check_output_path(Path(to) / "x", "--to")  # before connecting: a --to that cannot be written fails now
         if s3:
             parse_s3_url(s3)  # a typo fails before any transfer
+            check_endpoint(s3_endpoint)
         with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
             report = fetch(conn, weights_dir, to, latest_only=latest_only)
         print(f"fetched {len(report.copied)} files ({report.bytes_transferred / 2**20:.1f} MiB) to {to}, "

@@ -50,7 +50,6 @@ dedicated key for launched runs and delete it in the Lambda dashboard when the r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -62,7 +61,7 @@ from infra.digest import sha256_file
 from infra.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
 from infra.sync import MARKER
 from job import contract
-from job.errors import END_REASONS, UserError, cli_main
+from job.errors import END_REASONS, ArgumentParser, UserError, cli_main, float_arg
 
 STATUS = ".guard-status"
 STOP = contract.STOP_REQUEST_FILE
@@ -329,19 +328,19 @@ def _requested_at(stop_file: Path, deadline: float) -> float:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m infra.guard", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m infra.guard", description=__doc__.split("\n\n")[0])
     p.add_argument("--instance-id", required=True, help="this box's Lambda instance id (the only one the guard may terminate)")
     p.add_argument("--log-dir", default=contract.LOG_DIR, help="the trainer's log dir as mounted here")
     p.add_argument("--api-key-file", required=True, help="file with the Lambda API key, mode 600, mounted read-only")
     p.add_argument("--api-base", default=None, help="API base URL (default https://cloud.lambdalabs.com/api/v1)")
     p.add_argument("--terminate-when-done", action="store_true", help="terminate once training is over and its final checkpoint is safe")
-    p.add_argument("--max-hours", type=float, default=None, help="stop training (with a checkpoint) after H hours, then terminate")
+    p.add_argument("--max-hours", type=float_arg(above=0), default=None, help="stop training (with a checkpoint) after H hours, then terminate")
     p.add_argument("--s3", default=None, help="s3://BUCKET/PREFIX where the sidecar uploads checkpoints")
     p.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint URL")
-    p.add_argument("--stop-grace-minutes", type=float, default=30.0, help="how long the trainer has to honour the stop request")
-    p.add_argument("--idle-minutes", type=float, default=0.0, help="treat training as over after this long without a log write (0: off)")
+    p.add_argument("--stop-grace-minutes", type=float_arg(0), default=30.0, help="how long the trainer has to honour the stop request")
+    p.add_argument("--idle-minutes", type=float_arg(0), default=0.0, help="treat training as over after this long without a log write (0: off)")
     p.add_argument("--keep-on-failure", action="store_true", help="do not terminate after a failed (non-zero) trainer exit")
-    p.add_argument("--poll-seconds", type=float, default=30.0, help="seconds between looks at the log dir")
+    p.add_argument("--poll-seconds", type=float_arg(above=0), default=30.0, help="seconds between looks at the log dir")
     a = p.parse_args(argv)
     # Only the file: the key must not be in this container's environment, where `docker inspect` shows it.
     api = LambdaCloud(load_api_key(a.api_key_file, env={}), a.api_base)

@@ -27,11 +27,10 @@ import os
 import stat
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import requests
 
-from job.errors import UserError
+from job.errors import UserError, http_url
 
 DEFAULT_BASE_URL = "https://cloud.lambdalabs.com/api/v1"
 BASE_URL_ENV = "LAMBDA_API_BASE"
@@ -91,15 +90,7 @@ class _Bearer(requests.auth.AuthBase):
 
 def check_base_url(url: str) -> str:
     """The API base URL, or one line when it is not an http(s) URL requests could use (a typo, a missing scheme)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (parsing the port is what checks it)
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
-        raise UserError(f"the Lambda API base URL {url!r} is not an http(s) URL: pass --api-base (or set {BASE_URL_ENV}) like "
-                        f"{DEFAULT_BASE_URL}, or leave both unset")
-    return url
+    return http_url(url, "the Lambda API base URL", f"pass --api-base (or set {BASE_URL_ENV}) like {DEFAULT_BASE_URL}, or leave both unset")
 
 
 class LambdaCloud:

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from job.fsutil import NO_SPACE
 
@@ -110,6 +111,18 @@ def check_output_path(path, flag: str) -> None:
             raise UserError(f"{flag} {path}: {base} is on a read-only file system: choose a writable {flag}")
         raise UserError(f"{flag} {path}: this user (uid {os.getuid()}) may not write in {base}: fix its owner or mode, "
                         f"or choose another {flag}")
+
+
+def http_url(url: str, what: str, fix: str) -> str:
+    """`url` if it is an http(s) URL with a host (and a valid port), else one line: `what` names it, `fix` says what to pass."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading the port is what checks it)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise UserError(f"{what} {url!r} is not an http(s) URL: {fix}")
+    return url
 
 
 class ArgumentParser(argparse.ArgumentParser):
