@@ -222,7 +222,7 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
 
     @cli_main
     def go():
-        check_output_path(Path(to) / "x", "--to")  # before connecting: a --to that cannot be written fails now
+        check_output_path(to, "--to", directory=True)  # before connecting: a --to that cannot be written fails now
         if s3:
             parse_s3_url(s3)  # a typo fails before any transfer
             check_endpoint(s3_endpoint)

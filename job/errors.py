@@ -99,11 +99,13 @@ def number(value, flag: str, cast=int, minimum: float | None = 0, maximum: float
     return n
 
 
-def check_output_path(path, flag: str) -> None:
+def check_output_path(path, flag: str, *, directory: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written where it is asked for: a part of the path that is
-    a file rather than a directory, or a directory this user may not write in (a read-only mount, or its mode)."""
+    a file rather than a directory, or a directory this user may not write in (a read-only mount, or its mode).
+    `directory`: the output is a directory that files are written into, so it may exist already."""
     p = Path(path).absolute()
-    base = next(a for a in p.parents if a.exists())  # the nearest part that exists; what is missing gets created
+    # the nearest part that exists; what is missing gets created
+    base = next(a for a in ([p] if directory else []) + list(p.parents) if a.exists())
     if not base.is_dir():
         raise UserError(f"{flag} {path}: {base} is a file, not a directory: choose another {flag}")
     if not os.access(base, os.W_OK | os.X_OK):
