@@ -147,13 +147,14 @@ def logs(c, host="", tail="100", no_follow=False, key=None, port=None, known_hos
 
     @cli_main
     def go():
+        lines = tail if tail == "all" else number(tail, "--tail")  # before connecting
         with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
             docker = find_docker(conn)
             name = find_train_container(conn, docker)["name"]
             if no_follow:
-                stream_logs(conn, docker, name, tail=tail, follow=False)
+                stream_logs(conn, docker, name, tail=lines, follow=False)
             else:
-                raise SystemExit(follow(conn, docker, name, host, tail=tail))
+                raise SystemExit(follow(conn, docker, name, host, tail=lines))
 
     go()
 

@@ -79,6 +79,8 @@ def file_system_error(e: OSError) -> str | None:
     if e.errno in (errno.EACCES, errno.EPERM):
         return (f"permission denied:{path} ({e.strerror}): this user (uid {os.getuid()}) may not use it; fix its owner or mode "
                 f"(e.g. `sudo chown -R {os.getuid()}:{os.getgid()} DIR`, on the host for a mounted volume) or use another path")
+    if e.errno == errno.ENOTDIR:
+        return f"{path.strip()}: a part of this path is a file, not a directory: choose another path"
     if e.errno == errno.EROFS:
         return f"{path.strip()} is on a read-only file system: use a writable path (a volume mounted with :ro?)"
     return None

@@ -35,9 +35,9 @@ def generate_samples(model, prompt: str, num: int, max_tokens: int, seed: int, d
 
 def resolve_checkpoint(path) -> str:
     """A log dir stands for its newest checkpoint."""
-    from job import checkpoint as ckpt_lib
-
     if os.path.isdir(path):
+        from job import checkpoint as ckpt_lib
+
         found = ckpt_lib.list_checkpoints(path)
         if not found:
             raise UserError(f"{path} holds no model_*.pt checkpoints: train first or pass a checkpoint file")
@@ -116,8 +116,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if not args.prompt:
         raise UserError("the prompt is empty: pass some text with --prompt")
-    device = check_device(args.device)
     path = resolve_checkpoint(args.checkpoint)
+    device = check_device(args.device)
     model, ckpt = load_model(path, device)
     print(f"# {path}: step {ckpt.get('step')}, val loss {ckpt.get('val_loss')}")
     for i, text in enumerate(generate_samples(model, args.prompt, args.num, args.max_tokens, args.seed, device,
