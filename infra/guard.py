@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key-file", required=True, help="file with the Lambda API key, mode 600, mounted read-only")
     p.add_argument("--api-base", default=None, help="API base URL (default https://cloud.lambdalabs.com/api/v1)")
     p.add_argument("--terminate-when-done", action="store_true", help="terminate once training is over and its final checkpoint is safe")
-    p.add_argument("--max-hours", type=float_arg(above=0), default=None, help="stop training (with a checkpoint) after H hours, then terminate")
+    p.add_argument("--max-hours", type=float_arg(), default=None, help="stop training (with a checkpoint) after H hours, then terminate")
     p.add_argument("--s3", default=None, help="s3://BUCKET/PREFIX where the sidecar uploads checkpoints")
     p.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint URL")
     p.add_argument("--stop-grace-minutes", type=float_arg(0), default=30.0, help="how long the trainer has to honour the stop request")

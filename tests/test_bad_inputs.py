@@ -70,7 +70,6 @@ def _shards(w: Path) -> None:
     bad = {
         "oov": np.full(4000, 60000, dtype=np.uint16),  # ids outside GPT-2's vocabulary
         "dtype": np.arange(4000, dtype=np.int32),
-        "matrix": np.zeros((2, 2000), dtype=np.uint16),
     }
     for name, arr in bad.items():
         d = w / f"shards_{name}"
