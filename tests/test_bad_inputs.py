@@ -65,9 +65,10 @@ def _checkpoints(w: Path) -> None:
 
 
 def _shards(w: Path) -> None:
-    """A data dir per way a shard can be wrong; each also holds a good val shard."""
+    """A data dir per way a shard can be wrong (each also holds a good val shard), and a good one."""
     good = np.arange(1000, 1000 + 4000, dtype=np.uint16)
     bad = {
+        "good": good,  # for the cases whose mistake is elsewhere
         "oov": np.full(4000, 60000, dtype=np.uint16),  # ids outside GPT-2's vocabulary
         "dtype": np.arange(4000, dtype=np.int32),
     }
@@ -302,8 +303,10 @@ def train_cases() -> list:
     cmd = [PY, "-m", "job.train", "--preset", "tiny", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "16",
            "--seq-len", "16", "--micro-batch", "2", "--total-batch-tokens", "32", "--max-steps", "1", "--sample-num", "0",
            "--hellaswag-every", "0", "--device", "cpu", "--compile", "off", "--resume", "never", "--log-dir", "{scratch}/trainlog"]
-    return [pytest.param([*cmd, "--data-dir", f"{{w}}/shards_{kind}"], f"shards_{kind}", id=f"train-shard={kind}")
-            for kind in ("oov", "dtype", "truncated")]
+    cases = [pytest.param([*cmd, "--data-dir", f"{{w}}/shards_{kind}"], f"shards_{kind}", id=f"train-shard={kind}")
+             for kind in ("oov", "dtype", "truncated")]
+    cases.append(pytest.param([*cmd, "--data-dir", "{w}/shards_good", "--log-dir", UNDER_FILE], "afile", id="train--log-dir=under-a-file"))
+    return cases
 
 
 def checkpoint_cases() -> list:
