@@ -202,7 +202,7 @@ def prepare_cases() -> list:
         pytest.param([*text, "{w}/o", "--shard-size", "abc"], "--shard-size", id="prepare--shard-size=abc"),
         pytest.param([*cmd], "source", id="prepare-missing-source"),
         pytest.param([*cmd, "text", "{w}/doc.txt"], "--out", id="prepare-missing--out"),
-        pytest.param([*cmd, "--bogus"], "--bogus", id="prepare-unknown-flag"),
+        pytest.param([*cmd, "verify", "{w}", "--bogus"], "--bogus", id="prepare-unknown-flag"),
     ]
 
 
