@@ -8,12 +8,14 @@ Connection; those functions are what the tests call directly.
 
 from __future__ import annotations
 
+import re
 import shlex
+import sys
 
 from fabric import task
 
 from infra.cloud_tasks import instances, provision, terminate, types  # noqa: F401 (Lambda Cloud tasks, listed by fab --list)
-from job.errors import UserError, cli_main, number
+from job.errors import UserError, check_output_path, cli_main, number
 
 SSH_HELP = {
     "key": "SSH private key (default: agent / ~/.ssh)",
@@ -26,7 +28,7 @@ SSH_HELP = {
 def _ssh(key, port, known_hosts, accept_new_host_key):
     from infra.launch import SSHOptions
 
-    return SSHOptions(key=key, port=number(port, "--port", minimum=1) if port else None, known_hosts=known_hosts,
+    return SSHOptions(key=key, port=number(port, "--port", minimum=1, maximum=65535) if port else None, known_hosts=known_hosts,
                       accept_new_host_key=accept_new_host_key)
 
 
@@ -36,9 +38,18 @@ def _hosts(host: str, hosts: str) -> list[str]:
     return [h.strip() for h in (hosts or host or "").split(",") if h.strip()]
 
 
+def _split(values: str, flag: str) -> list[str]:
+    """A quoted flag value split as a shell would, or one line for a quote left open."""
+    try:
+        return shlex.split(values or "")
+    except ValueError as e:  # shlex's own words: "No closing quotation", "No escaped character"
+        raise UserError(f"{flag} {values!r} cannot be split into words ({e}): it is split like a shell command line, "
+                        "so close the quote (or escape it with a backslash)") from None
+
+
 def _pairs(values: str, flag: str) -> dict[str, str]:
     out = {}
-    for item in shlex.split(values or ""):
+    for item in _split(values, flag):
         k, sep, v = item.partition("=")
         if not sep or not k:
             raise UserError(f"{flag} takes KEY=VALUE pairs separated by spaces, got {item!r}")
@@ -96,23 +107,30 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
     from infra.container import Job
     from infra.launch import CloudOptions, LaunchOptions
     from infra.launch import launch as do_launch
+    from job.sidecar.lambda_cloud import check_base_url
+    from job.sidecar.s3 import check_endpoint
 
     @cli_main
     def go():
         def maybe(value, flag, cast=int, minimum=1):
             return number(value, flag, cast, minimum) if value not in (None, "", "auto") else None
 
+        api = api_base or os.environ.get("LAMBDA_API_BASE")
+        if api:
+            check_base_url(api)  # a typo fails now, not when the cost guard first calls the API
+        check_endpoint(s3_endpoint)  # used on the box: checked here, before anything happens there
         job = Job(preset=preset, steps=maybe(steps, "--steps"), nproc=maybe(nproc, "--nproc"),
-                  trainer_args=shlex.split(train_args or ""), env=_pairs(env, "--env"))
+                  trainer_args=_split(train_args, "--train-args"), env=_pairs(env, "--env"))
         cloud = CloudOptions(provision=provision, type_name=type, region=region, ssh_key=ssh_key, name=name, ssh_user=ssh_user,
                              yes=yes, terminate_when_done=terminate_when_done, max_hours=maybe(max_hours, "--max-hours", float, 0),
-                             api_key_file=api_key_file, api_base=api_base or os.environ.get("LAMBDA_API_BASE"),
+                             api_key_file=api_key_file, api_base=api,
                              guard_poll_seconds=number(guard_poll, "--guard-poll", float, minimum=0.1),
                              step_seconds=maybe(step_seconds, "--step-seconds", float, 0))
         opts = LaunchOptions(hosts=_hosts(host, hosts), ssh=_ssh(key, port, known_hosts, accept_new_host_key), job=job, image=image,
                              ship=ship, build_args=_pairs(build_arg, "--build-arg"), wheels=wheels, fs=fs, data_dir=data_dir,
                              weights_dir=weights_dir, allow_cpu=allow_cpu, detach=detach, restart=restart, sync_s3=sync_s3,
-                             s3_endpoint=s3_endpoint, master_addr=master_addr, master_port=number(master_port, "--master-port", minimum=1),
+                             s3_endpoint=s3_endpoint, master_addr=master_addr,
+                             master_port=number(master_port, "--master-port", minimum=1, maximum=65535),
                              fetch_to=fetch_to, cloud=cloud)
         raise SystemExit(do_launch(opts))
 
@@ -129,13 +147,14 @@ def logs(c, host="", tail="100", no_follow=False, key=None, port=None, known_hos
 
     @cli_main
     def go():
+        lines = tail if tail == "all" else number(tail, "--tail")  # before connecting
         with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
             docker = find_docker(conn)
             name = find_train_container(conn, docker)["name"]
             if no_follow:
-                stream_logs(conn, docker, name, tail=tail, follow=False)
+                stream_logs(conn, docker, name, tail=lines, follow=False)
             else:
-                raise SystemExit(follow(conn, docker, name, host, tail=tail))
+                raise SystemExit(follow(conn, docker, name, host, tail=lines))
 
     go()
 
@@ -200,12 +219,14 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
     from pathlib import Path
 
     from infra.fetch import fetch_weights as fetch
-    from job.sidecar.s3 import client, parse_s3_url, upload_files
+    from job.sidecar.s3 import check_endpoint, client, parse_s3_url, upload_files
 
     @cli_main
     def go():
+        check_output_path(to, "--to", directory=True)  # before connecting: a --to that cannot be written fails now
         if s3:
             parse_s3_url(s3)  # a typo fails before any transfer
+            check_endpoint(s3_endpoint)
         with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
             report = fetch(conn, weights_dir, to, latest_only=latest_only)
         print(f"fetched {len(report.copied)} files ({report.bytes_transferred / 2**20:.1f} MiB) to {to}, "
@@ -216,3 +237,37 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
 
     go()
 
+
+
+def _parse_errors_as_one_line(program) -> None:
+    """Invoke reports its own parse errors (an unknown task or flag, a flag without its value) as a bare line with exit
+    status 1; here, as for every other mistake, they are one `error:` line with the fix and status 2. Fabric imports
+    this file in the middle of parsing, so the parsing steps still to come are wrapped on the running program."""
+    from invoke.exceptions import Exit, ParseError
+
+    def one_line(step):
+        def run(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            except ParseError as e:
+                task_name = getattr(e.context, "name", None)
+                see = f"`fab --help {task_name}` lists its flags" if task_name else "`fab --list` lists the tasks"
+                # Invoke names a flag by its repr, <Argument: host (h)>: say --host
+                said = re.sub(r"<Argument: (\w+)[^>]*>", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+                print(f"error: {said} ({see})", file=sys.stderr, flush=True)
+            except Exit as e:
+                if not (e.message and e.code):
+                    raise
+                print(f"error: {e.message} (`fab --list` lists the tasks)", file=sys.stderr, flush=True)
+            sys.exit(UserError.exit_code)
+
+        return run
+
+    for name in ("parse_collection", "parse_tasks", "parse_cleanup"):
+        setattr(program, name, one_line(getattr(program, name)))
+
+
+
+from fabric.main import program as _program  # noqa: E402 (the program that is loading this file)
+
+_parse_errors_as_one_line(_program)

@@ -55,7 +55,8 @@ def provision(c, type="", region="auto", ssh_key="", fs=None, name=None, yes=Fal
 
     @cli_main
     def run():
-        port, wait_s, poll_s = number(ssh_port, "--ssh-port", minimum=1), number(timeout, "--timeout", float), number(poll, "--poll", float)
+        port = number(ssh_port, "--ssh-port", minimum=1, maximum=65535)
+        wait_s, poll_s = number(timeout, "--timeout", float), number(poll, "--poll", float, minimum=0.001)
         api = _api(api_key_file, api_base)
         plan = plan_provision(api, type, region, ssh_key, fs)
         confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", yes)

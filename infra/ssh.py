@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -24,9 +26,28 @@ SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
+# What a host may be: a name or an IPv4 address (an ~/.ssh/config alias may hold `_`), or an IPv6 address. Anything
+# else is a typo, refused before it reaches a resolver.
+LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+HOST_NAME = re.compile(rf"{LABEL}(?:\.{LABEL})*\.?")
+IPV6 = re.compile(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(%[A-Za-z0-9_.-]+)?")
+USER_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]*")
+
+
+def _bad_ipv4(name: str) -> bool:
+    """All digits and dots, yet not an IPv4 address (999.1.1.1): a resolver would take it for a name."""
+    if not re.fullmatch(r"[0-9.]+", name):
+        return False
+    try:
+        ipaddress.IPv4Address(name)
+        return False
+    except ValueError:
+        return True
+
+
 def parse_host(host: str, port: int | None = None) -> tuple[str | None, str, int | None]:
     """`user@host:port`, `user@host`, `host`, `[v6addr]:port` -> (user, host, port); an explicit `port` must agree."""
-    user, _, rest = host.rpartition("@")
+    user, at, rest = host.rpartition("@")
     hostname, hport = rest, None
     if rest.startswith("[") and "]" in rest:  # bracketed IPv6, as in known_hosts
         hostname, _, tail = rest[1:].partition("]")
@@ -34,13 +55,19 @@ def parse_host(host: str, port: int | None = None) -> tuple[str | None, str, int
     elif rest.count(":") == 1:
         hostname, hport = rest.split(":")
     if hport is not None:
-        if not hport.isdigit():
-            raise UserError(f"bad port in {host!r}: expected user@host:PORT with a number")
+        if not (hport.isascii() and hport.isdigit() and 1 <= int(hport) <= 65535):
+            raise UserError(f"bad port in {host!r}: expected user@host:PORT with a port number from 1 to 65535")
         if port is not None and int(hport) != port:
             raise UserError(f"{host!r} says port {hport} but --port is {port}: give the port once")
         port = int(hport)
+    if port is not None and not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number: pass one from 1 to 65535")
     if not hostname:
         raise UserError(f"no host name in {host!r}: expected user@host or user@host:port")
+    if not (HOST_NAME.fullmatch(hostname) or IPV6.fullmatch(hostname)) or _bad_ipv4(hostname):
+        raise UserError(f"{hostname!r} in {host!r} is not a host name or IP address: expected user@host, e.g. ubuntu@203.0.113.7")
+    if at and not USER_NAME.fullmatch(user):
+        raise UserError(f"bad user name {user!r} in {host!r}: expected user@host, e.g. ubuntu@203.0.113.7")
     return user or None, hostname, port
 
 

@@ -64,6 +64,18 @@ def load_shard(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
+def check_token_ids(path, tokens: np.ndarray) -> None:
+    """Every id must be a GPT-2 token: a shard from another tokenizer would index past the embedding table (or
+    silently train the padding rows). One pass over the memory map, done when a shard is first opened."""
+    from job.tokenizer import VOCAB_SIZE
+
+    if tokens.size and int(tokens.max()) >= VOCAB_SIZE:
+        at = int(np.argmax(tokens >= VOCAB_SIZE))
+        raise UserError(f"shard {path} holds token id {int(tokens[at])} (at position {at:,}), outside GPT-2's vocabulary "
+                        f"(0..{VOCAB_SIZE - 1}): it was not made with GPT-2's tokenizer; re-create it with job.prepare "
+                        "(`python -m job.prepare verify DIR` checks every shard)")
+
+
 def _shard_problem(path, e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno:  # the file could not be opened at all (permissions, I/O): say that
         return e.strerror
@@ -93,6 +105,7 @@ class ShardLoader:
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.pin_memory = pin_memory  # read windows straight into page-locked memory (CUDA can then copy asynchronously)
         self.split = split
+        self._checked: set[Path] = set()
         self.shards = list_shards(data_dir, split)
         if not self.shards:
             raise UserError(f"no {split} shards in {data_dir}: prepare data first (python -m job.prepare)")
@@ -113,7 +126,11 @@ class ShardLoader:
 
     def _load(self) -> np.ndarray:
         if self._tokens is None:
-            self._tokens = load_shard(self.shards[self.shard])
+            path = self.shards[self.shard]
+            self._tokens = load_shard(path)
+            if path not in self._checked:  # once per shard: the val shard is re-opened at every evaluation
+                check_token_ids(path, self._tokens)
+                self._checked.add(path)
         return self._tokens
 
     def _span(self) -> int:

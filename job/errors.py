@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import math
 import os
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from job import contract
 from job.fsutil import NO_SPACE
@@ -76,20 +79,54 @@ def file_system_error(e: OSError) -> str | None:
     if e.errno in (errno.EACCES, errno.EPERM):
         return (f"permission denied:{path} ({e.strerror}): this user (uid {os.getuid()}) may not use it; fix its owner or mode "
                 f"(e.g. `sudo chown -R {os.getuid()}:{os.getgid()} DIR`, on the host for a mounted volume) or use another path")
+    if e.errno == errno.ENOTDIR:
+        return f"{path.strip()}: a part of this path is a file, not a directory: choose another path"
     if e.errno == errno.EROFS:
         return f"{path.strip()} is on a read-only file system: use a writable path (a volume mounted with :ro?)"
     return None
 
 
-def number(value, flag: str, cast=int, minimum: float | None = 0):
+def number(value, flag: str, cast=int, minimum: float | None = 0, maximum: float | None = None):
     """A command-line value as a number, or one line naming the flag (for CLIs, like fab's, that parse no types)."""
     try:
         n = cast(value)
     except (TypeError, ValueError):
         raise UserError(f"{flag} takes {'a whole number' if cast is int else 'a number'}, got {value!r}") from None
+    if not math.isfinite(n):
+        raise UserError(f"{flag} takes a finite number, got {value!r}")
     if minimum is not None and n < minimum:
         raise UserError(f"{flag} must be at least {minimum}, got {value!r}")
+    if maximum is not None and n > maximum:
+        raise UserError(f"{flag} must be at most {maximum}, got {value!r}")
     return n
+
+
+def check_output_path(path, flag: str, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written where it is asked for: a part of the path that is
+    a file rather than a directory, or a directory this user may not write in (a read-only mount, or its mode).
+    `directory`: the output is a directory that files are written into, so it may exist already."""
+    p = Path(path).absolute()
+    # the nearest part that exists; what is missing gets created
+    base = next(a for a in ([p] if directory else []) + list(p.parents) if a.exists())
+    if not base.is_dir():
+        raise UserError(f"{flag} {path}: {base} is a file, not a directory: choose another {flag}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        if os.statvfs(base).f_flag & os.ST_RDONLY:
+            raise UserError(f"{flag} {path}: {base} is on a read-only file system: choose a writable {flag}")
+        raise UserError(f"{flag} {path}: this user (uid {os.getuid()}) may not write in {base}: fix its owner or mode, "
+                        f"or choose another {flag}")
+
+
+def http_url(url: str, what: str, fix: str) -> str:
+    """`url` if it is an http(s) URL with a host (and a valid port), else one line: `what` names it, `fix` says what to pass."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading the port is what checks it)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise UserError(f"{what} {url!r} is not an http(s) URL: {fix}")
+    return url
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -100,3 +137,43 @@ class ArgumentParser(argparse.ArgumentParser):
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr, flush=True)
         sys.exit(UserError.exit_code)
+
+
+def _in_range(n, text: str, minimum, maximum):
+    if minimum is not None and n < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
+    if maximum is not None and n > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text!r}")
+    return n
+
+
+def int_arg(minimum: int | None = None, maximum: int | None = None):
+    """An argparse `type`: a whole number in [minimum, maximum]. A bad value is the parser's one `error:` line,
+    which names the flag (`argument --num: must be at least 1, got '0'`)."""
+
+    def convert(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}") from None
+        return _in_range(n, text, minimum, maximum)
+
+    return convert
+
+
+def float_arg(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None):
+    """An argparse `type`: a finite number in [minimum, maximum] (and > `above`); NaN and inf are refused here,
+    where they would otherwise slip past every comparison."""
+
+    def convert(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number, got {text!r}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"takes a finite number, got {text!r}")
+        if above is not None and x <= above:
+            raise argparse.ArgumentTypeError(f"must be more than {above:g}, got {text!r}")
+        return _in_range(x, text, minimum, maximum)
+
+    return convert

@@ -11,22 +11,24 @@ the trainer uses. Writing them needs only torch and safetensors, not transformer
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from job.errors import UserError, cli_main
+from job.errors import ArgumentParser, UserError, check_output_path, cli_main
 from job.fsutil import write_failure
-from job.model import GPT, GPT2_VOCAB, GPTConfig, load_hf_into, to_hf_state_dict
 from job.tokenizer import EOT, get_encoding
+from job.tokenizer import VOCAB_SIZE as GPT2_VOCAB
 
+if TYPE_CHECKING:
+    from job.model import GPTConfig
+
+# torch is imported where it is used: a mistake on the command line is reported before its seconds-long import.
 EOT_TEXT = "<|endoftext|>"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors", *TOKENIZER_FILES, "README.md")
@@ -121,38 +123,67 @@ def _write_text(path: Path, text: str) -> None:
 
 def export(checkpoint, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write the HF model directory for a checkpoint (file, or log dir = its newest); returns the directory."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     from job.sample import load_model, resolve_checkpoint
 
+    out = check_out_dir(out_dir, dtype, overwrite)
+    path = resolve_checkpoint(checkpoint)
+    model, ckpt = load_model(path, "cpu")
+    weights = hf_weights(model, dtype)
+    files = export_files(model, ckpt, path, dtype)
+    write_export(out, weights, files)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"exported {path} (step {ckpt.get('step')}, val loss {ckpt.get('val_loss')}) to {out}: "
+          f"{model.num_params() / 1e6:.1f}M parameters, {dtype}, model.safetensors {size / 2**20:.1f} MiB")
+    return out
+
+
+def check_out_dir(out_dir, dtype: str, overwrite: bool) -> Path:
+    """--out as a Path, refused before any work when it cannot take the export or would lose an earlier one."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory: choose another --out")
+    check_output_path(out, "--out")
     clash = [name for name in OUTPUT_FILES if (out / name).exists()]
     if clash and not overwrite:
         raise UserError(f"--out {out} already holds {', '.join(clash)}: pass --overwrite to replace them or choose another --out")
-    path = resolve_checkpoint(checkpoint)
-    model, ckpt = load_model(path, "cpu")
-    cfg = model.config
-    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(model).items()}
+    return out
+
+
+def hf_weights(model, dtype: str) -> dict:
+    import torch
+
+    from job.model import to_hf_state_dict
+
+    cast = getattr(torch, dtype)
+    weights = {k: v.to(cast).contiguous() for k, v in to_hf_state_dict(model).items()}
     del weights["lm_head.weight"]  # tied to transformer.wte.weight; HF re-ties it on load (tie_word_embeddings)
-    step, val = ckpt.get("step"), ckpt.get("val_loss")
-    files = {
+    return weights
+
+
+def export_files(model, ckpt: dict, path, dtype: str) -> dict[str, str]:
+    """The text files of the export: configs, tokenizer, and a README that says where the weights came from."""
+    cfg = model.config
+    return {
         "config.json": json.dumps(hf_config(cfg, dtype), indent=2),
         "generation_config.json": json.dumps({"bos_token_id": EOT, "eos_token_id": EOT}, indent=2),
         **tokenizer_files(cfg.block_size),
         "README.md": (
             f"# GPT-2 ({model.num_params() / 1e6:.1f}M parameters) trained with nanogpt-cloud\n\n"
-            f"Exported by `python -m job.export` from `{Path(path).name}` (step {step}, val loss {val}).\n"
+            f"Exported by `python -m job.export` from `{Path(path).name}` (step {ckpt.get('step')}, val loss {ckpt.get('val_loss')}).\n"
             f"{cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, context {cfg.block_size} tokens, "
             "GPT-2 tokenizer.\n\n```python\nfrom transformers import AutoTokenizer, GPT2LMHeadModel\n"
             "model = GPT2LMHeadModel.from_pretrained(DIR)\ntokenizer = AutoTokenizer.from_pretrained(DIR)\n```\n"
         ),
     }
-    # Everything is written to a temp dir next to --out first: a failure half-way leaves --out as it was.
+
+
+def write_export(out: Path, weights: dict, files: dict) -> None:
+    """Everything is written to a temp dir next to --out first: a failure half-way leaves --out as it was."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     need = sum(t.nbytes for t in weights.values()) + sum(len(t) for t in files.values())
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,10 +197,6 @@ def export(checkpoint, out_dir, dtype: str = "float32", overwrite: bool = False)
         raise UserError(f"cannot write the export to {out}: {write_failure(e, out.parent, need)}; --out is as it was") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    size = (out / "model.safetensors").stat().st_size
-    print(f"exported {path} (step {step}, val loss {val}) to {out}: {model.num_params() / 1e6:.1f}M parameters, "
-          f"{dtype}, model.safetensors {size / 2**20:.1f} MiB")
-    return out
 
 
 def _write_export(tmp: Path, out: Path, weights: dict, files: dict, save_file) -> None:
@@ -248,8 +275,10 @@ def check_init_from(spec: str, model_cfg: GPTConfig) -> Path:
     return d
 
 
-def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(d: Path) -> dict:
     """The state dict of an HF GPT-2 directory, keys as GPT2LMHeadModel names them (transformer.*, lm_head.weight)."""
+    import torch
+
     if (d / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -260,8 +289,10 @@ def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
     return {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float() for k, v in sd.items()}
 
 
-def init_from_hf(model: GPT, spec: str) -> GPT:
+def init_from_hf(model, spec: str):
     """Load the weights of `spec` (hf:DIR) into `model` (whose shape check_init_from already accepted)."""
+    from job.model import load_hf_into
+
     d = check_init_from(spec, model.config)
     try:
         return load_hf_into(model, read_hf_weights(d))
@@ -271,10 +302,10 @@ def init_from_hf(model: GPT, spec: str) -> GPT:
 
 @cli_main
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m job.export", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m job.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a model_*.pt file, or a log dir (its newest checkpoint)")
     p.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights' dtype in model.safetensors (default float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype in model.safetensors (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
     args = p.parse_args(argv)
     return export(args.checkpoint, args.out, args.dtype, args.overwrite)

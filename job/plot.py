@@ -11,7 +11,6 @@ HellaSwag accuracy (0.337, from the GPT-3 paper).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job import contract
-from job.errors import UserError, cli_main
+from job.errors import ArgumentParser, UserError, check_output_path, cli_main, int_arg
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 (124M) on the FineWeb-edu val shard, measured in build-nanogpt
 GPT2_HELLASWAG = 0.2955  # OpenAI GPT-2 (124M) acc_norm
@@ -110,33 +109,8 @@ def plot(run: Run, out, tokens_per_step: int, smooth: int = 0, title: str | None
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(14, 5), constrained_layout=True)
-    if run.train:
-        steps = sorted(run.train)
-        ys = [run.train[s] for s in steps]
-        ax_loss.plot(steps, _smooth(ys, smooth), lw=0.8, alpha=0.8, label="train loss" + (f" (mean of {smooth})" if smooth > 1 else ""))
-    if run.val:
-        steps = sorted(run.val)
-        ax_loss.plot(steps, [run.val[s] for s in steps], lw=1.8, marker="." if len(steps) < 60 else None, label="val loss")
-    ax_loss.axhline(GPT2_VAL_LOSS, color="red", ls="--", lw=1, label=f"OpenAI GPT-2 (124M) val loss {GPT2_VAL_LOSS}")
-    losses = list(run.train.values()) + list(run.val.values())
-    if losses:
-        # The first steps sit near ln(50257) ~ 10.8; the interesting part is far below: frame the last 90% of the run.
-        last = sorted(run.train or run.val)
-        tail = [v for s, v in {**run.train, **run.val}.items() if s >= last[len(last) // 10]]
-        top = max(sorted(tail)[int(0.98 * (len(tail) - 1))], GPT2_VAL_LOSS + 0.5)
-        bottom = min(min(losses), GPT2_VAL_LOSS) - 0.1
-        ax_loss.set_ylim(bottom, top * 1.02)
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("loss")
-    if run.hellaswag:
-        steps = sorted(run.hellaswag)
-        ax_hs.plot(steps, [run.hellaswag[s] for s in steps], lw=1.8, marker="." if len(steps) < 60 else None, label="HellaSwag acc_norm")
-    else:
-        ax_hs.text(0.5, 0.5, "no HellaSwag evaluations in this run", ha="center", va="center", transform=ax_hs.transAxes)
-    ax_hs.axhline(GPT2_HELLASWAG, color="red", ls="--", lw=1, label=f"OpenAI GPT-2 (124M) {GPT2_HELLASWAG}")
-    ax_hs.axhline(GPT3_HELLASWAG, color="green", ls="--", lw=1, label=f"OpenAI GPT-3 (124M) {GPT3_HELLASWAG}")
-    ax_hs.set_ylabel("accuracy")
-    ax_hs.set_title("HellaSwag")
+    _plot_loss(ax_loss, run, smooth)
+    _plot_hellaswag(ax_hs, run)
     last_step = max([*run.train, *run.val, *run.hellaswag])
     for ax in (ax_loss, ax_hs):
         ax.set_xlabel("step")
@@ -154,37 +128,80 @@ def plot(run: Run, out, tokens_per_step: int, smooth: int = 0, title: str | None
     return out
 
 
+def _plot_loss(ax, run: Run, smooth: int) -> None:
+    if run.train:
+        steps = sorted(run.train)
+        ys = [run.train[s] for s in steps]
+        ax.plot(steps, _smooth(ys, smooth), lw=0.8, alpha=0.8, label="train loss" + (f" (mean of {smooth})" if smooth > 1 else ""))
+    if run.val:
+        steps = sorted(run.val)
+        ax.plot(steps, [run.val[s] for s in steps], lw=1.8, marker="." if len(steps) < 60 else None, label="val loss")
+    ax.axhline(GPT2_VAL_LOSS, color="red", ls="--", lw=1, label=f"OpenAI GPT-2 (124M) val loss {GPT2_VAL_LOSS}")
+    # a diverged run logs NaN or inf: the frame is set by the finite points
+    finite = {s: v for s, v in {**run.train, **run.val}.items() if math.isfinite(v)}
+    if finite:
+        # The first steps sit near ln(50257) ~ 10.8; the interesting part is far below: frame the last 90% of the run.
+        last = sorted(finite)
+        tail = [v for s, v in finite.items() if s >= last[len(last) // 10]]
+        top = max(sorted(tail)[int(0.98 * (len(tail) - 1))], GPT2_VAL_LOSS + 0.5)
+        bottom = min(min(finite.values()), GPT2_VAL_LOSS) - 0.1
+        ax.set_ylim(bottom, top * 1.02)
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+
+
+def _plot_hellaswag(ax, run: Run) -> None:
+    if run.hellaswag:
+        steps = sorted(run.hellaswag)
+        ax.plot(steps, [run.hellaswag[s] for s in steps], lw=1.8, marker="." if len(steps) < 60 else None, label="HellaSwag acc_norm")
+    else:
+        ax.text(0.5, 0.5, "no HellaSwag evaluations in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.axhline(GPT2_HELLASWAG, color="red", ls="--", lw=1, label=f"OpenAI GPT-2 (124M) {GPT2_HELLASWAG}")
+    ax.axhline(GPT3_HELLASWAG, color="green", ls="--", lw=1, label=f"OpenAI GPT-3 (124M) {GPT3_HELLASWAG}")
+    ax.set_ylabel("accuracy")
+    ax.set_title("HellaSwag")
+
+
 def _last(series: dict[int, float]) -> str:
     if not series:
         return "none"
     s = max(series)
     return f"{series[s]:.4f} at step {s}"
 
+
 def _tokens(n: float) -> str:
     """1.2M, 10.0B: the unit that fits a tiny demo run as well as a 10B-token one."""
     return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n:,.0f}"
 
 
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m job.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("logdir", help=f"training log dir (its {contract.METRICS_FILE} or {contract.NANOGPT_LOG_FILE}), or either file")
+    p.add_argument("--out", help="PNG to write (default: plot.png next to the log)")
+    p.add_argument("--tokens-per-step", type=int_arg(1), help="tokens per optimizer step for the token axis (default: the run's "
+                   f"--total-batch-tokens from {contract.METRICS_FILE}, or {LOG_TXT_TOKENS_PER_STEP:,} for a log.txt)")
+    p.add_argument("--smooth", type=int_arg(0), default=0, help="plot the train loss as a moving average over N steps (default: raw)")
+    p.add_argument("--title", help="figure title (default: the log file)")
+    return p
+
+
+def output_path(out, run: Run) -> Path:
+    """--out, or plot.png next to the log; refused before plotting when it is not a writable .png path."""
+    out = Path(out) if out else Path(run.source).parent / "plot.png"
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out} must end in .png")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: pass a file name ending in .png")
+    check_output_path(out, "--out")
+    return out
+
 
 @cli_main
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m job.plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("logdir", help=f"training log dir (its {contract.METRICS_FILE} or {contract.NANOGPT_LOG_FILE}), or either file")
-    p.add_argument("--out", help="PNG to write (default: plot.png next to the log)")
-    p.add_argument("--tokens-per-step", type=int, help="tokens per optimizer step for the token axis (default: the run's "
-                   f"--total-batch-tokens from {contract.METRICS_FILE}, or {LOG_TXT_TOKENS_PER_STEP:,} for a log.txt)")
-    p.add_argument("--smooth", type=int, default=0, help="plot the train loss as a moving average over N steps (default: raw)")
-    p.add_argument("--title", help="figure title (default: the log file)")
-    args = p.parse_args(argv)
-    if args.tokens_per_step is not None and args.tokens_per_step < 1:
-        raise UserError(f"--tokens-per-step must be at least 1, got {args.tokens_per_step}")
-    if args.smooth < 0:
-        raise UserError(f"--smooth must be >= 0, got {args.smooth}")
+    args = build_parser().parse_args(argv)
     run = read_run(args.logdir)
     tps = args.tokens_per_step or run.tokens_per_step or LOG_TXT_TOKENS_PER_STEP
-    out = Path(args.out) if args.out else Path(run.source).parent / "plot.png"
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out} must end in .png")
+    out = output_path(args.out, run)
     plot(run, out, tps, args.smooth, args.title)
     last = max([*run.train, *run.val, *run.hellaswag])
     print(f"wrote {out}: {len(run.train)} train, {len(run.val)} val, {len(run.hellaswag)} HellaSwag points from {run.source}; "

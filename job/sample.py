@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
-import torch
+from job.errors import ArgumentParser, UserError, cli_main, float_arg, int_arg
 
-from job import checkpoint as ckpt_lib
-from job.errors import UserError, cli_main
-from job.model import GPT, GPTConfig
-from job.tokenizer import decode, encode
+DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 
 
-def generate_samples(model: GPT, prompt: str, num: int, max_tokens: int, seed: int, device: str,
+def generate_samples(model, prompt: str, num: int, max_tokens: int, seed: int, device: str,
                      top_k: int = 50, temperature: float = 1.0) -> list[str]:
     """`num` continuations of `prompt`, reproducible for a given seed (its own generator, so sampling
     during training never disturbs the training RNG)."""
+    import torch
+
+    from job.tokenizer import decode, encode
+
     tokens = encode(prompt)
     if not tokens:
         raise UserError("the prompt is empty: pass some text with --prompt")
@@ -34,24 +36,40 @@ def generate_samples(model: GPT, prompt: str, num: int, max_tokens: int, seed: i
 def resolve_checkpoint(path) -> str:
     """A log dir stands for its newest checkpoint."""
     if os.path.isdir(path):
+        from job import checkpoint as ckpt_lib
+
         found = ckpt_lib.list_checkpoints(path)
         if not found:
             raise UserError(f"{path} holds no model_*.pt checkpoints: train first or pass a checkpoint file")
         return str(found[-1][1])
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist: pass a model_*.pt file, or a log dir that holds them")
     return str(path)
 
 
-def load_model(path, device: str) -> tuple[GPT, dict]:
+def load_model(path, device: str) -> tuple:
+    """The GPT a checkpoint holds, on `device`, and the checkpoint. Anything that is not one of the trainer's
+    checkpoints (another pickle, a model of another shape) is one line, not a traceback."""
+    from job import checkpoint as ckpt_lib
+    from job.model import GPT, GPTConfig
+
     ckpt = ckpt_lib.load(path)
-    if "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a model checkpoint (no 'model'/'config' keys): pass a model_*.pt from a log dir")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{path} is not a model checkpoint (no 'model'/'config' entries): pass a model_*.pt from a log dir")
     cfg = {k: v for k, v in ckpt["config"].items() if k in GPTConfig.__dataclass_fields__}
-    model = GPT(GPTConfig(**cfg))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**cfg))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path}: its weights do not fit the model its config describes ({first}): "
+                        "pass a model_*.pt written by `python -m job.train`") from None
     return model.to(device), ckpt
 
 
 def default_device() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if torch.backends.mps.is_available():
@@ -59,22 +77,47 @@ def default_device() -> str:
     return "cpu"
 
 
-@cli_main
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m job.sample", description="Generate text from a checkpoint.")
+def check_device(device: str | None) -> str:
+    """The device to sample on; one asked for that this machine lacks is refused before the checkpoint is read."""
+    import torch
+
+    if device is None:
+        return default_device()
+    kind = device.split(":")[0]
+    have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[kind]
+    if kind == "cuda" and have and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        have = False
+    if not have:
+        raise UserError(f"--device {device}: this machine has no such device: use --device cpu, or leave --device out")
+    return device
+
+
+def device_arg(text: str) -> str:
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"takes cuda, cuda:N, mps or cpu, got {text!r}")
+    return text
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m job.sample", description="Generate text from a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a model_*.pt file, or a log dir (its newest checkpoint)")
     p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num", type=int, default=4, help="number of samples")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per sample")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
-    args = p.parse_args(argv)
-    if args.num < 1 or args.max_tokens < 1 or args.top_k < 1 or args.temperature <= 0:
-        raise UserError("--num, --max-tokens and --top-k must be >= 1 and --temperature > 0")
-    device = args.device or default_device()
+    p.add_argument("--num", type=int_arg(1, 1024), default=4, help="number of samples")
+    p.add_argument("--max-tokens", type=int_arg(1, 100_000), default=64, help="tokens to generate per sample")
+    p.add_argument("--top-k", type=int_arg(1), default=50)
+    p.add_argument("--temperature", type=float_arg(above=0), default=1.0)
+    p.add_argument("--seed", type=int_arg(0, 2**63 - 1), default=42)
+    p.add_argument("--device", type=device_arg, default=None, help="cuda | mps | cpu (default: best available)")
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not args.prompt:
+        raise UserError("the prompt is empty: pass some text with --prompt")
     path = resolve_checkpoint(args.checkpoint)
+    device = check_device(args.device)
     model, ckpt = load_model(path, device)
     print(f"# {path}: step {ckpt.get('step')}, val loss {ckpt.get('val_loss')}")
     for i, text in enumerate(generate_samples(model, args.prompt, args.num, args.max_tokens, args.seed, device,

@@ -16,7 +16,6 @@ Losses and gradients are checked against the first entry's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import kernel_category, profile_kernels, sync, timed_steps  # noqa: E402
 
-from job.errors import UserError, cli_main  # noqa: E402
+from job.errors import ArgumentParser, UserError, check_output_path, cli_main, int_arg  # noqa: E402
 from job.model import PADDED_VOCAB, chunked_cross_entropy  # noqa: E402
 from job.train import pick_device  # noqa: E402
 
@@ -105,16 +104,16 @@ def profile(step, device: str) -> dict:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="cuda, cpu, mps or auto")
-    p.add_argument("--rows", type=int, default=None, help="B x T rows of one micro-step (default 65536 on a GPU, 2048 on a CPU)")
-    p.add_argument("--dim", type=int, default=None, help="hidden size (default 768 on a GPU, 64 on a CPU)")
-    p.add_argument("--vocab", type=int, default=PADDED_VOCAB)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"))
+    p.add_argument("--rows", type=int_arg(1), default=None, help="B x T rows of one micro-step (default 65536 on a GPU, 2048 on a CPU)")
+    p.add_argument("--dim", type=int_arg(1), default=None, help="hidden size (default 768 on a GPU, 64 on a CPU)")
+    p.add_argument("--vocab", type=int_arg(1), default=PADDED_VOCAB)
     p.add_argument("--chunks", default="0,8192,65536", help="comma-separated ce_chunk_tokens values; 0 is the full-logits loss")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--compile", default="on", choices=("on", "off"))
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int_arg(1), default=10)
+    p.add_argument("--warmup", type=int_arg(0), default=3)
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
     try:
@@ -123,11 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--chunks {args.chunks!r}: expected comma-separated whole numbers, e.g. 0,8192,65536") from None
     if not chunks or any(c < 0 for c in chunks):
         raise UserError(f"--chunks {args.chunks!r}: chunk sizes are 0 (full logits) or a positive number of rows")
-    if args.steps < 1 or args.warmup < 0:
-        raise UserError("--steps must be at least 1 and --warmup at least 0")
-    for flag in ("rows", "dim", "vocab"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be a positive number")
+    if args.json:
+        check_output_path(args.json, "--json")  # now, not after the whole benchmark
     device = str(pick_device(args.device))
     if device == "cpu":
         # Inductor's CPU kernels are invisible to the profiler unless each is wrapped in a named range.

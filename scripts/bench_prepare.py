@@ -26,7 +26,6 @@ tokenizing instead of alongside it. --shard-size 100000 or less writes as it goe
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -48,6 +47,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from job import prepare  # noqa: E402
+from job.errors import ArgumentParser, UserError, check_output_path, cli_main, float_arg, int_arg  # noqa: E402
 from job.tokenizer import get_encoding  # noqa: E402
 
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
@@ -93,16 +93,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@cli_main
+def check_work_dir(d: Path) -> None:
+    """--dir gets corpus/ and out/ rewritten: it must be new, empty, or an earlier run's (nothing else is touched)."""
+    check_output_path(d / "corpus", "--dir")
+    if d.exists() and not d.is_dir():
+        raise UserError(f"--dir {d} is a file: pass a new or empty directory")
+    other = sorted(p.name for p in d.iterdir() if p.name not in ("corpus", "out")) if d.is_dir() else []
+    if other:
+        raise UserError(f"--dir {d} holds other files ({', '.join(other[:3])}): pass a new or empty directory, whose "
+                        "corpus/ and out/ this benchmark rewrites")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workers", type=int, default=prepare.default_workers(), help="processes/threads for both (default: all cores)")
-    p.add_argument("--mb", type=float, default=40.0, help="corpus size in MB of text (default 40)")
-    p.add_argument("--files", type=int, default=4, help="parquet files (default 4)")
-    p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; medians are reported (default 3)")
-    p.add_argument("--shard-size", type=int, default=1_000_000, help="tokens per shard for job.prepare (default 1M: ~10 commits)")
-    p.add_argument("--batch-docs", type=int, default=prepare.BATCH_DOCS)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int_arg(1), default=prepare.default_workers(), help="processes/threads for both (default: all cores)")
+    p.add_argument("--mb", type=float_arg(above=0), default=40.0, help="corpus size in MB of text (default 40)")
+    p.add_argument("--files", type=int_arg(1), default=4, help="parquet files (default 4)")
+    p.add_argument("--repeat", type=int_arg(1), default=3, help="interleaved repetitions; medians are reported (default 3)")
+    p.add_argument("--shard-size", type=int_arg(1), default=1_000_000, help="tokens per shard for job.prepare (default 1M: ~10 commits)")
+    p.add_argument("--batch-docs", type=int_arg(1), default=prepare.BATCH_DOCS)
     p.add_argument("--dir", help="work dir (default: a temp dir, removed at the end)")
     args = p.parse_args(argv)
+    if args.dir:
+        check_work_dir(Path(args.dir))
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     enc = get_encoding()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job.errors import UserError, cli_main  # noqa: E402
+from job.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 
 LABELS = {"a": "(a) trainer", "real": "(a) real data", "b": "(b) plain eager"}
 # A candidate must beat the trainer's step by this much to be worth confirming: run-to-run spread on one GPU was
@@ -111,10 +111,10 @@ def summarize(paths: list[Path]) -> list[str]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="+", type=Path, help="bench_train.py --json files; the first file's (a) is the reference")
     p.add_argument("--winner-sets", action="store_true",
-                   help=f"print only the fastest run's settings as --set arguments, if it beats the reference by {MIN_GAIN:.0%}")
+                   help=f"print only the fastest run's settings as --set arguments, if it beats the reference by {MIN_GAIN * 100:.0f}%%")
     args = p.parse_args(argv)
     print(" ".join(winner_sets(args.json)) if args.winner_sets else "\n".join(summarize(args.json)))
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from job.config import TrainConfig, from_dict, parse_settings, validate  # noqa: E402
 from job.data import DeviceLoader, ShardLoader, write_shard  # noqa: E402
-from job.errors import UserError, cli_main  # noqa: E402
+from job.errors import ArgumentParser, UserError, check_output_path, cli_main, int_arg  # noqa: E402
 from job.metrics import peak_flops  # noqa: E402
 from job.model import GPT, GPT2_VOCAB  # noqa: E402
 from job.optim import configure_optimizer, get_lr  # noqa: E402
@@ -586,14 +586,14 @@ def print_profile(label: str, pr: dict) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2")
-    p.add_argument("--micro-batch", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step (default 2: the trainer's "
+    p.add_argument("--micro-batch", type=int_arg(1))
+    p.add_argument("--seq-len", type=int_arg(1))
+    p.add_argument("--grad-accum", type=int_arg(1), default=2, help="micro-steps per optimizer step (default 2: the trainer's "
                    "accumulation path; on one GPU it uses 8 for 2**19 tokens, which only amortises the optimizer more)")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run (median reported)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, allocator, caches)")
+    p.add_argument("--steps", type=int_arg(1), default=20, help="timed optimizer steps per run (median reported)")
+    p.add_argument("--warmup", type=int_arg(0), default=5, help="untimed steps first (compile, allocator, caches)")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
@@ -602,8 +602,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="another (a) with these settings")
     p.add_argument("--compare-json", help="results JSON of an earlier run whose (b) losses the variants are checked against")
-    p.add_argument("--hellaswag-examples", type=int, default=200, help="HellaSwag-shaped examples timed (extrapolated to 10042)")
-    p.add_argument("--gemm-size", type=int, help="matmul size for the peak (default 8192 on GPU, 1024 on CPU)")
+    p.add_argument("--hellaswag-examples", type=int_arg(1), default=200, help="HellaSwag-shaped examples timed (extrapolated to 10042)")
+    p.add_argument("--gemm-size", type=int_arg(1), help="matmul size for the peak (default 8192 on GPU, 1024 on CPU)")
     p.add_argument("--quick", action="store_true", help="a smoke test: 3 steps after 1 warm-up, small evals")
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("--profile", action="store_true", help="after timing (a) and each variant, profile 2 more steps: "
@@ -615,8 +615,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--runs: unknown run {bad[0]!r}; choose from {', '.join(RUNS)}")
     if args.quick:
         args.steps, args.warmup = 3, 1
-    if args.steps < 1 or args.warmup < 0 or args.grad_accum < 1:
-        raise UserError("--steps and --grad-accum must be >= 1 and --warmup >= 0")
+    if args.json:
+        check_output_path(args.json, "--json")  # now, not after the whole benchmark
     cfg = base_config(args)
     variants = [(name, settings, variant_config(cfg, settings)) for name, settings in map(parse_variant, args.variant)]
     device = pick_device(cfg.device)

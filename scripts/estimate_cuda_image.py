@@ -17,9 +17,15 @@ import io
 import json
 import re
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from job.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 
 SIMPLE = "https://pypi.org/simple/{}/"
 PY = "cp312"  # Ubuntu 24.04's Python, what the CUDA image runs
@@ -116,15 +122,22 @@ def closure(name: str, version: str, extras: set[str] = frozenset(), seen=None) 
 
 
 def docker(*args) -> str:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout
+    try:
+        return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise UserError("the docker CLI is not installed here: this estimate reads the local test images") from None
+    except subprocess.CalledProcessError as e:
+        said = " ".join(e.stderr.split())[:200]
+        raise UserError(f"`docker {' '.join(args[:2])}` failed ({said}): build the images first (--image, --base name them)") from None
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", default="nanogpt-train-test:latest", help="the CPU test build of docker/Dockerfile")
     p.add_argument("--base", default="nanogpt-test-base:bookworm", help="the test base it was built on")
     p.add_argument("--torch", default="2.13.0")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     mb = 2**20
     image_mb = int(docker("image", "inspect", "-f", "{{.Size}}", args.image)) / mb

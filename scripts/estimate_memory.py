@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
 
 from job.config import TrainConfig, from_dict, parse_settings, validate  # noqa: E402
-from job.errors import cli_main  # noqa: E402
+from job.errors import ArgumentParser, check_output_path, cli_main, int_arg  # noqa: E402
 from job.model import GPT  # noqa: E402
 from job.optim import configure_optimizer  # noqa: E402
 from job.train import residual_dtype  # noqa: E402
@@ -68,15 +68,17 @@ def estimate(cfg: TrainConfig) -> dict[str, int]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2")
-    p.add_argument("--micro-batch", type=int, help="B (default: the preset's)")
-    p.add_argument("--seq-len", type=int, help="T (default: the preset's)")
+    p.add_argument("--micro-batch", type=int_arg(1), help="B (default: the preset's)")
+    p.add_argument("--seq-len", type=int_arg(1), help="T (default: the preset's)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="TrainConfig field, e.g. ce_chunk_tokens=8192 or residual_dtype=float32")
     p.add_argument("--json", help="also write the figures (bytes) here")
     args = p.parse_args(argv)
+    if args.json:
+        check_output_path(args.json, "--json")
     values = {"preset": args.preset, "micro_batch": args.micro_batch, "seq_len": args.seq_len, "dtype": args.dtype,
               **parse_settings(args.set, "--set")}
     cfg = validate(from_dict({k: v for k, v in values.items() if v is not None}))

@@ -120,8 +120,8 @@ def test_mistakes_are_one_clear_line(args, needle):
 @pytest.mark.parametrize("args, needle", [
     (["--chunks", "0,many"], "expected comma-separated whole numbers"),
     (["--chunks", "0,-8"], "chunk sizes are 0 (full logits) or a positive number of rows"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--rows", "0"], "--rows must be a positive number"),
+    (["--steps", "0"], "argument --steps: must be at least 1"),
+    (["--rows", "0"], "argument --rows: must be at least 1"),
 ])
 def test_loss_bench_mistakes_are_one_clear_line(args, needle):
     assert_one_line_error(run_cli(LOSS, "--device", "cpu", *args), needle)

@@ -100,6 +100,6 @@ def test_device_loader_hands_out_the_same_stream_and_resumes_exactly(counting_sh
 
 
 def test_loader_copies_uint16_tokens_above_32767_exactly(tmp_path):
-    write_shard(tmp_path / "x_train_000000.npy", np.arange(50000, 50300))
+    write_shard(tmp_path / "x_train_000000.npy", np.arange(50000, 50257))  # the top of GPT-2's vocabulary
     x, y = ShardLoader(tmp_path, "train", 2, 100).next_batch()
     assert x.dtype == torch.int64 and x[0, 0].item() == 50000 and y[-1, -1].item() == 50200

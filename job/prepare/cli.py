@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from job.errors import ArgumentParser, UserError, cli_main
+from job.errors import ArgumentParser, UserError, cli_main, float_arg
 from job.prepare.common import BATCH_DOCS, PREFIXES, SHARD_SIZE
 from job.prepare.manifest import check_out_dir
 from job.prepare.pipeline import prepare
@@ -28,8 +28,8 @@ def _parser() -> ArgumentParser:
     common.add_argument("--prefix", help="shard file name prefix (default: data for text, edufineweb for fineweb-edu)")
     common.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     common.add_argument("--batch-docs", type=int, default=BATCH_DOCS, help=f"documents per tokenizer task (default {BATCH_DOCS})")
-    common.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
-                        help="when stderr is not a terminal, print a progress line this often (default 30)")
+    common.add_argument("--progress-every", type=float_arg(minimum=0), default=30.0, metavar="SECONDS",
+                        help="when stderr is not a terminal, print a progress line this often (default 30; 0: every batch)")
     common.add_argument("--overwrite", action="store_true", help="delete the shards already in --out and start over")
     sub = parser.add_subparsers(dest="source", required=True)
     t = sub.add_parser("text", parents=[common], help="local .txt/.jsonl/.json/.parquet files")

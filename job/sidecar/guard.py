@@ -59,7 +59,7 @@ from pathlib import Path
 
 from job import contract
 from job.contract import END_REASONS
-from job.errors import ArgumentParser, UserError, cli_main
+from job.errors import ArgumentParser, UserError, cli_main, float_arg
 from job.sidecar.digest import sha256_file
 from job.sidecar.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
 
@@ -334,13 +334,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key-file", required=True, help="file with the Lambda API key, mode 600, mounted read-only")
     p.add_argument("--api-base", default=None, help="API base URL (default https://cloud.lambdalabs.com/api/v1)")
     p.add_argument("--terminate-when-done", action="store_true", help="terminate once training is over and its final checkpoint is safe")
-    p.add_argument("--max-hours", type=float, default=None, help="stop training (with a checkpoint) after H hours, then terminate")
+    p.add_argument("--max-hours", type=float_arg(), default=None, help="stop training (with a checkpoint) after H hours, then terminate")
     p.add_argument("--s3", default=None, help="s3://BUCKET/PREFIX where the sidecar uploads checkpoints")
     p.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint URL")
-    p.add_argument("--stop-grace-minutes", type=float, default=30.0, help="how long the trainer has to honour the stop request")
-    p.add_argument("--idle-minutes", type=float, default=0.0, help="treat training as over after this long without a log write (0: off)")
+    p.add_argument("--stop-grace-minutes", type=float_arg(0), default=30.0, help="how long the trainer has to honour the stop request")
+    p.add_argument("--idle-minutes", type=float_arg(0), default=0.0, help="treat training as over after this long without a log write (0: off)")
     p.add_argument("--keep-on-failure", action="store_true", help="do not terminate after a failed (non-zero) trainer exit")
-    p.add_argument("--poll-seconds", type=float, default=30.0, help="seconds between looks at the log dir")
+    p.add_argument("--poll-seconds", type=float_arg(above=0), default=30.0, help="seconds between looks at the log dir")
     a = p.parse_args(argv)
     # Only the file: the key must not be in this container's environment, where `docker inspect` shows it.
     api = LambdaCloud(load_api_key(a.api_key_file, env={}), a.api_base)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import requests
 
-from job.errors import UserError
+from job.errors import UserError, http_url
 
 DEFAULT_BASE_URL = "https://cloud.lambdalabs.com/api/v1"
 BASE_URL_ENV = "LAMBDA_API_BASE"
@@ -92,6 +92,11 @@ class _Bearer(requests.auth.AuthBase):
         return "<Bearer hidden>"
 
 
+def check_base_url(url: str) -> str:
+    """The API base URL, or one line when it is not an http(s) URL requests could use (a typo, a missing scheme)."""
+    return http_url(url, "the Lambda API base URL", f"pass --api-base (or set {BASE_URL_ENV}) like {DEFAULT_BASE_URL}, or leave both unset")
+
+
 class LambdaCloud:
     """One method per endpoint; each returns the reply's `data`. Retries 429, 5xx and connection errors with
     exponential backoff (Retry-After honoured), except where a retry could launch a second billed box."""
@@ -100,7 +105,7 @@ class LambdaCloud:
                  backoff: float = 1.0, max_backoff: float = 30.0, sleep=time.sleep):
         if not api_key:
             raise UserError(f"empty Lambda Cloud API key: set {KEY_ENV} or fill the key file")
-        self.base_url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = check_base_url(base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
         self._auth = _Bearer(api_key)
         self.timeout, self.tries, self.backoff, self.max_backoff, self._sleep = timeout, max(1, tries), backoff, max_backoff, sleep
         self.session = requests.Session()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from job.errors import UserError
+from job.errors import UserError, http_url
 from job.sidecar.digest import sha256_file
 
 MIB = 2**20
@@ -34,9 +34,16 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+def check_endpoint(endpoint_url: str | None) -> str | None:
+    if endpoint_url:
+        http_url(endpoint_url, "the S3 endpoint", "pass one like https://s3.us-east-1.amazonaws.com, or leave it out for AWS")
+    return endpoint_url
+
+
 def client(endpoint_url: str | None = None):
     import boto3
 
+    check_endpoint(endpoint_url)
     return boto3.client("s3", endpoint_url=endpoint_url)
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from job import contract
-from job.errors import ArgumentParser, UserError, cli_main
+from job.errors import ArgumentParser, UserError, cli_main, float_arg
 from job.sidecar.s3 import client, parse_s3_url, upload_files
 
 LOG_FILES = (contract.METRICS_FILE, contract.HUMAN_LOG_FILE, contract.NANOGPT_LOG_FILE)
@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-dir", default=contract.LOG_DIR)
     p.add_argument("--s3", required=True, help="s3://BUCKET/PREFIX")
     p.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3-compatible endpoint")
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between passes")
+    p.add_argument("--interval", type=float_arg(above=0), default=10.0, help="seconds between passes")
     a = p.parse_args(argv)
+    if Path(a.log_dir).exists() and not Path(a.log_dir).is_dir():
+        raise UserError(f"--log-dir {a.log_dir} is a file: pass the trainer's log dir")
     run_sidecar(Path(a.log_dir), a.s3, client(a.endpoint_url), a.interval)
 
 

@@ -1,0 +1,370 @@
+"""Every entry point under one error contract: a user's mistake is exactly one non-empty stderr line, starting with
+`error:` and naming what was wrong, exit status 2, no traceback, and the files given as inputs left as they were.
+
+The cases are generated: entry point x flag x kind of bad value (non-numbers, NaN and inf, out-of-range numbers,
+paths under a regular file or in a read-only place, malformed URLs, hosts and ports, open quotes, unknown flags,
+missing arguments, bad shards and bad checkpoints). Each runs the real command line in a subprocess. Most fail in
+argument parsing, before torch is imported; the few that must read a shard or a checkpoint are kept few.
+No case reaches the network: hosts fail validation before any lookup, and anything that would connect is pointed
+at a port on 127.0.0.1 that this test holds closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, env
+
+PY = sys.executable
+FAB = str(Path(sys.executable).parent / "fab")
+
+
+# --- the files the bad inputs point at -------------------------------------------------------------------------------
+
+def _closed_port():
+    """A port on 127.0.0.1 that refuses connections for as long as the socket lives (bound, never listening)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def _read_only_dir(d: Path):
+    """A directory nobody may write in. root ignores mode bits, so for root it is a read-only tmpfs mount."""
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        return d, lambda: d.chmod(0o755)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, lambda: None
+    return d, lambda: subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def _checkpoints(w: Path) -> None:
+    """A tiny real checkpoint, and the ways a file given as one can be wrong."""
+    import torch
+
+    from job.model import GPT, GPTConfig
+
+    cfg = dict(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8)  # small files: hashed before and after each case
+    good = {"model": GPT(GPTConfig(**cfg)).state_dict(), "config": cfg, "step": 1}
+    torch.save(good, w / "good.pt")
+    data = (w / "good.pt").read_bytes()
+    (w / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"weights": 1}, w / "foreign.pt")
+    torch.save(torch.zeros(3), w / "tensor.pt")
+    torch.save(dict(good, config=dict(cfg, n_layer=2)), w / "wrong_model.pt")
+
+
+def _shards(w: Path) -> None:
+    """A data dir per way a shard can be wrong (each also holds a good val shard), and a good one."""
+    good = np.arange(1000, 1000 + 4000, dtype=np.uint16)
+    bad = {
+        "good": good,  # for the cases whose mistake is elsewhere
+        "oov": np.full(4000, 60000, dtype=np.uint16),  # ids outside GPT-2's vocabulary
+        "dtype": np.arange(4000, dtype=np.int32),
+    }
+    for name, arr in bad.items():
+        d = w / f"shards_{name}"
+        d.mkdir()
+        np.save(d / "x_val_000000.npy", good)
+        np.save(d / "x_train_000001.npy", arr)
+    d = w / "shards_truncated"
+    d.mkdir()
+    np.save(d / "x_val_000000.npy", good)
+    np.save(d / "x_train_000001.npy", good)
+    whole = (d / "x_train_000001.npy").read_bytes()
+    (d / "x_train_000001.npy").write_bytes(whole[: len(whole) // 2])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = tmp_path_factory.mktemp("inputs")
+    (w / "afile").write_text("a regular file\n")
+    (w / "log").mkdir()
+    (w / "log" / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 10.5}\n{"event": "val", "step": 1, "loss": 10.9}\n')
+    (w / "empty.jsonl").write_text("\n")
+    (w / "bench.json").write_text("{not json")
+    (w / "prev_export").mkdir()
+    (w / "prev_export" / "config.json").write_text("{}\n")
+    (w / "busy").mkdir()
+    (w / "busy" / "notes.txt").write_text("mine\n")
+    (w / "api_key").write_text("secret-test-key\n")
+    (w / "api_key").chmod(0o600)
+    (w / "doc.txt").write_text("some text\n")
+    _checkpoints(w)
+    _shards(w)
+    ro, release = _read_only_dir(w / "ro")
+    port = _closed_port()
+    # outputs a command may create before it meets the bad input (a trainer's log dir): not among the inputs
+    scratch = tmp_path_factory.mktemp("scratch")
+    yield {"dir": w, "ro": ro, "port": port.getsockname()[1], "scratch": scratch}
+    port.close()
+    release()
+
+
+def fingerprint(root: Path) -> dict:
+    """Every path under root with its type, mode and contents' digest: what a failed command must leave alone."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            out[str(p.relative_to(root))] = (st.st_mode, digest)
+    return out
+
+
+# --- the cases -------------------------------------------------------------------------------------------------------
+# Placeholders in argv: {w} the input dir, {ro} the read-only dir, {port} the closed port.
+
+BAD_INT = ["abc", "1.5", "nan", "-1"]
+BAD_POSITIVE = [*BAD_INT, "0"]
+BAD_FLOAT = ["abc", "nan", "inf", "-inf", "-1"]
+BAD_POSITIVE_FLOAT = [*BAD_FLOAT, "0"]
+UNDER_FILE = "{w}/afile/sub"  # a path whose parent is a regular file
+BAD_HOSTS = ["user@", "@203.0.113.7", "u@h:99999", "u@h:0", "u@h:port", "h;touch x", "ho st", "-oProxyCommand=sh", "999.1.1.1",
+             "h..", "u s@h"]
+BAD_URLS = ["ftp://example.org", "localhost:8080", "http://", "http://h:99999", "https://h/a b", "http://[::1"]
+OPEN_QUOTES = ["--max-lr '3e-4", '--log-dir "x', "--seed \\"]
+
+
+def flag_cases(prefix: list[str], base: list[str], flag: str, values: list[str], tag: str) -> list:
+    """The line must name the flag, or quote the value it refuses."""
+    return [pytest.param([*prefix, *base, flag, v], (flag, repr(v)), id=f"{tag}{flag}={v}") for v in values]
+
+
+def sample_cases() -> list:
+    cmd, base = [PY, "-m", "job.sample"], ["--checkpoint", "{w}/missing.pt"]
+    cases = [
+        *flag_cases(cmd, base, "--num", [*BAD_POSITIVE, "100000"], "sample"),
+        *flag_cases(cmd, base, "--max-tokens", [*BAD_POSITIVE, "10000000"], "sample"),
+        *flag_cases(cmd, base, "--top-k", BAD_POSITIVE, "sample"),
+        *flag_cases(cmd, base, "--temperature", BAD_POSITIVE_FLOAT, "sample"),
+        *flag_cases(cmd, base, "--seed", ["abc", "-1", str(2**64)], "sample"),
+        *flag_cases(cmd, base, "--device", ["gpu", "cuda:x", ""], "sample"),
+        pytest.param([*cmd], "--checkpoint", id="sample-missing--checkpoint"),
+        pytest.param([*cmd, *base, "--bogus"], "--bogus", id="sample-unknown-flag"),
+        pytest.param([*cmd, "--checkpoint", "{w}/missing.pt", "--prompt", ""], "prompt", id="sample-empty-prompt"),
+    ]
+    for kind in ("missing.pt", "afile/sub.pt"):
+        cases.append(pytest.param([*cmd, "--checkpoint", f"{{w}}/{kind}"], kind.split("/")[0], id=f"sample--checkpoint={kind}"))
+    return cases
+
+
+def export_cases() -> list:
+    cmd, ckpt = [PY, "-m", "job.export"], ["--checkpoint", "{w}/missing.pt"]
+    return [
+        pytest.param([*cmd, *ckpt, "--out", "{w}/o", "--dtype", "int8"], "--dtype", id="export--dtype=int8"),
+        pytest.param([*cmd, *ckpt, "--out", UNDER_FILE], "--out", id="export--out=under-a-file"),
+        pytest.param([*cmd, *ckpt, "--out", "{w}/afile"], "--out", id="export--out=a-file"),
+        pytest.param([*cmd, *ckpt, "--out", "{ro}/export"], "--out", id="export--out=read-only"),
+        pytest.param([*cmd, *ckpt, "--out", "{w}/prev_export"], "--overwrite", id="export--out=earlier-export"),
+        pytest.param([*cmd, *ckpt], "--out", id="export-missing--out"),
+        pytest.param([*cmd, "--out", "{w}/o"], "--checkpoint", id="export-missing--checkpoint"),
+        pytest.param([*cmd, *ckpt, "--out", "{w}/o", "--bogus"], "--bogus", id="export-unknown-flag"),
+        pytest.param([*cmd, "--checkpoint", "{w}/missing.pt", "--out", "{w}/o"], "missing.pt", id="export--checkpoint=missing"),
+    ]
+
+
+def plot_cases() -> list:
+    cmd, log = [PY, "-m", "job.plot"], ["{w}/log"]
+    return [
+        *flag_cases(cmd, log, "--smooth", ["abc", "1.5", "-1"], "plot"),
+        *flag_cases(cmd, log, "--tokens-per-step", BAD_POSITIVE, "plot"),
+        *flag_cases(cmd, log, "--out", [UNDER_FILE + ".png", "{ro}/plot.png", "{w}/plot.jpg", "{w}/log"], "plot"),
+        pytest.param([*cmd], "logdir", id="plot-missing-logdir"),
+        pytest.param([*cmd, "{w}/nothing"], "nothing", id="plot-logdir=missing"),
+        pytest.param([*cmd, UNDER_FILE], "afile", id="plot-logdir=under-a-file"),
+        pytest.param([*cmd, "{w}/empty.jsonl"], "nothing to plot", id="plot-logdir=empty-log"),
+        pytest.param([*cmd, *log, "--bogus"], "--bogus", id="plot-unknown-flag"),
+    ]
+
+
+def prepare_cases() -> list:
+    cmd = [PY, "-m", "job.prepare"]
+    text = [*cmd, "text", "{w}/doc.txt", "--out"]
+    return [
+        pytest.param([*text, UNDER_FILE], "afile", id="prepare--out=under-a-file"),
+        pytest.param([*text, "{ro}/shards"], "ro", id="prepare--out=read-only"),
+        pytest.param([*text, "{w}/o", "--shard-size", "0"], "--shard-size", id="prepare--shard-size=0"),
+        pytest.param([*text, "{w}/o", "--workers", "0"], "--workers", id="prepare--workers=0"),
+        pytest.param([*cmd, "text", "{w}/nothing.txt", "--out", "{w}/o"], "nothing.txt", id="prepare-input=missing"),
+        pytest.param([*cmd, "verify", "{w}/nothing"], "nothing", id="prepare-verify=missing"),
+        pytest.param([*text, "{w}/o", "--shard-size", "abc"], "--shard-size", id="prepare--shard-size=abc"),
+        pytest.param([*cmd], "source", id="prepare-missing-source"),
+        pytest.param([*cmd, "text", "{w}/doc.txt"], "--out", id="prepare-missing--out"),
+        pytest.param([*cmd, "verify", "{w}", "--bogus"], "--bogus", id="prepare-unknown-flag"),
+    ]
+
+
+def guard_sync_cases() -> list:
+    guard = [PY, "-m", "job.sidecar.guard", "--instance-id", "i-1", "--api-key-file", "{w}/api_key", "--api-base", "http://127.0.0.1:{port}"]
+    sync = [PY, "-m", "job.sidecar.sync", "--s3", "s3://bucket/prefix", "--log-dir", "{w}/log"]
+    return [
+        *flag_cases(guard, [], "--max-hours", BAD_POSITIVE_FLOAT, "guard"),
+        *flag_cases(guard, [], "--poll-seconds", ["nan", "0", "-1"], "guard"),
+        *flag_cases(guard, [], "--idle-minutes", ["inf", "-1"], "guard"),
+        pytest.param([*guard, "--api-base", "ftp://x"], "ftp://x", id="guard--api-base=ftp"),
+        pytest.param([*guard, "--s3", "bucket/prefix"], "bucket/prefix", id="guard--s3=no-scheme"),
+        pytest.param([PY, "-m", "job.sidecar.guard", "--api-key-file", "{w}/api_key"], "--instance-id", id="guard-missing--instance-id"),
+        *flag_cases(sync, [], "--interval", BAD_POSITIVE_FLOAT, "sync"),
+        pytest.param([*sync, "--endpoint-url", "bogus"], "bogus", id="sync--endpoint-url=bogus"),
+        pytest.param([*sync, "--log-dir", "{w}/afile"], "--log-dir", id="sync--log-dir=a-file"),
+        pytest.param([PY, "-m", "job.sidecar.sync", "--s3", "bucket"], "bucket", id="sync--s3=no-scheme"),
+        pytest.param([PY, "-m", "job.sidecar.sync"], "--s3", id="sync-missing--s3"),
+    ]
+
+
+def script_cases() -> list:
+    def s(name):
+        return [PY, str(ROOT / "scripts" / f"{name}.py")]
+
+    return [
+        pytest.param(s("bench_summary"), "json", id="bench_summary-missing-files"),
+        pytest.param([*s("bench_summary"), "{w}/nothing.json"], "nothing.json", id="bench_summary-file=missing"),
+        pytest.param([*s("bench_summary"), "{w}/bench.json"], "bench.json", id="bench_summary-file=not-json"),
+        pytest.param([*s("bench_summary"), UNDER_FILE], "afile", id="bench_summary-file=under-a-file"),
+        *flag_cases(s("bench_prepare"), [], "--mb", ["abc", "nan", "0", "-1"], "bench_prepare"),
+        *flag_cases(s("bench_prepare"), [], "--files", ["0", "abc"], "bench_prepare"),
+        *flag_cases(s("bench_prepare"), [], "--repeat", ["0"], "bench_prepare"),
+        *flag_cases(s("bench_prepare"), [], "--dir", [UNDER_FILE, "{ro}/bench", "{w}/busy"], "bench_prepare"),
+        pytest.param([*s("estimate_cuda_image"), "--bogus"], "--bogus", id="estimate_cuda_image-unknown-flag"),
+        # these import torch before parsing: one case each
+        pytest.param([*s("bench_train"), "--steps", "0"], "--steps", id="bench_train--steps=0"),
+        pytest.param([*s("bench_loss"), "--rows", "abc"], "--rows", id="bench_loss--rows=abc"),
+        pytest.param([*s("estimate_memory"), "--json", UNDER_FILE], "--json", id="estimate_memory--json=under-a-file"),
+    ]
+
+
+SSH_TASKS = ["launch", "logs", "status", "stop", "fetch-weights"]
+LAMBDA_TASKS = ["types", "instances", "provision", "terminate"]
+
+
+def rotate(values: list[str], over: list[str]) -> list[tuple[str, str]]:
+    """Each value once, against the targets in turn: every target meets several kinds and every kind is tried, for a
+    fraction of the full product (each fab run pays a fraction of a second just to start)."""
+    return [(over[i % len(over)], v) for i, v in enumerate(values)]
+
+
+def fab_cases() -> list:
+    fab, host = [FAB], ["--host", "127.0.0.1:{port}"]
+    launch = [*fab, "launch", *host]
+    cases = [pytest.param([*fab, task, "--host", bad], (bad, repr(bad)), id=f"fab-{task}--host={bad}")
+             for task, bad in rotate(BAD_HOSTS, SSH_TASKS)]
+    cases += [pytest.param([*fab, task, *host, "--port", v], ("--port", repr(v)), id=f"fab-{task}--port={v}")
+              for task, v in rotate(["abc", "0", "70000", "nan", "-1"], SSH_TASKS)]
+    cases += [pytest.param([*fab, task, "--api-base", url], repr(url), id=f"fab-{task}--api-base={url}")
+              for task, url in rotate(BAD_URLS[:4], LAMBDA_TASKS)]
+    cases += [pytest.param([*fab, task, *(host if task in SSH_TASKS else []), "--bogus"], "--bogus", id=f"fab-{task}-unknown-flag")
+              for task in ("launch", "fetch-weights", "terminate")]
+    cases += [
+        *flag_cases(launch, [], "--steps", ["abc", "0"], "fab-launch"),
+        *flag_cases(launch, [], "--nproc", ["1.5"], "fab-launch"),
+        *flag_cases(launch, [], "--max-hours", ["nan", "-1"], "fab-launch"),
+        *flag_cases(launch, [], "--guard-poll", ["0"], "fab-launch"),
+        *flag_cases(launch, [], "--step-seconds", ["inf"], "fab-launch"),
+        *flag_cases(launch, [], "--master-port", ["70000"], "fab-launch"),
+        *flag_cases(launch, [], "--train-args", OPEN_QUOTES, "fab-launch"),
+        *flag_cases(launch, [], "--env", ['A="b', "NOVALUE"], "fab-launch"),
+        *flag_cases(launch, [], "--build-arg", ["'X=1"], "fab-launch"),
+        *flag_cases(launch, [], "--api-base", BAD_URLS[4:], "fab-launch"),
+        *flag_cases(launch, [], "--s3-endpoint", ["bogus"], "fab-launch"),
+        *flag_cases(launch, [], "--sync-s3", ["bucket/prefix"], "fab-launch"),
+        pytest.param([*launch, "--hosts", "127.0.0.1"], "--hosts", id="fab-launch--host-and--hosts"),
+        pytest.param([*launch, "--key", "{w}/nokey"], "nokey", id="fab-launch--key=missing"),
+        *flag_cases([*fab, "stop"], host, "--timeout", ["nan"], "fab-stop"),
+        *flag_cases([*fab, "logs"], host, "--tail", ["abc"], "fab-logs"),
+        *flag_cases([*fab, "fetch-weights"], host, "--to", [UNDER_FILE, "{ro}/weights"], "fab-fetch-weights"),
+        *flag_cases([*fab, "fetch-weights"], host, "--s3", ["bucket/prefix"], "fab-fetch-weights"),
+        *flag_cases([*fab, "provision"], [], "--ssh-port", ["70000"], "fab-provision"),
+        *flag_cases([*fab, "provision"], [], "--timeout", ["nan"], "fab-provision"),
+        *flag_cases([*fab, "provision"], [], "--poll", ["0"], "fab-provision"),
+        pytest.param([*fab, "types", "--api-key-file", "{w}/nokey"], "nokey", id="fab-types--api-key-file=missing"),
+        pytest.param([*fab, "no-such-task"], "no-such-task", id="fab-unknown-task"),
+        pytest.param([*fab, "launch", "--host"], "--host", id="fab-launch--host-without-value"),
+        pytest.param([*fab, "status", *host, "yes"], "yes", id="fab-status-stray-word"),
+        pytest.param([*fab, "--help", "no-such-task"], "no-such-task", id="fab--help-unknown-task"),
+    ]
+    return cases
+
+
+def train_cases() -> list:
+    """job.train imports torch before it parses (seconds each): the flags are job.config's own tests; here only what
+    reaches the data, once per kind of bad shard."""
+    cmd = [PY, "-m", "job.train", "--preset", "tiny", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "16",
+           "--seq-len", "16", "--micro-batch", "2", "--total-batch-tokens", "32", "--max-steps", "1", "--sample-num", "0",
+           "--hellaswag-every", "0", "--device", "cpu", "--compile", "off", "--resume", "never", "--log-dir", "{scratch}/trainlog"]
+    cases = [pytest.param([*cmd, "--data-dir", f"{{w}}/shards_{kind}"], f"shards_{kind}", id=f"train-shard={kind}")
+             for kind in ("oov", "dtype", "truncated")]
+    cases.append(pytest.param([*cmd, "--data-dir", "{w}/shards_good", "--log-dir", UNDER_FILE], "afile", id="train--log-dir=under-a-file"))
+    return cases
+
+
+def checkpoint_cases() -> list:
+    """Bad checkpoints through job.sample (job.export reads them with the same code: one case)."""
+    cases = [pytest.param([PY, "-m", "job.sample", "--checkpoint", f"{{w}}/{kind}.pt", "--device", "cpu"], f"{kind}.pt",
+                          id=f"sample--checkpoint={kind}")
+             for kind in ("truncated", "foreign", "tensor", "wrong_model")]
+    cases.append(pytest.param([PY, "-m", "job.export", "--checkpoint", "{w}/wrong_model.pt", "--out", "{w}/o"], "wrong_model.pt",
+                              id="export--checkpoint=wrong_model"))
+    return cases
+
+
+CASES = [*sample_cases(), *export_cases(), *plot_cases(), *prepare_cases(), *guard_sync_cases(), *script_cases(), *fab_cases(),
+         *train_cases(), *checkpoint_cases()]
+
+NO_KEY = {"fab-types--api-key-file=missing"}  # cases run without LAMBDA_API_KEY
+
+
+def run(argv: list[str], world: dict, **extra_env) -> subprocess.CompletedProcess:
+    fill = {"w": world["dir"], "ro": world["ro"], "port": world["port"], "scratch": world["scratch"]}
+    argv = [a.format(**fill) for a in argv]
+    # Nothing may reach a real service: the Lambda API and S3 point at the closed port, and a key is at hand so the
+    # Lambda tasks get as far as their own checks.
+    closed = f"http://127.0.0.1:{world['port']}"
+    e = env(**{"LAMBDA_API_BASE": closed, "AWS_ENDPOINT_URL": closed, "LAMBDA_API_KEY": "test-key", **extra_env})
+    return subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def assert_contract(proc: subprocess.CompletedProcess, needle: str | tuple[str, ...]) -> None:
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert any(n in lines[0] for n in ([needle] if isinstance(needle, str) else needle)), (needle, lines[0])
+    assert proc.returncode == 2, (proc.returncode, lines[0])
+
+
+@pytest.mark.parametrize("argv,needle", CASES)
+def test_a_bad_input_is_one_error_line_and_exit_2(argv, needle, world, request):
+    uses_ro = any("{ro}" in a for a in argv)
+    if uses_ro and world["ro"] is None:
+        pytest.skip(reason="no read-only directory here: root ignores mode bits, and mounting a read-only tmpfs failed")
+    extra = {"LAMBDA_API_KEY": ""} if request.node.callspec.id in NO_KEY else {}
+    before = fingerprint(world["dir"])
+    proc = run(argv, world, **extra)
+    assert_contract(proc, needle)
+    assert fingerprint(world["dir"]) == before, "a failed command changed its inputs (or left files behind)"
+
+
+HELP = [pytest.param([PY, "-m", m, "--help"], id=f"help-{m}")
+        for m in ("job.sample", "job.export", "job.plot", "job.prepare", "job.sidecar.guard", "job.sidecar.sync")]
+HELP += [pytest.param([PY, str(ROOT / "scripts" / f"{name}.py"), "--help"], id=f"help-{name}")
+         for name in ("bench_summary", "bench_prepare", "estimate_cuda_image")]
+HELP += [pytest.param([FAB, "--help", task], id=f"help-fab-{task}") for task in ("launch", "fetch-weights", "provision")]
+
+
+@pytest.mark.parametrize("argv", HELP)
+def test_help_still_works(argv, world):
+    proc = run(argv, world)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and not proc.stderr.strip(), proc.stderr
