@@ -222,7 +222,8 @@ class Trainer:
             if agreed.stop or agreed.save:
                 self.save(step, None)
             if agreed.stop:
-                return self._end(step, "stopped", f"stopped at step {step}: resume with the same command")
+                self._end(step, "stopped", f"stopped at step {step}: resume with the same command")
+                return
         self._end(cfg.max_steps, "done", f"done: {cfg.max_steps} steps, final val loss {val_loss:.4f}")
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
