@@ -11,7 +11,11 @@ A recipe supplies three things (see `Recipe`):
 - build_optimizers(model, cfg, device_type): a list of torch optimizers (one, or several: e.g. Muon for the
   matrices and Adam for the rest). The trainer steps, zeroes and checkpoints them together (job.optim.Optimizers).
 - schedule(optimizers, step, cfg): set this step's hyperparameters in the param groups (learning rate, and e.g.
-  a momentum warm-up) before the update; return the values to log, "lr" among them.
+  a momentum warm-up); called once per step after the gradients are summed and clipped (--grad-clip), right
+  before the optimizers step. Return the values to log: "lr" (the step's log line) and any others (metrics.jsonl).
+
+Hyperparameters come from TrainConfig (max_lr, warmup_steps, weight_decay, ...); `optimizers` is a
+job.optim.Optimizers, which iterates over the recipe's optimizers in the order build_optimizers gave them.
 
 A recipe is a module in this package that defines `RECIPE` (found when the package is imported), or any object
 passed to `register()`. The name is the --recipe value; checkpoints record it, and a run refuses to resume
