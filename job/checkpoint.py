@@ -5,6 +5,7 @@ load it, plus what an exact resume needs: optimizer state, the data loader's pos
 the full training config, all as tensors and plain Python types (no pickled classes).
 
 Training stops only to copy the state into CPU memory (`AsyncSaver`); a thread writes the file.
+`Checkpointer` is one run's whole checkpoint lifecycle, as the trainer uses it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from job import contract
 from job.errors import UserError
-from job.fsutil import free_bytes, fsync_dir, out_of_space, write_failure
+from job.fsutil import free_bytes, fsync_dir, human_bytes, out_of_space, write_failure
 
 _PREFIX = contract.CHECKPOINT_GLOB.split("*")[0]
 _NAME = re.compile(rf"^{re.escape(_PREFIX)}(\d+)\.pt$")
@@ -176,7 +177,12 @@ def find_resumable(log_dir) -> tuple[Path, dict] | None:
     return None
 
 
-def check_compatible(ckpt: dict, model_config: dict, path) -> None:
+def check_compatible(ckpt: dict, model_config: dict, path, recipe: str = "gpt2") -> None:
+    # Checkpoints from before recipes existed are gpt2's.
+    their_recipe = (ckpt.get("train_config") or {}).get("recipe", "gpt2")
+    if their_recipe != recipe:
+        raise UserError(f"checkpoint {path} was trained with --recipe {their_recipe} (this run: {recipe}): use --recipe "
+                        f"{their_recipe}, another --log-dir, or --resume never to start fresh")
     theirs = ckpt.get("config") or {}
     diffs = [f"{k}={theirs.get(k)} (this run: {model_config[k]})" for k in ARCH_KEYS if theirs.get(k) != model_config[k]]
     if diffs:
@@ -206,8 +212,8 @@ def set_rng_state(state: dict, device_type: str) -> None:
 def snapshot(state, buffers: dict | None = None):
     """A copy of `state` (nested dicts/lists of tensors and plain values) that training can no longer change.
 
-    GPU tensors go to pinned CPU buffers with non-blocking copies and one synchronize at the end: ~1.5 GB
-    (GPT-2 124M weights + AdamW moments) then takes tens of milliseconds. `buffers` (name -> tensor) keeps
+    GPU tensors go to pinned CPU buffers with non-blocking copies and one synchronize at the end, so training is
+    held only for the copy (docs/BENCHMARKS.md has the time for GPT-2 124M). `buffers` (name -> tensor) keeps
     those buffers between saves, since allocating page-locked memory costs far more than filling it. Tensors
     sharing storage (the tied wte/lm_head weight) stay one tensor, so the file stores it once.
     """
@@ -309,3 +315,147 @@ class AsyncSaver:
     def wait(self) -> list[dict]:
         self._join()
         return self.poll()
+
+
+# --- one run's checkpoints -----------------------------------------------------------------------------
+class Checkpointer:
+    """The checkpoints of one training run: which one to resume from, the free-space check, background saves with
+    retention, the log line of each finished write, a failed write, and which checkpoint to resume from when the
+    run stops early. Only the master rank writes; every rank holds one (they agree on when to save).
+
+    A failed write is kept (`failed`), not raised where it is found: under DDP the other ranks must hear of it in
+    the step's all-reduce first, or they would wait for this one in the next collective until torchrun kills them.
+    The trainer then calls `raise_failed_write()` on every rank in the same step."""
+
+    # What an error line says about the checkpoint to resume from, by why the run stopped: (some written, none yet).
+    HINTS = {
+        "diverged": ("the last checkpoint, {path} (step {step}), was written before: resume from it with {fix}",
+                     "no checkpoint was written to {log_dir}: start again with {fix}"),
+        "rank-lost": ("{name} (step {step}) is the last checkpoint: run the same command to resume from it",
+                      "no checkpoint was written yet"),
+        "write-failed": ("{name} (step {step}) is the last one written and is intact: {fix}, then run the same command "
+                         "to resume from it", "no checkpoint was written yet: {fix} or pass another --log-dir, and start again"),
+    }
+
+    def __init__(self, log_dir, keep_last: int, keep_every: int, master: bool, log):
+        self.log_dir, self.master, self.log = log_dir, master, log
+        self.saver = AsyncSaver(log_dir, keep_last, keep_every)
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.held_for: dict[int, dict] = {}  # step -> how long its save held training, until the write is logged
+        self.last_step: int | None = None  # saved (or resumed from) last: never saved twice
+        self.last_time = time.time()
+        self.error: CheckpointWriteError | None = None  # the master's first failed write
+
+    # --- start ---------------------------------------------------------------------------------------
+    def resume(self, mode: str, model_config: dict, recipe: str) -> tuple[str, dict] | None:
+        """(path, checkpoint) to resume from for --resume `mode` (auto | never | PATH), or None to start fresh."""
+        if self.master:
+            clean_stale_temps(self.log_dir)
+        if mode == "never":
+            existing = list_checkpoints(self.log_dir)
+            if existing:
+                raise UserError(f"--resume never, but {self.log_dir} already holds {existing[-1][1].name} (and would be "
+                                "overwritten): use another --log-dir, or --resume auto to continue that run")
+            return None
+        if mode == "auto":
+            found = find_resumable(self.log_dir)
+            if found is None:
+                return None
+            path, ckpt = found
+        else:
+            path, ckpt = mode, load(mode)
+        check_compatible(ckpt, model_config, path, recipe)
+        self.last_step = int(ckpt["step"])
+        return str(path), ckpt
+
+    def check_room(self, model: torch.nn.Module, start_step: int, max_steps: int, every: int) -> str | None:
+        """Refuse to start when the log dir cannot hold even the next checkpoint (better now than an hour in), and
+        return a warning when this run's checkpoints, with the retention policy, will outgrow its free space."""
+        probe = Path(self.log_dir) / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")  # an OSError naming the dir (one line from cli_main) if checkpoints could not go there
+        probe.unlink()
+        size, free = estimate_bytes(model), free_bytes(self.log_dir)
+        if free < size:
+            raise UserError(f"{self.log_dir} has {human_bytes(free)} free and a checkpoint of this model takes about "
+                            f"{human_bytes(size)}: free space there, or pass a --log-dir on a disk with room")
+        future = [s for s in range(start_step + 1, max_steps + 1) if s == max_steps or (every and s % every == 0)]
+        existing = [s for s, _ in list_checkpoints(self.log_dir)]
+        more = most_on_disk(existing, future, self.keep_last, self.keep_every) - len(existing)
+        if free >= more * size:
+            return None
+        return (f"warning: {self.log_dir} has {human_bytes(free)} free, and this run's checkpoints will need up to "
+                f"{human_bytes(more * size)} more at once ({more} of about {human_bytes(size)}, with --keep-last "
+                f"{self.keep_last} --keep-every {self.keep_every}): the run stops with an error when the disk fills. "
+                "Free space, or keep fewer checkpoints")
+
+    # --- during the run ------------------------------------------------------------------------------
+    def due(self, minutes: float) -> bool:
+        """Whether `minutes` (0: never) have passed since the last save; the master's clock decides."""
+        return bool(minutes and self.master and time.time() - self.last_time >= 60 * minutes)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def save(self, step: int, state_fn, held_since: float) -> None:
+        """Snapshot `state_fn()` (master only) and write it in the background; `held_since` is when training was
+        first held for this save (perf_counter), for the log line."""
+        if self.master and self.error is None:  # after a failed write, training stops at the next step
+            state = state_fn()
+            try:
+                held = self.saver.save(state, step, val_loss=state.get("val_loss"))
+            except CheckpointWriteError as e:  # the previous write failed; this one was not started
+                self.error = self.error or e
+            else:
+                self.held_for[step] = {**held, "stall_s": time.perf_counter() - held_since}
+            self.report()  # the previous write, if save() just waited for it
+        self.last_step, self.last_time = step, time.time()
+
+    def report(self, wait: bool = False) -> None:
+        """Log the writes that have finished (all of them, after waiting, with wait=True)."""
+        if not self.master:
+            return
+        try:
+            finished = self.saver.wait() if wait else self.saver.poll()
+        except CheckpointWriteError as e:
+            self.error = self.error or e
+            finished = self.saver.poll()
+        for done in finished:
+            held = self.held_for.pop(done["step"], {"stall_s": 0.0})
+            removed = done["removed"]
+            self.log.line(f"step {done['step']:6d} | saved {done['path']} (training held {held['stall_s']:.2f} s, "
+                          f"written in the background in {done['write_s']:.2f} s)"
+                          + (f", removed {', '.join(p.name for p in removed)}" if removed else ""))
+            self.log.event("checkpoint", step=done["step"], path=str(done["path"]), val_loss=done["val_loss"],
+                           seconds=round(done["write_s"], 3), stall_s=round(held["stall_s"], 3))
+
+    def flush(self) -> None:
+        """Wait for every write in flight and log it; stop if one failed."""
+        self.report(wait=True)
+        if self.failed:
+            self.raise_failed_write()
+
+    # --- the end of a run that cannot go on ----------------------------------------------------------
+    def resume_hint(self, why: str, fix: str = "") -> str:
+        """Which checkpoint the run can go on from, for its error line (after the writes in flight landed)."""
+        self.report(wait=True)
+        saved = list_checkpoints(self.log_dir)
+        some, none = self.HINTS[why]
+        if saved:
+            step, path = saved[-1]
+            return some.format(path=path, name=path.name, step=step, fix=fix)
+        return none.format(log_dir=self.log_dir, fix=fix)
+
+    def raise_failed_write(self) -> None:
+        """A checkpoint could not be written: stop (a run that cannot save only burns the box) and say how to go on.
+        Only the master knows the details; the other ranks point to its line."""
+        self.report(wait=True)
+        if not self.master:
+            raise UserError("rank 0 could not write a checkpoint and training stopped: rank 0's error line names the "
+                            "cause and the checkpoint to resume from")
+        e = self.error
+        fix = "make room (move old checkpoints away, or keep fewer with --keep-last)" if e.no_space else "fix that"
+        then = self.resume_hint("write-failed", fix)
+        self.log.line(f"step {e.step:6d} | {e}: stopping")
+        self.log.event("end", step=e.step, reason="checkpoint-failed")  # the S3 sidecar and the cost guard finish on this
+        raise UserError(f"{e}; {then}") from e

@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, fields
 
-from job import contract
+from job import contract, recipes
 from job.errors import ArgumentParser, UserError
 from job.model import MODEL_PRESETS, PADDED_VOCAB, SDPA_BACKENDS, GPTConfig
 
@@ -20,6 +20,7 @@ from job.model import MODEL_PRESETS, PADDED_VOCAB, SDPA_BACKENDS, GPTConfig
 @dataclass
 class TrainConfig:
     preset: str = "gpt2"
+    recipe: str = recipes.DEFAULT  # model, optimizers and schedules (job/recipes/)
     # model (None: from the preset)
     n_layer: int | None = None
     n_head: int | None = None
@@ -73,8 +74,8 @@ class TrainConfig:
     residual_dtype: str = "auto"  # the residual stream: auto (bf16 under bf16 autocast on CUDA) | float32 (build-nanogpt) | bfloat16
     sdpa_backend: str = "auto"  # attention kernel tried first: auto (torch's order) | cudnn | flash | efficient | math
     # The loss fused with lm_head in chunks of N rows (0: plain F.cross_entropy over the full logits). Chunked is
-    # the default: on an H100 the gpt2 step ran 3.3-4.2 % faster with it (one fused kernel writes each chunk's
-    # gradient) and needed 11 GiB less at B=64, since the B x T x 50304 logits never exist at once (BENCHMARKS.md).
+    # the default: one fused kernel writes each chunk's gradient, and the B x T x 50304 logits never exist at once,
+    # which makes the step faster and smaller (figures in docs/BENCHMARKS.md).
     ce_chunk_tokens: int = 8192
     prefetch: int = 1  # batches copied (pinned, non-blocking) to the device ahead of use; 0: copy when used
     ddp_bucket_mb: int = 25  # DDP gradient all-reduce bucket size (MiB)
@@ -94,13 +95,12 @@ PRESET_TRAINING = {
         eval_every=50, val_steps=8, hellaswag_every=0, sample_every=0, sample_tokens=48, checkpoint_every=100,
         keep_every=0, data_dir="data/tinyshakespeare",
         # The loss fused with the output layer, one chunk per micro-batch of 8 x 128: on a laptop CPU the 128 -> 50304
-        # output layer is most of this model's step, and the fused loss made the whole step 7 % faster (docs/BENCHMARKS.md).
+        # output layer is most of this model's step, and the fused loss makes the step faster (docs/BENCHMARKS.md).
         ce_chunk_tokens=1024,
     ),
     # The larger models keep the 124M run's schedule and its 0.5M-token batch with smaller micro-batches (more
-    # accumulation): at 64 they would not fit an 80 GB card. scripts/estimate_memory.py puts one eager step at 53,
-    # 46 and 47 GiB with these (gpt2-medium at 64: 102 GiB); the compiled step needs less (gpt2 at 64: 65 GiB
-    # estimated, 41.7 GiB measured on an H100), which leaves room for the CUDA context and fragmentation.
+    # accumulation): at 64 they would not fit an 80 GB card. These keep one eager step within such a card with room
+    # for the CUDA context and fragmentation (scripts/estimate_memory.py estimates it; docs/BENCHMARKS.md).
     "gpt2-medium": dict(micro_batch=32),
     "gpt2-large": dict(micro_batch=16),
     "gpt2-xl": dict(micro_batch=8),
@@ -114,8 +114,8 @@ CHOICES = {"device": ("auto", "cuda", "mps", "cpu"), "dtype": ("auto", "bfloat16
            "residual_dtype": ("auto", "float32", "bfloat16")}
 # Inductor settings per compile mode that is ours rather than torch's. "tuned" is max-autotune-no-cudagraphs without
 # its GEMM autotuning: Inductor tries block sizes for its own fused kernels (norms, GELU, the loss, casts) by
-# coordinate descent and keeps the fastest; the matmuls stay cuBLAS. GEMM autotuning is what crashed on torch 2.11
-# (Triton templates, illegal memory access: docs/BENCHMARKS.md). "autotune" is max-autotune-no-cudagraphs with each
+# coordinate descent and keeps the fastest; the matmuls stay cuBLAS, since GEMM autotuning can crash the run (a
+# Triton template's illegal memory access: docs/BENCHMARKS.md). "autotune" is max-autotune-no-cudagraphs with each
 # GEMM candidate benchmarked in a child process: a Triton template that faults the GPU kills that child and drops
 # out of the race instead of killing the run. Only with GEMM autotuning can Inductor fuse an epilogue (the GELU after
 # the MLP's first matmul, casts) into a matmul of its own, saving a round trip of that tensor through memory.
@@ -197,6 +197,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         if getattr(cfg, name) not in choices:
             bad(name, f"must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
     per_step = cfg.micro_batch * cfg.seq_len * world_size
+    if cfg.recipe not in recipes.names():
+        bad("recipe", f"must be one of {', '.join(recipes.names())}, got {cfg.recipe!r}")
     if cfg.total_batch_tokens % per_step:
         raise UserError(
             f"--total-batch-tokens {cfg.total_batch_tokens} is not divisible by micro-batch x seq-len x world size "
@@ -229,6 +231,7 @@ def _typed(kind, name):
 
 HELP = {
     "preset": "model size and its training defaults",
+    "recipe": "what is trained and how: model, optimizers, schedules (job/recipes/)",
     "micro_batch": "sequences per forward pass per process (B); lower it if the GPU runs out of memory",
     "seq_len": "tokens per sequence (T)",
     "total_batch_tokens": "tokens per optimizer step, reached by gradient accumulation",
@@ -276,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         kw = dict(dest=f.name, default=None, help=help_text, metavar={int: "N", float: "X"}.get(kind, "VALUE"))
         if f.name == "preset":
             kw.update(choices=list(PRESETS), metavar="{" + ",".join(PRESETS) + "}")
+        elif f.name == "recipe":
+            kw.update(choices=recipes.names(), metavar="{" + ",".join(recipes.names()) + "}")
         elif f.name in CHOICES:
             kw.update(choices=list(CHOICES[f.name]), metavar="{" + ",".join(CHOICES[f.name]) + "}")
         else:

@@ -32,6 +32,30 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class StepTimer:
+    """Wall time per training step, averaged over the steps since the last log line. Steps that did not read
+    anything back were only queued; the read-back of a log step waited for all of them, so the window's mean is
+    the true time per step. `recent` smooths the ETA over the last windows."""
+
+    def __init__(self, smooth: int = 20):
+        self.smooth, self.recent = smooth, []
+        self.window_s, self.window_n, self.last_s, self._t0 = 0.0, 0, 0.0, 0.0
+
+    def start(self) -> None:
+        self._t0 = time.time()
+
+    def stop(self) -> None:
+        self.last_s = time.time() - self._t0
+        self.window_s, self.window_n = self.window_s + self.last_s, self.window_n + 1
+
+    def lap(self) -> tuple[float, float]:
+        """(mean seconds per step of this window, mean over the recent windows); starts a new window."""
+        dt = self.window_s / self.window_n
+        self.recent = (self.recent + [dt])[-self.smooth :]
+        self.window_s, self.window_n = 0.0, 0
+        return dt, sum(self.recent) / len(self.recent)
+
+
 class MetricsLogger:
     """Only the master rank writes; other ranks get a logger that does nothing."""
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GPT2_VOCAB = 50257
-PADDED_VOCAB = 50304  # next multiple of 128: nicer matmul shapes, a few % faster on GPU
+PADDED_VOCAB = 50304  # next multiple of 128: matmul shapes the GPU's kernels tile without a ragged edge
 
 
 @dataclass
@@ -69,9 +69,9 @@ def settle_sdpa_order(device: torch.device) -> None:
     On a GPU torch fixes its default order lazily, at the first attention call of the process (cuDNN first on
     Hopper/Blackwell with a recent cuDNN, FlashAttention-2 first elsewhere). A priority context entered before
     that call saves the order from before that choice (FlashAttention first) and puts it back on exit; from then
-    on the process never runs torch's own choice again. Seen on an H100: a run with "auto" after one with "flash"
-    in the same process ran FlashAttention-2, 4 % slower per step. One tiny call first makes the order every
-    context saves and restores torch's own."""
+    on the process never runs torch's own choice again (a run with "auto" after one with "flash" in the same process
+    would run FlashAttention-2, the slower kernel there). One tiny call first makes the order every context saves
+    and restores torch's own."""
     if device.type != "cuda":
         return  # the CPU picks by what is enabled, with no lazy default
     q = torch.zeros(1, 1, 8, 64, device=device, dtype=torch.bfloat16)
@@ -262,7 +262,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if compiling:
                 # One elementwise expression (the onehot as a compare with the target's column), which Inductor
                 # compiles into the log-sum-exp's kernel: it reads the logits and writes d once, in bf16. A scatter
-                # here made Inductor write the fp32 softmax and read it back in a second kernel (3 times the bytes).
+                # here would make Inductor write the fp32 softmax and read it back in a second kernel (3x the bytes).
                 d = ((lf - lse).exp() - (cols == tc).to(acc)).div(n).to(logits.dtype)
             else:
                 # Eager: in place in lf, whose values are not needed any more, so no second fp32 chunk is made.

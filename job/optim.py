@@ -1,4 +1,5 @@
-"""AdamW with GPT-2's weight-decay split and build-nanogpt's warmup + cosine learning-rate schedule."""
+"""Optimizers: GPT-2's AdamW with its weight-decay split, build-nanogpt's learning-rate schedule, and `Optimizers`,
+which steps several optimizers (e.g. Muon for the matrices, Adam for the rest) as one."""
 
 from __future__ import annotations
 
@@ -32,3 +33,47 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, 
     if fused is None:
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+class Optimizers:
+    """A recipe's optimizers, stepped, zeroed and checkpointed together.
+
+    state_dict() of a single optimizer is that optimizer's own state dict, so checkpoints with one optimizer keep
+    the layout they always had (and tools that read ckpt["optimizer"]["state"] still work); several are stored
+    as {"optimizers": [each one's state dict, in order]}."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        if not optimizers:
+            raise ValueError("a recipe must build at least one optimizer")
+        self.optimizers = list(optimizers)
+
+    def __iter__(self):
+        return iter(self.optimizers)
+
+    def __len__(self) -> int:
+        return len(self.optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict:
+        if len(self.optimizers) == 1:
+            return self.optimizers[0].state_dict()
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state["optimizers"] if "optimizers" in state else [state]
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"the checkpoint holds {len(states)} optimizer states and this recipe builds "
+                             f"{len(self.optimizers)} optimizers")
+        for opt, s in zip(self.optimizers, states, strict=True):
+            opt.load_state_dict(s)

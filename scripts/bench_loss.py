@@ -9,8 +9,8 @@ chunked_cross_entropy, N rows at a time, whose gradient is made in the forward p
 compiles it: ms per forward + backward (median of --steps after --warmup), the time of the loss kernels alone
 and of the matmuls (from the profiler), peak memory on a GPU, and the loss kernels' time as passes over the bf16
 logits at this device's measured copy bandwidth. The loss is memory-bound, so passes are what it costs: one read
-for the log-sum-exp, one read and one write for the gradient is the least a loss of this form can do (3 passes).
-On an H100 the trainer's loss kernels took 23 ms per 2 x 65536-row step, which is about 5 passes.
+for the log-sum-exp, one read and one write for the gradient is the least a loss of this form can do (3 passes;
+docs/BENCHMARKS.md has what the trainer's loss kernels take).
 Losses and gradients are checked against the first entry's.
 """
 
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_train import kernel_category, profile_kernels, sync, timed_steps  # noqa: E402
+from benchlib import kernel_category, profile_kernels, sync, timed_steps  # noqa: E402
 
 from job.errors import ArgumentParser, UserError, check_output_path, cli_main, int_arg  # noqa: E402
 from job.model import PADDED_VOCAB, chunked_cross_entropy  # noqa: E402
-from job.train import pick_device  # noqa: E402
+from job.runtime import pick_device  # noqa: E402
 
 
 def copy_bandwidth(device: str, nbytes: int) -> float:

@@ -7,12 +7,10 @@ live tensors by kind.
     python scripts/estimate_memory.py --preset gpt2 --micro-batch 64 --set ce_chunk_tokens=0 --json est.json  # full logits
 
 It counts the eager step: every activation autograd keeps, every temporary the ops make. With full logits
-(`--set ce_chunk_tokens=0`) torch.compile fuses many of those away, so the trainer's compiled step needs less: for
-gpt2 at B=64, T=1024 (fp32 residual stream) this gives 65.2 GiB, where one H100 measured 59.9 GiB for the plain
-eager step and 41.7 GiB for the trainer's. With the default chunked loss it is an estimate, not a bound: 24.7 GiB
-for gpt2 at B=64, where the compiled step measured 28.5 GiB (Inductor keeps buffers of the chunk loop that the
-eager loop frees; docs/BENCHMARKS.md). The larger presets' default micro-batches were chosen from the full-logits
-figures, which stay above what the chunked step measured.
+(`--set ce_chunk_tokens=0`) torch.compile fuses many of those away, so the trainer's compiled step needs less than
+this figure: an upper bound. With the default chunked loss it is an estimate, not a bound (Inductor keeps buffers of
+the chunk loop that the eager loop frees). docs/BENCHMARKS.md has both beside what the GPU measured. The larger
+presets' default micro-batches are chosen from the full-logits figures, which stay above the chunked step's.
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 6 in one command, sized to finish in at most 9 minutes on one H100/H200:
+# The GPU benchmark in one command, sized to finish within BUDGET (9 minutes) on one H100/H200:
 #
 #   bash scripts/gpu_bench.sh                          # GPU box: gpt2, B=64, T=1024, bf16; logs + JSON in ./bench-out
 #   OUT=/tmp/b DEVICE=cpu PRESET=tiny bash scripts/gpu_bench.sh   # the same stages on a CPU, as a smoke test
 #
 # Stages (each its own process under `timeout`, so one hang or crash costs only its own slot), run in the order
-# STAGES names them (default "main loss candidates confirm autotune tuned": on an H100 env, main, loss, candidates
-# and confirm took 8, 120, 37, 84 and 58 s in the ninth session, so confirm can still measure a winning candidate
-# before autotune, which has crashed before, takes what is left; env always runs first; a stage that would start
-# with less than 20 s of BUDGET left is skipped, and says so; until confirm has run, CONFIRM_RESERVE seconds of the
-# budget are kept for it):
+# STAGES names them (default "main loss candidates confirm autotune tuned": the fast stages first, so confirm can
+# still measure a winning candidate before autotune, the slowest and least stable, takes what is left; env always
+# runs first; a stage that would start with less than 20 s of BUDGET left is skipped, and says so; until confirm
+# has run, CONFIRM_RESERVE seconds of the budget are kept for it):
 #   env         torch/CUDA versions, nvidia-smi
 #   main        matmul peak; (a) the trainer's step vs (b) plain eager, ratio, MFU, memory, and where (a)'s GPU time
 #               goes (--profile: kernel time by category, top kernels); (a) with the real loader on a generated shard;
@@ -17,24 +16,24 @@
 #               checkpoint stall of model + AdamW; numerics (a) vs (b)
 #   loss        the output layer and its loss alone (scripts/bench_loss.py): full logits against the fused, chunked
 #               loss in chunks of LOSS_CHUNKS rows; the loss kernels' time as passes over the logits
-#   candidates  the loss's other settings beside the default (chunks of 8192 rows, fused with the output layer:
-#               3.3-4.2 % faster than full logits and 10.9 GiB less on an H100, ninth session): (a) with full logits
-#               (ce_chunk_tokens=0) and (a) in chunks of CE_CHUNK rows (default 65536, one chunk of the whole
-#               micro-batch: as fast as 8192 there, 5.3 GiB more), each against main's (a); profiled
+#   candidates  the loss's other settings beside the default (chunks of 8192 rows, fused with the output layer):
+#               (a) with full logits (ce_chunk_tokens=0) and (a) in chunks of CE_CHUNK rows (default 65536, one
+#               chunk of the whole micro-batch), each against main's (a); profiled
 #   tuned       (a) with compile mode "tuned" (Inductor's coordinate-descent tuning of its own kernels; slow to
-#               compile: two such runs in one stage passed 226 s on an H100)
-#   variants    (measured on 2026-11-26, opt-in) (a) with FlashAttention-2 first instead of torch's order (cuDNN's
-#               attention on an H100/H200 with torch >= 2.11: 4 % faster), with build-nanogpt's fp32 residual stream
-#               (the bf16 stream, the default since, was 4.8 % faster), micro-batch 32 (same tokens per step), and
-#               without the DDP wrapper (1 % faster); profiled, so each lists the attention kernels that ran
+#               compile)
+#   variants    (opt-in) (a) with FlashAttention-2 first instead of torch's order (cuDNN's attention on an H100/H200
+#               with torch >= 2.11), with build-nanogpt's fp32 residual stream instead of the default bf16 one,
+#               micro-batch MB_VARIANT (same tokens per step), and without the DDP wrapper; profiled, so each lists
+#               the attention kernels that ran
 #   confirm     the fastest run so far whose numerics held, if it beat main's (a) by 1 % or more
-#               (scripts/bench_summary.py --winner-sets), measured again as issue 6 asks for the default: matmul
+#               (scripts/bench_summary.py --winner-sets), measured again before it becomes a default: matmul
 #               peak, (a) with those settings beside (b) plain eager, ratio, MFU, numerics, in one process. Skipped
 #               (and says so) when nothing beat the defaults.
-#   autotune    (slow to compile) compile mode "autotune": max-autotune-no-cudagraphs (which crashed on torch 2.11,
-#               a Triton GEMM template faulting the GPU) with every GEMM candidate timed in a child process
+#   autotune    (slow to compile) compile mode "autotune": max-autotune-no-cudagraphs (whose GEMM autotuning can
+#               crash, a Triton GEMM template faulting the GPU) with every GEMM candidate timed in a child process
 # Every variant is checked against main's (b) losses (numerics). Last, scripts/bench_summary.py puts every stage's
 # runs in one table against main's (a) (tok/s, as each stage measures its own peak) and names the fastest.
+# docs/BENCHMARKS.md has the figures these stages measured.
 # Environment: OUT (default ./bench-out), DEVICE (cuda), PRESET (gpt2), STAGES, PYTHON (default
 # /opt/torch/.venv/bin/python3, else .venv/bin/python, else python3), BUDGET seconds for all stages (default 540),
 # BENCH_ARGS extra bench_train.py flags for every stage, MB_VARIANT the micro-batch variant (default 32; 4 on CPU),

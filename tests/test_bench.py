@@ -143,7 +143,7 @@ def test_loss_bench_mistakes_are_one_clear_line(args, needle):
     ("triton_poi_fused_embedding_dense_backward_1", "embedding"),
 ])
 def test_profile_puts_gpu_kernels_in_their_category(kernel, category):
-    assert script_module("bench_train").kernel_category(kernel) == category
+    assert script_module("benchlib").kernel_category(kernel) == category
 
 
 def test_summary_mistakes_are_one_clear_line(tmp_path):

@@ -8,10 +8,10 @@ import torch.distributed as dist
 
 from conftest import CORPUS, script_module
 from job.config import from_dict, validate
+from job.recipes.gpt2 import residual_dtype
 from job.tokenizer import encode
-from job.train import residual_dtype
 
-bench = script_module("bench_train")
+bench = script_module("benchlib")
 
 STEPS = 20
 B, T = 2, 32
@@ -41,7 +41,8 @@ def trajectories(cfg, rt, text):
     trainer = bench.make_trainer(cfg, rt)
     trainer.train_loader.loader = bench.SyntheticLoader(B, T, text=text)  # Shakespeare windows, the same for both
     assert trainer.grad_accum == 2 and trainer.rt.ddp
-    optimised = [trainer.train_and_agree(step)[0] for step in range(STEPS)]
+    step = bench.trainer_step_fn(trainer)  # the trainer's step and its per-step agreement, read back
+    optimised = [step(i) for i in range(STEPS)]
     plain_rt = dataclasses.replace(rt, ddp=False)
     plain = bench.PlainStep(cfg, plain_rt, bench.SyntheticLoader(B, T, text=text), 2)
     reference = [plain.step(step) for step in range(STEPS)]
