@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -32,7 +33,7 @@ class TrainConfig:
     seq_len: int = 1024  # T
     total_batch_tokens: int = 524288  # 2**19 tokens per optimizer step, reached by grad accumulation
     # optimisation
-    max_steps: int = 19073
+    max_steps: int = contract.PRESET_MAX_STEPS["gpt2"]  # 19073: one epoch of FineWeb-edu 10B at 2**19 tokens a step
     warmup_steps: int = 715
     max_lr: float = 6e-4
     min_lr_ratio: float = 0.1
@@ -91,7 +92,7 @@ class TrainConfig:
 # Training defaults that differ per preset (the gpt2-* presets use the 124M run's schedule unchanged).
 PRESET_TRAINING = {
     "tiny": dict(
-        micro_batch=8, seq_len=128, total_batch_tokens=1024, max_steps=300, warmup_steps=20, max_lr=3e-3,
+        micro_batch=8, seq_len=128, total_batch_tokens=1024, max_steps=contract.PRESET_MAX_STEPS["tiny"], warmup_steps=20, max_lr=3e-3,
         eval_every=50, val_steps=8, hellaswag_every=0, sample_every=0, sample_tokens=48, checkpoint_every=100,
         keep_every=0, data_dir="data/tinyshakespeare",
         # The loss fused with the output layer, one chunk per micro-batch of 8 x 128: on a laptop CPU the 128 -> 50304
@@ -220,10 +221,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
 def _typed(kind, name):
     def convert(text):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
             raise argparse.ArgumentTypeError(f"expects {what}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):  # NaN passes every range check that follows
+            raise argparse.ArgumentTypeError(f"expects a finite number, got {text!r}")
+        return value
 
     convert.__name__ = name
     return convert

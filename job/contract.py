@@ -95,9 +95,8 @@ def exit_statuses_markdown() -> str:
 
 
 # ---- presets, as the launcher needs them -----------------------------------------------------------------
-# The optimizer steps each trainer preset runs by default (job.config.PRESETS, where a preset does not set
-# max_steps: TrainConfig's 19073, one epoch of FineWeb-edu 10B). The launcher's cost estimate needs them without
-# importing job.config, which imports torch; tests/test_contract.py checks they agree with job.config.
+# The optimizer steps each trainer preset runs by default: job.config takes its defaults from here, and the launcher's
+# cost estimate reads them without importing job.config (which imports torch).
 PRESET_MAX_STEPS = {"gpt2": 19073, "gpt2-medium": 19073, "gpt2-large": 19073, "gpt2-xl": 19073, "tiny": 300}
 
 

@@ -37,6 +37,9 @@ def test_cli_overrides_beat_preset_defaults():
     (["--total-batch-tokens", "500000"], "not divisible"),
     (["--device", "tpu"], "--device"),
     (["--recipe", "nope"], "--recipe"),
+    (["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
+    (["--max-lr", "inf"], "--max-lr"),
+    (["--min-lr-ratio", "-inf"], "--min-lr-ratio"),
 ])
 def test_bad_values_raise_clear_errors(argv, needle, capsys):
     # Usage mistakes argparse finds (unknown flag, malformed value, a choice not offered) exit 2 after one error line;
