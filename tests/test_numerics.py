@@ -64,7 +64,9 @@ def test_optimised_step_matches_plain_step_for_20_steps(tmp_path, ddp_world_of_o
 def test_bf16_residual_stream_stays_within_the_bf16_tolerance(tmp_path, ddp_world_of_one, text):
     # bf16 autocast on the CPU for both; (a) also keeps the residual stream in bf16 (the default on CUDA), (b) in
     # fp32 as build-nanogpt.
-    cfg = tiny_config(tmp_path, dtype="bfloat16", residual_dtype="bfloat16")
+    # A narrower model with a short warm-up: bf16 matmuls are slow on the CPU (the 50304-wide output layer is most
+    # of the step), and the loss still falls by more than 1 within the 20 steps.
+    cfg = tiny_config(tmp_path, dtype="bfloat16", residual_dtype="bfloat16", n_layer=2, n_head=2, n_embd=32, warmup_steps=2)
     got, want, trainer, _ = trajectories(cfg, ddp_world_of_one, text)
     assert trainer.model.residual_dtype == torch.bfloat16
     assert want[-1] < want[0] - 1.0
