@@ -225,7 +225,7 @@ def test_compiled_eval_and_sampling_do_not_recompile_after_warm_up():
 def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main loss candidates tuned variants confirm autotune",
-            BENCH_ARGS="--micro-batch 4 --seq-len 32 --set n_layer=2 --set n_head=2 --set n_embd=64")
+            BENCH_ARGS="--micro-batch 4 --seq-len 32 --set n_layer=2 --set n_head=2 --set n_embd=16")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
