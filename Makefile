@@ -48,7 +48,7 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# tests/conftest.py marks what needs Docker, an sshd or a training run as slow; the rest runs in under two minutes.
+# tests/conftest.py marks what needs Docker, an sshd or a training run as slow: the rest is the quick edit loop.
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
