@@ -9,11 +9,12 @@ DEMO_LOG := model_weights
 # The container contract (image name, /app, /persistent, /app/log): one file, also read by job/ and infra/.
 include job/contract.env
 
-.PHONY: fetch-weights help venv demo demo-data test lint bench bench-prepare plot clean-demo check-docker build-image push-image run-local run-local-cpu shell
+.PHONY: fetch-weights help venv demo demo-data test test-fast lint bench bench-prepare plot clean-demo check-docker build-image push-image run-local run-local-cpu shell
 
 help:
 	@echo "make demo    train the tiny GPT-2 on the bundled Shakespeare (CPU, a few minutes) and print samples"
 	@echo "make test    run the test suite (lint included)"
+	@echo "make test-fast   the edit loop: the tests without Docker, sshd or training runs (pytest -m 'not slow')"
 	@echo "make bench   time training steps (scripts/bench_train.py; PRESET=gpt2 on a GPU)"
 	@echo "make plot [LOGDIR=model_weights]   loss and HellaSwag curves of a run -> LOGDIR/plot.png"
 	@echo "make bench-prepare   tokenizing throughput: job.prepare vs tiktoken's batch encoder (scripts/bench_prepare.py)"
@@ -46,6 +47,10 @@ lint: venv
 
 test: venv lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# tests/conftest.py marks what needs Docker, an sshd or a training run as slow: the rest is the quick edit loop.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 PRESET ?= tiny
 bench: venv

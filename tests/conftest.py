@@ -30,6 +30,54 @@ SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64"
          "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
 
 
+# ---- the `slow` marker, applied by what a test needs ------------------------------------------------------
+# `make test-fast` (pytest -m "not slow") is the edit loop: no Docker, no sshd, no training run. A test is slow when
+# it (or a fixture it uses, however indirectly) needs the Docker engine, starts an sshd, or trains: runs the trainer
+# to a step count (`--max-steps` on its command line) or in process against the benchmark's plain step. The test's
+# own code, its fixtures' and the helpers of its module that they call are looked at. @pytest.mark.slow still works.
+SLOW_FIXTURES = {"docker"}
+SLOW_NAMES = {"start_sshd", "sshd_fixture", "PlainStep"}
+SLOW_CONSTANTS = {"--max-steps"}
+
+
+def _refs(func, seen: set) -> tuple[set, set]:
+    """Global/attribute names and constants in func's code, its nested code and its module's helpers it calls."""
+    names, consts, codes = set(), set(), [func.__code__]
+    while codes:
+        code = codes.pop()
+        names |= set(code.co_names)
+        for c in code.co_consts:
+            (codes.append(c) if hasattr(c, "co_names") else consts.add(c) if isinstance(c, str) else None)
+    for name in list(names):
+        helper = func.__globals__.get(name)
+        if callable(helper) and getattr(helper, "__module__", None) == func.__module__ and hasattr(helper, "__code__") \
+                and helper not in seen:
+            seen.add(helper)
+            more_names, more_consts = _refs(helper, seen)
+            names |= more_names
+            consts |= more_consts
+    return names, consts
+
+
+def _needs_slow_machinery(item) -> bool:
+    if SLOW_FIXTURES & set(item.fixturenames):
+        return True
+    funcs = [getattr(item, "function", None)]
+    funcs += [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+    for f in funcs:
+        if hasattr(f, "__code__"):
+            names, consts = _refs(f, set())
+            if SLOW_NAMES & names or SLOW_CONSTANTS & consts:
+                return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" not in item.keywords and _needs_slow_machinery(item):
+            item.add_marker(pytest.mark.slow)
+
+
 def script_module(name: str):
     """Import scripts/NAME.py (scripts/ is not a package) to test its functions directly."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")

@@ -31,6 +31,7 @@ def table(stdout: str) -> dict[str, tuple]:
     return rows
 
 
+@pytest.mark.slow  # benchmark runs that train
 def test_quick_cpu_run_reports_every_figure(tmp_path):
     out = tmp_path / "r.json"
     proc = run_cli(BENCH, *SMALL, "--variant", "ce:ce_chunk_tokens=48", "--variant", "mb2:micro_batch=2", "--json", out, check=True)
@@ -68,6 +69,7 @@ def test_quick_cpu_run_reports_every_figure(tmp_path):
     assert all(n["ok"] for n in res["numerics"].values())
 
 
+@pytest.mark.slow  # benchmark runs that train
 def test_variants_alone_compare_with_an_earlier_baseline(tmp_path):
     base = tmp_path / "main.json"
     run_cli(BENCH, *SMALL, "--runs", "b", "--json", base, check=True)
@@ -79,6 +81,7 @@ def test_variants_alone_compare_with_an_earlier_baseline(tmp_path):
     one(r"^numerics: no baseline to compare with", text)
 
 
+@pytest.mark.slow  # benchmark runs that train
 def test_a_failing_run_costs_only_its_own_figures(tmp_path):
     # (a) asks for a CUDA-only attention kernel on the CPU: it fails; the variant, (b) and the numerics still run,
     # the JSON is still written, and the exit status says that something failed.
@@ -174,6 +177,7 @@ def test_winner_sets_name_only_a_real_gain_whose_numerics_held(tmp_path):
     assert run_cli(SUMMARY, main, "--winner-sets", check=True).stdout.strip() == ""  # the defaults are the fastest
 
 
+@pytest.mark.slow  # benchmark runs that train
 def test_a_winner_without_ddp_is_measured_again_without_ddp(tmp_path):
     # gpu_bench's variants stage runs noddp:ddp=0; when it wins, confirm passes its settings back as --set, and
     # bench_train.py takes ddp there as it does in --variant (it once refused it, failing the confirm stage).
@@ -221,7 +225,7 @@ def test_compiled_eval_and_sampling_do_not_recompile_after_warm_up():
 def test_gpu_bench_script_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     e = env(OUT=out, DEVICE="cpu", PRESET="tiny", PYTHON=sys.executable, STAGES="main loss candidates tuned variants confirm autotune",
-            BENCH_ARGS="--micro-batch 4 --seq-len 32 --set n_layer=2 --set n_head=2 --set n_embd=64")
+            BENCH_ARGS="--micro-batch 4 --seq-len 32 --set n_layer=2 --set n_head=2 --set n_embd=16")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -145,6 +145,7 @@ def knowledge_rows() -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # trains a model first (its fixture)
 def test_trained_model_knows_the_right_endings(trained_model, tmp_path):
     examples = hellaswag.load_examples(path=write_jsonl(tmp_path / "known.jsonl", knowledge_rows()))
     assert sorted({ex["label"] for ex in examples}) == [0, 1, 2, 3]
