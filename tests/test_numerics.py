@@ -24,7 +24,11 @@ def text():
 
 
 @pytest.fixture
-def ddp_world_of_one():
+def ddp_world_of_one(monkeypatch):
+    # The rendezvous address goes into this process's environment: monkeypatch takes it out again, or every later
+    # test's torchrun child would try to bind the same port.
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     rt = bench.runtime("cpu", ddp=True)  # a real gloo process group: the trainer's DDP wrapper and all-reduce
     yield rt
     dist.destroy_process_group()
