@@ -45,12 +45,16 @@ lint: venv
 	$(VENV)/bin/ruff check job infra scripts tests train.py fabfile.py
 	$(VENV)/bin/hadolint docker/Dockerfile
 
+# Two pytest workers: most tests wait on a one-core subprocess (tests/conftest.py keeps what shares the Docker engine
+# on one worker). TEST_WORKERS=0 runs the suite in this process, one test at a time.
+TEST_WORKERS ?= 2
+
 test: venv lint
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests $(PYTEST_ARGS)
 
 # tests/conftest.py marks what needs Docker, an sshd or a training run as slow: the rest is the quick edit loop.
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests $(PYTEST_ARGS)
 
 PRESET ?= tiny
 bench: venv

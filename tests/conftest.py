@@ -59,23 +59,41 @@ def _refs(func, seen: set) -> tuple[set, set]:
     return names, consts
 
 
-def _needs_slow_machinery(item) -> bool:
-    if SLOW_FIXTURES & set(item.fixturenames):
+def _uses(item, fixtures: set, names: set, consts: set = frozenset()) -> bool:
+    if fixtures & set(item.fixturenames):
         return True
     funcs = [getattr(item, "function", None)]
     funcs += [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
     for f in funcs:
         if hasattr(f, "__code__"):
-            names, consts = _refs(f, set())
-            if SLOW_NAMES & names or SLOW_CONSTANTS & consts:
+            found_names, found_consts = _refs(f, set())
+            if names & found_names or consts & found_consts:
                 return True
     return False
+
+
+def _needs_slow_machinery(item) -> bool:
+    return _uses(item, SLOW_FIXTURES, SLOW_NAMES, SLOW_CONSTANTS)
+
+
+# ---- what runs alone, under pytest-xdist ------------------------------------------------------------------
+# `make test` runs the suite on two workers (`-n 2 --dist loadgroup`): most tests spend their time in a subprocess
+# that uses one core. What shares one Docker engine (image tags, the test boxes' containers) or a fixed port goes to
+# one worker, in order, as in a serial run.
+SERIAL_MODULES = {"test_docker", "test_launch", "test_supervisor"}
+SERIAL_NAMES = {"start_sshd", "sshd_fixture"}
+
+
+def _runs_alone(item) -> bool:
+    return item.module.__name__.rsplit(".", 1)[-1] in SERIAL_MODULES or _uses(item, SLOW_FIXTURES, SERIAL_NAMES)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" not in item.keywords and _needs_slow_machinery(item):
             item.add_marker(pytest.mark.slow)
+        if _runs_alone(item):
+            item.add_marker(pytest.mark.xdist_group("engine"))
 
 
 def script_module(name: str):
