@@ -72,28 +72,34 @@ def _uses(item, fixtures: set, names: set, consts: set = frozenset()) -> bool:
     return False
 
 
+# `make test` runs on two pytest-xdist workers (`--dist loadgroup`): the modules that share the Docker engine (image
+# tags, the test boxes' containers) or a fixed port carry `xdist_group("engine")`, so one worker runs them in order.
+ENGINE = pytest.mark.xdist_group("engine")
+
+
+def _xdist_groups(config, items) -> None:
+    """On a worker: give each test of a group the `@NAME` suffix that --dist loadgroup schedules by. pytest-xdist 3.8
+    writes it to `item._nodeid`, which pytest 9 no longer reads (a node's id lives in `_id`), so without this every
+    group would be spread over both workers."""
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 def _needs_slow_machinery(item) -> bool:
     return _uses(item, SLOW_FIXTURES, SLOW_NAMES, SLOW_CONSTANTS)
 
 
-# ---- what runs alone, under pytest-xdist ------------------------------------------------------------------
-# `make test` runs the suite on two workers (`-n 2 --dist loadgroup`): most tests spend their time in a subprocess
-# that uses one core. What shares one Docker engine (image tags, the test boxes' containers) or a fixed port goes to
-# one worker, in order, as in a serial run.
-SERIAL_MODULES = {"test_docker", "test_launch", "test_supervisor"}
-SERIAL_NAMES = {"start_sshd", "sshd_fixture"}
-
-
-def _runs_alone(item) -> bool:
-    return item.module.__name__.rsplit(".", 1)[-1] in SERIAL_MODULES or _uses(item, SLOW_FIXTURES, SERIAL_NAMES)
-
-
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(config, items):  # before pytest's own, which deselects by -m
     for item in items:
         if "slow" not in item.keywords and _needs_slow_machinery(item):
             item.add_marker(pytest.mark.slow)
-        if _runs_alone(item):
-            item.add_marker(pytest.mark.xdist_group("engine"))
+    _xdist_groups(config, items)
 
 
 def script_module(name: str):

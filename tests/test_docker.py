@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BASE, CORPUS, ROOT, cpu_torch_wheel, losses, sh
+from conftest import BASE, CORPUS, ENGINE, ROOT, cpu_torch_wheel, losses, sh
 from job import contract
 from job.data import write_shard
 from job.tokenizer import EOT, encode
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ENGINE]  # one worker runs them in order (tests/conftest.py)
 NAME = "nanogpt-train-test"
 UID = 4321  # a host user that is not root: files must come out owned by it
 SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--total-batch-tokens", "2048",

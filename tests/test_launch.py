@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE, ROOT, SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
+from conftest import BASE, ENGINE, ROOT, SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
 from job import contract
 from job.errors import UserError
 from sshd import free_port, keygen, sshd_available, start_sshd
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ENGINE]  # one worker runs them in order (tests/conftest.py)
 BOX_USER = "nanogpt-box"  # stands in for Lambda's `ubuntu`: not root, in the docker group
 TRAIN = [a for a in SMALL if a not in ("--preset", "tiny", "--device", "cpu")]
 
