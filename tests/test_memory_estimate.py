@@ -19,6 +19,7 @@ def estimate(tmp_path, *args) -> dict:
     return json.loads(out.read_text())["bytes"]
 
 
+@pytest.mark.slow  # seconds of real work (a kill and resume, a full export, a model trace): not the edit loop
 def test_the_estimate_counts_the_weights_and_adams_moments_exactly(tmp_path):
     est = estimate(tmp_path, "--preset", "tiny", "--set", "ce_chunk_tokens=0")  # full logits (tiny's default is chunked)
     weights = 4 * sum(p.numel() for p in GPT(from_dict({"preset": "tiny"}).model_config()).parameters())  # fp32, tied once

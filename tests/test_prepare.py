@@ -256,6 +256,7 @@ def cli(cmd: str, env=None, **kw) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow  # seconds of real work (a kill and resume, a full export, a model trace): not the edit loop
 def test_sigkill_then_resume_gives_identical_shards(tmp_path):
     docs = fineweb_like(tmp_path / "pq")
     ref = prepare(file_source(parquet_files([str(tmp_path / "pq")])), tmp_path / "ref", 300, prefix="edufineweb",

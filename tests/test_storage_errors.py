@@ -109,6 +109,7 @@ def test_prepare_on_a_full_disk_keeps_its_shards_and_finishes_once_there_is_room
         assert digest(out / name) == digest(tmp_path / "ref" / name), name
 
 
+@pytest.mark.slow  # seconds of real work (a kill and resume, a full export, a model trace): not the edit loop
 def test_export_on_a_full_disk_leaves_the_previous_export_as_it_was(tmp_path, disk):
     model = GPT(parse_args(SMALL).model_config())
     torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "step": 3, "val_loss": 9.0},
