@@ -13,6 +13,7 @@ import shlex
 import sys
 
 from fabric import task
+from fabric.main import program as fabric_program
 
 from infra.cloud_tasks import instances, provision, terminate, types  # noqa: F401 (Lambda Cloud tasks, listed by fab --list)
 from job.errors import UserError, check_output_path, cli_main, number
@@ -238,7 +239,6 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
     go()
 
 
-
 def _parse_errors_as_one_line(program) -> None:
     """Invoke reports its own parse errors (an unknown task or flag, a flag without its value) as a bare line with exit
     status 1; here, as for every other mistake, they are one `error:` line with the fix and status 2. Fabric imports
@@ -267,7 +267,4 @@ def _parse_errors_as_one_line(program) -> None:
         setattr(program, name, one_line(getattr(program, name)))
 
 
-
-from fabric.main import program as _program  # noqa: E402 (the program that is loading this file)
-
-_parse_errors_as_one_line(_program)
+_parse_errors_as_one_line(fabric_program)  # the program that is loading this file

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass, fields
 
 from job import contract, recipes
-from job.errors import ArgumentParser, UserError
+from job.errors import ArgumentParser, UserError, float_arg, int_arg
 from job.model import MODEL_PRESETS, PADDED_VOCAB, SDPA_BACKENDS, GPTConfig
 
 
@@ -218,21 +217,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     return cfg
 
 
-def _typed(kind, name):
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
-            raise argparse.ArgumentTypeError(f"expects {what}, got {text!r}") from None
-        if kind is float and not math.isfinite(value):  # NaN passes every range check that follows
-            raise argparse.ArgumentTypeError(f"expects a finite number, got {text!r}")
-        return value
-
-    convert.__name__ = name
-    return convert
-
-
 HELP = {
     "preset": "model size and its training defaults",
     "recipe": "what is trained and how: model, optimizers, schedules (job/recipes/)",
@@ -288,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name in CHOICES:
             kw.update(choices=list(CHOICES[f.name]), metavar="{" + ",".join(CHOICES[f.name]) + "}")
         else:
-            kw["type"] = _typed(kind, f.name)
+            kw["type"] = {int: int_arg(), float: float_arg()}.get(kind, str)
         p.add_argument(flag(f.name), **kw)
     return p
 

@@ -86,19 +86,30 @@ def file_system_error(e: OSError) -> str | None:
     return None
 
 
-def number(value, flag: str, cast=int, minimum: float | None = 0, maximum: float | None = None):
-    """A command-line value as a number, or one line naming the flag (for CLIs, like fab's, that parse no types)."""
+def _number(value, cast, minimum=None, maximum=None, above=None):
+    """`value` as a finite int or float within the bounds, else ValueError saying what is wrong ("takes a whole
+    number, got 'x'"): the one check behind number() (fab's untyped flags) and int_arg / float_arg (argparse)."""
     try:
         n = cast(value)
     except (TypeError, ValueError):
-        raise UserError(f"{flag} takes {'a whole number' if cast is int else 'a number'}, got {value!r}") from None
-    if not math.isfinite(n):
-        raise UserError(f"{flag} takes a finite number, got {value!r}")
+        raise ValueError(f"takes {'a whole number' if cast is int else 'a number'}, got {value!r}") from None
+    if not math.isfinite(n):  # NaN would slip past every comparison below
+        raise ValueError(f"takes a finite number, got {value!r}")
+    if above is not None and n <= above:
+        raise ValueError(f"must be more than {above:g}, got {value!r}")
     if minimum is not None and n < minimum:
-        raise UserError(f"{flag} must be at least {minimum}, got {value!r}")
+        raise ValueError(f"must be at least {minimum}, got {value!r}")
     if maximum is not None and n > maximum:
-        raise UserError(f"{flag} must be at most {maximum}, got {value!r}")
+        raise ValueError(f"must be at most {maximum}, got {value!r}")
     return n
+
+
+def number(value, flag: str, cast=int, minimum: float | None = 0, maximum: float | None = None):
+    """A command-line value as a number, or one line naming the flag (for CLIs, like fab's, that parse no types)."""
+    try:
+        return _number(value, cast, minimum, maximum)
+    except ValueError as e:
+        raise UserError(f"{flag} {e}") from None
 
 
 def check_output_path(path, flag: str, *, directory: bool = False) -> None:
@@ -139,41 +150,22 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(UserError.exit_code)
 
 
-def _in_range(n, text: str, minimum, maximum):
-    if minimum is not None and n < minimum:
-        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
-    if maximum is not None and n > maximum:
-        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text!r}")
-    return n
+def _arg_type(cast, minimum, maximum, above=None):
+    def convert(text: str):
+        try:
+            return _number(text, cast, minimum, maximum, above)
+        except ValueError as e:  # argparse prefixes the flag: "argument --num: must be at least 1, got '0'"
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = cast.__name__
+    return convert
 
 
 def int_arg(minimum: int | None = None, maximum: int | None = None):
-    """An argparse `type`: a whole number in [minimum, maximum]. A bad value is the parser's one `error:` line,
-    which names the flag (`argument --num: must be at least 1, got '0'`)."""
-
-    def convert(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}") from None
-        return _in_range(n, text, minimum, maximum)
-
-    return convert
+    """An argparse `type`: a whole number in [minimum, maximum]; a bad value is the parser's one `error:` line."""
+    return _arg_type(int, minimum, maximum)
 
 
 def float_arg(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None):
-    """An argparse `type`: a finite number in [minimum, maximum] (and > `above`); NaN and inf are refused here,
-    where they would otherwise slip past every comparison."""
-
-    def convert(text: str) -> float:
-        try:
-            x = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"takes a number, got {text!r}") from None
-        if not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"takes a finite number, got {text!r}")
-        if above is not None and x <= above:
-            raise argparse.ArgumentTypeError(f"must be more than {above:g}, got {text!r}")
-        return _in_range(x, text, minimum, maximum)
-
-    return convert
+    """An argparse `type`: a finite number in [minimum, maximum] (and > `above`); NaN and inf are refused."""
+    return _arg_type(float, minimum, maximum, above)

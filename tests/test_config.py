@@ -63,7 +63,7 @@ def test_total_batch_must_divide_by_world_size():
 
 @pytest.mark.parametrize("extra, needles", [
     (["--nonsense", "3"], ["--nonsense"]),
-    (["--max-steps", "abc"], ["--max-steps", "integer"]),
+    (["--max-steps", "abc"], ["--max-steps", "whole number"]),
     (["--total-batch-tokens", "1000"], ["not divisible"]),
     (["--resume", "/no/such/model_00100.pt"], ["--resume", "does not exist"]),
     (["--sdpa-backend", "cudnn"], ["--sdpa-backend cudnn needs a CUDA GPU", "use --sdpa-backend auto"]),
