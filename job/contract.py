@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ENV_FILE = Path(__file__).resolve().parent / "contract.env"
@@ -98,6 +99,60 @@ def exit_statuses_markdown() -> str:
 # The optimizer steps each trainer preset runs by default: job.config takes its defaults from here, and the launcher's
 # cost estimate reads them without importing job.config (which imports torch).
 PRESET_MAX_STEPS = {"gpt2": 19073, "gpt2-medium": 19073, "gpt2-large": 19073, "gpt2-xl": 19073, "tiny": 300}
+# Tokens per optimizer step of each preset (job.config's total_batch_tokens), to size a download to the run.
+PRESET_TOKENS_PER_STEP = {"gpt2": 524288, "gpt2-medium": 524288, "gpt2-large": 524288, "gpt2-xl": 524288, "tiny": 1024}
+
+
+# ---- data on the hub, and the recipes that train on it ---------------------------------------------------
+# Corpora published already tokenized with GPT-2's tokenizer (by modded-nanogpt's maintainers), in llm.c's .bin
+# format: `python -m job.prepare NAME --out DIR` downloads them (job/prepare/hub.py), `fab launch` does so by default.
+@dataclass(frozen=True)
+class HubShards:
+    repo: str  # a dataset repo on the Hugging Face hub
+    prefix: str  # its files: {prefix}_val_000000.bin, then {prefix}_train_000001.bin, ... (1-based, 6 digits)
+    subdir: str  # the directory under the persistent mount that fab launch downloads it to
+    tokenize: str  # the job.prepare source that makes the same corpus from text (the slow path: --tokenize)
+    shard_tokens: int = 100_000_000  # every train shard but the last holds this many tokens
+
+
+HUB_SHARDS = {
+    "fineweb-gpt2": HubShards("kjj0/fineweb10B-gpt2", "fineweb", "fineweb10B-gpt2", "fineweb"),
+    "finewebedu-gpt2": HubShards("kjj0/finewebedu10B-gpt2", "finewebedu", "finewebedu10B-gpt2", "fineweb-edu"),
+}
+# Where the tokenizing path writes each corpus under the persistent mount (fineweb-edu: build-nanogpt's directory).
+TOKENIZED_SUBDIR = {"fineweb-edu": DATA_DIR.rsplit("/", 1)[-1], "fineweb": "fineweb10B"}
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    """What the launcher needs to know of a training recipe (job/recipes/) without importing it: its data, the
+    length of its full run, and the step time its price rests on until a run of ours has measured one."""
+
+    data: str  # a HUB_SHARDS key
+    steps: int  # optimizer steps of the full run
+    tokens_per_step: int
+    val_tokens: int | None  # the validation tokens the run is judged on (None: the whole val shard)
+    published_step_seconds: float | None = None  # on published_on, as its authors report it
+    published_on: str = ""  # the Lambda instance type closest to the hardware of that report
+    published_source: str = ""
+
+
+RECIPES = {
+    # build-nanogpt's GPT-2 (124M): one epoch of FineWeb-edu 10B at 2**19 tokens a step
+    "gpt2": RecipeRun("finewebedu-gpt2", PRESET_MAX_STEPS["gpt2"], PRESET_TOKENS_PER_STEP["gpt2"], None),
+    # modded-nanogpt's speedrun record records/track_1_short/2025-05-24_StableTorch: 1770 steps of 8 ranks x 48*1024
+    # tokens, judged on the first 10,485,760 val tokens; 181 s on 8xH100 as published
+    "speedrun": RecipeRun("fineweb-gpt2", 1770, 8 * 48 * 1024, 10_485_760, 181 / 1770, "gpu_8x_h100_sxm5",
+                          "modded-nanogpt's published record (181 s for 1770 steps on 8xH100)"),
+}
+
+
+def recipe_run(name: str) -> RecipeRun:
+    if name not in RECIPES:
+        from job.errors import UserError
+
+        raise UserError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
 def main(argv: list[str] | None = None) -> None:

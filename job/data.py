@@ -1,7 +1,9 @@
 """Token shards and the distributed loader.
 
-Shards are build-nanogpt's format exactly: a flat uint16 .npy array, file name containing `train` or
-`val`, every document preceded by <|endoftext|>. Shards are memory-mapped, never read whole into RAM:
+Shards come in two formats, told apart by their suffix: build-nanogpt's flat uint16 .npy arrays, and llm.c's .bin
+files (a header of 256 int32: magic 20240520, version 1, the token count; then the uint16 tokens), which is how
+modded-nanogpt publishes FineWeb tokenized on the Hugging Face hub. Either way the file name contains `train` or
+`val`, and every document is preceded by <|endoftext|>. Shards are memory-mapped, never read whole into RAM:
 a 100M-token shard is 200 MB, and eight ranks each holding one would waste 1.6 GB for nothing.
 """
 
@@ -14,24 +16,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from job import binshard
 from job.errors import UserError
 
 SPLITS = ("train", "val")
+SUFFIXES = (".npy", ".bin")
 
 
 def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """Sorted shard paths of one split (`train` or `val` in the file name, .npy files only)."""
+    """Sorted shard paths of one split (`train` or `val` in the file name, .npy or .bin files)."""
     d = Path(data_dir)
     if not d.is_dir():
         raise UserError(f"data dir {d} does not exist: prepare shards with `python -m job.prepare ... --out {d}` or pass --data-dir")
-    return sorted(p for p in d.iterdir() if p.suffix == ".npy" and split in p.name and p.is_file())
+    return sorted(p for p in d.iterdir() if p.suffix in SUFFIXES and split in p.name and p.is_file())
 
 
 def check_data_dir(data_dir: str | os.PathLike) -> None:
     for split in SPLITS:
         if not list_shards(data_dir, split):
             raise UserError(
-                f"data dir {data_dir} has no {split} shards (*{split}*.npy): "
+                f"data dir {data_dir} has no {split} shards (*{split}*.npy or *{split}*.bin): "
                 f"prepare them with `python -m job.prepare text FILES --out {data_dir}` or `python -m job.prepare fineweb-edu --out {data_dir}`"
             )
 
@@ -53,15 +57,28 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
 
 
 def load_shard(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map one shard; the OS pages in only the windows we touch."""
+    """Memory-map one shard (.npy or .bin) as a flat uint16 array; the OS pages in only the windows we touch."""
+    if Path(path).suffix == ".bin":
+        return _load_bin(path)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:  # cut short by an interrupted copy, or not a .npy file at all
-        raise UserError(f"shard {path} cannot be read: {_shard_problem(path, e)}; copy it again or re-create it with "
-                        "job.prepare (`python -m job.prepare verify DIR` checks every shard)") from None
+        raise UserError(f"shard {path} cannot be read: {_shard_problem(path, e)}; {_REDO}") from None
     if arr.dtype != np.uint16 or arr.ndim != 1:
         raise UserError(f"shard {path} is not a flat uint16 array (dtype {arr.dtype}, shape {arr.shape}): re-create it with job.prepare")
     return arr
+
+
+_REDO = "copy it again or re-create it with job.prepare (`python -m job.prepare verify DIR` checks every shard)"
+
+
+def _load_bin(path) -> np.ndarray:
+    ntok, problem = binshard.read_header(path)
+    if problem:
+        raise UserError(f"shard {path} cannot be read: {problem}; {_REDO}")
+    if ntok == 0:
+        return np.zeros(0, dtype=np.uint16)  # np.memmap refuses an empty map
+    return np.memmap(path, dtype="<u2", mode="r", offset=binshard.HEADER_BYTES, shape=(ntok,))
 
 
 def check_token_ids(path, tokens: np.ndarray) -> None:

@@ -1,4 +1,5 @@
-"""The command line: `python -m job.prepare text|fineweb-edu|verify ...` (see job/prepare/__init__.py)."""
+"""The command line: `python -m job.prepare text|fineweb-edu|fineweb|fineweb-gpt2|finewebedu-gpt2|verify ...` (see
+job/prepare/__init__.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import sys
 import threading
 from pathlib import Path
 
-from job.errors import ArgumentParser, UserError, cli_main, float_arg
+from job import contract
+from job.errors import ArgumentParser, UserError, cli_main, float_arg, int_arg
 from job.prepare.common import BATCH_DOCS, PREFIXES, SHARD_SIZE
+from job.prepare.hub import WORKERS, download
 from job.prepare.manifest import check_out_dir
 from job.prepare.pipeline import prepare
-from job.prepare.sources import FINEWEB, Source, file_source, fineweb_source, parquet_files
+from job.prepare.sources import FINEWEB, FINEWEB_ALL, Source, file_source, fineweb_source, parquet_files
 from job.prepare.split import VAL_MIN
 from job.prepare.verify import verify
 
@@ -35,12 +38,20 @@ def _parser() -> ArgumentParser:
     t = sub.add_parser("text", parents=[common], help="local .txt/.jsonl/.json/.parquet files")
     t.add_argument("files", nargs="+", help=".txt: one document per file; .jsonl/.json/.parquet: one per row")
     t.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.json/.parquet rows (default: text)")
-    f = sub.add_parser("fineweb-edu", parents=[common], help="FineWeb-Edu, streamed from the Hugging Face hub or local parquet")
-    f.add_argument("--dataset", default=None, help=f"hub dataset id or local dataset dir (default {FINEWEB})")
-    f.add_argument("--name", default="sample-10BT", help="dataset config (default: sample-10BT)")
-    f.add_argument("--data-files", nargs="+", metavar="PATH",
-                   help="read these local parquet files (files, dirs or globs, in order) instead of the hub")
-    f.add_argument("--max-docs", type=int, help="stop after this many documents")
+    for name, dataset in (("fineweb-edu", FINEWEB), ("fineweb", FINEWEB_ALL)):
+        f = sub.add_parser(name, parents=[common], help=f"{dataset} tokenized here, streamed from the Hugging Face hub or local parquet")
+        f.add_argument("--dataset", default=None, help=f"hub dataset id or local dataset dir (default {dataset})")
+        f.add_argument("--name", default="sample-10BT", help="dataset config (default: sample-10BT)")
+        f.add_argument("--data-files", nargs="+", metavar="PATH",
+                       help="read these local parquet files (files, dirs or globs, in order) instead of the hub")
+        f.add_argument("--max-docs", type=int, help="stop after this many documents")
+    for name, spec in contract.HUB_SHARDS.items():
+        h = sub.add_parser(name, help=f"download {spec.repo}: {spec.tokenize} already tokenized for GPT-2 (.bin shards)")
+        h.add_argument("--out", required=True, help="output directory for the .bin shards and manifest.json")
+        h.add_argument("--train-tokens", type=int_arg(minimum=1), default=None, metavar="N",
+                       help="download train shards until they hold N tokens (default: all of them)")
+        h.add_argument("--workers", type=int_arg(minimum=1), default=WORKERS, help=f"files downloaded at once (default {WORKERS})")
+        h.add_argument("--overwrite", action="store_true", help="delete the shards already in --out and start over")
     v = sub.add_parser("verify", help="check every shard of a prepared directory")
     v.add_argument("dir", help="the --out of a prepare run (or any directory of build-nanogpt shards)")
     return parser
@@ -56,7 +67,7 @@ def _fineweb(args) -> Source:
         source = file_source(parquet_files(args.data_files), "text", label="the --data-files")
         source.max_docs = args.max_docs
         return source
-    return fineweb_source(args.dataset or FINEWEB, args.name, args.max_docs)
+    return fineweb_source(args.dataset or (FINEWEB if args.source == "fineweb-edu" else FINEWEB_ALL), args.name, args.max_docs)
 
 
 def _stop_on_sigterm(signum, frame):
@@ -72,8 +83,10 @@ def main(argv: list[str] | None = None) -> list[Path] | bool:
         if not good:
             sys.exit(1)
         return good
-    source = file_source(args.files, args.text_field) if args.source == "text" else _fineweb(args)
-    prefix = args.prefix or PREFIXES[args.source]
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if args.source in contract.HUB_SHARDS:
+        return download(args.source, args.out, args.train_tokens, args.overwrite, args.workers)
+    source = file_source(args.files, args.text_field) if args.source == "text" else _fineweb(args)
+    prefix = args.prefix or PREFIXES[args.source]
     return prepare(source, args.out, args.shard_size, prefix, args.workers, args.overwrite, args.batch_docs, args.progress_every)

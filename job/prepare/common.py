@@ -13,8 +13,9 @@ SHARD_SIZE = 100_000_000  # build-nanogpt's: 100M tokens, 200 MB per shard
 BATCH_DOCS = 128
 MANIFEST = contract.PREPARE_MANIFEST  # the launcher reads the same name to tell finished data from a partial run
 MANIFEST_VERSION = 1
-PREFIXES = {"text": "data", "fineweb-edu": "edufineweb"}  # edufineweb_train_000001.npy, as build-nanogpt names them
-SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>val|train)_(?P<index>\d{6})\.npy$")
+# edufineweb_train_000001.npy, as build-nanogpt names them
+PREFIXES = {"text": "data", "fineweb-edu": "edufineweb", "fineweb": "fineweb"}
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>val|train)_(?P<index>\d{6})\.(npy|bin)$")
 
 
 def shard_name(prefix: str, index: int) -> str:

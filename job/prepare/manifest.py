@@ -56,7 +56,7 @@ def read_manifest(out: Path) -> dict | None:
 
 def trainer_shards(out: Path) -> list[Path]:
     # what job.data.list_shards would feed the trainer (not imported: job.data pulls in torch)
-    return sorted(p for p in out.iterdir() if p.suffix == ".npy" and ("train" in p.name or "val" in p.name) and p.is_file())
+    return sorted(p for p in out.iterdir() if p.suffix in (".npy", ".bin") and ("train" in p.name or "val" in p.name) and p.is_file())
 
 
 def temps(out: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from job.prepare.common import reason
 
 LOADERS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # extension -> reader
 FINEWEB = "HuggingFaceFW/fineweb-edu"
+FINEWEB_ALL = "HuggingFaceFW/fineweb"  # the corpus modded-nanogpt's speedrun trains on (its sample-10BT)
 
 
 def _datasets():
@@ -272,5 +273,5 @@ def fineweb_source(dataset: str = FINEWEB, name: str = "sample-10BT", max_docs: 
     identity = {"dataset": dataset if not local else Path(dataset).name, "name": name, "files": [u.ident() for u in units],
                 "field": "text"}
     source = Source(f"{dataset} ({name})", units, "text", identity, max_docs)
-    source.large = not local and max_docs is None  # the hub's FineWeb-edu subsets are billions of tokens
+    source.large = not local and max_docs is None  # the hub's FineWeb(-edu) subsets are billions of tokens
     return source

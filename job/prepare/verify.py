@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from job import binshard
 from job.errors import UserError
 from job.prepare.common import MANIFEST, SHARD_NAME, default_workers, reason
 from job.prepare.manifest import read_manifest, temps, trainer_shards
@@ -19,11 +20,7 @@ def _scan(path: Path) -> dict:
     """One pass over a shard file: its sha256, length, dtype, first token, EOT count and largest token."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        shape, fortran, dtype = _read_header(path, f)
         header_len = f.tell()
         f.seek(0)
         digest.update(f.read(header_len))
@@ -43,6 +40,20 @@ def _scan(path: Path) -> dict:
     return info
 
 
+def _read_header(path: Path, f) -> tuple:
+    """(shape, fortran, dtype) from a .npy header, or from a .bin one (llm.c's: job/binshard.py); f ends after it."""
+    if path.suffix == ".bin":
+        ntok, problem = binshard.read_header(path)
+        if problem:
+            raise ValueError(problem)
+        f.seek(binshard.HEADER_BYTES)
+        return (ntok,), False, np.dtype("<u2")
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
 def _check(path: Path, entry: dict | None, shard_size: int | None, first: bool, last: bool) -> str | None:
     """What is wrong with one shard, or None. The first shard (val) and the last may be shorter than shard_size."""
     if not path.is_file():
@@ -50,7 +61,7 @@ def _check(path: Path, entry: dict | None, shard_size: int | None, first: bool, 
     try:
         info = _scan(path)
     except (ValueError, OSError) as e:
-        return f"not a .npy file ({reason(e)})"
+        return f"not a {path.suffix} shard ({reason(e)})"
     if info["dtype"] != np.dtype("<u2") or len(info["shape"]) != 1:
         return f"not a flat uint16 array (dtype {info['dtype']}, shape {info['shape']})"
     if info.get("odd") or info["tokens"] != info["shape"][0]:
@@ -72,6 +83,8 @@ def _against_manifest(info: dict, entry: dict) -> str | None:
         return f"{info['tokens']:,} tokens, the manifest says {entry['tokens']:,}"
     if info["sha256"] != entry["sha256"]:
         return f"sha256 {info['sha256'][:12]}... differs from the manifest's {entry['sha256'][:12]}..."
+    if "start" not in entry:
+        return None  # downloaded shards: their document ranges are not known, their hash is the hub's
     # Every document starts with EOT and no text encodes to EOT, so the EOTs count the documents starting here.
     (d0, o0), (d1, o1) = entry["start"], entry["end"]
     docs = d1 - d0 + (o1 > 0) - (o0 > 0)
@@ -87,6 +100,9 @@ def _index_key(p: Path):
 
 def _open_shard(p: Path):
     try:
+        if p.suffix == ".bin":
+            ntok, problem = binshard.read_header(p)
+            return None if problem or not ntok else np.memmap(p, dtype="<u2", mode="r", offset=binshard.HEADER_BYTES, shape=(ntok,))
         return np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):
         return None
@@ -96,11 +112,11 @@ def _listed(out: Path, manifest: dict | None) -> tuple[list[Path], list, int | N
     """The shards to check, their manifest entries (None without a manifest) and the shard size they should have."""
     if manifest is not None:
         entries = manifest["shards"]
-        return [out / e["name"] for e in entries], entries, manifest["identity"].get("shard_size")
+        return [out / e["name"] for e in entries], entries, manifest["identity"].get("shard_size")  # None: downloaded
     # build-nanogpt's own shards (no manifest): names, dtype, sizes and the val shard's leading EOT
     on_disk = trainer_shards(out)
     if not on_disk:
-        raise UserError(f"{out} has no shards (*train*.npy / *val*.npy) to verify")
+        raise UserError(f"{out} has no shards (*train*.npy / *val*.npy, or .bin) to verify")
     paths = sorted(on_disk, key=_index_key)
     shard_size = max((len(a) for a in map(_open_shard, paths) if a is not None and a.ndim == 1), default=None)
     print(f"{out}: no {MANIFEST} (not made by job.prepare): checking dtype, sizes and EOT structure, no hashes")
@@ -152,7 +168,8 @@ def verify(out_dir) -> bool:
     good = len(paths) - len([p for p in paths if p.name in problems])
     summary = f"{out}: {good} of {len(paths)} shards ok"
     if manifest is not None and manifest["complete"]:
-        summary += f", {manifest['tokens']:,} tokens from {manifest['documents']:,} documents"
+        docs = f" from {manifest['documents']:,} documents" if manifest.get("documents") is not None else ""
+        summary += f", {manifest['tokens']:,} tokens{docs}"
     if problems:
         first_bad = min(problems)
         summary += f"; bad: {', '.join(sorted(problems))}. Delete {first_bad} and run the prepare command again: it redoes the dataset from there"
