@@ -27,7 +27,7 @@ class HubServer:
         self.fail: dict[str, list[int]] = {}
         self.cut: dict[str, int] = {}
         self.corrupt: set[str] = set()
-        self.requests: list[tuple[str, str, str | None, str | None]] = []  # (method, file, Authorization, Range)
+        self.requests: list[tuple] = []  # (method, file or path, Authorization, Range, revision)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -69,7 +69,8 @@ class HubServer:
                 m = PATH.match(self.path)
                 name = m["file"] if m else None
                 with server.lock:
-                    server.requests.append((self.command, name or self.path, self.headers.get("Authorization"), self.headers.get("Range")))
+                    server.requests.append((self.command, name or self.path, self.headers.get("Authorization"), self.headers.get("Range"),
+                                            m["rev"] if m else None))
                     fail = server.fail.get(name) or []
                     status = fail.pop(0) if fail else None
                 if server.token is not None and self.headers.get("Authorization") not in (None, f"Bearer {server.token}"):

@@ -256,6 +256,14 @@ def cli(cmd: str, env=None, **kw) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def test_fineweb_tokenizes_like_fineweb_edu_under_its_own_prefix(tmp_path):
+    docs = fineweb_like(tmp_path / "pq", nfiles=2, per_file=10)
+    paths = main(["fineweb", "--data-files", str(tmp_path / "pq"), "--out", str(tmp_path / "out"), "--shard-size", "2000",
+                  "--workers", "1"])
+    assert paths[0].name == "fineweb_val_000000.npy" and paths[1].name == "fineweb_train_000001.npy"
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in paths]), expected(docs))
+
+
 @pytest.mark.slow  # seconds of real work (a kill and resume, a full export, a model trace): not the edit loop
 def test_sigkill_then_resume_gives_identical_shards(tmp_path):
     docs = fineweb_like(tmp_path / "pq")
@@ -392,6 +400,10 @@ BAD = {
     "data_files_missing": ("fineweb-edu --data-files {tmp}/nowhere", "--data-files {tmp}/nowhere: no parquet files there"),
     "data_files_not_parquet": ("fineweb-edu --data-files {tmp}/ok.txt", "not a .parquet file"),
     "data_files_and_dataset": ("fineweb-edu --data-files {tmp}/ok.txt --dataset x", "pass one of them"),
+    "existing_shards_fineweb_all": ("fineweb --out {tmp}/shards", "already has 2 shards"),
+    "hub_unreachable_fineweb_all": ("fineweb --max-docs 1", "to stream HuggingFaceFW/fineweb (sample-10BT)"),
+    "hub_offline_download": ("fineweb-gpt2", "HF_HUB_OFFLINE is set"),
+    "bad_train_tokens": ("finewebedu-gpt2 --train-tokens -5", "--train-tokens"),
     "verify_no_dir": ("verify {tmp}/nowhere", "is not a directory"),
     "verify_no_shards": ("verify {tmp}", "has no shards"),
     "corpus_too_small": ("text {tmp}/ok.txt", "has 3 tokens, too few to split into val and train"),
