@@ -1,7 +1,7 @@
 """Laptop-side tasks (`fab --list`). Each task is a thin wrapper over plain functions in infra/ that take a
 Connection; those functions are what the tests call directly.
 
-    fab launch --host ubuntu@IP [--fs NAME] [--preset gpt2] [--steps N] [--sync-s3 s3://B/P] ...
+    fab launch --host ubuntu@IP [--fs NAME] [--recipe gpt2|speedrun] [--preset gpt2] [--steps N] [--sync-s3 s3://B/P] ...
     fab logs --host ubuntu@IP [--tail 100]      fab status --host ubuntu@IP      fab stop --host ubuntu@IP
     fab fetch-weights --host ubuntu@IP [--to DIR] [--latest-only] [--s3 s3://B/P]
 """
@@ -71,6 +71,9 @@ def _pairs(values: str, flag: str) -> dict[str, str]:
     "weights_dir": "the box's dir for checkpoints and logs, mounted at /app/log (default ~/model_weights)",
     "nproc": "trainer processes per box (default: one per GPU)",
     "preset": "model/training preset: gpt2 (default), tiny, ...",
+    "recipe": "training recipe: gpt2 (default; build-nanogpt's, on FineWeb-edu) or speedrun (modded-nanogpt's, on FineWeb)",
+    "data": "where missing shards come from: hub (default: the recipe's corpus, already tokenized, in minutes), tokenize "
+            "(made from text on the box, an hour), bundled (the tiny preset's default: the bundled corpus)",
     "steps": "number of optimizer steps (default: the preset's)",
     "train_args": "more trainer flags, quoted: '--eval-every 100 --checkpoint-every 500'",
     "env": "environment for the trainer, quoted: 'NCCL_DEBUG=INFO'",
@@ -97,7 +100,8 @@ def _pairs(values: str, flag: str) -> dict[str, str]:
     "guard_poll": "seconds between the cost guard's looks at the run (default 30)",
 })
 def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_new_host_key=False, image=None, ship=False,
-           build_arg="", wheels=None, fs=None, data_dir=None, weights_dir="~/model_weights", nproc=None, preset="gpt2", steps=None,
+           build_arg="", wheels=None, fs=None, data_dir=None, weights_dir="~/model_weights", nproc=None, preset="gpt2", recipe="gpt2",
+           data=None, steps=None,
            train_args="", env="", allow_cpu=False, detach=False, restart=False, sync_s3=None, s3_endpoint=None, master_addr=None,
            master_port="29500", provision=False, type="", region="auto", ssh_key="", name=None, ssh_user="ubuntu", yes=False,  # noqa: F811
            step_seconds=None, terminate_when_done=False, max_hours=None, fetch_to="model_weights", api_key_file=None, api_base=None,
@@ -121,7 +125,7 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
             check_base_url(api)  # a typo fails now, not when the cost guard first calls the API
         check_endpoint(s3_endpoint)  # used on the box: checked here, before anything happens there
         job = Job(preset=preset, steps=maybe(steps, "--steps"), nproc=maybe(nproc, "--nproc"),
-                  trainer_args=_split(train_args, "--train-args"), env=_pairs(env, "--env"))
+                  trainer_args=_split(train_args, "--train-args"), env=_pairs(env, "--env"), recipe=recipe, data=data or None)
         cloud = CloudOptions(provision=provision, type_name=type, region=region, ssh_key=ssh_key, name=name, ssh_user=ssh_user,
                              yes=yes, terminate_when_done=terminate_when_done, max_hours=maybe(max_hours, "--max-hours", float, 0),
                              api_key_file=api_key_file, api_base=api,

@@ -316,11 +316,13 @@ def estimate_cost(price_cents_per_hour: float, steps: int, step_seconds: float, 
     return hours, hours * price_cents_per_hour * nodes / 100
 
 
-def cost_line(plan: Plan, steps: int, step_seconds: float | None = None, nodes: int = 1) -> str:
-    """What to show before asking to spend money, e.g. for `fab launch --provision`."""
-    how = "measured"
+def cost_line(plan: Plan, steps: int, step_seconds: float | None = None, nodes: int = 1, basis: str | None = None,
+              tokens_per_step: int = TOKENS_PER_STEP) -> str:
+    """What to show before asking to spend money, e.g. for `fab launch --provision`. basis says where a given
+    step time comes from (default: measured); without one it is assumed from the GPU's throughput."""
+    how = basis or "measured"
     if step_seconds is None:
-        step_seconds, how = assumed_step_seconds(plan.type_name, plan.gpus, nodes=nodes), "assumed"
+        step_seconds, how = assumed_step_seconds(plan.type_name, plan.gpus, tokens_per_step, nodes=nodes), "assumed"
     head = f"{plan.type_name} x{nodes} in {plan.region}: {dollars(plan.price_cents * nodes)}/hour"
     if step_seconds is None:
         return head + "; no assumed step time for this GPU, so no estimate (pass --step-seconds)"

@@ -6,10 +6,13 @@ carry labels (nanogpt.role=train|sync, nanogpt.node-rank) so logs/status/stop fi
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import posixpath
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 
 from infra.box import Box
@@ -22,7 +25,14 @@ RANK = "nanogpt.node-rank"
 # GPU runs: unlimited locked memory (pinned buffers, NCCL) and a 64 MiB stack, as NVIDIA recommends for PyTorch.
 GPU_FLAGS = "--gpus all --ulimit memlock=-1 --ulimit stack=67108864"
 SUPERVISOR = "job.supervisor"  # the image's default command: one trainer process per GPU under torchrun
+HF_TOKEN_MOUNT = "/run/nanogpt/hf-token"  # the Hugging Face token in the download container, read-only, 0600 on the box
 STOP_TIMEOUT = 300  # seconds `docker stop` waits for the final checkpoint (1.5 GB to network storage) before SIGKILL
+
+
+# Where a run's data comes from when its shards are missing (`fab launch --data`): downloaded already tokenized from
+# the Hugging Face hub (job/prepare/hub.py; minutes), tokenized on the box from text (an hour of a big box's CPUs), or,
+# for the tiny preset, the bundled corpus.
+DATA_MODES = ("hub", "tokenize", "bundled")
 
 
 @dataclass
@@ -35,21 +45,57 @@ class Job:
     trainer_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     name: str = contract.CONTAINER_NAME
+    recipe: str = "gpt2"  # job/recipes/; job.contract.RECIPES says what data it trains on and how long its run is
+    data: str | None = None  # one of DATA_MODES; None: the bundled corpus for the tiny preset, else the hub
+
+    def __post_init__(self):
+        contract.recipe_run(self.recipe)  # an unknown recipe or preset is one line, before anything happens on the box
+        if self.preset not in contract.PRESET_MAX_STEPS:
+            raise UserError(f"unknown preset {self.preset!r}: choose one of {', '.join(contract.PRESET_MAX_STEPS)}")
+        if self.data is None:
+            self.data = "bundled" if self.preset == "tiny" else "hub"
+        if self.data not in DATA_MODES:
+            raise UserError(f"--data {self.data!r}: choose one of {', '.join(DATA_MODES)}")
+
+    @property
+    def hub(self) -> contract.HubShards:
+        return contract.HUB_SHARDS[contract.RECIPES[self.recipe].data]
 
     @property
     def data_subdir(self) -> str:
-        """Under the persistent mount: build-nanogpt's FineWeb-edu dir, or the bundled corpus for the tiny preset."""
-        return "tinyshakespeare" if self.preset == "tiny" else posixpath.basename(contract.DATA_DIR)
+        """The shards' directory under the persistent mount: one per corpus and format, so the paths never mix."""
+        if self.data == "bundled":
+            return "tinyshakespeare"
+        return self.hub.subdir if self.data == "hub" else contract.TOKENIZED_SUBDIR[self.hub.tokenize]
+
+    def run_steps(self) -> int:
+        """Optimizer steps of the run: --steps, else the tiny preset's, else the recipe's full run."""
+        if self.steps:
+            return self.steps
+        if self.preset == "tiny" or self.recipe == "gpt2":
+            return contract.PRESET_MAX_STEPS[self.preset]
+        return contract.RECIPES[self.recipe].steps
+
+    def tokens_per_step(self) -> int:
+        if self.preset == "tiny" or self.recipe == "gpt2":
+            return contract.PRESET_TOKENS_PER_STEP[self.preset]
+        return contract.RECIPES[self.recipe].tokens_per_step
+
+    def train_tokens(self) -> int:
+        """The tokens the run trains on, which is what a download is sized to."""
+        return self.run_steps() * self.tokens_per_step()
 
     def prepare_command(self) -> str:
         out = f"{contract.PERSISTENT}/{self.data_subdir}"
-        if self.preset == "tiny":
+        if self.data == "bundled":
             return f"python -m job.prepare text job/assets/tinyshakespeare.txt --out {out} --shard-size 50000"
-        return f"python -m job.prepare fineweb-edu --out {out}"
+        if self.data == "hub":
+            return f"python -m job.prepare {contract.RECIPES[self.recipe].data} --out {out} --train-tokens {self.train_tokens()}"
+        return f"python -m job.prepare {self.hub.tokenize} --out {out}"
 
     def trainer_command(self) -> list[str]:
-        args = ["python", "-m", SUPERVISOR, "--preset", self.preset, "--data-dir", f"{contract.PERSISTENT}/{self.data_subdir}",
-                "--log-dir", contract.LOG_DIR, "--resume", "auto"]
+        args = ["python", "-m", SUPERVISOR, "--preset", self.preset, "--recipe", self.recipe,
+                "--data-dir", f"{contract.PERSISTENT}/{self.data_subdir}", "--log-dir", contract.LOG_DIR, "--resume", "auto"]
         if self.steps:
             args += ["--max-steps", str(self.steps)]
         return args + self.trainer_args
@@ -73,31 +119,84 @@ def docker_base(box: Box, *, detach: bool, name: str | None, labels: dict[str, s
 
 
 def has_shards(conn, box: Box, job: Job) -> bool:
-    """Ready to train: train and val shards, and, where job.prepare wrote them, its manifest says it finished (an
-    interrupted prepare leaves complete shards but not all of them; running prepare again resumes it). Shards made
-    elsewhere (build-nanogpt's fineweb.py) have no manifest and count as they are."""
+    """Ready to train: train and val shards (.npy or .bin), and, where job.prepare wrote them, its manifest says it
+    finished (an interrupted prepare leaves complete shards but not all of them; running prepare again resumes it)
+    with train tokens enough for this run (a download is sized to the run). Shards made elsewhere (build-nanogpt's
+    fineweb.py) have no manifest and count as they are."""
     d = shlex.quote(posixpath.join(box.data_dir, job.data_subdir))
-    if run(conn, f"ls {d}/*train*.npy >/dev/null 2>&1 && ls {d}/*val*.npy >/dev/null 2>&1", warn=True).failed:
+    found = " && ".join(f"find {d} -maxdepth 1 \\( -name '*{s}*.npy' -o -name '*{s}*.bin' \\) 2>/dev/null | grep -q ." for s in ("train", "val"))
+    if run(conn, found, warn=True).failed:
         return False
     manifest = run(conn, f"cat {d}/{contract.PREPARE_MANIFEST} 2>/dev/null", warn=True)
     if not manifest.ok:
         return True
     try:
-        return json.loads(manifest.stdout).get("complete") is True
+        m = json.loads(manifest.stdout)
     except ValueError:
         return False
+    enough = m.get("train_tokens") is None or (job.data == "hub" and m["train_tokens"] >= job.train_tokens())
+    return m.get("complete") is True and enough
 
 
-def ensure_data(conn, box: Box, image: str, job: Job, out=sys.stdout) -> None:
+def ensure_data(conn, box: Box, image: str, job: Job, token_file=None, out=sys.stdout) -> None:
+    """Make the shards the run needs if they are missing, saying how and how long it took. token_file() puts the
+    laptop's Hugging Face token on the box and returns its path there, or returns None (anonymous downloads)."""
+    where = f"{box.data_dir}/{job.data_subdir}"
     if has_shards(conn, box, job):
-        out.write(f"data: shards found in {box.data_dir}/{job.data_subdir} on {conn.host}\n")
+        out.write(f"data: shards found in {where} on {conn.host}\n")
         return
-    out.write(f"data: no complete set of shards in {box.data_dir}/{job.data_subdir} on {conn.host}: preparing them there "
-              f"({box.cpus} cores; an interrupted preparation resumes)\n")
-    cmd = f"{docker_base(box, detach=False, name=None, labels={ROLE: 'prepare'}, gpus=False)} {shlex.quote(image)} {job.prepare_command()}"
-    status = stream(conn, f"{cmd} 2>&1", out=out)
+    flags = docker_base(box, detach=False, name=None, labels={ROLE: "prepare"}, network_host=job.data == "hub", gpus=False)
+    if job.data == "hub":
+        out.write(f"data: downloading {job.hub.repo} to {where} on {conn.host} (the val shard and train shards for "
+                  f"{job.train_tokens():,} tokens, already tokenized; --data tokenize makes them from text on the box instead)\n")
+        flags += hub_flags(token_file() if token_file else None)
+    else:
+        out.write(f"data: no complete set of shards in {where} on {conn.host}: tokenizing them there "
+                  f"({box.cpus} cores; an interrupted preparation resumes)\n")
+    t0 = time.monotonic()
+    tail = _Tail(out)
+    status = stream(conn, f"{flags} {shlex.quote(image)} {job.prepare_command()} 2>&1", out=tail)
+    if status == contract.EXIT_USER_ERROR and tail.last_error():
+        raise UserError(f"data on {conn.host}: {tail.last_error()}")  # the box's own one line, said once
+    if tail.held:
+        out.write(tail.held)
     if status != 0:
         raise UserError(f"data preparation failed on {conn.host} (exit {status}): its output is above; fix it and launch again")
+    out.write(f"data: ready in {time.monotonic() - t0:.1f} s ({'downloaded' if job.data == 'hub' else 'tokenized'} into {where})\n")
+
+
+def hub_flags(token_path: str | None) -> str:
+    """What the download container needs of the hub: the token as a read-only file (never its value in a command line,
+    the environment or `docker inspect`), and HF_ENDPOINT when the laptop names another endpoint (a mirror)."""
+    flags = ""
+    if token_path:
+        flags += f" -v {shlex.quote(f'{token_path}:{HF_TOKEN_MOUNT}:ro')} -e HF_TOKEN_PATH={HF_TOKEN_MOUNT}"
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint:
+        flags += f" -e {shlex.quote(f'HF_ENDPOINT={endpoint}')}"
+    return flags
+
+
+class _Tail(io.TextIOBase):
+    """Passes the streamed lines on, except an `error:` line: that one is held back, so that the launcher says it once,
+    as its own error line, when the command ends on it."""
+
+    def __init__(self, out):
+        self.out, self.held = out, ""
+
+    def write(self, s: str) -> int:
+        for line in s.splitlines(keepends=True):
+            if self.held and line.strip():
+                self.out.write(self.held)  # more came after it: not the last word, pass it on
+                self.held = ""
+            if line.startswith("error: "):
+                self.held = line
+            else:
+                self.out.write(line)
+        return len(s)
+
+    def last_error(self) -> str:
+        return self.held.strip()[len("error: "):]
 
 
 def containers(conn, docker: str, role: str = "train", all_states: bool = False) -> list[dict]:

@@ -7,9 +7,11 @@ line. The trainer resumes from the newest checkpoint in the weights dir by itsel
 from __future__ import annotations
 
 import io
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from infra.box import Box, preflight, table
 from infra.container import (
@@ -31,6 +33,7 @@ from job import contract
 from job.errors import UserError
 
 CREDENTIALS = ".config/nanogpt/aws-credentials"  # on the box, relative to the user's home; 0600
+HF_TOKEN_FILE = ".config/nanogpt/hf-token"  # on the box, for the data download only; 0600
 SECRET_MOUNT = "/run/nanogpt/aws-credentials"
 LAMBDA_KEY = ".config/nanogpt/lambda-api-key"  # on the box, for the cost guard only; 0600
 LAMBDA_KEY_MOUNT = "/run/nanogpt/lambda-api-key"
@@ -127,6 +130,30 @@ def send_secret(conn, relpath: str, body: bytes) -> str:
     if stream(conn, cmd, out=io.StringIO(), stdin_chunks=[body]) != 0:
         raise UserError(f"could not write {relpath} on {conn.host}: check that ~/.config is writable there")
     return path
+
+
+def hf_token() -> str | None:
+    """This machine's Hugging Face token, where huggingface_hub looks for it: HF_TOKEN, else the token file
+    (HF_TOKEN_PATH, else $HF_HOME/token, else ~/.cache/huggingface/token). The launcher does not need the library."""
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if token:
+        return token
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    try:
+        return Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")).expanduser().read_text().strip() or None
+    except OSError:
+        return None
+
+
+def send_hf_token(conn, out=sys.stdout) -> str | None:
+    """The token on the box as a 0600 file (for the download container only), or None: anonymous, rate-limited."""
+    token = hf_token()
+    if not token:
+        out.write("data: no Hugging Face token on this machine (HF_TOKEN or `hf auth login`): downloading anonymously, "
+                  "which the hub rate-limits\n")
+        return None
+    out.write("data: with this machine's Hugging Face token (a 0600 file on the box, mounted read-only)\n")
+    return send_secret(conn, HF_TOKEN_FILE, token.encode())
 
 
 def send_aws_credentials(conn) -> str:
@@ -227,21 +254,25 @@ def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
     from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
 
     cloud = opts.cloud
-    steps = opts.job.steps or preset_steps(opts.job.preset)
     key = load_api_key(cloud.api_key_file)
     api = LambdaCloud(key, cloud.api_base)
     plan = plan_provision(api, cloud.type_name, cloud.region, cloud.ssh_key, opts.fs)
-    out.write(cost_line(plan, steps, cloud.step_seconds) + "\n")
+    step_seconds, basis = price_basis(opts.job, plan.type_name, cloud.step_seconds)
+    out.write(cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step()) + "\n")
     confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", cloud.yes)
     inst = provision(api, plan=plan, name=cloud.name, ssh_port=opts.ssh.port or 22, out=out)
     return f"{cloud.ssh_user}@{inst['ip']}", inst["id"], key
 
 
-def preset_steps(preset: str) -> int:
-    """The steps a trainer preset runs by default, for the cost estimate (the contract's table: no torch here)."""
-    if preset not in contract.PRESET_MAX_STEPS:
-        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(contract.PRESET_MAX_STEPS)}")
-    return contract.PRESET_MAX_STEPS[preset]
+def price_basis(job: Job, type_name: str, given: float | None) -> tuple[float | None, str | None]:
+    """The step time a price rests on and what it is: --step-seconds (measured), else the recipe's published
+    measurement on the instance type it was made on, else None (cost_line assumes one from the GPU's throughput)."""
+    if given is not None:
+        return given, None
+    recipe = contract.RECIPES[job.recipe]
+    if job.preset != "tiny" and recipe.published_step_seconds and type_name == recipe.published_on:
+        return recipe.published_step_seconds, f"{recipe.published_source}; until a run of ours measures it, pass --step-seconds"
+    return None, None
 
 
 def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
@@ -305,7 +336,7 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
     images = [ensure_image(conn, box.docker, image=opts.image, ship=opts.ship, build_args=opts.build_args, wheels=opts.wheels, out=out)
               for conn, box in zip(conns, boxes, strict=True)]
     for conn, box, image in zip(conns, boxes, images, strict=True):
-        ensure_data(conn, box, image, opts.job, out=out)
+        ensure_data(conn, box, image, opts.job, token_file=lambda c=conn: send_hf_token(c, out), out=out)
     if opts.restart:  # stopped only now, with the new image and data ready: the least time without training
         for conn, box in zip(conns, boxes, strict=True):
             for c in running(conn, box.docker):
