@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BASE, ENGINE, ROOT, SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
+from hub_server import HubServer, make_repo
 from job import contract
 from job.errors import UserError
 from sshd import free_port, keygen, sshd_available, start_sshd
@@ -544,11 +545,25 @@ def test_an_interrupted_preparation_is_not_taken_for_data(boxes, laptop):
         (shards / name).write_bytes(b"\x93NUMPY")
     with connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts")) as conn:
         box = preflight(conn, data_dir=str(data), weights_dir=str(box_path("partial-w")), allow_cpu=True)
-        assert has_shards(conn, box, Job(preset="gpt2"))  # shards made elsewhere (no manifest) count as they are
+        tokenized = Job(preset="gpt2", data="tokenize")
+        assert has_shards(conn, box, tokenized)  # shards made elsewhere (no manifest) count as they are
         (shards / MANIFEST).write_text(json.dumps({"complete": False, "shards": []}))
-        assert not has_shards(conn, box, Job(preset="gpt2"))  # prepare stopped half way: run it again (it resumes)
+        assert not has_shards(conn, box, tokenized)  # prepare stopped half way: run it again (it resumes)
         (shards / MANIFEST).write_text(json.dumps({"complete": True, "shards": []}))
-        assert has_shards(conn, box, Job(preset="gpt2"))
+        assert has_shards(conn, box, tokenized)
+
+        # downloaded .bin shards count when the download finished and holds enough train tokens for this run
+        hub = Job(preset="tiny", data="hub", steps=100)
+        bins = data / hub.data_subdir
+        bins.mkdir()
+        assert not has_shards(conn, box, hub)
+        for name in ("finewebedu_val_000000.bin", "finewebedu_train_000001.bin"):
+            (bins / name).write_bytes(b"\0" * 1024)
+        assert has_shards(conn, box, hub)
+        (bins / MANIFEST).write_text(json.dumps({"complete": True, "train_tokens": hub.train_tokens() - 1, "shards": []}))
+        assert not has_shards(conn, box, hub)  # a download sized to a shorter run: download the rest
+        (bins / MANIFEST).write_text(json.dumps({"complete": True, "train_tokens": hub.train_tokens(), "shards": []}))
+        assert has_shards(conn, box, hub)
 
 
 def test_stop_by_hand_pauses_a_guarded_run_without_terminating(fake_lambda, boxes, laptop, wheels, base_image, tmp_path):
@@ -581,6 +596,8 @@ def test_sync_s3_without_aws_credentials_fails_before_touching_the_box(tmp_path)
     (["launch", "--host", "u@127.0.0.1", "--steps", "0"], "error: --steps must be at least 1, got '0'"),
     (["launch", "--host", "u@127.0.0.1", "--max-hours", "soon"], "error: --max-hours takes a number, got 'soon'"),
     (["launch", "--host", "u@127.0.0.1", "--master-port", "x"], "error: --master-port takes a whole number, got 'x'"),
+    (["launch", "--host", "u@127.0.0.1", "--recipe", "nope"], "error: unknown recipe 'nope': choose one of gpt2, speedrun"),
+    (["launch", "--host", "u@127.0.0.1", "--data", "web"], "error: --data 'web': choose one of hub, tokenize, bundled"),
     (["status", "--host", "u@127.0.0.1", "--port", "ssh"], "error: --port takes a whole number, got 'ssh'"),
     (["stop", "--host", "u@127.0.0.1", "--timeout", "long"], "error: --timeout takes a whole number, got 'long'"),
     (["provision", "--type", "t", "--ssh-key", "k", "--ssh-port", "x"], "error: --ssh-port takes a whole number, got 'x'"),
@@ -589,3 +606,67 @@ def test_numeric_flags_are_checked_before_anything_happens(args, line):
     # Nothing listens anywhere here: the flag must be refused before any connection is tried.
     proc = fab(*args, env={"LAMBDA_API_KEY": "k", "LAMBDA_API_BASE": f"http://127.0.0.1:{free_port()}"}, timeout=60)
     assert assert_one_line_error(proc) == line
+
+
+# ---- from nothing to weights on the laptop, data from the hub ---------------------------------------------------
+HUB_TOKEN = "hf_e2eTokenThatMustStaySecret"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """The hub's datasets of both recipes, cut from the bundled corpus, served over the hub's protocol on loopback
+    (the download container uses the host's network, so it reaches it as it would reach the hub)."""
+    repos = {}
+    for spec in contract.HUB_SHARDS.values():
+        d = tmp_path_factory.mktemp(spec.prefix)
+        make_repo(d, spec.prefix)
+        repos[spec.repo] = d
+    server = HubServer(repos, token=HUB_TOKEN)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("recipe", ["gpt2"])
+def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, boxes, laptop, wheels, base_image, box_user, tmp_path):
+    spec = contract.HUB_SHARDS[contract.RECIPES[recipe].data]
+    data, weights, home = box_path(f"{recipe}-data"), box_path(f"{recipe}-weights"), tmp_path / "model_weights"
+    env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": HUB_TOKEN}
+    train = " ".join(TRAIN + ["--checkpoint-every", "10", "--log-every", "1"])
+
+    def launch(*extra, check=True):
+        return fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--preset", "tiny", "--recipe", recipe, "--data", "hub",
+                   "--wheels", wheels, "--build-arg", f"BASE_IMAGE={base_image}", "--data-dir", data, "--weights-dir", weights,
+                   "--nproc", 1, "--train-args", train, *extra, env=env, check=check)
+
+    first = launch("--steps", 100000, "--detach")
+    out = first.stdout
+    assert f"data: downloading {spec.repo} to {data}/{spec.subdir}" in out and "data: ready in" in out
+    assert "with this machine's Hugging Face token" in out
+    shards = sorted(p.name for p in (data / spec.subdir).glob("*.bin"))
+    assert shards[0] == f"{spec.prefix}_train_000001.bin" and f"{spec.prefix}_val_000000.bin" in shards
+    manifest = json.loads((data / spec.subdir / contract.PREPARE_MANIFEST).read_text())
+    assert manifest["complete"] and manifest["train_tokens"] == 100000 * 1024  # sized to the run: every shard of the small repo
+    assert {r[2] for r in hub.requests if r[1].endswith(".bin")} == {f"Bearer {HUB_TOKEN}"}
+    token_file = Path(pwd.getpwnam(BOX_USER).pw_dir) / ".config/nanogpt/hf-token"
+    assert token_file.read_text() == HUB_TOKEN and token_file.stat().st_mode & 0o777 == 0o600
+
+    wait_for(lambda: (weights / contract.CHECKPOINT_FORMAT.format(step=10)).is_file(), what="the first checkpoint")
+    fab("fetch-weights", *ssh_args(boxes[0], laptop), "--weights-dir", weights, "--to", home, check=True)
+    assert (home / contract.CHECKPOINT_FORMAT.format(step=10)).is_file()
+    stop = fab("stop", *ssh_args(boxes[0], laptop), check=True)
+    stopped = [e for e in events(weights, "end") if e["reason"] == "stopped"][-1]["step"]
+    assert contract.CHECKPOINT_FORMAT.format(step=stopped) in stop.stdout
+
+    gets = len(hub.gets())
+    again = launch("--steps", stopped + 5)
+    assert "data: shards found" in again.stdout and len(hub.gets()) == gets  # nothing downloaded twice
+    assert "resumed from" in again.stdout and f"done: {stopped + 5} steps" in again.stdout
+    fab("fetch-weights", *ssh_args(boxes[0], laptop), "--weights-dir", weights, "--to", home, check=True)
+    assert (home / contract.CHECKPOINT_FORMAT.format(step=stopped + 5)).is_file()
+
+    sample = subprocess.run([sys.executable, "-m", "job.sample", "--checkpoint", home, "--prompt", "ROMEO:", "--num", "1",
+                             "--max-tokens", "8", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0 and "ROMEO:" in sample.stdout, sample.stderr
+    inspect = sh("docker", "inspect", *sh("docker", "ps", "-aq").stdout.split()).stdout
+    for text in (first.stdout, first.stderr, again.stdout, again.stderr, stop.stdout, inspect):
+        assert HUB_TOKEN not in text

@@ -1,5 +1,7 @@
-"""Tokenize documents into build-nanogpt shards, on all cores, resumably.
+"""Tokenize documents into build-nanogpt shards, on all cores, resumably; or download shards already tokenized.
 
+    python -m job.prepare finewebedu-gpt2 --out DIR [--train-tokens N]  # downloads kjj0/finewebedu10B-gpt2 (.bin; also fineweb-gpt2)
+    python -m job.prepare fineweb --out DIR            # HuggingFaceFW/fineweb, tokenized here like fineweb-edu
     python -m job.prepare fineweb-edu --out DIR [--name sample-10BT]   # streams HuggingFaceFW/fineweb-edu from the hub
     python -m job.prepare fineweb-edu --data-files PARQUET... --out DIR  # the same from local parquet files (a downloaded copy)
     python -m job.prepare text FILES... --out DIR      # .txt (one document per file), .jsonl/.json/.parquet (one per row)
@@ -25,6 +27,7 @@ One module per concern:
     manifest  the output directory and its manifest, and what a resume keeps of it
     progress  the progress bar or log lines
     verify    `verify DIR`
+    hub       downloading llm.c .bin shards from the Hugging Face hub (fineweb-gpt2, finewebedu-gpt2)
     cli       the command line (`python -m job.prepare`)
 """
 
