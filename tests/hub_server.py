@@ -27,6 +27,7 @@ class HubServer:
         self.fail: dict[str, list[int]] = {}
         self.cut: dict[str, int] = {}
         self.corrupt: set[str] = set()
+        self.etags: dict[Path, str] = {}
         self.requests: list[tuple] = []  # (method, file or path, Authorization, Range, revision)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -85,25 +86,30 @@ class HubServer:
                 self._file(path, name, body)
 
             def _file(self, path: Path, name: str, body: bool) -> None:
-                data = path.read_bytes()
-                etag = hashlib.sha256(data).hexdigest()
-                if name in server.corrupt:
-                    data = data[:-2] + bytes([data[-2] ^ 1, data[-1]])
+                with server.lock:  # hashed once per file: HEADs come for every file, and again on a resume
+                    if path not in server.etags:
+                        with open(path, "rb") as f:
+                            server.etags[path] = hashlib.file_digest(f, "sha256").hexdigest()
+                    etag = server.etags[path]
+                size = path.stat().st_size
                 headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
                 start, status = 0, 200
                 rng = re.match(r"bytes=(\d+)-$", self.headers.get("Range") or "")
                 if rng and body:
                     start, status = int(rng[1]), 206
-                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-                part = data[start:]
+                    headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
                 with server.lock:
                     cut = server.cut.pop(name, None) if body else None
                 self.send_response(status)
-                for k, v in {**headers, "Content-Length": str(len(part))}.items():
+                for k, v in {**headers, "Content-Length": str(size - start)}.items():
                     self.send_header(k, v)
                 self.end_headers()
                 if not body:
                     return
+                data = path.read_bytes()
+                if name in server.corrupt:
+                    data = data[:-2] + bytes([data[-2] ^ 1, data[-1]])
+                part = data[start:]
                 if cut is not None:
                     self.wfile.write(part[:cut])
                     self.wfile.flush()
