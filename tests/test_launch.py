@@ -626,6 +626,39 @@ def hub(tmp_path_factory):
     server.stop()
 
 
+BENCH_ENV = "NANOGPT_BENCH_LAUNCH"  # a file: the test appends the stages of its first launch to it, as JSON
+
+
+def launch_timed(launch, *extra) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the launch and split its time into stages by the lines it prints as they arrive: connect and preflight
+    (to the table), the image (to the first `data:` line), the data (to `data: ready`), starting the container."""
+    marks = {}
+
+    def runner(*args, env=None, check=False):
+        t0 = time.monotonic()
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "fab"), *map(str, args)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            for stage, start in (("preflight", "host "), ("image", "data: "), ("data", "data: ready"), ("start", "started ")):
+                if line.startswith(start) and stage not in marks:
+                    marks[stage] = time.monotonic()
+        err = proc.stderr.read()
+        proc.wait(timeout=900)
+        done = subprocess.CompletedProcess(args, proc.returncode, "".join(out), err)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"fab {args} failed ({proc.returncode}):\n{done.stdout[-6000:]}\n{err[-3000:]}")
+        marks["t0"] = t0
+        return done
+
+    proc = launch(*extra, runner=runner)
+    t, stages = marks["t0"], {}
+    for stage in ("preflight", "image", "data", "start"):
+        stages[stage], t = marks[stage] - t, marks[stage]
+    return proc, {**stages, "t0": marks["t0"]}
+
+
 @pytest.mark.parametrize("recipe", ["gpt2"])
 def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, boxes, laptop, wheels, base_image, box_user, tmp_path):
     spec = contract.HUB_SHARDS[contract.RECIPES[recipe].data]
@@ -633,12 +666,19 @@ def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, box
     env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": HUB_TOKEN}
     train = " ".join(TRAIN + ["--checkpoint-every", "10", "--log-every", "1"])
 
-    def launch(*extra, check=True):
-        return fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--preset", "tiny", "--recipe", recipe, "--data", "hub",
+    def launch(*extra, check=True, runner=fab):
+        return runner("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--preset", "tiny", "--recipe", recipe, "--data", "hub",
                    "--wheels", wheels, "--build-arg", f"BASE_IMAGE={base_image}", "--data-dir", data, "--weights-dir", weights,
                    "--nproc", 1, "--train-args", train, *extra, env=env, check=check)
 
-    first = launch("--steps", 100000, "--detach")
+    first, stages = launch_timed(launch, "--steps", 100000, "--detach")
+    wait_for(lambda: events(weights, "train"), what="the first training step")
+    stages["first training step"] = time.monotonic() - stages.pop("t0") - sum(stages.values())
+    report = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+    print(f"fab launch to the first training step, {sum(stages.values()):.1f} s: {report}")
+    if os.environ.get(BENCH_ENV):  # scripts and docs/BENCHMARKS.md take the figure from here
+        with open(os.environ[BENCH_ENV], "a") as f:
+            f.write(json.dumps({"recipe": recipe, **stages}) + "\n")
     out = first.stdout
     assert f"data: downloading {spec.repo} to {data}/{spec.subdir}" in out and "data: ready in" in out
     assert "with this machine's Hugging Face token" in out
@@ -660,7 +700,7 @@ def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, box
     gets = len(hub.gets())
     again = launch("--steps", stopped + 5)
     assert "data: shards found" in again.stdout and len(hub.gets()) == gets  # nothing downloaded twice
-    assert "resumed from" in again.stdout and f"done: {stopped + 5} steps" in again.stdout
+    assert "resumed from" in again.stdout and f"done: {stopped + 5} steps" in again.stdout, again.stdout[-3000:]
     fab("fetch-weights", *ssh_args(boxes[0], laptop), "--weights-dir", weights, "--to", home, check=True)
     assert (home / contract.CHECKPOINT_FORMAT.format(step=stopped + 5)).is_file()
 
