@@ -103,7 +103,7 @@ def test_rate_limits_and_server_errors_are_retried_and_a_dropped_transfer_resume
     out = tmp_path / "flaky"
     proc = prepare(hub, out, "--train-tokens", 1)
     assert proc.returncode == 0, proc.stderr
-    assert "answered HTTP 429; trying again" in proc.stderr and "answered HTTP 502; trying again" in proc.stderr
+    assert "HTTP 429 from the hub; trying again" in proc.stderr and "HTTP 502 from the hub; trying again" in proc.stderr
     assert (out / train).read_bytes() == repo[1].read_bytes()
     assert len(hub.gets(train)) == 2 and not (out / repo[2].name).exists()
 

@@ -114,10 +114,11 @@ def _with_retries(fn, spec: contract.HubShards, name: str, log=sys.stderr):
             if not isinstance(err, Retry):
                 raise err from e
             if attempt == TRIES:
-                raise UserError(f"the Hugging Face hub still answers {err} for {name} of {spec.repo} after {TRIES} tries: "
-                                "run the same command later (it resumes); a token (HF_TOKEN) lifts the anonymous rate limit") from e
+                raise UserError(f"the Hugging Face hub at {_hf().constants.ENDPOINT} still fails ({err}) for {name} of {spec.repo} "
+                                f"after {TRIES} tries: check network access and run the same command later (it resumes); a token "
+                                "(HF_TOKEN) lifts the anonymous rate limit") from e
             delay = err.wait_s if err.wait_s is not None else min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
-            print(f"{name}: the hub answered {err}; trying again in {delay:.0f} s ({attempt} of {TRIES})", file=log, flush=True)
+            print(f"{name}: {err} from the hub; trying again in {delay:.0f} s ({attempt} of {TRIES})", file=log, flush=True)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
