@@ -341,3 +341,15 @@ def test_fab_terminate_confirms(fake):
     assert r.returncode == 0 and other["status"] == "terminated"
     r = fab(fake, "terminate", "--name", "box-b", "--yes")
     assert r.returncode == 2 and r.stderr.strip() == "error: no running instance named 'box-b': `fab instances` lists yours"
+
+
+def test_fab_launch_provision_prices_the_recipe_before_asking(fake):
+    r = fab(fake, "launch", "--provision", "--type", H100, "--ssh-key", "laptop", "--recipe", "speedrun", stdin="no\n")
+    assert r.returncode == 1 and r.stderr.strip() == "error: aborted: nothing was changed"
+    line = next(x for x in r.stdout.splitlines() if "$23.92/hour;" in x)
+    hours, cost = cloud.estimate_cost(2392, 1770, 181 / 1770)
+    assert "1770 steps x 0.10 s (modded-nanogpt's published record (181 s for 1770 steps on 8xH100)" in line
+    assert f"about {hours:.1f} h = about ${cost:,.2f}" in line
+    assert fake.calls("POST", "/instance-operations/launch") == []
+    r = fab(fake, "launch", "--provision", "--type", H100, "--ssh-key", "laptop", stdin="no\n")  # the gpt2 recipe: its full run
+    assert f"19073 steps x {cloud.assumed_step_seconds(H100):.2f} s (assumed)" in r.stdout
