@@ -710,3 +710,13 @@ def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, box
     inspect = sh("docker", "inspect", *sh("docker", "ps", "-aq").stdout.split()).stdout
     for text in (first.stdout, first.stderr, again.stdout, again.stderr, stop.stdout, inspect):
         assert HUB_TOKEN not in text
+
+
+def test_a_token_the_hub_refuses_is_one_line_and_nothing_starts(hub, boxes, laptop, wheels, base_image, box_user):
+    wrong = "hf_aWrongTokenThatMustStaySecret"
+    proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--preset", "tiny", "--data", "hub", "--wheels", wheels,
+               "--build-arg", f"BASE_IMAGE={base_image}", "--data-dir", box_path("refused-data"), "--weights-dir",
+               box_path("refused-weights"), "--detach", env={"HF_ENDPOINT": hub.url, "HF_TOKEN": wrong})
+    line = assert_one_line_error(proc, "data on 127.0.0.1: the Hugging Face hub", "refused the Hugging Face token", "HF_TOKEN")
+    assert proc.returncode == 2 and "started" not in proc.stdout and docker_ps() == []
+    assert wrong not in proc.stdout + line
