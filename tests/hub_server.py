@@ -28,6 +28,7 @@ class HubServer:
         self.cut: dict[str, int] = {}
         self.corrupt: set[str] = set()
         self.etags: dict[Path, str] = {}
+        self.require_token = False  # True: a request without a token is refused too (a private or gated dataset)
         self.requests: list[tuple] = []  # (method, file or path, Authorization, Range, revision)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -74,7 +75,8 @@ class HubServer:
                                             m["rev"] if m else None))
                     fail = server.fail.get(name) or []
                     status = fail.pop(0) if fail else None
-                if server.token is not None and self.headers.get("Authorization") not in (None, f"Bearer {server.token}"):
+                anonymous = (None,) if not server.require_token else ()
+                if server.token is not None and self.headers.get("Authorization") not in (*anonymous, f"Bearer {server.token}"):
                     return self._answer(401, {"X-Error-Message": "Invalid credentials in Authorization header"})
                 if status is not None:
                     return self._answer(status, {"Retry-After": "0"})

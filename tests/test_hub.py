@@ -116,6 +116,8 @@ def test_a_refused_token_is_one_line(hub, tmp_path):
     assert {r[2] for r in hub.requests if r[1].endswith(".bin")} == {"Bearer hf_wrong"}  # the token the user has is the one sent
     ok = prepare(hub, tmp_path / "granted", "--train-tokens", 1, token="hf_good")
     assert ok.returncode == 0, ok.stderr
+    hub.require_token = True
+    assert_one_line_error(prepare(hub, tmp_path / "anonymous"), "refused an anonymous download", "set HF_TOKEN")
 
 
 def test_a_shard_that_does_not_match_the_hubs_hash_is_deleted_and_named(hub, repo, tmp_path):

@@ -64,7 +64,6 @@ def _hf():
 class Fetched:
     index: int
     entry: dict | None  # the manifest entry; None: the hub has no such file (the dataset ends before it)
-    seconds: float = 0.0
 
 
 class Retry(Exception):
@@ -87,10 +86,12 @@ def _classify(e: BaseException, spec: contract.HubShards, name: str) -> BaseExce
         if status in RETRY_STATUSES:
             after = e.response.headers.get("Retry-After")
             return Retry(f"HTTP {status}", float(after) if after and after.isdigit() else None)
+        if status in (401, 403) and _hf().get_token():
+            return UserError(f"the Hugging Face hub ({endpoint}) refused the Hugging Face token for {spec.repo} (HTTP {status}): "
+                             "check HF_TOKEN or the token file (`hf auth login`), or unset it to download anonymously")
         if status in (401, 403):
-            token = "the Hugging Face token" if _hf().get_token() else "an anonymous download"
-            return UserError(f"the Hugging Face hub ({endpoint}) refused {token} for {spec.repo} (HTTP {status}): check HF_TOKEN "
-                             "or the token file (`hf auth login`), or unset it to download anonymously")
+            return UserError(f"the Hugging Face hub ({endpoint}) refused an anonymous download of {spec.repo} (HTTP {status}): "
+                             "set HF_TOKEN or run `hf auth login`")
         return UserError(f"cannot download {name} from {spec.repo} at {endpoint}: {reason(e)}")
     cause = e.__cause__ or e.__context__
     if isinstance(e, LocalEntryNotFoundError) and cause is not None:
@@ -158,7 +159,7 @@ def _fetch(spec: contract.HubShards, commit: str, out: Path, index: int) -> Fetc
     """Download one shard (resuming a partial file), verify it and return its manifest entry."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    hf, name, t0 = _hf(), shard_file(spec, index), time.time()
+    hf, name = _hf(), shard_file(spec, index)
 
     def head():
         try:
@@ -187,7 +188,7 @@ def _fetch(spec: contract.HubShards, commit: str, out: Path, index: int) -> Fetc
         raise UserError(f"{name} from {spec.repo} is damaged ({info['problem']}); it was deleted: run the same command again "
                         "to download it again")
     entry = {"name": name, "split": "val" if index == 0 else "train", **info}
-    return Fetched(index, entry, time.time() - t0)
+    return Fetched(index, entry)
 
 
 def _open(out: Path, source: str, spec: contract.HubShards, overwrite: bool) -> dict:
