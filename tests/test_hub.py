@@ -94,6 +94,19 @@ def test_without_train_tokens_it_fetches_every_shard_up_to_the_end_of_the_datase
     x, y = loader.next_batch()
     assert x.shape == (4, 64) and (x[:, 1:] == y[:, :-1]).all()
 
+    # a shard damaged on disk later: verify names it, and once it is deleted the same command fetches it alone again
+    bad = out / repo[2].name
+    raw = bytearray(bad.read_bytes())
+    raw[5000] ^= 1
+    bad.write_bytes(bytes(raw))
+    verify = subprocess.run([sys.executable, "-m", "job.prepare", "verify", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert verify.returncode == 1 and f"{bad.name}: BAD: sha256" in verify.stdout and f"Delete {bad.name}" in verify.stdout
+    bad.unlink()
+    gets = shard_gets(hub)
+    again = prepare(hub, out)
+    assert again.returncode == 0 and bad.read_bytes() == repo[2].read_bytes(), again.stderr
+    assert shard_gets(hub) == sorted(gets + [bad.name])
+
 
 def test_rate_limits_and_server_errors_are_retried_and_a_dropped_transfer_resumes(hub, repo, tmp_path):
     val, train = repo[0].name, repo[1].name
