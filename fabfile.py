@@ -100,12 +100,11 @@ def _pairs(values: str, flag: str) -> dict[str, str]:
     "guard_poll": "seconds between the cost guard's looks at the run (default 30)",
 })
 def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_new_host_key=False, image=None, ship=False,
-           build_arg="", wheels=None, fs=None, data_dir=None, weights_dir="~/model_weights", nproc=None, preset="gpt2", recipe="gpt2",
-           data=None, steps=None,
+           build_arg="", wheels=None, fs=None, data_dir=None, weights_dir="~/model_weights", nproc=None, preset="gpt2", steps=None,
            train_args="", env="", allow_cpu=False, detach=False, restart=False, sync_s3=None, s3_endpoint=None, master_addr=None,
            master_port="29500", provision=False, type="", region="auto", ssh_key="", name=None, ssh_user="ubuntu", yes=False,  # noqa: F811
            step_seconds=None, terminate_when_done=False, max_hours=None, fetch_to="model_weights", api_key_file=None, api_base=None,
-           guard_poll="30"):
+           guard_poll="30", recipe="gpt2", data=None):
     """Check and prepare the box, start training in the container, stream its log (Ctrl-C detaches)."""
     import os
 
