@@ -96,8 +96,10 @@ class Job:
     def trainer_command(self) -> list[str]:
         args = ["python", "-m", SUPERVISOR, "--preset", self.preset, "--recipe", self.recipe,
                 "--data-dir", f"{contract.PERSISTENT}/{self.data_subdir}", "--log-dir", contract.LOG_DIR, "--resume", "auto"]
-        if self.steps:
-            args += ["--max-steps", str(self.steps)]
+        # A recipe other than gpt2 runs the step count its price and download were sized to (job.contract.RECIPES).
+        steps = self.steps or (self.run_steps() if self.recipe != "gpt2" and self.preset != "tiny" else None)
+        if steps:
+            args += ["--max-steps", str(steps)]
         return args + self.trainer_args
 
 

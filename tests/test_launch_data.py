@@ -26,6 +26,8 @@ def test_each_recipe_downloads_its_corpus_sized_to_the_run_and_the_tokenizing_pa
     assert speedrun.run_steps() == 1770 and speedrun.train_tokens() == 1770 * 8 * 48 * 1024
     assert speedrun.prepare_command().startswith("python -m job.prepare fineweb-gpt2 --out /persistent/fineweb10B-gpt2 ")
     assert "--recipe speedrun" in " ".join(speedrun.trainer_command())
+    assert "--max-steps 1770" in " ".join(speedrun.trainer_command())  # the run that was priced and downloaded for
+    assert "--max-steps" not in cmd  # gpt2: the preset's own default
 
     slow = Job(preset="gpt2", data="tokenize")
     assert slow.prepare_command() == f"python -m job.prepare fineweb-edu --out {contract.DATA_DIR}"  # build-nanogpt's directory
