@@ -259,34 +259,38 @@ def _open(conn, cmd: str):
 
 
 def _stream(conn, cmd: str):
-    """The output of `cmd` on the box, in chunks: through OpenSSH's client where there is one, else a paramiko channel."""
+    """The output of `cmd` on the box, in chunks: through OpenSSH's client where there is one, else (or where it cannot
+    log in as paramiko did: another key, an ssh_config of its own) over a paramiko channel."""
     argv = openssh_command(conn, cmd)
-    if argv is None:
-        chan = _open(conn, cmd)
+    if argv is not None:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        with contextlib.suppress(ImportError, AttributeError, OSError):  # Linux: a deeper pipe lets ssh decrypt on while this side hashes
+            import fcntl
+
+            fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, READ)
+        got = 0
         try:
-            while chunk := chan.recv(READ):
+            while chunk := proc.stdout.read(READ):
+                got += len(chunk)
                 yield chunk
         finally:
-            chan.close()
-        return
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-    with contextlib.suppress(ImportError, AttributeError, OSError):  # Linux: a deeper pipe lets ssh decrypt on while this side hashes
-        import fcntl
-
-        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, READ)
+            proc.stdout.close()
+            if proc.poll() is None:  # stopped early (a full disk, a mismatch): the rest is not wanted
+                proc.terminate()
+            err = proc.stderr.read().decode(errors="replace")
+            proc.stderr.close()
+            proc.wait()
+        if proc.returncode != 255:  # 255: ssh's own failure, not the command's
+            return
+        if got:
+            raise ConnectionLost(f"ssh to {conn.host} failed during the copy ({' '.join(err.split())[:200]}): run fetch-weights again; "
+                                 "it goes on from where it stopped")
+    chan = _open(conn, cmd)
     try:
-        while chunk := proc.stdout.read(READ):
+        while chunk := chan.recv(READ):
             yield chunk
     finally:
-        proc.stdout.close()
-        if proc.poll() is None:  # stopped early (a full disk, a mismatch): the rest is not wanted
-            proc.terminate()
-        err = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
-        proc.wait()
-    if proc.returncode == 255:  # ssh's own failure, not the command's
-        raise ConnectionLost(f"ssh to {conn.host} failed during the copy ({' '.join(err.split())[:200]}): run fetch-weights again; "
-                             "it goes on from where it stopped")
+        chan.close()
 
 
 def _box_digest(conn, digests, remote: str) -> str:

@@ -141,11 +141,16 @@ def test_disk_filling_during_a_transfer_keeps_the_part_and_the_next_fetch_goes_o
     assert same_files(box, local, [name]) and (box / name).read_bytes().startswith(kept)
 
 
-def test_paramiko_channel_where_there_is_no_ssh_program(server, box, tmp_path, monkeypatch):
-    """A laptop without OpenSSH's client: the same stream over a paramiko channel, resumed and verified alike."""
+@pytest.mark.parametrize("ssh", [None, "#!/bin/sh\necho 'Permission denied (publickey).' >&2\nexit 255\n"])
+def test_paramiko_channel_where_ssh_is_missing_or_cannot_log_in(server, box, tmp_path, monkeypatch, ssh):
+    """A laptop without OpenSSH's client, or whose ssh cannot log in as paramiko did (another key, its own ssh_config):
+    the same stream over a paramiko channel, resumed and verified alike."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    monkeypatch.setenv("PATH", str(bin_dir))  # no `ssh` on it
+    if ssh:
+        (bin_dir / "ssh").write_text(ssh)
+        (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
     local = tmp_path / "local"
     local.mkdir()
     data = (box / "model_02000.pt").read_bytes()
