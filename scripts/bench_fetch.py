@@ -6,8 +6,9 @@ Starts a throwaway OpenSSH server on loopback (tests/sshd.py), writes --files ra
 into its weights dir, and times, interleaved and --rounds times, into an empty local dir each round:
 
   scp            `scp` of the checkpoints (OpenSSH, C; the reference rate)
-  fetch-weights  infra.fetch.fetch_weights: the transfer, the box's sha256 on a second channel, the local hash,
-                 fsync, rename and the .fetched markers (no digest recorded on the box beforehand: the worst case)
+  fetch-weights  connect + infra.fetch.fetch_weights: the transfer, the box's sha256 on a second channel, the
+                 local hash, fsync, rename and the .fetched markers (no digest recorded on the box beforehand:
+                 the worst case)
 
 then one re-run of fetch-weights into a complete dir (nothing to move). --delay-ms D puts a TCP relay between the
 client and sshd that holds every chunk D ms in each direction (a 2*D ms round trip), for both programs alike; it is
@@ -122,10 +123,14 @@ def main() -> None:
             for marker in box.glob(".fetched-*"):
                 marker.unlink()  # no digest recorded on the box: fetch-weights hashes there itself
             dest = work / "fetch"
-            with connect(f"{srv.user}@127.0.0.1", port=port, key=srv.key_path, known_hosts=str(known)) as conn:
-                times["fetch-weights"].append(timed(lambda conn=conn, dest=dest: fetch_weights(conn, str(box), dest, progress=False)))
-                if _ == args.rounds - 1:
-                    rerun = timed(lambda conn=conn, dest=dest: fetch_weights(conn, str(box), dest, progress=False))
+
+            def fetch(dest=dest):  # connecting included, as scp's is
+                with connect(f"{srv.user}@127.0.0.1", port=port, key=srv.key_path, known_hosts=str(known)) as conn:
+                    fetch_weights(conn, str(box), dest, progress=False)
+
+            times["fetch-weights"].append(timed(fetch))
+            if _ == args.rounds - 1:
+                rerun = timed(fetch)
             assert all((dest / c.name).read_bytes() == c.read_bytes() for c in ckpts)
             shutil.rmtree(dest)
         link = f"loopback + {2 * args.delay_ms:g} ms round trip (relay)" if args.delay_ms else "loopback"
