@@ -41,6 +41,7 @@ LOG_FILES = (contract.METRICS_FILE, contract.HUMAN_LOG_FILE, contract.NANOGPT_LO
 WINDOW = 64 << 20
 PACKET = 256 << 10
 READ = 4 << 20
+PIPE = 1 << 20  # ssh's stdout pipe: what any user may ask of Linux (/proc/sys/fs/pipe-max-size), 16x the default
 
 
 @dataclass
@@ -267,7 +268,7 @@ def _stream(conn, cmd: str):
         with contextlib.suppress(ImportError, AttributeError, OSError):  # Linux: a deeper pipe lets ssh decrypt on while this side hashes
             import fcntl
 
-            fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, READ)
+            fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE)
         got = 0
         try:
             while chunk := proc.stdout.read(READ):

@@ -9,8 +9,10 @@ into its weights dir, and times, interleaved and --rounds times, into an empty l
   fetch-weights  connect + infra.fetch.fetch_weights: the transfer, the box's sha256 on a second channel, the
                  local hash, fsync, rename and the .fetched markers (no digest recorded on the box beforehand:
                  the worst case)
+  fetch, recorded  the same with the digests the S3 sidecar records (.synced-NAME) already on the box: no hashing there
 
-then one re-run of fetch-weights into a complete dir (nothing to move). --delay-ms D puts a TCP relay between the
+then one re-run of fetch-weights into a complete dir (nothing to move). Besides wall time it reports the CPU
+seconds of this side (this process and its children: ssh), which a shared machine disturbs less. --delay-ms D puts a TCP relay between the
 client and sshd that holds every chunk D ms in each direction (a 2*D ms round trip), for both programs alike; it is
 the stand-in for `tc qdisc ... netem delay` where the kernel has no netem. The goal: fetch-weights >= 0.8x scp.
 """
@@ -19,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -90,10 +95,19 @@ def make_box(d: Path, files: int, total_mb: int) -> list[Path]:
     return paths
 
 
-def timed(fn) -> float:
+def timed(fn, cpu: list | None = None) -> float:
+    """Wall seconds of fn(); its CPU seconds here (this process and the children it waited for) go to `cpu`."""
+    before = cpu_seconds()
     t = time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    if cpu is not None:
+        cpu.append(cpu_seconds() - before)
+    return wall
+
+
+def cpu_seconds() -> float:
+    return sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def main() -> None:
@@ -113,32 +127,38 @@ def main() -> None:
         known = work / "known_hosts"  # the relay's port is another "host" for known_hosts
         known.write_text(Path(srv.known_hosts_path).read_text().replace(f":{srv.port}]", f":{port}]"))
         scp = ["scp", "-q", "-i", srv.key_path, "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes", "-P", str(port)]
-        times: dict[str, list[float]] = {"scp": [], "fetch-weights": []}
-        for _ in range(args.rounds):
-            dest = work / "scp"
+        names = ("scp", "fetch-weights", "fetch, recorded")
+        times: dict[str, list[float]] = {k: [] for k in names}
+        cpu: dict[str, list[float]] = {k: [] for k in names}
+        dest = work / "local"
+
+        def fetch():  # connecting included, as scp's is
+            with connect(f"{srv.user}@127.0.0.1", port=port, key=srv.key_path, known_hosts=str(known)) as conn:
+                fetch_weights(conn, str(box), dest, progress=False)
+
+        for i in range(args.rounds):
             dest.mkdir()
-            times["scp"].append(timed(lambda dest=dest: subprocess.run([*scp, *(f"{srv.user}@127.0.0.1:{c}" for c in ckpts), str(dest)],
-                                                                       check=True)))
+            times["scp"].append(timed(lambda: subprocess.run([*scp, *(f"{srv.user}@127.0.0.1:{c}" for c in ckpts), str(dest)], check=True),
+                                      cpu["scp"]))
             shutil.rmtree(dest)
-            for marker in box.glob(".fetched-*"):
+            for marker in box.glob(".*-model_*"):
                 marker.unlink()  # no digest recorded on the box: fetch-weights hashes there itself
-            dest = work / "fetch"
-
-            def fetch(dest=dest):  # connecting included, as scp's is
-                with connect(f"{srv.user}@127.0.0.1", port=port, key=srv.key_path, known_hosts=str(known)) as conn:
-                    fetch_weights(conn, str(box), dest, progress=False)
-
-            times["fetch-weights"].append(timed(fetch))
-            if _ == args.rounds - 1:
-                rerun = timed(fetch)
+            times["fetch-weights"].append(timed(fetch, cpu["fetch-weights"]))
             assert all((dest / c.name).read_bytes() == c.read_bytes() for c in ckpts)
+            if i == args.rounds - 1:
+                rerun = timed(fetch)
+            for c in ckpts:  # what the S3 sidecar leaves beside each checkpoint it uploaded
+                (box / f".synced-{c.name}").write_text(json.dumps({"sha256": hashlib.sha256(c.read_bytes()).hexdigest(), "size": c.stat().st_size}))
+            shutil.rmtree(dest)
+            times["fetch, recorded"].append(timed(fetch, cpu["fetch, recorded"]))
             shutil.rmtree(dest)
         link = f"loopback + {2 * args.delay_ms:g} ms round trip (relay)" if args.delay_ms else "loopback"
         print(f"{args.files} checkpoints, {size / 1e6:.0f} MB, {link}, {args.rounds} rounds")
         rate = {k: size / statistics.median(v) / 1e6 for k, v in times.items()}
         for k, v in times.items():
-            print(f"  {k:14s} {min(v):6.2f}-{max(v):6.2f} s   median {rate[k]:6.1f} MB/s")
-        print(f"  fetch-weights / scp throughput: {rate['fetch-weights'] / rate['scp']:.2f}x   re-run with nothing to move: {rerun:.2f} s")
+            print(f"  {k:16s} {min(v):6.2f}-{max(v):6.2f} s   median {rate[k]:6.1f} MB/s   {rate[k] / rate['scp']:.2f}x scp   "
+                  f"CPU here {statistics.median(cpu[k]):5.2f} s")
+        print(f"  re-run with nothing to move: {rerun:.2f} s")
     finally:
         srv.stop()
         shutil.rmtree(work, ignore_errors=True)
