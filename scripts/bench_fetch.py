@@ -48,6 +48,8 @@ class DelayRelay:
     def __init__(self, target_port: int, delay: float):
         self.target_port, self.delay = target_port, delay
         self.loop = asyncio.new_event_loop()
+        # Connections the programs drop or leave open when the script ends are no finding: nothing to log about them.
+        self.loop.set_exception_handler(lambda loop, context: None)
         ready = threading.Event()
         threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
         ready.wait()
@@ -62,6 +64,8 @@ class DelayRelay:
     async def _client(self, reader, writer):
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer), return_exceptions=True)
+        for w in (up_w, writer):
+            w.close()
 
     async def _pipe(self, reader, writer):
         queue: asyncio.Queue = asyncio.Queue()
@@ -72,11 +76,15 @@ class DelayRelay:
                 await asyncio.sleep(max(0.0, due - self.loop.time()))
                 writer.write(data)
                 await writer.drain()
-            writer.close()
+            if writer.can_write_eof():
+                writer.write_eof()  # a half-close, passed on: the other direction goes on
 
         task = asyncio.ensure_future(deliver())
-        while data := await reader.read(1 << 20):
-            queue.put_nowait((self.loop.time() + self.delay, data))
+        try:
+            while data := await reader.read(1 << 20):
+                queue.put_nowait((self.loop.time() + self.delay, data))
+        except ConnectionError:
+            pass  # the other side went away: deliver what came, then end
         queue.put_nowait(None)
         await task
 
@@ -123,9 +131,10 @@ def main() -> None:
         box = work / "box" / "model_weights"
         ckpts = make_box(box, args.files, args.mb)
         size = sum(c.stat().st_size for c in ckpts)
-        port = DelayRelay(srv.port, args.delay_ms / 1000).port if args.delay_ms else srv.port
+        relay = DelayRelay(srv.port, args.delay_ms / 1000) if args.delay_ms else None
+        port = relay.port if relay else srv.port
         known = work / "known_hosts"  # the relay's port is another "host" for known_hosts
-        known.write_text(Path(srv.known_hosts_path).read_text().replace(f":{srv.port}]", f":{port}]"))
+        known.write_text(Path(srv.known_hosts_path).read_text().replace(f"]:{srv.port} ", f"]:{port} "))
         scp = ["scp", "-q", "-i", srv.key_path, "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes", "-P", str(port)]
         names = ("scp", "fetch-weights", "fetch, recorded")
         times: dict[str, list[float]] = {k: [] for k in names}
