@@ -23,6 +23,7 @@ import os
 import posixpath
 import shlex
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,34 +190,55 @@ class Part:
 
 
 def transfer(conn, parts: list[Part], bar, report: FetchReport) -> dict[str, str]:
-    """All the parts in one stream (one SSH session: no per-file handshake), each verified and renamed into place as
-    soon as its last byte is here; the box hashes what has no recorded digest on a second channel meanwhile.
-    Returns {name: sha256} of the checkpoints verified."""
+    """All the parts in one stream (one SSH session: no per-file handshake), each verified as soon as its last byte is
+    here, then flushed to disk and renamed into place by a second thread while the next file arrives; the box hashes
+    what has no recorded digest on a second channel meanwhile. Returns {name: sha256} of the checkpoints verified."""
     if not parts:
         return {}
     hashed = [p for p in parts if p.verify and not p.known]
     hasher = _open(conn, "sha256sum " + " ".join(shlex.quote(p.remote) for p in hashed)) if hashed else None
     digests = hasher.makefile("rb") if hasher else None
     chunks = _stream(conn, "; ".join(p.command() for p in parts))
-    verified, rest = {}, b""
+    verified, rest, settled = {}, b"", []
     try:
-        for p in parts:
-            rest = _receive(p, chunks, rest, bar)
-            if p.verify:
-                box = p.known or _box_digest(conn, digests, p.remote)
-                if p.hash.hexdigest() != box:
-                    p.part.unlink()
-                    raise UserError(f"{p.dest.name}: the downloaded bytes do not match the box's sha256 (file changed during the "
-                                    "copy?): run fetch-weights again")
-                verified[p.dest.name] = box
-            os.replace(p.part, p.dest)
-            report.copied.append(p.dest.name)
-            report.bytes_transferred += p.size - p.start
+        with ThreadPoolExecutor(max_workers=1) as settler:  # on the way out it waits for what it was given
+            for p in parts:
+                rest = _receive(p, chunks, rest, bar)
+                if p.verify:
+                    box = p.known or _box_digest(conn, digests, p.remote)
+                    if p.hash.hexdigest() != box:
+                        p.part.unlink()
+                        raise UserError(f"{p.dest.name}: the downloaded bytes do not match the box's sha256 (file changed during "
+                                        "the copy?): run fetch-weights again")
+                    verified[p.dest.name] = box
+                settled.append((p, settler.submit(_settle, p)))
     finally:
         chunks.close()
         if hasher:
             hasher.close()
+        for p, done in settled:  # what is in place counts, even when a later file failed
+            if done.done() and done.exception() is None:
+                report.copied.append(p.dest.name)
+                report.bytes_transferred += p.size - p.start
+    for _, done in settled:
+        done.result()
     return verified
+
+
+def _settle(p: Part) -> None:
+    """fsync, then rename: a file under its final name is complete on the disk, not only in the page cache."""
+    try:
+        fd = os.open(p.part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        raise UserError(f"no space left on the device for {p.dest} ({human_bytes(free_bytes(p.part))} free): make room there "
+                        f"and run fetch-weights again; it goes on from {p.part.name}") from None
+    os.replace(p.part, p.dest)
 
 
 def _receive(p: Part, chunks, rest: bytes, bar) -> bytes:
@@ -236,8 +258,6 @@ def _receive(p: Part, chunks, rest: bytes, bar) -> bytes:
                 p.hash.update(piece)
                 need -= len(piece)
                 bar.update(len(piece))
-            out.flush()
-            os.fsync(out.fileno())
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise
