@@ -31,6 +31,7 @@ class PlanContext:
     flavour: Flavour
     rank: int
     nnodes: int
+    master: tuple[str, int]  # node 0's address and rendezvous port, as the launch passes them
     image: str = ""  # set by the image step: the reference the later steps run
 
 
@@ -78,9 +79,7 @@ def plan_sidecars(ctx: PlanContext) -> list[str]:
 
 
 def plan_container(ctx: PlanContext) -> list[str]:
-    o = ctx.opts
-    master = (o.master_addr or "NODE0", o.master_port) if ctx.nnodes > 1 else None
-    _, cmd = run_command(ctx.box, ctx.image, o.job, nnodes=ctx.nnodes, node_rank=ctx.rank, master=master)
+    _, cmd = run_command(ctx.box, ctx.image, ctx.opts.job, nnodes=ctx.nnodes, node_rank=ctx.rank, master=ctx.master)
     return ["container: " + cmd]
 
 
@@ -108,9 +107,10 @@ def dry_run(opts, conns, out=sys.stdout) -> int:
              for c in conns]
     out.write(table(boxes) + "\n")
     flavour = choose_flavour(boxes, opts.cuda)
+    master = (opts.master_addr or conns[0].host, opts.master_port)
     lines = []
     for rank, (conn, box) in enumerate(zip(conns, boxes, strict=True)):
-        ctx = PlanContext(conn, box, opts, flavour, rank, len(conns))
+        ctx = PlanContext(conn, box, opts, flavour, rank, len(conns), master)
         lines.append(f"{conn.user}@{conn.host}" + (f" (node {rank} of {len(conns)})" if len(conns) > 1 else "") + ":")
         lines += ["  " + line for step in PLAN_STEPS for line in step(ctx)]
     lines += cost_lines(opts, boxes)
