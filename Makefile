@@ -18,7 +18,8 @@ help:
 	@echo "make bench   time training steps (scripts/bench_train.py; PRESET=gpt2 on a GPU)"
 	@echo "make plot [LOGDIR=model_weights]   loss and HellaSwag curves of a run -> LOGDIR/plot.png"
 	@echo "make bench-prepare   tokenizing throughput: job.prepare vs tiktoken's batch encoder (scripts/bench_prepare.py)"
-	@echo "make build-image [NAME=...] [BASE_IMAGE=...]   build the trainer image as NAME:<git sha> and NAME:latest"
+	@echo "make build-image [CUDA=cu128] [NAME=...] [BASE_IMAGE=...]   build the trainer image for a CUDA flavour (infra/flavour.py;"
+	@echo "                 default cu130) as NAME:<git sha>, NAME:<git sha>-<flavour>, NAME:<flavour> and NAME:latest"
 	@echo "make push-image REGISTRY=registry.example.com/team   push both tags"
 	@echo "make run-local [CMD='...']   train in the image on this machine's GPUs (./data -> /persistent, ./model_weights -> /app/log)"
 	@echo "make run-local-cpu           the same on the CPU (tiny preset on the bundled corpus)"
@@ -74,8 +75,12 @@ clean-demo:
 NAME ?= $(IMAGE_NAME)
 GIT_SHA := $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 DOCKER ?= docker
+# The CUDA flavour of the pinned torch (cu130, cu128, cu126, or the CUDA version 12.8): base image and wheel index
+# come from infra/flavour.py's table. A BASE_IMAGE given here wins over the flavour's (docker keeps the last).
+CUDA ?=
+FLAVOUR = $(shell $(PYTHON) -m infra.flavour --name $(CUDA) 2>/dev/null)
 BUILD_ARGS = --build-arg WORKDIR=$(WORKDIR) --build-arg LOG_DIR=$(LOG_DIR) --build-arg PERSISTENT=$(PERSISTENT) \
-	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
+	$$($(PYTHON) -m infra.flavour $(CUDA)) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 # Mounts of the old workflow: persistent storage -> /persistent, weights -> /app/log. Run as the calling
 # user so checkpoints on the host are the user's.
 HOST_DATA ?= $(CURDIR)/data
@@ -90,14 +95,18 @@ check-docker:
 	@$(DOCKER) info >/dev/null 2>&1 || { echo "error: cannot talk to the Docker daemon: start it (sudo systemctl start docker) or add your user to the docker group" >&2; exit 1; }
 
 build-image: check-docker
-	$(DOCKER) build -f docker/Dockerfile $(BUILD_ARGS) -t $(NAME):$(GIT_SHA) -t $(NAME):latest .
+	@$(PYTHON) -m infra.flavour $(CUDA) >/dev/null
+	$(DOCKER) build -f docker/Dockerfile $(BUILD_ARGS) -t $(NAME):$(GIT_SHA) -t $(NAME):$(GIT_SHA)-$(FLAVOUR) -t $(NAME):$(FLAVOUR) \
+		-t $(NAME):latest .
 
 push-image: check-docker
 	@test -n "$(REGISTRY)" || { echo "error: REGISTRY is not set: make push-image REGISTRY=registry.example.com/team" >&2; exit 1; }
 	$(DOCKER) tag $(NAME):$(GIT_SHA) $(REGISTRY)/$(NAME):$(GIT_SHA)
 	$(DOCKER) tag $(NAME):latest $(REGISTRY)/$(NAME):latest
+	$(DOCKER) tag $(NAME):$(FLAVOUR) $(REGISTRY)/$(NAME):$(FLAVOUR)
 	$(DOCKER) push $(REGISTRY)/$(NAME):$(GIT_SHA)
 	$(DOCKER) push $(REGISTRY)/$(NAME):latest
+	$(DOCKER) push $(REGISTRY)/$(NAME):$(FLAVOUR)
 
 run-local: check-docker
 	@$(DOCKER) info --format '{{json .Runtimes}}' | grep -q nvidia || { echo "error: this Docker has no NVIDIA runtime (install nvidia-container-toolkit for GPUs); to train on the CPU instead run: make run-local-cpu" >&2; exit 1; }

@@ -1,7 +1,7 @@
 """Laptop-side tasks (`fab --list`). Each task is a thin wrapper over plain functions in infra/ that take a
 Connection; those functions are what the tests call directly.
 
-    fab launch --host ubuntu@IP [--fs NAME] [--recipe gpt2|speedrun] [--preset gpt2] [--steps N] [--sync-s3 s3://B/P] ...
+    fab launch --host ubuntu@IP [--fs NAME] [--recipe gpt2|speedrun] [--preset gpt2] [--steps N] [--sync-s3 s3://B/P] [--dry-run] ...
     fab logs --host ubuntu@IP [--tail 100]      fab status --host ubuntu@IP      fab stop --host ubuntu@IP
     fab fetch-weights --host ubuntu@IP [--to DIR] [--latest-only] [--s3 s3://B/P]
 """
@@ -98,13 +98,15 @@ def _pairs(values: str, flag: str) -> dict[str, str]:
     "api_key_file": "Lambda API key file, mode 600 (default ~/.config/lambda/api_key; LAMBDA_API_KEY wins)",
     "api_base": "Lambda API base URL (default https://cloud.lambdalabs.com/api/v1, or LAMBDA_API_BASE)",
     "guard_poll": "seconds between the cost guard's looks at the run (default 30)",
+    "cuda": "CUDA flavour of torch for the image: cu130, cu128, cu126 (default: the newest the box's driver runs)",
+    "dry_run": "connect, check the box and print the plan (image, data, container, cost); change nothing",
 })
 def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_new_host_key=False, image=None, ship=False,
            build_arg="", wheels=None, fs=None, data_dir=None, weights_dir="~/model_weights", nproc=None, preset="gpt2", steps=None,
            train_args="", env="", allow_cpu=False, detach=False, restart=False, sync_s3=None, s3_endpoint=None, master_addr=None,
            master_port="29500", provision=False, type="", region="auto", ssh_key="", name=None, ssh_user="ubuntu", yes=False,  # noqa: F811
            step_seconds=None, terminate_when_done=False, max_hours=None, fetch_to="model_weights", api_key_file=None, api_base=None,
-           guard_poll="30", recipe="gpt2", data=None):
+           guard_poll="30", recipe="gpt2", data=None, cuda=None, dry_run=False):
     """Check and prepare the box, start training in the container, stream its log (Ctrl-C detaches)."""
     import os
 
@@ -123,6 +125,10 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
         if api:
             check_base_url(api)  # a typo fails now, not when the cost guard first calls the API
         check_endpoint(s3_endpoint)  # used on the box: checked here, before anything happens there
+        if cuda:
+            from infra.flavour import by_name
+
+            by_name(cuda)  # a flavour that does not exist fails before connecting
         job = Job(preset=preset, steps=maybe(steps, "--steps"), nproc=maybe(nproc, "--nproc"),
                   trainer_args=_split(train_args, "--train-args"), env=_pairs(env, "--env"), recipe=recipe, data=data or None)
         cloud = CloudOptions(provision=provision, type_name=type, region=region, ssh_key=ssh_key, name=name, ssh_user=ssh_user,
@@ -135,7 +141,7 @@ def launch(c, host="", hosts="", key=None, port=None, known_hosts=None, accept_n
                              weights_dir=weights_dir, allow_cpu=allow_cpu, detach=detach, restart=restart, sync_s3=sync_s3,
                              s3_endpoint=s3_endpoint, master_addr=master_addr,
                              master_port=number(master_port, "--master-port", minimum=1, maximum=65535),
-                             fetch_to=fetch_to, cloud=cloud)
+                             fetch_to=fetch_to, cloud=cloud, cuda=cuda, dry_run=dry_run)
         raise SystemExit(do_launch(opts))
 
     go()

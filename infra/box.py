@@ -28,6 +28,7 @@ class Box:
     docker: str  # the command that reaches the Docker daemon: "docker", or "sudo -n docker" without the group
     gpus: list[str] = field(default_factory=list)
     driver: str | None = None
+    cuda: tuple[int, int] | None = None  # the highest CUDA version the driver runs (nvidia-smi's header)
     nvidia_runtime: bool = False
     cpus: int = 0
     data_dir: str = ""  # absolute, on the box; mounted at contract.PERSISTENT
@@ -66,6 +67,13 @@ def find_gpus(conn) -> tuple[list[str], str | None]:
     return [r[0] for r in rows], (rows[0][1] if rows and len(rows[0]) > 1 else None)
 
 
+def driver_cuda(conn) -> tuple[int, int] | None:
+    """The driver's highest CUDA version, from nvidia-smi's header: what decides the image's CUDA flavour."""
+    from infra.flavour import parse_cuda_version
+
+    return parse_cuda_version(sh(conn, "nvidia-smi").stdout)
+
+
 def has_nvidia_runtime(conn, docker: str) -> bool:
     """`--gpus all` needs the NVIDIA container toolkit: a runtime registered with Docker, or its CLI hook."""
     runtimes = sh(conn, f"{docker} info --format '{{{{json .Runtimes}}}}'").stdout
@@ -95,15 +103,22 @@ def find_fs(conn, name: str) -> str:
                     "attach it when launching the instance, or pass --data-dir")
 
 
-def ensure_writable(conn, path: str, what: str, flag: str) -> None:
+def ensure_writable(conn, path: str, what: str, flag: str, create: bool = True) -> None:
+    """mkdir -p and a probe file; with create=False (a dry run) only look: the dir, or the nearest existing parent
+    that mkdir would create it in, is writable."""
     q = shlex.quote(path)
     probe = shlex.quote(f"{path}/.nanogpt-write-test")
-    if sh(conn, f"mkdir -p {q} && touch {probe} && rm -f {probe}").failed:
+    check = f"mkdir -p {q} && touch {probe} && rm -f {probe}"
+    if not create:
+        check = f"p={q}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; test -d \"$p\" -a -w \"$p\""
+    if sh(conn, check).failed:
         raise UserError(f"{what} {path} on {conn.host} is not writable by {conn.user}: `sudo chown {conn.user} {path}` there, or pass another {flag}")
 
 
 def free_gb(conn, path: str) -> float:
-    out = sh(conn, f"df -Pk {shlex.quote(path)} | tail -1").stdout.split()
+    """Free space where `path` is (or would be: its nearest existing parent)."""
+    look = f"p={shlex.quote(path)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; df -Pk \"$p\" | tail -1"
+    out = sh(conn, look).stdout.split()
     return int(out[3]) / 2**20 if len(out) > 3 and out[3].isdigit() else 0.0
 
 
@@ -113,7 +128,8 @@ def is_persistent(conn, path: str) -> bool:
 
 
 def preflight(conn, *, fs: str | None = None, data_dir: str | None = None, weights_dir: str = "~/model_weights",
-              allow_cpu: bool = False) -> Box:
+              allow_cpu: bool = False, create: bool = True) -> Box:
+    """Read the box; create=False (`fab launch --dry-run`) changes nothing there, not even the data and weights dirs."""
     if fs and data_dir:
         raise UserError("give either --fs NAME (a Lambda persistent filesystem) or --data-dir PATH, not both")
     docker = find_docker(conn)
@@ -128,18 +144,19 @@ def preflight(conn, *, fs: str | None = None, data_dir: str | None = None, weigh
     ids = sh(conn, "id -u; id -g; nproc", warn=False).stdout.split()
     data = find_fs(conn, fs) if fs else resolve_dir(conn, data_dir or "~/nanogpt-data")
     weights = resolve_dir(conn, weights_dir)
-    ensure_writable(conn, data, "data dir", "--data-dir or --fs")
-    ensure_writable(conn, weights, "weights dir", "--weights-dir")
+    ensure_writable(conn, data, "data dir", "--data-dir or --fs", create)
+    ensure_writable(conn, weights, "weights dir", "--weights-dir", create)
     return Box(host=conn.host, user=conn.user, uid=int(ids[0]), gid=int(ids[1]), cpus=int(ids[2]), docker=docker, gpus=gpus,
-               driver=driver, nvidia_runtime=runtime, data_dir=data, weights_dir=weights, free_gb=free_gb(conn, data),
-               persistent=bool(fs) or is_persistent(conn, data))
+               driver=driver, cuda=driver_cuda(conn) if gpus else None, nvidia_runtime=runtime, data_dir=data, weights_dir=weights,
+               free_gb=free_gb(conn, data), persistent=bool(fs) or is_persistent(conn, data))
 
 
 def table(boxes: list[Box]) -> str:
     rows = [("host", "GPUs", "driver", "docker", "NVIDIA runtime", "CPUs", "data dir (free)", "weights dir")]
     for b in boxes:
         gpus = f"{len(b.gpus)} x {b.gpus[0]}" if b.gpus else "none (CPU)"
-        rows.append((b.host, gpus, b.driver or "-", b.docker, "yes" if b.nvidia_runtime else "no", str(b.cpus),
+        driver = f"{b.driver or '?'} (CUDA {b.cuda[0]}.{b.cuda[1]})" if b.cuda else b.driver or "-"
+        rows.append((b.host, gpus, driver, b.docker, "yes" if b.nvidia_runtime else "no", str(b.cpus),
                      f"{b.data_dir} ({b.free_gb:.0f} GB free{'' if b.persistent else ', local disk'})", b.weights_dir))
     notes = []
     for b in boxes:

@@ -223,8 +223,19 @@ def refuse_if_active(conn, docker: str) -> None:
 def start(conn, box: Box, image: str, job: Job, *, nnodes: int = 1, node_rank: int = 0, master: tuple[str, int] | None = None,
           out=sys.stdout) -> str:
     """Start the trainer detached (the caller has checked that none runs, or stopped it). Returns the container name."""
-    name = job.name if nnodes == 1 else f"{job.name}-node{node_rank}"
+    name, cmd = run_command(box, image, job, nnodes=nnodes, node_rank=node_rank, master=master)
     run(conn, f"{box.docker} rm -f {shlex.quote(name)} >/dev/null 2>&1", warn=True)  # a finished run's container holds the name
+    res = run(conn, cmd, warn=True)
+    if res.failed:
+        raise UserError(f"docker run failed on {conn.host}: {' '.join((res.stderr or res.stdout).split())[:300]}")
+    out.write(f"started {name} on {conn.host}" + (f" (node {node_rank} of {nnodes})" if nnodes > 1 else "") + "\n")
+    return name
+
+
+def run_command(box: Box, image: str, job: Job, *, nnodes: int = 1, node_rank: int = 0,
+                master: tuple[str, int] | None = None) -> tuple[str, str]:
+    """(container name, the `docker run` command line) of the trainer: what start runs and a dry run prints."""
+    name = job.name if nnodes == 1 else f"{job.name}-node{node_rank}"
     env = dict(job.env)
     if job.nproc:
         env["NPROC"] = str(job.nproc)
@@ -232,12 +243,7 @@ def start(conn, box: Box, image: str, job: Job, *, nnodes: int = 1, node_rank: i
         env.update(NNODES=str(nnodes), NODE_RANK=str(node_rank), MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
     flags = docker_base(box, detach=True, name=name, labels={ROLE: "train", RANK: str(node_rank)}, network_host=nnodes > 1)
     flags += "".join(f" -e {shlex.quote(f'{k}={v}')}" for k, v in env.items())
-    cmd = f"{flags} {shlex.quote(image)} {' '.join(shlex.quote(a) for a in job.trainer_command())}"
-    res = run(conn, cmd, warn=True)
-    if res.failed:
-        raise UserError(f"docker run failed on {conn.host}: {' '.join((res.stderr or res.stdout).split())[:300]}")
-    out.write(f"started {name} on {conn.host}" + (f" (node {node_rank} of {nnodes})" if nnodes > 1 else "") + "\n")
-    return name
+    return name, f"{flags} {shlex.quote(image)} {' '.join(shlex.quote(a) for a in job.trainer_command())}"
 
 
 def find_train_container(conn, docker: str) -> dict:

@@ -6,7 +6,13 @@
 - `--ship`: `docker save` here streamed into `docker load` there, for an image built locally or an offline box.
 
 Each path is skipped when the box already has the same image: the source build is tagged with the hash of
-the exact build context, a shipped image is compared by image id, and `docker pull` checks by digest itself.
+the exact build context and build args, a shipped image is compared by image id, and `docker pull` checks by
+digest itself.
+
+Every path is for one CUDA flavour of the pinned torch (infra/flavour.py), the newest the box's driver runs: the
+build gets the flavour's base image and wheel index and has the flavour in its tag (nanogpt-train:src-HASH-cu128);
+`--image REGISTRY/NAME:{flavour}` pulls the tag of that flavour; `--ship` sends NAME:<flavour> as
+`make build-image CUDA=...` tags it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from infra.flavour import DEFAULT, Flavour
 from infra.ssh import run, stream
 from job import contract
 from job.errors import UserError
@@ -80,26 +87,57 @@ def _chunks(f, size: int = 1 << 20, progress=None):
         yield chunk
 
 
-def build_on_box(conn, docker: str, *, name: str = contract.IMAGE_NAME, build_args: dict[str, str] | None = None,
-                 wheels: str | None = None, out=sys.stdout) -> str:
+class _Discard(io.RawIOBase):
+    """Where the context goes when only its hash and size are wanted (a dry run)."""
+
+    size = 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.size += len(b)
+        return len(b)
+
+
+def build_args_for(flavour: Flavour, build_args: dict[str, str] | None = None) -> dict[str, str]:
+    """The container contract, then the flavour's base image and wheel index; --build-arg given by hand wins."""
+    return {"WORKDIR": contract.WORKDIR, "LOG_DIR": contract.LOG_DIR, "PERSISTENT": contract.PERSISTENT, **flavour.build_args(),
+            **(build_args or {})}
+
+
+def source_tag(context_digest: str, args: dict[str, str], flavour: Flavour, name: str = contract.IMAGE_NAME) -> str:
+    """The same source built with the same args is the same image: the tag says so, and which flavour it is."""
+    h = hashlib.sha256(context_digest.encode())
+    for k in sorted(args):
+        h.update(f"\0{k}={args[k]}".encode())
+    return f"{name}:src-{h.hexdigest()[:12]}-{flavour.name}"
+
+
+def build_command(docker: str, tag: str, args: dict[str, str], context: str, name: str = contract.IMAGE_NAME) -> str:
+    flags = " ".join(f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in args.items())
+    return f"{docker} build -f {context}/docker/Dockerfile {flags} -t {shlex.quote(tag)} -t {shlex.quote(name)}:latest {context}"
+
+
+def build_on_box(conn, docker: str, *, flavour: Flavour = DEFAULT, name: str = contract.IMAGE_NAME,
+                 build_args: dict[str, str] | None = None, wheels: str | None = None, out=sys.stdout) -> str:
     files = context_files(extra_wheels=wheels)
+    args = build_args_for(flavour, build_args)
     with tempfile.TemporaryFile() as tmp:
         digest = write_context(files, tmp)
-        tag = f"{name}:src-{digest[:12]}"
+        tag = source_tag(digest, args, flavour, name)
         if image_id(conn, docker, tag):
             out.write(f"image {tag} is already on {conn.host} (same source): not rebuilding\n")
             return tag
         size = tmp.tell()
         tmp.seek(0)
-        out.write(f"sending the image source to {conn.host} ({size / 2**20:.1f} MiB) and building {tag} there\n")
+        out.write(f"sending the image source to {conn.host} ({size / 2**20:.1f} MiB) and building {tag} there "
+                  f"(CUDA {flavour.cuda_text}, {args['BASE_IMAGE']})\n")
         remote = f".cache/nanogpt/build/src-{digest[:12]}"
         q = shlex.quote(remote)
         if stream(conn, f"rm -rf {q} && mkdir -p {q} && tar -xf - -C {q}", out=out, stdin_chunks=_chunks(tmp)) != 0:
             raise UserError(f"could not unpack the build context on {conn.host} (disk full?): check `df -h ~` there")
-    args = {"WORKDIR": contract.WORKDIR, "LOG_DIR": contract.LOG_DIR, "PERSISTENT": contract.PERSISTENT, **(build_args or {})}
-    flags = " ".join(f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in args.items())
-    cmd = f"{docker} build -f {q}/docker/Dockerfile {flags} -t {shlex.quote(tag)} -t {shlex.quote(name)}:latest {q}"
-    status = stream(conn, f"{cmd} 2>&1; rc=$?; rm -rf {q}; exit $rc", out=out)
+    status = stream(conn, f"{build_command(docker, tag, args, q, name)} 2>&1; rc=$?; rm -rf {q}; exit $rc", out=out)
     if status != 0:
         raise UserError(f"docker build failed on {conn.host} (exit {status}): the build log is above")
     return tag
@@ -143,11 +181,41 @@ def ship_to_box(conn, docker: str, image: str, out=sys.stdout, local_docker: str
     return image
 
 
-def ensure_image(conn, docker: str, *, image: str | None = None, ship: bool = False, build_args: dict[str, str] | None = None,
-                 wheels: str | None = None, out=sys.stdout) -> str:
+def pull_ref(image: str, flavour: Flavour) -> str:
+    """--image with `{flavour}` in it names one tag per flavour: ghcr.io/you/nanogpt-train:{flavour} -> ...:cu128."""
+    return image.replace("{flavour}", flavour.name)
+
+
+def ship_ref(image: str | None, flavour: Flavour) -> str:
+    return pull_ref(image, flavour) if image else f"{contract.IMAGE_NAME}:{flavour.name}"
+
+
+def ensure_image(conn, docker: str, *, flavour: Flavour = DEFAULT, image: str | None = None, ship: bool = False,
+                 build_args: dict[str, str] | None = None, wheels: str | None = None, out=sys.stdout) -> str:
     """Make the image available on the box and return the reference to run."""
     if ship:
-        return ship_to_box(conn, docker, image or f"{contract.IMAGE_NAME}:latest", out=out)
+        return ship_to_box(conn, docker, ship_ref(image, flavour), out=out)
     if image:
-        return pull_on_box(conn, docker, image, out=out)
-    return build_on_box(conn, docker, build_args=build_args, wheels=wheels, out=out)
+        return pull_on_box(conn, docker, pull_ref(image, flavour), out=out)
+    return build_on_box(conn, docker, flavour=flavour, build_args=build_args, wheels=wheels, out=out)
+
+
+def plan_image(conn, docker: str, *, flavour: Flavour = DEFAULT, image: str | None = None, ship: bool = False,
+               build_args: dict[str, str] | None = None, wheels: str | None = None) -> tuple[str, list[str]]:
+    """(the image reference, what ensure_image would do to have it), found by looking only (`docker image inspect`)."""
+    head = f"image: CUDA flavour {flavour.name} (CUDA {flavour.cuda_text})"
+    if ship:
+        ref = ship_ref(image, flavour)
+        there = "already on the box, nothing to send" if image_id(conn, docker, ref) else "docker save here | docker load there"
+        return ref, [f"{head}: ship {ref} from this machine ({there})"]
+    if image:
+        ref = pull_ref(image, flavour)
+        return ref, [f"{head}: docker pull {ref} on the box" + ("" if "{flavour}" in image else
+                " (a tag of another flavour fails at docker run: --image NAME:{flavour} picks the tag per flavour)")]
+    args = build_args_for(flavour, build_args)
+    sink = _Discard()
+    tag = source_tag(write_context(context_files(extra_wheels=wheels), sink), args, flavour)
+    if image_id(conn, docker, tag):
+        return tag, [f"{head}: {tag} is already on the box (same source and build args): no build"]
+    return tag, [f"{head}: build {tag} on the box from this source ({sink.size / 2**20:.1f} MiB sent), base {args['BASE_IMAGE']}",
+            "  " + build_command(docker, tag, args, "CONTEXT")]

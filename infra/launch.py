@@ -99,6 +99,8 @@ class LaunchOptions:
     master_port: int = 29500
     cloud: CloudOptions = field(default_factory=CloudOptions)
     fetch_to: str = "model_weights"  # where --terminate-when-done without S3 brings the weights before terminating
+    cuda: str | None = None  # a CUDA flavour of the pinned torch (infra/flavour.py); default: the newest the driver runs
+    dry_run: bool = False  # connect, preflight and print the plan (infra/plan.py); change nothing
 
 
 def hint(host: str) -> str:
@@ -277,14 +279,21 @@ def price_basis(job: Job, type_name: str, given: float | None) -> tuple[float | 
 
 def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
     """The Lambda instance behind an address we were given (for --terminate-when-done on a box we did not provision)."""
+    return instance_for(host, api_key=api_key, api_base=api_base, why="the cost guard needs it")["id"]
+
+
+def instance_for(host: str, api_key_file: str | None = None, api_base: str | None = None, *, api_key: str | None = None,
+                 why: str = "") -> dict:
+    """The Lambda instance (with its type and price) behind an address: one line of error when there is none."""
     from infra.ssh import parse_host
-    from job.sidecar.lambda_cloud import LambdaCloud
+    from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
 
     ip = parse_host(host)[1]
-    found = [i for i in LambdaCloud(api_key, api_base).instances() if i.get("ip") == ip and i.get("status") != "terminated"]
+    found = [i for i in LambdaCloud(api_key or load_api_key(api_key_file), api_base).instances()
+             if i.get("ip") == ip and i.get("status") != "terminated"]
     if len(found) != 1:
-        raise UserError(f"no Lambda instance of yours has the address {ip} (`fab instances` lists them): the cost guard needs it")
-    return found[0]["id"]
+        raise UserError(f"no Lambda instance of yours has the address {ip} (`fab instances` lists them)" + (f": {why}" if why else ""))
+    return found[0]
 
 
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
@@ -300,6 +309,8 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     if cloud.provision:
         if opts.hosts:
             raise UserError("--provision creates the box: leave out --host/--hosts")
+        if opts.dry_run:
+            return dry_run_provision(opts, out)
         host, instance_id, api_key = provision_box(opts, out)
         opts.hosts = [host]
         # A box created a minute ago has a host key nobody could have checked: record it on first contact (accept-new),
@@ -308,6 +319,8 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
         out.write(f"first contact with {host}: its SSH host key is recorded in known_hosts (accept-new)\n")
     if not opts.hosts:
         raise UserError("no box given: pass --host ubuntu@IP (or --hosts ubuntu@A,ubuntu@B for several, or --provision)")
+    if opts.dry_run:
+        return dry_run(opts, out)
     if cloud.guarded and instance_id is None:
         from job.sidecar.lambda_cloud import load_api_key
 
@@ -327,13 +340,43 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
         raise
 
 
+def dry_run(opts: LaunchOptions, out) -> int:
+    """--dry-run on boxes that exist: connect, preflight without creating anything, print the plan."""
+    from infra.plan import dry_run as plan
+
+    conns = [opts.ssh.connect(h) for h in opts.hosts]
+    try:
+        return plan(opts, conns, out)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def dry_run_provision(opts: LaunchOptions, out) -> int:
+    """--dry-run --provision: the instance type, region and cost estimate; nothing is created, so no box to look at."""
+    from infra.cloud import cost_line, plan_provision
+    from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
+
+    cloud = opts.cloud
+    plan = plan_provision(LambdaCloud(load_api_key(cloud.api_key_file), cloud.api_base), cloud.type_name, cloud.region, cloud.ssh_key, opts.fs)
+    step_seconds, basis = price_basis(opts.job, plan.type_name, cloud.step_seconds)
+    line = cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step())
+    out.write(f"plan (dry run: no instance launched): {line}\n"
+              "the box's own plan (driver, CUDA flavour, image, data) needs the box: `fab launch --dry-run --host ubuntu@IP` once it runs\n")
+    return 0
+
+
 def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api_key: str | None = None) -> int:
+    from infra.plan import choose_flavour
+
     boxes = [preflight(c, fs=opts.fs, data_dir=opts.data_dir, weights_dir=opts.weights_dir, allow_cpu=opts.allow_cpu) for c in conns]
     out.write(table(boxes) + "\n")
+    flavour = choose_flavour(boxes, opts.cuda)  # a driver too old for every flavour fails here, before any build or pull
     if not opts.restart:
         for conn, box in zip(conns, boxes, strict=True):
             refuse_if_active(conn, box.docker)
-    images = [ensure_image(conn, box.docker, image=opts.image, ship=opts.ship, build_args=opts.build_args, wheels=opts.wheels, out=out)
+    images = [ensure_image(conn, box.docker, flavour=flavour, image=opts.image, ship=opts.ship, build_args=opts.build_args,
+                           wheels=opts.wheels, out=out)
               for conn, box in zip(conns, boxes, strict=True)]
     for conn, box, image in zip(conns, boxes, images, strict=True):
         ensure_data(conn, box, image, opts.job, token_file=lambda c=conn: send_hf_token(c, out), out=out)

@@ -279,6 +279,7 @@ def fab_cases() -> list:
         *flag_cases(launch, [], "--api-base", BAD_URLS[4:], "fab-launch"),
         *flag_cases(launch, [], "--s3-endpoint", ["bogus"], "fab-launch"),
         *flag_cases(launch, [], "--sync-s3", ["bucket/prefix"], "fab-launch"),
+        *flag_cases(launch, [], "--cuda", ["cu99", "11.8"], "fab-launch"),
         pytest.param([*launch, "--hosts", "127.0.0.1"], "--hosts", id="fab-launch--host-and--hosts"),
         pytest.param([*launch, "--key", "{w}/nokey"], "nokey", id="fab-launch--key=missing"),
         *flag_cases([*fab, "stop"], host, "--timeout", ["nan"], "fab-stop"),

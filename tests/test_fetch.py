@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from tqdm import tqdm
 
 from conftest import ROOT, assert_one_line_error, grow
-from infra.fetch import _download, fetch_weights
+from infra.fetch import FetchReport, Part, RemoteFile, fetch_weights, transfer
 from infra.ssh import connect
 from job.errors import UserError
 from sshd import start_sshd
@@ -126,15 +127,72 @@ def test_disk_filling_during_a_transfer_keeps_the_part_and_the_next_fetch_goes_o
     local.mkdir()
     name, size = "model_03000.pt", (box / "model_03000.pt").stat().st_size
     with conn_for(server) as c:
-        sftp = c.sftp()
         digest = hashlib.sha256((box / name).read_bytes()).hexdigest()
         with pytest.raises(UserError, match=rf"no space left on the device for {local / name} \(\d+ KiB free, 1 MiB still "
                                             r"to copy\): make room there and run fetch-weights again; it goes on from the "
                                             rf"2 MiB in {name}.part"):
-            _download(sftp, str(box / name), local / name, size, digest, tqdm(disable=True))
+            part = Part(local / name, str(box / name), RemoteFile(size, 0, digest))
+            transfer(c, [part], tqdm(disable=True), FetchReport())
         part = local / f"{name}.part"
         assert part.stat().st_size > 0 and not (local / name).exists()
         kept = part.read_bytes()
         grow(local.parent, 8 * 2**20)
         fetch_weights(c, str(box), local, latest_only=True, progress=False)
     assert same_files(box, local, [name]) and (box / name).read_bytes().startswith(kept)
+
+
+@pytest.mark.parametrize("ssh", [None, "#!/bin/sh\necho 'Permission denied (publickey).' >&2\nexit 255\n"])
+def test_paramiko_channel_where_ssh_is_missing_or_cannot_log_in(server, box, tmp_path, monkeypatch, ssh):
+    """A laptop without OpenSSH's client, or whose ssh cannot log in as paramiko did (another key, its own ssh_config):
+    the same stream over a paramiko channel, resumed and verified alike."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if ssh:
+        (bin_dir / "ssh").write_text(ssh)
+        (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    local = tmp_path / "local"
+    local.mkdir()
+    data = (box / "model_02000.pt").read_bytes()
+    (local / "model_02000.pt.part").write_bytes(data[: 2**20])
+    with conn_for(server) as c:
+        report = fetch_weights(c, str(box), local, progress=False)
+    assert same_files(box, local, ["model_01000.pt", "model_02000.pt", "model_03000.pt", "metrics.jsonl"])
+    assert report.bytes_transferred == sum((box / n).stat().st_size for n in report.copied) - 2**20
+
+
+def test_a_digest_recorded_on_the_box_is_used_and_a_stale_one_ignored(server, box, tmp_path):
+    """The S3 sidecar's .synced-NAME (newer than the checkpoint) stands for the box's sha256: a wrong one there makes the
+    copy fail verification, which proves it was used; one older than the checkpoint (another run's) is ignored."""
+    name = "model_03000.pt"
+    marker = box / f".synced-{name}"
+    marker.write_text(json.dumps({"url": "s3://b/p/" + name, "sha256": "0" * 64, "size": (box / name).stat().st_size}))
+    local = tmp_path / "local"
+    with conn_for(server) as c:
+        with pytest.raises(UserError, match=f"{name}: the downloaded bytes do not match the box's sha256"):
+            fetch_weights(c, str(box), local, latest_only=True, progress=False)
+        assert not (local / name).exists()
+        old = (box / name).stat().st_mtime - 60
+        os.utime(marker, (old, old))
+        report = fetch_weights(c, str(box), local, latest_only=True, progress=False)
+    assert name in report.copied and same_files(box, local, [name])
+    assert (box / f".fetched-{name}").read_text() == hashlib.sha256((box / name).read_bytes()).hexdigest()
+
+
+def test_a_log_that_grows_during_the_fetch_comes_as_listed(server, box, tmp_path):
+    """Files travel in one stream, each cut at its listed size: a log appended to after the listing cannot shift the
+    checkpoints that follow it."""
+    from infra.fetch import remote_files
+
+    local = tmp_path / "local"
+    local.mkdir()
+    with conn_for(server) as c:
+        files = remote_files(c, str(box))
+        listed = (box / "metrics.jsonl").read_bytes()
+        with open(box / "metrics.jsonl", "a") as f:
+            f.write('{"event": "train", "step": 1, "loss": 10.1}\n' * 1000)
+        names = ["metrics.jsonl", "model_01000.pt"]
+        report = FetchReport()
+        transfer(c, [Part(local / n, str(box / n), files[n]) for n in names], tqdm(disable=True), report)
+    assert (local / "metrics.jsonl").read_bytes() == listed and same_files(box, local, ["model_01000.pt"])
+    assert report.copied == names

@@ -720,3 +720,114 @@ def test_a_token_the_hub_refuses_is_one_line_and_nothing_starts(hub, boxes, lapt
     line = assert_one_line_error(proc, "data on 127.0.0.1: the Hugging Face hub", "refused the Hugging Face token", "HF_TOKEN")
     assert proc.returncode == 2 and "started" not in proc.stdout and docker_ps() == []
     assert wrong not in proc.stdout + line
+
+
+# ---- the box's NVIDIA driver picks the image's CUDA flavour; --dry-run ------------------------------------
+
+STAND_IN_SMI = """#!/bin/sh
+# Stand-in for NVIDIA's nvidia-smi: one H100 on the driver written in driver.txt beside it ("VERSION CUDA").
+read drv cuda < "$(dirname "$0")/driver.txt"
+case "$*" in
+  *--query-gpu=name,driver_version*) echo "NVIDIA H100 80GB HBM3, $drv" ;;
+  *--query-gpu=*) echo "0, 0, 81559" ;;
+  *) echo "| NVIDIA-SMI $drv     Driver Version: $drv     CUDA Version: $cuda     |" ;;
+esac
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_box(box_user, laptop, tmp_path_factory):
+    """A box whose PATH has a stand-in nvidia-smi (and the container toolkit's nvidia-ctk): Docker is real, the GPU is not."""
+    bin_dir = box_path("bin")
+    (bin_dir / "nvidia-smi").write_text(STAND_IN_SMI)
+    (bin_dir / "nvidia-ctk").write_text("#!/bin/sh\nexit 0\n")
+    for f in ("nvidia-smi", "nvidia-ctk"):
+        (bin_dir / f).chmod(0o755)
+    server = start_sshd(tmp_path_factory.mktemp("sshd-gpu"), user=BOX_USER, user_key=laptop / "id_ed25519",
+                        extra_config=f"SetEnv PATH={bin_dir}:/usr/local/bin:/usr/bin:/bin\n")
+    known = laptop / "known_hosts-gpu"
+    known.write_text(server.host_public_key_line + "\n")
+    yield server, bin_dir, known
+    server.stop()
+
+
+def set_driver(bin_dir: Path, version: str, cuda: str) -> None:
+    (bin_dir / "driver.txt").write_text(f"{version} {cuda}\n")
+
+
+def box_state(*dirs: Path) -> dict:
+    """What a dry run must leave as it was: the files under the box user's home and the run's dirs (names, sizes,
+    times), the containers that mount those dirs and the flavoured images in the box's Docker (the engine is shared
+    with other test runs, so only what this launch could have made is compared)."""
+    files, containers = {}, []
+    for d in (Path(pwd.getpwnam(BOX_USER).pw_dir), *dirs):
+        for p in sorted(d.rglob("*")) if d.exists() else []:
+            st = p.lstat()
+            files[str(p)] = (st.st_size, st.st_mtime_ns)
+        files[str(d)] = d.exists()
+        for sub in (d, d / "data", d / "weights"):
+            containers += sh("docker", "ps", "-a", "--filter", f"volume={sub}", "--format", "{{.ID}} {{.State}}").stdout.split()
+    images = [line for line in sh("docker", "images", contract.IMAGE_NAME, "--format", "{{.Tag}} {{.ID}}").stdout.splitlines()
+              if line.startswith("src-") and "-cu" in line.split()[0]]
+    return {"files": files, "containers": sorted(containers), "images": sorted(images)}
+
+
+@pytest.mark.parametrize("driver, cuda, flavour, base, index", [
+    ("580.95.05", "13.0", "cu130", "nvidia/cuda:13.0.1-base-ubuntu24.04@sha256:", "TORCH_INDEX_URL= "),
+    ("570.172.08", "12.8", "cu128", "nvidia/cuda:12.8.1-base-ubuntu24.04", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128"),
+    ("560.35.03", "12.6", "cu126", "nvidia/cuda:12.6.3-base-ubuntu24.04@sha256:", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126"),
+])
+def test_dry_run_plans_the_flavour_the_driver_runs_and_changes_nothing(gpu_box, laptop, driver, cuda, flavour, base, index):
+    server, bin_dir, known = gpu_box
+    set_driver(bin_dir, driver, cuda)
+    parent = box_path("dry")
+    data, weights = parent / "data", parent / "weights"  # do not exist: a launch would create them, a dry run must not
+    before = box_state(parent)
+    proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", known, "--preset", "tiny",
+               "--data-dir", data, "--weights-dir", weights, "--steps", 50, "--dry-run", check=True)
+    out = proc.stdout
+    assert "1 x NVIDIA H100 80GB HBM3" in out and f"{driver} (CUDA {cuda})" in out  # preflight read the driver
+    assert f"image: CUDA flavour {flavour} (CUDA {cuda})" in out
+    build = next(line for line in out.splitlines() if " build -f " in line)
+    assert f"--build-arg BASE_IMAGE={base}" in build and f"--build-arg {index}" in build  # the flavour's build args
+    assert f"-t {contract.IMAGE_NAME}:src-" in build and f"-{flavour} " in build  # the flavour in the tag
+    assert f"data: no complete set of shards in {data}/tinyshakespeare: prepared on the box" in out
+    assert "container: docker run -d --init" in out and "--gpus all" in out and "--max-steps 50" in out
+    assert "cost: not estimated" in out and "nothing was changed on the box" in out
+    assert box_state(parent) == before and not data.exists() and not weights.exists()
+
+
+def test_a_driver_too_old_for_every_flavour_is_refused_before_the_build(gpu_box, laptop):
+    server, bin_dir, known = gpu_box
+    set_driver(bin_dir, "535.183.01", "12.2")
+    parent = box_path("old-driver")
+    before = box_state()
+    for extra in ([], ["--dry-run"]):
+        proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", known, "--preset", "tiny",
+                   "--data-dir", parent / "data", "--weights-dir", parent / "weights", *extra)
+        assert_one_line_error(proc, "driver 535.183.01 (CUDA 12.2)", "driver >= 560.28", "update the driver")
+        assert "sending the image source" not in proc.stdout and "started" not in proc.stdout
+    assert box_state()["images"] == before["images"] and box_state()["containers"] == before["containers"]
+    set_driver(bin_dir, "570.172.08", "12.8")
+    proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", known, "--cuda", "cu130", "--dry-run",
+               "--data-dir", parent / "data", "--weights-dir", parent / "weights")
+    assert_one_line_error(proc, "cu130 needs an NVIDIA driver with CUDA >= 13.0", "choose cu128")
+    proc = fab("launch", "--host", server.address, "--cuda", "cu99", "--dry-run")
+    assert_one_line_error(proc, "no CUDA flavour 'cu99'", "cu128 (CUDA 12.8)")
+
+
+def test_dry_run_estimates_the_cost_of_a_known_instance_type(gpu_box, laptop):
+    """The box's address is one of the account's Lambda instances: its type and price give the estimate."""
+    from fake_lambda import H100, TEST_KEY, FakeLambda
+
+    server, bin_dir, known = gpu_box
+    set_driver(bin_dir, "580.95.05", "13.0")
+    parent = box_path("dry-cost")
+    with FakeLambda() as api:
+        api.add_instance("train", H100)
+        proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", known, "--data-dir", parent / "data",
+                   "--weights-dir", parent / "weights", "--steps", 1000, "--dry-run",
+                   env={"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": api.url}, check=True)
+    cost = next(line for line in proc.stdout.splitlines() if line.startswith("cost: "))
+    assert f"{H100} x1 in us-east-1: $23.92/hour" in cost and "1000 steps x" in cost and "about $" in cost, cost
+    assert "preparing" not in proc.stdout and not (parent / "data").exists()
