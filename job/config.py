@@ -217,6 +217,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     per_step = cfg.micro_batch * cfg.seq_len * world_size
     if cfg.recipe not in recipes.names():
         bad("recipe", f"must be one of {', '.join(recipes.names())}, got {cfg.recipe!r}")
+    recipes.get(cfg.recipe).check(cfg, world_size)  # before the batch arithmetic: its rules say what to change first
     if cfg.total_batch_tokens % per_step:
         raise UserError(
             f"--total-batch-tokens {cfg.total_batch_tokens} is not divisible by micro-batch x seq-len x world size "
@@ -228,7 +229,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
                         f"val-seq-len x world size = {val_batch} tokens: pick a multiple of {val_batch}")
     if (cfg.val_seq_len or cfg.seq_len) > cfg.block_size:
         bad("val_seq_len", f"({cfg.val_seq_len}) exceeds the model's block size ({cfg.block_size}): lower it or raise --block-size")
-    recipes.get(cfg.recipe).check(cfg, world_size)
     if cfg.resume not in ("auto", "never") and not os.path.isfile(cfg.resume):
         bad("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
     if cfg.hellaswag_path and not os.path.isfile(cfg.hellaswag_path):

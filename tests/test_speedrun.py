@@ -4,12 +4,17 @@ scripts/speedrun_reference.py), and the trainer's promises (resume, SIGTERM, DDP
 
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import popen, wait_for
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli
+from job import checkpoint as ckpt_lib
 from job.optim import Optimizers
 from job.recipes import speedrun as recipe
 from job.speedrun import attention
@@ -247,3 +252,125 @@ def test_muon_momentum_state_is_whole_on_every_rank_and_scales_tall_matrices():
     # The tall matrix's step is sqrt(rows/cols) = 2 times larger: the same RMS change per element.
     assert p_tall.norm().item() == pytest.approx(2 * p_wide.norm().item(), rel=1e-5)
     assert math.isfinite(p_tall.sum().item())
+
+
+# --- the trainer's promises, for this recipe -------------------------------------------------------------
+# The tiny preset narrowed further: 12 layers 64 wide, one sequence of 256 tokens per micro-batch, two per step.
+SR_SMALL = ["--recipe", "speedrun", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", "256",
+            "--seq-len", "256", "--total-batch-tokens", "512", "--val-seq-len", "256", "--val-tokens", "1024",
+            "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
+STEPS = 12
+
+
+def sr_cmd(data_dir, log_dir, *extra) -> list[str]:
+    return ["-m", "job.train", *SR_SMALL, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--max-steps", str(STEPS),
+            *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def sr_reference(shards, hellaswag_rows, tmp_path_factory):
+    log = tmp_path_factory.mktemp("speedrun")
+    run_cli(*sr_cmd(shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
+                    "--sample-num", 2, "--sample-tokens", 8), check=True)
+    return log
+
+
+def assert_same_speedrun_losses(log_dir, reference_dir, rel=1e-6):
+    got, want = losses(log_dir), losses(reference_dir)
+    assert sorted(got) == list(range(STEPS)) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=rel, abs=rel), step
+
+
+def test_speedrun_run_learns_logs_its_schedules_and_checkpoints_both_optimizers(sr_reference):
+    ls = losses(sr_reference)
+    assert ls[STEPS - 1] < ls[0] - 1.0
+    head = (sr_reference / "train.log").read_text().splitlines()[0]
+    assert "(speedrun recipe)" in head and "attention SDPA with the same mask" in head and "output layer float32" in head
+    train = events(sr_reference, "train")
+    assert [round(e["muon_momentum"], 6) for e in train[:3]] == [0.85, round(0.85 + 0.1 / 300, 6), round(0.85 + 0.2 / 300, 6)]
+    assert train[-1]["lr_factor"] == pytest.approx(recipe.lr_factor(STEPS - 1, STEPS))
+    assert "ETA" in (sr_reference / "train.log").read_text()
+    assert [v["step"] for v in events(sr_reference, "val")] == [0, 5, 10, 12]
+    assert [h["step"] for h in events(sr_reference, "hellaswag")] == [0, 6, 12]
+    assert events(sr_reference, "sample")[-1]["step"] == STEPS
+    ck = torch.load(sr_reference / "model_00012.pt", map_location="cpu", weights_only=True)
+    assert ck["train_config"]["recipe"] == "speedrun"
+    adam, muon = ck["optimizer"]["optimizers"]
+    model = SpeedrunGPT(SpeedrunConfig(**{k: ck["config"][k] for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")}))
+    matrices = sum(len(ps) for ps in recipe.param_groups(model)[1])
+    assert len(muon["state"]) == matrices and all("momentum_buffer" in s for s in muon["state"].values())
+    assert len(adam["state"]) == sum(len(g["params"]) for g in adam["param_groups"])
+    assert muon["param_groups"][0]["momentum"] == pytest.approx(recipe.muon_momentum(STEPS - 1))
+
+
+def test_speedrun_sigkill_then_resume_gives_identical_losses(shards, sr_reference, tmp_path):
+    log = tmp_path / "log"
+    args = sr_cmd(shards, log, "--checkpoint-every", 4)
+    proc = popen(args)
+    wait_for(lambda: 6 in losses(log), proc, timeout=300)  # past the step-4 checkpoint, before the step-8 one
+    proc.kill()
+    proc.wait()
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4]
+    run_cli(*args, check=True)
+    assert events(log, "resume")[0]["step"] == 4
+    assert_same_speedrun_losses(log, sr_reference)
+
+
+def test_speedrun_sigterm_saves_and_the_same_command_resumes(shards, sr_reference, tmp_path):
+    log = tmp_path / "log"
+    args = sr_cmd(shards, log, "--checkpoint-every", 0)
+    proc = popen(args)
+    wait_for(lambda: 3 in losses(log), proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = ckpt_lib.list_checkpoints(log)
+    assert len(saved) == 1 and saved[0][0] == max(losses(log)) + 1
+    run_cli(*args, check=True)
+    assert_same_speedrun_losses(log, sr_reference)
+
+
+def test_speedrun_under_torchrun_two_processes_match_one(shards, sr_reference, tmp_path):
+    """Two ranks each take one of the step's two sequences; Muon's Newton-Schulz is split between them and
+    all-gathered (the record's layout)."""
+    log = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *sr_cmd(shards, log, "--checkpoint-every", 4)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 x 256 x 2 ranks x 1 accum" in proc.stdout
+    assert_same_speedrun_losses(log, sr_reference, rel=1e-4)
+    got = [v["loss"] for v in events(log, "val")]
+    assert got == pytest.approx([v["loss"] for v in events(sr_reference, "val")], rel=1e-4)
+    a = torch.load(log / "model_00012.pt", weights_only=True)
+    b = torch.load(sr_reference / "model_00012.pt", weights_only=True)
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-4)
+    # Every rank kept every momentum buffer: rank 0's checkpoint holds them all.
+    assert len(a["optimizer"]["optimizers"][1]["state"]) == len(b["optimizer"]["optimizers"][1]["state"])
+
+
+def test_speedrun_checkpoint_samples_and_export_refuses_in_one_line(sr_reference, tmp_path):
+    proc = run_cli("-m", "job.sample", "--checkpoint", sr_reference, "--num", "2", "--max-tokens", "8", "--prompt", "ROMEO:",
+                   check=True)
+    assert proc.stdout.count("sample ") == 2 and "step 12" in proc.stdout
+    out = tmp_path / "hf"
+    proc = run_cli("-m", "job.export", "--checkpoint", sr_reference, "--out", out)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--recipe speedrun", "job.sample")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--micro-batch", "2"], "--micro-batch 1"),
+    (["--n-layer", "6"], "12 layers"),
+    (["--seq-len", "200", "--val-seq-len", "256"], "multiple of 128"),
+    (["--val-tokens", "1000"], "--val-tokens 1000"),
+    (["--grad-clip", "1.0"], "--grad-clip"),
+])
+def test_speedrun_settings_it_cannot_run_are_one_line(shards, tmp_path, flags, needle):
+    proc = run_cli(*sr_cmd(shards, tmp_path / "log", *flags))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "log").exists()

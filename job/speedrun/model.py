@@ -54,6 +54,21 @@ def next_multiple(v: float, n: int) -> int:
     return max(n, math.ceil(v / n) * n)
 
 
+_compiled_flex = None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
+    """FlexAttention, always compiled: only the compiled kernel skips the blocks the block lists leave out, and the
+    window lives there alone (eager FlexAttention applies just the per-token document-causal rule, a different model).
+    Inside a compiled model this is inlined."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+
+
 class CastedLinear(nn.Linear):
     """A bias-free linear whose weight is cast to the input's dtype; optionally FP8 in training."""
 
@@ -115,8 +130,6 @@ class CausalSelfAttention(nn.Module):
         if isinstance(mask, Tensor):  # dense (B, T, T): scaled_dot_product_attention
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=ATTN_SCALE)
         else:  # a FlexAttention BlockMask
-            from torch.nn.attention.flex_attention import flex_attention
-
             y = flex_attention(q, k, v, block_mask=mask, scale=ATTN_SCALE)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
