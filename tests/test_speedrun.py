@@ -18,7 +18,7 @@ from job import checkpoint as ckpt_lib
 from job.optim import Optimizers
 from job.recipes import speedrun as recipe
 from job.speedrun import attention
-from job.speedrun.model import Rotary, SpeedrunConfig, SpeedrunGPT
+from job.speedrun.gpt import Rotary, SpeedrunConfig, SpeedrunGPT
 from job.speedrun.muon import Muon, newton_schulz
 
 REFERENCE = json.loads((ROOT / "tests" / "data" / "speedrun_reference.json").read_text())

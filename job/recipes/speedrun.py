@@ -21,7 +21,7 @@ from job import contract
 from job.errors import UserError
 from job.recipes import Recipe
 from job.speedrun.fp8 import fp8_supported
-from job.speedrun.model import GPT2_VOCAB, LAYERS, SpeedrunConfig, SpeedrunGPT, next_multiple
+from job.speedrun.gpt import GPT2_VOCAB, LAYERS, SpeedrunConfig, SpeedrunGPT, next_multiple
 from job.speedrun.muon import Muon, newton_schulz
 
 # The record's optimizers: Adam for the output layer, the embeddings and the scalars; Muon for the blocks' matrices.

@@ -6,7 +6,7 @@ records/track_1_short/2025-05-24_StableTorch, "21st record with latest torch": 1
   (CUDA) and as the same mask made dense for scaled_dot_product_attention (the CPU, and any batch FlexAttention's
   fast path does not take).
 - fp8.py: the output layer's FP8 matmul with the record's fixed scales (GPUs with FP8 tensor cores).
-- model.py: the model (rotary, QK-norm, ReLU², value embeddings, U-net skips, sigmoid softcap, untied FP8 head).
+- gpt.py: the model (rotary, QK-norm, ReLU², value embeddings, U-net skips, sigmoid softcap, untied FP8 head).
 - muon.py: Muon (Newton-Schulz orthogonalised momentum), spread over the ranks as the record does.
 
 The recipe that wires them into the trainer is job/recipes/speedrun.py.
