@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DATA := data/tinyshakespeare
-DEMO_LOG := model_weights
+# RECIPE=speedrun trains modded-nanogpt's record at its tiny size instead; each recipe has its own log dir (a run
+# refuses to resume another recipe's checkpoints).
+RECIPE ?= gpt2
+DEMO_LOG := model_weights$(if $(filter-out gpt2,$(RECIPE)),-$(RECIPE))
 
 # The container contract (image name, /app, /persistent, /app/log): one file, also read by job/ and infra/.
 include job/contract.env
@@ -12,7 +15,7 @@ include job/contract.env
 .PHONY: fetch-weights help venv demo demo-data test test-fast lint bench bench-prepare plot clean-demo check-docker build-image push-image run-local run-local-cpu shell
 
 help:
-	@echo "make demo    train the tiny GPT-2 on the bundled Shakespeare (CPU, a few minutes) and print samples"
+	@echo "make demo [RECIPE=speedrun]   train the tiny GPT-2 on the bundled Shakespeare (CPU, a few minutes) and print samples"
 	@echo "make test    run the test suite (lint included)"
 	@echo "make test-fast   the edit loop: the tests without Docker, sshd or training runs (pytest -m 'not slow')"
 	@echo "make bench   time training steps (scripts/bench_train.py; PRESET=gpt2 on a GPU)"
@@ -39,7 +42,7 @@ demo-data: venv
 	else $(PY) -m job.prepare text job/assets/tinyshakespeare.txt --out $(DEMO_DATA) --shard-size 50000; fi
 
 demo: demo-data
-	$(PY) -m job.train --preset tiny --data-dir $(DEMO_DATA) --log-dir $(DEMO_LOG) $(ARGS)
+	$(PY) -m job.train --recipe $(RECIPE) --preset tiny --data-dir $(DEMO_DATA) --log-dir $(DEMO_LOG) $(ARGS)
 	$(PY) -m job.sample --checkpoint $(DEMO_LOG) --num 3 --max-tokens 48 --prompt "ROMEO:"
 
 lint: venv

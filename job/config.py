@@ -49,6 +49,8 @@ class TrainConfig:
     # evaluation
     eval_every: int = 250  # val loss every N steps (0: only at the end)
     val_steps: int = 20  # micro-batches of val data per evaluation
+    val_seq_len: int = 0  # tokens per validation sequence (0: --seq-len)
+    val_tokens: int = 0  # validation tokens per evaluation, over all ranks (0: --val-steps micro-batches per rank)
     hellaswag_every: int = 250  # 0 disables HellaSwag
     hellaswag_path: str | None = None  # local hellaswag_val.jsonl; default: downloaded into the cache dir
     hellaswag_url: str = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -129,6 +131,20 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def preset_table(recipe: str) -> dict[str, dict]:
+    """The --preset table of a recipe: its own, or the GPT-2 sizes above."""
+    if recipe not in recipes.names():
+        raise UserError(f"--recipe must be one of {', '.join(recipes.names())}, got {recipe!r}")
+    return recipes.get(recipe).presets or PRESETS
+
+
+def val_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Validation micro-batches per rank and evaluation: --val-tokens spread over the ranks, else --val-steps."""
+    if not cfg.val_tokens:
+        return cfg.val_steps
+    return cfg.val_tokens // (world_size * cfg.micro_batch * (cfg.val_seq_len or cfg.seq_len))
+
+
 def from_dict(values: dict) -> TrainConfig:
     """Build a config from a preset plus explicit overrides; unknown keys are an error, not ignored."""
     names = {f.name for f in fields(TrainConfig)}
@@ -136,9 +152,10 @@ def from_dict(values: dict) -> TrainConfig:
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: see `python -m job.train --help` for the valid options")
     preset = values.get("preset", TrainConfig.preset)
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset], **{k: v for k, v in values.items() if v is not None or k == "hellaswag_path"}}
+    table = preset_table(values.get("recipe", TrainConfig.recipe))
+    if preset not in table:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(table)}")
+    merged = {**table[preset], **{k: v for k, v in values.items() if v is not None or k == "hellaswag_path"}}
     cfg = TrainConfig(**{k: v for k, v in merged.items() if k in names})
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         if getattr(cfg, k) is None:
@@ -173,7 +190,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
                  "max_steps", "val_steps", "log_every", "ddp_bucket_mb"):
         if getattr(cfg, name) <= 0:
             bad(name, f"must be a positive integer, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "sample_num", "eval_every", "hellaswag_every", "hellaswag_limit", "sample_every", "sample_tokens",
+    for name in ("val_seq_len", "val_tokens",
+                 "warmup_steps", "sample_num", "eval_every", "hellaswag_every", "hellaswag_limit", "sample_every", "sample_tokens",
                  "checkpoint_every", "keep_every", "keep_last", "checkpoint_minutes", "weight_decay", "grad_clip", "ce_chunk_tokens",
                  "prefetch"):
         if getattr(cfg, name) < 0:
@@ -199,11 +217,18 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     per_step = cfg.micro_batch * cfg.seq_len * world_size
     if cfg.recipe not in recipes.names():
         bad("recipe", f"must be one of {', '.join(recipes.names())}, got {cfg.recipe!r}")
+    recipes.get(cfg.recipe).check(cfg, world_size)  # before the batch arithmetic: its rules say what to change first
     if cfg.total_batch_tokens % per_step:
         raise UserError(
             f"--total-batch-tokens {cfg.total_batch_tokens} is not divisible by micro-batch x seq-len x world size "
             f"= {cfg.micro_batch} x {cfg.seq_len} x {world_size} = {per_step}: pick a multiple of {per_step}"
         )
+    val_batch = world_size * cfg.micro_batch * (cfg.val_seq_len or cfg.seq_len)
+    if cfg.val_tokens and cfg.val_tokens % val_batch:
+        raise UserError(f"--val-tokens {cfg.val_tokens} is not a whole number of validation batches of micro-batch x "
+                        f"val-seq-len x world size = {val_batch} tokens: pick a multiple of {val_batch}")
+    if (cfg.val_seq_len or cfg.seq_len) > cfg.block_size:
+        bad("val_seq_len", f"({cfg.val_seq_len}) exceeds the model's block size ({cfg.block_size}): lower it or raise --block-size")
     if cfg.resume not in ("auto", "never") and not os.path.isfile(cfg.resume):
         bad("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
     if cfg.hellaswag_path and not os.path.isfile(cfg.hellaswag_path):
@@ -227,6 +252,8 @@ HELP = {
     "data_dir": "directory of *train*/*val* .npy shards",
     "log_dir": "checkpoints, train.log, metrics.jsonl, log.txt",
     "eval_every": "val loss every N steps (0: only at the end)",
+    "val_seq_len": "tokens per validation sequence (0: --seq-len)",
+    "val_tokens": "validation tokens per evaluation over all ranks, e.g. a recipe's fixed validation set (0: --val-steps decides)",
     "hellaswag_every": "HellaSwag every N steps (0: off)",
     "hellaswag_path": "local hellaswag_val.jsonl (default: downloaded once into DATA_DIR/../hellaswag)",
     "hellaswag_url": "where to download the val jsonl from when no cached copy exists",
@@ -256,8 +283,8 @@ HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m job.train", description="Train GPT-2 (build-nanogpt reproduction). "
-                "Every option overrides the preset's default.")
+    p = ArgumentParser(prog="python -m job.train", description="Train GPT-2 (build-nanogpt reproduction, or --recipe "
+                "speedrun: modded-nanogpt's record). Every option overrides the preset's default (a recipe may have its own presets).")
     for f in fields(TrainConfig):
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         default = GPTConfig.__dataclass_fields__[f.name].default if f.default is None and f.name in GPTConfig.__dataclass_fields__ \

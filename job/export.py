@@ -123,11 +123,16 @@ def _write_text(path: Path, text: str) -> None:
 
 def export(checkpoint, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write the HF model directory for a checkpoint (file, or log dir = its newest); returns the directory."""
-    from job.sample import load_model, resolve_checkpoint
+    from job.sample import checkpoint_recipe, load_model, resolve_checkpoint
 
     out = check_out_dir(out_dir, dtype, overwrite)
     path = resolve_checkpoint(checkpoint)
     model, ckpt = load_model(path, "cpu")
+    recipe = checkpoint_recipe(ckpt)
+    if recipe != "gpt2":  # checked before anything is written: the out dir stays as it was
+        raise UserError(f"{path} was trained with --recipe {recipe}, whose model (rotary positions, ReLU², value embeddings, "
+                        "skips) has no transformers class to load it: sample it with `python -m job.sample --checkpoint "
+                        f"{path}` instead")
     weights = hf_weights(model, dtype)
     files = export_files(model, ckpt, path, dtype)
     write_export(out, weights, files)

@@ -47,18 +47,25 @@ def resolve_checkpoint(path) -> str:
     return str(path)
 
 
+def checkpoint_recipe(ckpt: dict) -> str:
+    """The recipe a checkpoint was trained with (checkpoints from before recipes existed are gpt2's)."""
+    return (ckpt.get("train_config") or {}).get("recipe", "gpt2")
+
+
 def load_model(path, device: str) -> tuple:
     """The GPT a checkpoint holds, on `device`, and the checkpoint. Anything that is not one of the trainer's
     checkpoints (another pickle, a model of another shape) is one line, not a traceback."""
     from job import checkpoint as ckpt_lib
-    from job.model import GPT, GPTConfig
+    from job import recipes
 
     ckpt = ckpt_lib.load(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise UserError(f"{path} is not a model checkpoint (no 'model'/'config' entries): pass a model_*.pt from a log dir")
-    cfg = {k: v for k, v in ckpt["config"].items() if k in GPTConfig.__dataclass_fields__}
+    recipe = checkpoint_recipe(ckpt)
+    if recipe not in recipes.names():
+        raise UserError(f"{path} was trained with --recipe {recipe}, which this version does not have: use the version that wrote it")
     try:
-        model = GPT(GPTConfig(**cfg))
+        model = recipes.get(recipe).model_from_config(ckpt["config"])
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job import checkpoint as ckpt_lib
 from job import contract, recipes
-from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args
+from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args, val_steps
 from job.data import DeviceLoader, ShardLoader, check_data_dir
 from job.errors import UserError, cli_main
 from job.failures import StopFlag, diverged_error, lost_rank, oom_error, out_of_memory, rank_lost_error, sibling_gone
@@ -98,8 +98,12 @@ class Trainer:
         # After the shards were opened (a bad one is an error before anything is written to the log dir).
         self.log = MetricsLogger(cfg.log_dir, enabled=rt.master)
         self.grad_accum = cfg.total_batch_tokens // (cfg.micro_batch * cfg.seq_len * rt.world)
-        self.autocast, self.autocast_dtype = autocast_ctx(cfg, rt)
         self.recipe = recipes.get(cfg.recipe)
+        self.autocast, self.autocast_dtype = autocast_ctx(cfg, rt)
+        if not self.recipe.autocast:  # the model keeps its own precision (built for autocast_dtype)
+            self.autocast = contextlib.nullcontext()
+        self.backward_scale = self.recipe.backward_scale(cfg)
+        self.val_steps = val_steps(cfg, rt.world)
         with seeded(cfg.seed, rt):
             self.model = self.recipe.build_model(cfg, rt.device, self.autocast_dtype)
         if cfg.init_from:
@@ -123,7 +127,8 @@ class Trainer:
         pin = rt.device_type == "cuda"  # batches copied ahead from pinned memory on CUDA
 
         def shards(split):
-            return ShardLoader(cfg.data_dir, split, cfg.micro_batch, cfg.seq_len, rt.rank, rt.world, pin_memory=pin)
+            seq_len = cfg.val_seq_len or cfg.seq_len if split == "val" else cfg.seq_len
+            return ShardLoader(cfg.data_dir, split, cfg.micro_batch, seq_len, rt.rank, rt.world, pin_memory=pin)
 
         return (DeviceLoader(train_loader or shards("train"), rt.device, cfg.prefetch),
                 DeviceLoader(val_loader or shards("val"), rt.device, cfg.prefetch))
@@ -193,6 +198,7 @@ class Trainer:
         step, timer = start, StepTimer()
         while True:
             self.step = step
+            self.recipe.model_schedule(self.model, step, cfg)  # e.g. the attention window: evaluation sees it too
             last = step == cfg.max_steps
             fresh = not (step == start and self.val_done_at_start)  # else evaluated before the resumed checkpoint
             val_loss = self.eval_val(step) if fresh and (last or due(cfg.eval_every, step)) else None
@@ -242,7 +248,7 @@ class Trainer:
                     _, loss = self.train_model(x, y)
                 loss = loss / self.grad_accum  # the gradient of the mean over the whole batch, not the sum
                 loss_accum += loss.detach()
-                loss.backward()
+                (loss * self.backward_scale if self.backward_scale != 1 else loss).backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
         hparams = self.recipe.schedule(self.optimizer, step, cfg)
         self.optimizer.step()
@@ -268,13 +274,13 @@ class Trainer:
         self.model.eval()
         self.val_loader.reset()
         total = torch.zeros((), device=self.rt.device)
-        for _ in range(self.cfg.val_steps):
+        for _ in range(self.val_steps):
             x, y = self.val_loader.next_batch()
             with self.autocast:
                 _, loss = self.fwd_model(x, y)
             total += loss.detach().float()
         self.model.train()
-        val_loss = all_reduce(self.rt, total / self.cfg.val_steps).item() / self.rt.world
+        val_loss = all_reduce(self.rt, total / self.val_steps).item() / self.rt.world
         self.log.line(f"step {step:6d} | val loss {val_loss:.4f}")
         self.log.event("val", step=step, loss=val_loss)
         if not math.isfinite(val_loss):
@@ -286,7 +292,7 @@ class Trainer:
 
         t0 = time.time()
         correct, total = hellaswag.evaluate(self.model, self.hellaswag, self.rt.device, self.rt.rank, self.rt.world,
-                                            autocast_dtype=self.autocast_dtype)
+                                            autocast_dtype=self.autocast_dtype if self.recipe.autocast else None)
         acc = correct / max(total, 1)
         self.log.line(f"step {step:6d} | HellaSwag acc_norm {correct}/{total} = {acc:.4f} ({time.time() - t0:.1f} s)")
         self.log.event("hellaswag", step=step, acc_norm=acc, correct=correct, total=total)

@@ -14,6 +14,18 @@ A recipe supplies three things (see `Recipe`):
   a momentum warm-up); called once per step after the gradients are summed and clipped (--grad-clip), right
   before the optimizers step. Return the values to log: "lr" (the step's log line) and any others (metrics.jsonl).
 
+Optionally (the defaults suit a GPT-2-like model under autocast):
+
+- presets: the recipe's own --preset table (name -> TrainConfig defaults), instead of job.config's.
+- check(cfg, world_size): refuse settings this recipe cannot run (raise job.errors.UserError).
+- model_schedule(model, step, cfg): set step-dependent model state (e.g. an attention window) before the step's
+  evaluation, sampling and forward.
+- autocast: False when the model sets its own precision (build_model's compute_dtype says which), so the trainer
+  runs it without autocast.
+- backward_scale(cfg): the factor on the mean loss whose gradient the step takes (1: the mean's; tokens per
+  micro-batch: the summed loss's, as some recipes train).
+- model_from_config(config): the model a checkpoint's "config" describes (job.sample, job.export).
+
 Hyperparameters come from TrainConfig (max_lr, warmup_steps, weight_decay, ...); `optimizers` is a
 job.optim.Optimizers, which iterates over the recipe's optimizers in the order build_optimizers gave them.
 
@@ -54,6 +66,21 @@ class Recipe:
     def describe(self, model: torch.nn.Module, cfg: TrainConfig) -> str:
         """Settings of this recipe worth a word in the run's first log line (" | ..." parts), or ""."""
         return ""
+
+    presets: dict[str, dict] | None = None
+    autocast: bool = True
+
+    def check(self, cfg: TrainConfig, world_size: int) -> None:
+        return None
+
+    def model_schedule(self, model: torch.nn.Module, step: int, cfg: TrainConfig) -> None:
+        return None
+
+    def backward_scale(self, cfg: TrainConfig) -> float:
+        return 1.0
+
+    def model_from_config(self, config: dict) -> torch.nn.Module:
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, Recipe] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from job.model import GPT
+from job.model import GPT, GPTConfig
 from job.optim import Optimizers, configure_optimizer, get_lr
 from job.recipes import Recipe
 
@@ -46,6 +46,9 @@ class GPT2(Recipe):
         for group in optimizers.param_groups:
             group["lr"] = lr
         return {"lr": lr}
+
+    def model_from_config(self, config):
+        return GPT(GPTConfig(**{k: v for k, v in config.items() if k in GPTConfig.__dataclass_fields__}))
 
     def describe(self, model, cfg):
         return ((f" | attention: {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else "")

@@ -1,0 +1,154 @@
+"""The NanoGPT speedrun's recipe: a port of modded-nanogpt's record of 2025-05-24 (records/track_1_short/
+2025-05-24_StableTorch), which reaches GPT-2 (124M)'s 3.28 FineWeb validation loss in 1770 steps of 8 x 48K tokens
+(0.7B tokens, a fourteenth of build-nanogpt's 10B). The model, Muon and the schedules are in job/speedrun/.
+
+Its hyperparameters are the record's and live here, not in TrainConfig: they are what makes this recipe this
+record. What is a run's choice (steps, batch layout, evaluation, checkpoints) stays in TrainConfig, with this
+recipe's presets as defaults: `gpt2` is the record's size and layout, `tiny` the same model 128 wide for a CPU.
+
+The batch is the record's: per rank one sequence of 48K tokens (documents packed, each attending only to itself),
+8 of them a step; on fewer ranks the trainer accumulates gradients over the 8 sequences instead. Validation is the
+record's too: the first 10,485,760 validation tokens, in sequences of 256K.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from job import contract
+from job.errors import UserError
+from job.recipes import Recipe
+from job.speedrun.fp8 import fp8_supported
+from job.speedrun.gpt import GPT2_VOCAB, LAYERS, SpeedrunConfig, SpeedrunGPT, next_multiple
+from job.speedrun.muon import Muon, newton_schulz
+
+# The record's optimizers: Adam for the output layer, the embeddings and the scalars; Muon for the blocks' matrices.
+ADAM_LR = {"head": 0.22, "embed": 0.6, "scalar": 0.04}
+ADAM_BETAS, ADAM_EPS = (0.8, 0.95), 1e-10  # the small epsilon keeps Adam's steps independent of the world size
+MUON_LR = 0.05
+MUON_MOMENTUM = (0.85, 0.95, 300)  # warmed up linearly from 0.85 to 0.95 over the first 300 steps
+COOLDOWN_FRAC = 0.4  # learning rate constant, then down linearly to 0.1x over the last 40% of the steps
+FINAL_LR_FACTOR = 0.1
+WINDOW_TOKENS = (128, 1728)  # the long window grows linearly over the run, in whole 128-token blocks: 128 -> 1792
+TRAIN_SEQ, VAL_SEQ, VAL_TOKENS = 48 * 1024, 4 * 64 * 1024, 10_485_760
+RECORD_STEPS = 1770
+
+PRESETS = {
+    "gpt2": dict(
+        n_layer=LAYERS, n_head=6, n_embd=768, block_size=VAL_SEQ, vocab_size=GPT2_VOCAB,
+        micro_batch=1, seq_len=TRAIN_SEQ, total_batch_tokens=8 * TRAIN_SEQ, max_steps=RECORD_STEPS, grad_clip=0.0,
+        val_seq_len=VAL_SEQ, val_tokens=VAL_TOKENS, eval_every=125, hellaswag_every=RECORD_STEPS, sample_every=0,
+        checkpoint_every=500, keep_every=0, data_dir=os.path.join(contract.PERSISTENT, "fineweb10B"),
+    ),
+    "tiny": dict(
+        n_layer=LAYERS, n_head=2, n_embd=128, block_size=1024, vocab_size=GPT2_VOCAB,
+        micro_batch=1, seq_len=1024, total_batch_tokens=1024, max_steps=contract.PRESET_MAX_STEPS["tiny"], grad_clip=0.0,
+        val_seq_len=1024, val_tokens=8192, eval_every=50, hellaswag_every=0, sample_every=0, sample_tokens=48,
+        checkpoint_every=100, keep_every=0, data_dir="data/tinyshakespeare",
+    ),
+}
+
+
+def lr_factor(step: int, max_steps: int) -> float:
+    x = step / max_steps
+    if x < 1 - COOLDOWN_FRAC:
+        return 1.0
+    w = (1 - x) / COOLDOWN_FRAC
+    return w * 1.0 + (1 - w) * FINAL_LR_FACTOR
+
+
+def window_blocks(step: int, max_steps: int) -> int:
+    x = min(step / max_steps, 1.0)
+    return next_multiple(WINDOW_TOKENS[1] * x, WINDOW_TOKENS[0]) // WINDOW_TOKENS[0]
+
+
+def muon_momentum(step: int) -> float:
+    low, high, steps = MUON_MOMENTUM
+    frac = min(step / steps, 1)
+    return (1 - frac) * low + frac * high
+
+
+def param_groups(model: SpeedrunGPT) -> tuple[list[dict], list[list[torch.nn.Parameter]]]:
+    """(Adam's groups, Muon's matrices grouped by size: each round of its all-gather moves equal-sized updates)."""
+    hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    embed = [p for n, p in model.named_parameters() if "embed" in n]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    adam = [dict(params=[model.lm_head.weight], lr=ADAM_LR["head"]), dict(params=embed, lr=ADAM_LR["embed"]),
+            dict(params=scalars, lr=ADAM_LR["scalar"])]
+    sizes = list(dict.fromkeys(p.numel() for p in hidden))
+    return adam, [[p for p in hidden if p.numel() == size] for size in sizes]
+
+
+class Speedrun(Recipe):
+    name = "speedrun"
+    presets = PRESETS
+    autocast = False  # the model keeps the record's precision itself (embeddings and activations in compute_dtype)
+
+    def check(self, cfg, world_size):
+        if cfg.n_layer != LAYERS:
+            raise UserError(f"--n-layer {cfg.n_layer}: the speedrun recipe's layer layout (value embeddings, skips, "
+                            f"windows) is the record's {LAYERS} layers: leave --n-layer out")
+        for name in ("seq_len", "val_seq_len"):
+            value = getattr(cfg, name) or cfg.seq_len
+            if value % 128:
+                raise UserError(f"--{name.replace('_', '-')} {value} is not a multiple of 128, the attention mask's block: "
+                                f"use {next_multiple(value, 128)}")
+        if cfg.micro_batch != 1:
+            raise UserError(f"--micro-batch {cfg.micro_batch}: the speedrun recipe packs documents into one sequence per "
+                            "micro-batch: use --micro-batch 1 and set the length with --seq-len")
+        if cfg.grad_clip:
+            raise UserError("--grad-clip: the speedrun recipe does not clip gradients (Muon normalises its steps): "
+                            "leave --grad-clip out")
+
+    def build_model(self, cfg, device, compute_dtype):
+        model = SpeedrunGPT(SpeedrunConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                           n_embd=cfg.n_embd, block_size=cfg.block_size)).to(device)
+        if compute_dtype is not None:  # the record stores its embeddings in bf16: every activation follows them
+            for m in model.modules():
+                if isinstance(m, torch.nn.Embedding):
+                    m.to(compute_dtype)
+        model.lm_head.use_fp8 = compute_dtype == torch.bfloat16 and fp8_supported(device)
+        self.model_schedule(model, 0, cfg)
+        return model
+
+    def model_from_config(self, config):
+        return SpeedrunGPT(SpeedrunConfig(**{k: v for k, v in config.items() if k in SpeedrunConfig.__dataclass_fields__}))
+
+    def build_optimizers(self, model, cfg, device_type):
+        adam_groups, matrices = param_groups(model)
+        adam = torch.optim.Adam(adam_groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+        orthogonalize = torch.compile(newton_schulz) if device_type == "cuda" else newton_schulz
+        # Newton-Schulz in the run's precision: the record's bf16, or fp32 for an fp32 run (a CPU's bf16 is slow).
+        muon = Muon([dict(params=ps) for ps in matrices], lr=MUON_LR, momentum=MUON_MOMENTUM[1],
+                    orthogonalize=orthogonalize, ns_dtype=model.compute_dtype())
+        for opt in (adam, muon):
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return [adam, muon]
+
+    def schedule(self, optimizers, step, cfg):
+        factor = lr_factor(step, cfg.max_steps)
+        for group in optimizers.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        momentum = muon_momentum(step)
+        for opt in optimizers:
+            if isinstance(opt, Muon):
+                for group in opt.param_groups:
+                    group["momentum"] = momentum
+        return {"lr": MUON_LR * factor, "lr_factor": factor, "muon_momentum": momentum}
+
+    def model_schedule(self, model, step, cfg):
+        model.window_blocks.fill_(window_blocks(step, cfg.max_steps))
+
+    def backward_scale(self, cfg):
+        return float(cfg.micro_batch * cfg.seq_len)  # the record's loss is the sum over the tokens, not the mean
+
+    def describe(self, model, cfg):
+        head = "FP8" if model.lm_head.use_fp8 else str(model.compute_dtype()).removeprefix("torch.")
+        attention = "FlexAttention" if next(model.parameters()).is_cuda else "SDPA with the same mask"
+        return f" | output layer {head} | attention {attention} | precision {str(model.compute_dtype()).removeprefix('torch.')}"
+
+
+RECIPE = Speedrun()

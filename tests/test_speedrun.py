@@ -1,0 +1,376 @@
+"""The speedrun recipe (a port of modded-nanogpt's 2025-05-24 record): its parts against first principles, the port
+against figures recorded from the record's own code (tests/data/speedrun_reference.json, written by
+scripts/speedrun_reference.py), and the trainer's promises (resume, SIGTERM, DDP, sampling) for it."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import popen, wait_for
+
+from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli
+from job import checkpoint as ckpt_lib
+from job.optim import Optimizers
+from job.recipes import speedrun as recipe
+from job.speedrun import attention
+from job.speedrun.gpt import Rotary, SpeedrunConfig, SpeedrunGPT
+from job.speedrun.muon import Muon, newton_schulz
+
+REFERENCE = json.loads((ROOT / "tests" / "data" / "speedrun_reference.json").read_text())
+SIZE = REFERENCE["size"]
+
+
+# --- components against first principles ------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96), (3, 48, 48)])
+def test_newton_schulz_keeps_the_singular_vectors_and_flattens_the_singular_values(shape):
+    """G with singular values spread 30x (its singular vectors from a random matrix's SVD)."""
+    g = torch.Generator().manual_seed(0)
+    U, _, Vh = torch.linalg.svd(torch.randn(shape, generator=g), full_matrices=False)
+    S = torch.logspace(-1.5, 0, U.size(-1))
+    G = U @ torch.diag_embed(S.expand(*U.shape[:-2], -1)) @ Vh
+    X = newton_schulz(G, dtype=torch.float32)
+    # In G's singular basis X is diagonal: the same singular vectors...
+    D = U.mT @ X @ Vh.mT
+    diag = torch.diagonal(D, dim1=-2, dim2=-1)
+    assert (D - torch.diag_embed(diag)).abs().max() < 1e-5
+    # ...and the singular values, 30x apart, pushed into a band around 1: the quintic trades exactness for speed.
+    assert diag.min() > 0.65 and diag.max() < 1.2
+    # So the result is near the SVD's orthogonal factor U V^T, not equal to it.
+    polar = U @ Vh
+    rel = (X - polar).norm(dim=(-2, -1)) / polar.norm(dim=(-2, -1))
+    assert (rel < 0.25).all() and (rel > 0.05).all()
+    # bf16, the record's precision, lands in the same place.
+    assert (newton_schulz(G).float() - X).abs().max() < 0.03
+
+
+def test_rotary_is_complex_multiplication_on_half_the_dimensions():
+    D, T = 16, 40
+    rot = Rotary(D, T)
+    x = torch.randn(2, T, 3, D)
+    y = rot(x)
+    freq = (1 / 1024) ** torch.linspace(0, 1, D // 4)
+    theta = torch.arange(T, dtype=torch.float32)[:, None] * torch.cat([freq, torch.zeros(D // 4)])
+    z = torch.complex(x[..., : D // 2], x[..., D // 2:])
+    rotated = z * torch.polar(torch.ones_like(theta), -theta)[None, :, None, :]
+    torch.testing.assert_close(y, torch.cat([rotated.real, rotated.imag], dim=-1), rtol=1e-5, atol=1e-5)
+    # The last quarter of the frequencies is zero: those pairs are not rotated at all.
+    torch.testing.assert_close(y[..., D // 4: D // 2], x[..., D // 4: D // 2])
+    # What rotary is for: q.k depends on the positions' difference only.
+    q, k = torch.randn(D), torch.randn(D)
+    qs, ks = rot(q.expand(1, T, 1, D).contiguous()), rot(k.expand(1, T, 1, D).contiguous())
+    dots = [(qs[0, i + 5, 0] @ ks[0, i, 0]).item() for i in range(0, T - 5, 7)]
+    assert max(dots) - min(dots) < 1e-4
+
+
+def single_document(T):
+    tokens = torch.randint(0, 50000, (T,))
+    tokens[0] = attention.BOS
+    return tokens
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 8])
+def test_mask_of_one_document_is_causal_within_the_window_of_blocks(window):
+    T = 1024
+    mask = attention.dense_mask(single_document(T), window)
+    q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    assert torch.equal(mask, (k <= q) & (q // 128 - k // 128 < window))
+
+
+def test_mask_keeps_documents_apart_and_the_window_never_cuts_a_wide_one():
+    T = 1024
+    tokens = single_document(T)
+    tokens[[200, 201, 640]] = attention.BOS  # documents of 200, 1, 439 and 384 tokens
+    docs = (tokens == attention.BOS).cumsum(0)
+    q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    causal_doc = (k <= q) & (docs[:, None] == docs[None, :])
+    assert torch.equal(attention.dense_mask(tokens, T // 128), causal_doc)
+    for w in (1, 2, 3):
+        mask = attention.dense_mask(tokens, w)
+        assert not (mask & ~causal_doc).any()  # never across documents, never ahead
+        assert torch.diagonal(mask).all()  # a token always sees itself
+        assert mask.sum() < causal_doc.sum()
+    # Any length: cut from the padded mask, the same pairs as the same tokens a block longer.
+    torch.testing.assert_close(attention.dense_mask(tokens[:700], 3), attention.dense_mask(tokens, 3)[:700, :700])
+
+
+def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask():
+    """FlexAttention compiled (as the model calls it; eager FlexAttention would ignore the block lists, and with them
+    the window) against scaled_dot_product_attention with the dense mask, on the CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    T = 1024
+    tokens = single_document(T)
+    tokens[[300, 700]] = attention.BOS
+    q, k, v = (torch.randn(1, T, 2, 64).transpose(1, 2) for _ in range(3))
+    flex = torch.compile(flex_attention, dynamic=False)
+    lists = attention.block_lists(tokens)
+    for w in (1, 3, 8):
+        got = flex(q, k, v, block_mask=attention.flex_block_mask(lists, torch.tensor(w, dtype=torch.int32)), scale=0.12)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=attention.dense_mask(tokens, w), scale=0.12)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_bounds_the_logits_as_a_shifted_tanh():
+    torch.manual_seed(0)
+    model = SpeedrunGPT(SpeedrunConfig(n_head=1, n_embd=64, block_size=128))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 40.0)  # raw logits far beyond the cap
+    idx = torch.randint(0, 50257, (1, 128))
+    logits, _ = model(idx)
+    assert 0 <= logits.min() < 0.5 and 29.5 < logits.max() <= 30  # saturated, never beyond
+    # 30 sigmoid(z / 7.5 sqrt(d)) = 15 (1 + tanh(z / 15 sqrt(d))): the record's shifted form of Gemma 2's tanh cap.
+    h = F.rms_norm(torch.randn(5, 64), (64,))
+    z = h @ model.lm_head.weight.T
+    capped = 30 * torch.sigmoid(z / (7.5 * 8))
+    torch.testing.assert_close(capped, 15 * (1 + torch.tanh(z / (15 * 8))), rtol=1e-5, atol=1e-4)
+
+
+def test_schedules_are_the_records():
+    steps = REFERENCE["training"]["steps"]
+    for step, fig in enumerate(steps):
+        assert recipe.window_blocks(step, SIZE["iterations"]) == fig["window_blocks"]
+        assert recipe.lr_factor(step, SIZE["iterations"]) == pytest.approx(fig["lr_factor"], abs=0)
+    # Over the record's 1770 steps: the window grows from one block to 14 (1792 tokens); the learning rate holds for
+    # 60% of the run, then falls linearly to a tenth; Muon's momentum warms up over 300 steps.
+    assert recipe.window_blocks(0, 1770) == 1 and recipe.window_blocks(1770, 1770) == 14
+    assert recipe.lr_factor(1061, 1770) == 1.0 and recipe.lr_factor(1770, 1770) == pytest.approx(0.1)
+    assert recipe.muon_momentum(0) == 0.85 and recipe.muon_momentum(150) == pytest.approx(0.9)
+    assert recipe.muon_momentum(300) == recipe.muon_momentum(1000) == pytest.approx(0.95)
+
+
+# --- the port against the record's own code -----------------------------------------------------------
+def reference_model() -> SpeedrunGPT:
+    torch.manual_seed(SIZE["seed"])
+    return SpeedrunGPT(SpeedrunConfig(vocab_size=SIZE["vocab_size"], n_layer=SIZE["n_layer"], n_head=SIZE["n_head"],
+                                      n_embd=SIZE["n_embd"], block_size=SIZE["seq_len"]))
+
+
+def perturb(model) -> None:
+    """The reference script's seeded noise on every weight, by name (scripts/speedrun_reference.py)."""
+    g = torch.Generator().manual_seed(SIZE["seed"] + 1)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sorted(params):
+            p = params[name]
+            std = 1.0 if name == "lm_head.weight" else 0.3 if p.ndim < 2 else 0.05 if "c_proj" in name else 0.02
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+def batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(SIZE["seed"] + 100 + step)
+    tokens = torch.randint(0, 50256, (SIZE["seq_len"] + 1,), generator=g)
+    tokens[torch.randint(0, SIZE["seq_len"], (6,), generator=g)] = 50256
+    tokens[0] = 50256
+    return tokens
+
+
+def checksum(t):
+    t = t.detach().double()
+    return [t.sum().item(), t.abs().sum().item(), t.square().sum().item()]
+
+
+def assert_weights(model, want: dict, rel: float):
+    got = {n: checksum(p) for n, p in model.named_parameters()}
+    assert list(got) == list(want)  # the same parameters, in the same order
+    for name, figures in want.items():
+        assert got[name] == pytest.approx(figures, rel=rel, abs=rel), name
+
+
+def test_same_seed_gives_the_records_initial_weights():
+    assert_weights(reference_model(), REFERENCE["init"], rel=0)
+
+
+def test_forward_loss_equals_the_records_for_every_window():
+    model = reference_model()
+    perturb(model)
+    model.eval()
+    with torch.no_grad():
+        for key, want in REFERENCE["forward_losses"].items():
+            step, window = map(int, key.split("/"))
+            tokens = batch(step)
+            model.window_blocks.fill_(window)
+            _, loss = model(tokens[None, :-1], tokens[None, 1:])
+            assert loss.item() == want, key
+
+
+def test_training_steps_equal_the_records_losses_and_weights():
+    """Four steps of Muon and Adam with the record's groups, learning rates and schedules, from the same weights and
+    batches; the gradient is the summed loss's, as the record's. With Newton-Schulz compiled in bf16, as the record
+    runs it, every loss and every weight is the record's to the last bit."""
+    model = reference_model()
+    perturb(model)
+    adam_groups, matrices = recipe.param_groups(model)
+    adam = torch.optim.Adam(adam_groups, betas=recipe.ADAM_BETAS, eps=recipe.ADAM_EPS, fused=True)
+    muon = Muon([dict(params=ps) for ps in matrices], lr=recipe.MUON_LR, momentum=0.95, ns_dtype=torch.bfloat16,
+                orthogonalize=torch.compile(newton_schulz))
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    optimizers = Optimizers([adam, muon])
+    cfg = type("Cfg", (), {"max_steps": SIZE["iterations"]})()
+    for step, want in enumerate(REFERENCE["training"]["steps"]):
+        tokens = batch(10 + step)
+        recipe.RECIPE.model_schedule(model, step, cfg)
+        _, loss = model(tokens[None, :-1], tokens[None, 1:])
+        (loss * SIZE["seq_len"]).backward()
+        recipe.RECIPE.schedule(optimizers, step, cfg)
+        optimizers.step()
+        optimizers.zero_grad()
+        assert loss.item() * SIZE["seq_len"] == want["loss"], step
+        assert_weights(model, want["weights"], rel=0)
+
+
+def test_fp8_matmul_equals_the_records():
+    from job.speedrun.fp8 import fp8_mm
+
+    g = torch.Generator().manual_seed(SIZE["seed"] + 7)
+    dim = SIZE["n_embd"]
+    x = torch.randn(256, dim, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(512, dim, generator=g) * 0.05).requires_grad_()
+    out = fp8_mm(x, w, dim ** 0.5 / 448, 24 / 448, 1 / 448)[0]
+    out.backward(torch.randn(out.shape, generator=g).bfloat16())
+    want = REFERENCE["fp8"]
+    for name, t in (("out", out), ("grad_x", x.grad), ("grad_w", w.grad)):
+        assert checksum(t) == want[name], name
+    # And it is a matmul: within FP8's precision of the exact product.
+    exact = x.detach().float() @ w.detach().T
+    assert (out.float() - exact).norm() / exact.norm() < 0.1
+
+
+def test_muon_momentum_state_is_whole_on_every_rank_and_scales_tall_matrices():
+    p_tall, p_wide = torch.nn.Parameter(torch.zeros(8, 2)), torch.nn.Parameter(torch.zeros(2, 8))
+    opt = Muon([dict(params=[p_tall]), dict(params=[p_wide])], lr=0.1, ns_dtype=torch.float32)
+    g = torch.randn(8, 2)
+    p_tall.grad, p_wide.grad = g.clone(), g.T.clone()
+    opt.step()
+    assert set(opt.state) == {p_tall, p_wide}
+    # The tall matrix's step is sqrt(rows/cols) = 2 times larger: the same RMS change per element.
+    assert p_tall.norm().item() == pytest.approx(2 * p_wide.norm().item(), rel=1e-5)
+    assert math.isfinite(p_tall.sum().item())
+
+
+# --- the trainer's promises, for this recipe -------------------------------------------------------------
+# The tiny preset narrowed further: 12 layers 64 wide, one sequence of 256 tokens per micro-batch, two per step.
+SR_SMALL = ["--recipe", "speedrun", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", "256",
+            "--seq-len", "256", "--total-batch-tokens", "512", "--val-seq-len", "256", "--val-tokens", "1024",
+            "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
+STEPS = 12
+
+
+def sr_cmd(data_dir, log_dir, *extra) -> list[str]:
+    return ["-m", "job.train", *SR_SMALL, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--max-steps", str(STEPS),
+            *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def sr_reference(shards, hellaswag_rows, tmp_path_factory):
+    log = tmp_path_factory.mktemp("speedrun")
+    run_cli(*sr_cmd(shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
+                    "--sample-num", 2, "--sample-tokens", 8), check=True)
+    return log
+
+
+def assert_same_speedrun_losses(log_dir, reference_dir, rel=1e-6):
+    got, want = losses(log_dir), losses(reference_dir)
+    assert sorted(got) == list(range(STEPS)) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=rel, abs=rel), step
+
+
+def test_speedrun_run_learns_logs_its_schedules_and_checkpoints_both_optimizers(sr_reference):
+    ls = losses(sr_reference)
+    assert ls[STEPS - 1] < ls[0] - 1.0
+    head = (sr_reference / "train.log").read_text().splitlines()[0]
+    assert "(speedrun recipe)" in head and "attention SDPA with the same mask" in head and "output layer float32" in head
+    train = events(sr_reference, "train")
+    assert [round(e["muon_momentum"], 6) for e in train[:3]] == [0.85, round(0.85 + 0.1 / 300, 6), round(0.85 + 0.2 / 300, 6)]
+    assert train[-1]["lr_factor"] == pytest.approx(recipe.lr_factor(STEPS - 1, STEPS))
+    assert "ETA" in (sr_reference / "train.log").read_text()
+    assert [v["step"] for v in events(sr_reference, "val")] == [0, 5, 10, 12]
+    assert [h["step"] for h in events(sr_reference, "hellaswag")] == [0, 6, 12]
+    assert events(sr_reference, "sample")[-1]["step"] == STEPS
+    ck = torch.load(sr_reference / "model_00012.pt", map_location="cpu", weights_only=True)
+    assert ck["train_config"]["recipe"] == "speedrun"
+    adam, muon = ck["optimizer"]["optimizers"]
+    model = SpeedrunGPT(SpeedrunConfig(**{k: ck["config"][k] for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")}))
+    matrices = sum(len(ps) for ps in recipe.param_groups(model)[1])
+    assert len(muon["state"]) == matrices and all("momentum_buffer" in s for s in muon["state"].values())
+    assert len(adam["state"]) == sum(len(g["params"]) for g in adam["param_groups"])
+    assert muon["param_groups"][0]["momentum"] == pytest.approx(recipe.muon_momentum(STEPS - 1))
+
+
+def test_speedrun_sigkill_then_resume_gives_identical_losses(shards, sr_reference, tmp_path):
+    log = tmp_path / "log"
+    args = sr_cmd(shards, log, "--checkpoint-every", 4)
+    proc = popen(args)
+    wait_for(lambda: 6 in losses(log), proc, timeout=300)  # past the step-4 checkpoint, before the step-8 one
+    proc.kill()
+    proc.wait()
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4]
+    run_cli(*args, check=True)
+    assert events(log, "resume")[0]["step"] == 4
+    assert_same_speedrun_losses(log, sr_reference)
+
+
+def test_speedrun_sigterm_saves_and_the_same_command_resumes(shards, sr_reference, tmp_path):
+    log = tmp_path / "log"
+    args = sr_cmd(shards, log, "--checkpoint-every", 0)
+    proc = popen(args)
+    wait_for(lambda: 3 in losses(log), proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = ckpt_lib.list_checkpoints(log)
+    assert len(saved) == 1 and saved[0][0] == max(losses(log)) + 1
+    run_cli(*args, check=True)
+    assert_same_speedrun_losses(log, sr_reference)
+
+
+def test_speedrun_under_torchrun_two_processes_match_one(shards, sr_reference, tmp_path):
+    """Two ranks each take one of the step's two sequences; Muon's Newton-Schulz is split between them and
+    all-gathered (the record's layout)."""
+    log = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *sr_cmd(shards, log, "--checkpoint-every", 4)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 x 256 x 2 ranks x 1 accum" in proc.stdout
+    assert_same_speedrun_losses(log, sr_reference, rel=1e-4)
+    got = [v["loss"] for v in events(log, "val")]
+    assert got == pytest.approx([v["loss"] for v in events(sr_reference, "val")], rel=1e-4)
+    a = torch.load(log / "model_00012.pt", weights_only=True)
+    b = torch.load(sr_reference / "model_00012.pt", weights_only=True)
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-4)
+    # Every rank kept every momentum buffer: rank 0's checkpoint holds them all.
+    assert len(a["optimizer"]["optimizers"][1]["state"]) == len(b["optimizer"]["optimizers"][1]["state"])
+
+
+def test_speedrun_checkpoint_samples_and_export_refuses_in_one_line(sr_reference, tmp_path):
+    proc = run_cli("-m", "job.sample", "--checkpoint", sr_reference, "--num", "2", "--max-tokens", "8", "--prompt", "ROMEO:",
+                   check=True)
+    assert proc.stdout.count("sample ") == 2 and "step 12" in proc.stdout
+    out = tmp_path / "hf"
+    proc = run_cli("-m", "job.export", "--checkpoint", sr_reference, "--out", out)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--recipe speedrun", "job.sample")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--micro-batch", "2"], "--micro-batch 1"),
+    (["--n-layer", "6"], "12 layers"),
+    (["--seq-len", "200", "--val-seq-len", "256"], "multiple of 128"),
+    (["--val-tokens", "1000"], "--val-tokens 1000"),
+    (["--grad-clip", "1.0"], "--grad-clip"),
+])
+def test_speedrun_settings_it_cannot_run_are_one_line(shards, tmp_path, flags, needle):
+    proc = run_cli(*sr_cmd(shards, tmp_path / "log", *flags))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "log").exists()
