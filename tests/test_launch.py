@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE, ENGINE, ROOT, SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
+from conftest import BASE, ENGINE, ROOT, SMALL, SPEEDRUN_SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
 from hub_server import HubServer, make_repo
 from job import contract
 from job.errors import UserError
@@ -30,6 +30,9 @@ from sshd import free_port, keygen, sshd_available, start_sshd
 pytestmark = [pytest.mark.slow, ENGINE]  # one worker runs them in order (tests/conftest.py)
 BOX_USER = "nanogpt-box"  # stands in for Lambda's `ubuntu`: not root, in the docker group
 TRAIN = [a for a in SMALL if a not in ("--preset", "tiny", "--device", "cpu")]
+# What `--train-args` adds per recipe (fab launch passes --recipe and --preset itself).
+TRAIN_ARGS = {"gpt2": TRAIN,
+              "speedrun": [a for a in SPEEDRUN_SMALL if a not in ("--recipe", "speedrun", "--preset", "tiny", "--device", "cpu")]}
 
 
 def fab(*args, timeout=900, env=None, check=False) -> subprocess.CompletedProcess:
@@ -659,12 +662,12 @@ def launch_timed(launch, *extra) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, {**stages, "t0": marks["t0"]}
 
 
-@pytest.mark.parametrize("recipe", ["gpt2"])
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
 def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, boxes, laptop, wheels, base_image, box_user, tmp_path):
     spec = contract.HUB_SHARDS[contract.RECIPES[recipe].data]
     data, weights, home = box_path(f"{recipe}-data"), box_path(f"{recipe}-weights"), tmp_path / "model_weights"
     env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": HUB_TOKEN}
-    train = " ".join(TRAIN + ["--checkpoint-every", "10", "--log-every", "1"])
+    train = " ".join(TRAIN_ARGS[recipe] + ["--checkpoint-every", "10", "--log-every", "1"])
 
     def launch(*extra, check=True, runner=fab):
         return runner("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--preset", "tiny", "--recipe", recipe, "--data", "hub",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from test_train import popen, wait_for
 
-from conftest import ROOT, assert_one_line_error, env, events, losses, run_cli
+from conftest import ROOT, SPEEDRUN_SMALL, assert_one_line_error, env, events, losses, run_cli
 from job import checkpoint as ckpt_lib
 from job.optim import Optimizers
 from job.recipes import speedrun as recipe
@@ -255,15 +255,11 @@ def test_muon_momentum_state_is_whole_on_every_rank_and_scales_tall_matrices():
 
 
 # --- the trainer's promises, for this recipe -------------------------------------------------------------
-# The tiny preset narrowed further: 12 layers 64 wide, one sequence of 256 tokens per micro-batch, two per step.
-SR_SMALL = ["--recipe", "speedrun", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", "256",
-            "--seq-len", "256", "--total-batch-tokens", "512", "--val-seq-len", "256", "--val-tokens", "1024",
-            "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
 STEPS = 12
 
 
 def sr_cmd(data_dir, log_dir, *extra) -> list[str]:
-    return ["-m", "job.train", *SR_SMALL, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--max-steps", str(STEPS),
+    return ["-m", "job.train", *SPEEDRUN_SMALL, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--max-steps", str(STEPS),
             *map(str, extra)]
 
 
@@ -374,3 +370,16 @@ def test_speedrun_settings_it_cannot_run_are_one_line(shards, tmp_path, flags, n
     assert proc.returncode == 2
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "log").exists()
+
+
+def test_the_launchers_table_names_every_recipe_and_the_records_run():
+    """job.contract.RECIPES (torch-free, for the launcher's price and download) and the recipes agree."""
+    from job import contract, recipes
+    from job.config import from_dict
+
+    assert sorted(contract.RECIPES) == sorted(recipes.names())
+    cfg = from_dict({"recipe": "speedrun"})
+    run = contract.RECIPES["speedrun"]
+    assert (cfg.max_steps, cfg.total_batch_tokens, cfg.val_tokens) == (run.steps, run.tokens_per_step, run.val_tokens) == \
+        (1770, 8 * 48 * 1024, 10_485_760)
+    assert cfg.data_dir.endswith(contract.HUB_SHARDS[run.data].subdir)

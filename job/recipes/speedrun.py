@@ -32,15 +32,18 @@ MUON_MOMENTUM = (0.85, 0.95, 300)  # warmed up linearly from 0.85 to 0.95 over t
 COOLDOWN_FRAC = 0.4  # learning rate constant, then down linearly to 0.1x over the last 40% of the steps
 FINAL_LR_FACTOR = 0.1
 WINDOW_TOKENS = (128, 1728)  # the long window grows linearly over the run, in whole 128-token blocks: 128 -> 1792
-TRAIN_SEQ, VAL_SEQ, VAL_TOKENS = 48 * 1024, 4 * 64 * 1024, 10_485_760
-RECORD_STEPS = 1770
+# The record's run, from the contract the launcher prices and sizes downloads by: 1770 steps of 8 x 48K tokens,
+# validation on the first 10,485,760 tokens in sequences of 256K.
+RECORD = contract.RECIPES["speedrun"]
+TRAIN_SEQ, VAL_SEQ, VAL_TOKENS, RECORD_STEPS = 48 * 1024, 4 * 64 * 1024, RECORD.val_tokens, RECORD.steps
 
 PRESETS = {
     "gpt2": dict(
         n_layer=LAYERS, n_head=6, n_embd=768, block_size=VAL_SEQ, vocab_size=GPT2_VOCAB,
-        micro_batch=1, seq_len=TRAIN_SEQ, total_batch_tokens=8 * TRAIN_SEQ, max_steps=RECORD_STEPS, grad_clip=0.0,
+        micro_batch=1, seq_len=TRAIN_SEQ, total_batch_tokens=RECORD.tokens_per_step, max_steps=RECORD_STEPS, grad_clip=0.0,
         val_seq_len=VAL_SEQ, val_tokens=VAL_TOKENS, eval_every=125, hellaswag_every=RECORD_STEPS, sample_every=0,
-        checkpoint_every=500, keep_every=0, data_dir=os.path.join(contract.PERSISTENT, "fineweb10B"),
+        checkpoint_every=500, keep_every=0,
+        data_dir=os.path.join(contract.PERSISTENT, contract.HUB_SHARDS[RECORD.data].subdir),
     ),
     "tiny": dict(
         n_layer=LAYERS, n_head=2, n_embd=128, block_size=1024, vocab_size=GPT2_VOCAB,
