@@ -383,3 +383,16 @@ def test_the_launchers_table_names_every_recipe_and_the_records_run():
     assert (cfg.max_steps, cfg.total_batch_tokens, cfg.val_tokens) == (run.steps, run.tokens_per_step, run.val_tokens) == \
         (1770, 8 * 48 * 1024, 10_485_760)
     assert cfg.data_dir.endswith(contract.HUB_SHARDS[run.data].subdir)
+
+
+def test_flops_per_token_count_the_window_not_the_whole_sequence():
+    from job.recipes.speedrun import PRESETS
+    from job.speedrun.gpt import MAX_WINDOW
+
+    size = PRESETS["gpt2"]
+    model = SpeedrunGPT(SpeedrunConfig(n_head=size["n_head"], n_embd=size["n_embd"], block_size=1024))
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n)
+    # 11 attention layers (none in layer 7): 3 with the long window (0, 4, 11; layer 7's would be the fourth), 8 short.
+    assert model.flops_per_token(48 * 1024) == 6 * matmul + 6 * 768 * (3 * MAX_WINDOW + 8 * MAX_WINDOW // 2)
+    assert model.flops_per_token(256) == 6 * matmul + 6 * 768 * 11 * 256  # a sequence shorter than any window
+    assert recipe.window_blocks(1770, 1770) * 128 == MAX_WINDOW

@@ -31,6 +31,7 @@ NO_ATTENTION_LAYER = 7  # the eighth block has only its MLP
 # Layers that use the long window (the others use half of it), for the record's 12 layers.
 LONG_WINDOW_LAYERS = (0, 4, 7, 11)
 LAYERS = 12
+MAX_WINDOW = 1792  # the long window at the end of the record's schedule (14 blocks of 128)
 
 
 @dataclass
@@ -182,11 +183,13 @@ class SpeedrunGPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per weight of the matmuls (embedding lookups are not matmuls) plus attention's
-        two T x T products over the full causal context (an upper bound: the window and documents cut it)."""
+        two products over the keys a token sees: at most the window at its widest (MAX_WINDOW in the long-window
+        layers, half in the others) or the sequence, whichever is shorter; documents can only cut it further."""
         matmul = sum(p.numel() for n, p in self.named_parameters() if p.ndim >= 2 and "embed" not in n)
         T = seq_len or self.config.block_size
-        attn_layers = sum(b.attn is not None for b in self.blocks)
-        return 6 * matmul + 6 * attn_layers * self.config.n_head * self.config.head_dim * T
+        keys = sum(min(T, MAX_WINDOW if i in LONG_WINDOW_LAYERS else MAX_WINDOW // 2)
+                   for i, b in enumerate(self.blocks) if b.attn is not None)
+        return 6 * matmul + 6 * self.config.n_head * self.config.head_dim * keys
 
     def compute_dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
