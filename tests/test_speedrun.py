@@ -98,6 +98,7 @@ def test_mask_keeps_documents_apart_and_the_window_never_cuts_a_wide_one():
     torch.testing.assert_close(attention.dense_mask(tokens[:700], 3), attention.dense_mask(tokens, 3)[:700, :700])
 
 
+@pytest.mark.slow  # compiles (Inductor's CPU code generation)
 def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask():
     """FlexAttention compiled (as the model calls it; eager FlexAttention would ignore the block lists, and with them
     the window) against scaled_dot_product_attention with the dense mask, on the CPU."""
@@ -198,6 +199,7 @@ def test_forward_loss_equals_the_records_for_every_window():
             assert loss.item() == want, key
 
 
+@pytest.mark.slow  # compiles (Inductor's CPU code generation)
 def test_training_steps_equal_the_records_losses_and_weights():
     """Four steps of Muon and Adam with the record's groups, learning rates and schedules, from the same weights and
     batches; the gradient is the summed loss's, as the record's. With Newton-Schulz compiled in bf16, as the record
@@ -225,6 +227,7 @@ def test_training_steps_equal_the_records_losses_and_weights():
         assert_weights(model, want["weights"], rel=0)
 
 
+@pytest.mark.slow  # compiles (Inductor's CPU code generation)
 def test_fp8_matmul_equals_the_records():
     from job.speedrun.fp8 import fp8_mm
 
