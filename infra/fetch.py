@@ -1,4 +1,4 @@
-"""fetch-weights: bring checkpoints and logs from the box's weights dir to local disk, incrementally.
+"""fetch-weights: bring checkpoints and logs (TensorBoard's event files too) from the box's weights dir to local disk, incrementally.
 
 Resumable and verified: each file is downloaded to NAME.part (appending to a .part left by an interrupted
 transfer), its sha256 compared with the one `sha256sum` computes on the box, then renamed into place. A
@@ -43,7 +43,12 @@ def remote_files(conn, remote_dir: str, latest_only: bool = False) -> dict[str, 
     if latest_only:
         ckpts = ckpts[-1:]
     wanted = set(ckpts) | set(LOG_FILES)
-    return {e.filename: e.st_size for e in entries if e.filename in wanted}
+    return {e.filename: e.st_size for e in entries if e.filename in wanted or is_log(e.filename)}
+
+
+def is_log(name: str) -> bool:
+    """Besides the fixed log files: TensorBoard's event files, which grow like them."""
+    return name.startswith(contract.TENSORBOARD_EVENTS_PREFIX)
 
 
 def remote_hashes(conn, remote_dir: str, names: list[str]) -> dict[str, str]:

@@ -33,6 +33,8 @@ def box(tmp_path):
         (d / f"model_{step:05d}.pt").write_bytes(os.urandom(3 * 2**20 + step))
     (d / "metrics.jsonl").write_text('{"event": "train", "step": 0, "loss": 10.9}\n')
     (d / "train.log").write_text("step 0 | loss 10.9\n")
+    (d / "events.out.tfevents.1796000000.box.7.0").write_bytes(os.urandom(5000))  # TensorBoard's, fetched like a log
+    (d / "wandb").mkdir()  # W&B's own directory stays on the box
     (d / ".model_04000.pt.tmp123").write_bytes(b"half a checkpoint")  # a save in progress: never fetched
     return d
 
@@ -50,7 +52,7 @@ def test_fetch_copies_everything_then_nothing(server, box, tmp_path):
     with conn_for(server) as c:
         first = fetch_weights(c, str(box), local, progress=False)
         second = fetch_weights(c, str(box), local, progress=False)
-    names = ["metrics.jsonl", "model_01000.pt", "model_02000.pt", "model_03000.pt", "train.log"]
+    names = ["events.out.tfevents.1796000000.box.7.0", "metrics.jsonl", "model_01000.pt", "model_02000.pt", "model_03000.pt", "train.log"]
     assert sorted(first.copied) == names and sorted(p.name for p in local.iterdir()) == names
     assert same_files(box, local, names)
     assert second.copied == [] and second.bytes_transferred == 0 and sorted(second.skipped) == names
