@@ -35,6 +35,7 @@ class Job:
     trainer_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     name: str = contract.CONTAINER_NAME
+    mounts: dict[str, str] = field(default_factory=dict)  # a file on the box -> its read-only path in the container (secrets)
 
     @property
     def data_subdir(self) -> str:
@@ -131,6 +132,7 @@ def start(conn, box: Box, image: str, job: Job, *, nnodes: int = 1, node_rank: i
         env.update(NNODES=str(nnodes), NODE_RANK=str(node_rank), MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
     flags = docker_base(box, detach=True, name=name, labels={ROLE: "train", RANK: str(node_rank)}, network_host=nnodes > 1)
     flags += "".join(f" -e {shlex.quote(f'{k}={v}')}" for k, v in env.items())
+    flags += "".join(f" -v {shlex.quote(f'{src}:{dst}:ro')}" for src, dst in job.mounts.items())
     cmd = f"{flags} {shlex.quote(image)} {' '.join(shlex.quote(a) for a in job.trainer_command())}"
     res = run(conn, cmd, warn=True)
     if res.failed:

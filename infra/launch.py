@@ -25,6 +25,7 @@ from infra.container import (
     stop_container,
     stream_logs,
 )
+from infra.dashboard import laptop_wandb_key, send_wandb_key, wants_wandb
 from infra.image import ensure_image
 from infra.ssh import ConnectionLost, connect, run, stream
 from job import contract
@@ -258,6 +259,8 @@ def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
 
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     cloud = opts.cloud
+    if wants_wandb(opts.job.trainer_args) and opts.job.env.get("WANDB_MODE") not in ("offline", "disabled"):
+        laptop_wandb_key()  # no key here fails before anything happens on the box
     if opts.sync_s3:
         from job.sidecar.s3 import parse_s3_url
 
@@ -306,6 +309,7 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
               for conn, box in zip(conns, boxes, strict=True)]
     for conn, box, image in zip(conns, boxes, images, strict=True):
         ensure_data(conn, box, image, opts.job, out=out)
+    send_wandb_key(conns[0], opts.job)  # only node 0's rank 0 writes to W&B
     if opts.restart:  # stopped only now, with the new image and data ready: the least time without training
         for conn, box in zip(conns, boxes, strict=True):
             for c in running(conn, box.docker):

@@ -96,7 +96,9 @@ class TensorBoardWriter:
             # Resumed at step s: the new file drops every record of step s and after, which an earlier attempt may
             # have logged, and writes them again. The update s is logged again by the resumed run; the evaluations
             # of step s were done before the checkpoint, so they are copied from metrics.jsonl.
-            self._open(step if kind == "resume" else None)
+            # Every file starts with a session-start record (TensorBoard takes its first one as the run's start,
+            # and each later one as a restart that drops the records at and after its step).
+            self._open(step if kind == "resume" else 0)
             if kind == "resume":
                 for earlier in evaluations_at(self.dir / contract.METRICS_FILE, step):
                     self.event(earlier["event"], earlier)

@@ -142,7 +142,7 @@ def clean_containers(docker):
     yield
     for d in BOX_DIRS:
         shutil.rmtree(d, ignore_errors=True)
-    for label in ("nanogpt.role=train", "nanogpt.role=sync"):
+    for label in ("nanogpt.role=train", "nanogpt.role=sync", "nanogpt.role=tensorboard"):
         names = sh("docker", "ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}}").stdout.split()
         if names:
             sh("docker", "rm", "-f", *names, check=False)
@@ -207,6 +207,54 @@ def test_logs_status_and_a_dropped_connection_while_streaming(boxes, laptop, run
     assert docker_ps() == ["nanogpt-train"]
 
 
+def test_dashboard_forwards_the_boxs_tensorboard_and_ctrl_c_leaves_training_alone(boxes, laptop, run_dirs, tmp_path):
+    """fab dashboard: TensorBoard in the image on the box's loopback, reached through the verified SSH connection. The
+    forwarded port serves the run's scalars (metrics.jsonl's values), and a headless Chromium renders the loss chart."""
+    import urllib.request
+
+    import numpy as np
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "fab"), "dashboard", *map(str, ssh_args(boxes[0], laptop)),
+                             "--local-port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        while f"open http://127.0.0.1:{port}/" not in (line := proc.stdout.readline()):
+            assert line, proc.stderr.read()
+        assert docker_ps("nanogpt.role=tensorboard") == ["nanogpt-train-tensorboard"]
+        # TensorBoard answers on the box's loopback (its container shares the host's network).
+        listening = sh("docker", "exec", "nanogpt-train-tensorboard", "python", "-c",
+                       "import socket; s = socket.socket(); print(s.connect_ex(('127.0.0.1', 6006)))").stdout.strip()
+        assert listening == "0"
+
+        def scalars(tag):
+            url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=.&tag={tag}"
+            return {step: value for _, step, value in json.loads(urllib.request.urlopen(url, timeout=30).read())}
+
+        served = scalars("loss/train")
+        logged = {e["step"]: e["loss"] for e in events(run_dirs["weights"], "train")}
+        assert len(served) >= 3 and all(float(np.float32(logged[s])) == v for s, v in served.items())
+        page = tmp_path / "dashboard.png"
+        # forceSVG: TensorBoard draws its charts as SVG (a headless Chromium without a GPU draws no WebGL lines).
+        url = f"http://127.0.0.1:{port}/?forceSVG=true#timeseries"
+        chromium = ["chromium", "--headless", "--no-sandbox", "--hide-scrollbars", "--virtual-time-budget=20000"]
+        dom = sh(*chromium, "--dump-dom", url, timeout=180).stdout
+        assert "loss/train" in dom and "loss/val" in dom and "<path" in dom  # the loss cards, with their lines
+        sh(*chromium, "--window-size=1400,1000", f"--screenshot={page}", url, timeout=180)
+        assert page.stat().st_size > 20_000
+        keep = ROOT / "bench-out"  # git-ignored: the screenshot is kept to be looked at
+        keep.mkdir(exist_ok=True)
+        shutil.copy(page, keep / "dashboard.png")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "closed the tunnel" in out and "training goes on" in out
+    assert docker_ps() == ["nanogpt-train"]  # training goes on
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)  # the tunnel is closed
+
+
 def test_stop_leaves_a_final_checkpoint_and_relaunch_resumes_to_the_end(boxes, laptop, wheels, base_image, run_dirs, box_user):
     proc = fab("stop", *ssh_args(boxes[0], laptop), check=True)
     assert docker_ps() == []
@@ -232,7 +280,9 @@ def test_fetch_weights_brings_the_run_home(boxes, laptop, run_dirs, tmp_path):
     names = sorted(p.name for p in run_dirs["weights"].glob(contract.CHECKPOINT_GLOB))
     for n in names:
         assert hashlib.sha256((tmp_path / "w" / n).read_bytes()).digest() == hashlib.sha256((run_dirs["weights"] / n).read_bytes()).digest()
-    assert f"fetched {len(names) + 3} files" in first.stdout
+    event_files = list(run_dirs["weights"].glob(contract.TENSORBOARD_EVENTS_PREFIX + "*"))
+    assert len(event_files) == 2  # one per attempt: the stopped run and its resumption
+    assert f"fetched {len(names) + 3 + len(event_files)} files" in first.stdout
     second = fab("fetch-weights", *ssh_args(boxes[0], laptop), "--weights-dir", run_dirs["weights"], "--to", tmp_path / "w", check=True)
     assert "fetched 0 files (0.0 MiB)" in second.stdout
 
