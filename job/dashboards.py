@@ -2,8 +2,9 @@
 
 Every event the master rank writes to metrics.jsonl (job/metrics.py) is also handed to the writers here, so the
 dashboards show exactly metrics.jsonl's numbers: they are Python floats already read back for the log line, so a
-writer adds no host sync to a step. TensorBoard's writer queues each record to its own thread, which writes the
-event file; W&B hands records to its own service process. Only the master rank writes (other ranks have no logger).
+writer adds no host sync to a step. The writers run in a thread of their own (InBackground): the loop only
+enqueues the event. TensorBoard's writer then writes the event file from its own thread, and W&B hands its records
+to its own service process. Only the master rank writes (other ranks have no logger).
 
 TensorBoard's event files are in the log dir itself (`tensorboard --logdir LOG`, `make dashboard`), beside
 metrics.jsonl; a resumed run writes a new file that first asks TensorBoard to drop what an earlier attempt logged
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import string
 import sys
+import threading
 from pathlib import Path
 
 from job import contract
@@ -185,14 +188,47 @@ class WandbWriter:
         self.run.finish(exit_code=1 if failed else 0)
 
 
+class InBackground:
+    """The writers, fed from a queue by a thread of their own: the training loop only enqueues (microseconds), and
+    the writers' work (protobufs, W&B's records) runs while the loop waits on the GPU. close() writes what is queued."""
+
+    def __init__(self, writers: list):
+        self.writers = writers
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._drain, name="dashboards", daemon=True)
+        self.thread.start()
+
+    def event(self, kind: str, fields: dict) -> None:
+        self.queue.put((kind, fields))
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            for w in list(self.writers):
+                try:
+                    w.event(*item)
+                except Exception as e:  # a dashboard is not worth a training run: drop it, say so once
+                    self.writers.remove(w)
+                    warn(w, e)
+
+    def close(self, failed: bool = False) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        for w in self.writers:
+            try:
+                w.close(failed)
+            except Exception as e:
+                warn(w, e)
+
+
 def open_writers(cfg) -> list:
-    """The dashboards this run writes to, for the master rank's MetricsLogger."""
+    """The dashboards this run writes to, for the master rank's MetricsLogger. W&B starts here, in the caller, so a
+    refused key or project stops the run before its first step."""
     writers = []
     if cfg.tensorboard == "on":
         writers.append(TensorBoardWriter(cfg.log_dir))
     if cfg.wandb:
         writers.append(WandbWriter(cfg.log_dir, cfg.wandb, cfg.to_dict()))
-    return writers
+    return [InBackground(writers)] if writers else []
 
 
 def warn(writer, e: Exception) -> None:
