@@ -168,6 +168,22 @@ def send_wandb_key(conn, job) -> None:
     environment variable (which `docker inspect` shows) and no log."""
     from infra.launch import send_secret
 
-    if not wants_wandb(job.trainer_args) or job.env.get("WANDB_MODE") in ("offline", "disabled"):
+    if not wants_wandb(job.trainer_args):
         return
-    job.mounts[send_secret(conn, WANDB_KEY, laptop_wandb_key().encode())] = contract.WANDB_KEY_FILE
+    try:
+        key = laptop_wandb_key()
+    except UserError:
+        if wandb_offline(job):
+            return  # an offline run needs no key (`wandb sync` uploads it later)
+        raise
+    job.mounts[send_secret(conn, WANDB_KEY, key.encode())] = contract.WANDB_KEY_FILE
+
+
+def wandb_offline(job) -> bool:
+    return job.env.get("WANDB_MODE") in ("offline", "disabled")
+
+
+def check_wandb_key(job) -> None:
+    """Before anything happens on the box: --wandb online needs a key here."""
+    if wants_wandb(job.trainer_args) and not wandb_offline(job):
+        laptop_wandb_key()

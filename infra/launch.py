@@ -25,7 +25,7 @@ from infra.container import (
     stop_container,
     stream_logs,
 )
-from infra.dashboard import laptop_wandb_key, send_wandb_key, wants_wandb
+from infra.dashboard import check_wandb_key, send_wandb_key
 from infra.image import ensure_image
 from infra.ssh import ConnectionLost, connect, run, stream
 from job import contract
@@ -259,8 +259,7 @@ def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
 
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     cloud = opts.cloud
-    if wants_wandb(opts.job.trainer_args) and opts.job.env.get("WANDB_MODE") not in ("offline", "disabled"):
-        laptop_wandb_key()  # no key here fails before anything happens on the box
+    check_wandb_key(opts.job)
     if opts.sync_s3:
         from job.sidecar.s3 import parse_s3_url
 

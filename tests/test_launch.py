@@ -287,6 +287,42 @@ def test_fetch_weights_brings_the_run_home(boxes, laptop, run_dirs, tmp_path):
     assert "fetched 0 files (0.0 MiB)" in second.stdout
 
 
+def test_wandb_key_reaches_the_trainer_as_a_read_only_file_and_is_never_shown(boxes, laptop, wheels, base_image):
+    """--wandb through fab launch: the laptop's key (here from ~/.netrc, as `wandb login` leaves it) goes to a 0600 file
+    on the box, mounted read-only into the trainer, which runs its W&B run offline in the weights dir."""
+    from test_dashboards import inspect_history
+
+    dirs = {"data": box_path("wandb-data"), "weights": box_path("wandb-weights")}
+    key = "f0e1d2c3b4a5" * 4  # 48 hex characters, as a W&B key looks
+    home = Path(tempfile.mkdtemp(prefix="laptop-home-"))
+    (home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {key}\n")
+    (home / ".netrc").chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(home / ".netrc")
+    proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, dirs, "--nproc", 1, "--steps", 6,
+                            "--env", "WANDB_MODE=offline WANDB_SILENT=true",
+                            "--train-args", " ".join(TRAIN + ["--wandb", "nanogpt-test/box"])), env=env, check=True)
+    assert "training finished" in proc.stdout
+    mounts = json.loads(sh("docker", "inspect", "--format", "{{json .Mounts}}", "nanogpt-train").stdout)
+    (secret,) = [m for m in mounts if m["Destination"] == contract.WANDB_KEY_FILE]
+    assert secret["RW"] is False and Path(secret["Source"]).read_text() == key
+    assert oct(Path(secret["Source"]).stat().st_mode & 0o777) == "0o600"
+    assert_key_kept_secret(key, proc.stdout, proc.stderr)
+    assert not [p for p in dirs["weights"].rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    run_id = (dirs["weights"] / contract.WANDB_RUN_ID_FILE).read_text().strip()
+    (run_dir,) = (dirs["weights"] / "wandb").glob(f"offline-run-*-{run_id}")
+    history = {h["step"]: h["loss/train"] for h in inspect_history(run_dir) if "loss/train" in h}
+    assert history == {e["step"]: e["loss"] for e in events(dirs["weights"], "train")} and len(history) == 6
+
+
+def test_wandb_without_a_key_fails_before_touching_the_box(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(tmp_path / "none")
+    proc = subprocess.run([str(Path(sys.executable).parent / "fab"), "launch", "--host", f"u@127.0.0.1:{free_port()}",
+                           "--train-args", "--wandb proj"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert_one_line_error(proc, "--wandb needs a W&B API key", "wandb login", "WANDB_MODE=offline")
+
+
 # ---- several boxes --------------------------------------------------------------------------------------
 
 def test_two_nodes_rendezvous_and_train_as_one_job(boxes, laptop, wheels, base_image, tmp_path_factory):
