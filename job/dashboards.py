@@ -59,8 +59,9 @@ def samples_markdown(fields: dict) -> str:
     return "\n\n".join(f"**{i}.** `{prompt}` {json.dumps(text)}" for i, text in enumerate(fields.get("samples", [])))
 
 
-def evaluations_at(metrics_file: Path, step: int) -> list[dict]:
-    """The last val, HellaSwag and sample events of `step` in metrics.jsonl, oldest first."""
+def evaluations_at(metrics_file: Path, step: int, until: dict) -> list[dict]:
+    """The last val, HellaSwag and sample events of `step` in metrics.jsonl before the event `until` (the resume),
+    oldest first: what earlier attempts logged, not what this run logs after it."""
     found = {}
     with open(metrics_file, encoding="utf-8") as f:
         for line in f:
@@ -68,6 +69,8 @@ def evaluations_at(metrics_file: Path, step: int) -> list[dict]:
                 e = json.loads(line)
             except ValueError:
                 continue  # a line torn by a crash
+            if e == until:
+                break
             if isinstance(e, dict) and e.get("step") == step and e.get("event") in ("val", "hellaswag", "sample"):
                 found[e["event"]] = e
     return sorted(found.values(), key=lambda e: e.get("time", 0))
@@ -103,7 +106,7 @@ class TensorBoardWriter:
             # and each later one as a restart that drops the records at and after its step).
             self._open(step if kind == "resume" else 0)
             if kind == "resume":
-                for earlier in evaluations_at(self.dir / contract.METRICS_FILE, step):
+                for earlier in evaluations_at(self.dir / contract.METRICS_FILE, step, until=fields):
                     self.event(earlier["event"], earlier)
         w, when = self.writer, fields.get("time")
         for tag, value in scalars(kind, fields).items():
