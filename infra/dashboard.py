@@ -33,11 +33,12 @@ READY_TIMEOUT = 120  # seconds for TensorBoard to start serving (its first load 
 
 
 def start_tensorboard(conn, docker: str, port: int = contract.TENSORBOARD_PORT, out=sys.stdout) -> str:
-    """TensorBoard over the training container's weights dir, in that container's image; one already running is reused."""
-    if running(conn, docker, role=TENSORBOARD_ROLE):
-        return TENSORBOARD_NAME
+    """TensorBoard over the training container's weights dir, in that container's image; one already serving that
+    dir is reused, one serving another (an earlier run's) is replaced."""
     train = find_train_container(conn, docker)
     weights = weights_mount(conn, docker, train["name"])
+    if running(conn, docker, role=TENSORBOARD_ROLE) and weights_mount(conn, docker, TENSORBOARD_NAME) == weights:
+        return TENSORBOARD_NAME
     image = run(conn, f"{docker} inspect --format '{{{{.Config.Image}}}}' {shlex.quote(train['name'])}", warn=True).stdout.strip()
     if not weights or not image:
         raise UserError(f"cannot tell the weights dir or image of {train['name']} on {conn.host}: launch the run again with fab launch")
