@@ -3,8 +3,8 @@
 Every event the master rank writes to metrics.jsonl (job/metrics.py) is also handed to the writers here, so the
 dashboards show exactly metrics.jsonl's numbers: they are Python floats already read back for the log line, so a
 writer adds no host sync to a step. The writers run in a thread of their own (InBackground): the loop only
-enqueues the event. TensorBoard's writer then writes the event file from its own thread, and W&B hands its records
-to its own service process. Only the master rank writes (other ranks have no logger).
+enqueues the event. That thread writes TensorBoard's event file, and hands W&B its records (W&B sends them to its
+own service process). Only the master rank writes (other ranks have no logger).
 
 TensorBoard's event files are in the log dir itself (`tensorboard --logdir LOG`, `make dashboard`), beside
 metrics.jsonl; a resumed run writes a new file that first asks TensorBoard to drop what an earlier attempt logged
@@ -16,13 +16,16 @@ WANDB_MODE=offline keeps the run on disk for `wandb sync`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import secrets
+import socket
 import string
 import sys
 import threading
+import time
 from pathlib import Path
 
 from job import contract
@@ -81,55 +84,85 @@ def hparam_value(value):
     return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
-class TensorBoardWriter:
-    """Event files in the log dir. The writer opens at the run's first event: a "resume" event says from which
-    step the earlier attempts' records are to be dropped (TensorBoard's purge_step)."""
+class EventFile:
+    """One TensorBoard event file, written in TensorBoard's record format by the writers' thread itself (TensorBoard's
+    own writer adds a thread of its own, whose failure would print a traceback). Like the logs, the file is opened
+    for each event and closed again: the dashboard is live, a crash loses nothing, and no file stays open in the log
+    dir. A write that fails (a full disk, a mount gone read-only) is said once and retried with the next event;
+    metrics.jsonl keeps every value."""
 
-    FLUSH_SECS = 10  # how stale the dashboard may be; the writer's thread flushes on its own
+    def __init__(self, log_dir: Path, purge_step: int):
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.Event = Event
+        self.path = log_dir / f"{contract.TENSORBOARD_EVENTS_PREFIX}{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0"
+        self.warned = False
+        # TensorBoard takes a file's session start as the run's start, and a later one as a restart: the records of
+        # earlier files at and after its step are dropped.
+        self.write([Event(wall_time=time.time(), file_version="brain.Event:2"),
+                    Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START))])
+
+    def write(self, events: list) -> None:
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "ab") as f:
+                records = RecordWriter(f)
+                for event in events:
+                    records.write(event.SerializeToString())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)  # no half record for the next event to follow: readers would stop there
+            if not self.warned:
+                self.warned = True
+                print(f"warning: cannot append to {self.path} ({e.strerror}): training goes on; the TensorBoard records are "
+                      "retried at each event, and metrics.jsonl has every value", file=sys.stderr, flush=True)
+
+    def event(self, summary, step: int | None = None, walltime: float | None = None):
+        return self.Event(summary=summary, step=step or 0, wall_time=walltime or time.time())
+
+
+class TensorBoardWriter:
+    """Event files in the log dir, one per run or resumed run. The file opens at the run's first event: a "resume"
+    event says from which step the earlier attempts' records are dropped."""
 
     def __init__(self, log_dir):
         self.dir = Path(log_dir)
-        self.writer = None
-
-    def _open(self, purge_step: int | None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(self.dir), purge_step=purge_step, flush_secs=self.FLUSH_SECS)
+        self.file: EventFile | None = None
 
     def event(self, kind: str, fields: dict) -> None:
+        from torch.utils.tensorboard.summary import scalar, text
+
         step = fields.get("step")
-        if self.writer is None:
+        if self.file is None:
             # Resumed at step s: the new file drops every record of step s and after, which an earlier attempt may
             # have logged, and writes them again. The update s is logged again by the resumed run; the evaluations
             # of step s were done before the checkpoint, so they are copied from metrics.jsonl.
-            # Every file starts with a session-start record (TensorBoard takes its first one as the run's start,
-            # and each later one as a restart that drops the records at and after its step).
-            self._open(step if kind == "resume" else 0)
+            self.file = EventFile(self.dir, step if kind == "resume" else 0)
             if kind == "resume":
                 for earlier in evaluations_at(self.dir / contract.METRICS_FILE, step, until=fields):
                     self.event(earlier["event"], earlier)
-        w, when = self.writer, fields.get("time")
+        when, out = fields.get("time"), []
         for tag, value in scalars(kind, fields).items():
-            w.add_scalar(tag, value, step, walltime=when)
+            out.append(self.file.event(scalar(tag, value), step, when))
         if kind == "sample":
-            w.add_text("samples", samples_markdown(fields), step, walltime=when)
+            out.append(self.file.event(text("samples", samples_markdown(fields)), step, when))
         elif kind == "start":
-            self._config(fields.get("config", {}))
-        elif kind == "end":
-            w.flush()  # "end" is when fetch-weights and the S3 sidecar take their last copy
+            out += self._config(fields.get("config", {}), when)
+        if out:
+            self.file.write(out)
 
-    def _config(self, config: dict) -> None:
-        from torch.utils.tensorboard.summary import hparams
+    def _config(self, config: dict, when: float | None) -> list:
+        from torch.utils.tensorboard.summary import hparams, text
 
         exp, start, _ = hparams({k: hparam_value(v) for k, v in config.items()}, {"loss/val": 0.0, "hellaswag/acc_norm": 0.0})
-        self.writer.file_writer.add_summary(exp)
-        self.writer.file_writer.add_summary(start)
         table = "\n".join(f"| {k} | {v!r} |" for k, v in config.items())
-        self.writer.add_text("config", "| setting | value |\n| --- | --- |\n" + table)
+        config_text = text("config", "| setting | value |\n| --- | --- |\n" + table)
+        return [self.file.event(summary, 0, when) for summary in (exp, start, config_text)]
 
     def close(self, failed: bool = False) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        pass  # every event's records are on disk already
 
 
 def parse_wandb(spec: str) -> tuple[str, str | None]:
