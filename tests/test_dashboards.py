@@ -111,3 +111,12 @@ def test_bad_wandb_spec_is_one_line(spec, shards, tmp_path):
     proc = run_cli(*train_cmd(shards, tmp_path / "log", "--max-steps", "1", "--wandb", spec))
     assert_one_line_error(proc, "--wandb", "PROJECT or PROJECT/RUN")
     assert proc.returncode == 2 and not (tmp_path / "log").exists()
+
+
+def test_a_key_wandb_refuses_is_one_line_without_the_key(shards, tmp_path):
+    key_file = tmp_path / "wandb-api-key"
+    key_file.write_text("short-key\n")  # W&B refuses it before any network: too short
+    proc = run_cli(*train_cmd(shards, tmp_path / "log", "--max-steps", "1", "--wandb", "proj"), WANDB_MODE="online",
+                   NANOGPT_WANDB_KEY_FILE=key_file)
+    assert_one_line_error(proc, "--wandb proj: W&B refused the run", "WANDB_MODE=offline")
+    assert proc.returncode == 2 and "short-key" not in proc.stdout + proc.stderr
