@@ -4,6 +4,7 @@ Connection; those functions are what the tests call directly.
     fab launch --host ubuntu@IP [--fs NAME] [--recipe gpt2|speedrun] [--preset gpt2] [--steps N] [--sync-s3 s3://B/P] [--dry-run] ...
     fab logs --host ubuntu@IP [--tail 100]      fab status --host ubuntu@IP      fab stop --host ubuntu@IP
     fab fetch-weights --host ubuntu@IP [--to DIR] [--latest-only] [--s3 s3://B/P]
+    fab dashboard --host ubuntu@IP [--local-port 6006]
 """
 
 from __future__ import annotations
@@ -244,6 +245,24 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
         if s3:
             up = upload_files([Path(to) / n for n in report.copied + report.skipped], s3, s3=client(s3_endpoint))
             print(f"uploaded {len(up.uploaded)} files to {s3}, {len(up.skipped)} already there")
+
+    go()
+
+
+@task(help={"host": "the box, e.g. ubuntu@203.0.113.7", **SSH_HELP,
+            "local_port": "the port on this machine's loopback for the browser (default 6006; 0 picks a free one)",
+            "remote_port": "the port TensorBoard listens on, on the box's loopback (default 6006)"})
+def dashboard(c, host="", key=None, port=None, known_hosts=None, accept_new_host_key=False, local_port="6006", remote_port="6006"):
+    """The run's TensorBoard on the box, forwarded over SSH to http://127.0.0.1:PORT/ here (Ctrl-C closes it)."""
+    from infra.box import find_docker
+    from infra.dashboard import dashboard as serve
+
+    @cli_main
+    def go():
+        local = number(local_port, "--local-port", minimum=0, maximum=65535)
+        remote = number(remote_port, "--remote-port", minimum=1, maximum=65535)
+        with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
+            serve(conn, find_docker(conn), local, remote)
 
     go()
 

@@ -47,6 +47,7 @@ class Job:
     name: str = contract.CONTAINER_NAME
     recipe: str = "gpt2"  # job/recipes/; job.contract.RECIPES says what data it trains on and how long its run is
     data: str | None = None  # one of DATA_MODES; None: the bundled corpus for the tiny preset, else the hub
+    mounts: dict[str, str] = field(default_factory=dict)  # a file on the box -> its read-only path in the container (secrets)
 
     def __post_init__(self):
         contract.recipe_run(self.recipe)  # an unknown recipe or preset is one line, before anything happens on the box
@@ -243,6 +244,7 @@ def run_command(box: Box, image: str, job: Job, *, nnodes: int = 1, node_rank: i
         env.update(NNODES=str(nnodes), NODE_RANK=str(node_rank), MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
     flags = docker_base(box, detach=True, name=name, labels={ROLE: "train", RANK: str(node_rank)}, network_host=nnodes > 1)
     flags += "".join(f" -e {shlex.quote(f'{k}={v}')}" for k, v in env.items())
+    flags += "".join(f" -v {shlex.quote(f'{src}:{dst}:ro')}" for src, dst in job.mounts.items())
     return name, f"{flags} {shlex.quote(image)} {' '.join(shlex.quote(a) for a in job.trainer_command())}"
 
 

@@ -1,4 +1,5 @@
-"""fetch-weights: bring checkpoints and logs from the box's weights dir to local disk, incrementally, at link speed.
+"""fetch-weights: bring checkpoints and logs (TensorBoard's event files too) from the box's weights dir to local disk, incrementally,
+at link speed.
 
 Each file comes as one byte stream (`tail -c +N FILE` on the box) through OpenSSH's own client, as fast as scp
 (docs/BENCHMARKS.md), with the host key checked against the same known_hosts as every other connection
@@ -71,7 +72,8 @@ def remote_files(conn, remote_dir: str, latest_only: bool = False) -> dict[str, 
     ckpts = sorted(n for n in entries if n.startswith(prefix) and n.endswith(".pt"))
     if latest_only:
         ckpts = ckpts[-1:]
-    found = {n: RemoteFile(entries[n].st_size, entries[n].st_mtime) for n in [*ckpts, *LOG_FILES] if n in entries}
+    found = {n: RemoteFile(entries[n].st_size, entries[n].st_mtime) for n in [*ckpts, *LOG_FILES, *filter(is_log, entries)]
+             if n in entries}
     markers = {m: n for n in ckpts for m in (contract.SYNCED_MARKER.format(name=n), contract.FETCHED_MARKER.format(name=n))
                if m in entries and entries[m].st_mtime >= entries[n].st_mtime}  # older than the file: another run's
     for marker, text in read_markers(conn, remote_dir, sorted(markers)).items():
@@ -100,6 +102,11 @@ def recorded_digest(text: str, size: int) -> str | None:
             return None
         return rec.get("sha256") if isinstance(rec, dict) and rec.get("size") == size else None
     return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+
+def is_log(name: str) -> bool:
+    """Besides the fixed log files: TensorBoard's event files, which grow like them."""
+    return name.startswith(contract.TENSORBOARD_EVENTS_PREFIX)
 
 
 def remote_hashes(conn, remote_dir: str, names: list[str]) -> dict[str, str]:

@@ -27,6 +27,7 @@ from infra.container import (
     stop_container,
     stream_logs,
 )
+from infra.dashboard import check_wandb_key, send_wandb_key
 from infra.image import ensure_image
 from infra.ssh import ConnectionLost, connect, run, stream
 from job import contract
@@ -298,6 +299,7 @@ def instance_for(host: str, api_key_file: str | None = None, api_base: str | Non
 
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     cloud = opts.cloud
+    check_wandb_key(opts.job)
     if opts.sync_s3:
         from job.sidecar.s3 import parse_s3_url
 
@@ -380,6 +382,7 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
               for conn, box in zip(conns, boxes, strict=True)]
     for conn, box, image in zip(conns, boxes, images, strict=True):
         ensure_data(conn, box, image, opts.job, token_file=lambda c=conn: send_hf_token(c, out), out=out)
+    send_wandb_key(conns[0], opts.job)  # only node 0's rank 0 writes to W&B
     if opts.restart:  # stopped only now, with the new image and data ready: the least time without training
         for conn, box in zip(conns, boxes, strict=True):
             for c in running(conn, box.docker):

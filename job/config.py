@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 
@@ -61,6 +62,9 @@ class TrainConfig:
     sample_tokens: int = 32
     sample_seed: int = 42
     log_every: int = 1
+    # dashboards (job/dashboards.py), fed by the events of metrics.jsonl on the master rank
+    tensorboard: str = "on"  # on | off: TensorBoard event files in the log dir
+    wandb: str | None = None  # PROJECT or PROJECT/RUN: log to Weights & Biases too
     # checkpoints
     checkpoint_every: int = 1000  # steps (0: only at the end)
     checkpoint_minutes: float = 0.0  # also save when this many minutes passed since the last save (0: off)
@@ -113,7 +117,7 @@ PRESETS = {name: {**dims, **PRESET_TRAINING.get(name, {})} for name, dims in MOD
 # accumulation they hand a graph-owned buffer to .grad and the next micro-step overwrites it (pytorch#169545).
 CHOICES = {"device": ("auto", "cuda", "mps", "cpu"), "dtype": ("auto", "bfloat16", "float32"), "compile": ("auto", "on", "off"),
            "compile_mode": ("default", "tuned", "autotune", "max-autotune-no-cudagraphs"), "sdpa_backend": ("auto", *SDPA_BACKENDS),
-           "residual_dtype": ("auto", "float32", "bfloat16")}
+           "residual_dtype": ("auto", "float32", "bfloat16"), "tensorboard": ("on", "off")}
 # Inductor settings per compile mode that is ours rather than torch's. "tuned" is max-autotune-no-cudagraphs without
 # its GEMM autotuning: Inductor tries block sizes for its own fused kernels (norms, GELU, the loss, casts) by
 # coordinate descent and keeps the fastest; the matmuls stay cuBLAS, since GEMM autotuning can crash the run (a
@@ -125,6 +129,10 @@ COMPILE_OPTIONS = {"tuned": {"coordinate_descent_tuning": True},
                    "autotune": {"max_autotune": True, "coordinate_descent_tuning": True, "autotune_in_subproc": True}}
 # Attention backends that exist only on CUDA: asking for them elsewhere is a mistake, not a silent fallback.
 CUDA_ONLY_SDPA = ("cudnn", "efficient")
+
+
+# W&B project and run names: no slash inside either, none of the characters W&B refuses in a project name.
+WANDB_SPEC = re.compile(r"[^/\\#?%:\s]+(/[^/\\#?%:\s]+)?")
 
 
 def flag(name: str) -> str:
@@ -233,6 +241,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         bad("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
     if cfg.hellaswag_path and not os.path.isfile(cfg.hellaswag_path):
         bad("hellaswag_path", f"file {cfg.hellaswag_path} does not exist: pass a hellaswag_val.jsonl or --hellaswag-every 0")
+    if cfg.wandb is not None and not WANDB_SPEC.fullmatch(cfg.wandb):
+        bad("wandb", f"must be PROJECT or PROJECT/RUN (no spaces, and none of \\ # ? % : in the names), got {cfg.wandb!r}")
     if cfg.init_from is not None:
         if not cfg.init_from.startswith("hf:"):
             bad("init_from", f"must be hf:DIR (a Hugging Face GPT-2 model directory, e.g. from `python -m job.export`), got {cfg.init_from!r}")
@@ -266,6 +276,9 @@ HELP = {
     "keep_every": "...plus every checkpoint whose step is a multiple of N",
     "resume": "auto (newest checkpoint in --log-dir) | never | PATH",
     "init_from": "hf:DIR: start from the weights of a Hugging Face GPT-2 model directory (e.g. written by job.export)",
+    "tensorboard": "TensorBoard event files in --log-dir (`tensorboard --logdir LOG`, make dashboard, fab dashboard)",
+    "wandb": "PROJECT or PROJECT/RUN: log to Weights & Biases too; a restart continues the same W&B run "
+             "(WANDB_MODE=offline keeps it on disk)",
     "device": "auto picks cuda, then mps, then cpu",
     "dtype": "auto: bf16 autocast on CUDA, fp32 elsewhere",
     "compile": "torch.compile; auto: on for CUDA",

@@ -1,4 +1,5 @@
-"""Training logs: a human line per step (stdout + train.log), metrics.jsonl, and build-nanogpt's log.txt."""
+"""Training logs: a human line per step (stdout + train.log), metrics.jsonl, and build-nanogpt's log.txt; each
+event also goes to the dashboards' writers (job/dashboards.py: TensorBoard, W&B)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ class MetricsLogger:
 
     FILES = (contract.HUMAN_LOG_FILE, contract.METRICS_FILE, contract.NANOGPT_LOG_FILE)
 
-    def __init__(self, log_dir, enabled: bool = True):
+    def __init__(self, log_dir, enabled: bool = True, writers=()):
         self.enabled = enabled
+        self.writers = list(writers)  # each has event(kind, fields) and close(failed)
         self.dir = Path(log_dir)
         self.torn: set[str] = set()  # files whose last append failed, maybe half-way through a line
         self.warned = False
@@ -96,9 +98,33 @@ class MetricsLogger:
     def event(self, kind: str, **fields) -> None:
         if not self.enabled:
             return
-        self._append(contract.METRICS_FILE, json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        record = {"event": kind, "time": round(time.time(), 3), **fields}
+        self._append(contract.METRICS_FILE, json.dumps(record) + "\n")
+        self._to_writers(kind, record)
         # build-nanogpt's log.txt lines, so its notebooks and plot scripts read our runs unchanged.
         legacy = {"train": ("train", "loss", "{:.6f}"), "val": ("val", "loss", "{:.4f}"), "hellaswag": ("hella", "acc_norm", "{:.4f}")}
         if kind in legacy:
             tag, key, fmt = legacy[kind]
             self._append(contract.NANOGPT_LOG_FILE, f"{fields['step']} {tag} {fmt.format(fields[key])}\n")
+
+    def _to_writers(self, kind: str, record: dict) -> None:
+        """A dashboard that fails is dropped with one warning: it is not worth a training run either."""
+        for w in list(self.writers):
+            try:
+                w.event(kind, record)
+            except Exception as e:
+                from job.dashboards import warn
+
+                self.writers.remove(w)
+                warn(w, e)
+
+    def close(self, failed: bool = False) -> None:
+        """Flush and close the dashboards' writers (the files above are appended line by line)."""
+        writers, self.writers = self.writers, []
+        for w in writers:
+            try:
+                w.close(failed)
+            except Exception as e:
+                from job.dashboards import warn
+
+                warn(w, e)

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from job import checkpoint as ckpt_lib
 from job import contract, recipes
 from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args, val_steps
+from job.dashboards import open_writers
 from job.data import DeviceLoader, ShardLoader, check_data_dir
 from job.errors import UserError, cli_main
 from job.failures import StopFlag, diverged_error, lost_rank, oom_error, out_of_memory, rank_lost_error, sibling_gone
@@ -96,7 +97,7 @@ class Trainer:
         self.cfg, self.rt = cfg, rt
         self.train_loader, self.val_loader = self._loaders(train_loader, val_loader)
         # After the shards were opened (a bad one is an error before anything is written to the log dir).
-        self.log = MetricsLogger(cfg.log_dir, enabled=rt.master)
+        self.log = MetricsLogger(cfg.log_dir, enabled=rt.master, writers=open_writers(cfg) if rt.master else ())
         self.grad_accum = cfg.total_batch_tokens // (cfg.micro_batch * cfg.seq_len * rt.world)
         self.recipe = recipes.get(cfg.recipe)
         self.autocast, self.autocast_dtype = autocast_ctx(cfg, rt)
@@ -178,8 +179,10 @@ class Trainer:
         (the handlers are put back after); a failure becomes its one-line error (job/failures.py)."""
         prepare_process(self.cfg, self.rt, self.rng_state)
         with self.stop.installed():
+            failed = True
             try:
                 self._loop()
+                failed = False
             except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain one
                 if out_of_memory(e):
                     raise oom_error(self.cfg, self.rt, self.step) from None  # the traceback's frames hold the tensors
@@ -188,6 +191,7 @@ class Trainer:
                 raise
             finally:
                 self.ckpt.report(wait=True)  # a write in flight always completes, even after an error
+                self.log.close(failed)  # the dashboards' last records
 
     def _loop(self) -> None:
         cfg, start = self.cfg, self.start_step

@@ -163,6 +163,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--gemm-size", type=int_arg(1), help="matmul size for the peak (default 8192 on GPU, 1024 on CPU)")
     p.add_argument("--quick", action="store_true", help="a smoke test: 3 steps after 1 warm-up, small evals")
     p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--log", action="store_true", help="each timed step also logs as the trainer's log step does: its line, "
+                   "metrics.jsonl and the dashboards' writers (compare --set tensorboard=off with a variant tensorboard=on)")
     p.add_argument("--profile", action="store_true", help="after timing (a) and each variant, profile 2 more steps: "
                    "GPU time by kernel category (matmul, attention, loss, ...), the top kernels, which attention kernel ran")
     args = p.parse_args(argv)

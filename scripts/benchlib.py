@@ -208,13 +208,13 @@ def runtime(device: str, ddp: bool) -> Runtime:
     return Runtime(ddp, 0, 0, 1, device, device.split(":")[0])
 
 
-def make_trainer(cfg: TrainConfig, rt: Runtime) -> Trainer:
+def make_trainer(cfg: TrainConfig, rt: Runtime, log: bool = False) -> Trainer:
     cfg = dataclasses.replace(cfg, log_dir=tempfile.mkdtemp(prefix="bench-log-"))
     atexit.register(shutil.rmtree, cfg.log_dir, ignore_errors=True)
     pin = rt.device_type == "cuda"
     trainer = Trainer(cfg, rt, train_loader=SyntheticLoader(cfg.micro_batch, cfg.seq_len, seed=cfg.seed, pin=pin),
                       val_loader=SyntheticLoader(cfg.micro_batch, cfg.seq_len, seed=cfg.seed + 1, pin=pin))
-    trainer.log.enabled = False
+    trainer.log.enabled = log  # --log: each step writes its log line, metrics.jsonl and the dashboards, as in training
     # The process-wide settings job.train's run() makes (seed, TF32 on CUDA); not its signal handlers, which turn
     # SIGTERM/Ctrl-C into "stop after this step": a benchmark should just stop.
     prepare_process(cfg, rt)
@@ -230,11 +230,17 @@ def describe(cfg: TrainConfig, trainer: Trainer) -> str:
             + (", residual bfloat16" if trainer.model.residual_dtype == torch.bfloat16 else ""))
 
 
-def trainer_step_fn(trainer: Trainer):
-    # The trainer's own step and its per-step read-back (one all-reduce + one host sync, as under torchrun).
+def trainer_step_fn(trainer: Trainer, log: bool = False):
+    # The trainer's own step and its per-step read-back (one all-reduce + one host sync, as under torchrun); with
+    # `log`, also the trainer's own log step (stdout, train.log, metrics.jsonl, log.txt, the dashboards' writers).
     def step(i: int) -> float:
-        loss, norm, _ = trainer.train_step(i)
-        return agree(trainer.rt, loss, norm, trainer.requests(), read_back=True).loss
+        t0 = time.perf_counter()
+        loss, norm, hparams = trainer.train_step(i)
+        agreed = agree(trainer.rt, loss, norm, trainer.requests(), read_back=True)
+        if log:
+            dt = time.perf_counter() - t0
+            trainer._log_step(i, agreed.loss, agreed.norm, hparams, dt, dt)
+        return agreed.loss
 
     return step
 
@@ -242,8 +248,10 @@ def trainer_step_fn(trainer: Trainer):
 # --- the parts ---------------------------------------------------------------------------------------
 def run_trainer(name: str, cfg: TrainConfig, rt: Runtime, args, fpt: float, peak: float, keep: bool = False):
     memory_reset(rt)
-    trainer = make_trainer(cfg, rt)
-    times, losses = timed_steps(trainer_step_fn(trainer), args.warmup, args.steps, rt.device)
+    log = getattr(args, "log", False)
+    trainer = make_trainer(cfg, rt, log=log)
+    times, losses = timed_steps(trainer_step_fn(trainer, log=log), args.warmup, args.steps, rt.device)
+    trainer.log.close()
     res = summarize(name, times, losses, cfg.total_batch_tokens, cfg.micro_batch, trainer.grad_accum, fpt, peak,
                     memory_peak_gib(rt), describe(cfg, trainer))
     if args.profile:  # after the timed steps, so profiling costs none of the figures above (nor can lose them)

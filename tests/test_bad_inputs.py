@@ -245,7 +245,7 @@ def script_cases() -> list:
     ]
 
 
-SSH_TASKS = ["launch", "logs", "status", "stop", "fetch-weights"]
+SSH_TASKS = ["launch", "logs", "status", "stop", "fetch-weights", "dashboard"]
 LAMBDA_TASKS = ["types", "instances", "provision", "terminate"]
 
 
@@ -284,6 +284,8 @@ def fab_cases() -> list:
         pytest.param([*launch, "--key", "{w}/nokey"], "nokey", id="fab-launch--key=missing"),
         *flag_cases([*fab, "stop"], host, "--timeout", ["nan"], "fab-stop"),
         *flag_cases([*fab, "logs"], host, "--tail", ["abc"], "fab-logs"),
+        *flag_cases([*fab, "dashboard"], host, "--local-port", ["abc", "70000"], "fab-dashboard"),
+        *flag_cases([*fab, "dashboard"], host, "--remote-port", ["0"], "fab-dashboard"),
         *flag_cases([*fab, "fetch-weights"], host, "--to", [UNDER_FILE, "{ro}/weights"], "fab-fetch-weights"),
         *flag_cases([*fab, "fetch-weights"], host, "--s3", ["bucket/prefix"], "fab-fetch-weights"),
         *flag_cases([*fab, "provision"], [], "--ssh-port", ["70000"], "fab-provision"),

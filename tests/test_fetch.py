@@ -34,6 +34,8 @@ def box(tmp_path):
         (d / f"model_{step:05d}.pt").write_bytes(os.urandom(3 * 2**20 + step))
     (d / "metrics.jsonl").write_text('{"event": "train", "step": 0, "loss": 10.9}\n')
     (d / "train.log").write_text("step 0 | loss 10.9\n")
+    (d / "events.out.tfevents.1796000000.box.7.0").write_bytes(os.urandom(5000))  # TensorBoard's, fetched like a log
+    (d / "wandb").mkdir()  # W&B's own directory stays on the box
     (d / ".model_04000.pt.tmp123").write_bytes(b"half a checkpoint")  # a save in progress: never fetched
     return d
 
@@ -51,7 +53,7 @@ def test_fetch_copies_everything_then_nothing(server, box, tmp_path):
     with conn_for(server) as c:
         first = fetch_weights(c, str(box), local, progress=False)
         second = fetch_weights(c, str(box), local, progress=False)
-    names = ["metrics.jsonl", "model_01000.pt", "model_02000.pt", "model_03000.pt", "train.log"]
+    names = ["events.out.tfevents.1796000000.box.7.0", "metrics.jsonl", "model_01000.pt", "model_02000.pt", "model_03000.pt", "train.log"]
     assert sorted(first.copied) == names and sorted(p.name for p in local.iterdir()) == names
     assert same_files(box, local, names)
     assert second.copied == [] and second.bytes_transferred == 0 and sorted(second.skipped) == names
@@ -85,7 +87,7 @@ def test_latest_only_and_never_overwrite_a_different_local_checkpoint(server, bo
     local = tmp_path / "local"
     with conn_for(server) as c:
         report = fetch_weights(c, str(box), local, latest_only=True, progress=False)
-        assert sorted(report.copied) == ["metrics.jsonl", "model_03000.pt", "train.log"]
+        assert sorted(report.copied) == ["events.out.tfevents.1796000000.box.7.0", "metrics.jsonl", "model_03000.pt", "train.log"]
         (local / "model_03000.pt").write_bytes(b"another run's checkpoint")
         with pytest.raises(UserError, match="differs"):
             fetch_weights(c, str(box), local, progress=False)
@@ -101,9 +103,9 @@ def test_fab_fetch_weights_task(server, box, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "fetched 5 files" in out.stdout and same_files(box, local, ["model_03000.pt"])
+    assert "fetched 6 files" in out.stdout and same_files(box, local, ["model_03000.pt"])
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert "fetched 0 files (0.0 MiB)" in again.stdout and "5 already complete" in again.stdout
+    assert "fetched 0 files (0.0 MiB)" in again.stdout and "6 already complete" in again.stdout
     bad = subprocess.run([*cmd[:5], "root@127.0.0.1", "--port", "1", "--to", str(local)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert_one_line_error(bad)
@@ -112,12 +114,12 @@ def test_fab_fetch_weights_task(server, box, tmp_path):
 def test_fetch_that_cannot_fit_is_refused_before_any_transfer(server, box, tmp_path, disk):
     local = disk(5 * 2**20) / "weights"  # one 3 MiB checkpoint fits, three do not
     with conn_for(server) as c:
-        with pytest.raises(UserError, match=r"weights has \d+ MiB free and this fetch needs 9 MiB \(5 files\): make room "
+        with pytest.raises(UserError, match=r"weights has \d+ MiB free and this fetch needs 9 MiB \(6 files\): make room "
                                             r"there, fetch --latest-only, or fetch --to a disk with room"):
             fetch_weights(c, str(box), local, progress=False)
         assert list(local.iterdir()) == []
         report = fetch_weights(c, str(box), local, latest_only=True, progress=False)
-    assert sorted(report.copied) == ["metrics.jsonl", "model_03000.pt", "train.log"]
+    assert sorted(report.copied) == ["events.out.tfevents.1796000000.box.7.0", "metrics.jsonl", "model_03000.pt", "train.log"]
     assert same_files(box, local, report.copied)
 
 

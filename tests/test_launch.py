@@ -146,7 +146,7 @@ def clean_containers(docker):
     yield
     for d in BOX_DIRS:
         shutil.rmtree(d, ignore_errors=True)
-    for label in ("nanogpt.role=train", "nanogpt.role=sync"):
+    for label in ("nanogpt.role=train", "nanogpt.role=sync", "nanogpt.role=tensorboard"):
         names = sh("docker", "ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}}").stdout.split()
         if names:
             sh("docker", "rm", "-f", *names, check=False)
@@ -211,6 +211,54 @@ def test_logs_status_and_a_dropped_connection_while_streaming(boxes, laptop, run
     assert docker_ps() == ["nanogpt-train"]
 
 
+def test_dashboard_forwards_the_boxs_tensorboard_and_ctrl_c_leaves_training_alone(boxes, laptop, run_dirs, tmp_path):
+    """fab dashboard: TensorBoard in the image on the box's loopback, reached through the verified SSH connection. The
+    forwarded port serves the run's scalars (metrics.jsonl's values), and a headless Chromium renders the loss chart."""
+    import urllib.request
+
+    import numpy as np
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "fab"), "dashboard", *map(str, ssh_args(boxes[0], laptop)),
+                             "--local-port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        while f"open http://127.0.0.1:{port}/" not in (line := proc.stdout.readline()):
+            assert line, proc.stderr.read()
+        assert docker_ps("nanogpt.role=tensorboard") == ["nanogpt-train-tensorboard"]
+        # TensorBoard answers on the box's loopback (its container shares the host's network).
+        listening = sh("docker", "exec", "nanogpt-train-tensorboard", "python", "-c",
+                       "import socket; s = socket.socket(); print(s.connect_ex(('127.0.0.1', 6006)))").stdout.strip()
+        assert listening == "0"
+
+        def scalars(tag):
+            url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=.&tag={tag}"
+            return {step: value for _, step, value in json.loads(urllib.request.urlopen(url, timeout=30).read())}
+
+        served = scalars("loss/train")
+        logged = {e["step"]: e["loss"] for e in events(run_dirs["weights"], "train")}
+        assert len(served) >= 3 and all(float(np.float32(logged[s])) == v for s, v in served.items())
+        page = tmp_path / "dashboard.png"
+        # forceSVG: TensorBoard draws its charts as SVG (a headless Chromium without a GPU draws no WebGL lines).
+        url = f"http://127.0.0.1:{port}/?forceSVG=true#timeseries"
+        chromium = ["chromium", "--headless", "--no-sandbox", "--hide-scrollbars", "--virtual-time-budget=20000"]
+        dom = sh(*chromium, "--dump-dom", url, timeout=180).stdout
+        assert "loss/train" in dom and "loss/val" in dom and "<path" in dom  # the loss cards, with their lines
+        sh(*chromium, "--window-size=1400,1000", f"--screenshot={page}", url, timeout=180)
+        assert page.stat().st_size > 20_000
+        keep = ROOT / "bench-out"  # git-ignored: the screenshot is kept to be looked at
+        keep.mkdir(exist_ok=True)
+        shutil.copy(page, keep / "dashboard.png")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "closed the tunnel" in out and "training goes on" in out
+    assert docker_ps() == ["nanogpt-train"]  # training goes on
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)  # the tunnel is closed
+
+
 def test_stop_leaves_a_final_checkpoint_and_relaunch_resumes_to_the_end(boxes, laptop, wheels, base_image, run_dirs, box_user):
     proc = fab("stop", *ssh_args(boxes[0], laptop), check=True)
     assert docker_ps() == []
@@ -236,9 +284,47 @@ def test_fetch_weights_brings_the_run_home(boxes, laptop, run_dirs, tmp_path):
     names = sorted(p.name for p in run_dirs["weights"].glob(contract.CHECKPOINT_GLOB))
     for n in names:
         assert hashlib.sha256((tmp_path / "w" / n).read_bytes()).digest() == hashlib.sha256((run_dirs["weights"] / n).read_bytes()).digest()
-    assert f"fetched {len(names) + 3} files" in first.stdout
+    event_files = list(run_dirs["weights"].glob(contract.TENSORBOARD_EVENTS_PREFIX + "*"))
+    assert len(event_files) == 2  # one per attempt: the stopped run and its resumption
+    assert f"fetched {len(names) + 3 + len(event_files)} files" in first.stdout
     second = fab("fetch-weights", *ssh_args(boxes[0], laptop), "--weights-dir", run_dirs["weights"], "--to", tmp_path / "w", check=True)
     assert "fetched 0 files (0.0 MiB)" in second.stdout
+
+
+def test_wandb_key_reaches_the_trainer_as_a_read_only_file_and_is_never_shown(boxes, laptop, wheels, base_image):
+    """--wandb through fab launch: the laptop's key (here from ~/.netrc, as `wandb login` leaves it) goes to a 0600 file
+    on the box, mounted read-only into the trainer, which runs its W&B run offline in the weights dir."""
+    from test_dashboards import inspect_history
+
+    dirs = {"data": box_path("wandb-data"), "weights": box_path("wandb-weights")}
+    key = "f0e1d2c3b4a5" * 4  # 48 hex characters, as a W&B key looks
+    home = Path(tempfile.mkdtemp(prefix="laptop-home-"))
+    (home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {key}\n")
+    (home / ".netrc").chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(home / ".netrc")
+    proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, dirs, "--nproc", 1, "--steps", 6,
+                            "--env", "WANDB_MODE=offline WANDB_SILENT=true",
+                            "--train-args", " ".join(TRAIN + ["--wandb", "nanogpt-test/box"])), env=env, check=True)
+    assert "training finished" in proc.stdout
+    mounts = json.loads(sh("docker", "inspect", "--format", "{{json .Mounts}}", "nanogpt-train").stdout)
+    (secret,) = [m for m in mounts if m["Destination"] == contract.WANDB_KEY_FILE]
+    assert secret["RW"] is False and Path(secret["Source"]).read_text() == key
+    assert oct(Path(secret["Source"]).stat().st_mode & 0o777) == "0o600"
+    assert_key_kept_secret(key, proc.stdout, proc.stderr)
+    assert not [p for p in dirs["weights"].rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    run_id = (dirs["weights"] / contract.WANDB_RUN_ID_FILE).read_text().strip()
+    (run_dir,) = (dirs["weights"] / "wandb").glob(f"offline-run-*-{run_id}")
+    history = {h["step"]: h["loss/train"] for h in inspect_history(run_dir) if "loss/train" in h}
+    assert history == {e["step"]: e["loss"] for e in events(dirs["weights"], "train")} and len(history) == 6
+
+
+def test_wandb_without_a_key_fails_before_touching_the_box(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(tmp_path / "none")
+    proc = subprocess.run([str(Path(sys.executable).parent / "fab"), "launch", "--host", f"u@127.0.0.1:{free_port()}",
+                           "--train-args", "--wandb proj"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert_one_line_error(proc, "--wandb needs a W&B API key", "wandb login", "WANDB_MODE=offline")
 
 
 # ---- several boxes --------------------------------------------------------------------------------------

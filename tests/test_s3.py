@@ -46,6 +46,27 @@ def test_upload_is_multipart_verified_and_incremental(endpoint, tmp_path):
     assert upload_files(files, "s3://weights/run1", s3=s3, chunk_mib=5).uploaded == ["metrics.jsonl"]
 
 
+def test_sidecar_uploads_tensorboard_event_files_like_the_logs(endpoint, tmp_path):
+    """The S3 sidecar's pass: TensorBoard's event files go up with the logs, and again whenever they grow."""
+    import io
+
+    from job.sidecar.sync import Syncer
+
+    s3 = client(endpoint)
+    s3.create_bucket(Bucket="events")
+    events = tmp_path / "events.out.tfevents.1796000000.box.7.0"
+    events.write_bytes(os.urandom(3000))
+    (tmp_path / "metrics.jsonl").write_text('{"event": "train", "step": 0}\n')
+    syncer = Syncer(tmp_path, "s3://events/run", s3, out=io.StringIO())
+    syncer.sync_once()
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="events")["Contents"])
+    assert keys == ["run/events.out.tfevents.1796000000.box.7.0", "run/metrics.jsonl"]
+    with open(events, "ab") as f:
+        f.write(b"more records")
+    syncer.sync_once()
+    assert s3.get_object(Bucket="events", Key=f"run/{events.name}")["Body"].read() == events.read_bytes()
+
+
 def test_fab_fetch_weights_to_s3(endpoint, tmp_path):
     """The whole path: box (real sshd) -> laptop dir -> S3 (moto server), twice; the second run moves nothing."""
     import subprocess

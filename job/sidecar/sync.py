@@ -5,8 +5,8 @@
 `fab launch --sync-s3 s3://...` starts it in its own container (same image, the weights dir mounted), before
 the trainer. A checkpoint file only ever appears complete (the trainer writes a temp name and renames), so
 anything matching model_*.pt can be uploaded at once; after upload and read-back verification (size + sha256)
-a marker `.synced-<name>` is written beside it. The logs (metrics.jsonl, train.log, log.txt) follow on each
-pass when they changed. The sidecar exits after the pass that follows the trainer's "end" event (training
+a marker `.synced-<name>` is written beside it. The logs (metrics.jsonl, train.log, log.txt, TensorBoard's
+event files) follow on each pass when they changed. The sidecar exits after the pass that follows the trainer's "end" event (training
 done or stopped) in metrics.jsonl, or on SIGTERM after one last pass, so a box that dies loses nothing that
 was already saved. A pass that fails (S3 unreachable, credentials expired, no room for a marker) is reported
 once and retried every interval, never fatal: a dead sidecar would upload nothing more. SIGTERM while failing
@@ -83,7 +83,8 @@ class Syncer:
             self.out.write(f"sync: {verb} {ckpt.name} -> {self.url}\n")
             done.append(ckpt.name)
         changed = []
-        for name in LOG_FILES:
+        events = sorted(p.name for p in self.log_dir.glob(contract.TENSORBOARD_EVENTS_PREFIX + "*"))
+        for name in (*LOG_FILES, *events):  # TensorBoard's event files grow like the logs
             p = self.log_dir / name
             if p.exists():
                 st = p.stat()

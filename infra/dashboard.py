@@ -1,0 +1,190 @@
+"""`fab dashboard`: the run's TensorBoard on the box, opened on the laptop through the launcher's SSH connection.
+
+TensorBoard runs on the box in a container of the trainer's own image (like the S3 sidecar), with the weights dir
+mounted read-only, on the host's network but bound to the box's loopback: nothing new is exposed to the internet.
+The laptop listens on its own loopback and carries each browser connection to it over the SSH connection whose
+host key was verified (a direct-tcpip channel, as `ssh -L` does). Ctrl-C closes the tunnel; the TensorBoard
+container stays up for the next `fab dashboard`, and the trainer never notices either.
+
+Also the W&B key for `fab launch` with `--train-args "--wandb ..."`: it reaches the box as the AWS credentials do.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import select
+import shlex
+import socket
+import sys
+import threading
+import time
+
+import paramiko
+
+from infra.container import ROLE, find_train_container, running, weights_mount
+from infra.ssh import run
+from job import contract
+from job.errors import UserError
+
+TENSORBOARD_ROLE = "tensorboard"
+TENSORBOARD_NAME = f"{contract.CONTAINER_NAME}-tensorboard"
+READY_TIMEOUT = 120  # seconds for TensorBoard to start serving (its first load of the event files included)
+
+
+def start_tensorboard(conn, docker: str, port: int = contract.TENSORBOARD_PORT, out=sys.stdout) -> str:
+    """TensorBoard over the training container's weights dir, in that container's image; one already serving that
+    dir is reused, one serving another (an earlier run's) is replaced."""
+    train = find_train_container(conn, docker)
+    weights = weights_mount(conn, docker, train["name"])
+    if running(conn, docker, role=TENSORBOARD_ROLE) and weights_mount(conn, docker, TENSORBOARD_NAME) == weights:
+        return TENSORBOARD_NAME
+    image = run(conn, f"{docker} inspect --format '{{{{.Config.Image}}}}' {shlex.quote(train['name'])}", warn=True).stdout.strip()
+    if not weights or not image:
+        raise UserError(f"cannot tell the weights dir or image of {train['name']} on {conn.host}: launch the run again with fab launch")
+    ids = run(conn, "id -u && id -g").stdout.split()
+    run(conn, f"{docker} rm -f {TENSORBOARD_NAME} >/dev/null 2>&1", warn=True)
+    # --load_fast=false: TensorBoard's Python reader, which honours the purge a resumed run's event file asks for.
+    cmd = (f"{docker} run -d --init --name {TENSORBOARD_NAME} --label {ROLE}={TENSORBOARD_ROLE} --network host "
+           f"--user {ids[0]}:{ids[1]} -v {shlex.quote(f'{weights}:{contract.LOG_DIR}:ro')} {shlex.quote(image)} "
+           f"tensorboard --logdir {contract.LOG_DIR} --host 127.0.0.1 --port {int(port)} --load_fast=false --reload_interval 10")
+    res = run(conn, cmd, warn=True)
+    if res.failed:
+        raise UserError(f"could not start TensorBoard on {conn.host}: {' '.join(res.stderr.split())[:300]}")
+    out.write(f"started {TENSORBOARD_NAME} on {conn.host} (its loopback, port {port}) over {weights}\n")
+    return TENSORBOARD_NAME
+
+
+def wait_ready(conn, docker: str, port: int, timeout: float = READY_TIMEOUT) -> None:
+    """Until the box's 127.0.0.1:port accepts a connection through the tunnel, or the container has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=10).close()
+            return
+        except (paramiko.ChannelException, paramiko.SSHException):
+            pass
+        if not running(conn, docker, role=TENSORBOARD_ROLE):
+            logs = run(conn, f"{docker} logs --tail 5 {TENSORBOARD_NAME} 2>&1", warn=True).stdout
+            raise UserError(f"TensorBoard exited on {conn.host}: {' '.join(logs.split())[-300:]}")
+        if time.monotonic() > deadline:
+            raise UserError(f"TensorBoard on {conn.host} did not answer on port {port} within {timeout:.0f} s: "
+                            f"see `docker logs {TENSORBOARD_NAME}` there")
+        time.sleep(0.5)
+
+
+def listen(local_port: int) -> socket.socket:
+    """The laptop's end of the tunnel, on its loopback; 0 picks a free port."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        server.bind(("127.0.0.1", local_port))
+    except OSError as e:
+        server.close()
+        raise UserError(f"cannot listen on 127.0.0.1:{local_port} here ({e.strerror}): pass another --local-port "
+                        "(0 picks a free one)") from None
+    server.listen(32)
+    return server
+
+
+def _pump(client: socket.socket, channel) -> None:
+    """Copy bytes both ways until either side closes."""
+    try:
+        while True:
+            ready, _, _ = select.select([client, channel], [], [], 60)
+            for src, dst in ((client, channel), (channel, client)):
+                if src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    dst.sendall(data)
+    except OSError:
+        return
+    finally:
+        channel.close()
+        client.close()
+
+
+def forward(conn, server: socket.socket, remote_port: int) -> None:
+    """Serve the tunnel until Ctrl-C (KeyboardInterrupt) or the SSH connection drops."""
+    transport = conn.transport
+    server.settimeout(1.0)  # wake up now and then to notice a dropped connection
+    while transport.is_active():
+        try:
+            client, peer = server.accept()
+        except TimeoutError:
+            continue
+        try:
+            channel = transport.open_channel("direct-tcpip", ("127.0.0.1", remote_port), peer, timeout=10)
+        except (paramiko.ChannelException, paramiko.SSHException, EOFError):
+            client.close()  # TensorBoard is restarting, or gone: the browser retries
+            continue
+        threading.Thread(target=_pump, args=(client, channel), daemon=True).start()
+    raise UserError(f"the SSH connection to {conn.host} dropped: run fab dashboard again (training is not affected)")
+
+
+def dashboard(conn, docker: str, local_port: int, remote_port: int = contract.TENSORBOARD_PORT, out=sys.stdout) -> None:
+    server = listen(local_port)
+    try:
+        start_tensorboard(conn, docker, remote_port, out=out)
+        wait_ready(conn, docker, remote_port)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        out.write(f"TensorBoard of the run on {conn.host}: open {url}  (Ctrl-C closes the tunnel; training goes on)\n")
+        out.flush()
+        try:
+            forward(conn, server, remote_port)
+        except KeyboardInterrupt:
+            out.write(f"\nclosed the tunnel to {conn.host}; training goes on, and {TENSORBOARD_NAME} keeps serving there "
+                      "for the next fab dashboard\n")
+    finally:
+        server.close()
+
+
+# ---- W&B: the API key for the trainer on the box --------------------------------------------------------------
+WANDB_KEY = ".config/nanogpt/wandb-api-key"  # on the box, relative to the user's home; 0600
+WANDB_HOST = "api.wandb.ai"
+
+
+def wants_wandb(trainer_args: list[str]) -> bool:
+    return any(a == "--wandb" or a.startswith("--wandb=") for a in trainer_args)
+
+
+def laptop_wandb_key() -> str:
+    """The W&B key as W&B itself finds it on this machine: WANDB_API_KEY, else ~/.netrc (what `wandb login` writes)."""
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        try:
+            entry = netrc.netrc(os.environ.get("NETRC")).authenticators(WANDB_HOST)
+        except (OSError, netrc.NetrcParseError):
+            entry = None
+        key = entry[2] if entry else None
+    if not key:
+        raise UserError("--wandb needs a W&B API key on this machine: run `wandb login` (or set WANDB_API_KEY), "
+                        "or add --env WANDB_MODE=offline to keep the run on the box")
+    return key.strip()
+
+
+def send_wandb_key(conn, job) -> None:
+    """The key as a 0600 file on the box, mounted read-only where the trainer reads it: in no command line, no
+    environment variable (which `docker inspect` shows) and no log."""
+    from infra.launch import send_secret
+
+    if not wants_wandb(job.trainer_args):
+        return
+    try:
+        key = laptop_wandb_key()
+    except UserError:
+        if wandb_offline(job):
+            return  # an offline run needs no key (`wandb sync` uploads it later)
+        raise
+    job.mounts[send_secret(conn, WANDB_KEY, key.encode())] = contract.WANDB_KEY_FILE
+
+
+def wandb_offline(job) -> bool:
+    return job.env.get("WANDB_MODE") in ("offline", "disabled")
+
+
+def check_wandb_key(job) -> None:
+    """Before anything happens on the box: --wandb online needs a key here."""
+    if wants_wandb(job.trainer_args) and not wandb_offline(job):
+        laptop_wandb_key()
