@@ -53,12 +53,15 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def base_config(args) -> TrainConfig:
+    sets = parse_settings(args.set, "--set", extra=("ddp",))
     overrides = {k: v for k, v in dict(preset=args.preset, micro_batch=args.micro_batch, seq_len=args.seq_len).items() if v}
+    if "recipe" in sets:  # a recipe brings its own presets (--set recipe=speedrun --preset tiny: its tiny size)
+        overrides["recipe"] = sets["recipe"]
     cfg = from_dict(overrides)
     cfg.device, cfg.compile, cfg.dtype = args.device, args.compile, args.dtype
     cfg.total_batch_tokens = cfg.micro_batch * cfg.seq_len * args.grad_accum
     cfg.hellaswag_every, cfg.resume = 0, "never"
-    for k, v in parse_settings(args.set, "--set", extra=("ddp",)).items():
+    for k, v in sets.items():
         if k == "ddp":  # the same vocabulary as --variant, so bench_summary.py --winner-sets can name any winner
             args.ddp = "on" if v else "off"
         else:

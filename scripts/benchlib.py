@@ -222,6 +222,10 @@ def make_trainer(cfg: TrainConfig, rt: Runtime, log: bool = False) -> Trainer:
 
 
 def describe(cfg: TrainConfig, trainer: Trainer) -> str:
+    if cfg.recipe != "gpt2":  # the settings below are the gpt2 recipe's; another says its own (Recipe.describe)
+        return (f"{cfg.recipe} recipe, compile {cfg.compile_mode if trainer.use_compile else 'off'}, "
+                f"{'DDP x1' if trainer.rt.ddp else 'no DDP'}, prefetch {cfg.prefetch}"
+                + trainer.recipe.describe(trainer.model, cfg).replace(" | ", ", "))
     return (f"compile {cfg.compile_mode if trainer.use_compile else 'off'}, "
             f"{'fused' if all(o.defaults.get('fused') for o in trainer.optimizer) else 'unfused'} AdamW, "
             f"{'DDP x1' if trainer.rt.ddp else 'no DDP'}, prefetch {cfg.prefetch}, "
