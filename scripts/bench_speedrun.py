@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from job.optim import Optimizers  # noqa: E402
 from job.recipes import speedrun as recipe  # noqa: E402
 from job.speedrun.fp8 import fp8_supported  # noqa: E402
-from job.speedrun.model import SpeedrunConfig, SpeedrunGPT  # noqa: E402
+from job.speedrun.gpt import SpeedrunConfig, SpeedrunGPT  # noqa: E402
 from job.speedrun.muon import newton_schulz  # noqa: E402
 
 SIZES = {"full": dict(n_head=6, n_embd=768, seq_len=48 * 1024), "small": dict(n_head=1, n_embd=128, seq_len=1024)}
@@ -84,15 +84,7 @@ def run_record(ns, size, device, data, steps, cfg):
     else:
         model.lm_head.use_fp8 = False
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    embed = [p for n, p in model.named_parameters() if "embed" in n]
-    scalars = [p for p in model.parameters() if p.ndim < 2]
-    adam = torch.optim.Adam([dict(params=[model.lm_head.weight], lr=0.22), dict(params=embed, lr=0.6),
-                             dict(params=scalars, lr=0.04)], betas=(0.8, 0.95), eps=1e-10, fused=True)
-    muon = ns["Muon"](hidden, lr=0.05, momentum=0.95, rank=0, world_size=1)
-    for opt in (adam, muon):
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
+    adam, muon = reference_module().record_optimizers(ns, model)
     fwd = torch.compile(model, dynamic=False) if device == "cuda" else model
 
     def step(i):

@@ -148,21 +148,27 @@ def forward_losses(ns) -> dict:
     return out
 
 
-def training(ns) -> dict:
-    model = build(ns)
-    perturb(model)
-    model.lm_head.use_fp8 = False  # the port's FP8 needs an FP8 GPU; the op itself is compared separately
-    ns["flex_attention"] = dense_flex
+def record_optimizers(ns, model) -> tuple:
+    """(Adam, Muon) as the record's main program builds them, for one rank, with its initial_lr bookkeeping."""
     hidden = [p for n, p in model.blocks.named_parameters() if p.ndim >= 2 and "embed" not in n]
     embed = [p for n, p in model.named_parameters() if "embed" in n]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     adam = torch.optim.Adam([dict(params=[model.lm_head.weight], lr=0.22), dict(params=embed, lr=0.6),
                              dict(params=scalars, lr=0.04)], betas=(0.8, 0.95), eps=1e-10, fused=True)
     muon = ns["Muon"](hidden, lr=0.05, momentum=0.95, rank=0, world_size=1)
-    optimizers = [adam, muon]
-    for opt in optimizers:
+    for opt in (adam, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
+    return adam, muon
+
+
+def training(ns) -> dict:
+    model = build(ns)
+    perturb(model)
+    model.lm_head.use_fp8 = False  # the port's FP8 needs an FP8 GPU; the op itself is compared separately
+    ns["flex_attention"] = dense_flex
+    adam, muon = record_optimizers(ns, model)
+    optimizers = [adam, muon]
     steps = []
     for step in range(STEPS):
         tokens = batch(10 + step)

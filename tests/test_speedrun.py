@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from test_train import popen, wait_for
 
-from conftest import ROOT, SPEEDRUN_SMALL, assert_one_line_error, env, events, losses, run_cli
+from conftest import ROOT, SPEEDRUN_SMALL, assert_one_line_error, env, events, losses, run_cli, script_module
 from job import checkpoint as ckpt_lib
 from job.optim import Optimizers
 from job.recipes import speedrun as recipe
@@ -151,28 +151,8 @@ def reference_model() -> SpeedrunGPT:
                                       n_embd=SIZE["n_embd"], block_size=SIZE["seq_len"]))
 
 
-def perturb(model) -> None:
-    """The reference script's seeded noise on every weight, by name (scripts/speedrun_reference.py)."""
-    g = torch.Generator().manual_seed(SIZE["seed"] + 1)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in sorted(params):
-            p = params[name]
-            std = 1.0 if name == "lm_head.weight" else 0.3 if p.ndim < 2 else 0.05 if "c_proj" in name else 0.02
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
-
-
-def batch(step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(SIZE["seed"] + 100 + step)
-    tokens = torch.randint(0, 50256, (SIZE["seq_len"] + 1,), generator=g)
-    tokens[torch.randint(0, SIZE["seq_len"], (6,), generator=g)] = 50256
-    tokens[0] = 50256
-    return tokens
-
-
-def checksum(t):
-    t = t.detach().double()
-    return [t.sum().item(), t.abs().sum().item(), t.square().sum().item()]
+REF = script_module("speedrun_reference")  # the same seeded noise, batches and checksums as the recorded figures
+perturb, batch, checksum = REF.perturb, REF.batch, REF.checksum
 
 
 def assert_weights(model, want: dict, rel: float):
@@ -399,3 +379,14 @@ def test_flops_per_token_count_the_window_not_the_whole_sequence():
     assert model.flops_per_token(48 * 1024) == 6 * matmul + 6 * 768 * (3 * MAX_WINDOW + 8 * MAX_WINDOW // 2)
     assert model.flops_per_token(256) == 6 * matmul + 6 * 768 * 11 * 256  # a sequence shorter than any window
     assert recipe.window_blocks(1770, 1770) * 128 == MAX_WINDOW
+
+
+@pytest.mark.parametrize("name", ["bench_speedrun", "speedrun_reference"])
+def test_the_record_scripts_load_and_refuse_a_missing_record_in_one_line(name, tmp_path, capsys):
+    """They run the record's own code, which is never in this repository: without it they say what to pass."""
+    module = script_module(name)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--record", str(tmp_path / "missing.txt"), "--device", "cpu"] if name == "bench_speedrun" else
+                    ["--record", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out.json")])
+    assert str(e.value.code).startswith("error: --record") and "does not exist" in str(e.value.code)
+    assert not (tmp_path / "out.json").exists()
