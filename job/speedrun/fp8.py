@@ -18,11 +18,21 @@ def fp8_supported(device: torch.device | str) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """fn compiled on first use, not at import: importing the recipes (every config parse does) must not set up
+    Inductor, whose cache directory the trainer chooses first (job.train.main)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
 def _scale(t: Tensor, s: float) -> Tensor:
     return t.new_tensor(s, dtype=torch.float32)
 
 
-@torch.compile
 def _forward(x: Tensor, w: Tensor, x_s: float, w_s: float):
     x8 = x.div(x_s).to(torch.float8_e4m3fn)
     w8 = w.div(w_s).to(torch.float8_e4m3fn)
@@ -31,7 +41,6 @@ def _forward(x: Tensor, w: Tensor, x_s: float, w_s: float):
     return out, x8, w8
 
 
-@torch.compile
 def _backward(g: Tensor, x8: Tensor, w8: Tensor, x_s: float, w_s: float, g_s: float):
     g8 = g.div(g_s).to(torch.float8_e5m2)
     # _scaled_mm wants its second operand column-major: .T.contiguous().T lays it out so.
@@ -45,7 +54,7 @@ def _backward(g: Tensor, x8: Tensor, w8: Tensor, x_s: float, w_s: float, g_s: fl
 @torch.library.custom_op("nanogpt_cloud::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
     """x @ w.T in FP8 (x: (N, in), w: (out, in), both contiguous); also returns the FP8 copies kept for backward."""
-    return _forward(x, w, x_s, w_s)
+    return compiled(_forward)(x, w, x_s, w_s)
 
 
 @fp8_mm.register_fake
@@ -55,7 +64,7 @@ def _(x: Tensor, w: Tensor, *_):
 
 @torch.library.custom_op("nanogpt_cloud::fp8_mm_backward", mutates_args=())
 def fp8_mm_backward(g: Tensor, x8: Tensor, w8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
-    return _backward(g, x8, w8, x_s, w_s, grad_s)
+    return compiled(_backward)(g, x8, w8, x_s, w_s, grad_s)
 
 
 @fp8_mm_backward.register_fake
