@@ -105,8 +105,9 @@ def _pump(client: socket.socket, channel) -> None:
         client.close()
 
 
-def forward(conn, server: socket.socket, remote_port: int) -> None:
-    """Serve the tunnel until Ctrl-C (KeyboardInterrupt) or the SSH connection drops."""
+def forward(conn, server: socket.socket, remote_port: int, pairs: list) -> None:
+    """Serve the tunnel until Ctrl-C (KeyboardInterrupt) or the SSH connection drops; `pairs` collects the open
+    (browser socket, SSH channel) pairs, for the caller to close."""
     transport = conn.transport
     server.settimeout(1.0)  # wake up now and then to notice a dropped connection
     while transport.is_active():
@@ -119,12 +120,13 @@ def forward(conn, server: socket.socket, remote_port: int) -> None:
         except (paramiko.ChannelException, paramiko.SSHException, EOFError):
             client.close()  # TensorBoard is restarting, or gone: the browser retries
             continue
+        pairs.append((client, channel))
         threading.Thread(target=_pump, args=(client, channel), daemon=True).start()
     raise UserError(f"the SSH connection to {conn.host} dropped: run fab dashboard again (training is not affected)")
 
 
 def dashboard(conn, docker: str, local_port: int, remote_port: int = contract.TENSORBOARD_PORT, out=sys.stdout) -> None:
-    server = listen(local_port)
+    server, pairs = listen(local_port), []
     try:
         start_tensorboard(conn, docker, remote_port, out=out)
         wait_ready(conn, docker, remote_port)
@@ -132,12 +134,16 @@ def dashboard(conn, docker: str, local_port: int, remote_port: int = contract.TE
         out.write(f"TensorBoard of the run on {conn.host}: open {url}  (Ctrl-C closes the tunnel; training goes on)\n")
         out.flush()
         try:
-            forward(conn, server, remote_port)
+            forward(conn, server, remote_port, pairs)
         except KeyboardInterrupt:
             out.write(f"\nclosed the tunnel to {conn.host}; training goes on, and {TENSORBOARD_NAME} keeps serving there "
                       "for the next fab dashboard\n")
     finally:
         server.close()
+        # Every channel closed before the connection is: closing the SSH transport then waits on nothing.
+        for client, channel in pairs:
+            channel.close()
+            client.close()
 
 
 # ---- W&B: the API key for the trainer on the box --------------------------------------------------------------
