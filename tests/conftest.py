@@ -92,8 +92,9 @@ def _xdist_groups(config, items) -> None:
 
     for item in items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
-        if names and "@" not in item.nodeid:
-            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+        suffix = f"@{'_'.join(names)}"
+        if names and not item.nodeid.endswith(suffix):  # a parameter's id may hold an "@" of its own
+            item._id = coerce_node_id(item.nodeid + suffix)
 
 
 def _needs_slow_machinery(item) -> bool:
