@@ -3,7 +3,7 @@
 TensorBoard runs on the box in a container of the trainer's own image (like the S3 sidecar), with the weights dir
 mounted read-only, on the host's network but bound to the box's loopback: nothing new is exposed to the internet.
 The laptop listens on its own loopback and carries each browser connection to it over the SSH connection whose
-host key was verified (a direct-tcpip channel, as `ssh -L` does). Ctrl-C closes the tunnel; the TensorBoard
+host key was verified (a direct-tcpip channel, as `ssh -L` does). Ctrl-C (or SIGTERM) closes the tunnel; the TensorBoard
 container stays up for the next `fab dashboard`, and the trainer never notices either.
 
 Also the W&B key for `fab launch` with `--train-args "--wandb ..."`: it reaches the box as the AWS credentials do.
@@ -15,6 +15,7 @@ import netrc
 import os
 import select
 import shlex
+import signal
 import socket
 import sys
 import threading
@@ -23,7 +24,7 @@ import time
 import paramiko
 
 from infra.container import ROLE, find_train_container, running, weights_mount
-from infra.ssh import run
+from infra.ssh import ctrl_c_as_flag, run
 from job import contract
 from job.errors import UserError
 
@@ -105,12 +106,14 @@ def _pump(client: socket.socket, channel) -> None:
         client.close()
 
 
-def forward(conn, server: socket.socket, remote_port: int, pairs: list) -> None:
-    """Serve the tunnel until Ctrl-C (KeyboardInterrupt) or the SSH connection drops; `pairs` collects the open
+def forward(conn, server: socket.socket, remote_port: int, pairs: list, stop: threading.Event) -> None:
+    """Serve the tunnel until `stop` is set (Ctrl-C) or the SSH connection drops; `pairs` collects the open
     (browser socket, SSH channel) pairs, for the caller to close."""
     transport = conn.transport
-    server.settimeout(1.0)  # wake up now and then to notice a dropped connection
-    while transport.is_active():
+    server.settimeout(0.5)  # wake up now and then to notice the stop or a dropped connection
+    while not stop.is_set():
+        if not transport.is_active():
+            raise UserError(f"the SSH connection to {conn.host} dropped: run fab dashboard again (training is not affected)")
         try:
             client, peer = server.accept()
         except TimeoutError:
@@ -122,7 +125,6 @@ def forward(conn, server: socket.socket, remote_port: int, pairs: list) -> None:
             continue
         pairs.append((client, channel))
         threading.Thread(target=_pump, args=(client, channel), daemon=True).start()
-    raise UserError(f"the SSH connection to {conn.host} dropped: run fab dashboard again (training is not affected)")
 
 
 def dashboard(conn, docker: str, local_port: int, remote_port: int = contract.TENSORBOARD_PORT, out=sys.stdout) -> None:
@@ -133,11 +135,11 @@ def dashboard(conn, docker: str, local_port: int, remote_port: int = contract.TE
         url = f"http://127.0.0.1:{server.getsockname()[1]}/"
         out.write(f"TensorBoard of the run on {conn.host}: open {url}  (Ctrl-C closes the tunnel; training goes on)\n")
         out.flush()
-        try:
-            forward(conn, server, remote_port, pairs)
-        except KeyboardInterrupt:
-            out.write(f"\nclosed the tunnel to {conn.host}; training goes on, and {TENSORBOARD_NAME} keeps serving there "
-                      "for the next fab dashboard\n")
+        # Ctrl-C, or a SIGTERM from whatever started this in the background, ends the tunnel at a known place.
+        with ctrl_c_as_flag(signal.SIGTERM) as stop:
+            forward(conn, server, remote_port, pairs, stop)
+        out.write(f"\nclosed the tunnel to {conn.host}; training goes on, and {TENSORBOARD_NAME} keeps serving there "
+                  "for the next fab dashboard\n")
     finally:
         server.close()
         # Every channel closed before the connection is: closing the SSH transport then waits on nothing.

@@ -166,7 +166,7 @@ def stream(conn: fabric.Connection, cmd: str, out=None, stdin_chunks=None) -> in
                 chan.sendall(chunk)
             chan.shutdown_write()
         pending = b""
-        with _ctrl_c_as_flag() as interrupted:
+        with ctrl_c_as_flag() as interrupted:
             chan.settimeout(0.2)  # wake up to look at the flag even while the box sends nothing
             while True:
                 if interrupted.is_set():
@@ -203,22 +203,26 @@ def stream(conn: fabric.Connection, cmd: str, out=None, stdin_chunks=None) -> in
 
 
 @contextlib.contextmanager
-def _ctrl_c_as_flag():
-    """Ctrl-C sets an event instead of raising KeyboardInterrupt wherever the main thread happens to be.
+def ctrl_c_as_flag(*signals: int):
+    """Ctrl-C (and any other of `signals`) sets an event instead of raising KeyboardInterrupt wherever the main thread
+    happens to be.
 
     Raised asynchronously, the interrupt can land inside a finalizer (paramiko's Channel.__del__ runs whenever the
     garbage collector frees an earlier channel), where Python drops it: the streaming then ignored Ctrl-C. The
-    caller checks the event between reads and raises KeyboardInterrupt itself, at a known place.
+    caller checks the event between waits and stops at a known place. The handler is installed even where the
+    process inherited SIGINT ignored (a job started in the background by a non-interactive shell), so the signal
+    that ends a stream or a tunnel always ends it.
     """
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # only the main thread can own signal handlers
         yield flag
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    previous = {sig: signal.signal(sig, lambda signum, frame: flag.set()) for sig in (signal.SIGINT, *signals)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _explain(e: Exception, conn: fabric.Connection, where: str, known_hosts: str) -> str:

@@ -218,13 +218,22 @@ def test_dashboard_forwards_the_boxs_tensorboard_and_ctrl_c_leaves_training_alon
 
     import numpy as np
 
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "fab"), "dashboard", *map(str, ssh_args(boxes[0], laptop)),
-                             "--local-port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
+    def start_dashboard(port: int, sigint: signal.Handlers) -> tuple[subprocess.Popen, str]:
+        """fab dashboard, with what it printed up to its URL."""
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "fab"), "dashboard", *map(str, ssh_args(boxes[0], laptop)),
+                                 "--local-port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+        said = ""
         while f"open http://127.0.0.1:{port}/" not in (line := proc.stdout.readline()):
             assert line, proc.stderr.read()
+            said += line
+        return proc, said
+
+    # Started with SIGINT ignored, as a non-interactive shell starts a background job: Ctrl-C must still end it.
+    port = free_port()
+    proc, said = start_dashboard(port, signal.SIG_IGN)
+    try:
+        assert "started nanogpt-train-tensorboard" in said
         assert docker_ps("nanogpt.role=tensorboard") == ["nanogpt-train-tensorboard"]
         # TensorBoard answers on the box's loopback (its container shares the host's network).
         listening = sh("docker", "exec", "nanogpt-train-tensorboard", "python", "-c",
@@ -257,6 +266,18 @@ def test_dashboard_forwards_the_boxs_tensorboard_and_ctrl_c_leaves_training_alon
     assert docker_ps() == ["nanogpt-train"]  # training goes on
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)  # the tunnel is closed
+
+    # Again: the box's TensorBoard is reused, and SIGTERM (a process manager's stop) closes the tunnel the same way.
+    port = free_port()
+    proc, said = start_dashboard(port, signal.SIG_DFL)
+    try:
+        assert len(scalars("loss/train")) >= 3
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "started" not in said and "closed the tunnel" in out
+    assert docker_ps("nanogpt.role=tensorboard") == ["nanogpt-train-tensorboard"] and docker_ps() == ["nanogpt-train"]
 
 
 def test_stop_leaves_a_final_checkpoint_and_relaunch_resumes_to_the_end(boxes, laptop, wheels, base_image, run_dirs, box_user):
