@@ -278,7 +278,7 @@ def _receive(p: Part, chunks, rest: bytes, bar) -> bytes:
 def _open(conn, cmd: str):
     transport = conn.client.get_transport()
     # paramiko starting a re-key itself races with the window adjustments of a fast download (it then fails with
-    # "Key-exchange timed out", paramiko issue #822); sshd re-keys on its own schedule (RekeyLimit, 1-4 GB by default),
+    # "Key-exchange timed out", a known paramiko race); sshd re-keys on its own schedule (RekeyLimit, 1-4 GB by default),
     # which paramiko handles, so leave the re-keying to the box.
     transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = 2**62
     chan = transport.open_session(window_size=WINDOW, max_packet_size=PACKET)
