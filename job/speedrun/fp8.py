@@ -9,6 +9,8 @@ says which, and the run's first log line too).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -18,15 +20,12 @@ def fp8_supported(device: torch.device | str) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-_COMPILED: dict = {}
-
-
+@functools.cache
 def compiled(fn):
     """fn compiled on first use, not at import: importing the recipes (every config parse does) must not set up
-    Inductor, whose cache directory the trainer chooses first (job.train.main)."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn)
-    return _COMPILED[fn]
+    Inductor, whose cache directory the trainer chooses first (job.train.main). Called only inside the custom ops,
+    which torch.compile does not trace into."""
+    return torch.compile(fn)
 
 
 def _scale(t: Tensor, s: float) -> Tensor:
