@@ -160,7 +160,11 @@ class ShardLoader:
             self.offset = 0
             self._tokens = None
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, B: int | None = None, T: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next window of B x T tokens per rank (default: the loader's own; a recipe may stage its batch)."""
+        if (B or self.B, T or self.T) != (self.B, self.T):
+            self.B, self.T = B or self.B, T or self.T
+            self._skip_short()  # the new step's span must fit in the shard too
         B, T = self.B, self.T
         start = self.offset + self.rank * B * T
         # One copy: uint16 from the memory map straight into the (pinned) int64 tensor handed on.
@@ -202,23 +206,28 @@ class DeviceLoader:
         self.cuda = self.device.type == "cuda"
         self._queue: deque = deque()  # (position before the batch, x, y)
 
-    def _fetch(self) -> None:
+    def _fetch(self, shape: tuple[int, ...] = ()) -> None:
         state = self.loader.state_dict()
-        x, y = self.loader.next_batch()
+        x, y = self.loader.next_batch(*shape)
         if self.cuda:
             if not x.is_pinned():
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         else:
             x, y = x.to(self.device), y.to(self.device)
-        self._queue.append((state, x, y))
+        self._queue.append((state, x, y, shape))
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch; `shape` (B, T) asks for another layout than the loader's own (a staged recipe's step).
+        Batches prefetched in another layout are put back: the loader rewinds to the first of them."""
+        if self._queue and self._queue[0][3] != shape:
+            self.loader.load_state_dict(self._queue[0][0])
+            self._queue.clear()
         if not self._queue:
-            self._fetch()
-        _, x, y = self._queue.popleft()
+            self._fetch(shape)
+        _, x, y, _ = self._queue.popleft()
         while len(self._queue) < self.depth:
-            self._fetch()
+            self._fetch(shape)
         return x, y
 
     def state_dict(self) -> dict:

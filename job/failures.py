@@ -84,7 +84,7 @@ def oom_error(cfg: TrainConfig, rt: Runtime, step: int) -> UserError:
         where += f" (peak {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB)"
     fix = (f"lower --micro-batch, e.g. --micro-batch {B // 2}: gradient accumulation keeps the {cfg.total_batch_tokens:,} "
            "tokens per step" if B > 1 else "lower --seq-len or use a smaller model (--preset)")
-    if not cfg.ce_chunk_tokens:
+    if getattr(cfg.hp, "ce_chunk_tokens", None) == 0:  # the gpt2 recipe's chunked loss, turned off
         fix += f"; --ce-chunk-tokens 8192 also avoids the full {B} x {T} x {cfg.vocab_size} logits"
     err = UserError(f"{where} with micro-batch {B} x seq-len {T}: {fix}")
     err.every_rank = True
@@ -107,7 +107,9 @@ def diverged_error(cfg: TrainConfig, rt: Runtime, step: int, what: str, ckpt) ->
     """The run's numbers are no longer finite. NaN never heals (every later update is NaN too), so going on only
     burns the rented box and, worse, would rotate the last good checkpoints out. Saves already in flight hold
     weights checked finite: they land (resume_hint waits for them). Logs the run's end; the caller raises."""
-    lower = "a lower --max-lr" + (" or with --grad-clip 1.0" if not cfg.grad_clip else "")
+    from job import recipes
+
+    lower = recipes.get(cfg.recipe).divergence_advice(cfg)
     if rt.master:
         then = ckpt.resume_hint("diverged", lower)
     else:  # another machine of a multi-node run: rank 0 writes (and names) the checkpoints

@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job import checkpoint as ckpt_lib
 from job import contract, recipes
-from job.config import COMPILE_OPTIONS, CUDA_ONLY_SDPA, TrainConfig, parse_args, val_steps
+from job.config import COMPILE_OPTIONS, TrainConfig, layouts, parse_args, val_steps
 from job.dashboards import open_writers
-from job.data import DeviceLoader, ShardLoader, check_data_dir
+from job.data import DeviceLoader, check_data_dir
 from job.errors import UserError, cli_main
 from job.failures import StopFlag, diverged_error, lost_rank, oom_error, out_of_memory, rank_lost_error, sibling_gone
 from job.metrics import MetricsLogger, StepTimer, format_eta, peak_flops
@@ -44,16 +44,6 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     if mode in COMPILE_OPTIONS:
         return torch.compile(model, options=COMPILE_OPTIONS[mode])
     return torch.compile(model, mode=None if mode == "default" else mode)
-
-
-def check_settings(cfg: TrainConfig, rt: Runtime) -> None:
-    """Settings that only this machine can refuse (validate() in job.config knows no device)."""
-    if cfg.sdpa_backend in CUDA_ONLY_SDPA and rt.device_type != "cuda":
-        raise UserError(f"--sdpa-backend {cfg.sdpa_backend} needs a CUDA GPU and this run is on {rt.device_type}: "
-                        "use --sdpa-backend auto")
-    if cfg.residual_dtype == "bfloat16" and autocast_ctx(cfg, rt)[1] != torch.bfloat16:
-        raise UserError("--residual-dtype bfloat16 needs bf16 autocast, and this run computes in float32: "
-                        "add --dtype bfloat16 (the default on CUDA) or use --residual-dtype float32")
 
 
 @contextlib.contextmanager
@@ -93,22 +83,24 @@ class Trainer:
     the very same step); either way batches reach the step already on the device."""
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, train_loader=None, val_loader=None):
-        check_settings(cfg, rt)
         self.cfg, self.rt = cfg, rt
+        self.recipe = recipes.get(cfg.recipe)
+        # Settings that only this machine can refuse (validate() in job.config knows no device).
+        self.recipe.check_runtime(cfg, rt.device_type, autocast_ctx(cfg, rt)[1])
+        self.staged = self.recipe.staged(cfg)  # the batch layout changes during the run
         self.train_loader, self.val_loader = self._loaders(train_loader, val_loader)
         # After the shards were opened (a bad one is an error before anything is written to the log dir).
         self.log = MetricsLogger(cfg.log_dir, enabled=rt.master, writers=open_writers(cfg) if rt.master else ())
-        self.grad_accum = cfg.total_batch_tokens // (cfg.micro_batch * cfg.seq_len * rt.world)
-        self.recipe = recipes.get(cfg.recipe)
+        self.grad_accum = self._accum(self.recipe.step_layout(0, cfg))  # step 0's; a staged recipe's changes
         self.autocast, self.autocast_dtype = autocast_ctx(cfg, rt)
         if not self.recipe.autocast:  # the model keeps its own precision (built for autocast_dtype)
             self.autocast = contextlib.nullcontext()
-        self.backward_scale = self.recipe.backward_scale(cfg)
         self.val_steps = val_steps(cfg, rt.world)
         with seeded(cfg.seed, rt):
             self.model = self.recipe.build_model(cfg, rt.device, self.autocast_dtype)
-        if cfg.init_from:
-            self.log.line(f"initialized the weights from {cfg.init_from}")
+        initialized = self.recipe.init_from(self.model, cfg)  # weights a setting names (a checkpoint to resume still wins)
+        if initialized:
+            self.log.line(initialized)
         self.optimizer = Optimizers(self.recipe.build_optimizers(self.model, cfg, rt.device_type))
         self.ckpt = ckpt_lib.Checkpointer(cfg.log_dir, cfg.keep_last, cfg.keep_every, rt.master, self.log)
         self.start_step, self.val_done_at_start, self.resumed_from, self.rng_state = self._resume()
@@ -128,8 +120,11 @@ class Trainer:
         pin = rt.device_type == "cuda"  # batches copied ahead from pinned memory on CUDA
 
         def shards(split):
-            seq_len = cfg.val_seq_len or cfg.seq_len if split == "val" else cfg.seq_len
-            return ShardLoader(cfg.data_dir, split, cfg.micro_batch, seq_len, rt.rank, rt.world, pin_memory=pin)
+            if split == "val":
+                return self.recipe.loader(cfg.data_dir, split, cfg.micro_batch, cfg.val_seq_len or cfg.seq_len, rt.rank, rt.world, pin)
+            # Sized to the largest step (a staged recipe's); each step then asks for its own layout.
+            largest = max(layouts(cfg), key=lambda lay: lay.micro_batch * lay.seq_len)
+            return self.recipe.loader(cfg.data_dir, split, largest.micro_batch, largest.seq_len, rt.rank, rt.world, pin)
 
         return (DeviceLoader(train_loader or shards("train"), rt.device, cfg.prefetch),
                 DeviceLoader(val_loader or shards("val"), rt.device, cfg.prefetch))
@@ -159,7 +154,8 @@ class Trainer:
         # per-step bookkeeping, but only without no_sync(): with gradient accumulation it crashes or silently
         # stops all-reducing (pytorch/pytorch#143580), so it is on only when every micro-step syncs.
         return fwd, DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
-                        bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True, static_graph=self.grad_accum == 1)
+                        bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True,
+                        static_graph=self.grad_accum == 1 and not self.staged)
 
     def _load_hellaswag(self):
         from job import hellaswag
@@ -236,26 +232,35 @@ class Trainer:
                 return
         self._end(cfg.max_steps, "done", f"done: {cfg.max_steps} steps, final val loss {val_loss:.4f}")
 
+    def _accum(self, layout) -> int:
+        return layout.tokens // (layout.micro_batch * layout.seq_len * self.rt.world)
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """One optimizer step over `grad_accum` micro-batches: (loss, gradient norm) as device tensors, and the
-        hyperparameters the recipe's schedule set. Nothing here waits for the device: the loss is summed there,
-        batches arrive already copied, and the caller decides when to read anything back."""
-        cfg, rt = self.cfg, self.rt
+        """One optimizer step over the step's micro-batches (the recipe's layout): (loss, gradient norm) as device
+        tensors, and the hyperparameters the recipe's schedule set. Nothing here waits for the device: the loss is
+        summed there, batches arrive already copied, and the caller decides when to read anything back."""
+        cfg, rt, recipe = self.cfg, self.rt, self.recipe
+        layout = recipe.step_layout(step, cfg)
+        accum = self._accum(layout) if self.staged else self.grad_accum
+        shape = (layout.micro_batch, layout.seq_len) if self.staged else ()
+        scale = recipe.backward_scale(cfg, layout)
         self.optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=rt.device)
-        for micro in range(self.grad_accum):
-            x, y = self.train_loader.next_batch()
+        for micro in range(accum):
+            x, y = self.train_loader.next_batch(*shape)
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate locally.
-            sync = not rt.ddp or micro == self.grad_accum - 1
+            sync = not rt.ddp or micro == accum - 1
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
                 with self.autocast:
-                    _, loss = self.train_model(x, y)
-                loss = loss / self.grad_accum  # the gradient of the mean over the whole batch, not the sum
+                    loss = recipe.loss(self.train_model, x, y)
+                loss = loss / accum  # the gradient of the mean over the whole batch, not the sum
                 loss_accum += loss.detach()
-                (loss * self.backward_scale if self.backward_scale != 1 else loss).backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
-        hparams = self.recipe.schedule(self.optimizer, step, cfg)
+                (loss * scale if scale != 1 else loss).backward()
+        clip = recipe.grad_clip(cfg)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
+        hparams = recipe.schedule(self.optimizer, step, cfg)
         self.optimizer.step()
+        self.step_tokens = layout.tokens
         return loss_accum, norm, hparams
 
     def requests(self) -> Requests:
@@ -347,7 +352,7 @@ class Trainer:
 
     # --- logs ----------------------------------------------------------------------------------------
     def _log_step(self, step: int, loss: float, norm: float, hparams: dict, dt: float, avg_dt: float) -> None:
-        tok_s = self.cfg.total_batch_tokens / dt
+        tok_s = self.step_tokens / dt
         mfu = self.flops_per_token * tok_s / (self.peak * self.rt.world) if self.peak else None
         eta = format_eta(avg_dt * (self.cfg.max_steps - step - 1))
         lr, extra = hparams["lr"], {k: v for k, v in hparams.items() if k != "lr"}
@@ -355,7 +360,8 @@ class Trainer:
         # at step s is the model after s updates.
         self.log.line(f"step {step:6d}/{self.cfg.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                       f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | ETA {eta}")
-        self.log.event("train", step=step, loss=loss, lr=lr, norm=norm, ms=round(dt * 1000, 2), tok_s=round(tok_s, 1),
+        self.log.event("train", step=step, loss=loss, lr=lr, norm=norm, ms=round(dt * 1000, 2), tokens=self.step_tokens,
+                       tok_s=round(tok_s, 1),
                        **({"mfu": mfu} if mfu else {}), **extra)
 
     def _log_compile(self, step: int, seconds: float) -> None:

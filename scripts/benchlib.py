@@ -94,7 +94,7 @@ class PlainStep:
         if rt.device_type == "cuda":
             torch.cuda.manual_seed(cfg.seed)
         self.model = GPT(cfg.model_config()).to(rt.device)
-        self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
+        self.optimizer = configure_optimizer(self.model, cfg.hp.weight_decay, cfg.hp.max_lr, (cfg.hp.beta1, cfg.hp.beta2), cfg.hp.eps,
                                              rt.device_type, fused=False)
         self.autocast, _ = autocast_ctx(cfg, rt)
 
@@ -110,8 +110,8 @@ class PlainStep:
             loss = loss / self.grad_accum
             loss_accum += loss.detach()
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
-        lr = get_lr(step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.hp.grad_clip if cfg.hp.grad_clip else float("inf"))
+        lr = get_lr(step, cfg.hp.max_lr, cfg.hp.max_lr * cfg.hp.min_lr_ratio, cfg.hp.warmup_steps, cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -229,8 +229,8 @@ def describe(cfg: TrainConfig, trainer: Trainer) -> str:
     return (f"compile {cfg.compile_mode if trainer.use_compile else 'off'}, "
             f"{'fused' if all(o.defaults.get('fused') for o in trainer.optimizer) else 'unfused'} AdamW, "
             f"{'DDP x1' if trainer.rt.ddp else 'no DDP'}, prefetch {cfg.prefetch}, "
-            f"loss {'chunked ' + str(cfg.ce_chunk_tokens) if cfg.ce_chunk_tokens else 'full logits'}"
-            + (f", attention {cfg.sdpa_backend} first" if cfg.sdpa_backend != "auto" else "")
+            f"loss {'chunked ' + str(cfg.hp.ce_chunk_tokens) if cfg.hp.ce_chunk_tokens else 'full logits'}"
+            + (f", attention {cfg.hp.sdpa_backend} first" if cfg.hp.sdpa_backend != "auto" else "")
             + (", residual bfloat16" if trainer.model.residual_dtype == torch.bfloat16 else ""))
 
 

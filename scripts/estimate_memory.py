@@ -41,9 +41,9 @@ def estimate(cfg: TrainConfig) -> dict[str, int]:
     dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16  # "auto" is bf16 on a GPU
     with FakeTensorMode():
         model = GPT(cfg.model_config())
-        model.ce_chunk_tokens = cfg.ce_chunk_tokens
+        model.ce_chunk_tokens = cfg.hp.ce_chunk_tokens
         model.residual_dtype = residual_dtype(cfg, dtype if dtype == torch.bfloat16 else None, "cuda")
-        opt = configure_optimizer(model, cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, "cpu", fused=False)
+        opt = configure_optimizer(model, cfg.hp.weight_decay, cfg.hp.max_lr, (cfg.hp.beta1, cfg.hp.beta2), cfg.hp.eps, "cpu", fused=False)
         # AdamW makes its moments at its first step: make them first, so the tracked step is a steady-state one.
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     est = estimate(cfg)
     gib = {k: v / 2**30 for k, v in est.items()}
     print(f"{cfg.preset}: micro-batch {cfg.micro_batch} x seq-len {cfg.seq_len}, {'float32' if cfg.dtype == 'float32' else 'bfloat16'}"
-          + (f", loss in chunks of {cfg.ce_chunk_tokens}" if cfg.ce_chunk_tokens else "")
+          + (f", loss in chunks of {cfg.hp.ce_chunk_tokens}" if cfg.hp.ce_chunk_tokens else "")
           + (", residual bfloat16" if residual_dtype(cfg, None if cfg.dtype == "float32" else torch.bfloat16, "cuda") else ""))
-    compiled = "a compiled step can need ~15 % more" if cfg.ce_chunk_tokens else "torch.compile needs less"
+    compiled = "a compiled step can need ~15 % more" if cfg.hp.ce_chunk_tokens else "torch.compile needs less"
     print(f"peak of one eager training step (fake tensors; {compiled}): "
           + ", ".join(f"{k.lower()} {v:.2f}" for k, v in gib.items() if v >= 0.005 and k != "Total") + f" GiB; total {gib['Total']:.2f} GiB")
     if args.json:

@@ -14,15 +14,15 @@ from job.errors import UserError
 def test_defaults_are_build_nanogpt_gpt2_run():
     c = parse_args([])
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (12, 12, 768, 1024, 50304)
-    assert (c.max_lr, c.min_lr_ratio, c.warmup_steps, c.max_steps) == (6e-4, 0.1, 715, 19073)
-    assert (c.weight_decay, c.beta1, c.beta2, c.eps, c.grad_clip) == (0.1, 0.9, 0.95, 1e-8, 1.0)
+    assert (c.hp.max_lr, c.hp.min_lr_ratio, c.hp.warmup_steps, c.max_steps) == (6e-4, 0.1, 715, 19073)
+    assert (c.hp.weight_decay, c.hp.beta1, c.hp.beta2, c.hp.eps, c.hp.grad_clip) == (0.1, 0.9, 0.95, 1e-8, 1.0)
     assert (c.micro_batch, c.seq_len, c.total_batch_tokens) == (64, 1024, 524288)
     assert c.data_dir == "/persistent/edu_fineweb10B"
 
 
 def test_cli_overrides_beat_preset_defaults():
     c = parse_args(["--preset", "tiny", "--max-steps", "7", "--max-lr", "1e-3", "--data-dir", "/d", "--log-dir", "/l"])
-    assert (c.n_layer, c.n_embd, c.max_steps, c.max_lr, c.data_dir, c.log_dir) == (4, 128, 7, 1e-3, "/d", "/l")
+    assert (c.n_layer, c.n_embd, c.max_steps, c.hp.max_lr, c.data_dir, c.log_dir) == (4, 128, 7, 1e-3, "/d", "/l")
     assert parse_args(["--preset", "gpt2-xl"]).n_embd == 1600
     assert isinstance(c, TrainConfig)
 

@@ -3,6 +3,7 @@ job/train.py; several optimizers checkpoint together; building a Trainer changes
 
 import shutil
 import signal
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from conftest import SMALL, events, losses
 from job import checkpoint as ckpt_lib
 from job import recipes
-from job.config import parse_args
+from job.config import RUN_FIELDS, parse_args
+from job.errors import UserError
 from job.optim import Optimizers
 from job.runtime import Runtime
 from job.train import Trainer, main
@@ -39,11 +41,29 @@ class Bigram(torch.nn.Module):
         return 6.0 * self.num_params()
 
 
+@dataclass
+class ToyHparams:
+    warmup_steps: int = recipes.hparam(5, "steps of warm-up of the learning rates and of SGD's momentum")
+    grow_at: int = recipes.hparam(0, "from this step on, each step takes twice the tokens, in sequences twice as long (0: never)")
+
+
 class Toy(recipes.Recipe):
-    """Two optimizers (SGD with momentum for the embedding, Adam for the head) and a schedule that warms up both the
-    learning rate and SGD's momentum: the shape of modded-nanogpt's Muon + Adam recipe."""
+    """A third recipe, whole in this module: two optimizers (SGD with momentum for the embedding, Adam for the head), a
+    schedule that warms up both the learning rate and SGD's momentum (the shape of modded-nanogpt's Muon + Adam recipe),
+    and a batch that grows mid-run (its tokens and its sequence length, as the speedrun records stage theirs)."""
 
     name = "toy"
+    summary = "a bigram model, for the trainer's tests"
+    Hparams = ToyHparams
+    presets = {"tiny": {k: v for k, v in recipes.get("gpt2").presets["tiny"].items() if k in RUN_FIELDS}}
+
+    def staged(self, cfg):
+        return cfg.hp.grow_at > 0
+
+    def step_layout(self, step, cfg):
+        if self.staged(cfg) and step >= cfg.hp.grow_at:
+            return recipes.StepLayout(cfg.micro_batch, 2 * cfg.seq_len, 2 * cfg.total_batch_tokens)
+        return super().step_layout(step, cfg)
 
     def build_model(self, cfg, device, compute_dtype):
         return Bigram(cfg.vocab_size, cfg.block_size).to(device)
@@ -53,7 +73,7 @@ class Toy(recipes.Recipe):
                 torch.optim.Adam(model.head.parameters(), lr=1e-2)]
 
     def schedule(self, optimizers, step, cfg):
-        scale = min(1.0, (step + 1) / cfg.warmup_steps)
+        scale = min(1.0, (step + 1) / cfg.hp.warmup_steps)
         momentum = 0.5 + 0.4 * scale
         sgd, adam = optimizers
         for group in sgd.param_groups:
@@ -102,6 +122,40 @@ def test_a_recipe_defined_outside_the_trainer_trains_and_resumes_exactly(shards,
     assert sorted(got) == list(range(4, 8))
     for step in got:
         assert got[step] == ls[step], step  # bit for bit: weights, both optimizers' states, data position
+
+
+def test_a_recipe_that_grows_its_batch_mid_run_resumes_exactly_across_the_change(shards, tmp_path, toy, quiet_env):
+    """Steps 0-2 take 256 tokens in sequences of 32, steps 3-7 512 in sequences of 64: the loop asks the recipe for each
+    step's layout, the loader reads it, and a resume from before the change repeats the run to the bit."""
+    ref = tmp_path / "ref"
+    args = ("--recipe", "toy", "--grow-at", 3, "--max-steps", 8, "--checkpoint-every", 2, "--keep-last", 0)
+    train(shards, ref, *args)
+    train_events = events(ref, "train")
+    assert [e["tokens"] for e in train_events] == [256] * 3 + [512] * 5
+    # The data position counts every token read: 2 steps of 256, then 2 of 512 and 1 of 256 by step 4... exactly.
+    assert torch.load(ref / "model_00002.pt", weights_only=True)["data"]["offset"] == 2 * 256
+    assert torch.load(ref / "model_00004.pt", weights_only=True)["data"]["offset"] == 3 * 256 + 512
+    ls = losses(ref)
+
+    log = tmp_path / "log"
+    log.mkdir()
+    shutil.copy(ref / "model_00002.pt", log)  # from before the change
+    train(shards, log, *args)
+    got = losses(log)
+    assert sorted(got) == list(range(2, 8))
+    for step in got:
+        assert got[step] == ls[step], step
+
+
+def test_only_the_chosen_recipes_settings_are_offered(toy):
+    with pytest.raises(UserError, match=r"^--grow-at is a setting of the toy recipe, not of gpt2"):
+        parse_args(["--grow-at", "3"])
+    with pytest.raises(UserError, match=r"^--max-lr is a setting of the gpt2 recipe, not of toy"):
+        parse_args(["--recipe", "toy", "--preset", "tiny", "--max-lr", "0.1"])
+    assert parse_args(["--recipe", "toy", "--preset", "tiny", "--grow-at", "3", "--seq-len", "32"]).hp.grow_at == 3
+    # Every step's layout is checked, the grown one too.
+    with pytest.raises(UserError, match=r"^--seq-len \(256\) exceeds the model's block size \(128\)"):
+        parse_args(["--recipe", "toy", "--preset", "tiny", "--grow-at", "3"])
 
 
 def test_another_recipes_checkpoint_is_refused_in_one_line(shards, tmp_path, toy, quiet_env, capsys):

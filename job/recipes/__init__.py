@@ -1,86 +1,172 @@
-"""Training recipes: what a run trains and how, behind one small interface, so that the loop in job/train.py
+"""Training recipes: what a run trains and how, each one module in this package, so that the loop in job/train.py
 serves any of them unchanged. `--recipe NAME` picks one.
 
-A recipe supplies three things (see `Recipe`):
+A recipe module is its card: importing it needs no torch, because the laptop's launcher (no torch there) reads the
+same module as the trainer. The card is the class attributes of its `Recipe`:
 
-- build_model(cfg, device, compute_dtype): the model, on `device` (compute_dtype: autocast's, None for fp32). The
-  trainer calls `forward(idx, targets) -> (logits, loss)` (the mean loss), `num_params()` and
-  `flops_per_token(seq_len)`; HellaSwag and sampling, when on, also `forward(idx)`, `config.block_size` and
-  `generate(...)` (job/hellaswag.py, job/sample.py). The trainer seeds torch's RNG with cfg.seed for this call
-  only (the process's RNG is left as it was), so the initial weights follow from the config.
-- build_optimizers(model, cfg, device_type): a list of torch optimizers (one, or several: e.g. Muon for the
-  matrices and Adam for the rest). The trainer steps, zeroes and checkpoints them together (job.optim.Optimizers).
-- schedule(optimizers, step, cfg): set this step's hyperparameters in the param groups (learning rate, and e.g.
-  a momentum warm-up); called once per step after the gradients are summed and clipped (--grad-clip), right
-  before the optimizers step. Return the values to log: "lr" (the step's log line) and any others (metrics.jsonl).
+- name, summary: the --recipe value and one line for --help and the launcher.
+- Hparams: a dataclass of the recipe's own hyperparameters, each field with `help` in its metadata (see hparam()).
+  Only the chosen recipe's flags are offered: `--recipe speedrun --max-lr 1e-4` is one `error:` line, not a setting
+  silently ignored. A run's values are TrainConfig.hp.
+- presets: --preset name -> defaults, for TrainConfig fields and Hparams fields alike (the first is the default).
+- data: the corpus it trains on (a job.contract.HUB_SHARDS key); bundled_presets: presets that train on the
+  bundled corpus instead.
+- published: the step time of a published run of it (what a price rests on until a run of ours measures one).
+- check(cfg, world_size): refuse what this recipe cannot run, torch-free, so the launcher refuses it too;
+  check_files(cfg) and check_runtime(cfg, device_type, compute_dtype): what only the trainer's machine can check.
+- step_layout(step, cfg): this step's micro-batch, sequence length and tokens (a recipe may stage them);
+  train_tokens(cfg) sums them, which is what a download is sized to.
+- divergence_advice(cfg): what to change after the run diverged, in this recipe's own flags.
 
-Optionally (the defaults suit a GPT-2-like model under autocast):
+What the trainer calls (these import torch inside, never at the module's top):
 
-- presets: the recipe's own --preset table (name -> TrainConfig defaults), instead of job.config's.
-- check(cfg, world_size): refuse settings this recipe cannot run (raise job.errors.UserError).
-- model_schedule(model, step, cfg): set step-dependent model state (e.g. an attention window) before the step's
-  evaluation, sampling and forward.
-- autocast: False when the model sets its own precision (build_model's compute_dtype says which), so the trainer
-  runs it without autocast.
-- backward_scale(cfg): the factor on the mean loss whose gradient the step takes (1: the mean's; tokens per
-  micro-batch: the summed loss's, as some recipes train).
+- build_model(cfg, device, compute_dtype): the model on `device` (compute_dtype: autocast's, None for fp32). The
+  trainer calls `num_params()` and `flops_per_token(seq_len)`; HellaSwag and sampling, when on, `forward(idx)`,
+  `config.block_size` and `generate(...)`. The trainer seeds torch's RNG with cfg.seed for this call only.
+- build_optimizers(model, cfg, device_type): a list of torch optimizers, stepped, zeroed and checkpointed together.
+- schedule(optimizers, step, cfg): set this step's hyperparameters in the param groups, right before the optimizers
+  step; return the values to log: "lr" (the step's log line) and any others (metrics.jsonl).
+- loss(model, x, y): the micro-batch's mean loss (default: `model(x, y)[1]`, a GPT's forward).
+- loader(data_dir, split, micro_batch, seq_len, rank, world, pin_memory): the batches' source (default: the
+  interleaved windows of job.data.ShardLoader); its next_batch(B, T) takes the step's layout.
+- grad_clip(cfg): the gradient norm clipped to (0: none; the norm is logged either way).
+- model_schedule(model, step, cfg): step-dependent model state (e.g. an attention window), before evaluation too.
+- autocast: False when the model keeps its own precision. backward_scale(cfg, layout): the factor on the mean loss whose
+  gradient the step takes (tokens per micro-batch: the summed loss's, as some recipes train).
 - model_from_config(config): the model a checkpoint's "config" describes (job.sample, job.export).
+- init_from(model, cfg): load the weights a setting names, or return None; the trainer logs what it returns.
 
-Hyperparameters come from TrainConfig (max_lr, warmup_steps, weight_decay, ...); `optimizers` is a
-job.optim.Optimizers, which iterates over the recipe's optimizers in the order build_optimizers gave them.
-
-A recipe is a module in this package that defines `RECIPE` (found when the package is imported), or any object
-passed to `register()`. The name is the --recipe value; checkpoints record it, and a run refuses to resume
-another recipe's checkpoint.
+A recipe is a module in this package that defines `RECIPE`, found when the package is imported, or any object passed
+to `register()`. Checkpoints record the name, and a run refuses to resume another recipe's checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
     from job.config import TrainConfig
-    from job.optim import Optimizers
 
 DEFAULT = "gpt2"
 
 
+def hparam(default: Any, help: str, **kw) -> Any:  # noqa: A002 (argparse's word)
+    """A field of a recipe's Hparams: its default and the --help text of its flag."""
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published run of a recipe: its step time on the hardware it ran on."""
+
+    step_seconds: float
+    on: str  # the Lambda instance type closest to the hardware of that report
+    source: str  # who published it, in words
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    micro_batch: int  # sequences per forward pass per rank
+    seq_len: int
+    tokens: int  # tokens of the whole step, over all ranks and micro-steps
+
+
+@dataclass
+class NoHparams:
+    """A recipe with no hyperparameters of its own."""
+
+
 class Recipe:
-    """The interface; subclass it and override the three methods (and `describe`, optionally)."""
+    """The interface; subclass it, fill in the card and override build_model, build_optimizers and schedule."""
 
     name: str = ""
+    summary: str = ""
+    Hparams: type = NoHparams
+    presets: dict[str, dict] = {}
+    data: str = "finewebedu-gpt2"
+    bundled_presets: tuple[str, ...] = ()
+    published: Published | None = None
+    autocast: bool = True
 
+    # --- the card's rules (torch-free: the launcher calls them too) -----------------------------------
+    def check(self, cfg: TrainConfig, world_size: int) -> None:
+        return None
+
+    def check_files(self, cfg: TrainConfig) -> None:
+        """Refuse settings that name files this machine reads (the trainer's side only)."""
+        return None
+
+    def check_runtime(self, cfg: TrainConfig, device_type: str, compute_dtype) -> None:
+        """Refuse settings this device cannot run (the trainer's side only, once the device is known)."""
+        return None
+
+    def step_layout(self, step: int, cfg: TrainConfig) -> StepLayout:
+        return StepLayout(cfg.micro_batch, cfg.seq_len, cfg.total_batch_tokens)
+
+    def staged(self, cfg: TrainConfig) -> bool:
+        """Whether the layout changes during the run (the trainer then checks every step's, and sizes loaders to the
+        largest)."""
+        return False
+
+    def train_tokens(self, cfg: TrainConfig) -> int:
+        if not self.staged(cfg):
+            return cfg.max_steps * self.step_layout(0, cfg).tokens
+        return sum(self.step_layout(step, cfg).tokens for step in range(cfg.max_steps))
+
+    def divergence_advice(self, cfg: TrainConfig | None) -> str:
+        return "a lower learning rate"
+
+    def describe(self, model: torch.nn.Module, cfg: TrainConfig) -> str:
+        """Settings of this recipe worth a word in the run's first log line (" | ..." parts), or ""."""
+        return ""
+
+    # --- what the trainer runs -------------------------------------------------------------------------
     def build_model(self, cfg: TrainConfig, device: str, compute_dtype: torch.dtype | None) -> torch.nn.Module:
         raise NotImplementedError
 
     def build_optimizers(self, model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
         raise NotImplementedError
 
-    def schedule(self, optimizers: Optimizers, step: int, cfg: TrainConfig) -> dict[str, float]:
+    def schedule(self, optimizers, step: int, cfg: TrainConfig) -> dict[str, float]:
         raise NotImplementedError
 
-    def describe(self, model: torch.nn.Module, cfg: TrainConfig) -> str:
-        """Settings of this recipe worth a word in the run's first log line (" | ..." parts), or ""."""
-        return ""
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, y)[1]
 
-    presets: dict[str, dict] | None = None
-    autocast: bool = True
+    def loader(self, data_dir, split: str, micro_batch: int, seq_len: int, rank: int, world: int, pin_memory: bool = False):
+        from job.data import ShardLoader
 
-    def check(self, cfg: TrainConfig, world_size: int) -> None:
+        return ShardLoader(data_dir, split, micro_batch, seq_len, rank, world, pin_memory=pin_memory)
+
+    def grad_clip(self, cfg: TrainConfig) -> float:
+        return 0.0
+
+    def init_from(self, model: torch.nn.Module, cfg: TrainConfig) -> str | None:
         return None
 
     def model_schedule(self, model: torch.nn.Module, step: int, cfg: TrainConfig) -> None:
         return None
 
-    def backward_scale(self, cfg: TrainConfig) -> float:
+    def backward_scale(self, cfg: TrainConfig, layout: StepLayout) -> float:
         return 1.0
 
     def model_from_config(self, config: dict) -> torch.nn.Module:
         raise NotImplementedError
+
+    # --- the card, as the parser and the launcher read it ------------------------------------------------
+    @classmethod
+    def hparam_fields(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls.Hparams))
+
+    @property
+    def default_preset(self) -> str:
+        return next(iter(self.presets))
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -89,6 +175,8 @@ _REGISTRY: dict[str, Recipe] = {}
 def register(recipe: Recipe) -> Recipe:
     if not recipe.name:
         raise ValueError(f"{type(recipe).__name__} has no name")
+    if not recipe.presets:
+        raise ValueError(f"recipe {recipe.name} has no presets")
     _REGISTRY[recipe.name] = recipe
     return recipe
 
@@ -103,6 +191,11 @@ def names() -> list[str]:
 
 def get(name: str) -> Recipe:
     return _REGISTRY[name]
+
+
+def owner_of(flag_name: str) -> list[str]:
+    """The recipes whose Hparams have this field."""
+    return [n for n, r in _REGISTRY.items() if flag_name in {f.name for f in r.hparam_fields()}]
 
 
 def _discover() -> None:

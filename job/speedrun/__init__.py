@@ -9,5 +9,17 @@ records/track_1_short/2025-05-24_StableTorch, "21st record with latest torch": 1
 - gpt.py: the model (rotary, QK-norm, ReLU², value embeddings, U-net skips, sigmoid softcap, untied FP8 head).
 - muon.py: Muon (Newton-Schulz orthogonalised momentum), spread over the ranks as the record does.
 
-The recipe that wires them into the trainer is job/recipes/speedrun.py.
+The recipe that wires them into the trainer is job/recipes/speedrun.py. This package's own module imports no torch:
+the recipe's card reads its constants on the laptop too.
 """
+
+import math
+
+# What the recipe's card (torch-free) and the model share.
+GPT2_VOCAB = 50257
+LAYERS = 12
+BLOCK = 128  # FlexAttention's block size in the record: sequence lengths and windows come in whole blocks
+
+
+def next_multiple(v: float, n: int) -> int:
+    return max(n, math.ceil(v / n) * n)

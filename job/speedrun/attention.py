@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 128  # FlexAttention's block size in the record
+from job.speedrun import BLOCK  # noqa: F401 (FlexAttention's block size in the record)
+
 BOS = 50256  # <|endoftext|>: every document starts with it
 
 

@@ -22,15 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from job.speedrun import attention
+from job.speedrun import GPT2_VOCAB, LAYERS, attention, next_multiple  # noqa: F401 (re-exported)
 from job.speedrun.fp8 import fp8_mm
 
-GPT2_VOCAB = 50257
 ATTN_SCALE = 0.12  # the record's fixed attention scale (not 1/sqrt(head_dim))
 NO_ATTENTION_LAYER = 7  # the eighth block has only its MLP
 # Layers that use the long window (the others use half of it), for the record's 12 layers.
 LONG_WINDOW_LAYERS = (0, 4, 7, 11)
-LAYERS = 12
 MAX_WINDOW = 1792  # the long window at the end of the record's schedule (14 blocks of 128)
 
 
@@ -49,10 +47,6 @@ class SpeedrunConfig:
 
 def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
-
-def next_multiple(v: float, n: int) -> int:
-    return max(n, math.ceil(v / n) * n)
 
 
 _compiled_flex = None
