@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 from infra.box import Box
+from infra.flags import integer, option, optional, pairs, words
 from infra.ssh import run, stream
-from job import contract
+from job import config, contract, recipes
 from job.errors import UserError
 
 ROLE = "nanogpt.role"
@@ -31,36 +32,70 @@ STOP_TIMEOUT = 300  # seconds `docker stop` waits for the final checkpoint (1.5 
 
 # Where a run's data comes from when its shards are missing (`fab launch --data`): downloaded already tokenized from
 # the Hugging Face hub (job/prepare/hub.py; minutes), tokenized on the box from text (an hour of a big box's CPUs), or,
-# for the tiny preset, the bundled corpus.
+# for the presets sized to it, the bundled corpus.
 DATA_MODES = ("hub", "tokenize", "bundled")
+BUNDLED_SHARD_TOKENS = 50_000  # the bundled corpus's shards, as --data bundled prepares them (its val shard too)
 
 
 @dataclass
 class Job:
-    """What to run; the same on every node of a multi-node run."""
+    """What to run; the same on every node of a multi-node run. Built from the recipe's card (job/recipes/) and checked
+    with the trainer's own parser, so that the laptop refuses what the box would, before anything is billed."""
 
-    preset: str = "gpt2"
-    steps: int | None = None
-    nproc: int | None = None  # processes per node; None: one per GPU
-    trainer_args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+    recipe: str = option(recipes.DEFAULT, "training recipe: " + ", ".join(f"{n} ({recipes.get(n).summary})" for n in recipes.names()))
+    preset: str | None = option(None, "the recipe's preset: its model size and training defaults (default: the recipe's first, "
+                                      "its full run; `python -m job.train --recipe NAME --help` lists them)")
+    data: str | None = option(None, "where missing shards come from: hub (default: the recipe's corpus, already tokenized, in minutes), "
+                                    "tokenize (made from text on the box, an hour), bundled (the small presets' default: the bundled "
+                                    "corpus)")
+    steps: int | None = option(None, "number of optimizer steps (default: the preset's)", parse=optional(integer()))
+    nproc: int | None = option(None, "trainer processes per box (default: one per GPU)", parse=optional(integer()))
+    trainer_args: list[str] = option(None, "more trainer flags, quoted: '--eval-every 100 --checkpoint-every 500' (checked here "
+                                           "with the trainer's own parser)", parse=words, factory=list, flag="train_args")
+    env: dict[str, str] = option(None, "environment for the trainer, quoted: 'NCCL_DEBUG=INFO'", parse=pairs, factory=dict)
     name: str = contract.CONTAINER_NAME
-    recipe: str = "gpt2"  # job/recipes/; job.contract.RECIPES says what data it trains on and how long its run is
-    data: str | None = None  # one of DATA_MODES; None: the bundled corpus for the tiny preset, else the hub
     mounts: dict[str, str] = field(default_factory=dict)  # a file on the box -> its read-only path in the container (secrets)
 
     def __post_init__(self):
-        contract.recipe_run(self.recipe)  # an unknown recipe or preset is one line, before anything happens on the box
-        if self.preset not in contract.PRESET_MAX_STEPS:
-            raise UserError(f"unknown preset {self.preset!r}: choose one of {', '.join(contract.PRESET_MAX_STEPS)}")
+        self.card = config.card(self.recipe)  # an unknown recipe is one line, before anything happens on the box
+        if self.preset is None:
+            self.preset = self.card.default_preset
+        if self.preset not in self.card.presets:
+            raise UserError(f"--preset {self.preset}: the {self.recipe} recipe's presets are {', '.join(self.card.presets)}")
         if self.data is None:
-            self.data = "bundled" if self.preset == "tiny" else "hub"
+            self.data = "bundled" if self.preset in self.card.bundled_presets else "hub"
         if self.data not in DATA_MODES:
             raise UserError(f"--data {self.data!r}: choose one of {', '.join(DATA_MODES)}")
+        self.cfg = self.config(world_size=1)
+
+    def config(self, world_size: int = 1) -> config.TrainConfig:
+        """The run's settings as the trainer will take them, for `world_size` ranks in all: every --train-args flag goes
+        through the trainer's own parser here (files=False: the paths named are the box's)."""
+        try:
+            cfg = config.parse_args(self.trainer_command()[3:], world_size=world_size, files=False)
+        except UserError as e:
+            raise UserError(f"the trainer would refuse this run{f' on {world_size} ranks' if world_size > 1 else ''}: {e}") from None
+        if self.data == "bundled":
+            for lay in config.layouts(cfg):
+                for what, B, T in (("a training", lay.micro_batch, lay.seq_len), ("a validation", cfg.micro_batch, cfg.val_seq_len or cfg.seq_len)):
+                    if B * T * world_size + 1 > BUNDLED_SHARD_TOKENS:
+                        raise UserError(f"--data bundled makes shards of {BUNDLED_SHARD_TOKENS:,} tokens, fewer than {what} micro-step "
+                                        f"of preset {self.preset} needs ({B} x {T} x {world_size} ranks + 1): use --data hub, "
+                                        f"or a preset sized to the bundled corpus ({', '.join(self.card.bundled_presets) or 'none'})")
+        return cfg
+
+    def world_size(self, gpus_per_node: list[int]) -> int:
+        """Ranks in all: --nproc per node, else one per GPU (one on a box without any), as job.supervisor starts them."""
+        return sum(self.nproc or max(g, 1) for g in gpus_per_node)
+
+    def check_world(self, gpus_per_node: list[int]) -> None:
+        """The settings for the run's real world size (known once the boxes' GPUs are): a batch that does not divide
+        among the ranks is refused before any image is built or data downloaded."""
+        self.config(self.world_size(gpus_per_node))
 
     @property
     def hub(self) -> contract.HubShards:
-        return contract.HUB_SHARDS[contract.RECIPES[self.recipe].data]
+        return contract.HUB_SHARDS[self.card.data]
 
     @property
     def data_subdir(self) -> str:
@@ -70,37 +105,30 @@ class Job:
         return self.hub.subdir if self.data == "hub" else contract.TOKENIZED_SUBDIR[self.hub.tokenize]
 
     def run_steps(self) -> int:
-        """Optimizer steps of the run: --steps, else the tiny preset's, else the recipe's full run."""
-        if self.steps:
-            return self.steps
-        if self.preset == "tiny" or self.recipe == "gpt2":
-            return contract.PRESET_MAX_STEPS[self.preset]
-        return contract.RECIPES[self.recipe].steps
+        """Optimizer steps of the run: --steps, else the preset's."""
+        return self.cfg.max_steps
 
     def tokens_per_step(self) -> int:
-        if self.preset == "tiny" or self.recipe == "gpt2":
-            return contract.PRESET_TOKENS_PER_STEP[self.preset]
-        return contract.RECIPES[self.recipe].tokens_per_step
+        """Tokens per step, on average over the run (a recipe may stage its batch)."""
+        return self.train_tokens() // self.cfg.max_steps
 
     def train_tokens(self) -> int:
         """The tokens the run trains on, which is what a download is sized to."""
-        return self.run_steps() * self.tokens_per_step()
+        return self.card.train_tokens(self.cfg)
 
     def prepare_command(self) -> str:
         out = f"{contract.PERSISTENT}/{self.data_subdir}"
         if self.data == "bundled":
-            return f"python -m job.prepare text job/assets/tinyshakespeare.txt --out {out} --shard-size 50000"
+            return f"python -m job.prepare text job/assets/tinyshakespeare.txt --out {out} --shard-size {BUNDLED_SHARD_TOKENS}"
         if self.data == "hub":
-            return f"python -m job.prepare {contract.RECIPES[self.recipe].data} --out {out} --train-tokens {self.train_tokens()}"
+            return f"python -m job.prepare {self.card.data} --out {out} --train-tokens {self.train_tokens()}"
         return f"python -m job.prepare {self.hub.tokenize} --out {out}"
 
     def trainer_command(self) -> list[str]:
         args = ["python", "-m", SUPERVISOR, "--preset", self.preset, "--recipe", self.recipe,
                 "--data-dir", f"{contract.PERSISTENT}/{self.data_subdir}", "--log-dir", contract.LOG_DIR, "--resume", "auto"]
-        # A recipe other than gpt2 runs the step count its price and download were sized to (job.contract.RECIPES).
-        steps = self.steps or (self.run_steps() if self.recipe != "gpt2" and self.preset != "tiny" else None)
-        if steps:
-            args += ["--max-steps", str(steps)]
+        if self.steps:
+            args += ["--max-steps", str(self.steps)]
         return args + self.trainer_args
 
 

@@ -10,7 +10,6 @@ import io
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.box import Box, preflight, table
@@ -29,7 +28,8 @@ from infra.container import (
 )
 from infra.dashboard import check_wandb_key, send_wandb_key
 from infra.image import ensure_image
-from infra.ssh import ConnectionLost, connect, run, stream
+from infra.options import CloudOptions, LaunchOptions, SSHOptions  # noqa: F401 (the options live there)
+from infra.ssh import ConnectionLost, run, stream
 from job import contract
 from job.errors import UserError
 
@@ -43,67 +43,6 @@ SYNC_MODULE = "job.sidecar.sync"
 GUARD_MODULE = "job.sidecar.guard"
 
 
-@dataclass
-class CloudOptions:
-    """Lambda Cloud: provision the box first, and/or guard its cost from the box itself (job/sidecar/guard.py)."""
-
-    provision: bool = False
-    type_name: str = ""
-    region: str = "auto"
-    ssh_key: str = ""
-    name: str | None = None
-    ssh_user: str = "ubuntu"
-    yes: bool = False
-    terminate_when_done: bool = False
-    max_hours: float | None = None
-    api_key_file: str | None = None
-    api_base: str | None = None
-    guard_poll_seconds: float = 30.0
-    step_seconds: float | None = None
-
-    @property
-    def guarded(self) -> bool:
-        return self.terminate_when_done or self.max_hours is not None
-
-
-@dataclass
-class SSHOptions:
-    key: str | None = None
-    port: int | None = None
-    known_hosts: str | None = None
-    accept_new_host_key: bool = False
-
-    def connect(self, host: str):
-        if not host:
-            raise UserError("no box given: pass --host ubuntu@IP")
-        return connect(host, port=self.port, key=self.key, known_hosts=self.known_hosts, accept_new_host_key=self.accept_new_host_key)
-
-
-@dataclass
-class LaunchOptions:
-    hosts: list[str]
-    ssh: SSHOptions = field(default_factory=SSHOptions)
-    job: Job = field(default_factory=Job)
-    image: str | None = None
-    ship: bool = False
-    build_args: dict[str, str] = field(default_factory=dict)
-    wheels: str | None = None
-    fs: str | None = None
-    data_dir: str | None = None
-    weights_dir: str = "~/model_weights"
-    allow_cpu: bool = False
-    detach: bool = False
-    restart: bool = False
-    sync_s3: str | None = None
-    s3_endpoint: str | None = None
-    master_addr: str | None = None  # the first host's address as the others reach it (default: as given)
-    master_port: int = 29500
-    cloud: CloudOptions = field(default_factory=CloudOptions)
-    fetch_to: str = "model_weights"  # where --terminate-when-done without S3 brings the weights before terminating
-    cuda: str | None = None  # a CUDA flavour of the pinned torch (infra/flavour.py); default: the newest the driver runs
-    dry_run: bool = False  # connect, preflight and print the plan (infra/plan.py); change nothing
-
-
 def hint(host: str) -> str:
     return (f"training goes on on {host}. Re-attach: fab logs --host {host}   status: fab status --host {host}   "
             f"stop (with a checkpoint): fab stop --host {host}")
@@ -111,8 +50,8 @@ def hint(host: str) -> str:
 
 # What to do after a trainer container's non-zero exit status; what the status means is job.contract's table.
 NEXT_STEP = {
-    contract.EXIT_DIVERGED: "launch again with a lower learning rate, e.g. --train-args \"--max-lr 3e-4\"; it resumes from the last good "
-                            "checkpoint (the error above names it)",
+    contract.EXIT_DIVERGED: "launch again with the lower learning rate the error above names for this recipe, in --train-args; it "
+                            "resumes from the last good checkpoint (the error above names it)",
     contract.EXIT_USER_ERROR: "fix what the error above names and launch again; it resumes from the newest checkpoint",
     contract.EXIT_RANK_LOST: "launch again; it resumes from the last checkpoint (the error above names it and the rank)",
 }
@@ -260,6 +199,7 @@ def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
     key = load_api_key(cloud.api_key_file)
     api = LambdaCloud(key, cloud.api_base)
     plan = plan_provision(api, cloud.type_name, cloud.region, cloud.ssh_key, opts.fs)
+    opts.job.check_world([plan.gpus])  # the trainer's settings for this type's GPUs, before anything is billed
     step_seconds, basis = price_basis(opts.job, plan.type_name, cloud.step_seconds)
     out.write(cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step()) + "\n")
     confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", cloud.yes)
@@ -272,9 +212,9 @@ def price_basis(job: Job, type_name: str, given: float | None) -> tuple[float | 
     measurement on the instance type it was made on, else None (cost_line assumes one from the GPU's throughput)."""
     if given is not None:
         return given, None
-    recipe = contract.RECIPES[job.recipe]
-    if job.preset != "tiny" and recipe.published_step_seconds and type_name == recipe.published_on:
-        return recipe.published_step_seconds, f"{recipe.published_source}; until a run of ours measures it, pass --step-seconds"
+    published = job.card.published  # for the recipe's full run (its first preset), on the hardware it was timed on
+    if published and job.preset == job.card.default_preset and type_name == published.on:
+        return published.step_seconds, f"{published.source}; until a run of ours measures it, pass --step-seconds"
     return None, None
 
 
@@ -361,6 +301,7 @@ def dry_run_provision(opts: LaunchOptions, out) -> int:
 
     cloud = opts.cloud
     plan = plan_provision(LambdaCloud(load_api_key(cloud.api_key_file), cloud.api_base), cloud.type_name, cloud.region, cloud.ssh_key, opts.fs)
+    opts.job.check_world([plan.gpus])
     step_seconds, basis = price_basis(opts.job, plan.type_name, cloud.step_seconds)
     line = cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step())
     out.write(f"plan (dry run: no instance launched): {line}\n"
@@ -373,6 +314,7 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
 
     boxes = [preflight(c, fs=opts.fs, data_dir=opts.data_dir, weights_dir=opts.weights_dir, allow_cpu=opts.allow_cpu) for c in conns]
     out.write(table(boxes) + "\n")
+    opts.job.check_world([len(b.gpus) for b in boxes])  # the trainer's settings for this many ranks, before any build
     flavour = choose_flavour(boxes, opts.cuda)  # a driver too old for every flavour fails here, before any build or pull
     if not opts.restart:
         for conn, box in zip(conns, boxes, strict=True):

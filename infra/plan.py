@@ -70,7 +70,7 @@ def plan_data(ctx: PlanContext) -> list[str]:
         return [f"data: no complete set of shards in {where}: downloaded from the Hugging Face hub ({hub.repo}: the val shard "
                 f"and {shards} train shard(s) for {job.train_tokens():,} tokens, at most {gb:.1f} GB) in a container running "
                 f"`{job.prepare_command()}`; {box.free_gb:.0f} GB free there"]
-    size = PREPARED_SIZE["tiny" if job.preset == "tiny" else "default"]
+    size = PREPARED_SIZE["tiny" if job.data == "bundled" else "default"]
     return [f"data: no complete set of shards in {where}: prepared on the box ({box.cpus} cores), {size}, in a container running "
             f"`{job.prepare_command()}`; {box.free_gb:.0f} GB free there"]
 
@@ -115,6 +115,7 @@ def dry_run(opts, conns, out=sys.stdout) -> int:
     boxes = [preflight(c, fs=opts.fs, data_dir=opts.data_dir, weights_dir=opts.weights_dir, allow_cpu=opts.allow_cpu, create=False)
              for c in conns]
     out.write(table(boxes) + "\n")
+    opts.job.check_world([len(b.gpus) for b in boxes])
     flavour = choose_flavour(boxes, opts.cuda)
     master = (opts.master_addr or conns[0].host, opts.master_port)
     lines = []

@@ -310,10 +310,10 @@ def _add(p: argparse.ArgumentParser, f, default, help_text: str, preset_defaults
     p.add_argument(flag(f.name), **kw)
 
 
-def build_parser(recipe: str = recipes.DEFAULT) -> argparse.ArgumentParser:
+def build_parser(recipe: str = recipes.DEFAULT, raises: bool = False) -> argparse.ArgumentParser:
     """The trainer's flags: the run's, and the chosen recipe's own (no other recipe's)."""
     rc = card(recipe)
-    p = ArgumentParser(prog="python -m job.train", description=f"Train with the {recipe} recipe: {rc.summary}. Every option "
+    p = ArgumentParser(prog="python -m job.train", raises=raises, description=f"Train with the {recipe} recipe: {rc.summary}. Every option "
                        "overrides the preset's default. Recipes: " + ", ".join(recipes.names()) + " (--recipe NAME --help: its settings).")
     choices = {**CHOICES, "preset": tuple(rc.presets), "recipe": tuple(recipes.names())}
     # The default preset's own values are the defaults; the others' differing values are named beside them.
@@ -350,5 +350,5 @@ def parse_args(argv: list[str] | None = None, world_size: int = 1, files: bool =
             key = arg[2:].split("=", 1)[0].replace("-", "_")
             if key not in own and (err := foreign_setting(key, recipe)):
                 raise err
-    args = build_parser(recipe).parse_args(argv)
+    args = build_parser(recipe, raises=not files).parse_args(argv)
     return validate(from_dict({k: v for k, v in vars(args).items() if v is not None}), world_size, files)

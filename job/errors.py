@@ -144,7 +144,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse under the project's error contract: a usage mistake (unknown flag, missing or malformed value) is one
     `error:` line naming the problem and pointing at --help, exit status 2, instead of argparse's usage block."""
 
+    def __init__(self, *args, raises: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.raises = raises  # raise the UserError instead (a caller that parses another program's flags says whose)
+
     def error(self, message):
+        if self.raises:
+            raise UserError(f"{message} (see `{self.prog} --help`)")
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr, flush=True)
         sys.exit(UserError.exit_code)

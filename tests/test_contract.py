@@ -14,14 +14,6 @@ from job import contract
 from job.errors import END_REASONS, RankLost, TrainingDiverged, UserError
 
 
-def test_preset_step_counts_match_the_trainers_config():
-    from job.config import PRESETS, from_dict
-
-    assert set(contract.PRESET_MAX_STEPS) == set(PRESETS)
-    for preset, steps in contract.PRESET_MAX_STEPS.items():
-        assert from_dict({"preset": preset}).max_steps == steps, preset
-
-
 def test_errors_and_end_reasons_take_their_statuses_from_the_table():
     assert (UserError.exit_code, TrainingDiverged.exit_code, RankLost.exit_code) == (2, 3, 4)
     assert {UserError.exit_code, TrainingDiverged.exit_code, RankLost.exit_code, contract.EXIT_INTERRUPTED} <= set(contract.EXIT_STATUSES)

@@ -96,7 +96,7 @@ def test_init_from_validation(exported, tmp_path):
     _, out = exported
     small = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--seq-len", "32",
              "--micro-batch", "4", "--total-batch-tokens", "128"]
-    assert parse_args([*small, "--init-from", f"hf:{out}"]).init_from == f"hf:{out}"
+    assert parse_args([*small, "--init-from", f"hf:{out}"]).hp.init_from == f"hf:{out}"
     for args, want in [
         ([*small, "--init-from", str(out)], "--init-from must be hf:DIR"),
         ([*small, "--init-from", f"hf:{tmp_path}/nowhere"], "is not a local directory"),

@@ -151,7 +151,7 @@ def test_provision_estimates_the_cost_of_a_preset_without_torch(venv):
         assert "300 steps" in tiny.stdout, tiny.stdout + tiny.stderr
         unknown = run_in(venv, "fab", "launch", "--provision", "--type", A10, "--ssh-key", "laptop", "--api-base", api.url, "--preset",
                          "gpt5", env=env)
-        assert unknown.returncode == 2 and assert_one_line_error(unknown, "unknown preset 'gpt5'", "tiny")
+        assert unknown.returncode == 2 and assert_one_line_error(unknown, "--preset gpt5", "tiny")
         assert not api.instances and not api.problems
 
 

@@ -147,7 +147,8 @@ def test_nan_stops_the_run_without_saving_and_names_the_last_good_checkpoint(sha
     proc = run_cli(*args) if ranks == 1 else run_cli("-m", "job.supervisor", *args[2:], NPROC=ranks)
     assert proc.returncode == 3
     line = assert_one_line_error(proc, "training diverged at step 17", "stopped without saving",
-                                 f"{log / 'model_00016.pt'} (step 16)", "lower --max-lr")
+                                 f"{log / 'model_00016.pt'} (step 16)",
+                                 "a lower learning rate, e.g. --max-lr 0.0015")
     assert ("weights are no longer finite" in line) == (checkpoint_every == 1)
     assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [16] and not list(log.glob("*.tmp*"))
     assert (log / "model_00016.pt").read_bytes() == before
@@ -163,7 +164,8 @@ def test_nan_before_any_checkpoint_of_this_log_dir_says_so(shards, reference, tm
     log = tmp_path / "log"
     proc = run_cli(*train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 0, "--resume", tmp_path / "elsewhere.pt"))
     assert proc.returncode == 3
-    assert_one_line_error(proc, "training diverged at step 17", f"no checkpoint was written to {log}: start again with a lower --max-lr")
+    assert_one_line_error(proc, "training diverged at step 17",
+                          f"no checkpoint was written to {log}: start again with a lower learning rate, e.g. --max-lr 0.0015")
     assert ckpt_lib.list_checkpoints(log) == []
 
 

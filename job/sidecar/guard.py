@@ -95,14 +95,19 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def check_settings(terminate_when_done: bool, max_hours: float | None) -> None:
+    """What the guard refuses to start with; the launcher asks the same on the laptop, before anything is billed."""
+    if max_hours is not None and max_hours <= 0:
+        raise UserError(f"--max-hours must be positive, got {max_hours}")
+    if not terminate_when_done and not max_hours:
+        raise UserError("nothing to guard: pass --terminate-when-done and/or --max-hours H")
+
+
 class Guard:
     def __init__(self, log_dir: Path, terminator: SelfTerminator, *, terminate_when_done: bool = False, max_hours: float | None = None,
                  s3_url: str | None = None, s3=None, stop_grace_minutes: float = 30.0, idle_minutes: float = 0.0,
                  keep_on_failure: bool = False, out=sys.stdout, clock=time.time):
-        if not terminate_when_done and not max_hours:
-            raise UserError("nothing to guard: pass --terminate-when-done and/or --max-hours H")
-        if max_hours is not None and max_hours <= 0:
-            raise UserError(f"--max-hours must be positive, got {max_hours}")
+        check_settings(terminate_when_done, max_hours)
         self.dir, self.term, self.when_done, self.s3_url, self.s3 = Path(log_dir), terminator, terminate_when_done, s3_url, s3
         self.grace, self.idle, self.keep_on_failure, self.out, self.clock = stop_grace_minutes * 60, idle_minutes * 60, keep_on_failure, out, clock
         if not self.dir.is_dir():
