@@ -123,7 +123,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def export(checkpoint, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write the HF model directory for a checkpoint (file, or log dir = its newest); returns the directory."""
-    from job.sample import checkpoint_recipe, load_model, resolve_checkpoint
+    from job.checkpoint import checkpoint_recipe, load_model, resolve_checkpoint
 
     out = check_out_dir(out_dir, dtype, overwrite)
     path = resolve_checkpoint(checkpoint)

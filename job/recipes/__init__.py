@@ -24,7 +24,8 @@ Optionally (the defaults suit a GPT-2-like model under autocast):
   runs it without autocast.
 - backward_scale(cfg): the factor on the mean loss whose gradient the step takes (1: the mean's; tokens per
   micro-batch: the summed loss's, as some recipes train).
-- model_from_config(config): the model a checkpoint's "config" describes (job.sample, job.export).
+- model_from_config(config): the model a checkpoint's "config" describes (job.checkpoint.load_model, for job.sample
+  and job.export).
 
 Hyperparameters come from TrainConfig (max_lr, warmup_steps, weight_decay, ...); `optimizers` is a
 job.optim.Optimizers, which iterates over the recipe's optimizers in the order build_optimizers gave them.
