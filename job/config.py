@@ -246,7 +246,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if cfg.init_from is not None:
         if not cfg.init_from.startswith("hf:"):
             bad("init_from", f"must be hf:DIR (a Hugging Face GPT-2 model directory, e.g. from `python -m job.export`), got {cfg.init_from!r}")
-        from job.export import check_init_from  # reads the directory's config.json, so a mismatch fails before any work
+        from job.hf import check_init_from  # reads the directory's config.json, so a mismatch fails before any work
 
         check_init_from(cfg.init_from, cfg.model_config())
     return cfg

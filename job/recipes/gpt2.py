@@ -29,7 +29,7 @@ class GPT2(Recipe):
     def build_model(self, cfg, device, compute_dtype):
         model = GPT(cfg.model_config()).to(device)
         if cfg.init_from:  # a Hugging Face GPT-2 directory's weights; a checkpoint to resume from still wins
-            from job.export import init_from_hf
+            from job.hf import init_from_hf
 
             init_from_hf(model, cfg.init_from)
         # Training choices rather than architecture: none of them is in the checkpoint's model config.
