@@ -50,7 +50,9 @@ class Job:
     mounts: dict[str, str] = field(default_factory=dict)  # a file on the box -> its read-only path in the container (secrets)
 
     def __post_init__(self):
-        contract.recipe_run(self.recipe)  # an unknown recipe or preset is one line, before anything happens on the box
+        # an unknown recipe or preset is one line, before anything happens on the box
+        if self.recipe not in contract.RECIPES:
+            raise UserError(f"unknown recipe {self.recipe!r}: choose one of {', '.join(contract.RECIPES)}")
         if self.preset not in contract.PRESET_MAX_STEPS:
             raise UserError(f"unknown preset {self.preset!r}: choose one of {', '.join(contract.PRESET_MAX_STEPS)}")
         if self.data is None:

@@ -13,6 +13,7 @@ has neither torch nor numpy. So it imports nothing but the standard library.
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from dataclasses import dataclass
@@ -151,18 +152,17 @@ RECIPES = {
 }
 
 
-def recipe_run(name: str) -> RecipeRun:
-    if name not in RECIPES:
-        from job.errors import UserError
+class _ArgumentParser(argparse.ArgumentParser):
+    """job.errors.ArgumentParser's one `error:` line and exit status, for this module's own command: it imports no
+    module of the project, job.errors included (which imports it)."""
 
-        raise UserError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
-    return RECIPES[name]
+    def error(self, message):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from job.errors import ArgumentParser
-
-    p = ArgumentParser(prog="python -m job.contract", description="Print a table of the container contract for the docs.")
+    p = _ArgumentParser(prog="python -m job.contract", description="Print a table of the container contract for the docs.")
     p.add_argument("table", choices=["exit-codes"], help="exit-codes: what each exit status means, as a Markdown table")
     p.parse_args(argv)
     sys.stdout.write(exit_statuses_markdown())
