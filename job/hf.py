@@ -6,7 +6,7 @@ the padded 50,304 rows to GPT-2's 50,257, lm_head tied to wte), generation_confi
 (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) derived from the very tiktoken encoding
 the trainer uses. Writing them needs only torch and safetensors, not transformers.
 
-This is the format alone: it reads no checkpoint, config or recipe. job.export writes a checkpoint with it,
+This is the format alone: it reads no checkpoint, config or recipe. job.export writes a checkpoint's model in it,
 job.config checks --init-from with it, and the gpt2 recipe loads the weights with it.
 """
 
