@@ -1,5 +1,6 @@
 """Lambda Cloud workflows as plain functions (the fab tasks and `fab launch --provision` call these): instance-type
-table, region choice, provision -> active -> SSH answers, find, terminate with confirmation, and cost estimates."""
+table, region choice, provision -> active -> SSH answers, find (also by a box's address), terminate with confirmation,
+and cost estimates."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from job.errors import UserError
-from job.sidecar.lambda_cloud import LambdaAPIError, LambdaCloud
+from job.sidecar.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
+
+if TYPE_CHECKING:
+    from infra.container import Job
 
 TOKENS_PER_STEP = 2**19  # build-nanogpt's GPT-2 batch
 # GPT-2 (124M) training throughput per GPU in tokens/s (bf16 autocast, torch.compile, fused attention, T=1024), for
@@ -245,6 +250,24 @@ def find_instance(api: LambdaCloud, instance_id: str | None = None, name: str | 
     return found[0]
 
 
+def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
+    """The Lambda instance behind an address we were given (for --terminate-when-done on a box we did not provision)."""
+    return instance_for(host, api_key=api_key, api_base=api_base, why="the cost guard needs it")["id"]
+
+
+def instance_for(host: str, api_key_file: str | None = None, api_base: str | None = None, *, api_key: str | None = None,
+                 why: str = "") -> dict:
+    """The Lambda instance (with its type and price) behind an address: one line of error when there is none."""
+    from infra.ssh import parse_host
+
+    ip = parse_host(host)[1]
+    found = [i for i in LambdaCloud(api_key or load_api_key(api_key_file), api_base).instances()
+             if i.get("ip") == ip and i.get("status") != "terminated"]
+    if len(found) != 1:
+        raise UserError(f"no Lambda instance of yours has the address {ip} (`fab instances` lists them)" + (f": {why}" if why else ""))
+    return found[0]
+
+
 def instances_table(instances: list[dict]) -> str:
     rows = [[i["id"], i.get("name") or "-", (i.get("instance_type") or {}).get("name", "?"), i.get("status", "?"), i.get("ip") or "-",
              (i.get("region") or {}).get("name", "?"), dollars((i.get("instance_type") or {}).get("price_cents_per_hour", 0) or 0)]
@@ -329,3 +352,14 @@ def cost_line(plan: Plan, steps: int, step_seconds: float | None = None, nodes: 
     hours, cost = estimate_cost(plan.price_cents, steps, step_seconds, nodes)
     return (f"{head}; {steps} steps x {step_seconds:.2f} s ({how}) + {OVERHEAD:.0%} evals/checkpoints + {SETUP_HOURS:.2g} h setup "
             f"= about {hours:.1f} h = about {dollars(cost * 100)}")
+
+
+def price_basis(job: Job, type_name: str, given: float | None) -> tuple[float | None, str | None]:
+    """The step time a price rests on and what it is: --step-seconds (measured), else the recipe's published
+    measurement on the instance type it was made on, else None (cost_line assumes one from the GPU's throughput)."""
+    if given is not None:
+        return given, None
+    published = job.card.published  # for the recipe's full run (its first preset), on the hardware it was timed on
+    if published and job.preset == job.card.default_preset and type_name == published.on:
+        return published.step_seconds, f"{published.source}; until a run of ours measures it, pass --step-seconds"
+    return None, None

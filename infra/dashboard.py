@@ -6,13 +6,11 @@ The laptop listens on its own loopback and carries each browser connection to it
 host key was verified (a direct-tcpip channel, as `ssh -L` does). Ctrl-C (or SIGTERM) closes the tunnel; the TensorBoard
 container stays up for the next `fab dashboard`, and the trainer never notices either.
 
-Also the W&B key for `fab launch` with `--train-args "--wandb ..."`: it reaches the box as the AWS credentials do.
+(W&B, the other dashboard, needs its API key on the box: infra/credentials.py sends it with `fab launch`.)
 """
 
 from __future__ import annotations
 
-import netrc
-import os
 import select
 import shlex
 import signal
@@ -146,53 +144,3 @@ def dashboard(conn, docker: str, local_port: int, remote_port: int = contract.TE
         for client, channel in pairs:
             channel.close()
             client.close()
-
-
-# ---- W&B: the API key for the trainer on the box --------------------------------------------------------------
-WANDB_KEY = ".config/nanogpt/wandb-api-key"  # on the box, relative to the user's home; 0600
-WANDB_HOST = "api.wandb.ai"
-
-
-def wants_wandb(trainer_args: list[str]) -> bool:
-    return any(a == "--wandb" or a.startswith("--wandb=") for a in trainer_args)
-
-
-def laptop_wandb_key() -> str:
-    """The W&B key as W&B itself finds it on this machine: WANDB_API_KEY, else ~/.netrc (what `wandb login` writes)."""
-    key = os.environ.get("WANDB_API_KEY")
-    if not key:
-        try:
-            entry = netrc.netrc(os.environ.get("NETRC")).authenticators(WANDB_HOST)
-        except (OSError, netrc.NetrcParseError):
-            entry = None
-        key = entry[2] if entry else None
-    if not key:
-        raise UserError("--wandb needs a W&B API key on this machine: run `wandb login` (or set WANDB_API_KEY), "
-                        "or add --env WANDB_MODE=offline to keep the run on the box")
-    return key.strip()
-
-
-def send_wandb_key(conn, job) -> None:
-    """The key as a 0600 file on the box, mounted read-only where the trainer reads it: in no command line, no
-    environment variable (which `docker inspect` shows) and no log."""
-    from infra.launch import send_secret
-
-    if not wants_wandb(job.trainer_args):
-        return
-    try:
-        key = laptop_wandb_key()
-    except UserError:
-        if wandb_offline(job):
-            return  # an offline run needs no key (`wandb sync` uploads it later)
-        raise
-    job.mounts[send_secret(conn, WANDB_KEY, key.encode())] = contract.WANDB_KEY_FILE
-
-
-def wandb_offline(job) -> bool:
-    return job.env.get("WANDB_MODE") in ("offline", "disabled")
-
-
-def check_wandb_key(job) -> None:
-    """Before anything happens on the box: --wandb online needs a key here."""
-    if wants_wandb(job.trainer_args) and not wandb_offline(job):
-        laptop_wandb_key()

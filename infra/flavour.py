@@ -18,8 +18,12 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from job.errors import UserError
+
+if TYPE_CHECKING:
+    from infra.box import Box
 
 INDEX = "https://download.pytorch.org/whl/"
 
@@ -97,6 +101,12 @@ def _driver(driver: str | None, cuda: tuple[int, int] | None) -> str:
 def common(flavours: list[Flavour]) -> Flavour:
     """One flavour for all nodes of a run (the same NCCL and CUDA everywhere): the oldest chosen."""
     return min(flavours, key=lambda f: f.cuda)
+
+
+def choose_flavour(boxes: list[Box], wanted: str | None) -> Flavour:
+    """The CUDA flavour for this run: the newest each box's driver runs, the oldest of those across nodes; one line naming
+    the driver needed when a box has none that fits (before anything is built, pulled or started)."""
+    return common([choose(b.cuda, host=b.host, driver=b.driver, wanted=wanted) for b in boxes])
 
 
 def docker_flags(name: str) -> str:

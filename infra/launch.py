@@ -6,16 +6,12 @@ line. The trainer resumes from the newest checkpoint in the weights dir by itsel
 
 from __future__ import annotations
 
-import io
-import os
 import shlex
 import sys
-from pathlib import Path
 
 from infra.box import Box, preflight, table
 from infra.container import (
     ROLE,
-    Job,
     containers,
     docker_base,
     ensure_data,
@@ -26,17 +22,23 @@ from infra.container import (
     stop_container,
     stream_logs,
 )
-from infra.dashboard import check_wandb_key, send_wandb_key
+from infra.credentials import (
+    LAMBDA_KEY,
+    aws_credentials_file,
+    check_wandb_key,
+    send_aws_credentials,
+    send_hf_token,
+    send_secret,
+    send_wandb_key,
+)
+from infra.flavour import choose_flavour
 from infra.image import ensure_image
 from infra.options import CloudOptions, LaunchOptions, SSHOptions  # noqa: F401 (the options live there)
-from infra.ssh import ConnectionLost, run, stream
+from infra.ssh import ConnectionLost, run
 from job import contract
 from job.errors import UserError
 
-CREDENTIALS = ".config/nanogpt/aws-credentials"  # on the box, relative to the user's home; 0600
-HF_TOKEN_FILE = ".config/nanogpt/hf-token"  # on the box, for the data download only; 0600
 SECRET_MOUNT = "/run/nanogpt/aws-credentials"
-LAMBDA_KEY = ".config/nanogpt/lambda-api-key"  # on the box, for the cost guard only; 0600
 LAMBDA_KEY_MOUNT = "/run/nanogpt/lambda-api-key"
 # The programs that run on the box beside the trainer, in containers of the same image (job/sidecar/).
 SYNC_MODULE = "job.sidecar.sync"
@@ -61,64 +63,6 @@ def failure_advice(host: str, code: int) -> str:
     """One line for a trainer container's non-zero exit status: what it means (job.contract.EXIT_STATUSES) and what to do."""
     then = NEXT_STEP.get(code, "the log is above; fix the cause and launch again (it resumes from the newest checkpoint)")
     return f"training on {host} exited with status {code}: {contract.exit_meaning(code)}; {then}"
-
-
-def send_secret(conn, relpath: str, body: bytes) -> str:
-    """Write a secret to a 0600 file under the box user's home; return its absolute path. It travels on the SSH
-    channel's stdin, never on a command line (which `ps` would show), and is never printed."""
-    path = run(conn, f'printf %s "$HOME/{relpath}"').stdout
-    q = shlex.quote(path)
-    cmd = f"umask 077 && mkdir -p \"$(dirname {q})\" && cat > {q}.tmp && chmod 600 {q}.tmp && mv {q}.tmp {q}"
-    if stream(conn, cmd, out=io.StringIO(), stdin_chunks=[body]) != 0:
-        raise UserError(f"could not write {relpath} on {conn.host}: check that ~/.config is writable there")
-    return path
-
-
-def hf_token() -> str | None:
-    """This machine's Hugging Face token, where huggingface_hub looks for it: HF_TOKEN, else the token file
-    (HF_TOKEN_PATH, else $HF_HOME/token, else ~/.cache/huggingface/token). The launcher does not need the library."""
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if token:
-        return token
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    try:
-        return Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")).expanduser().read_text().strip() or None
-    except OSError:
-        return None
-
-
-def send_hf_token(conn, out=sys.stdout) -> str | None:
-    """The token on the box as a 0600 file (for the download container only), or None: anonymous, rate-limited."""
-    token = hf_token()
-    if not token:
-        out.write("data: no Hugging Face token on this machine (HF_TOKEN or `hf auth login`): downloading anonymously, "
-                  "which the hub rate-limits\n")
-        return None
-    out.write("data: with this machine's Hugging Face token (a 0600 file on the box, mounted read-only)\n")
-    return send_secret(conn, HF_TOKEN_FILE, token.encode())
-
-
-def send_aws_credentials(conn) -> str:
-    """The laptop's AWS credentials (the usual chain), as a shared-credentials file on the box."""
-    return send_secret(conn, CREDENTIALS, aws_credentials_file())
-
-
-def aws_credentials_file() -> bytes:
-    """The laptop's AWS credentials as a shared-credentials file; one line of error when there are none."""
-    import boto3
-
-    session = boto3.Session()
-    creds = session.get_credentials()
-    if creds is None:
-        raise UserError("--sync-s3 needs AWS credentials on this machine: set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                        "(or run aws configure)")
-    frozen = creds.get_frozen_credentials()
-    lines = ["[default]", f"aws_access_key_id = {frozen.access_key}", f"aws_secret_access_key = {frozen.secret_key}"]
-    if frozen.token:
-        lines.append(f"aws_session_token = {frozen.token}")
-    if session.region_name:
-        lines.append(f"region = {session.region_name}")
-    return ("\n".join(lines) + "\n").encode()
 
 
 def sidecar_flags(box: Box, name: str, role: str) -> str:
@@ -192,7 +136,7 @@ def watch_exit(conn, box: Box, name: str) -> None:
 
 def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
     """--provision: show the price and the estimated cost, ask, launch, wait for SSH. Returns (user@ip, instance id, key)."""
-    from infra.cloud import confirm, cost_line, dollars, plan_provision, provision
+    from infra.cloud import confirm, cost_line, dollars, plan_provision, price_basis, provision
     from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
 
     cloud = opts.cloud
@@ -205,36 +149,6 @@ def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
     confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", cloud.yes)
     inst = provision(api, plan=plan, name=cloud.name, ssh_port=opts.ssh.port or 22, out=out)
     return f"{cloud.ssh_user}@{inst['ip']}", inst["id"], key
-
-
-def price_basis(job: Job, type_name: str, given: float | None) -> tuple[float | None, str | None]:
-    """The step time a price rests on and what it is: --step-seconds (measured), else the recipe's published
-    measurement on the instance type it was made on, else None (cost_line assumes one from the GPU's throughput)."""
-    if given is not None:
-        return given, None
-    published = job.card.published  # for the recipe's full run (its first preset), on the hardware it was timed on
-    if published and job.preset == job.card.default_preset and type_name == published.on:
-        return published.step_seconds, f"{published.source}; until a run of ours measures it, pass --step-seconds"
-    return None, None
-
-
-def instance_id_for(host: str, api_key: str, api_base: str | None) -> str:
-    """The Lambda instance behind an address we were given (for --terminate-when-done on a box we did not provision)."""
-    return instance_for(host, api_key=api_key, api_base=api_base, why="the cost guard needs it")["id"]
-
-
-def instance_for(host: str, api_key_file: str | None = None, api_base: str | None = None, *, api_key: str | None = None,
-                 why: str = "") -> dict:
-    """The Lambda instance (with its type and price) behind an address: one line of error when there is none."""
-    from infra.ssh import parse_host
-    from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
-
-    ip = parse_host(host)[1]
-    found = [i for i in LambdaCloud(api_key or load_api_key(api_key_file), api_base).instances()
-             if i.get("ip") == ip and i.get("status") != "terminated"]
-    if len(found) != 1:
-        raise UserError(f"no Lambda instance of yours has the address {ip} (`fab instances` lists them)" + (f": {why}" if why else ""))
-    return found[0]
 
 
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
@@ -264,6 +178,7 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     if opts.dry_run:
         return dry_run(opts, out)
     if cloud.guarded and instance_id is None:
+        from infra.cloud import instance_id_for
         from job.sidecar.lambda_cloud import load_api_key
 
         api_key = load_api_key(cloud.api_key_file)
@@ -296,7 +211,7 @@ def dry_run(opts: LaunchOptions, out) -> int:
 
 def dry_run_provision(opts: LaunchOptions, out) -> int:
     """--dry-run --provision: the instance type, region and cost estimate; nothing is created, so no box to look at."""
-    from infra.cloud import cost_line, plan_provision
+    from infra.cloud import cost_line, plan_provision, price_basis
     from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
 
     cloud = opts.cloud
@@ -310,8 +225,6 @@ def dry_run_provision(opts: LaunchOptions, out) -> int:
 
 
 def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api_key: str | None = None) -> int:
-    from infra.plan import choose_flavour
-
     boxes = [preflight(c, fs=opts.fs, data_dir=opts.data_dir, weights_dir=opts.weights_dir, allow_cpu=opts.allow_cpu) for c in conns]
     out.write(table(boxes) + "\n")
     opts.job.check_world([len(b.gpus) for b in boxes])  # the trainer's settings for this many ranks, before any build

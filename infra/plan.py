@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from infra.box import Box, preflight, table
 from infra.container import has_shards, run_command, running
-from infra.flavour import Flavour, choose, common
+from infra.flavour import Flavour, choose_flavour
 from infra.image import plan_image
 from infra.ssh import run
 from job.errors import UserError
@@ -33,12 +33,6 @@ class PlanContext:
     nnodes: int
     master: tuple[str, int]  # node 0's address and rendezvous port, as the launch passes them
     image: str = ""  # set by the image step: the reference the later steps run
-
-
-def choose_flavour(boxes: list[Box], wanted: str | None) -> Flavour:
-    """The CUDA flavour for this run: the newest each box's driver runs, the oldest of those across nodes; one line naming
-    the driver needed when a box has none that fits (before anything is built, pulled or started)."""
-    return common([choose(b.cuda, host=b.host, driver=b.driver, wanted=wanted) for b in boxes])
 
 
 def plan_active(ctx: PlanContext) -> list[str]:
@@ -95,8 +89,7 @@ PLAN_STEPS = [plan_active, plan_image_step, plan_data, plan_sidecars, plan_conta
 
 def cost_lines(opts, boxes: list[Box]) -> list[str]:
     """The estimate where the box is a known Lambda instance type (found by its address with the API key), else why not."""
-    from infra.cloud import Plan, cost_line
-    from infra.launch import instance_for, price_basis
+    from infra.cloud import Plan, cost_line, instance_for, price_basis
 
     try:
         inst = instance_for(opts.hosts[0], opts.cloud.api_key_file, opts.cloud.api_base)

@@ -177,9 +177,48 @@ def find_resumable(log_dir) -> tuple[Path, dict] | None:
     return None
 
 
+# ---- a checkpoint outside training: job.sample and job.export --------------------------------------------
+
+def resolve_checkpoint(path) -> str:
+    """A log dir stands for its newest checkpoint."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise UserError(f"{path} holds no model_*.pt checkpoints: train first or pass a checkpoint file")
+        return str(found[-1][1])
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist: pass a model_*.pt file, or a log dir that holds them")
+    return str(path)
+
+
+def checkpoint_recipe(ckpt: dict) -> str:
+    """The recipe a checkpoint was trained with (checkpoints from before recipes existed are gpt2's)."""
+    return (ckpt.get("train_config") or {}).get("recipe", "gpt2")
+
+
+def load_model(path, device: str) -> tuple:
+    """The GPT a checkpoint holds, on `device`, and the checkpoint. Anything that is not one of the trainer's
+    checkpoints (another pickle, a model of another shape) is one line, not a traceback."""
+    from job import recipes
+
+    ckpt = load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{path} is not a model checkpoint (no 'model'/'config' entries): pass a model_*.pt from a log dir")
+    recipe = checkpoint_recipe(ckpt)
+    if recipe not in recipes.names():
+        raise UserError(f"{path} was trained with --recipe {recipe}, which this version does not have: use the version that wrote it")
+    try:
+        model = recipes.get(recipe).model_from_config(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path}: its weights do not fit the model its config describes ({first}): "
+                        "pass a model_*.pt written by `python -m job.train`") from None
+    return model.to(device), ckpt
+
+
 def check_compatible(ckpt: dict, model_config: dict, path, recipe: str = "gpt2") -> None:
-    # Checkpoints from before recipes existed are gpt2's.
-    their_recipe = (ckpt.get("train_config") or {}).get("recipe", "gpt2")
+    their_recipe = checkpoint_recipe(ckpt)
     if their_recipe != recipe:
         raise UserError(f"checkpoint {path} was trained with --recipe {their_recipe} (this run: {recipe}): use --recipe "
                         f"{their_recipe}, another --log-dir, or --resume never to start fresh")

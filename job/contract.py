@@ -1,5 +1,5 @@
 """The container contract, read from contract.env beside this file (the single source of truth), and the tables
-every side reads: what each exit status means, and how many steps each preset runs.
+every side reads: what each exit status means, and the corpora published on the hub.
 
 Inside the image the trainer runs from WORKDIR, reads shards from the persistent filesystem mounted at
 PERSISTENT and writes logs and checkpoints to LOG_DIR (the host's ~/model_weights in the old workflow).
@@ -13,6 +13,7 @@ has neither torch nor numpy. So it imports nothing but the standard library.
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from dataclasses import dataclass
@@ -99,15 +100,7 @@ def exit_statuses_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-# ---- presets, as the launcher needs them -----------------------------------------------------------------
-# The optimizer steps each trainer preset runs by default: job.config takes its defaults from here, and the launcher's
-# cost estimate reads them without importing job.config (which imports torch).
-PRESET_MAX_STEPS = {"gpt2": 19073, "gpt2-medium": 19073, "gpt2-large": 19073, "gpt2-xl": 19073, "tiny": 300}
-# Tokens per optimizer step of each preset (job.config's total_batch_tokens), to size a download to the run.
-PRESET_TOKENS_PER_STEP = {"gpt2": 524288, "gpt2-medium": 524288, "gpt2-large": 524288, "gpt2-xl": 524288, "tiny": 1024}
-
-
-# ---- data on the hub, and the recipes that train on it ---------------------------------------------------
+# ---- data on the hub (each recipe's card, job/recipes/, names the corpus it trains on) ---------------------------------------------------
 # Corpora published already tokenized with GPT-2's tokenizer (by modded-nanogpt's maintainers), in llm.c's .bin
 # format: `python -m job.prepare NAME --out DIR` downloads them (job/prepare/hub.py), `fab launch` does so by default.
 @dataclass(frozen=True)
@@ -127,42 +120,17 @@ HUB_SHARDS = {
 TOKENIZED_SUBDIR = {"fineweb-edu": DATA_DIR.rsplit("/", 1)[-1], "fineweb": "fineweb10B"}
 
 
-@dataclass(frozen=True)
-class RecipeRun:
-    """What the launcher needs to know of a training recipe (job/recipes/) without importing it: its data, the
-    length of its full run, and the step time its price rests on until a run of ours has measured one."""
+class _ArgumentParser(argparse.ArgumentParser):
+    """job.errors.ArgumentParser's one `error:` line and exit status, for this module's own command: it imports no
+    module of the project, job.errors included (which imports it)."""
 
-    data: str  # a HUB_SHARDS key
-    steps: int  # optimizer steps of the full run
-    tokens_per_step: int
-    val_tokens: int | None  # the validation tokens the run is judged on (None: the whole val shard)
-    published_step_seconds: float | None = None  # on published_on, as its authors report it
-    published_on: str = ""  # the Lambda instance type closest to the hardware of that report
-    published_source: str = ""
-
-
-RECIPES = {
-    # build-nanogpt's GPT-2 (124M): one epoch of FineWeb-edu 10B at 2**19 tokens a step
-    "gpt2": RecipeRun("finewebedu-gpt2", PRESET_MAX_STEPS["gpt2"], PRESET_TOKENS_PER_STEP["gpt2"], None),
-    # modded-nanogpt's speedrun record records/track_1_short/2025-05-24_StableTorch: 1770 steps of 8 ranks x 48*1024
-    # tokens, judged on the first 10,485,760 val tokens; 181 s on 8xH100 as published
-    "speedrun": RecipeRun("fineweb-gpt2", 1770, 8 * 48 * 1024, 10_485_760, 181 / 1770, "gpu_8x_h100_sxm5",
-                          "modded-nanogpt's published record (181 s for 1770 steps on 8xH100)"),
-}
-
-
-def recipe_run(name: str) -> RecipeRun:
-    if name not in RECIPES:
-        from job.errors import UserError
-
-        raise UserError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
-    return RECIPES[name]
+    def error(self, message):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from job.errors import ArgumentParser
-
-    p = ArgumentParser(prog="python -m job.contract", description="Print a table of the container contract for the docs.")
+    p = _ArgumentParser(prog="python -m job.contract", description="Print a table of the container contract for the docs.")
     p.add_argument("table", choices=["exit-codes"], help="exit-codes: what each exit status means, as a Markdown table")
     p.parse_args(argv)
     sys.stdout.write(exit_statuses_markdown())

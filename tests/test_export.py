@@ -14,7 +14,8 @@ from conftest import assert_one_line_error, events, run_cli, train_cmd  # noqa: 
 from job.config import parse_args  # noqa: E402
 from job.data import ShardLoader  # noqa: E402
 from job.errors import UserError  # noqa: E402
-from job.export import OUTPUT_FILES, export, gpt2_vocab_and_merges  # noqa: E402
+from job.export import export  # noqa: E402
+from job.hf import OUTPUT_FILES, gpt2_vocab_and_merges  # noqa: E402
 from job.model import GPT, GPTConfig  # noqa: E402
 from job.tokenizer import ASSET_DIR, encode  # noqa: E402
 
@@ -148,7 +149,7 @@ def test_init_from_hub_id_only_from_the_local_cache(exported, tmp_path):
         (snapshot / p.name).write_bytes(p.read_bytes())
     (tmp_path / "cache" / "models--ours--tiny" / "refs").mkdir()
     (tmp_path / "cache" / "models--ours--tiny" / "refs" / "main").write_text(commit)
-    code = "from job.export import resolve_hf_dir; print(resolve_hf_dir('hf:ours/tiny'))"
+    code = "from job.hf import resolve_hf_dir; print(resolve_hf_dir('hf:ours/tiny'))"
     proc = run_cli("-c", code, check=True, HF_HUB_CACHE=tmp_path / "cache", HF_HUB_OFFLINE=1)
     assert proc.stdout.strip() == str(snapshot)
     proc = run_cli("-c", code.replace("ours/tiny", "gpt2"), HF_HUB_CACHE=tmp_path / "cache", HF_HUB_OFFLINE=1)

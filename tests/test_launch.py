@@ -23,7 +23,7 @@ import pytest
 
 from conftest import BASE, ENGINE, ROOT, SMALL, SPEEDRUN_SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
 from hub_server import HubServer, make_repo
-from job import contract
+from job import contract, recipes
 from job.errors import UserError
 from sshd import free_port, keygen, sshd_available, start_sshd
 
@@ -771,7 +771,7 @@ def launch_timed(launch, *extra) -> tuple[subprocess.CompletedProcess, dict]:
 
 @pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
 def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, boxes, laptop, wheels, base_image, box_user, tmp_path):
-    spec = contract.HUB_SHARDS[contract.RECIPES[recipe].data]
+    spec = contract.HUB_SHARDS[recipes.get(recipe).data]
     data, weights, home = box_path(f"{recipe}-data"), box_path(f"{recipe}-weights"), tmp_path / "model_weights"
     env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": HUB_TOKEN}
     train = " ".join(TRAIN_ARGS[recipe] + ["--checkpoint-every", "10", "--log-every", "1"])

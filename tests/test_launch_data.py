@@ -9,8 +9,9 @@ import io
 import pytest
 
 from infra import cloud
+from infra.cloud import price_basis
 from infra.container import Job, _Tail, hub_flags
-from infra.launch import hf_token, price_basis
+from infra.credentials import hf_token
 from job import contract
 from job.errors import UserError
 

@@ -355,19 +355,6 @@ def test_speedrun_settings_it_cannot_run_are_one_line(shards, tmp_path, flags, n
     assert not (tmp_path / "log").exists()
 
 
-def test_the_launchers_table_names_every_recipe_and_the_records_run():
-    """job.contract.RECIPES (torch-free, for the launcher's price and download) and the recipes agree."""
-    from job import contract, recipes
-    from job.config import from_dict
-
-    assert sorted(contract.RECIPES) == sorted(recipes.names())
-    cfg = from_dict({"recipe": "speedrun"})
-    run = contract.RECIPES["speedrun"]
-    assert (cfg.max_steps, cfg.total_batch_tokens, cfg.val_tokens) == (run.steps, run.tokens_per_step, run.val_tokens) == \
-        (1770, 8 * 48 * 1024, 10_485_760)
-    assert cfg.data_dir.endswith(contract.HUB_SHARDS[run.data].subdir)
-
-
 def test_flops_per_token_count_the_window_not_the_whole_sequence():
     from job.recipes.speedrun import PRESETS
     from job.speedrun.gpt import MAX_WINDOW

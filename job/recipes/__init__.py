@@ -33,7 +33,8 @@ What the trainer calls (these import torch inside, never at the module's top):
 - model_schedule(model, step, cfg): step-dependent model state (e.g. an attention window), before evaluation too.
 - autocast: False when the model keeps its own precision. backward_scale(cfg, layout): the factor on the mean loss whose
   gradient the step takes (tokens per micro-batch: the summed loss's, as some recipes train).
-- model_from_config(config): the model a checkpoint's "config" describes (job.sample, job.export).
+- model_from_config(config): the model a checkpoint's "config" describes (job.checkpoint.load_model, for job.sample
+  and job.export).
 - init_from(model, cfg): load the weights a setting names, or return None; the trainer logs what it returns.
 
 A recipe is a module in this package that defines `RECIPE`, found when the package is imported, or any object passed

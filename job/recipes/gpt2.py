@@ -106,7 +106,7 @@ class GPT2(Recipe):
 
     def check_files(self, cfg):
         if cfg.hp.init_from is not None:
-            from job.export import check_init_from  # reads the directory's config.json, so a mismatch fails before any work
+            from job.hf import check_init_from  # reads the directory's config.json, so a mismatch fails before any work
 
             check_init_from(cfg.hp.init_from, cfg.model_config())
 
@@ -141,7 +141,7 @@ class GPT2(Recipe):
     def init_from(self, model, cfg):
         if not cfg.hp.init_from:
             return None
-        from job.export import init_from_hf
+        from job.hf import init_from_hf
 
         init_from_hf(model, cfg.hp.init_from)
         return f"initialized the weights from {cfg.hp.init_from}"
