@@ -1,14 +1,20 @@
 """`fab launch`: connect, preflight, image, data, sidecar, run, stream; one or several boxes.
 
-Each step is idempotent (re-running launch after a failure redoes only what is missing) and fails with one
-line. The trainer resumes from the newest checkpoint in the weights dir by itself (--resume auto).
+The launch is one list of steps (STEPS), each paired with its plan (infra/plan.py): `--dry-run` runs the plans
+instead, so what it prints is what the same steps would do. Each step is idempotent (re-running launch after a
+failure redoes only what is missing) and fails with one line. The trainer resumes from the newest checkpoint in the
+weights dir by itself (--resume auto).
 """
 
 from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+from infra import plan
 from infra.box import Box, preflight, table
 from infra.container import (
     ROLE,
@@ -31,7 +37,7 @@ from infra.credentials import (
     send_secret,
     send_wandb_key,
 )
-from infra.flavour import choose_flavour
+from infra.flavour import Flavour, choose_flavour
 from infra.image import ensure_image
 from infra.options import CloudOptions, LaunchOptions, SSHOptions  # noqa: F401 (the options live there)
 from infra.ssh import ConnectionLost, run
@@ -197,18 +203,6 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
         raise
 
 
-def dry_run(opts: LaunchOptions, out) -> int:
-    """--dry-run on boxes that exist: connect, preflight without creating anything, print the plan."""
-    from infra.plan import dry_run as plan
-
-    conns = [opts.ssh.connect(h) for h in opts.hosts]
-    try:
-        return plan(opts, conns, out)
-    finally:
-        for c in conns:
-            c.close()
-
-
 def dry_run_provision(opts: LaunchOptions, out) -> int:
     """--dry-run --provision: the instance type, region and cost estimate; nothing is created, so no box to look at."""
     from infra.cloud import cost_line, plan_provision, price_basis
@@ -224,50 +218,167 @@ def dry_run_provision(opts: LaunchOptions, out) -> int:
     return 0
 
 
-def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api_key: str | None = None) -> int:
-    boxes = [preflight(c, fs=opts.fs, data_dir=opts.data_dir, weights_dir=opts.weights_dir, allow_cpu=opts.allow_cpu) for c in conns]
-    out.write(table(boxes) + "\n")
-    opts.job.check_world([len(b.gpus) for b in boxes])  # the trainer's settings for this many ranks, before any build
-    flavour = choose_flavour(boxes, opts.cuda)  # a driver too old for every flavour fails here, before any build or pull
-    if not opts.restart:
-        for conn, box in zip(conns, boxes, strict=True):
+# ---- the launch: one list of steps, run to do the work or, in a dry run, to say what each would do ----------------
+@dataclass
+class LaunchRun:
+    """What the launch's steps share. In a dry run (`dry`) each step's plan runs instead of the step: it looks and
+    says, per node, what the step would do (infra/plan.py), and changes nothing on the box."""
+
+    opts: LaunchOptions
+    conns: list
+    out: Any = sys.stdout
+    dry: bool = False
+    instance_id: str | None = None
+    api_key: str | None = None
+    boxes: list[Box] = field(default_factory=list)
+    flavour: Flavour | None = None
+    images: list[str] = field(default_factory=list)  # per node: the image reference the containers run
+    names: list[str] = field(default_factory=list)  # per node: the trainer container
+    lines: dict[int, list[str]] = field(default_factory=dict)  # the dry run's lines, per node
+
+    @property
+    def nodes(self) -> list[tuple[object, Box]]:
+        return list(zip(self.conns, self.boxes, strict=True))
+
+    @property
+    def master(self) -> tuple[str, int]:
+        """Node 0's address and rendezvous port, as the other nodes reach it."""
+        return self.opts.master_addr or self.conns[0].host, self.opts.master_port
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    do: Callable[[LaunchRun], None]
+    plan: Callable[[LaunchRun, int], list[str]] | None  # the node's lines of the dry run; None: `do` only looks, run it too
+
+
+def preflight_boxes(r: LaunchRun) -> None:
+    """Every box checked (a dry run creates not even the data and weights dirs), the trainer's settings for the
+    boxes' GPUs, and the CUDA flavour their drivers run: all before any build, pull or download."""
+    o = r.opts
+    r.boxes = [preflight(c, fs=o.fs, data_dir=o.data_dir, weights_dir=o.weights_dir, allow_cpu=o.allow_cpu, create=not r.dry)
+               for c in r.conns]
+    r.out.write(table(r.boxes) + "\n")
+    o.job.check_world([len(b.gpus) for b in r.boxes])
+    r.flavour = choose_flavour(r.boxes, o.cuda)  # a driver too old for every flavour fails here
+
+
+def refuse_active(r: LaunchRun) -> None:
+    if not r.opts.restart:
+        for conn, box in r.nodes:
             refuse_if_active(conn, box.docker)
-    images = [ensure_image(conn, box.docker, flavour=flavour, image=opts.image, ship=opts.ship, build_args=opts.build_args,
-                           wheels=opts.wheels, out=out)
-              for conn, box in zip(conns, boxes, strict=True)]
-    for conn, box, image in zip(conns, boxes, images, strict=True):
-        ensure_data(conn, box, image, opts.job, token_file=lambda c=conn: send_hf_token(c, out), out=out)
-    send_wandb_key(conns[0], opts.job)  # only node 0's rank 0 writes to W&B
-    if opts.restart:  # stopped only now, with the new image and data ready: the least time without training
-        for conn, box in zip(conns, boxes, strict=True):
+
+
+def build_images(r: LaunchRun) -> None:
+    o = r.opts
+    r.images = [ensure_image(conn, box.docker, flavour=r.flavour, image=o.image, ship=o.ship, build_args=o.build_args, wheels=o.wheels,
+                             out=r.out) for conn, box in r.nodes]
+
+
+def prepare_data(r: LaunchRun) -> None:
+    for (conn, box), image in zip(r.nodes, r.images, strict=True):
+        ensure_data(conn, box, image, r.opts.job, token_file=lambda c=conn: send_hf_token(c, r.out), out=r.out)
+
+
+def send_dashboard_key(r: LaunchRun) -> None:
+    send_wandb_key(r.conns[0], r.opts.job)  # only node 0's rank 0 writes to W&B
+
+
+def stop_for_restart(r: LaunchRun) -> None:
+    """--restart: the active run stopped only now, with the new image and data ready: the least time without training."""
+    if r.opts.restart:
+        for conn, box in r.nodes:
             for c in running(conn, box.docker):
-                stop_container(conn, box.docker, c["name"], out=out)
-    if opts.sync_s3:
-        start_sidecar(conns[0], boxes[0], images[0], opts.sync_s3, opts.s3_endpoint, out=out)
-    clear_run_markers(conns[0], boxes[0])
-    if opts.cloud.guarded:
-        start_guard(conns[0], boxes[0], images[0], instance_id, opts.cloud, api_key, opts.sync_s3, opts.s3_endpoint, out=out)
-    nnodes = len(conns)
-    master = (opts.master_addr or conns[0].host, opts.master_port)
-    names = [start(conn, box, image, opts.job, nnodes=nnodes, node_rank=rank, master=master, out=out)
-             for rank, (conn, box, image) in enumerate(zip(conns, boxes, images, strict=True))]
-    if opts.cloud.guarded:
-        watch_exit(conns[0], boxes[0], names[0])
-    target = f"{conns[0].user}@{conns[0].host}" + (f":{conns[0].port}" if conns[0].port != 22 else "")
+                stop_container(conn, box.docker, c["name"], out=r.out)
+
+
+def sync_sidecar(r: LaunchRun) -> None:
+    if r.opts.sync_s3:
+        start_sidecar(r.conns[0], r.boxes[0], r.images[0], r.opts.sync_s3, r.opts.s3_endpoint, out=r.out)
+
+
+def new_run_markers(r: LaunchRun) -> None:
+    clear_run_markers(r.conns[0], r.boxes[0])
+
+
+def cost_guard(r: LaunchRun) -> None:
+    o = r.opts
+    if o.cloud.guarded:
+        start_guard(r.conns[0], r.boxes[0], r.images[0], r.instance_id, o.cloud, r.api_key, o.sync_s3, o.s3_endpoint, out=r.out)
+
+
+def start_trainers(r: LaunchRun) -> None:
+    r.names = [start(conn, box, image, r.opts.job, nnodes=len(r.conns), node_rank=rank, master=r.master, out=r.out)
+               for rank, ((conn, box), image) in enumerate(zip(r.nodes, r.images, strict=True))]
+
+
+def exit_watch(r: LaunchRun) -> None:
+    if r.opts.cloud.guarded:
+        watch_exit(r.conns[0], r.boxes[0], r.names[0])
+
+
+STEPS = [
+    Step("preflight", preflight_boxes, None),
+    Step("active run", refuse_active, plan.plan_active),
+    Step("image", build_images, plan.plan_image_step),
+    Step("data", prepare_data, plan.plan_data),
+    Step("dashboards", send_dashboard_key, plan.plan_wandb),
+    Step("restart", stop_for_restart, plan.nothing),  # plan_active's line says what --restart does
+    Step("S3 sidecar", sync_sidecar, plan.plan_sidecar),
+    Step("run markers", new_run_markers, plan.nothing),
+    Step("cost guard", cost_guard, plan.plan_guard),
+    Step("trainer", start_trainers, plan.plan_container),
+    Step("exit watch", exit_watch, plan.nothing),
+]
+
+
+def run_steps(r: LaunchRun) -> None:
+    for step in STEPS:
+        if r.dry and step.plan is not None:
+            for rank in range(len(r.conns)):
+                r.lines.setdefault(rank, []).extend(step.plan(r, rank))
+        else:
+            step.do(r)
+
+
+def dry_run(opts: LaunchOptions, out) -> int:
+    """--dry-run on boxes that exist: connect, and print what each step of the launch would do, changing nothing."""
+    conns = [opts.ssh.connect(h) for h in opts.hosts]
+    try:
+        r = LaunchRun(opts, conns, out, dry=True)
+        run_steps(r)
+        lines = []
+        for rank, conn in enumerate(conns):
+            lines.append(f"{conn.user}@{conn.host}" + (f" (node {rank} of {len(conns)})" if len(conns) > 1 else "") + ":")
+            lines += ["  " + line for line in r.lines.get(rank, [])]
+        lines += plan.cost_lines(opts, r.boxes)
+        out.write("plan (dry run: nothing was changed on the box):\n" + "\n".join(lines) + "\n")
+        return 0
+    finally:
+        for c in conns:
+            c.close()
+
+
+def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api_key: str | None = None) -> int:
+    r = LaunchRun(opts, conns, out, instance_id=instance_id, api_key=api_key)
+    run_steps(r)
+    conn0, box0, name0 = conns[0], r.boxes[0], r.names[0]
+    target = f"{conn0.user}@{conn0.host}" + (f":{conn0.port}" if conn0.port != 22 else "")
     if opts.detach:
         out.write(hint(target) + "\n")
         if opts.cloud.terminate_when_done and not opts.sync_s3:
             out.write(f"the instance is terminated once the final checkpoint is safe: run `fab fetch-weights --host {target}` after "
                       "training (it marks what it verified), or launch with --sync-s3 so nothing waits for this laptop\n")
         return 0
-    code = follow(conns[0], boxes[0].docker, names[0], target, out=out)
-    finished = exit_code(conns[0], boxes[0].docker, names[0]) == 0  # not after Ctrl-C: training still runs
+    code = follow(conn0, box0.docker, name0, target, out=out)
+    finished = exit_code(conn0, box0.docker, name0) == 0  # not after Ctrl-C: training still runs
     if opts.cloud.terminate_when_done and not opts.sync_s3 and finished:
         # Without S3 the laptop is the safe place: bring the weights home now; fetch-weights marks each verified
         # checkpoint on the box (.fetched-NAME), which is what lets the guard terminate the instance.
         from infra.fetch import fetch_weights
 
-        report = fetch_weights(conns[0], boxes[0].weights_dir, opts.fetch_to)
+        report = fetch_weights(conn0, box0.weights_dir, opts.fetch_to)
         out.write(f"fetched {len(report.copied)} files to {opts.fetch_to}; the cost guard terminates the instance now\n")
     return code
 

@@ -1,20 +1,17 @@
-"""`fab launch --dry-run`: connect, preflight, and print what a launch would do, changing nothing on the box.
-
-The plan is the lines each launch step contributes (PLAN_STEPS, in launch order), each found by looking only:
-`docker image inspect`, `docker ps`, `ls` of the data dir. A step added to the launch adds its plan function here.
-Preflight runs with create=False, so not even the data and weights dirs are made.
+"""What each launch step would do, found by looking only (`docker image inspect`, `docker ps`, `ls` of the data dir):
+the plans that `fab launch --dry-run` prints. Each takes the launch's shared state (infra.launch.LaunchRun) and a
+node's rank and returns that node's lines; infra.launch.STEPS pairs each with the step that does it, so the dry run and
+the launch are one list of steps run in two modes.
 """
 
 from __future__ import annotations
 
 import posixpath
 import shlex
-import sys
-from dataclasses import dataclass
 
-from infra.box import Box, preflight, table
+from infra.box import Box
 from infra.container import has_shards, run_command, running
-from infra.flavour import Flavour, choose_flavour
+from infra.credentials import wants_wandb
 from infra.image import plan_image
 from infra.ssh import run
 from job.errors import UserError
@@ -23,39 +20,33 @@ from job.errors import UserError
 PREPARED_SIZE = {"tiny": "about 1 MB", "default": "about 20 GB (FineWeb-edu 10B tokens, downloaded and tokenized on the box)"}
 
 
-@dataclass
-class PlanContext:
-    conn: object
-    box: Box
-    opts: object  # infra.launch.LaunchOptions
-    flavour: Flavour
-    rank: int
-    nnodes: int
-    master: tuple[str, int]  # node 0's address and rendezvous port, as the launch passes them
-    image: str = ""  # set by the image step: the reference the later steps run
+def nothing(r, rank: int) -> list[str]:
+    """The plan of a step that only changes what the others' lines already say (or nothing worth a line)."""
+    return []
 
 
-def plan_active(ctx: PlanContext) -> list[str]:
-    active = running(ctx.conn, ctx.box.docker)
+def plan_active(r, rank: int) -> list[str]:
+    active = running(r.conns[rank], r.boxes[rank].docker)
     if not active:
         return ["training: none active on the box"]
-    what = "stopped with a checkpoint once the image and data are ready (--restart)" if ctx.opts.restart else \
+    what = "stopped with a checkpoint once the image and data are ready (--restart)" if r.opts.restart else \
         "launch stops here with an error (pass --restart to replace it)"
     return [f"training: {active[0]['name']} is active ({active[0]['status']}): {what}"]
 
 
-def plan_image_step(ctx: PlanContext) -> list[str]:
-    o = ctx.opts
-    ctx.image, lines = plan_image(ctx.conn, ctx.box.docker, flavour=ctx.flavour, image=o.image, ship=o.ship, build_args=o.build_args,
-                                  wheels=o.wheels)
+def plan_image_step(r, rank: int) -> list[str]:
+    o = r.opts
+    image, lines = plan_image(r.conns[rank], r.boxes[rank].docker, flavour=r.flavour, image=o.image, ship=o.ship, build_args=o.build_args,
+                              wheels=o.wheels)
+    r.images.append(image)  # the reference the later steps' lines name
     return lines
 
 
-def plan_data(ctx: PlanContext) -> list[str]:
-    job, box = ctx.opts.job, ctx.box
+def plan_data(r, rank: int) -> list[str]:
+    job, box, conn = r.opts.job, r.boxes[rank], r.conns[rank]
     where = posixpath.join(box.data_dir, job.data_subdir)
-    if has_shards(ctx.conn, box, job):
-        size = run(ctx.conn, f"du -sh {shlex.quote(where)} | cut -f1", warn=True).stdout.strip() or "?"
+    if has_shards(conn, box, job):
+        size = run(conn, f"du -sh {shlex.quote(where)} | cut -f1", warn=True).stdout.strip() or "?"
         return [f"data: shards present in {where} ({size}): nothing to prepare"]
     if job.data == "hub":
         hub = job.hub
@@ -69,22 +60,29 @@ def plan_data(ctx: PlanContext) -> list[str]:
             f"`{job.prepare_command()}`; {box.free_gb:.0f} GB free there"]
 
 
-def plan_sidecars(ctx: PlanContext) -> list[str]:
-    o, lines = ctx.opts, []
-    if ctx.rank == 0 and o.sync_s3:
-        lines.append(f"sidecar: uploads each checkpoint to {o.sync_s3} (this machine's AWS credentials go to a 0600 file on the box)")
-    if ctx.rank == 0 and o.cloud.guarded:
-        lines.append("cost guard: terminates the instance once training is over and the final checkpoint is safe"
-                     if o.cloud.terminate_when_done else f"cost guard: stops training after {o.cloud.max_hours:g} h")
-    return lines
+def plan_wandb(r, rank: int) -> list[str]:
+    if rank or not wants_wandb(r.opts.job.trainer_args):
+        return []
+    return ["dashboards: this machine's W&B key goes to a 0600 file on the box, mounted read-only for rank 0"]
 
 
-def plan_container(ctx: PlanContext) -> list[str]:
-    _, cmd = run_command(ctx.box, ctx.image, ctx.opts.job, nnodes=ctx.nnodes, node_rank=ctx.rank, master=ctx.master)
+def plan_sidecar(r, rank: int) -> list[str]:
+    if rank or not r.opts.sync_s3:
+        return []
+    return [f"sidecar: uploads each checkpoint to {r.opts.sync_s3} (this machine's AWS credentials go to a 0600 file on the box)"]
+
+
+def plan_guard(r, rank: int) -> list[str]:
+    cloud = r.opts.cloud
+    if rank or not cloud.guarded:
+        return []
+    return ["cost guard: terminates the instance once training is over and the final checkpoint is safe"
+            if cloud.terminate_when_done else f"cost guard: stops training after {cloud.max_hours:g} h"]
+
+
+def plan_container(r, rank: int) -> list[str]:
+    _, cmd = run_command(r.boxes[rank], r.images[rank], r.opts.job, nnodes=len(r.conns), node_rank=rank, master=r.master)
     return ["container: " + cmd]
-
-
-PLAN_STEPS = [plan_active, plan_image_step, plan_data, plan_sidecars, plan_container]
 
 
 def cost_lines(opts, boxes: list[Box]) -> list[str]:
@@ -102,20 +100,3 @@ def cost_lines(opts, boxes: list[Box]) -> list[str]:
     step_seconds, basis = price_basis(opts.job, plan.type_name, opts.cloud.step_seconds)
     return ["cost: " + cost_line(plan, opts.job.run_steps(), step_seconds, nodes=len(boxes), basis=basis,
                                  tokens_per_step=opts.job.tokens_per_step())]
-
-
-def dry_run(opts, conns, out=sys.stdout) -> int:
-    boxes = [preflight(c, fs=opts.fs, data_dir=opts.data_dir, weights_dir=opts.weights_dir, allow_cpu=opts.allow_cpu, create=False)
-             for c in conns]
-    out.write(table(boxes) + "\n")
-    opts.job.check_world([len(b.gpus) for b in boxes])
-    flavour = choose_flavour(boxes, opts.cuda)
-    master = (opts.master_addr or conns[0].host, opts.master_port)
-    lines = []
-    for rank, (conn, box) in enumerate(zip(conns, boxes, strict=True)):
-        ctx = PlanContext(conn, box, opts, flavour, rank, len(conns), master)
-        lines.append(f"{conn.user}@{conn.host}" + (f" (node {rank} of {len(conns)})" if len(conns) > 1 else "") + ":")
-        lines += ["  " + line for step in PLAN_STEPS for line in step(ctx)]
-    lines += cost_lines(opts, boxes)
-    out.write("plan (dry run: nothing was changed on the box):\n" + "\n".join(lines) + "\n")
-    return 0

@@ -131,3 +131,15 @@ def test_fab_launch_refuses_before_connecting(flags, needle, tmp_path):
                                   timeout=120)
             assert proc.returncode == 2
             assert_one_line_error(proc, needle)
+
+
+def test_the_dry_run_and_the_launch_are_one_list_of_steps():
+    """Every step of the launch has the plan the dry run prints for it, or only looks (preflight), so a step cannot be
+    added to one mode and not the other."""
+    from infra import launch, plan
+
+    names = [s.name for s in launch.STEPS]
+    assert len(names) == len(set(names)) and names[0] == "preflight" and names[-2:] == ["trainer", "exit watch"]
+    for step in launch.STEPS:
+        assert callable(step.do) and (step.plan is None) == (step.name == "preflight"), step.name
+        assert step.plan is None or step.plan.__module__ == plan.__name__, step.name
