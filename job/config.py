@@ -80,7 +80,14 @@ class TrainConfig:
                          n_head=self.n_head, n_embd=self.n_embd)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The run's settings and the recipe's own, in one flat dict (what from_dict takes back; checkpoints, the start
+        event and the dashboards record it)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hp"}
+        return {**out, **(dataclasses.asdict(self.hp) if self.hp is not None else {})}
+
+    def replace(self, **values) -> TrainConfig:
+        """A copy with these settings changed, run settings or the recipe's own alike (another recipe's is an error)."""
+        return from_dict({**self.to_dict(), **values})
 
     @property
     def card(self) -> recipes.Recipe:

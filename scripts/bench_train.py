@@ -61,19 +61,17 @@ def base_config(args) -> TrainConfig:
     cfg.device, cfg.compile, cfg.dtype = args.device, args.compile, args.dtype
     cfg.total_batch_tokens = cfg.micro_batch * cfg.seq_len * args.grad_accum
     cfg.hellaswag_every, cfg.resume = 0, "never"
-    for k, v in sets.items():
-        if k == "ddp":  # the same vocabulary as --variant, so bench_summary.py --winner-sets can name any winner
-            args.ddp = "on" if v else "off"
-        else:
-            setattr(cfg, k, v)
+    if "ddp" in sets:  # the same vocabulary as --variant, so bench_summary.py --winner-sets can name any winner
+        args.ddp = "on" if sets["ddp"] else "off"
+    cfg = cfg.replace(**{k: v for k, v in sets.items() if k != "ddp"})
     if args.quick:
         cfg.val_steps, cfg.sample_tokens = 2, 4
     return validate(cfg)
 
 
 def variant_config(base: TrainConfig, settings: dict) -> TrainConfig:
-    cfg = dataclasses.replace(base, **{k: v for k, v in settings.items() if k != "ddp"})
-    cfg.total_batch_tokens = base.total_batch_tokens  # same tokens per step: comparable losses, fair tok/s
+    # The same tokens per step: comparable losses, fair tok/s.
+    cfg = base.replace(**{k: v for k, v in settings.items() if k != "ddp"}, total_batch_tokens=base.total_batch_tokens)
     return validate(cfg)
 
 

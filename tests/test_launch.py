@@ -706,7 +706,7 @@ def test_sync_s3_without_aws_credentials_fails_before_touching_the_box(tmp_path)
     (["launch", "--host", "u@127.0.0.1", "--steps", "0"], "error: --steps must be at least 1, got '0'"),
     (["launch", "--host", "u@127.0.0.1", "--max-hours", "soon"], "error: --max-hours takes a number, got 'soon'"),
     (["launch", "--host", "u@127.0.0.1", "--master-port", "x"], "error: --master-port takes a whole number, got 'x'"),
-    (["launch", "--host", "u@127.0.0.1", "--recipe", "nope"], "error: unknown recipe 'nope': choose one of gpt2, speedrun"),
+    (["launch", "--host", "u@127.0.0.1", "--recipe", "nope"], "error: --recipe must be one of gpt2, speedrun, got 'nope'"),
     (["launch", "--host", "u@127.0.0.1", "--data", "web"], "error: --data 'web': choose one of hub, tokenize, bundled"),
     (["status", "--host", "u@127.0.0.1", "--port", "ssh"], "error: --port takes a whole number, got 'ssh'"),
     (["stop", "--host", "u@127.0.0.1", "--timeout", "long"], "error: --timeout takes a whole number, got 'long'"),
@@ -795,7 +795,9 @@ def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, box
     shards = sorted(p.name for p in (data / spec.subdir).glob("*.bin"))
     assert shards[0] == f"{spec.prefix}_train_000001.bin" and f"{spec.prefix}_val_000000.bin" in shards
     manifest = json.loads((data / spec.subdir / contract.PREPARE_MANIFEST).read_text())
-    assert manifest["complete"] and manifest["train_tokens"] == 100000 * 1024  # sized to the run: every shard of the small repo
+    # Sized to the run, --train-args' batch included (every shard of the small repo).
+    batch = int(TRAIN_ARGS[recipe][TRAIN_ARGS[recipe].index("--total-batch-tokens") + 1])
+    assert manifest["complete"] and manifest["train_tokens"] == 100000 * batch
     assert {r[2] for r in hub.requests if r[1].endswith(".bin")} == {f"Bearer {HUB_TOKEN}"}
     token_file = Path(pwd.getpwnam(BOX_USER).pw_dir) / ".config/nanogpt/hf-token"
     assert token_file.read_text() == HUB_TOKEN and token_file.stat().st_mode & 0o777 == 0o600

@@ -27,8 +27,9 @@ def test_each_recipe_downloads_its_corpus_sized_to_the_run_and_the_tokenizing_pa
     assert speedrun.run_steps() == 1770 and speedrun.train_tokens() == 1770 * 8 * 48 * 1024
     assert speedrun.prepare_command().startswith("python -m job.prepare fineweb-gpt2 --out /persistent/fineweb10B-gpt2 ")
     assert "--recipe speedrun" in " ".join(speedrun.trainer_command())
-    assert "--max-steps 1770" in " ".join(speedrun.trainer_command())  # the run that was priced and downloaded for
-    assert "--max-steps" not in cmd  # gpt2: the preset's own default
+    # No --max-steps: the trainer reads the preset's from the same card, the run that was priced and downloaded for.
+    assert "--max-steps" not in cmd and "--max-steps" not in speedrun.trainer_command()
+    assert "--max-steps 50" in " ".join(Job(recipe="speedrun", steps=50).trainer_command())
 
     slow = Job(preset="gpt2", data="tokenize")
     assert slow.prepare_command() == f"python -m job.prepare fineweb-edu --out {contract.DATA_DIR}"  # build-nanogpt's directory
@@ -41,9 +42,9 @@ def test_each_recipe_downloads_its_corpus_sized_to_the_run_and_the_tokenizing_pa
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"recipe": "nope"}, "unknown recipe 'nope': choose one of gpt2, speedrun"),
+    ({"recipe": "nope"}, "--recipe must be one of gpt2, speedrun, got 'nope'"),
     ({"data": "web"}, "--data 'web': choose one of hub, tokenize, bundled"),
-    ({"preset": "huge"}, "unknown preset 'huge'"),
+    ({"preset": "huge"}, "--preset huge: the gpt2 recipe's presets are gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny"),
 ])
 def test_bad_choices_are_refused_before_anything_happens(kwargs, needle):
     with pytest.raises(UserError, match=needle):

@@ -1,0 +1,204 @@
+"""The trainer's promises, for every recipe: a run killed mid-step and run again, or stopped by SIGTERM and run again,
+repeats the uninterrupted run's losses exactly; two ranks under torchrun train what one does, and a kill of every
+process resumes too.
+
+The interruptions run in this process, through the trainer's own parser and Trainer (a kill is an exception raised
+inside the step, a SIGTERM the real signal sent to this process while the run's handlers are installed), so both runs
+compare bit for bit. What only separate processes can show (torchrun's ranks, SIGKILL of all of them, the same command
+resuming) is one process-level run per recipe.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, SMALL, SPEEDRUN_SMALL, env, events, losses
+from job import checkpoint as ckpt_lib
+from job.config import parse_args
+from job.runtime import setup_runtime
+from job.train import Trainer
+
+STEPS = 12
+# Every recipe, at a size a CPU trains in seconds; a new recipe adds its line here and gets every promise below.
+ARGS = {"gpt2": SMALL, "speedrun": SPEEDRUN_SMALL}
+RECIPES = list(ARGS)
+
+
+def argv(recipe, shards, log, *extra) -> list[str]:
+    return [*ARGS[recipe], "--data-dir", str(shards), "--log-dir", str(log), "--max-steps", str(STEPS), *map(str, extra)]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: the run ends in the middle of a step, with no checkpoint of its own."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread(tmp_path, monkeypatch):
+    """Runs in this process as the subprocesses run (one thread: the same float summation order), with their compile
+    cache set as job.train's main() would."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(recipe, shards, log, *extra, before_step: int | None = None, action=None) -> Trainer:
+    """One run in this process, as `python -m job.train` runs it; `action(trainer)` runs just before step
+    `before_step`'s optimizer step starts."""
+    cfg = parse_args(argv(recipe, shards, log, *extra))
+    trainer = Trainer(cfg, setup_runtime(cfg))
+    if before_step is not None:
+        step_fn = trainer.train_step
+
+        def train_step(step):
+            if step == before_step:
+                action(trainer)
+            return step_fn(step)
+
+        trainer.train_step = train_step
+    trainer.run()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def references(shards, hellaswag_rows, tmp_path_factory):
+    """Per recipe, one uninterrupted run: what every interrupted run must reproduce."""
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for recipe in RECIPES:
+            log = tmp_path_factory.mktemp(f"reference-{recipe}")
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(log / "inductor"))
+            run(recipe, shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
+                "--sample-num", 2, "--sample-tokens", 8, "--sample-every", 6)
+            out[recipe] = log
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def assert_same_losses(log, reference, rel=0.0):
+    got, want = losses(log), losses(reference)
+    assert sorted(got) == list(range(STEPS)) == sorted(want)
+    for step in want:
+        if rel:
+            assert got[step] == pytest.approx(want[step], rel=rel), step
+        else:
+            assert got[step] == want[step], step  # bit for bit: weights, optimizers' states, data position, RNG
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_an_uninterrupted_run_learns_evaluates_samples_and_checkpoints(recipe, references):
+    log = references[recipe]
+    ls = losses(log)
+    assert sorted(ls) == list(range(STEPS)) and ls[STEPS - 1] < ls[0] - 0.5
+    assert [v["step"] for v in events(log, "val")] == [0, 5, 10, 12]
+    assert [h["step"] for h in events(log, "hellaswag")] == [0, 6, 12]
+    assert [s["step"] for s in events(log, "sample")] == [6, 12] and len(events(log, "sample")[-1]["samples"]) == 2
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4, 8, 12]
+    ck = torch.load(log / "model_00012.pt", map_location="cpu", weights_only=True)
+    assert ck["train_config"]["recipe"] == recipe and ck["step"] == 12
+    assert ck["val_loss"] == pytest.approx(events(log, "val")[-1]["loss"])
+    assert [e["reason"] for e in events(log, "end")] == ["done"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_run_killed_mid_step_then_run_again_repeats_the_losses_exactly(recipe, references, shards, tmp_path):
+    def kill(trainer):
+        raise Killed
+
+    log = tmp_path / "log"
+    with pytest.raises(Killed):
+        run(recipe, shards, log, "--checkpoint-every", 4, before_step=6, action=kill)  # past the step-4 checkpoint
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4] and max(losses(log)) == 5
+    run(recipe, shards, log, "--checkpoint-every", 4)  # the same command again resumes
+    assert events(log, "resume")[0]["step"] == 4
+    assert_same_losses(log, references[recipe])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(recipe, references, shards, tmp_path):
+    log = tmp_path / "log"
+    handlers = signal.getsignal(signal.SIGTERM)
+    trainer = run(recipe, shards, log, "--checkpoint-every", 0, before_step=5,
+                  action=lambda t: os.kill(os.getpid(), signal.SIGTERM))  # the real signal, to the run's own handler
+    assert signal.getsignal(signal.SIGTERM) == handlers  # the run put the handler back
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [6] == [max(losses(log)) + 1]  # the model after every finished step
+    assert [e["reason"] for e in events(log, "end")] == ["stopped"] and trainer.stop.requested
+    run(recipe, shards, log, "--checkpoint-every", 0)
+    assert_same_losses(log, references[recipe])
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it at once (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"torchrun exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    raise AssertionError("timed out waiting for the trainer")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_ranks_match_one_and_survive_a_kill_of_every_process(recipe, references, shards, hellaswag_rows, tmp_path):
+    """torchrun with two CPU ranks (gloo): each takes half of every step's sequences, so the losses are one rank's up
+    to the float summation order. SIGKILL of the whole process group after the step-4 checkpoint, then the same
+    command: the run resumes and ends where one rank does."""
+    log = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
+           *argv(recipe, shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: 6 in losses(log), proc)
+    kill_tree(proc.pid)  # the agent and both ranks at once
+    proc.wait()
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4]
+    again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "device cpu x 2" in again.stdout and "x 2 ranks x 1 accum" in again.stdout
+    assert events(log, "resume")[0]["step"] == 4
+    reference = references[recipe]
+    assert_same_losses(log, reference, rel=1e-4)  # same batches; only the float summation order differs
+    got = [v["loss"] for v in events(log, "val")]
+    assert got == pytest.approx([v["loss"] for v in events(reference, "val")], rel=1e-4)
+    # HellaSwag examples are split over the two ranks and the counts summed: every example is scored once.
+    assert [(h["step"], h["total"]) for h in events(log, "hellaswag")][-2:] == [(6, 9), (12, 9)]
+    a = torch.load(log / "model_00012.pt", weights_only=True)
+    b = torch.load(reference / "model_00012.pt", weights_only=True)
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k].float(), b["model"][k].float(), rtol=1e-3, atol=1e-4)
+    # Rank 0's checkpoint holds every optimizer state (the speedrun's Muon splits its work over the ranks, not its state).
+    assert [len(o["state"]) for o in a["optimizer"].get("optimizers", [a["optimizer"]])] == \
+        [len(o["state"]) for o in b["optimizer"].get("optimizers", [b["optimizer"]])]
