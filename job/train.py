@@ -120,11 +120,14 @@ class Trainer:
         pin = rt.device_type == "cuda"  # batches copied ahead from pinned memory on CUDA
 
         def shards(split):
-            if split == "val":
-                return self.recipe.loader(cfg.data_dir, split, cfg.micro_batch, cfg.val_seq_len or cfg.seq_len, rt.rank, rt.world, pin)
+            if split == "val":  # one micro-batch per rank and evaluation step
+                val_len = cfg.val_seq_len or cfg.seq_len
+                return self.recipe.loader(cfg.data_dir, split, cfg.micro_batch, val_len, rt.rank, rt.world, pin,
+                                          step_tokens=cfg.micro_batch * val_len * rt.world)
             # Sized to the largest step (a staged recipe's); each step then asks for its own layout.
             largest = max(layouts(cfg), key=lambda lay: lay.micro_batch * lay.seq_len)
-            return self.recipe.loader(cfg.data_dir, split, largest.micro_batch, largest.seq_len, rt.rank, rt.world, pin)
+            return self.recipe.loader(cfg.data_dir, split, largest.micro_batch, largest.seq_len, rt.rank, rt.world, pin,
+                                      step_tokens=None if self.staged else largest.tokens)
 
         return (DeviceLoader(train_loader or shards("train"), rt.device, cfg.prefetch),
                 DeviceLoader(val_loader or shards("val"), rt.device, cfg.prefetch))

@@ -1,0 +1,71 @@
+"""The speedrun recipe as the record runs it on eight GPUs, in what a CPU can show: the sequences each step reads on
+any number of ranks, compiled graphs specialised to their shapes, FlexAttention compiled once inside the model, and
+DDP's forward passes without a broadcast of the model's buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from job.config import parse_args
+from job.data import list_shards, load_shard, write_shard
+from job.runtime import Runtime
+from job.train import Trainer
+
+SEQ, RECORD_RANKS = 128, 8  # the recipe's sequences come in whole 128-token blocks
+STEP = SEQ * RECORD_RANKS
+# Past the last step each shard holds a step + 1 (the record moves on), less than a step, a step + 2 (it stays).
+SHARD_TOKENS = [2 * STEP + STEP + 1, 2 * STEP + 300, 3 * STEP + STEP + 2, 2 * STEP + 5]
+STEPS = 2 + 2 + 4 + 2
+
+
+def speedrun_cfg(data_dir, log_dir, world: int, *extra: str):
+    return parse_args(["--recipe", "speedrun", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", str(SEQ),
+                       "--seq-len", str(SEQ), "--total-batch-tokens", str(STEP), "--val-seq-len", str(SEQ),
+                       "--val-tokens", str(STEP), "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu",
+                       "--compile", "off", "--data-dir", str(data_dir), "--log-dir", str(log_dir), *extra], world_size=world)
+
+
+@pytest.fixture(scope="module")
+def position_shards(tmp_path_factory):
+    """A val shard and train shards whose token at position j of shard i is 10000*i + j."""
+    d = tmp_path_factory.mktemp("positions")
+    write_shard(d / "fineweb_val_000000.npy", np.arange(2 * STEP))
+    for i, n in enumerate(SHARD_TOKENS):
+        write_shard(d / f"fineweb_train_{i + 1:06d}.npy", 10000 * i + np.arange(n))
+    return d
+
+
+def record_steps(data_dir, steps: int) -> list[list[tuple]]:
+    """The record's distributed_data_generator with its eight ranks: rank k reads the k-th sequence (+1 token) of the
+    step's span at `pos`, and the next shard is opened when pos + batch + 1 >= the shard's length."""
+    shards = iter(load_shard(p) for p in list_shards(data_dir, "train"))
+    tokens, pos, out = next(shards), 0, []
+    for _ in range(steps):
+        if pos + STEP + 1 >= len(tokens):
+            tokens, pos = next(shards), 0
+        out.append(sorted(tuple(tokens[pos + k * SEQ : pos + (k + 1) * SEQ + 1].tolist()) for k in range(RECORD_RANKS)))
+        pos += STEP
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_every_step_reads_the_records_sequences_whatever_the_number_of_ranks(position_shards, tmp_path, world):
+    """Each rank's trainer, built as torchrun's rank r of `world` would build it, hands its step the batches its
+    train_step asks for: over the ranks and accumulated micro-steps, the eight sequences the record's ranks read at
+    that step, across three shard switches."""
+    trainers = [Trainer(speedrun_cfg(position_shards, tmp_path / "log", world), Runtime(False, r, r, world, "cpu", "cpu"))
+                for r in range(world)]
+    assert {t.grad_accum for t in trainers} == {RECORD_RANKS // world}
+    got = []
+    for _ in range(STEPS):
+        windows = []
+        for t in trainers:
+            for _ in range(t.grad_accum):
+                x, y = t.train_loader.next_batch()
+                windows.append(tuple(x.flatten().tolist()) + (int(y[0, -1]),))
+        got.append(sorted(windows))
+    want = record_steps(position_shards, STEPS)
+    assert {w[0] // 10000 for step in want for w in step} == {0, 1, 2, 3}
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, f"step {step}"
