@@ -4,8 +4,12 @@ DDP's forward passes without a broadcast of the model's buffers."""
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job.config import parse_args
 from job.data import list_shards, load_shard, write_shard
@@ -69,3 +73,29 @@ def test_every_step_reads_the_records_sequences_whatever_the_number_of_ranks(pos
     assert {w[0] // 10000 for step in want for w in step} == {0, 1, 2, 3}
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"step {step}"
+
+
+@pytest.fixture
+def process_group_of_one():
+    """A real gloo process group of one rank in this process: the trainer then wraps its model in DDP."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield Runtime(True, 0, 0, 1, "cpu", "cpu")
+    dist.destroy_process_group()
+
+
+def test_ddp_broadcasts_no_buffers_before_a_forward(position_shards, tmp_path, process_group_of_one):
+    """The record all-reduces gradients and nothing else; DDP by default also broadcasts every buffer from rank 0
+    before each forward, here the rotary tables (1.5 GB at full size). They, like the window the recipe's schedule
+    sets on every rank, are the same on every rank by construction."""
+    trainer = Trainer(speedrun_cfg(position_shards, tmp_path / "log", 1), process_group_of_one)
+    ddp = trainer.train_model
+    assert isinstance(ddp, DDP) and ddp.module is trainer.model
+    buffers = dict(trainer.model.named_buffers())
+    assert "window_blocks" in buffers and any(name.endswith("rotary.cos") for name in buffers)
+    assert not ddp.will_sync_module_buffers()  # what DDP's forward asks before it broadcasts the buffers
+    x, y = trainer.train_loader.next_batch()
+    ddp(x, y)[1].backward()  # a forward and backward through the wrapper: gradients are still all-reduced
+    assert all(p.grad is not None for p in trainer.model.parameters())
