@@ -8,12 +8,16 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job.config import parse_args
 from job.data import list_shards, load_shard, write_shard
 from job.runtime import Runtime
+from job.speedrun import attention
+from job.speedrun.gpt import CausalSelfAttention, SpeedrunConfig
 from job.train import Trainer
 
 SEQ, RECORD_RANKS = 128, 8  # the recipe's sequences come in whole 128-token blocks
@@ -99,3 +103,46 @@ def test_ddp_broadcasts_no_buffers_before_a_forward(position_shards, tmp_path, p
     x, y = trainer.train_loader.next_batch()
     ddp(x, y)[1].backward()  # a forward and backward through the wrapper: gradients are still all-reduced
     assert all(p.grad is not None for p in trainer.model.parameters())
+
+
+def flex_case():
+    """A speedrun attention layer and one sequence of two blocks whose second document starts in the first block."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(SpeedrunConfig(n_head=1, n_embd=64, block_size=2 * attention.BLOCK))
+    torch.nn.init.normal_(attn.c_proj.weight)  # zero-initialised, as the record's: the output would be zero whatever the mask
+    tokens = torch.randint(0, 50000, (2 * attention.BLOCK,))
+    tokens[[0, 100]] = attention.BOS
+    return attn, tokens, attention.block_lists(tokens), torch.randn(1, len(tokens), 64)
+
+
+def window(blocks: int) -> torch.Tensor:
+    return torch.tensor(blocks, dtype=torch.int32)
+
+
+def test_flex_attention_in_a_compiled_model_is_one_graph_for_every_window():
+    """Dynamo guards on the globals a traced function reads: one that the first call sets fails its guard at the second
+    and recompiles the whole model. The guards are Dynamo's whatever the backend, so aot_eager (no code generation)
+    counts them; forward only: FlexAttention has no backward pass on the CPU."""
+    attn, _, lists, x = flex_case()
+    compiled = torch.compile(attn, backend="aot_eager", dynamic=False)
+    frames = counters["frames"]["total"]
+    with torch.no_grad():
+        for blocks in (1, 2, 2):  # the window is a tensor in the block mask: a new one is no new graph
+            compiled(x, None, attention.flex_block_mask(lists, window(blocks)))
+    assert counters["frames"]["total"] - frames == 1
+
+
+@pytest.mark.slow  # Inductor's CPU code generation, twice (the model, then FlexAttention alone): ~45 s
+def test_after_a_compiled_model_the_eager_model_still_keeps_the_window():
+    """The eager model (sampling, HellaSwag) calls FlexAttention compiled on its own, never the eager FlexAttention
+    that a compiled model's trace would leave behind: eager FlexAttention ignores the block lists, and the window with
+    them. With a window of one block the second block does not see the first, where its document starts."""
+    attn, tokens, lists, x = flex_case()
+    compiled = torch.compile(attn, dynamic=False)
+    with torch.no_grad():
+        for model in (compiled, attn):
+            for blocks in (1, 2):
+                got = model(x, None, attention.flex_block_mask(lists, window(blocks)))
+                want = attn(x, None, attention.dense_mask(tokens, window(blocks))[None])  # SDPA, the mask made dense
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
