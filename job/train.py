@@ -40,10 +40,15 @@ def hellaswag_cache_dir(cfg: TrainConfig) -> Path:
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """torch.compile with one of CHOICES["compile_mode"]: torch's own modes by name, ours as Inductor options."""
+    """torch.compile with one of CHOICES["compile_mode"]: torch's own modes by name, ours as Inductor options.
+
+    Static shapes (dynamic=False, as modded-nanogpt compiles): each batch shape gets a graph specialised to it.
+    Left to torch's automatic dynamic shapes, the training step, compiled after the first evaluation (whose
+    sequences can be longer: the speedrun's are 256K tokens, its training ones 48K), would be a graph for any
+    sequence length."""
     if mode in COMPILE_OPTIONS:
-        return torch.compile(model, options=COMPILE_OPTIONS[mode])
-    return torch.compile(model, mode=None if mode == "default" else mode)
+        return torch.compile(model, options=COMPILE_OPTIONS[mode], dynamic=False)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
 @contextlib.contextmanager

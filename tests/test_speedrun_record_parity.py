@@ -4,13 +4,14 @@ DDP's forward passes without a broadcast of the model's buffers."""
 
 from __future__ import annotations
 
+import ast
 import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job.config import parse_args
@@ -146,3 +147,26 @@ def test_after_a_compiled_model_the_eager_model_still_keeps_the_window():
                 got = model(x, None, attention.flex_block_mask(lists, window(blocks)))
                 want = attn(x, None, attention.dense_mask(tokens, window(blocks))[None])  # SDPA, the mask made dense
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # Inductor's CPU code generation of two graphs: ~45 s
+def test_the_compiled_training_step_is_specialised_to_its_shape_after_a_longer_evaluation(position_shards, tmp_path):
+    """The run evaluates first, on longer sequences than it trains on (the speedrun's: 256K tokens, then 48K), as the
+    record does; the record compiles with static shapes, and so must the trainer: the training step's graph has the
+    training batch's shape, no symbolic sizes. The trainer compiles any recipe's model alike: the gpt2 recipe's
+    one-layer model keeps the compile short (the speedrun's twelve layers take minutes on a CPU)."""
+    cfg = parse_args(["--preset", "tiny", "--n-layer", "1", "--n-head", "1", "--n-embd", "16", "--block-size", "64",
+                      "--micro-batch", "2", "--seq-len", "32", "--total-batch-tokens", "64", "--val-seq-len", "64",
+                      "--val-steps", "1", "--ce-chunk-tokens", "0", "--warmup-steps", "1", "--max-steps", "1",
+                      "--eval-every", "1", "--checkpoint-every", "0", "--sample-num", "0", "--hellaswag-every", "0",
+                      "--device", "cpu", "--compile", "on", "--data-dir", str(position_shards), "--log-dir",
+                      str(tmp_path / "log")])
+    torch._dynamo.reset()
+    clear_compilation_metrics()
+    Trainer(cfg, Runtime(False, 0, 0, 1, "cpu", "cpu")).run()  # evaluate, train a step, evaluate
+    graphs = [ast.literal_eval(m.graph_node_shapes) for m in get_compilation_metrics()
+              if m.graph_node_shapes and m.co_filename.endswith("job/model.py")]
+    # Evaluation's graph (no grad) and training's; the second evaluation reuses the first graph.
+    assert sorted((tuple(g["l_idx_"]) for g in graphs), key=str) == [(2, 32), (2, 64)]
+    symbolic = {name: shape for g in graphs for name, shape in g.items() if any(isinstance(d, str) for d in shape)}
+    assert not symbolic
