@@ -33,6 +33,8 @@ What the trainer calls (these import torch inside, never at the module's top):
   for a staged recipe's train split), for a loader that keeps each step within one shard.
 - grad_clip(cfg): the gradient norm clipped to (0: none; the norm is logged either way).
 - model_schedule(model, step, cfg): step-dependent model state (e.g. an attention window), before evaluation too.
+  It runs on every rank: under DDP the model's buffers are broadcast once, when DDP wraps it, not before each
+  forward, so they must follow from the config and this schedule alone.
 - autocast: False when the model keeps its own precision. backward_scale(cfg, layout): the factor on the mean loss whose
   gradient the step takes (tokens per micro-batch: the summed loss's, as some recipes train).
 - model_from_config(config): the model a checkpoint's "config" describes (job.checkpoint.load_model, for job.sample
