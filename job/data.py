@@ -143,11 +143,14 @@ class ShardLoader:
         need = self._room()
         small = [p.name for p in self.shards if len(load_shard(p)) < need]
         if len(small) == len(self.shards):
-            what = (f"a step of {step_tokens} tokens + 2, as modded-nanogpt's loader needs" if step_tokens is not None
-                    else f"micro-batch {B} x seq-len {T} x {world} ranks + 1")
+            if step_tokens is None:
+                what, flags = f"micro-batch {B} x seq-len {T} x {world} ranks + 1", "--micro-batch/--seq-len"
+            else:
+                what = f"a step of {step_tokens} tokens + 2, as modded-nanogpt's loader needs"
+                flags = "--val-seq-len" if split == "val" else "--total-batch-tokens/--seq-len"
             raise UserError(
                 f"every {split} shard in {data_dir} is shorter than one step's {need} tokens "
-                f"({what}): use a smaller --micro-batch/--seq-len or bigger shards"
+                f"({what}): use a smaller {flags} or bigger shards"
             )
         self.reset()
 
