@@ -116,28 +116,48 @@ class ShardLoader:
     The loader's position is one pair (shard, offset) shared by all ranks: rank r reads the window at
     offset + r*B*T, then everyone advances by B*T*world. Saving that pair in the checkpoint restores the
     exact stream, even if the run resumes with a different number of ranks.
+
+    When it moves to the next shard:
+    - by default, build-nanogpt's rule: after any micro-batch, when the next one of all ranks (B*T*world + 1
+      tokens) no longer fits. With gradient accumulation that can happen in the middle of a step, so which
+      windows a step reads after the first shard switch depends on the number of ranks;
+    - with `step_tokens` (the tokens of one optimizer step, over all ranks and micro-steps), modded-nanogpt's
+      rule: only between steps, when the shard holds no more than a step's tokens + 1 past the offset. A step
+      is then one span of the shard wherever it runs: micro-step a of rank r reads window a*world + r of it, the
+      window rank a*world + r of a run with one micro-step per rank reads. The position within the step
+      (`into_step`, tokens) is saved too: 0 at every step boundary, where checkpoints are taken.
     """
 
-    def __init__(self, data_dir, split: str, B: int, T: int, rank: int = 0, world: int = 1, pin_memory: bool = False):
+    def __init__(self, data_dir, split: str, B: int, T: int, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                 step_tokens: int | None = None):
         self.B, self.T, self.rank, self.world = B, T, rank, world
         self.pin_memory = pin_memory  # read windows straight into page-locked memory (CUDA can then copy asynchronously)
         self.split = split
+        if step_tokens is not None and (step_tokens <= 0 or step_tokens % (B * T * world)):
+            raise ValueError(f"a step of {step_tokens} tokens is not a whole number of micro-batches of {B} x {T} x {world} ranks")
+        self.step_tokens = step_tokens
         self._checked: set[Path] = set()
         self.shards = list_shards(data_dir, split)
         if not self.shards:
             raise UserError(f"no {split} shards in {data_dir}: prepare data first (python -m job.prepare)")
-        need = B * T * world + 1
+        need = self._room()
         small = [p.name for p in self.shards if len(load_shard(p)) < need]
         if len(small) == len(self.shards):
+            if step_tokens is None:
+                what, flags = f"micro-batch {B} x seq-len {T} x {world} ranks + 1", "--micro-batch/--seq-len"
+            else:
+                what = f"a step of {step_tokens} tokens + 2, as modded-nanogpt's loader needs"
+                flags = "--val-seq-len" if split == "val" else "--total-batch-tokens/--seq-len"
             raise UserError(
                 f"every {split} shard in {data_dir} is shorter than one step's {need} tokens "
-                f"(micro-batch {B} x seq-len {T} x {world} ranks + 1): use a smaller --micro-batch/--seq-len or bigger shards"
+                f"({what}): use a smaller {flags} or bigger shards"
             )
         self.reset()
 
     def reset(self) -> None:
         self.shard = 0
         self.offset = 0
+        self.into_step = 0
         self._tokens = None
         self._skip_short()
 
@@ -150,12 +170,20 @@ class ShardLoader:
                 self._checked.add(path)
         return self._tokens
 
-    def _span(self) -> int:
-        return self.B * self.T * self.world + 1
+    def _room(self) -> int:
+        """The tokens past the offset that the shard must hold for the loader to stay in it."""
+        if self.step_tokens is None:
+            return self.B * self.T * self.world + 1
+        # modded-nanogpt's test, `pos + batch_size + 1 >= len(tokens)`, moves on one token earlier than the step's
+        # batch_size + 1 tokens need.
+        return self.step_tokens + 2
 
     def _skip_short(self) -> None:
-        # Move to the first shard (from the current one) that can hold a whole step.
-        while len(self._load()) < self.offset + self._span():
+        # Move to the first shard (from the current one) that can hold a whole step; within a step (step_tokens)
+        # the step's span was checked when it began.
+        if self.into_step:
+            return
+        while len(self._load()) < self.offset + self._room():
             self.shard = (self.shard + 1) % len(self.shards)
             self.offset = 0
             self._tokens = None
@@ -163,6 +191,8 @@ class ShardLoader:
     def next_batch(self, B: int | None = None, T: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The next window of B x T tokens per rank (default: the loader's own; a recipe may stage its batch)."""
         if (B or self.B, T or self.T) != (self.B, self.T):
+            if self.step_tokens is not None:
+                raise ValueError("a loader that keeps whole steps in one shard (step_tokens) reads one layout")
             self.B, self.T = B or self.B, T or self.T
             self._skip_short()  # the new step's span must fit in the shard too
         B, T = self.B, self.T
@@ -173,11 +203,16 @@ class ShardLoader:
         x = buf[:-1].view(B, T)
         y = buf[1:].view(B, T)
         self.offset += B * T * self.world
+        if self.step_tokens is not None:
+            self.into_step = (self.into_step + B * T * self.world) % self.step_tokens
         self._skip_short()
         return x, y
 
     def state_dict(self) -> dict:
-        return {"split": self.split, "shard": self.shard, "offset": self.offset, "shard_name": self.shards[self.shard].name}
+        state = {"split": self.split, "shard": self.shard, "offset": self.offset, "shard_name": self.shards[self.shard].name}
+        if self.step_tokens is not None:
+            state["into_step"] = self.into_step
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         shard, offset = int(state["shard"]), int(state["offset"])
@@ -188,6 +223,8 @@ class ShardLoader:
                 "resume with the same data dir, or start fresh with --resume never"
             )
         self.shard, self.offset, self._tokens = shard, offset, None
+        # A position saved without it (build-nanogpt's rule, or before it was kept) is at a step boundary.
+        self.into_step = int(state.get("into_step", 0)) if self.step_tokens is not None else 0
         self._skip_short()
 
 

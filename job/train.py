@@ -40,10 +40,15 @@ def hellaswag_cache_dir(cfg: TrainConfig) -> Path:
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """torch.compile with one of CHOICES["compile_mode"]: torch's own modes by name, ours as Inductor options."""
+    """torch.compile with one of CHOICES["compile_mode"]: torch's own modes by name, ours as Inductor options.
+
+    Static shapes (dynamic=False, as modded-nanogpt compiles): each batch shape gets a graph specialised to it.
+    Left to torch's automatic dynamic shapes, the training step, compiled after the first evaluation (whose
+    sequences can be longer: the speedrun's are 256K tokens, its training ones 48K), would be a graph for any
+    sequence length."""
     if mode in COMPILE_OPTIONS:
-        return torch.compile(model, options=COMPILE_OPTIONS[mode])
-    return torch.compile(model, mode=None if mode == "default" else mode)
+        return torch.compile(model, options=COMPILE_OPTIONS[mode], dynamic=False)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
 @contextlib.contextmanager
@@ -120,11 +125,14 @@ class Trainer:
         pin = rt.device_type == "cuda"  # batches copied ahead from pinned memory on CUDA
 
         def shards(split):
-            if split == "val":
-                return self.recipe.loader(cfg.data_dir, split, cfg.micro_batch, cfg.val_seq_len or cfg.seq_len, rt.rank, rt.world, pin)
+            if split == "val":  # one micro-batch per rank and evaluation step
+                val_len = cfg.val_seq_len or cfg.seq_len
+                return self.recipe.loader(cfg.data_dir, split, cfg.micro_batch, val_len, rt.rank, rt.world, pin,
+                                          step_tokens=cfg.micro_batch * val_len * rt.world)
             # Sized to the largest step (a staged recipe's); each step then asks for its own layout.
             largest = max(layouts(cfg), key=lambda lay: lay.micro_batch * lay.seq_len)
-            return self.recipe.loader(cfg.data_dir, split, largest.micro_batch, largest.seq_len, rt.rank, rt.world, pin)
+            return self.recipe.loader(cfg.data_dir, split, largest.micro_batch, largest.seq_len, rt.rank, rt.world, pin,
+                                      step_tokens=None if self.staged else largest.tokens)
 
         return (DeviceLoader(train_loader or shards("train"), rt.device, cfg.prefetch),
                 DeviceLoader(val_loader or shards("val"), rt.device, cfg.prefetch))
@@ -152,9 +160,12 @@ class Trainer:
             return fwd, fwd
         # Gradients live in DDP's buckets (no second copy, no copy back); a static graph lets DDP skip its
         # per-step bookkeeping, but only without no_sync(): with gradient accumulation it crashes or silently
-        # stops all-reducing (pytorch/pytorch#143580), so it is on only when every micro-step syncs.
+        # stops all-reducing (pytorch/pytorch#143580), so it is on only when every micro-step syncs. Buffers are
+        # broadcast once, when DDP wraps the model, not before every forward (DDP's default): a model's buffers follow
+        # from its config and the recipe's model_schedule, the same on every rank (at full size the speedrun's rotary
+        # tables alone are 1.5 GB a forward).
         return fwd, DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
-                        bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True,
+                        bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True, forward_sync_buffers=False,
                         static_graph=self.grad_accum == 1 and not self.staged)
 
     def _load_hellaswag(self):

@@ -27,10 +27,14 @@ What the trainer calls (these import torch inside, never at the module's top):
 - schedule(optimizers, step, cfg): set this step's hyperparameters in the param groups, right before the optimizers
   step; return the values to log: "lr" (the step's log line) and any others (metrics.jsonl).
 - loss(model, x, y): the micro-batch's mean loss (default: `model(x, y)[1]`, a GPT's forward).
-- loader(data_dir, split, micro_batch, seq_len, rank, world, pin_memory): the batches' source (default: the
-  interleaved windows of job.data.ShardLoader); its next_batch(B, T) takes the step's layout.
+- loader(data_dir, split, micro_batch, seq_len, rank, world, pin_memory, step_tokens): the batches' source (default:
+  the interleaved windows of job.data.ShardLoader, moving to the next shard as build-nanogpt's loader does); its
+  next_batch(B, T) takes the step's layout. step_tokens: the tokens of one step over all ranks and micro-steps (None
+  for a staged recipe's train split), for a loader that keeps each step within one shard.
 - grad_clip(cfg): the gradient norm clipped to (0: none; the norm is logged either way).
 - model_schedule(model, step, cfg): step-dependent model state (e.g. an attention window), before evaluation too.
+  It runs on every rank: under DDP the model's buffers are broadcast once, when DDP wraps it, not before each
+  forward, so they must follow from the config and this schedule alone.
 - autocast: False when the model keeps its own precision. backward_scale(cfg, layout): the factor on the mean loss whose
   gradient the step takes (tokens per micro-batch: the summed loss's, as some recipes train).
 - model_from_config(config): the model a checkpoint's "config" describes (job.checkpoint.load_model, for job.sample
@@ -140,7 +144,8 @@ class Recipe:
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x, y)[1]
 
-    def loader(self, data_dir, split: str, micro_batch: int, seq_len: int, rank: int, world: int, pin_memory: bool = False):
+    def loader(self, data_dir, split: str, micro_batch: int, seq_len: int, rank: int, world: int, pin_memory: bool = False,
+               step_tokens: int | None = None):
         from job.data import ShardLoader
 
         return ShardLoader(data_dir, split, micro_batch, seq_len, rank, world, pin_memory=pin_memory)

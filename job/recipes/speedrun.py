@@ -184,6 +184,13 @@ class Speedrun(Recipe):
                     group["momentum"] = momentum
         return {"lr": hp.muon_lr * factor, "lr_factor": factor, "muon_momentum": momentum}
 
+    def loader(self, data_dir, split, micro_batch, seq_len, rank, world, pin_memory=False, step_tokens=None):
+        from job.data import ShardLoader
+
+        # The record's loader: each step one span of the shard (the next shard when the span does not fit), rank k
+        # of eight reading its k-th sequence; on fewer ranks the accumulated micro-steps read the same sequences.
+        return ShardLoader(data_dir, split, micro_batch, seq_len, rank, world, pin_memory=pin_memory, step_tokens=step_tokens)
+
     def model_schedule(self, model, step, cfg):
         model.window_blocks.fill_(window_blocks(step, cfg.max_steps))
 

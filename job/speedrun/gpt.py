@@ -15,6 +15,7 @@ trainer for (Recipe.backward_scale), so gradients are the record's.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -49,19 +50,26 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-_compiled_flex = None
+@functools.cache
+def _compiled_flex():
+    """FlexAttention compiled on its own, for an eager model. Compiled at first use, not at import: compiling fixes
+    Inductor's cache dir, which the trainer sets first."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False)
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
     """FlexAttention, always compiled: only the compiled kernel skips the blocks the block lists leave out, and the
     window lives there alone (eager FlexAttention applies just the per-token document-causal rule, a different model).
-    Inside a compiled model this is inlined."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention as flex
+    Inside a compiled model it is traced into the model's graph, as the record's is: no global state for Dynamo to
+    guard on (a guard that fails recompiles the whole model), and the compiled callable of an eager model stays the
+    compiled one."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
 
-        _compiled_flex = torch.compile(flex, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+    if torch.compiler.is_compiling():
+        return flex(q, k, v, block_mask=block_mask, scale=scale)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
 
 
 class CastedLinear(nn.Linear):
