@@ -97,7 +97,7 @@ class Supervisor:
     def __init__(self):
         self.child: subprocess.Popen | None = None
         self.via_agent = True
-        self.stops: list[int] = []  # SIGTERM/SIGINT received once a child was started
+        self.stops: list[int] = []  # the signals received once a child was started
         self.early: list[int] = []  # stops that ended an agent before its workers existed
         for sig in (*FORWARDED, signal.SIGHUP, signal.SIGQUIT):  # first, so no stop can orphan a child
             signal.signal(sig, self.forward)
@@ -106,8 +106,7 @@ class Supervisor:
         child = self.child
         if child is None:  # before the first child exists (a stop in the first instant): nothing to pass it on to
             raise SystemExit(128 + signum)
-        if signum in FORWARDED:
-            self.stops.append(signum)
+        self.stops.append(signum)
         if child.poll() is not None:
             return  # between two runs: run_seeds sees the stop and starts no other
         if not self.via_agent:
@@ -141,7 +140,8 @@ class Supervisor:
             return 128 + self.early[0]
         if code < 0:  # the child itself was killed (the kernel's OOM killer, say); a signal -N exits as 128+N
             who = "torchrun's agent" if via_agent else "the trainer"
-            print(f"error: {who} was killed by {signal.Signals(-code).name}: the trainers' output is above", file=sys.stderr, flush=True)
+            print(f"error: {who} was killed by {signal.Signals(-code).name}: {'the trainers' if via_agent else 'its'} output is above",
+                  file=sys.stderr, flush=True)
             return 128 - code
         return code
 
