@@ -973,3 +973,25 @@ def test_dry_run_estimates_the_cost_of_a_known_instance_type(gpu_box, laptop):
     cost = next(line for line in proc.stdout.splitlines() if line.startswith("cost: "))
     assert f"{H100} x1 in us-east-1: $23.92/hour" in cost and "1000 steps x" in cost and "about $" in cost, cost
     assert "preparing" not in proc.stdout and not (parent / "data").exists()
+
+
+def test_dry_run_of_several_runs_plans_and_prices_them_all(gpu_box, laptop, tmp_path):
+    from fake_lambda import H100, TEST_KEY, FakeLambda
+
+    server, bin_dir, known = gpu_box
+    set_driver(bin_dir, "580.95.05", "13.0")
+    parent = box_path("dry-runs")
+    with FakeLambda() as api:
+        api.add_instance("train", H100)
+        proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", known, "--data-dir", parent / "data",
+                   "--weights-dir", parent / "weights", "--recipe", "speedrun", "--steps", 1000, "--runs", 3,
+                   "--train-args", "--seed 7", "--fetch-to", tmp_path / "home", "--dry-run",
+                   env={"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": api.url}, check=True)
+    out = proc.stdout
+    assert "job.supervisor --runs 3 --preset gpt2 --recipe speedrun" in out
+    runs = next(line.strip() for line in out.splitlines() if line.strip().startswith("runs: "))
+    assert runs == (f"runs: 3, one after another, seeds 7, 8, 9, each in {parent / 'weights'}/seed-S with one compile cache; then "
+                    f"their metrics.jsonl come to {tmp_path / 'home'} and their statistics are printed (python -m job.stats)")
+    cost = next(line for line in out.splitlines() if line.startswith("cost: "))
+    assert "3000 steps x" in cost, cost  # the three runs are what is billed
+    assert not (parent / "weights").exists() and not (tmp_path / "home").exists()
