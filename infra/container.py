@@ -53,6 +53,10 @@ class Job:
     trainer_args: list[str] = option(None, "more trainer flags, quoted: '--eval-every 100 --checkpoint-every 500' (checked here "
                                            "with the trainer's own parser)", parse=words, factory=list, flag="train_args")
     env: dict[str, str] = option(None, "environment for the trainer, quoted: 'NCCL_DEBUG=INFO'", parse=pairs, factory=dict)
+    runs: int | None = option(None, "train the run N times, one after another, with the seeds --seed, --seed + 1, ... (each in "
+                                    "seed-S under the weights dir, all with one compile cache), then bring their metrics.jsonl "
+                                    "to --fetch-to and print the record board's statistics (python -m job.stats)",
+                              parse=optional(integer()))
     name: str = contract.CONTAINER_NAME
     mounts: dict[str, str] = field(default_factory=dict)  # a file on the box -> its read-only path in the container (secrets)
 
@@ -72,7 +76,7 @@ class Job:
         """The run's settings as the trainer will take them, for `world_size` ranks in all: every --train-args flag goes
         through the trainer's own parser here (files=False: the paths named are the box's)."""
         try:
-            cfg = config.parse_args(self.trainer_command()[3:], world_size=world_size, files=False)
+            cfg = config.parse_args(self.trainer_flags(), world_size=world_size, files=False)
         except UserError as e:
             raise UserError(f"the trainer would refuse this run{f' on {world_size} ranks' if world_size > 1 else ''}: {e}") from None
         if self.data == "bundled":
@@ -105,8 +109,12 @@ class Job:
         return self.hub.subdir if self.data == "hub" else contract.TOKENIZED_SUBDIR[self.hub.tokenize]
 
     def run_steps(self) -> int:
-        """Optimizer steps of the run: --steps, else the preset's."""
-        return self.cfg.max_steps
+        """Optimizer steps of the launch, what its price rests on: --steps (else the preset's), times --runs."""
+        return self.cfg.max_steps * (self.runs or 1)
+
+    def run_dirs(self) -> list[tuple[int, str]]:
+        """--runs: each run's seed and its log dir under the weights dir, as the supervisor names them."""
+        return contract.run_dirs(self.cfg.seed, self.runs or 0)
 
     def tokens_per_step(self) -> int:
         """Tokens per step, on average over the run (a recipe may stage its batch)."""
@@ -124,12 +132,17 @@ class Job:
             return f"python -m job.prepare {self.card.data} --out {out} --train-tokens {self.train_tokens()}"
         return f"python -m job.prepare {self.hub.tokenize} --out {out}"
 
-    def trainer_command(self) -> list[str]:
-        args = ["python", "-m", SUPERVISOR, "--preset", self.preset, "--recipe", self.recipe,
-                "--data-dir", f"{contract.PERSISTENT}/{self.data_subdir}", "--log-dir", contract.LOG_DIR, "--resume", "auto"]
+    def trainer_flags(self) -> list[str]:
+        """The trainer's flags (job.train's), as the supervisor passes them on."""
+        args = ["--preset", self.preset, "--recipe", self.recipe, "--data-dir", f"{contract.PERSISTENT}/{self.data_subdir}",
+                "--log-dir", contract.LOG_DIR, "--resume", "auto"]
         if self.steps:
             args += ["--max-steps", str(self.steps)]
         return args + self.trainer_args
+
+    def trainer_command(self) -> list[str]:
+        runs = ["--runs", str(self.runs)] if self.runs else []  # the supervisor's own flag: it runs the seeds in turn
+        return ["python", "-m", SUPERVISOR, *runs, *self.trainer_flags()]
 
 
 def docker_base(box: Box, *, detach: bool, name: str | None, labels: dict[str, str], network_host: bool = False,

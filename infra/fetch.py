@@ -157,6 +157,26 @@ def fetch_weights(conn, remote_dir: str, local_dir, latest_only: bool = False, p
     return report
 
 
+def fetch_metrics(conn, remote_dir: str, names: list[str], local_dir) -> list[Path]:
+    """The metrics.jsonl of each run named (remote_dir/NAME/, as `--runs` lays them out) to local_dir/NAME/, whole, over
+    SFTP: a log is small, and the next fetch replaces it. A run without one (not started) is left out. Returns the
+    local run dirs."""
+    sftp = conn.sftp()
+    found = []
+    for name in names:
+        dest = Path(local_dir).expanduser() / name
+        dest.mkdir(parents=True, exist_ok=True)
+        part = dest / (contract.METRICS_FILE + ".part")
+        try:
+            sftp.get(posixpath.join(remote_dir, name, contract.METRICS_FILE), str(part))
+        except FileNotFoundError:
+            part.unlink(missing_ok=True)
+            continue
+        part.replace(dest / contract.METRICS_FILE)
+        found.append(dest)
+    return found
+
+
 def mark_fetched(conn, remote_dir: str, verified: dict[str, str]) -> None:
     """Leave `.fetched-NAME` (the sha256 verified here) beside each checkpoint now safe on this disk: the box's cost
     guard (job/sidecar/guard.py) may terminate the instance only once the final checkpoint is safe somewhere."""

@@ -367,12 +367,21 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
     target = f"{conn0.user}@{conn0.host}" + (f":{conn0.port}" if conn0.port != 22 else "")
     if opts.detach:
         out.write(hint(target) + "\n")
+        if opts.job.runs:
+            out.write(runs_later(opts, box0, target) + "\n")
         if opts.cloud.terminate_when_done and not opts.sync_s3:
             out.write(f"the instance is terminated once the final checkpoint is safe: run `fab fetch-weights --host {target}` after "
                       "training (it marks what it verified), or launch with --sync-s3 so nothing waits for this laptop\n")
         return 0
-    code = follow(conn0, box0.docker, name0, target, out=out)
+    done = None
+    if opts.job.runs:  # each run's checkpoints are in its own log dir
+        name = contract.RUN_DIR_FORMAT.format(seed="S")
+        done = (f"each run's weights are in {box0.weights_dir}/{name}: `fab fetch-weights --host {target} --weights-dir "
+                f"{box0.weights_dir}/{name} --to {opts.fetch_to}/{name}` fetches them")
+    code = follow(conn0, box0.docker, name0, target, out=out, done=done)
     finished = exit_code(conn0, box0.docker, name0) == 0  # not after Ctrl-C: training still runs
+    if opts.job.runs and finished:
+        report_runs(conn0, box0, opts, out)
     if opts.cloud.terminate_when_done and not opts.sync_s3 and finished:
         # Without S3 the laptop is the safe place: bring the weights home now; fetch-weights marks each verified
         # checkpoint on the box (.fetched-NAME), which is what lets the guard terminate the instance.
@@ -383,8 +392,35 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
     return code
 
 
-def follow(conn, docker: str, name: str, target: str, tail: int | str = "all", out=sys.stdout) -> int:
-    """Stream until the container exits; Ctrl-C or a dropped connection only stop the streaming."""
+def runs_later(opts: LaunchOptions, box: Box, target: str) -> str:
+    """--runs --detach: how to get the runs' statistics once they are done."""
+    seeds = " ".join(str(seed) for seed, _ in opts.job.run_dirs())
+    name = contract.RUN_DIR_FORMAT.format(seed="$s")
+    return (f"the {opts.job.runs} runs train one after another on the box, seeds {seeds.replace(' ', ', ')}, each in "
+            f"{box.weights_dir}/{contract.RUN_DIR_FORMAT.format(seed='S')}. Once they are done: `for s in {seeds}; do fab "
+            f"fetch-weights --host {target} --weights-dir {box.weights_dir}/{name} --to {opts.fetch_to}/{name} --latest-only; done`, "
+            f"then `python -m job.stats {opts.fetch_to}` prints their statistics (or launch the same command again without "
+            "--detach: finished runs are not trained again, and it prints them)")
+
+
+def report_runs(conn, box: Box, opts: LaunchOptions, out=sys.stdout) -> None:
+    """--runs: each run's metrics.jsonl to --fetch-to here, then the record board's statistics over them (job.stats)."""
+    from infra.fetch import fetch_metrics
+    from job import stats
+
+    names = [name for _, name in opts.job.run_dirs()]
+    dirs = fetch_metrics(conn, box.weights_dir, names, opts.fetch_to)
+    out.write(f"fetched the metrics of {len(dirs)} of {len(names)} runs to {opts.fetch_to}: "
+              f"`python -m job.stats {opts.fetch_to}` prints this again\n")
+    try:
+        out.write(stats.format_stats(stats.compute([str(d) for d in dirs])) + "\n")
+    except UserError as e:  # stopped before any run finished
+        out.write(f"no run finished, so no statistics yet: the same launch resumes them ({e})\n")
+
+
+def follow(conn, docker: str, name: str, target: str, tail: int | str = "all", out=sys.stdout, done: str | None = None) -> int:
+    """Stream until the container exits; Ctrl-C or a dropped connection only stop the streaming. `done`: what to do
+    once training finished, where it is not to fetch the weights dir."""
     try:
         stream_logs(conn, docker, name, tail=tail, out=out)
     except KeyboardInterrupt:
@@ -398,5 +434,5 @@ def follow(conn, docker: str, name: str, target: str, tail: int | str = "all", o
         return 0
     if code != 0:
         raise UserError(failure_advice(conn.host, code))
-    out.write(f"training finished on {conn.host}: fetch the weights with `fab fetch-weights --host {target}`\n")
+    out.write(f"training finished on {conn.host}: " + (done or f"fetch the weights with `fab fetch-weights --host {target}`") + "\n")
     return 0

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from infra.container import Job
 from infra.flags import checked, decimal, host_list, integer, nested, option, optional, pairs
 from infra.ssh import connect
-from job.errors import UserError
+from job.errors import UserError, check_output_path
 
 
 def _base_url(text: str) -> None:
@@ -104,8 +104,8 @@ class LaunchOptions:
     master_addr: str | None = option(None, "multi-node: the first host's address as the others reach it (default: as given in --hosts)")
     master_port: int = option(29500, "multi-node: rendezvous port on the first host (default 29500)", parse=integer(1, 65535))
     cloud: CloudOptions = nested(CloudOptions)
-    fetch_to: str = option("model_weights", "--terminate-when-done without --sync-s3: where the weights come before terminating "
-                                            "(default ./model_weights)")
+    fetch_to: str = option("model_weights", "--terminate-when-done without --sync-s3: where the weights come before terminating; "
+                                            "--runs: where the runs' metrics come (default ./model_weights)")
     cuda: str | None = option(None, "CUDA flavour of torch for the image: cu130, cu128, cu126 (default: the newest the box's driver "
                                     "runs)", parse=checked(_flavour))
     dry_run: bool = option(False, "connect, check the box and print the plan (image, data, container, cost); change nothing")
@@ -115,5 +115,21 @@ class LaunchOptions:
             raise UserError("give --host for one box or --hosts A,B for several, not both")
         if self.host:
             self.hosts = [self.host]
+        if self.job.runs:
+            self.check_runs()
+
+    def check_runs(self) -> None:
+        """--runs trains on one box, in sub-directories of the weights dir, one run after another: what watches the
+        weights dir itself (the S3 sidecar, the cost guard) would not see them."""
+        where = "--runs trains in sub-directories of the weights dir (seed-S)"
+        if len(self.hosts) > 1:
+            raise UserError("--runs trains on one box: pass --host, not --hosts")
+        if self.sync_s3:
+            raise UserError(f"{where}, which the S3 sidecar does not upload: leave out --sync-s3, or --runs")
+        if self.cloud.guarded:
+            raise UserError(f"{where}, which the cost guard does not watch: leave out --terminate-when-done and --max-hours, "
+                            "or --runs")
+        if not self.detach:
+            check_output_path(self.fetch_to, "--fetch-to", directory=True)  # where the runs' metrics come, before any connection
 
 

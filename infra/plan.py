@@ -14,6 +14,7 @@ from infra.container import has_shards, run_command, running
 from infra.credentials import wants_wandb
 from infra.image import plan_image
 from infra.ssh import run
+from job import contract
 from job.errors import UserError
 
 # What job.prepare writes, for the plan's size line (docs/data.md): FineWeb-edu 10B as uint16 shards, the tiny corpus.
@@ -81,8 +82,16 @@ def plan_guard(r, rank: int) -> list[str]:
 
 
 def plan_container(r, rank: int) -> list[str]:
-    _, cmd = run_command(r.boxes[rank], r.images[rank], r.opts.job, nnodes=len(r.conns), node_rank=rank, master=r.master)
-    return ["container: " + cmd]
+    job, box = r.opts.job, r.boxes[rank]
+    _, cmd = run_command(box, r.images[rank], job, nnodes=len(r.conns), node_rank=rank, master=r.master)
+    if not job.runs:
+        return ["container: " + cmd]
+    seeds = [seed for seed, _ in job.run_dirs()]
+    return ["container: " + cmd,
+            f"runs: {job.runs}, one after another, seeds {', '.join(map(str, seeds))}, each in {box.weights_dir}/"
+            f"{contract.RUN_DIR_FORMAT.format(seed='S')} with one compile cache; "
+            + ("with --detach, `python -m job.stats` gives their statistics once they are fetched" if r.opts.detach else
+               f"then their metrics.jsonl come to {r.opts.fetch_to} and their statistics are printed (python -m job.stats)")]
 
 
 def cost_lines(opts, boxes: list[Box]) -> list[str]:

@@ -49,11 +49,18 @@ TENSORBOARD_PORT = int(_C["TENSORBOARD_PORT"])  # the box's TensorBoard (fab das
 WANDB_RUN_ID_FILE = _C["WANDB_RUN_ID_FILE"]  # in the log dir: the W&B run a restart continues
 WANDB_KEY_FILE = _C["WANDB_KEY_FILE"]  # in the trainer container: the W&B API key, mounted read-only by fab launch
 COMPILE_CACHE_DIR = _C["COMPILE_CACHE_DIR"]  # in the log dir: torch.compile's caches, kept across container restarts
+RUN_DIR_FORMAT = _C["RUN_DIR_PREFIX"] + "{seed}"  # in the log dir: one of several runs (--runs N), by its seed
 STOP_REQUEST_FILE = _C["STOP_REQUEST_FILE"]  # in the log dir: the cost guard asks the trainer to checkpoint and stop
 TRAIN_EXIT_FILE = _C["TRAIN_EXIT_FILE"]  # in the log dir: the trainer container's exit status, for the cost guard
 SYNCED_MARKER = _C["SYNCED_PREFIX"] + "{name}"  # in the log dir: NAME is verified in S3 (written by the S3 sidecar)
 FETCHED_MARKER = _C["FETCHED_PREFIX"] + "{name}"  # in the log dir: NAME is verified on the laptop (written by fetch-weights)
 PREPARE_MANIFEST = _C["PREPARE_MANIFEST"]  # beside the shards: job.prepare's record of what it wrote and whether it finished
+
+
+def run_dirs(first_seed: int, runs: int) -> list[tuple[int, str]]:
+    """--runs N: each run's seed (the run's --seed, then the next ones) and the name of its log dir in the log dir."""
+    return [(seed, RUN_DIR_FORMAT.format(seed=seed)) for seed in range(first_seed, first_seed + runs)]
+
 
 # ---- exit statuses ----------------------------------------------------------------------------------------
 # One table for the trainer (job.errors, the supervisor), the sidecars, the launcher's explanation of a container's

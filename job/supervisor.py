@@ -5,6 +5,11 @@
 NPROC overrides the count (e.g. NPROC=2 for two CPU processes); with no GPU and no NPROC it runs one
 CPU process and says so.
 
+    python -m job.supervisor --runs N [trainer flags]   # the same run N times, seeds --seed, --seed + 1, ...
+
+trains them one after another, each in its own log dir under --log-dir (seed-S), with one compile cache
+(run_seeds); `python -m job.stats LOGDIR` then gives their statistics as the speedrun's record board does.
+
 Multi-node (set by `fab launch --hosts A,B`): NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT give torchrun
 --nnodes/--node-rank and a rendezvous whose TCP store runs on the first host. Node ranks are fixed (static
 rendezvous) rather than assigned by c10d's dynamic rendezvous, which orders nodes by address: the first host
@@ -34,8 +39,10 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from job import contract
+from job.errors import UserError, number
 
 # Exit statuses whose worker has already said everything in one line (a user mistake, a diverged run, a rank that
 # lost another, a second Ctrl-C): nothing to add. job.contract.EXIT_STATUSES says what each means.
@@ -83,40 +90,70 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def supervise(args: list[str]) -> int:
-    """Run the agent (run_agent) in a child process and pass stops on to the workers; the job's exit status."""
-    cmd = [sys.executable, "-c", "import sys; from job.supervisor import run_agent; sys.exit(run_agent(sys.argv[1:]))", *args]
-    agent: subprocess.Popen | None = None
-    early = []
+class Supervisor:
+    """Runs the job in a child process (torchrun's agent, run_agent, or a single trainer) and passes stops on to the
+    trainers; one child at a time, so that several runs can follow one another (run_seeds)."""
 
-    def forward(signum: int, frame) -> None:
-        if agent is None:  # before the agent exists (a stop in the first instant): nothing to pass it on to
+    def __init__(self):
+        self.child: subprocess.Popen | None = None
+        self.via_agent = True
+        self.stops: list[int] = []  # the signals received once a child was started
+        self.early: list[int] = []  # stops that ended an agent before its workers existed
+        for sig in (*FORWARDED, signal.SIGHUP, signal.SIGQUIT):  # first, so no stop can orphan a child
+            signal.signal(sig, self.forward)
+
+    def forward(self, signum: int, frame) -> None:
+        child = self.child
+        if child is None:  # before the first child exists (a stop in the first instant): nothing to pass it on to
             raise SystemExit(128 + signum)
-        workers = children(agent.pid)
-        if not workers and agent.poll() is None and signum in FORWARDED:
-            # Still meeting the other machines: nothing trained, nothing to save. SIGTERM ends the agent.
-            print(f"received {signal.Signals(signum).name} before training started: exiting", file=sys.stderr, flush=True)
-            early.append(signum)
-            agent.send_signal(signal.SIGTERM)
-            return
-        for pid in workers if signum in FORWARDED else [agent.pid]:  # SIGHUP/SIGQUIT: torchrun shuts everything down
+        self.stops.append(signum)
+        if child.poll() is not None:
+            return  # between two runs: run_seeds sees the stop and starts no other
+        if not self.via_agent:
+            targets = [child.pid]  # a single trainer: it stops as it does for any stop
+        else:
+            targets = children(child.pid)
+            if not targets and signum in FORWARDED:
+                # Still meeting the other machines: nothing trained, nothing to save. SIGTERM ends the agent.
+                print(f"received {signal.Signals(signum).name} before training started: exiting", file=sys.stderr, flush=True)
+                self.early.append(signum)
+                child.send_signal(signal.SIGTERM)
+                return
+            if signum not in FORWARDED:
+                targets = [child.pid]  # SIGHUP/SIGQUIT: torchrun shuts everything down
+        for pid in targets:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
-    for sig in (*FORWARDED, signal.SIGHUP, signal.SIGQUIT):  # first, so no stop can orphan the agent
-        signal.signal(sig, forward)
-    # Its own session: a Ctrl-C in the terminal reaches only this process, which decides who gets it.
-    agent = subprocess.Popen(cmd, start_new_session=True)
-    code = agent.wait()  # handlers run while waiting (PEP 475 retries the wait)
-    if early:
-        return 128 + early[0]
-    if code < 0:  # the agent itself was killed (the kernel's OOM killer, say); a signal -N exits as 128+N
-        print(f"error: torchrun's agent was killed by {signal.Signals(-code).name}: the trainers' output is above",
-              file=sys.stderr, flush=True)
-        return 128 - code
-    return code
+    def start(self, cmd: list[str], via_agent: bool) -> int:
+        """Run `cmd` as the child and wait for it; its exit status (a signal -N as 128+N, said in one line)."""
+        self.via_agent = via_agent
+        seen = len(self.stops)
+        # Its own session: a Ctrl-C in the terminal reaches only this process, which decides who gets it.
+        self.child = subprocess.Popen(cmd, start_new_session=True)
+        if len(self.stops) > seen:  # a stop came while the child was being started: it is meant for this child too
+            self.forward(self.stops.pop(), None)
+        code = self.child.wait()  # handlers run while waiting (PEP 475 retries the wait)
+        if self.early:
+            return 128 + self.early[0]
+        if code < 0:  # the child itself was killed (the kernel's OOM killer, say); a signal -N exits as 128+N
+            who = "torchrun's agent" if via_agent else "the trainer"
+            print(f"error: {who} was killed by {signal.Signals(-code).name}: {'the trainers' if via_agent else 'its'} output is above",
+                  file=sys.stderr, flush=True)
+            return 128 - code
+        return code
+
+
+def agent_command(args: list[str]) -> list[str]:
+    """torchrun's agent (run_agent) in a process of its own, with torchrun's arguments `args`."""
+    return [sys.executable, "-c", "import sys; from job.supervisor import run_agent; sys.exit(run_agent(sys.argv[1:]))", *args]
+
+
+def supervise(args: list[str]) -> int:
+    """Run the agent in a child process and pass stops on to the workers; the job's exit status."""
+    return Supervisor().start(agent_command(args), via_agent=True)
 
 
 class _QuietAgent(logging.Filter):
@@ -165,7 +202,68 @@ def run_agent(args: list[str], own_signals: bool = False) -> int:
     return 0
 
 
+def take_runs(argv: list[str]) -> tuple[int | None, list[str]]:
+    """The supervisor's own `--runs N`, wherever it is among the trainer's flags, and those flags without it."""
+    for i, arg in enumerate(argv):
+        if arg == "--runs" or arg.startswith("--runs="):
+            inline = arg.startswith("--runs=")
+            text = arg.partition("=")[2] if inline else (argv[i + 1] if i + 1 < len(argv) else "")
+            return number(text, "--runs", int, 1), argv[:i] + argv[i + (1 if inline else 2):]
+    return None, argv
+
+
+def without(argv: list[str], *flags: str) -> list[str]:
+    """`argv` without the flags named and their values (`--flag VALUE` or `--flag=VALUE`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif arg.split("=", 1)[0] not in flags:
+            out.append(arg)
+    return out
+
+
+def run_seeds(runs: int, argv: list[str], gpus: int, nproc_env: str | None) -> int:
+    """--runs N: the same run N times, one after another, with the seeds --seed, --seed + 1, ..., each in its own log
+    dir under --log-dir (job.contract.run_dirs), all sharing one compile cache, so that the second run and the later
+    ones take their compiled graphs from it. A stop ends the current run as it ends any (with a checkpoint) and starts
+    no other; the same command again resumes it and trains the rest (a finished run has nothing left to do). The
+    first run that fails ends them all, with its status."""
+    from job import config
+
+    try:
+        cfg = config.parse_args(argv, files=False)  # the seed and log dir the trainer would take
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return contract.EXIT_USER_ERROR
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # the log dir's cache, not each run's (a path set by the user wins)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((Path(cfg.log_dir) / contract.COMPILE_CACHE_DIR).absolute())
+    sup = Supervisor()
+    for i, (seed, name) in enumerate(contract.run_dirs(cfg.seed, runs), 1):
+        log_dir = os.path.join(cfg.log_dir, name)
+        run_argv = [*without(argv, "--seed", "--log-dir"), "--seed", str(seed), "--log-dir", log_dir]
+        args = torchrun_args(run_argv, gpus, nproc_env, dict(os.environ))
+        print(f"run {i} of {runs}: seed {seed}, log dir {log_dir}", flush=True)
+        print(f"$ python -m job.train {' '.join(run_argv)}" if args is None else f"$ torchrun {' '.join(args)}", flush=True)
+        code = sup.start([sys.executable, "-m", "job.train", *run_argv] if args is None else agent_command(args), via_agent=args is not None)
+        if code != 0:
+            return code
+        if sup.stops:
+            print(f"stopped at run {i} of {runs} (seed {seed}): the same command resumes it and trains the rest", flush=True)
+            return 0
+    print(f"{runs} runs done, in {os.path.join(cfg.log_dir, contract.RUN_DIR_FORMAT.format(seed='*'))}: "
+          f"`python -m job.stats {cfg.log_dir}` gives their statistics", flush=True)
+    return 0
+
+
 def main() -> None:
+    try:
+        runs, argv = take_runs(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(contract.EXIT_USER_ERROR)
     import torch
 
     gpus = torch.cuda.device_count()
@@ -179,9 +277,11 @@ def main() -> None:
     if missing:
         print(f"error: NNODES > 1 needs {', '.join(missing)} too (fab launch --hosts sets them)", file=sys.stderr)
         sys.exit(contract.EXIT_USER_ERROR)
-    args = torchrun_args(sys.argv[1:], gpus, nproc_env, dict(os.environ))
+    if runs is not None:
+        sys.exit(run_seeds(runs, argv, gpus, nproc_env))
+    args = torchrun_args(argv, gpus, nproc_env, dict(os.environ))
     if args is None:
-        cmd = [sys.executable, "-m", "job.train", *sys.argv[1:]]
+        cmd = [sys.executable, "-m", "job.train", *argv]
         print(f"$ python {' '.join(cmd[1:])}", flush=True)
         os.execv(cmd[0], cmd)
     print(f"$ torchrun {' '.join(args)}", flush=True)

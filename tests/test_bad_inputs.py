@@ -189,6 +189,19 @@ def plot_cases() -> list:
     ]
 
 
+def stats_cases() -> list:
+    cmd, log = [PY, "-m", "job.stats"], ["{w}/log"]
+    return [
+        *flag_cases(cmd, log, "--target", BAD_POSITIVE_FLOAT, "stats"),
+        pytest.param([*cmd], "logdir", id="stats-missing-logdir"),
+        pytest.param([*cmd, "{w}/nothing"], "nothing", id="stats-logdir=missing"),
+        pytest.param([*cmd, UNDER_FILE], "afile", id="stats-logdir=under-a-file"),
+        pytest.param([*cmd, "{w}/busy"], "has no metrics.jsonl", id="stats-logdir=no-metrics"),
+        pytest.param([*cmd, *log], "no finished run", id="stats-logdir=unfinished-run"),
+        pytest.param([*cmd, *log, "--bogus"], "--bogus", id="stats-unknown-flag"),
+    ]
+
+
 def prepare_cases() -> list:
     cmd = [PY, "-m", "job.prepare"]
     text = [*cmd, "text", "{w}/doc.txt", "--out"]
@@ -322,7 +335,7 @@ def checkpoint_cases() -> list:
     return cases
 
 
-CASES = [*sample_cases(), *export_cases(), *plot_cases(), *prepare_cases(), *guard_sync_cases(), *script_cases(), *fab_cases(),
+CASES = [*sample_cases(), *export_cases(), *plot_cases(), *stats_cases(), *prepare_cases(), *guard_sync_cases(), *script_cases(), *fab_cases(),
          *train_cases(), *checkpoint_cases()]
 
 NO_KEY = {"fab-types--api-key-file=missing"}  # cases run without LAMBDA_API_KEY
@@ -360,7 +373,7 @@ def test_a_bad_input_is_one_error_line_and_exit_2(argv, needle, world, request):
 
 
 HELP = [pytest.param([PY, "-m", m, "--help"], id=f"help-{m}")
-        for m in ("job.sample", "job.export", "job.plot", "job.prepare", "job.sidecar.guard", "job.sidecar.sync")]
+        for m in ("job.sample", "job.export", "job.plot", "job.stats", "job.prepare", "job.sidecar.guard", "job.sidecar.sync")]
 HELP += [pytest.param([PY, str(ROOT / "scripts" / f"{name}.py"), "--help"], id=f"help-{name}")
          for name in ("bench_summary", "bench_prepare", "estimate_cuda_image")]
 HELP += [pytest.param([FAB, "--help", task], id=f"help-fab-{task}") for task in ("launch", "fetch-weights", "provision")]

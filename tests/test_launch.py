@@ -23,7 +23,7 @@ import pytest
 
 from conftest import BASE, ENGINE, ROOT, SMALL, SPEEDRUN_SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
 from hub_server import HubServer, make_repo
-from job import contract, recipes
+from job import contract, recipes, stats
 from job.errors import UserError
 from sshd import free_port, keygen, sshd_available, start_sshd
 
@@ -708,6 +708,15 @@ def test_sync_s3_without_aws_credentials_fails_before_touching_the_box(tmp_path)
     (["launch", "--host", "u@127.0.0.1", "--master-port", "x"], "error: --master-port takes a whole number, got 'x'"),
     (["launch", "--host", "u@127.0.0.1", "--recipe", "nope"], "error: --recipe must be one of gpt2, speedrun, got 'nope'"),
     (["launch", "--host", "u@127.0.0.1", "--data", "web"], "error: --data 'web': choose one of hub, tokenize, bundled"),
+    (["launch", "--host", "u@127.0.0.1", "--runs", "0"], "error: --runs must be at least 1, got '0'"),
+    (["launch", "--host", "u@127.0.0.1", "--runs", "two"], "error: --runs takes a whole number, got 'two'"),
+    (["launch", "--hosts", "u@127.0.0.1,u@127.0.0.2", "--runs", "2"], "error: --runs trains on one box: pass --host, not --hosts"),
+    (["launch", "--host", "u@127.0.0.1", "--runs", "2", "--sync-s3", "s3://b/p"],
+     "error: --runs trains in sub-directories of the weights dir (seed-S), which the S3 sidecar does not upload: leave out "
+     "--sync-s3, or --runs"),
+    (["launch", "--host", "u@127.0.0.1", "--runs", "2", "--max-hours", "1"],
+     "error: --runs trains in sub-directories of the weights dir (seed-S), which the cost guard does not watch: leave out "
+     "--terminate-when-done and --max-hours, or --runs"),
     (["status", "--host", "u@127.0.0.1", "--port", "ssh"], "error: --port takes a whole number, got 'ssh'"),
     (["stop", "--host", "u@127.0.0.1", "--timeout", "long"], "error: --timeout takes a whole number, got 'long'"),
     (["provision", "--type", "t", "--ssh-key", "k", "--ssh-port", "x"], "error: --ssh-port takes a whole number, got 'x'"),
@@ -822,6 +831,29 @@ def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, box
     inspect = sh("docker", "inspect", *sh("docker", "ps", "-aq").stdout.split()).stdout
     for text in (first.stdout, first.stderr, again.stdout, again.stderr, stop.stdout, inspect):
         assert HUB_TOKEN not in text
+
+
+def test_runs_train_seeds_back_to_back_and_print_the_boards_statistics(boxes, laptop, wheels, base_image, box_user, tmp_path):
+    data, weights, home = box_path("runs-data"), box_path("runs-weights"), tmp_path / "model_weights"
+    proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--recipe", "speedrun", "--preset", "tiny", "--wheels", wheels,
+               "--build-arg", f"BASE_IMAGE={base_image}", "--data-dir", data, "--weights-dir", weights, "--nproc", 1, "--steps", 4,
+               "--runs", 2, "--fetch-to", home, "--train-args", " ".join(TRAIN_ARGS["speedrun"] + ["--log-every", "1"]), check=True)
+    out = proc.stdout
+    names = [f"seed-{seed}" for seed in (1337, 1338)]  # the trainer's default seed, then the next
+    for i, name in enumerate(names, 1):
+        assert f"run {i} of 2: seed {1336 + i}, log dir {contract.LOG_DIR}/{name}" in out  # streamed from the box, in turn
+        box_run = weights / name
+        assert events(box_run, "start")[0]["config"]["seed"] == 1336 + i and events(box_run, "end")[-1]["reason"] == "done"
+        assert (box_run / contract.CHECKPOINT_FORMAT.format(step=4)).is_file()
+        assert (home / name / contract.METRICS_FILE).read_bytes() == (box_run / contract.METRICS_FILE).read_bytes()
+    assert not (weights / contract.METRICS_FILE).exists()  # nothing trained in the weights dir itself
+    assert f"fetched the metrics of 2 of 2 runs to {home}" in out
+    # The table is job.stats's over the fetched files, and its values are the box's: two runs, each one's last val loss.
+    table = stats.format_stats(stats.compute([str(home / n) for n in names]))
+    assert table in out and "runs: 2" in table
+    for name in names:
+        assert f"{events(weights / name, 'val')[-1]['loss']:.4f}" in table.split(name)[1].splitlines()[0]
+    assert f"--weights-dir {weights}/seed-S" in out  # where each run's weights are
 
 
 def test_a_token_the_hub_refuses_is_one_line_and_nothing_starts(hub, boxes, laptop, wheels, base_image, box_user):
@@ -943,3 +975,25 @@ def test_dry_run_estimates_the_cost_of_a_known_instance_type(gpu_box, laptop):
     cost = next(line for line in proc.stdout.splitlines() if line.startswith("cost: "))
     assert f"{H100} x1 in us-east-1: $23.92/hour" in cost and "1000 steps x" in cost and "about $" in cost, cost
     assert "preparing" not in proc.stdout and not (parent / "data").exists()
+
+
+def test_dry_run_of_several_runs_plans_and_prices_them_all(gpu_box, laptop, tmp_path):
+    from fake_lambda import H100, TEST_KEY, FakeLambda
+
+    server, bin_dir, known = gpu_box
+    set_driver(bin_dir, "580.95.05", "13.0")
+    parent = box_path("dry-runs")
+    with FakeLambda() as api:
+        api.add_instance("train", H100)
+        proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", known, "--data-dir", parent / "data",
+                   "--weights-dir", parent / "weights", "--recipe", "speedrun", "--steps", 1000, "--runs", 3,
+                   "--train-args", "--seed 7", "--fetch-to", tmp_path / "home", "--dry-run",
+                   env={"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": api.url}, check=True)
+    out = proc.stdout
+    assert "job.supervisor --runs 3 --preset gpt2 --recipe speedrun" in out
+    runs = next(line.strip() for line in out.splitlines() if line.strip().startswith("runs: "))
+    assert runs == (f"runs: 3, one after another, seeds 7, 8, 9, each in {parent / 'weights'}/seed-S with one compile cache; then "
+                    f"their metrics.jsonl come to {tmp_path / 'home'} and their statistics are printed (python -m job.stats)")
+    cost = next(line for line in out.splitlines() if line.startswith("cost: "))
+    assert "3000 steps x" in cost, cost  # the three runs are what is billed
+    assert not (parent / "weights").exists() and not (tmp_path / "home").exists()

@@ -158,8 +158,9 @@ def test_no_module_imports_itself_back():
 # runs in a virtualenv of requirements-launcher.txt alone (docs/design.md, "Two sides and one contract").
 # The recipes' cards and the trainer's parser are among them: their modules import torch only inside the functions the
 # trainer calls (tests/test_card.py imports them and checks that neither torch nor numpy came along).
+# job.stats is the record board's statistics over fetched runs (fab launch --runs prints them): the standard library only.
 LAUNCHER_MAY_IMPORT = {"job.contract", "job.errors", "job.fsutil", "job.metrics", "job.config", "job.recipes", "job.gpt_config",
-                       "job.speedrun"}  # and job/sidecar/
+                       "job.speedrun", "job.stats"}  # and job/sidecar/
 BASE = {"job.contract", "job.fsutil"}  # the standard library only
 
 

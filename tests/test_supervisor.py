@@ -5,6 +5,7 @@ ChildFailedError traceback and exit 1; SIGTERM killed the workers 30 s (TORCH_EL
 their final save and exited 1 with a traceback.
 """
 
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from conftest import ENGINE, ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
+from job import contract
 from job.errors import RankLost, UserError
 from job.supervisor import children, first_failure, torchrun_args
 from sshd import free_port
@@ -140,3 +142,53 @@ def test_torchrun_arguments_per_machine():
     two = torchrun_args([], gpus=8, nproc_env=None, env={"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1",
                                                          "MASTER_PORT": "29500"})
     assert two[:4] == ["--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"]
+
+
+# ---- --runs N: the same run for several seeds, one after another -----------------------------------------------
+def runs_cmd(shards, log, runs, *extra) -> list[str]:
+    return [*launch_cmd(shards, log, *extra), "--runs", runs]
+
+
+def test_runs_train_each_seed_in_its_own_log_dir_with_one_compile_cache(shards, tmp_path):
+    log = tmp_path / "log"
+    # TORCHINDUCTOR_CACHE_DIR="": as in the image, where nothing sets it (the tests' default shares one per machine).
+    proc = run_cli(*runs_cmd(shards, log, 2, "--compile", "on", "--max-steps", 2), check=True, TORCHINDUCTOR_CACHE_DIR="")
+    cache = log / contract.COMPILE_CACHE_DIR
+    for i, seed in enumerate((1337, 1338), 1):
+        run = log / f"seed-{seed}"
+        one(rf"^run {i} of 2: seed {seed}, log dir {run}$", proc.stdout)
+        assert events(run, "start")[0]["config"]["seed"] == seed and [e["reason"] for e in events(run, "end")] == ["done"]
+    one(rf"^2 runs done, in {log}/seed-\*: `python -m job.stats {log}` gives their statistics$", proc.stdout)
+    # Both runs compile into the log dir's cache, and the second takes every graph from it.
+    assert proc.stdout.count(f"graphs from the cache in {cache}") == 2 and not (log / "seed-1337" / contract.COMPILE_CACHE_DIR).exists()
+    first, second = (events(log / f"seed-{s}", "compile")[0] for s in (1337, 1338))
+    assert first["cache_misses"] > 0 and second["cache_misses"] == 0 and second["cache_hits"] > 0, (first, second)
+    assert events(log / "seed-1337", "train")[0]["loss"] != events(log / "seed-1338", "train")[0]["loss"]  # other weights
+
+
+def test_a_stop_ends_the_runs_and_the_same_command_trains_the_rest(shards, tmp_path):
+    log = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, *map(str, runs_cmd(shards, log, 2, "--max-steps", 10_000, "--log-every", 1))], cwd=ROOT,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: len(losses(log / "seed-1337")) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)  # docker stop, as fab stop sends it
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in out + err, out + err
+    assert err.count("received SIGTERM") == 1 and "stopped at run 1 of 2 (seed 1337): the same command resumes it" in out
+    assert [e["reason"] for e in events(log / "seed-1337", "end")] == ["stopped"] and not (log / "seed-1338").exists()
+
+    again = runs_cmd(shards, log, 2, "--max-steps", 12, "--log-every", 1)
+    proc = run_cli(*again, check=True)
+    assert "resumed from" in proc.stdout and proc.stdout.count("done: 12 steps") == 2
+    proc = run_cli(*again, check=True)  # nothing left to train: each run says so, and both still count
+    assert proc.stdout.count("already trained to step 12") == 2
+    got = json.loads(run_cli("-m", "job.stats", log, "--json", check=True).stdout)
+    assert [r["seed"] for r in got["runs"]] == [1337, 1338] and got["skipped"] == []
+    assert [r["val_loss"] for r in got["runs"]] == [events(log / f"seed-{s}", "val")[-1]["loss"] for s in (1337, 1338)]
+
+
+def test_runs_must_be_a_whole_number_of_at_least_one(shards, tmp_path):
+    for bad in ("0", "two"):
+        proc = run_cli(*runs_cmd(shards, tmp_path / "log", bad))
+        assert_one_line_error(proc, "--runs", repr(bad))
+        assert proc.returncode == 2 and not (tmp_path / "log").exists()
