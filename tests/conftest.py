@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import glob
 import importlib.util
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from job.data import write_shard
 from job.tokenizer import EOT, encode
@@ -244,3 +246,46 @@ def cpu_torch_wheel() -> Path:
     if not found:
         pytest.skip(reason=f"no local CPU torch 2.13.0 wheel in {links}: the build would pull GBs of CUDA torch")
     return Path(found[0])
+
+
+# ---- the trainer in this process --------------------------------------------------------------------------
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as the trainer's subprocesses run (OMP_NUM_THREADS=1 in env()): the same float summation
+    order, so a run here and one there can be compared closely, and two runs here bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_in_process(args, before_step: int | None = None, action=None):
+    """`python -m job.train ARGS` in this process, through the trainer's own parser and Trainer; `action(trainer)` runs
+    just before step `before_step`'s optimizer step (a kill is an exception raised there, a SIGTERM the real signal).
+    Returns the Trainer."""
+    from job.config import parse_args
+    from job.runtime import setup_runtime
+    from job.train import Trainer
+
+    cfg = parse_args([str(a) for a in args])
+    trainer = Trainer(cfg, setup_runtime(cfg))
+    if before_step is not None:
+        step_fn = trainer.train_step
+
+        def train_step(step):
+            if step == before_step:
+                action(trainer)
+            return step_fn(step)
+
+        trainer.train_step = train_step
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache or env()["TORCHINDUCTOR_CACHE_DIR"]  # the subprocesses' cache, as main() would
+    try:
+        with one_thread():
+            trainer.run()
+    finally:
+        if cache is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    return trainer

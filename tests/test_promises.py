@@ -17,10 +17,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, SPEEDRUN_SMALL, env, events, losses
+from conftest import ROOT, SMALL, SPEEDRUN_SMALL, env, events, losses, train_in_process
 from job import checkpoint as ckpt_lib
-from job.config import parse_args
-from job.runtime import setup_runtime
 from job.train import Trainer
 
 STEPS = 12
@@ -37,50 +35,18 @@ class Killed(BaseException):
     """Stands for SIGKILL: the run ends in the middle of a step, with no checkpoint of its own."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread(tmp_path, monkeypatch):
-    """Runs in this process as the subprocesses run (one thread: the same float summation order), with their compile
-    cache set as job.train's main() would."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(recipe, shards, log, *extra, before_step: int | None = None, action=None) -> Trainer:
-    """One run in this process, as `python -m job.train` runs it; `action(trainer)` runs just before step
-    `before_step`'s optimizer step starts."""
-    cfg = parse_args(argv(recipe, shards, log, *extra))
-    trainer = Trainer(cfg, setup_runtime(cfg))
-    if before_step is not None:
-        step_fn = trainer.train_step
-
-        def train_step(step):
-            if step == before_step:
-                action(trainer)
-            return step_fn(step)
-
-        trainer.train_step = train_step
-    trainer.run()
-    return trainer
+    return train_in_process(argv(recipe, shards, log, *extra), before_step, action)
 
 
 @pytest.fixture(scope="module")
 def references(shards, hellaswag_rows, tmp_path_factory):
     """Per recipe, one uninterrupted run: what every interrupted run must reproduce."""
     out = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for recipe in RECIPES:
-            log = tmp_path_factory.mktemp(f"reference-{recipe}")
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(log / "inductor"))
-            run(recipe, shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
-                "--sample-num", 2, "--sample-tokens", 8, "--sample-every", 6)
-            out[recipe] = log
-    finally:
-        torch.set_num_threads(threads)
+    for recipe in RECIPES:
+        out[recipe] = log = tmp_path_factory.mktemp(f"reference-{recipe}")
+        run(recipe, shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
+            "--sample-num", 2, "--sample-tokens", 8, "--sample-every", 6)
     return out
 
 
@@ -191,10 +157,13 @@ def test_two_ranks_match_one_and_survive_a_kill_of_every_process(recipe, referen
     assert events(log, "resume")[0]["step"] == 4
     reference = references[recipe]
     assert_same_losses(log, reference, rel=1e-4)  # same batches; only the float summation order differs
-    got = [v["loss"] for v in events(log, "val")]
-    assert got == pytest.approx([v["loss"] for v in events(reference, "val")], rel=1e-4)
+    if "--val-tokens" in ARGS[recipe]:  # a validation set fixed in tokens is the same on any number of ranks
+        val = {v["step"]: v["loss"] for v in events(log, "val")}  # the resumed run's evaluations replace the killed one's
+        assert val == pytest.approx({v["step"]: v["loss"] for v in events(reference, "val")}, rel=1e-4)
     # HellaSwag examples are split over the two ranks and the counts summed: every example is scored once.
-    assert [(h["step"], h["total"]) for h in events(log, "hellaswag")][-2:] == [(6, 9), (12, 9)]
+    hella, hella_ref = events(log, "hellaswag")[-2:], events(reference, "hellaswag")[-2:]
+    assert [(h["step"], h["total"]) for h in hella] == [(h["step"], h["total"]) for h in hella_ref] == [(6, 9), (12, 9)]
+    assert all(abs(a["correct"] - b["correct"]) <= 1 for a, b in zip(hella, hella_ref, strict=True))
     a = torch.load(log / "model_00012.pt", weights_only=True)
     b = torch.load(reference / "model_00012.pt", weights_only=True)
     for k in b["model"]:

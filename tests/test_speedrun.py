@@ -1,20 +1,16 @@
 """The speedrun recipe (a port of modded-nanogpt's 2025-05-24 record): its parts against first principles, the port
 against figures recorded from the record's own code (tests/data/speedrun_reference.json, written by
-scripts/speedrun_reference.py), and the trainer's promises (resume, SIGTERM, DDP, sampling) for it."""
+scripts/speedrun_reference.py), and what a run of it logs and saves. Resume, SIGTERM and torchrun for every recipe are
+tests/test_promises.py's."""
 
 import json
 import math
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import popen, wait_for
 
-from conftest import ROOT, SPEEDRUN_SMALL, assert_one_line_error, env, events, losses, run_cli, script_module
-from job import checkpoint as ckpt_lib
+from conftest import ROOT, SPEEDRUN_SMALL, assert_one_line_error, events, losses, run_cli, script_module, train_in_process
 from job.optim import Optimizers
 from job.recipes import speedrun as recipe
 from job.speedrun import attention
@@ -249,16 +245,9 @@ def sr_cmd(data_dir, log_dir, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def sr_reference(shards, hellaswag_rows, tmp_path_factory):
     log = tmp_path_factory.mktemp("speedrun")
-    run_cli(*sr_cmd(shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
-                    "--sample-num", 2, "--sample-tokens", 8), check=True)
+    train_in_process(sr_cmd(shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
+                            "--sample-num", 2, "--sample-tokens", 8)[2:])
     return log
-
-
-def assert_same_speedrun_losses(log_dir, reference_dir, rel=1e-6):
-    got, want = losses(log_dir), losses(reference_dir)
-    assert sorted(got) == list(range(STEPS)) == sorted(want)
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=rel, abs=rel), step
 
 
 def test_speedrun_run_learns_logs_its_schedules_and_checkpoints_both_optimizers(sr_reference):
@@ -283,53 +272,6 @@ def test_speedrun_run_learns_logs_its_schedules_and_checkpoints_both_optimizers(
     assert muon["param_groups"][0]["momentum"] == pytest.approx(recipe.muon_momentum(STEPS - 1))
 
 
-def test_speedrun_sigkill_then_resume_gives_identical_losses(shards, sr_reference, tmp_path):
-    log = tmp_path / "log"
-    args = sr_cmd(shards, log, "--checkpoint-every", 4)
-    proc = popen(args)
-    wait_for(lambda: 6 in losses(log), proc, timeout=300)  # past the step-4 checkpoint, before the step-8 one
-    proc.kill()
-    proc.wait()
-    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4]
-    run_cli(*args, check=True)
-    assert events(log, "resume")[0]["step"] == 4
-    assert_same_speedrun_losses(log, sr_reference)
-
-
-def test_speedrun_sigterm_saves_and_the_same_command_resumes(shards, sr_reference, tmp_path):
-    log = tmp_path / "log"
-    args = sr_cmd(shards, log, "--checkpoint-every", 0)
-    proc = popen(args)
-    wait_for(lambda: 3 in losses(log), proc, timeout=300)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    saved = ckpt_lib.list_checkpoints(log)
-    assert len(saved) == 1 and saved[0][0] == max(losses(log)) + 1
-    run_cli(*args, check=True)
-    assert_same_speedrun_losses(log, sr_reference)
-
-
-def test_speedrun_under_torchrun_two_processes_match_one(shards, sr_reference, tmp_path):
-    """Two ranks each take one of the step's two sequences; Muon's Newton-Schulz is split between them and
-    all-gathered (the record's layout)."""
-    log = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *sr_cmd(shards, log, "--checkpoint-every", 4)], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "1 x 256 x 2 ranks x 1 accum" in proc.stdout
-    assert_same_speedrun_losses(log, sr_reference, rel=1e-4)
-    got = [v["loss"] for v in events(log, "val")]
-    assert got == pytest.approx([v["loss"] for v in events(sr_reference, "val")], rel=1e-4)
-    a = torch.load(log / "model_00012.pt", weights_only=True)
-    b = torch.load(sr_reference / "model_00012.pt", weights_only=True)
-    for k in b["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-4)
-    # Every rank kept every momentum buffer: rank 0's checkpoint holds them all.
-    assert len(a["optimizer"]["optimizers"][1]["state"]) == len(b["optimizer"]["optimizers"][1]["state"])
-
-
 def test_speedrun_checkpoint_samples_and_export_refuses_in_one_line(sr_reference, tmp_path):
     proc = run_cli("-m", "job.sample", "--checkpoint", sr_reference, "--num", "2", "--max-tokens", "8", "--prompt", "ROMEO:",
                    check=True)
@@ -348,10 +290,15 @@ def test_speedrun_checkpoint_samples_and_export_refuses_in_one_line(sr_reference
     (["--val-tokens", "1000"], "--val-tokens 1000"),
     (["--grad-clip", "1.0"], "--grad-clip"),
 ])
-def test_speedrun_settings_it_cannot_run_are_one_line(shards, tmp_path, flags, needle):
-    proc = run_cli(*sr_cmd(shards, tmp_path / "log", *flags))
-    assert proc.returncode == 2
-    assert_one_line_error(proc, needle)
+def test_speedrun_settings_it_cannot_run_are_one_line(shards, tmp_path, flags, needle, capsys):
+    """The trainer's own entry point, in this process (tests/test_bad_inputs.py runs the command lines)."""
+    from job.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(sr_cmd(shards, tmp_path / "log", *flags)[2:])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not (tmp_path / "log").exists()
 
 

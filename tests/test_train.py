@@ -1,8 +1,8 @@
-"""End-to-end runs of the real trainer: exact resume after SIGKILL, SIGTERM, torchrun DDP, checkpoints."""
+"""End-to-end runs of the real trainer: checkpoints, divergence, retention, resume's refusals, compile. Exact resume after a
+kill or SIGTERM and torchrun's ranks, for every recipe, are tests/test_promises.py's."""
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd
+from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd, train_in_process
 from job import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
@@ -38,8 +38,8 @@ def wait_for(predicate, proc, timeout=120):
 def reference(shards, hellaswag_rows, tmp_path_factory):
     """One uninterrupted run: the loss trajectory every interrupted run must reproduce."""
     log = tmp_path_factory.mktemp("reference")
-    run_cli(*train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8, "--hellaswag-every", 12,
-                       "--hellaswag-path", hellaswag_rows), check=True)
+    train_in_process(train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8, "--hellaswag-every", 12,
+                               "--hellaswag-path", hellaswag_rows)[2:])
     return log
 
 
@@ -72,57 +72,6 @@ def test_hellaswag_offline_is_one_clear_line_before_training(shards, tmp_path):
     proc = run_cli(*train_cmd(shards, tmp_path / "log", "--hellaswag-every", 5, "--hellaswag-url", "http://127.0.0.1:9/val.jsonl"))
     assert_one_line_error(proc, "cannot download HellaSwag", "--hellaswag-path")
     assert not losses(tmp_path / "log")
-
-
-def test_sigkill_mid_run_then_resume_gives_identical_losses(shards, reference, tmp_path):
-    log = tmp_path / "log"
-    args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8)
-    proc = popen(args)
-    wait_for(lambda: 12 in losses(log), proc)  # past the step-8 checkpoint, before the step-16 one
-    proc.kill()
-    proc.wait()
-    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [8]
-    run_cli(*args, check=True)  # the same command again resumes
-    assert events(log, "resume")[0]["step"] == 8
-    assert_same_losses(log, reference)
-
-
-def test_sigterm_finishes_step_saves_and_exits_zero(shards, reference, tmp_path):
-    log = tmp_path / "log"
-    args = train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 0)
-    proc = popen(args)
-    wait_for(lambda: 10 in losses(log), proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    saved = ckpt_lib.list_checkpoints(log)
-    assert len(saved) == 1
-    step = saved[0][0]
-    assert step == max(losses(log)) + 1  # the model after every finished step
-    run_cli(*args, check=True)
-    assert_same_losses(log, reference)
-
-
-def test_torchrun_two_processes_match_single_process(shards, hellaswag_rows, reference, tmp_path):
-    log = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *train_cmd(shards, log, "--max-steps", STEPS, "--checkpoint-every", 8, "--hellaswag-every", 12,
-                                      "--hellaswag-path", hellaswag_rows)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "device cpu x 2" in proc.stdout and "4 x 32 x 2 ranks x 1 accum" in proc.stdout
-    got, want = losses(log), losses(reference)
-    assert sorted(got) == sorted(want)
-    for step in want:  # same total batch, same tokens: only the float summation order differs
-        assert got[step] == pytest.approx(want[step], rel=1e-4), step
-    # HellaSwag examples are split over the two ranks and the counts summed: every example is scored once.
-    h_ddp, h_ref = events(log, "hellaswag"), events(reference, "hellaswag")
-    assert [(h["step"], h["total"]) for h in h_ddp] == [(h["step"], h["total"]) for h in h_ref] == [(0, 9), (12, 9), (24, 9)]
-    assert all(abs(a["correct"] - b["correct"]) <= 1 for a, b in zip(h_ddp, h_ref, strict=True))
-    a = torch.load(log / "model_00024.pt", weights_only=True)["model"]
-    b = torch.load(reference / "model_00024.pt", weights_only=True)["model"]
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def poison_second_moments(src, dst) -> None:
