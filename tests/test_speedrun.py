@@ -162,6 +162,11 @@ def assert_weights(model, want: dict, rel: float):
         assert got[name] == pytest.approx(figures, rel=rel, abs=rel), name
 
 
+def test_the_reference_records_the_machine_that_computed_it():
+    """What the figures' rounding depends on, for whoever compares them on another machine."""
+    assert REFERENCE["cpu_capability"] and REFERENCE["cpu"] and REFERENCE["torch"] and REFERENCE["threads"] >= 1
+
+
 def test_same_seed_gives_the_records_initial_weights():
     assert_weights(reference_model(), REFERENCE["init"], rel=0)
 
@@ -388,5 +393,28 @@ def test_the_record_scripts_load_and_refuse_a_missing_record_in_one_line(name, t
     with pytest.raises(SystemExit) as e:
         module.main(["--record", str(tmp_path / "missing.txt"), "--device", "cpu"] if name == "bench_speedrun" else
                     ["--record", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out.json")])
-    assert str(e.value.code).startswith("error: --record") and "does not exist" in str(e.value.code)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --record") and "does not exist" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_reference_script_replaces_an_existing_file_only_with_force(tmp_path):
+    """The tests' figures are not overwritten by a run on the wrong file: --out is required, an existing one is
+    refused unless --force is given, before the record is read."""
+    record = tmp_path / "record.txt"
+    record.write_text("import os\n")  # a file, but no record: --force gets as far as refusing it
+    out = tmp_path / "speedrun_reference.json"
+    out.write_text("{}\n")
+    script = ROOT / "scripts" / "speedrun_reference.py"
+    proc = run_cli(script, "--record", record, "--out", out)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, f"--out {out} exists", "--force")
+    assert out.read_text() == "{}\n"
+    proc = run_cli(script, "--record", record)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--out")
+    proc = run_cli(script, "--record", record, "--out", out, "--force")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "holds no GPT model code")
+    assert out.read_text() == "{}\n"
