@@ -4,6 +4,7 @@ scripts/speedrun_reference.py), and the trainer's promises (resume, SIGTERM, DDP
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -98,7 +99,13 @@ def test_mask_keeps_documents_apart_and_the_window_never_cuts_a_wide_one():
     torch.testing.assert_close(attention.dense_mask(tokens[:700], 3), attention.dense_mask(tokens, 3)[:700, :700])
 
 
+# torch compiles FlexAttention for the CPU only with its AVX2 kernels (torch/_inductor/kernel/flex/flex_cpu.py): not
+# on a CPU without AVX2, nor under ATEN_CPU_CAPABILITY=default. The trainer runs FlexAttention on CUDA only.
+FLEX_ON_CPU = torch.cpu._is_avx2_supported() and os.environ.get("ATEN_CPU_CAPABILITY") != "default"
+
+
 @pytest.mark.slow  # compiles (Inductor's CPU code generation)
+@pytest.mark.skipif(not FLEX_ON_CPU, reason="torch compiles FlexAttention for the CPU only with AVX2 kernels")
 def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask():
     """FlexAttention compiled (as the model calls it; eager FlexAttention would ignore the block lists, and with them
     the window) against scaled_dot_product_attention with the dense mask, on the CPU."""
