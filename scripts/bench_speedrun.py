@@ -16,7 +16,6 @@ scripts/bench_train.py --set recipe=speedrun. docs/BENCHMARKS.md has the figures
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from job.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from job.optim import Optimizers  # noqa: E402
 from job.recipes import speedrun as recipe  # noqa: E402
 from job.speedrun.fp8 import fp8_supported  # noqa: E402
@@ -143,8 +143,9 @@ def timed(step, steps, device) -> tuple[list[float], list[float]]:
     return losses, times
 
 
+@cli_main
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--record", type=Path, required=True)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--steps", type=int, default=8)
@@ -152,10 +153,10 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not args.record.is_file():
-        sys.exit(f"error: --record {args.record} does not exist: pass the record's train_gpt.py or its .txt log")
+        raise UserError(f"--record {args.record} does not exist: pass the record's train_gpt.py or its .txt log")
     if args.device == "cuda":
         if not torch.cuda.is_available():
-            sys.exit("error: --device cuda: this machine has no CUDA GPU: use --device cpu --size small")
+            raise UserError("--device cuda: this machine has no CUDA GPU: use --device cpu --size small")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         torch.distributed.init_process_group("nccl", rank=0, world_size=1)

@@ -1,6 +1,8 @@
 """Record reference figures from modded-nanogpt's own code, for tests/test_speedrun.py to hold the port to.
 
-    python scripts/speedrun_reference.py --record PATH [--out tests/data/speedrun_reference.json]
+    python scripts/speedrun_reference.py --record PATH --out FILE.json [--force]
+
+An existing FILE.json (tests/data/speedrun_reference.json, say) is replaced only with --force.
 
 PATH is the record's train_gpt.py, or its log (records/track_1_short/2025-05-24_StableTorch/*.txt, which starts with
 the script's code). The record's code is read from there and never copied into this repository; only the figures
@@ -20,12 +22,17 @@ The figures, at a small size (12 layers, width 128, one 128-wide head, sequences
 the initial weights for a seed; then, from those weights plus seeded noise (see perturb), forward losses for several
 windows, four training steps of the record's optimizers
 and schedules (loss, and the weights after each step), and the FP8 matmul's output and gradients.
+
+The figures carry the kernels of the CPU that computed them: ATen's vectorised kernels (ATEN_CPU_CAPABILITY:
+default, avx2, avx512 on x86), the BLAS's own choice of kernel for the CPU model, and the thread count all change
+how float32 sums are rounded. The file records them (cpu_capability, cpu, threads, torch), and the tests compare
+with tolerances derived there, never with ==.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import platform
 import re
 import sys
 import types
@@ -33,6 +40,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from job.errors import ArgumentParser, UserError, check_output_path, cli_main  # noqa: E402
 
 SEED, VOCAB, DIM, HEADS, SEQ = 1234, 50257, 128, 1, 1024
 WINDOWS = (1, 2, 3, 5, 8)
@@ -199,20 +211,41 @@ def fp8_op(ns) -> dict:
     return {"out": checksum(out), "grad_x": checksum(x.grad), "grad_w": checksum(w.grad)}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (what the BLAS picks its kernels by), or the architecture where the OS does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@cli_main
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--record", type=Path, required=True, help="the record's train_gpt.py or its log")
-    p.add_argument("--out", type=Path, default=Path("tests/data/speedrun_reference.json"))
+    p.add_argument("--out", type=Path, required=True,
+                   help="the JSON to write (the tests read tests/data/speedrun_reference.json)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     if not args.record.is_file():
-        sys.exit(f"error: --record {args.record} does not exist: pass the record's train_gpt.py or its .txt log")
+        raise UserError(f"--record {args.record} does not exist: pass the record's train_gpt.py or its .txt log")
+    if args.out.exists() and not args.force:
+        raise UserError(f"--out {args.out} exists: pass --force to replace it, or write to another file and compare")
+    check_output_path(args.out, "--out")
     source = record_source(args.record)
     if not re.search(r"class GPT\(nn.Module\)", source):
-        sys.exit(f"error: {args.record} holds no GPT model code: pass the record's train_gpt.py or its .txt log")
+        raise UserError(f"--record {args.record} holds no GPT model code: pass the record's train_gpt.py or its .txt log")
     ns = load_record(args.record)
     figures = {
         "record": "KellerJordan/modded-nanogpt records/track_1_short/2025-05-24_StableTorch",
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
         "size": dict(seed=SEED, vocab_size=VOCAB, n_layer=12, n_head=HEADS, n_embd=DIM, seq_len=SEQ,
                      windows=WINDOWS, steps=STEPS, iterations=ITERATIONS),
         "init": weights(build(ns)),

@@ -145,6 +145,14 @@ def hellaswag_rows(tmp_path_factory) -> Path:
     return path
 
 
+# Inductor's compile cache is keyed without the vector ISA that ATEN_CPU_CAPABILITY picks: kernels cached under
+# avx512 fail to build under `default` (at::vec undeclared). A run of the suite under a forced capability gets a cache
+# of its own, for the trainers it starts and for what the tests compile in this process.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) /
+                                                f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
+
 def env(**extra) -> dict:
     e = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     # One compile cache for every test's trainer (torch's own default), not one per temp log dir: the same graphs
