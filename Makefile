@@ -55,7 +55,7 @@ lint: venv
 TEST_WORKERS ?= 2
 
 test: venv lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests $(PYTEST_ARGS)
 
 # tests/conftest.py marks what needs Docker, an sshd or a training run as slow: the rest is the quick edit loop.
 test-fast: venv
