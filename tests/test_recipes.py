@@ -228,3 +228,28 @@ def test_the_worked_example_of_docs_design_md_trains(shards, tmp_path, quiet_env
             parse_args(["--recipe", "sgd", "--max-lr", "1e-3"])
     finally:
         recipes.unregister("sgd")
+
+
+@pytest.mark.parametrize("recipe, flags, names, never", [
+    ("gpt2", [], ["a lower learning rate, e.g. --max-lr 0.0003"], ["--muon-lr"]),
+    ("gpt2", ["--grad-clip", "0"], ["--max-lr 0.0003 and --grad-clip 1.0"], []),
+    ("speedrun", [], ["--muon-lr 0.025", "--adam-lr-head"], ["--max-lr", "--grad-clip"]),
+])
+def test_the_divergence_advice_names_the_recipes_own_flags(recipe, flags, names, never, tmp_path):
+    """The line a diverged run ends with, made by the trainer's own failure path (job.failures) and Checkpointer."""
+    from job import checkpoint as ckpt_lib
+    from job.failures import diverged_error
+    from job.metrics import MetricsLogger
+
+    cfg = parse_args(["--recipe", recipe, "--log-dir", str(tmp_path), *flags])
+    ckpt = ckpt_lib.Checkpointer(tmp_path, 3, 0, True, MetricsLogger(tmp_path))
+    line = str(diverged_error(cfg, Runtime(False, 0, 0, 1, "cpu", "cpu"), 7, "the loss is nan", ckpt))
+    assert f"no checkpoint was written to {tmp_path}: start again with" in line
+    for name in names:
+        assert name in line, line
+    for name in never:
+        assert name not in line, line
+    # And every flag it names is one the recipe's parser takes.
+    for flag in ("--max-lr", "--grad-clip", "--muon-lr", "--adam-lr-head"):
+        if flag in line:
+            parse_args(["--recipe", recipe, flag, "0.01"])
