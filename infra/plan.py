@@ -17,8 +17,8 @@ from infra.ssh import run
 from job import contract
 from job.errors import UserError
 
-# What job.prepare writes, for the plan's size line (docs/data.md): FineWeb-edu 10B as uint16 shards, the tiny corpus.
-PREPARED_SIZE = {"tiny": "about 1 MB", "default": "about 20 GB (FineWeb-edu 10B tokens, downloaded and tokenized on the box)"}
+# What job.prepare writes, for the plan's size line (docs/data.md): a 10B-token corpus as uint16 shards, the bundled one.
+PREPARED_SIZE = {"bundled": "about 1 MB", "tokenize": "about 20 GB (10B tokens of {corpus}, downloaded as text and tokenized on the box)"}
 
 
 def nothing(r, rank: int) -> list[str]:
@@ -56,7 +56,7 @@ def plan_data(r, rank: int) -> list[str]:
         return [f"data: no complete set of shards in {where}: downloaded from the Hugging Face hub ({hub.repo}: the val shard "
                 f"and {shards} train shard(s) for {job.train_tokens():,} tokens, at most {gb:.1f} GB) in a container running "
                 f"`{job.prepare_command()}`; {box.free_gb:.0f} GB free there"]
-    size = PREPARED_SIZE["tiny" if job.data == "bundled" else "default"]
+    size = PREPARED_SIZE[job.data].format(corpus=job.hub.tokenize)
     return [f"data: no complete set of shards in {where}: prepared on the box ({box.cpus} cores), {size}, in a container running "
             f"`{job.prepare_command()}`; {box.free_gb:.0f} GB free there"]
 
