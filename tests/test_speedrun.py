@@ -368,6 +368,7 @@ def test_speedrun_checkpoint_samples_and_export_refuses_in_one_line(sr_reference
     (["--seq-len", "200", "--val-seq-len", "256"], "multiple of 128"),
     (["--val-tokens", "1000"], "--val-tokens 1000"),
     (["--grad-clip", "1.0"], "--grad-clip"),
+    (["--n-embd", "120", "--n-head", "4"], "not a multiple of 4"),
 ])
 def test_speedrun_settings_it_cannot_run_are_one_line(shards, tmp_path, flags, needle, capsys):
     """The trainer's own entry point, in this process (tests/test_bad_inputs.py runs the command lines)."""

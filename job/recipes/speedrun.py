@@ -110,6 +110,12 @@ class Speedrun(Recipe):
         if cfg.n_layer != LAYERS:
             raise UserError(f"--n-layer {cfg.n_layer}: the speedrun recipe's layer layout (value embeddings, skips, "
                             f"windows) is the record's {LAYERS} layers: leave --n-layer out")
+        head = cfg.n_embd // cfg.n_head
+        if head % 4:  # the rotary embedding turns the first half of a head's dimensions, as pairs of quarters
+            fits = [h for h in range(1, cfg.n_embd + 1) if cfg.n_embd % h == 0 and (cfg.n_embd // h) % 4 == 0]
+            hint = f"e.g. --n-head {min(fits, key=lambda h: abs(h - cfg.n_head))}" if fits else "make --n-embd a multiple of 4"
+            raise UserError(f"--n-embd {cfg.n_embd} / --n-head {cfg.n_head} gives heads of {head} dimensions, not a multiple of 4 as "
+                            f"the speedrun's rotary embedding needs: {hint}")
         for name in ("seq_len", "val_seq_len"):
             value = getattr(cfg, name) or cfg.seq_len
             if value % BLOCK:
