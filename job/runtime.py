@@ -40,16 +40,47 @@ def pick_device(requested: str) -> str:
 
 
 def under_ddp() -> bool:
-    """Started by torchrun with other ranks (gloo or NCCL process group)."""
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Started by torchrun with other ranks (gloo or NCCL process group). Never raises: it is asked again on the
+    way out, after a malformed variable was reported (dist_env)."""
+    try:
+        return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+_UNSET = "unset RANK, LOCAL_RANK and WORLD_SIZE to train in one process, or start the run with torchrun (which sets them all)"
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's variables, or one line naming the one that cannot be: not a
+    whole number, out of range, or a distributed run without MASTER_ADDR / MASTER_PORT to meet at."""
+    values = {}
+    for name, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)):
+        text = os.environ.get(name, "").strip()
+        try:
+            values[name] = int(text) if text else default
+        except ValueError:
+            err = UserError(f"{name}={text!r} in the environment is not a whole number: {_UNSET}")
+            err.every_rank = True  # a LOCAL_RANK that is not "0" would otherwise keep every rank quiet
+            raise err from None
+    rank, local_rank, world = values["RANK"], values["LOCAL_RANK"], values["WORLD_SIZE"]
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        err = UserError(f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world} in the environment: every rank must be in "
+                        f"0..WORLD_SIZE-1 and WORLD_SIZE at least 1: {_UNSET}")
+        err.every_rank = True
+        raise err
+    if "RANK" in os.environ and world > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k, "").strip()]
+        if missing:
+            raise UserError(f"RANK and WORLD_SIZE={world} are set (a distributed run) but {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not, so the ranks have nowhere to meet: {_UNSET}")
+    return rank, local_rank, world
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
+    rank, local_rank, world = dist_env()
     device = pick_device(cfg.device)
     ddp = under_ddp()
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)

@@ -30,7 +30,7 @@ from job.failures import StopFlag, diverged_error, lost_rank, oom_error, out_of_
 from job.metrics import MetricsLogger, StepTimer, format_eta, peak_flops
 from job.optim import Optimizers
 from job.recipes.gpt2 import residual_dtype  # noqa: F401  (imported from here by scripts/estimate_memory.py)
-from job.runtime import Requests, Runtime, agree, all_reduce, autocast_ctx, setup_runtime, under_ddp
+from job.runtime import Requests, Runtime, agree, all_reduce, autocast_ctx, dist_env, setup_runtime, under_ddp
 from job.sample import generate_samples
 
 
@@ -403,7 +403,7 @@ class Trainer:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = parse_args(argv, world_size=dist_env()[2])
     check_data_dir(cfg.data_dir)
     if Path(cfg.log_dir).exists() and not Path(cfg.log_dir).is_dir():
         raise UserError(f"--log-dir {cfg.log_dir} is a file, not a directory: pass a directory (it is created if missing)")

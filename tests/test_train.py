@@ -259,3 +259,37 @@ def test_out_of_memory_under_ddp_names_the_rank_that_ran_out(shards, tmp_path):
     assert any(re.fullmatch(oom, line) for line in lines), proc.stderr
     # The rank that ran out second may first be told to stop by torchrun's agent (it stops the others when one fails).
     assert all(re.fullmatch(oom, line) or line.startswith("received SIGTERM") for line in lines), proc.stderr
+
+
+@pytest.mark.parametrize("variables, needle", [
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two'"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "MASTER_ADDR"),
+])
+def test_malformed_distributed_variables_are_one_line(monkeypatch, variables, needle):
+    from job.errors import UserError
+    from job.runtime import dist_env, under_ddp
+
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in variables.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match=re.escape(needle)) as e:
+        dist_env()
+    assert "torchrun" in str(e.value)
+    under_ddp()  # asked again on the way out: it must not raise
+
+
+def test_torchrun_variables_are_read(monkeypatch):
+    from job.runtime import dist_env
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert dist_env() == (1, 1, 2)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k)
+    assert dist_env() == (0, 0, 1)
