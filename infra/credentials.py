@@ -15,11 +15,11 @@ import netrc
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from infra.ssh import run, stream
 from job import contract
 from job.errors import UserError
+from job.hub_token import hf_token
 
 # On the box, relative to the user's home; each 0600.
 CREDENTIALS = ".config/nanogpt/aws-credentials"
@@ -38,19 +38,6 @@ def send_secret(conn, relpath: str, body: bytes) -> str:
     if stream(conn, cmd, out=io.StringIO(), stdin_chunks=[body]) != 0:
         raise UserError(f"could not write {relpath} on {conn.host}: check that ~/.config is writable there")
     return path
-
-
-def hf_token() -> str | None:
-    """This machine's Hugging Face token, where huggingface_hub looks for it: HF_TOKEN, else the token file
-    (HF_TOKEN_PATH, else $HF_HOME/token, else ~/.cache/huggingface/token). The launcher does not need the library."""
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if token:
-        return token
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    try:
-        return Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")).expanduser().read_text().strip() or None
-    except OSError:
-        return None
 
 
 def send_hf_token(conn, out=sys.stdout) -> str | None:

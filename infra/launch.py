@@ -32,6 +32,7 @@ from infra.credentials import (
     LAMBDA_KEY,
     aws_credentials_file,
     check_wandb_key,
+    hf_token,
     send_aws_credentials,
     send_hf_token,
     send_secret,
@@ -160,6 +161,8 @@ def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     cloud = opts.cloud
     check_wandb_key(opts.job)
+    if opts.job.data == "hub":
+        hf_token()  # a token file that cannot be sent is one line here, not after the image is built on the box
     if opts.sync_s3:
         from job.sidecar.s3 import parse_s3_url
 

@@ -83,6 +83,27 @@ def test_the_laptops_token_is_found_where_huggingface_hub_looks(tmp_path, monkey
     assert hf_token() == "hf_env"
 
 
+@pytest.mark.parametrize("kind, needle", [
+    ("dir", "is a directory"), ("binary", "binary bytes"), ("accent", r"not ASCII \(at position 7\)"), ("lines", "more than one word"),
+])
+def test_a_token_file_that_cannot_be_sent_is_one_line(tmp_path, monkeypatch, kind, needle):
+    from job.errors import UserError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    path = tmp_path / "token"
+    if kind == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes({"binary": b"\xff\xfe\x00hf", "accent": "hf_caf\u00e9".encode(), "lines": b"hf_a\nhf_b\n"}[kind])
+    monkeypatch.setenv("HF_TOKEN_PATH", str(path))
+    with pytest.raises(UserError, match=needle) as e:
+        hf_token()
+    assert f"HF_TOKEN_PATH={path}" in str(e.value) and "hf_caf" not in str(e.value)
+    monkeypatch.setenv("HF_TOKEN", "hf_caf\u00e9")
+    with pytest.raises(UserError, match="HF_TOKEN holds a character that is not ASCII"):
+        hf_token()
+
+
 def test_the_token_reaches_the_container_as_a_read_only_file_only(monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     flags = hub_flags("/home/u/.config/nanogpt/hf-token")
