@@ -51,3 +51,17 @@ def write_failure(e: BaseException, directory, need: int) -> str:
         return e.strerror
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+# The errors of a place this user may not write in (a read-only mount, an owner or mode): no room to make helps.
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def retry_advice(e: BaseException, directory, flag: str, again: str) -> str:
+    """What to do about a write into `directory` that failed, before `again` (what the same command then does): make
+    room, or, where the place is read-only or not this user's, make it writable or choose another `flag`."""
+    if getattr(e, "errno", None) == errno.EROFS:
+        return f"{directory} is on a read-only file system: remount it read-write or choose another {flag}, then {again}"
+    if getattr(e, "errno", None) in NOT_WRITABLE:
+        return f"this user (uid {os.getuid()}) may not write in {directory}: fix its owner or mode or choose another {flag}, then {again}"
+    return f"make room, then {again}"

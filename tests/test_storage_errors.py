@@ -191,3 +191,17 @@ def test_unwritable_log_dir_or_log_file_is_one_line_before_training(shards, disk
     assert_one_line_error(proc, f"error: permission denied: {log / 'train.log'} (Operation not permitted): this user",
                           "may not use it; fix its owner or mode")
     assert (log / "train.log").read_text() == "step 0 | from another run\n" and not ckpt_lib.list_checkpoints(log)
+
+
+def test_a_write_refused_by_a_read_only_place_is_not_told_to_make_room():
+    import errno
+    import os
+
+    from job.fsutil import retry_advice
+
+    again = "run the same command to go on from them"
+    assert retry_advice(OSError(errno.ENOSPC, "No space left on device"), "/d", "--out", again) == f"make room, then {again}"
+    ro = retry_advice(OSError(errno.EROFS, "Read-only file system"), "/d", "--out", again)
+    assert ro == f"/d is on a read-only file system: remount it read-write or choose another --out, then {again}"
+    denied = retry_advice(PermissionError(errno.EACCES, "Permission denied"), "/d", "--out", again)
+    assert f"uid {os.getuid()}" in denied and "make room" not in denied

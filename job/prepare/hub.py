@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import sys
 import time
@@ -33,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from job import binshard, contract
-from job.errors import UserError
-from job.fsutil import write_failure
+from job.errors import UserError, check_output_path, http_url
+from job.fsutil import retry_advice, write_failure
+from job.hub_token import hf_token
 from job.prepare.common import MANIFEST, MANIFEST_VERSION, reason
 from job.prepare.manifest import read_manifest, trainer_shards, write_manifest
 from job.tokenizer import VOCAB_SIZE
@@ -49,6 +51,15 @@ WORKERS = 4  # files fetched at once: one HTTP stream rarely fills a big box's l
 
 def shard_file(spec: contract.HubShards, index: int) -> str:
     return f"{spec.prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
+
+
+def check_environment() -> None:
+    """Settings that no retry can fix, refused before the first request (huggingface_hub reads them at import): an
+    HF_ENDPOINT that is not an http(s) URL, a token that cannot be sent in an HTTP header."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint:
+        http_url(endpoint, "HF_ENDPOINT", "set it to the hub's URL (e.g. https://huggingface.co), or unset it")
+    hf_token()
 
 
 def _hf():
@@ -177,8 +188,9 @@ def _fetch(spec: contract.HubShards, commit: str, out: Path, index: int) -> Fetc
         path = _with_retries(get, spec, name)
     except OSError as e:
         if getattr(e, "errno", None) is not None and not isinstance(e, LocalEntryNotFoundError):  # the disk: ENOSPC, EACCES
+            advice = retry_advice(e, out, "--out", "run the same command to go on from them")
             raise UserError(f"cannot write {name} to {out}: {write_failure(e, out, 2 * spec.shard_tokens)}; the shards already "
-                            "downloaded stay: make room, then run the same command to go on from them") from e
+                            f"downloaded stay: {advice}") from e
         raise
     info = scan(Path(path))
     if "problem" not in info and re.fullmatch(r"[0-9a-f]{64}", etag) and info["sha256"] != etag:
@@ -290,6 +302,8 @@ def download(source: str, out_dir, train_tokens: int | None = None, overwrite: b
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     out = Path(out_dir)
+    check_output_path(out, "--out", directory=True)
+    check_environment()
     manifest = _open(out, source, spec, overwrite)
     have = {int(e["name"].rsplit("_", 1)[1].split(".")[0]): e for e in manifest["shards"]}
     plan = Plan(spec, train_tokens, have)

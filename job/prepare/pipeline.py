@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from job.errors import UserError
+from job.errors import UserError, check_output_path
 from job.prepare import encode, split
 from job.prepare.common import BATCH_DOCS, SHARD_SIZE, default_workers
 from job.prepare.manifest import open_out
@@ -181,6 +181,7 @@ def prepare(source: Source, out_dir, shard_size: int = SHARD_SIZE, prefix: str =
     """
     workers = _check_settings(shard_size, prefix, workers, batch_docs)
     out = Path(out_dir)
+    check_output_path(out, "--out", directory=True)  # a read-only place refused now, not after the first shard
     identity = {**source.identity, "max_docs": source.max_docs, "shard_size": shard_size, "prefix": prefix, "tokenizer": "gpt2"}
     manifest = open_out(out, identity, prefix, overwrite)
     shards = manifest["shards"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from job.errors import UserError
-from job.fsutil import fsync_dir, write_failure
+from job.fsutil import fsync_dir, retry_advice, write_failure
 from job.prepare.common import shard_name
 from job.prepare.manifest import npy_header, write_manifest
 
@@ -76,8 +76,8 @@ class ShardWriter:
                     self.error = e
 
     def _failure(self) -> UserError:
-        err = UserError(f"cannot write shards to {self.out}: {self.why}; the shards already written stay: make room, then run "
-                        "the same command to go on from them")
+        advice = retry_advice(self.error, self.out, "--out", "run the same command to go on from them")
+        err = UserError(f"cannot write shards to {self.out}: {self.why}; the shards already written stay: {advice}")
         err.__cause__ = self.error
         return err
 
