@@ -49,9 +49,42 @@ def read_manifest(out: Path) -> dict | None:
         m = json.loads(path.read_text(encoding="utf-8"))
         if m.get("version") != MANIFEST_VERSION or not isinstance(m.get("shards"), list):
             raise ValueError(f"version {m.get('version')!r}")
-        return m
+        problem = _missing(m)
     except (ValueError, AttributeError) as e:
         raise UserError(f"{path} is damaged or not job.prepare's ({reason(e)}): pass --overwrite to start over") from e
+    if problem:
+        raise UserError(f"{path} is damaged or edited by hand ({problem}): restore it, or pass the prepare command --overwrite "
+                        "to start over")
+    return m
+
+
+# What each kind of manifest holds (a hand edit may have dropped any of it): downloaded shards (format "bin") and
+# tokenized ones; `tokens` and `documents` of a tokenized run are written when it completes.
+KEYS = {"version": int, "identity": dict, "complete": bool, "shards": list}
+BIN_KEYS = {"revision": (str, type(None)), "train_tokens": (int, type(None)), "tokens": int}
+NPY_KEYS = {"units": list}
+SHARD_KEYS = {"name": str, "tokens": int, "sha256": str}
+
+
+def _missing(m: dict) -> str | None:
+    """The first key a manifest lacks (or holds with the wrong type), in words, or None."""
+    downloaded = isinstance(m.get("identity"), dict) and m["identity"].get("format") == "bin"
+    keys = {**KEYS, **(BIN_KEYS if downloaded else NPY_KEYS)}
+    if not downloaded and m.get("complete"):
+        keys.update(tokens=int, documents=int)
+    for key, kind in keys.items():
+        if key not in m:
+            return f"no key {key!r}"
+        if not isinstance(m[key], kind):
+            return f"{key!r} is {type(m[key]).__name__}"
+    shard_keys = {**SHARD_KEYS, **({"bytes": int} if downloaded else {"start": list, "end": list})}
+    for i, entry in enumerate(m["shards"]):
+        if not isinstance(entry, dict):
+            return f"shard {i + 1} is not an object"
+        for key, kind in shard_keys.items():
+            if not isinstance(entry.get(key), kind):
+                return f"shard {i + 1} ({entry.get('name', 'no name')}) has {'no key' if key not in entry else 'a bad'} {key!r}"
+    return None
 
 
 def trainer_shards(out: Path) -> list[Path]:
