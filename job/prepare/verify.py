@@ -155,6 +155,20 @@ def _strays(out: Path, paths: list[Path], manifest: dict | None, problems: dict[
         print(f"{p.name}: temp file of an interrupted write (not a shard; the prepare command removes it)")
 
 
+def _both_splits(out: Path, paths: list[Path], manifest: dict | None) -> None:
+    """The trainer reads a val shard and train shards (job.data.check_data_dir): a directory without either is refused
+    here too, whatever its shards hold."""
+    if manifest is not None and not manifest["complete"]:
+        return  # an interrupted run: the summary says INCOMPLETE
+    if manifest is not None and not paths:
+        raise UserError(f"{out / MANIFEST} says the run finished but lists no shards: pass the prepare command --overwrite "
+                        "to make them again")
+    for split in ("val", "train"):
+        if not any(split in p.name for p in paths):
+            raise UserError(f"{out} has no {split} shard (*{split}*.npy or .bin), which the trainer needs: run the prepare "
+                            f"command again with --overwrite, or copy the {split} shard in")
+
+
 def verify(out_dir) -> bool:
     """Check every shard of out_dir and print one line each; True if all are good and the run is complete."""
     out = Path(out_dir)
@@ -162,6 +176,7 @@ def verify(out_dir) -> bool:
         raise UserError(f"{out} is not a directory: pass the --out of a prepare run")
     manifest = read_manifest(out)
     paths, entries, shard_size = _listed(out, manifest)
+    _both_splits(out, paths, manifest)
     problems = _check_all(paths, entries, shard_size, manifest is None or manifest["complete"])
     _strays(out, paths, manifest, problems)
     incomplete = manifest is not None and not manifest["complete"]
