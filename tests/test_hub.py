@@ -180,3 +180,23 @@ def test_bin_shards_load_as_flat_uint16_maps_and_bad_ones_are_one_line(tmp_path)
     with pytest.raises(UserError, match="not a .bin shard"):
         load_shard(tmp_path / "junk_train_000003.bin")
     assert [p.suffix for p in list_shards(tmp_path, "train")] == [".bin"] * 3
+
+
+def test_a_shard_bad_on_the_hub_itself_is_named_as_such_not_fetched_again_and_again(repo, tmp_path):
+    """Bytes that match the hub's sha256 but hold a token outside the vocabulary: another download gives the same."""
+    import shutil
+
+    bad_repo = tmp_path / "bad-repo"
+    shutil.copytree(repo[0].parent, bad_repo)
+    tokens = np.fromfile(repo[1], dtype="<u2", offset=binshard.HEADER_BYTES).copy()
+    tokens[100] = 60000
+    binshard.write(bad_repo / repo[1].name, tokens)
+    server = HubServer({SPEC.repo: bad_repo})
+    try:
+        out = tmp_path / "data"
+        line = assert_one_line_error(prepare(server, out, "--train-tokens", 1, "--workers", 1), repo[1].name, "60000",
+                                     "bad on the hub itself", "another corpus", "report it")
+        assert "run the same command again" not in line
+        assert not (out / repo[1].name).exists() and (out / repo[0].name).exists()
+    finally:
+        server.stop()

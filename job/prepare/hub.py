@@ -151,18 +151,22 @@ def resolve_commit(spec: contract.HubShards, revision: str = REVISION) -> str:
 
 
 def scan(path: Path) -> dict:
-    """One pass over a downloaded .bin shard: its token count, sha256 and largest token, or what is wrong with it."""
+    """One pass over a downloaded .bin shard: its token count, sha256 and largest token, or what is wrong with it
+    (with the sha256 of its bytes still: a file the hub itself holds damaged has the hub's digest)."""
     ntok, problem = binshard.read_header(path)
-    if problem:
-        return {"problem": problem}
     digest, top = hashlib.sha256(), -1
     with open(path, "rb") as f:
-        digest.update(f.read(binshard.HEADER_BYTES))
+        offset = 0
         while chunk := f.read(1 << 24):
             digest.update(chunk)
-            top = max(top, int(np.frombuffer(chunk, dtype="<u2").max()))
-    if top >= VOCAB_SIZE:
-        return {"problem": f"token id {top} is outside GPT-2's vocabulary"}
+            body = chunk[max(binshard.HEADER_BYTES - offset, 0):]  # the tokens after the header (chunks stay even)
+            offset += len(chunk)
+            if not problem and len(body) >= 2:
+                top = max(top, int(np.frombuffer(body[: len(body) // 2 * 2], dtype="<u2").max()))
+    if not problem and top >= VOCAB_SIZE:
+        problem = f"token id {top} is outside GPT-2's vocabulary"
+    if problem:
+        return {"problem": problem, "sha256": digest.hexdigest()}
     return {"tokens": ntok, "sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
@@ -193,7 +197,14 @@ def _fetch(spec: contract.HubShards, commit: str, out: Path, index: int) -> Fetc
                             f"downloaded stay: {advice}") from e
         raise
     info = scan(Path(path))
-    if "problem" not in info and re.fullmatch(r"[0-9a-f]{64}", etag) and info["sha256"] != etag:
+    digest_known = re.fullmatch(r"[0-9a-f]{64}", etag) is not None
+    if "problem" in info and digest_known and info["sha256"] == etag:
+        # the bytes are the hub's own: fetching them again gives the same file, so it is not deleted to be retried
+        Path(path).unlink(missing_ok=True)
+        raise UserError(f"{name} of {spec.repo}@{commit[:12]} is bad on the hub itself ({info['problem']}; its bytes match the "
+                        f"hub's sha256, so downloading it again gives the same file): prepare another corpus (e.g. "
+                        f"`python -m job.prepare fineweb-edu`), and report it to the dataset's maintainers")
+    if "problem" not in info and digest_known and info["sha256"] != etag:
         info = {"problem": f"sha256 {info['sha256'][:12]}... differs from the hub's {etag[:12]}..."}
     if "problem" in info:
         Path(path).unlink(missing_ok=True)
