@@ -85,6 +85,35 @@ def _shards(w: Path) -> None:
     (d / "x_train_000001.npy").write_bytes(whole[: len(whole) // 2])
 
 
+def _hf_tokens(w: Path) -> None:
+    """Hugging Face token files that cannot be one: a directory, binary bytes, text outside ASCII."""
+    (w / "hf_token_dir").mkdir()
+    (w / "hf_token_binary").write_bytes(b"\xff\xfe\x00\x81hf")
+    (w / "hf_token_accent").write_text("hf_caf\u00e9\n", encoding="utf-8")
+
+
+def _prepared(w: Path) -> None:
+    """Prepared directories the way a hand edit or a partial copy leaves them: manifests missing a key, train shards
+    without a val shard, a finished manifest that lists no shards."""
+    import json
+
+    (w / "many.txt").write_text("".join(f"line {i} of a text long enough for a few shards\n" for i in range(200)))
+    for name, edit in (("prep_no_complete", lambda m: m.pop("complete")),
+                       ("prep_no_tokens", lambda m: m["shards"][1].pop("tokens"))):
+        subprocess.run([PY, "-m", "job.prepare", "text", str(w / "many.txt"), "--out", str(w / name), "--shard-size", "400",
+                        "--workers", "1"], cwd=ROOT, env=env(), check=True, capture_output=True)
+        manifest = json.loads((w / name / "manifest.json").read_text())
+        edit(manifest)
+        (w / name / "manifest.json").write_text(json.dumps(manifest))
+    d = w / "train_only"
+    d.mkdir()
+    np.save(d / "x_train_000001.npy", np.arange(1000, 1400, dtype=np.uint16))
+    d = w / "no_shards"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"version": 1, "identity": {"source": "text", "shard_size": 400}, "complete": True,
+                                                 "units": [], "tokens": 0, "documents": 0, "shards": []}))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     w = tmp_path_factory.mktemp("inputs")
@@ -102,6 +131,8 @@ def world(tmp_path_factory):
     (w / "doc.txt").write_text("some text\n")
     _checkpoints(w)
     _shards(w)
+    _hf_tokens(w)
+    _prepared(w)
     ro, release = _read_only_dir(w / "ro")
     port = _closed_port()
     # outputs a command may create before it meets the bad input (a trainer's log dir): not among the inputs
@@ -135,6 +166,15 @@ BAD_HOSTS = ["user@", "@203.0.113.7", "u@h:99999", "u@h:0", "u@h:port", "h;touch
              "h..", "u s@h"]
 BAD_URLS = ["ftp://example.org", "localhost:8080", "http://", "http://h:99999", "https://h/a b", "http://[::1"]
 OPEN_QUOTES = ["--max-lr '3e-4", '--log-dir "x', "--seed \\"]
+
+
+CASE_ENV: dict[str, dict] = {}  # a case's environment, by its id (placeholders filled as in argv; None unsets)
+
+
+def env_case(argv: list[str], needle, case_id: str, **extra_env):
+    """A case whose mistake is in the environment, not on the command line."""
+    CASE_ENV[case_id] = extra_env
+    return pytest.param(argv, needle, id=case_id)
 
 
 def flag_cases(prefix: list[str], base: list[str], flag: str, values: list[str], tag: str) -> list:
@@ -216,7 +256,33 @@ def prepare_cases() -> list:
         pytest.param([*cmd], "source", id="prepare-missing-source"),
         pytest.param([*cmd, "text", "{w}/doc.txt"], "--out", id="prepare-missing--out"),
         pytest.param([*cmd, "verify", "{w}", "--bogus"], "--bogus", id="prepare-unknown-flag"),
+        pytest.param([*cmd, "text", "{w}/many.txt", "--out", "{ro}", "--shard-size", "400"], "read-only", id="prepare--out=read-only-dir"),
+        pytest.param([*cmd, "verify", "{w}/prep_no_complete"], "'complete'", id="prepare-verify-manifest-without-complete"),
+        pytest.param([*cmd, "verify", "{w}/prep_no_tokens"], "'tokens'", id="prepare-verify-manifest-entry-without-tokens"),
+        pytest.param([*cmd, "text", "{w}/many.txt", "--out", "{w}/prep_no_complete", "--shard-size", "400", "--workers", "1"],
+                     "'complete'", id="prepare-resume-manifest-without-complete"),
+        pytest.param([*cmd, "text", "{w}/many.txt", "--out", "{w}/prep_no_tokens", "--shard-size", "400", "--workers", "1"],
+                     "'tokens'", id="prepare-resume-manifest-entry-without-tokens"),
+        pytest.param([*cmd, "verify", "{w}/train_only"], "no val shard", id="prepare-verify-train-shards-without-val"),
+        pytest.param([*cmd, "verify", "{w}/no_shards"], "lists no shards", id="prepare-verify-manifest-without-shards"),
     ]
+
+
+def hub_cases() -> list:
+    """Downloads refused before any connection: the hub's settings in the environment, a read-only --out."""
+    hub = [PY, "-m", "job.prepare", "fineweb-gpt2", "--out"]
+    closed = {"HF_ENDPOINT": "http://127.0.0.1:{port}", "HF_TOKEN": ""}
+    cases = [
+        env_case([*hub, "{scratch}/hub"], "HF_ENDPOINT", "prepare-HF_ENDPOINT=port-out-of-range", HF_ENDPOINT="http://127.0.0.1:99999"),
+        env_case([*hub, "{scratch}/hub"], "HF_ENDPOINT", "prepare-HF_ENDPOINT=no-scheme", HF_ENDPOINT="127.0.0.1:{port}"),
+        env_case([*hub, "{ro}"], "read-only", "prepare-fineweb-gpt2--out=read-only-dir", **closed),
+    ]
+    for kind in ("dir", "binary", "accent"):
+        cases.append(env_case([*hub, "{scratch}/hub"], "HF_TOKEN_PATH", f"prepare-HF_TOKEN_PATH={kind}",
+                              HF_TOKEN_PATH=f"{{w}}/hf_token_{kind}", **closed))
+        cases.append(env_case([FAB, "launch", "--host", "127.0.0.1:{port}"], "HF_TOKEN_PATH", f"fab-launch-HF_TOKEN_PATH={kind}",
+                              HF_TOKEN_PATH=f"{{w}}/hf_token_{kind}", HF_TOKEN=""))
+    return cases
 
 
 def guard_sync_cases() -> list:
@@ -322,6 +388,19 @@ def train_cases() -> list:
     cases = [pytest.param([*cmd, "--data-dir", f"{{w}}/shards_{kind}"], f"shards_{kind}", id=f"train-shard={kind}")
              for kind in ("oov", "dtype", "truncated")]
     cases.append(pytest.param([*cmd, "--data-dir", "{w}/shards_good", "--log-dir", UNDER_FILE], "afile", id="train--log-dir=under-a-file"))
+    good = [*cmd, "--data-dir", "{w}/shards_good"]
+    cases.append(env_case(good, "WORLD_SIZE", "train-WORLD_SIZE=two", WORLD_SIZE="two", RANK="0"))
+    cases.append(env_case([*good, "--total-batch-tokens", "64"], "MASTER_ADDR", "train-RANK-without-MASTER_ADDR",
+                          RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
+                          MASTER_ADDR=None, MASTER_PORT=None))
+    # a head size the rotary embedding cannot split in quarters (120 / 4 = 30)
+    speedrun = [PY, "-m", "job.train", "--recipe", "speedrun", "--preset", "tiny", "--n-embd", "120", "--n-head", "4",
+                "--seq-len", "128", "--val-seq-len", "128", "--block-size", "128", "--total-batch-tokens", "128", "--val-tokens", "256",
+                "--max-steps", "1", "--device", "cpu", "--compile", "off", "--resume", "never", "--data-dir", "{w}/shards_good",
+                "--log-dir", "{scratch}/speedrunlog"]
+    cases.append(pytest.param(speedrun, "--n-head", id="train-speedrun-head-size-not-a-multiple-of-4"))
+    cases.append(pytest.param([FAB, "launch", "--host", "127.0.0.1:{port}", "--recipe", "speedrun", "--preset", "tiny",
+                               "--train-args", "--n-embd 120 --n-head 4"], "--n-head", id="fab-launch-speedrun-head-size-not-a-multiple-of-4"))
     return cases
 
 
@@ -335,8 +414,8 @@ def checkpoint_cases() -> list:
     return cases
 
 
-CASES = [*sample_cases(), *export_cases(), *plot_cases(), *stats_cases(), *prepare_cases(), *guard_sync_cases(), *script_cases(), *fab_cases(),
-         *train_cases(), *checkpoint_cases()]
+CASES = [*sample_cases(), *export_cases(), *plot_cases(), *stats_cases(), *prepare_cases(), *hub_cases(), *guard_sync_cases(), *script_cases(),
+         *fab_cases(), *train_cases(), *checkpoint_cases()]
 
 NO_KEY = {"fab-types--api-key-file=missing"}  # cases run without LAMBDA_API_KEY
 
@@ -347,7 +426,12 @@ def run(argv: list[str], world: dict, **extra_env) -> subprocess.CompletedProces
     # Nothing may reach a real service: the Lambda API and S3 point at the closed port, and a key is at hand so the
     # Lambda tasks get as far as their own checks.
     closed = f"http://127.0.0.1:{world['port']}"
-    e = env(**{"LAMBDA_API_BASE": closed, "AWS_ENDPOINT_URL": closed, "LAMBDA_API_KEY": "test-key", **extra_env})
+    e = env(**{"LAMBDA_API_BASE": closed, "AWS_ENDPOINT_URL": closed, "LAMBDA_API_KEY": "test-key"})
+    for k, v in extra_env.items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = str(v).format(**fill)
     return subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
@@ -365,7 +449,9 @@ def test_a_bad_input_is_one_error_line_and_exit_2(argv, needle, world, request):
     uses_ro = any("{ro}" in a for a in argv)
     if uses_ro and world["ro"] is None:
         pytest.skip(reason="no read-only directory here: root ignores mode bits, and mounting a read-only tmpfs failed")
-    extra = {"LAMBDA_API_KEY": ""} if request.node.callspec.id in NO_KEY else {}
+    case_id = request.node.callspec.id
+    extra = {"LAMBDA_API_KEY": ""} if case_id in NO_KEY else {}
+    extra.update(CASE_ENV.get(case_id, {}))
     before = fingerprint(world["dir"])
     proc = run(argv, world, **extra)
     assert_contract(proc, needle)
