@@ -297,3 +297,27 @@ def train_in_process(args, before_step: int | None = None, action=None):
         if cache is None:
             del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     return trainer
+
+
+# Every recipe at a size a CPU trains in seconds; a new recipe adds its line here and gets every promise of
+# tests/test_promises.py.
+RECIPE_ARGS = {"gpt2": SMALL, "speedrun": SPEEDRUN_SMALL}
+PROMISE_STEPS = 12
+# The modules that read `references` run on one xdist worker, so the runs are made once.
+REFERENCES = pytest.mark.xdist_group("references")
+
+
+def recipe_argv(recipe, shards, log, *extra) -> list[str]:
+    return [*RECIPE_ARGS[recipe], "--data-dir", str(shards), "--log-dir", str(log), "--max-steps", str(PROMISE_STEPS), *map(str, extra)]
+
+
+@pytest.fixture(scope="session")
+def references(shards, hellaswag_rows, tmp_path_factory):
+    """Per recipe, one uninterrupted run in this process, evaluating, sampling and checkpointing every few steps: what
+    every interrupted run must reproduce, and what a run of the recipe logs and saves."""
+    out = {}
+    for recipe in RECIPE_ARGS:
+        out[recipe] = log = tmp_path_factory.mktemp(f"reference-{recipe}")
+        train_in_process(recipe_argv(recipe, shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path",
+                                     hellaswag_rows, "--sample-num", 2, "--sample-tokens", 8, "--sample-every", 6))
+    return out

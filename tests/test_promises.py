@@ -17,18 +17,17 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, SPEEDRUN_SMALL, env, events, losses, train_in_process
+from conftest import PROMISE_STEPS, RECIPE_ARGS, REFERENCES, ROOT, env, events, losses, recipe_argv, train_in_process
 from job import checkpoint as ckpt_lib
 from job.train import Trainer
 
-STEPS = 12
-# Every recipe, at a size a CPU trains in seconds; a new recipe adds its line here and gets every promise below.
-ARGS = {"gpt2": SMALL, "speedrun": SPEEDRUN_SMALL}
-RECIPES = list(ARGS)
+STEPS = PROMISE_STEPS
+RECIPES = list(RECIPE_ARGS)
+pytestmark = REFERENCES
 
 
 def argv(recipe, shards, log, *extra) -> list[str]:
-    return [*ARGS[recipe], "--data-dir", str(shards), "--log-dir", str(log), "--max-steps", str(STEPS), *map(str, extra)]
+    return recipe_argv(recipe, shards, log, *extra)
 
 
 class Killed(BaseException):
@@ -37,17 +36,6 @@ class Killed(BaseException):
 
 def run(recipe, shards, log, *extra, before_step: int | None = None, action=None) -> Trainer:
     return train_in_process(argv(recipe, shards, log, *extra), before_step, action)
-
-
-@pytest.fixture(scope="module")
-def references(shards, hellaswag_rows, tmp_path_factory):
-    """Per recipe, one uninterrupted run: what every interrupted run must reproduce."""
-    out = {}
-    for recipe in RECIPES:
-        out[recipe] = log = tmp_path_factory.mktemp(f"reference-{recipe}")
-        run(recipe, shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
-            "--sample-num", 2, "--sample-tokens", 8, "--sample-every", 6)
-    return out
 
 
 def assert_same_losses(log, reference, rel=0.0):
@@ -157,7 +145,7 @@ def test_two_ranks_match_one_and_survive_a_kill_of_every_process(recipe, referen
     assert events(log, "resume")[0]["step"] == 4
     reference = references[recipe]
     assert_same_losses(log, reference, rel=1e-4)  # same batches; only the float summation order differs
-    if "--val-tokens" in ARGS[recipe]:  # a validation set fixed in tokens is the same on any number of ranks
+    if "--val-tokens" in RECIPE_ARGS[recipe]:  # a validation set fixed in tokens is the same on any number of ranks
         val = {v["step"]: v["loss"] for v in events(log, "val")}  # the resumed run's evaluations replace the killed one's
         assert val == pytest.approx({v["step"]: v["loss"] for v in events(reference, "val")}, rel=1e-4)
     # HellaSwag examples are split over the two ranks and the counts summed: every example is scored once.

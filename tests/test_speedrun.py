@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, SPEEDRUN_SMALL, assert_one_line_error, events, losses, run_cli, script_module, train_in_process
+from conftest import REFERENCES, ROOT, SPEEDRUN_SMALL, assert_one_line_error, events, losses, run_cli, script_module
 from job.optim import Optimizers
 from job.recipes import speedrun as recipe
 from job.speedrun import attention
@@ -321,14 +321,12 @@ def sr_cmd(data_dir, log_dir, *extra) -> list[str]:
             *map(str, extra)]
 
 
-@pytest.fixture(scope="module")
-def sr_reference(shards, hellaswag_rows, tmp_path_factory):
-    log = tmp_path_factory.mktemp("speedrun")
-    train_in_process(sr_cmd(shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows,
-                            "--sample-num", 2, "--sample-tokens", 8)[2:])
-    return log
+@pytest.fixture
+def sr_reference(references):
+    return references["speedrun"]  # tests/conftest.py's run of the recipe, shared with tests/test_promises.py
 
 
+@REFERENCES
 def test_speedrun_run_learns_logs_its_schedules_and_checkpoints_both_optimizers(sr_reference):
     ls = losses(sr_reference)
     assert ls[STEPS - 1] < ls[0] - 1.0
@@ -351,6 +349,7 @@ def test_speedrun_run_learns_logs_its_schedules_and_checkpoints_both_optimizers(
     assert muon["param_groups"][0]["momentum"] == pytest.approx(recipe.muon_momentum(STEPS - 1))
 
 
+@REFERENCES
 def test_speedrun_checkpoint_samples_and_export_refuses_in_one_line(sr_reference, tmp_path):
     proc = run_cli("-m", "job.sample", "--checkpoint", sr_reference, "--num", "2", "--max-tokens", "8", "--prompt", "ROMEO:",
                    check=True)
