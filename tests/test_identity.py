@@ -1,6 +1,7 @@
 """What a run records of itself (job/identity.py): the code's commit and content hash, the image the launcher ran,
 torch, CUDA, the driver and the GPU, in the start event and every checkpoint."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,10 @@ import sys
 import torch
 
 from conftest import ROOT, events, run_cli, train_cmd
+from infra.box import Box
+from infra.container import Job, format_status, run_command, summarize_metrics
+from infra.flavour import DEFAULT
+from infra.image import build_args_for
 from job import identity
 
 
@@ -60,6 +65,36 @@ def test_in_the_image_the_commit_comes_from_the_build(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(copy.parent)], capture_output=True, text=True, env=env, cwd=tmp_path,
                          check=True).stdout
     assert f'"commit": "{"0123abcd" * 5}"' in out and '"dirty": null' in out
+
+
+def test_the_launcher_passes_the_image_reference_and_id_into_the_trainer():
+    box = Box(host="box", user="ubuntu", uid=1000, gid=1000, docker="docker", data_dir="/data", weights_dir="/weights")
+    _, cmd = run_command(box, "nanogpt-train:src-abc-cu130", Job(preset="tiny"), image_id="sha256:" + "e" * 64)
+    assert f"-e {identity.IMAGE_ENV}=nanogpt-train:src-abc-cu130" in cmd
+    assert f"-e {identity.IMAGE_ID_ENV}=sha256:{'e' * 64}" in cmd
+    # A user's --env cannot make the run record another image.
+    _, cmd = run_command(box, "repo/img:cu130", Job(preset="tiny", env={identity.IMAGE_ENV: "other"}))
+    assert f"-e {identity.IMAGE_ENV}=repo/img:cu130" in cmd and "other" not in cmd and identity.IMAGE_ID_ENV not in cmd
+
+
+def test_fab_status_names_the_code_of_the_run():
+    start = {"event": "start", "config": {"max_steps": 10}, "identity": {"commit": "f" * 40, "code_sha256": "c" * 64}}
+    train = {"event": "train", "step": 3, "loss": 5.0, "ms": 10.0, "tok_s": 100.0}
+    info = summarize_metrics([json.dumps(start), json.dumps(train)])
+    assert info["code"] == "f" * 12
+    assert f"code        {'f' * 12}" in format_status({"host": "box", **info})
+    start["identity"]["commit"] = None  # an image built from no checkout: its code's hash
+    assert summarize_metrics([json.dumps(start), json.dumps(train)])["code"] == "sha256 " + "c" * 12
+
+
+def test_the_image_build_bakes_in_this_checkouts_commit():
+    assert build_args_for(DEFAULT)["GIT_COMMIT"] == head()
+    make = ["make", "--no-print-directory", "-C", str(ROOT), "build-image", "DOCKER=echo", "NAME=nanogpt-identity-test"]
+    proc = subprocess.run(make, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"--build-arg GIT_COMMIT={head()}" in proc.stdout
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert f"ENV {identity.COMMIT_ENV}=${{GIT_COMMIT}}" in dockerfile
 
 
 def test_a_run_records_its_identity_in_the_start_event_and_every_checkpoint(shards, tmp_path):
