@@ -89,6 +89,7 @@ DOCKER ?= docker
 CUDA ?=
 FLAVOUR = $(shell $(PYTHON) -m infra.flavour --name $(CUDA) 2>/dev/null)
 BUILD_ARGS = --build-arg WORKDIR=$(WORKDIR) --build-arg LOG_DIR=$(LOG_DIR) --build-arg PERSISTENT=$(PERSISTENT) \
+	--build-arg GIT_COMMIT=$(shell git rev-parse HEAD 2>/dev/null) \
 	$$($(PYTHON) -m infra.flavour $(CUDA)) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 # Mounts of the old workflow: persistent storage -> /persistent, weights -> /app/log. Run as the calling
 # user so checkpoints on the host are the user's.

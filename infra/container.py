@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 from infra.box import Box
 from infra.flags import integer, option, optional, pairs, words
+from infra.image import image_id as find_image_id
 from infra.ssh import run, stream
 from job import config, contract, recipes
 from job.errors import UserError
+from job.identity import IMAGE_ENV, IMAGE_ID_ENV
 
 ROLE = "nanogpt.role"
 RANK = "nanogpt.node-rank"
@@ -265,7 +267,8 @@ def refuse_if_active(conn, docker: str) -> None:
 def start(conn, box: Box, image: str, job: Job, *, nnodes: int = 1, node_rank: int = 0, master: tuple[str, int] | None = None,
           out=sys.stdout) -> str:
     """Start the trainer detached (the caller has checked that none runs, or stopped it). Returns the container name."""
-    name, cmd = run_command(box, image, job, nnodes=nnodes, node_rank=node_rank, master=master)
+    name, cmd = run_command(box, image, job, nnodes=nnodes, node_rank=node_rank, master=master,
+                            image_id=find_image_id(conn, box.docker, image))
     run(conn, f"{box.docker} rm -f {shlex.quote(name)} >/dev/null 2>&1", warn=True)  # a finished run's container holds the name
     res = run(conn, cmd, warn=True)
     if res.failed:
@@ -275,10 +278,11 @@ def start(conn, box: Box, image: str, job: Job, *, nnodes: int = 1, node_rank: i
 
 
 def run_command(box: Box, image: str, job: Job, *, nnodes: int = 1, node_rank: int = 0,
-                master: tuple[str, int] | None = None) -> tuple[str, str]:
-    """(container name, the `docker run` command line) of the trainer: what start runs and a dry run prints."""
+                master: tuple[str, int] | None = None, image_id: str | None = None) -> tuple[str, str]:
+    """(container name, the `docker run` command line) of the trainer: what start runs and a dry run prints. The
+    image's reference and id go in as NANOGPT_IMAGE and NANOGPT_IMAGE_ID: the run records them (job/identity.py)."""
     name = job.name if nnodes == 1 else f"{job.name}-node{node_rank}"
-    env = dict(job.env)
+    env = {**job.env, IMAGE_ENV: image, **({IMAGE_ID_ENV: image_id} if image_id else {})}
     if job.nproc:
         env["NPROC"] = str(job.nproc)
     if nnodes > 1:
@@ -368,11 +372,15 @@ def summarize_metrics(lines: list[str]) -> dict:
         out["hellaswag"] = last["hellaswag"].get("acc_norm")
     if "end" in last:
         out["ended"] = last["end"].get("reason")
+    ident = last.get("start", {}).get("identity") or {}
+    if ident.get("commit") or ident.get("code_sha256"):  # the code the run runs (job/identity.py)
+        out["code"] = ident["commit"][:12] if ident.get("commit") else f"sha256 {ident['code_sha256'][:12]}"
     return out
 
 
 def format_status(info: dict) -> str:
-    keys = ("container", "state", "since", "step", "max_steps", "loss", "val_loss", "hellaswag", "tok_s", "eta", "checkpoint", "gpus", "ended")
+    keys = ("container", "state", "since", "code", "step", "max_steps", "loss", "val_loss", "hellaswag", "tok_s", "eta", "checkpoint",
+            "gpus", "ended")
     width = max(len(k) for k in keys)
     lines = [f"{info['host']}:"]
     for k in keys:

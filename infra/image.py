@@ -30,6 +30,7 @@ from infra.flavour import DEFAULT, Flavour
 from infra.ssh import run, stream
 from job import contract
 from job.errors import UserError
+from job.identity import git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 ALWAYS = ("docker/Dockerfile", ".dockerignore")  # docker reads these even though .dockerignore excludes them
@@ -101,9 +102,11 @@ class _Discard(io.RawIOBase):
 
 
 def build_args_for(flavour: Flavour, build_args: dict[str, str] | None = None) -> dict[str, str]:
-    """The container contract, then the flavour's base image and wheel index; --build-arg given by hand wins."""
-    return {"WORKDIR": contract.WORKDIR, "LOG_DIR": contract.LOG_DIR, "PERSISTENT": contract.PERSISTENT, **flavour.build_args(),
-            **(build_args or {})}
+    """The container contract, then the flavour's base image and wheel index; --build-arg given by hand wins. The
+    commit of this checkout goes in too, for the runs' identity (job/identity.py): a new commit is a new image tag."""
+    commit = {"GIT_COMMIT": c} if (c := git_commit()[0]) else {}
+    return {"WORKDIR": contract.WORKDIR, "LOG_DIR": contract.LOG_DIR, "PERSISTENT": contract.PERSISTENT, **commit,
+            **flavour.build_args(), **(build_args or {})}
 
 
 def source_tag(context_digest: str, args: dict[str, str], flavour: Flavour, name: str = contract.IMAGE_NAME) -> str:

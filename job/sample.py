@@ -86,7 +86,8 @@ def main(argv=None):
     path = resolve_checkpoint(args.checkpoint)
     device = check_device(args.device)
     model, ckpt = load_model(path, device)
-    print(f"# {path}: step {ckpt.get('step')}, val loss {ckpt.get('val_loss')}")
+    code = (ckpt.get("identity") or {}).get("commit")  # the commit that trained it (job/identity.py)
+    print(f"# {path}: step {ckpt.get('step')}, val loss {ckpt.get('val_loss')}" + (f", code {code[:12]}" if code else ""))
     for i, text in enumerate(generate_samples(model, args.prompt, args.num, args.max_tokens, args.seed, device,
                                               args.top_k, args.temperature)):
         print(f"sample {i}: {text}")

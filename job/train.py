@@ -27,6 +27,7 @@ from job.dashboards import open_writers
 from job.data import DeviceLoader, check_data_dir
 from job.errors import UserError, cli_main
 from job.failures import StopFlag, diverged_error, lost_rank, oom_error, out_of_memory, rank_lost_error, sibling_gone
+from job.identity import run_identity
 from job.metrics import MetricsLogger, StepTimer, format_eta, peak_flops
 from job.optim import Optimizers
 from job.recipes.gpt2 import residual_dtype  # noqa: F401  (imported from here by scripts/estimate_memory.py)
@@ -355,6 +356,7 @@ class Trainer:
             "rng": ckpt_lib.rng_state(self.rt.device_type),
             "train_config": cfg.to_dict(),  # its recipe too: resuming checks it
             "format_version": ckpt_lib.FORMAT_VERSION,
+            "identity": run_identity(self.rt.device),  # the code, image, torch, CUDA, driver and GPU that wrote it
         }
 
     def _diverged(self, step: int, what: str) -> None:
@@ -396,9 +398,9 @@ class Trainer:
             self.log.line(self.room_warning)
         if self.start_step:
             self.log.line(f"resumed from {self.resumed_from} at step {self.start_step}")
-            self.log.event("resume", step=self.start_step, path=self.resumed_from)
+            self.log.event("resume", step=self.start_step, path=self.resumed_from, identity=run_identity(rt.device))
         else:
-            self.log.event("start", config=cfg.to_dict(), world=rt.world)
+            self.log.event("start", config=cfg.to_dict(), world=rt.world, identity=run_identity(rt.device))
 
 
 @cli_main

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from conftest import BASE, ENGINE, ROOT, SMALL, SPEEDRUN_SMALL, assert_one_line_
 from hub_server import HubServer, make_repo
 from job import contract, recipes, stats
 from job.errors import UserError
+from job.identity import code_hash, git_commit
 from sshd import free_port, keygen, sshd_available, start_sshd
 
 pytestmark = [pytest.mark.slow, ENGINE]  # one worker runs them in order (tests/conftest.py)
@@ -166,6 +168,11 @@ def test_launch_builds_on_the_box_prepares_data_and_refuses_a_second_run(boxes, 
     wait_for(lambda: len(events(run_dirs["weights"], "train")) >= 3, what="training steps")
     start = events(run_dirs["weights"], "start")[0]
     assert start["world"] == 2  # --nproc 2: torchrun with two CPU processes
+    # The run names what it ran: the image the launcher started (reference and id) and the commit it was built from.
+    tag = re.search(r"building (\S+) there", out).group(1)
+    ident = start["identity"]
+    assert ident["image"] == tag and ident["image_id"] == sh("docker", "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    assert ident["commit"] == git_commit()[0] and ident["code_sha256"] == code_hash(ROOT / "job")
 
     again = fab(*launch_args(boxes[0], laptop, wheels, base_image, run_dirs, "--nproc", 2, "--detach"))
     assert_one_line_error(again, "already active", "--restart")
@@ -178,6 +185,7 @@ def test_logs_status_and_a_dropped_connection_while_streaming(boxes, laptop, run
     assert "| loss " in logs.stdout
     status = fab("status", *ssh_args(boxes[0], laptop), check=True).stdout
     assert "state" in status and "running" in status and "step" in status and "tok_s" in status and "eta" in status
+    assert f"code        {git_commit()[0][:12]}" in status  # the commit the image was built from, from the start event
 
     # Follow the log, then kill the SSH session under it: the streaming ends with one line, the training does not.
     follow = subprocess.Popen([str(Path(sys.executable).parent / "fab"), "logs", *map(str, ssh_args(boxes[0], laptop))], cwd=ROOT,

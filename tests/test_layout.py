@@ -160,7 +160,7 @@ def test_no_module_imports_itself_back():
 # trainer calls (tests/test_card.py imports them and checks that neither torch nor numpy came along).
 # job.stats is the record board's statistics over fetched runs (fab launch --runs prints them): the standard library only.
 LAUNCHER_MAY_IMPORT = {"job.contract", "job.errors", "job.fsutil", "job.metrics", "job.config", "job.recipes", "job.gpt_config",
-                       "job.speedrun", "job.stats"}  # and job/sidecar/
+                       "job.speedrun", "job.stats", "job.identity", "job.hub_token"}  # and job/sidecar/
 BASE = {"job.contract", "job.fsutil"}  # the standard library only
 
 
