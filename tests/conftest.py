@@ -10,9 +10,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -321,3 +323,40 @@ def references(shards, hellaswag_rows, tmp_path_factory):
         train_in_process(recipe_argv(recipe, shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path",
                                      hellaswag_rows, "--sample-num", 2, "--sample-tokens", 8, "--sample-every", 6))
     return out
+
+
+# ---- a trainer in a process of its own ------------------------------------------------------------------
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it at once (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(predicate, proc, timeout=300):
+    """Until predicate() holds; a process that exits first, or the timeout, fails the test (the timeout kills its tree)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the trainer exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    raise AssertionError("timed out waiting for the trainer")

@@ -6,9 +6,8 @@ import time
 
 import pytest
 import torch
-from test_train import wait_for
 
-from conftest import ROOT, env, events, losses, run_cli, train_cmd
+from conftest import ROOT, env, events, losses, run_cli, train_cmd, wait_for
 from job import checkpoint as ckpt_lib
 from job.model import GPT, GPTConfig
 from job.optim import configure_optimizer

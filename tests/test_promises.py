@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import PROMISE_STEPS, RECIPE_ARGS, REFERENCES, ROOT, env, events, losses, recipe_argv, train_in_process
+from conftest import PROMISE_STEPS, RECIPE_ARGS, REFERENCES, ROOT, env, events, kill_tree, losses, recipe_argv, train_in_process, wait_for
 from job import checkpoint as ckpt_lib
 from job.train import Trainer
 
@@ -88,41 +87,6 @@ def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(recipe, re
     assert [e["reason"] for e in events(log, "end")] == ["stopped"] and trainer.stop.requested
     run(recipe, shards, log, "--checkpoint-every", 0)
     assert_same_losses(log, references[recipe])
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every process below it at once (torchrun starts its ranks in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"torchrun exited early ({proc.returncode}):\n{proc.stdout.read()}")
-        time.sleep(0.05)
-    kill_tree(proc.pid)
-    raise AssertionError("timed out waiting for the trainer")
 
 
 @pytest.mark.slow

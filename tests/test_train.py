@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,23 +14,6 @@ from job import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
 STEPS = 24
-
-
-def popen(args, **env_extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(predicate, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read()}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("timed out waiting for the trainer")
 
 
 @pytest.fixture(scope="module")
