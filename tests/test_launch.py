@@ -157,8 +157,9 @@ def clean_containers(docker):
 # ---- one run, followed from start to stop ---------------------------------------------------------------
 
 def test_launch_builds_on_the_box_prepares_data_and_refuses_a_second_run(boxes, laptop, wheels, base_image, run_dirs, box_user):
-    proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, run_dirs, "--nproc", 2, "--steps", 100000, "--detach",
-                            "--train-args", " ".join(TRAIN + ["--checkpoint-every", "20", "--log-every", "1"])), check=True)
+    args = launch_args(boxes[0], laptop, wheels, base_image, run_dirs, "--nproc", 2, "--steps", 100000, "--detach",
+                       "--train-args", " ".join(TRAIN + ["--checkpoint-every", "20", "--log-every", "1"]))
+    proc = fab(*args, check=True)
     out = proc.stdout
     assert "none (CPU)" in out and str(run_dirs["data"]) in out  # the preflight table
     assert "sending the image source" in out and "building nanogpt-train:src-" in out
@@ -174,7 +175,7 @@ def test_launch_builds_on_the_box_prepares_data_and_refuses_a_second_run(boxes, 
     assert ident["image"] == tag and ident["image_id"] == sh("docker", "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
     assert ident["commit"] == git_commit()[0] and ident["code_sha256"] == code_hash(ROOT / "job")
 
-    again = fab(*launch_args(boxes[0], laptop, wheels, base_image, run_dirs, "--nproc", 2, "--detach"))
+    again = fab(*args)  # the same command again
     assert_one_line_error(again, "already active", "--restart")
     assert "started" not in again.stdout
     assert docker_ps() == ["nanogpt-train"]
