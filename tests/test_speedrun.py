@@ -230,6 +230,7 @@ def test_same_seed_gives_the_records_initial_weights():
     assert_weights(reference_model(), REFERENCE["init"], INIT_TOL)
 
 
+@pytest.mark.slow  # ten forwards of the whole 12-layer model over 1,024 tokens: seconds, kept out of the edit loop
 def test_forward_loss_matches_the_records_for_every_window():
     model = reference_model()
     perturb(model)
