@@ -239,7 +239,7 @@ def test_bad_local_file_is_a_user_error(tmp_path, content, needle):
     assert needle in msg and str(path) in msg and "\n" not in msg
 
 
-@pytest.mark.slow  # a model scored example by example against a slow reference: seconds, kept out of the edit loop
+@pytest.mark.slow  # every example scored in batches and one at a time: seconds, kept out of the edit loop
 def test_batched_predictions_equal_one_example_at_a_time():
     """Examples of different lengths (and numbers of endings) share padded batches: each pick must stay its own."""
     torch.manual_seed(3)
