@@ -336,13 +336,13 @@ def build_parser(recipe: str = recipes.DEFAULT, raises: bool = False) -> argpars
 
 
 def recipe_of(argv: list[str]) -> str:
-    """The --recipe an argument list asks for (the default when none); an unknown one is left to the parser's choices."""
+    """The --recipe an argument list asks for (the default when none); an unknown one is one `error:` line, before any
+    flag is judged against a recipe it did not mean."""
     for i, arg in enumerate(argv):
         if arg == "--recipe" and i + 1 < len(argv):
-            return argv[i + 1] if argv[i + 1] in recipes.names() else recipes.DEFAULT
+            return card(argv[i + 1]).name
         if arg.startswith("--recipe="):
-            value = arg.split("=", 1)[1]
-            return value if value in recipes.names() else recipes.DEFAULT
+            return card(arg.split("=", 1)[1]).name
     return recipes.DEFAULT
 
 

@@ -107,3 +107,9 @@ def test_trainer_cli_truncated_or_foreign_shard_and_a_file_as_log_dir(tmp_path, 
     (tmp_path / "file").write_text("notes")
     assert_one_line_error(run_cli(*train_cmd(shards, tmp_path / "file")), f"--log-dir {tmp_path / 'file'} is a file, not a directory")
     assert (tmp_path / "file").read_text() == "notes"
+
+
+def test_an_unknown_recipe_is_named_before_any_flag_is_judged_against_another():
+    for argv in (["--recipe", "nope", "--muon-lr", "1"], ["--recipe=nope", "--max-lr", "1"]):
+        with pytest.raises(UserError, match=r"^--recipe must be one of gpt2, speedrun, got 'nope'$"):
+            parse_args(argv)
