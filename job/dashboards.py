@@ -11,21 +11,26 @@ metrics.jsonl; a resumed run writes a new file that first asks TensorBoard to dr
 after the checkpoint it resumed from, so the curves go on without a fold. W&B (`--wandb PROJECT[/RUN]`) keeps its
 run id in the log dir, so a restarted run writes into the same W&B run; its API key is read from the file the
 launcher mounts (job/contract.env's WANDB_KEY_FILE) or W&B's own settings (WANDB_API_KEY, ~/.netrc), and
-WANDB_MODE=offline keeps the run on disk for `wandb sync`.
+WANDB_MODE=offline keeps the run on disk for `wandb sync`. Before an online run starts, its server is asked for any
+answer within seconds: W&B retries an unreachable server for over a minute before it gives up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import queue
 import secrets
 import socket
+import ssl
 import string
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from job import contract
@@ -184,6 +189,55 @@ def wandb_api_key() -> str | None:
         return None
 
 
+PROBE_SECONDS = 5  # a W&B server that has not answered by then is taken as out of reach
+
+
+class _KeepRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect is an answer: where it leads is W&B's to follow
+
+
+def unreachable(url: str, proxies: dict[str, str] | None = None, timeout: float = PROBE_SECONDS) -> str | None:
+    """Why the server at `url` gives no answer (connection refused, name unknown, timed out), or None when it answers
+    anything at all: an HTTP error status or a TLS handshake W&B may judge otherwise (its own certificate store) is an
+    answer, and W&B says itself what it makes of it. The proxies are the environment's, overridden by `proxies`."""
+    proxy = urllib.request.ProxyHandler({**urllib.request.getproxies(), **(proxies or {})})
+    opener = urllib.request.build_opener(proxy, _KeepRedirects())
+    try:
+        with opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        reason = e.reason
+    except (OSError, http.client.HTTPException) as e:  # a timeout or a reset after the connection was made
+        reason = e
+    if isinstance(reason, ssl.SSLError):
+        return None
+    return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+
+
+def check_wandb_server(spec: str, settings) -> None:
+    """Refuse an online W&B run whose server does not answer, in one line, before wandb.init: W&B itself would retry
+    for over a minute and then fail with lines of its own. The server and the mode are those W&B would use: its global
+    settings (WANDB_BASE_URL, WANDB_MODE, the host `wandb login --host` saved) under the run's `settings`, as
+    wandb.init merges them. Offline and disabled runs make no connection, so nothing is asked."""
+    import wandb
+
+    run_settings = wandb.setup().settings.model_copy()
+    run_settings.update_from_settings(settings)
+    if run_settings.mode in ("offline", "dryrun", "disabled"):
+        return
+    proxies = {scheme: proxy for scheme, proxy in (("http", run_settings.http_proxy), ("https", run_settings.https_proxy)) if proxy}
+    reason = unreachable(run_settings.base_url, proxies)
+    if reason is not None:
+        raise UserError(
+            f"--wandb {spec}: the W&B server {run_settings.base_url} does not answer ({reason}): check that URL "
+            "(WANDB_BASE_URL, or the host `wandb login --host` saved) and this machine's network, or train "
+            "without --wandb, or set WANDB_MODE=offline to keep the run on disk for `wandb sync`"
+        )
+
+
 class WandbWriter:
     """One W&B run per log dir: its id is kept in the log dir, and a restart resumes it (resume="allow"). Every
     metric is plotted against the trainer's step, so a resumed run's records land where they belong."""
@@ -199,6 +253,7 @@ class WandbWriter:
         # console="off": the trainer's stdout stays its own (no wrapping of sys.stdout); the key never leaves memory.
         settings = wandb.Settings(console="off", **({"api_key": key} if key else {}))
         try:
+            check_wandb_server(spec, settings)
             self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(self.dir), config=config,
                                   settings=settings)
         except wandb.errors.Error as e:

@@ -3,15 +3,21 @@ an offline W&B run read back with W&B's own tool (`wandb leet inspect`); both ho
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import assert_one_line_error, events, losses, run_cli, train_cmd
 from job import contract
+from job.dashboards import unreachable
+from sshd import free_port
 
 RUN = ["--checkpoint-every", "5", "--sample-num", "1", "--sample-every", "5", "--sample-tokens", "8", "--log-every", "1"]
 
@@ -116,7 +122,90 @@ def test_bad_wandb_spec_is_one_line(spec, shards, tmp_path):
 def test_a_key_wandb_refuses_is_one_line_without_the_key(shards, tmp_path):
     key_file = tmp_path / "wandb-api-key"
     key_file.write_text("short-key\n")  # W&B refuses it before any network: too short
-    proc = run_cli(*train_cmd(shards, tmp_path / "log", "--max-steps", "1", "--wandb", "proj"), WANDB_MODE="online",
-                   NANOGPT_WANDB_KEY_FILE=key_file)
+    with answering_server() as url:  # the server answers, so the probe lets W&B go on to refuse the key
+        cmd = train_cmd(shards, tmp_path / "log", "--max-steps", "1", "--wandb", "proj")
+        proc = run_cli(*cmd, WANDB_MODE="online", NANOGPT_WANDB_KEY_FILE=key_file, WANDB_BASE_URL=url)
     assert_one_line_error(proc, "--wandb proj: W&B refused the run", "WANDB_MODE=offline")
     assert proc.returncode == 2 and "short-key" not in proc.stdout + proc.stderr
+
+
+# ---- the W&B server probe ------------------------------------------------------------------------------
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Every request, whatever its method or path, answered with the server's status and no body."""
+
+    def _answer(self):
+        self.send_response(self.server.status)
+        if 300 <= self.server.status < 400:
+            self.send_header("Location", f"http://127.0.0.1:{free_port()}/")  # a redirect to nowhere
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def answering_server(status: int = 404):
+    """A real local HTTP server; 404 by default, which is what W&B's own server answers for a path it does not
+    serve (W&B's telemetry asks for one and then stays quiet)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    server.status = status
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.mark.parametrize("status", [200, 302, 401, 404, 500])
+def test_any_answer_is_a_reachable_server(status, no_proxy_env):
+    with answering_server(status) as url:
+        assert unreachable(url) is None  # 302 included: its target refuses connections, and is not followed
+
+
+def test_an_unreachable_server_is_named_by_what_failed(no_proxy_env):
+    assert unreachable(f"http://127.0.0.1:{free_port()}") == "Connection refused"
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        assert "timed out" in unreachable(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+
+
+def test_the_probe_goes_through_the_proxy_it_is_given(no_proxy_env):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with answering_server() as proxy:  # a proxy answers for the server behind it
+        assert unreachable(nowhere, proxies={"http": proxy}) is None
+    with answering_server() as url:
+        assert unreachable(url, proxies={"http": nowhere}) == "Connection refused"
+
+
+def test_an_unreachable_wandb_server_is_one_line_and_nothing_starts(shards, tmp_path):
+    """W&B alone retries an unreachable server for minutes, then fails with lines of its own."""
+    log, key_file = tmp_path / "log", tmp_path / "wandb-api-key"
+    key_file.write_text("0123456789abcdef" * 3 + "\n")
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = train_cmd(shards, log, "--max-steps", "1", "--wandb", "proj")
+    proc = run_cli(*cmd, WANDB_MODE="online", WANDB_BASE_URL=url, NANOGPT_WANDB_KEY_FILE=key_file)
+    refused = f"--wandb proj: the W&B server {url} does not answer (Connection refused)"
+    assert_one_line_error(proc, refused, "WANDB_BASE_URL", "without --wandb", "WANDB_MODE=offline")
+    assert proc.returncode == 2 and "wandb:" not in proc.stdout
+    assert not log.exists()  # W&B never started (it makes LOG/wandb/ first), and nothing trained
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_offline_and_disabled_wandb_ask_no_server(mode, shards, tmp_path):
+    log = tmp_path / "log"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    run_cli(*train_cmd(shards, log, "--max-steps", "1", "--wandb", "proj"), check=True, WANDB_MODE=mode, WANDB_BASE_URL=nowhere, WANDB_SILENT="true")
+    assert list(losses(log)) == [0]
+    assert len(list((log / "wandb").glob("offline-run-*"))) == (mode == "offline")  # a disabled run writes nothing
