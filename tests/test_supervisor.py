@@ -48,6 +48,20 @@ def test_user_mistake_is_one_line_and_the_workers_exit_status(shards, tmp_path):
     proc = run_cli(*launch_cmd(shards, tmp_path / "log", "--max-lr", 5), NPROC=2)
     assert_one_line_error(proc, "--max-lr must be in (0, 1)")
     assert proc.returncode == 2 and "--nproc_per_node=2" in proc.stdout
+    assert "Traceback" not in proc.stdout and "ChildFailedError" not in proc.stdout + proc.stderr
+
+
+def test_a_mistake_only_rank_0_finds_is_its_line_alone(shards, tmp_path):
+    """Rank 0 alone asks the W&B server, after the ranks met: rank 1 is stopped or loses it, and neither that nor
+    torchrun's ChildFailedError traceback (what plain torchrun prints after the line, exiting 1) reaches the output."""
+    url = f"http://127.0.0.1:{free_port()}"
+    key_file = tmp_path / "wandb-api-key"
+    key_file.write_text("0123456789abcdef" * 3 + "\n")
+    cmd = launch_cmd(shards, tmp_path / "log", "--max-steps", 1, "--wandb", "proj")
+    proc = run_cli(*cmd, NPROC=2, WANDB_MODE="online", WANDB_BASE_URL=url, NANOGPT_WANDB_KEY_FILE=key_file)
+    assert_one_line_error(proc, f"the W&B server {url} does not answer")
+    assert proc.returncode == 2 and "--nproc_per_node=2" in proc.stdout
+    assert "Traceback" not in proc.stdout and "ChildFailedError" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["docker-stop", "ctrl-c"])
