@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from job.errors import UserError  # noqa: E402
-from job.prepare import DELAY_ENV, MANIFEST, file_source, main, parquet_files, prepare, prepare_documents  # noqa: E402
+from job.prepare import DELAY_ENV, MANIFEST, MemorySource, file_source, main, parquet_files, prepare, prepare_documents  # noqa: E402
 from job.prepare.split import VAL_MAX, VAL_MIN, decided_after, val_size  # noqa: E402
 from job.tokenizer import EOT, get_encoding  # noqa: E402
 
@@ -44,13 +45,15 @@ def expected(docs) -> np.ndarray:
     return np.array([t for d in docs for t in [EOT, *enc.encode_ordinary(d)]], dtype=np.uint16)
 
 
-def check_shards(paths, prefix, shard_size, want):
+def check_shards(paths, prefix, shard_size, want, val=None):
+    """The shards hold `want` in order, the val shard `val` tokens (default: a full shard), the others full ones."""
     names = [p.name for p in paths]
     assert names == [f"{prefix}_val_000000.npy"] + [f"{prefix}_train_{i:06d}.npy" for i in range(1, len(paths))]
     assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(names + [MANIFEST])  # no temp files left behind
     shards = [np.load(p) for p in paths]
     assert all(s.dtype == np.uint16 and s.ndim == 1 for s in shards)
-    assert [len(s) for s in shards[:-1]] == [shard_size] * (len(shards) - 1) and 0 < len(shards[-1]) <= shard_size
+    assert [len(s) for s in shards[:-1]] == [shard_size if val is None else val, *[shard_size] * (len(shards) - 2)][: len(shards) - 1]
+    assert 0 < len(shards[-1]) <= shard_size
     np.testing.assert_array_equal(np.concatenate(shards), want)
     manifest = json.loads((paths[0].parent / MANIFEST).read_text())
     assert manifest["complete"] and manifest["tokens"] == len(want)
@@ -85,7 +88,7 @@ def test_val_split_rule():
     assert val_size(1_000_000_000, 100_000_000) == 100_000_000
     assert val_size(10_000_000_000, 500_000_000) == VAL_MAX == 100_000_000
     assert val_size(10_000_000_000, 1_000_000) == 1_000_000
-    # how long the pipeline holds tokens back before the rule no longer depends on the total
+    # how long the pipeline stages the stream before the rule no longer depends on the total
     assert decided_after(100_000_000) == 1_000_000_000
     assert decided_after(120_000) == 1_200_000
     assert decided_after(VAL_MIN) == decided_after(50_000) == 0
@@ -304,6 +307,109 @@ def test_sigkill_then_resume_gives_identical_shards(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in ref] + [MANIFEST])
     assert [(out / p.name).read_bytes() for p in ref] == [p.read_bytes() for p in ref]
     assert json.loads((out / MANIFEST).read_text())["shards"] == json.loads((tmp_path / "ref" / MANIFEST).read_text())["shards"]
+
+
+def listing(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def kill_when(cmd: str, out: Path, what: str, ready) -> dict:
+    """Run `python -m job.prepare CMD` with every shard write paused half-way, SIGKILL it (with its workers, like a lost
+    machine) once ready(manifest, temp files) holds, and return the manifest it left."""
+    proc = cli(cmd, {DELAY_ENV: "0.2"}, start_new_session=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                m = json.loads((out / MANIFEST).read_text())
+            except (FileNotFoundError, ValueError):
+                m = {"shards": [], "pending": [], "complete": False}
+            if ready(m, list(out.glob(".*.npy.tmp"))):
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"not killed {what}: {stderr}"
+    m = json.loads((out / MANIFEST).read_text())
+    assert not m["complete"]
+    for e in m["shards"] + m["pending"]:  # what the manifest lists is whole and right
+        assert hashlib.sha256((out / e["name"]).read_bytes()).hexdigest() == e["sha256"], e["name"]
+    return m
+
+
+# Shards of 120,000 tokens, over VAL_MIN: the split waits for ten shards' worth of tokens (or the end), and the stream is
+# staged until then. "small" (about 5.5 shards) ends first: a val shard of VAL_MIN tokens, the train shards cut from the
+# staged ones at other positions. "large" (about 11.5 shards) decides a full val shard: the staged shards are the first
+# shards as they are.
+KILLS = {
+    "small": (700, [
+        ("one shard staged", lambda m, tmp: len(m["pending"]) >= 1),
+        ("mid-write of the third staged shard", lambda m, tmp: len(m["pending"]) == 2 and tmp),
+        ("three staged", lambda m, tmp: len(m["pending"]) >= 3),
+        ("the val shard cut from the staged ones", lambda m, tmp: m["shards"] and m["pending"]),
+        ("mid-write of a train shard cut from them", lambda m, tmp: len(m["shards"]) >= 3 and tmp),
+    ]),
+    "large": (1440, [
+        ("two staged", lambda m, tmp: len(m["pending"]) >= 2),
+        ("mid-write of the sixth staged shard", lambda m, tmp: len(m["pending"]) == 5 and tmp),
+        ("nine staged, the split not decided yet", lambda m, tmp: len(m["pending"]) >= 9 and not m["shards"]),
+        ("mid-write of a shard past the staged ones", lambda m, tmp: len(m["shards"]) >= 10 and tmp),
+    ]),
+}
+
+
+@pytest.mark.slow  # a dozen fresh processes, each killed on purpose
+@pytest.mark.parametrize("corpus", KILLS)
+def test_sigkill_while_staging_or_cutting_then_resume_gives_identical_shards(tmp_path, corpus):
+    per_file, kills = KILLS[corpus]
+    docs = fineweb_like(tmp_path / "pq", per_file=per_file)
+    ref_dir, out = tmp_path / "ref", tmp_path / "out"
+    ref = prepare(file_source(parquet_files([str(tmp_path / "pq")])), ref_dir, 120_000, prefix="edufineweb", workers=1)
+    want = expected(docs)
+    check_shards(ref, "edufineweb", 120_000, want, val_size(len(want), 120_000))
+    assert (len(np.load(ref[0])), len(ref)) == ((VAL_MIN, 6) if corpus == "small" else (120_000, 12))
+    cmd = f"fineweb-edu --data-files {tmp_path}/pq --out {out} --shard-size 120000 --workers 2"
+    for what, ready in kills:
+        m = kill_when(cmd, out, what, ready)
+        staged = {p.name for p in out.glob("edufineweb_pending_*.npy")}
+        assert {e["name"] for e in m["pending"]} <= staged, what
+        assert not any("train" in p.name or "val" in p.name for p in out.glob("*pending*"))  # never fed to the trainer
+    proc = cli(cmd)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert f"resuming {out}: " in stdout and f"from {len(docs):,} documents" in stdout
+    assert listing(out) == listing(ref_dir)  # every shard and the manifest, byte for byte; no staged or temp file left
+    # On a slow disk (every write paused), from start to end: the shards are cut only from staged shards on disk.
+    slow = cli(cmd.replace(str(out), str(tmp_path / "slow")), {DELAY_ENV: "0.2"})
+    _, stderr = slow.communicate(timeout=120)
+    assert slow.returncode == 0, stderr
+    assert listing(tmp_path / "slow") == listing(ref_dir)
+
+
+# Shards of 120,000 tokens: about nine (the split waits for the end of the corpus, and every shard is cut from the staged
+# ones) and about eleven and a half (the split is decided after ten: the staged shards become the first ones as they are).
+@pytest.mark.parametrize("ndocs", [3400, 4400])
+def test_memory_stays_at_two_shards_while_the_split_waits(tmp_path, ndocs):
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    docs = [text[i * 1009 % 1_000_000 :][: 600 + i * 37 % 900] for i in range(ndocs)]
+    want, shard = expected(docs), 120_000
+    assert (8 * shard < len(want) < decided_after(shard)) if ndocs == 3400 else len(want) > 11 * shard
+    prepare(MemorySource(docs[:50]), tmp_path / "warm", 1000, workers=1)  # the imports a first run makes are not its data
+    source = MemorySource(docs)
+    tracemalloc.start()  # it counts numpy's buffers too
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        paths = prepare(source, tmp_path / "out", shard, workers=1, batch_docs=16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    check_shards(paths, "data", shard, want, val_size(len(want), shard))
+    # The shard being filled and the one being written, and a batch besides. Holding the stream back until the split is
+    # decided would be every shard (the first case) or ten (the second).
+    assert peak - before < 3 * 2 * shard, f"{(peak - before) / (2 * shard):.1f} shards' worth of memory"
 
 
 def run_verify(capsys, d) -> tuple[int, str]:

@@ -14,7 +14,9 @@ shard is written too. Same input, same bytes, whatever --workers. The val shard 
 a full shard for a large corpus, as fineweb.py, but never so much of a small one that nothing is left to train on.
 
 Every shard is committed on its own (temp name, fsync, rename) and recorded in DIR/manifest.json with
-its token count, sha256 and the document range it covers. Running the same command again after an
+its token count, sha256 and the document range it covers. Until the val split is decided, the tokens are
+committed the same way as staged shards (`{prefix}_pending_*.npy`), which the shards are then cut from: memory
+holds the shard being filled and the one being written, never the corpus. Running the same command again after an
 interruption keeps the committed shards and restarts at the first missing one; a finished run is left
 as it is. A file whose name the manifest does not list is never a shard the run vouches for.
 
@@ -23,6 +25,7 @@ One module per concern:
     encode    the tokenizer worker pool
     split     how many tokens the val shard takes
     pipeline  prepare(): source -> pool -> shards, in order, resumable
+    staged    the staged shards read back, and where a position lies in the documents, to cut shards from them
     writer    committing a shard (atomic write, then the manifest)
     manifest  the output directory and its manifest, and what a resume keeps of it
     progress  the progress bar or log lines

@@ -16,11 +16,19 @@ MANIFEST_VERSION = 1
 # edufineweb_train_000001.npy, as build-nanogpt names them
 PREFIXES = {"text": "data", "fineweb-edu": "edufineweb", "fineweb": "fineweb"}
 SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>val|train)_(?P<index>\d{6})\.(npy|bin)$")
+# data_pending_000003.npy: a shard's worth of tokens staged on disk until the val split is decided (split.py); neither
+# `train` nor `val` is in the name, so the trainer never reads one
+PENDING_NAME = re.compile(r"^(?P<prefix>.+)_pending_(?P<index>\d{6})\.npy$")
 
 
 def shard_name(prefix: str, index: int) -> str:
     """The file name of shard `index`: the first shard is val, the rest are train (build-nanogpt's naming)."""
     return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+
+
+def pending_name(prefix: str, index: int) -> str:
+    """The file name of the `index`-th staged shard (shard_size tokens from index * shard_size on)."""
+    return f"{prefix}_pending_{index:06d}.npy"
 
 
 def reason(e: BaseException) -> str:

@@ -3,6 +3,10 @@
 The manifest lists every committed shard with its token count, sha256 and the document range it covers
 (start and end as [document, token offset in it]), the row counts of the source files read so far, and whether
 the run finished. A file the manifest does not list is never a shard the run vouches for.
+
+Until the val split is decided, the stream is committed as staged shards (`pending`: the same fields, and `at`, the
+stream position of the first token) that the final shards are then cut from. The committed shards followed by the
+staged ones that reach past them are the stream from its first token on, without a gap.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from job.errors import UserError
-from job.prepare.common import MANIFEST, MANIFEST_VERSION, SHARD_NAME, reason
+from job.prepare.common import MANIFEST, MANIFEST_VERSION, PENDING_NAME, SHARD_NAME, reason
 
 
 def npy_header(n: int) -> bytes:
@@ -64,6 +68,7 @@ KEYS = {"version": int, "identity": dict, "complete": bool, "shards": list}
 BIN_KEYS = {"revision": (str, type(None)), "train_tokens": (int, type(None)), "tokens": int}
 NPY_KEYS = {"units": list}
 SHARD_KEYS = {"name": str, "tokens": int, "sha256": str}
+PENDING_KEYS = {**SHARD_KEYS, "at": int, "start": list, "end": list}  # a staged shard (older manifests have no `pending`)
 
 
 def _missing(m: dict) -> str | None:
@@ -78,12 +83,15 @@ def _missing(m: dict) -> str | None:
         if not isinstance(m[key], kind):
             return f"{key!r} is {type(m[key]).__name__}"
     shard_keys = {**SHARD_KEYS, **({"bytes": int} if downloaded else {"start": list, "end": list})}
-    for i, entry in enumerate(m["shards"]):
-        if not isinstance(entry, dict):
-            return f"shard {i + 1} is not an object"
-        for key, kind in shard_keys.items():
-            if not isinstance(entry.get(key), kind):
-                return f"shard {i + 1} ({entry.get('name', 'no name')}) has {'no key' if key not in entry else 'a bad'} {key!r}"
+    if not isinstance(m.get("pending", []), list):
+        return f"'pending' is {type(m['pending']).__name__}"
+    for what, entries, keys in (("shard", m["shards"], shard_keys), ("staged shard", m.get("pending", []), PENDING_KEYS)):
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                return f"{what} {i + 1} is not an object"
+            for key, kind in keys.items():
+                if not isinstance(entry.get(key), kind):
+                    return f"{what} {i + 1} ({entry.get('name', 'no name')}) has {'no key' if key not in entry else 'a bad'} {key!r}"
     return None
 
 
@@ -94,6 +102,12 @@ def trainer_shards(out: Path) -> list[Path]:
 
 def temps(out: Path) -> list[Path]:
     return sorted(p for p in out.glob(".*.tmp") if p.is_file())
+
+
+def pending_files(out: Path, prefix: str | None = None) -> list[Path]:
+    """The staged shards on disk (of one prefix, or of any)."""
+    return sorted(p for p in out.glob("*_pending_*.npy") if (m := PENDING_NAME.match(p.name)) and prefix in (None, m["prefix"])
+                  and p.is_file())
 
 
 def check_out_dir(out_dir, overwrite: bool = False) -> None:
@@ -111,11 +125,11 @@ def check_out_dir(out_dir, overwrite: bool = False) -> None:
 def open_out(out: Path, identity: dict, prefix: str, overwrite: bool) -> dict:
     """The manifest to continue from: a fresh one, or the earlier run's, cut at its first missing or damaged shard."""
     check_out_dir(out, overwrite)
-    fresh = {"version": MANIFEST_VERSION, "identity": identity, "complete": False, "units": [], "shards": []}
+    fresh = {"version": MANIFEST_VERSION, "identity": identity, "complete": False, "units": [], "pending": [], "shards": []}
     if not out.is_dir():
         return fresh
     if overwrite:
-        stale = trainer_shards(out) + temps(out) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+        stale = trainer_shards(out) + pending_files(out) + temps(out) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
         for p in stale:  # stale shards of an earlier run would otherwise be mixed into this one
             p.unlink()
         if stale:
@@ -130,6 +144,7 @@ def open_out(out: Path, identity: dict, prefix: str, overwrite: bool) -> dict:
         raise UserError(f"--out {out} holds shards of a different prepare run (differs in: {', '.join(diffs)}): run that "
                         "command again to resume it, pass --overwrite to replace it, or choose another --out")
     manifest["shards"] = _intact(out, manifest, identity["shard_size"])
+    manifest["pending"] = _intact_pending(out, manifest, identity["shard_size"])
     _clear_unlisted(out, manifest, prefix)
     return manifest
 
@@ -142,11 +157,29 @@ def _intact(out: Path, manifest: dict, shard_size: int) -> list[dict]:
         last = manifest["complete"] and i == len(manifest["shards"]) - 1
         # the val shard (the first) may be shorter than shard_size: the split sized it to the corpus
         full = entry["tokens"] == shard_size or last or (i == 0 and entry["tokens"] <= shard_size)
-        if not (p.is_file() and full and p.stat().st_size == len(npy_header(entry["tokens"])) + 2 * entry["tokens"]):
+        if not (full and _whole(p, entry["tokens"])):
             print(f"{p.name} is missing or damaged: redoing the dataset from there", file=sys.stderr)
             manifest["complete"] = False
             break
         kept.append(entry)
+    return kept
+
+
+def _whole(p: Path, tokens: int) -> bool:
+    return p.is_file() and p.stat().st_size == len(npy_header(tokens)) + 2 * tokens
+
+
+def _intact_pending(out: Path, manifest: dict, shard_size: int) -> list[dict]:
+    """The staged shards a resume can read from: intact, in a row, and reaching back to where the committed ones end."""
+    kept: list[dict] = []
+    for entry in manifest.get("pending", []):
+        at = kept[-1]["at"] + kept[-1]["tokens"] if kept else entry["at"]
+        if not (entry["at"] == at and entry["tokens"] == shard_size and _whole(out / entry["name"], shard_size)):
+            print(f"{entry['name']} is missing or damaged: tokenizing again from there", file=sys.stderr)
+            break
+        kept.append(entry)
+    if kept and kept[0]["at"] > sum(s["tokens"] for s in manifest["shards"]):
+        return []  # a committed shard was damaged, and the staged tokens it held are gone: all is made again from there
     return kept
 
 
@@ -160,5 +193,9 @@ def _clear_unlisted(out: Path, manifest: dict, prefix: str) -> None:
         if not (m and m["prefix"] == prefix):
             raise UserError(f"--out {out} has a shard {p.name} that its prepare run did not write: move it away or pass --overwrite")
         p.unlink()  # ours but unlisted: written before a crash could record it; it is redone identically
+    staged = {e["name"] for e in manifest["pending"]}
+    for p in pending_files(out, prefix):
+        if p.name not in staged:
+            p.unlink()  # staged, then cut into shards (or written before a crash could record it)
     for p in temps(out):
         p.unlink()  # a shard or manifest interrupted mid-write

@@ -99,7 +99,7 @@ class Source:
         self.label, self.units, self.field, self.max_docs = label, units, field, max_docs
         self.identity = identity or {"files": [u.ident() for u in units], "field": field}
         # Known to hold far more than ten shards (a whole hub corpus): the val split is a full shard from the start, and
-        # the pipeline need not hold tokens back to learn the total (job/prepare/split.py).
+        # the pipeline need not stage the first shards until it knows (job/prepare/split.py).
         self.large = False
 
     def total_docs(self) -> int | None:

@@ -11,10 +11,11 @@ compare one evaluation with the next; the rest is train. Because of that floor, 
 laid out exactly as fineweb.py would (every shard, val included, `shard_size` tokens). A corpus that the val shard
 would take whole leaves nothing to train on: that is a user error (too_small).
 
-While the total is unknown the pipeline holds the tokens back (2 bytes each) until the rule no longer depends on it:
-after `decided_after(shard_size)` tokens val is min(shard_size, VAL_MAX) whatever follows. At the default shard
-size that is a billion tokens (2 GB) before the first shard is committed; with --shard-size up to VAL_MIN, none; for a
-source known to be that large (a FineWeb-edu subset streamed from the hub: Source.large), none either.
+While the total is unknown the rule waits: after `decided_after(shard_size)` tokens val is min(shard_size, VAL_MAX)
+whatever follows. At the default shard size that is a billion tokens; with --shard-size up to VAL_MIN, none; for a
+source known to be that large (a FineWeb-edu subset streamed from the hub: Source.large), none either. Until then the
+pipeline does not hold the tokens back: it commits them as staged shards of shard_size tokens, and cuts the final
+shards from them once the rule is decided (a staged shard is a final one as it is when val is a full shard).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import numpy as np
 from job import binshard
 from job.errors import UserError
 from job.prepare.common import MANIFEST, SHARD_NAME, default_workers, reason
-from job.prepare.manifest import read_manifest, temps, trainer_shards
+from job.prepare.manifest import pending_files, read_manifest, temps, trainer_shards
 from job.tokenizer import EOT, VOCAB_SIZE
 
 
@@ -151,6 +151,8 @@ def _strays(out: Path, paths: list[Path], manifest: dict | None, problems: dict[
                 problems[p.name] = "not in the manifest"
                 print(f"{p.name}: BAD: not in the manifest (written just before an interruption, or not ours); the "
                       "prepare command removes or redoes it")
+    for p in pending_files(out):
+        print(f"{p.name}: staged until the val split is decided (not a shard; the prepare command cuts the shards from it)")
     for p in temps(out):
         print(f"{p.name}: temp file of an interrupted write (not a shard; the prepare command removes it)")
 
