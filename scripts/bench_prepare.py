@@ -19,9 +19,10 @@ All three count the same tokens (the documents' own; the EOT separators prepare 
 rates compare directly. The goal: job.prepare >= 90% of tiktoken batch with the same N.
 
 --shard-size matters to job.prepare's figure: the val shard is sized to the corpus (job/prepare/split.py), so with
-shards over 100,000 tokens prepare writes nothing until ten shards' worth of tokens have come, and on a corpus of
-fewer shards than that (the defaults: about 12M tokens in 1M-token shards) most shards are written after the
-tokenizing instead of alongside it. --shard-size 100000 or less writes as it goes from the start.
+shards over 100,000 tokens prepare stages the stream until ten shards' worth of tokens have come or the corpus ends.
+At the defaults (about 12M tokens in 1M-token shards) the ten staged shards then become the first shards as they are
+(hard links); a corpus of fewer than ten shards has all its shards copied out of the staged ones once it ends, which
+the figure then includes. --shard-size 100000 or less writes the shards themselves from the start.
 """
 
 from __future__ import annotations
