@@ -20,7 +20,7 @@ help:
 	@echo "make test-fast   the edit loop: the tests without Docker, sshd or training runs (pytest -m 'not slow')"
 	@echo "make bench   time training steps (scripts/bench_train.py; PRESET=gpt2 on a GPU)"
 	@echo "make plot [LOGDIR=model_weights]   loss and HellaSwag curves of a run -> LOGDIR/plot.png"
-	@echo "make dashboard [LOGDIR=model_weights]   TensorBoard over a run's log dir at http://127.0.0.1:6006/ (Ctrl-C stops it)"
+	@echo "make dashboard [LOGDIR=model_weights] [PORT=6006]   TensorBoard over a run's log dir at http://127.0.0.1:PORT/ (Ctrl-C stops it)"
 	@echo "make bench-prepare   tokenizing throughput: job.prepare vs tiktoken's batch encoder (scripts/bench_prepare.py)"
 	@echo "make build-image [CUDA=cu128] [NAME=...] [BASE_IMAGE=...]   build the trainer image for a CUDA flavour (infra/flavour.py;"
 	@echo "                 default cu130) as NAME:<git sha>, NAME:<git sha>-<flavour>, NAME:<flavour> and NAME:latest"
@@ -72,10 +72,10 @@ LOGDIR ?= $(DEMO_LOG)
 plot: venv
 	$(PY) -m job.plot $(LOGDIR) $(ARGS)
 
-# --load_fast=false: TensorBoard's Python reader, which honours the purge a resumed run's event file asks for.
+# job.dashboards checks LOGDIR and PORT (a number, free on 127.0.0.1) before it becomes TensorBoard.
+PORT ?= $(TENSORBOARD_PORT)
 dashboard: venv
-	@ls $(LOGDIR)/$(TENSORBOARD_EVENTS_PREFIX)* >/dev/null 2>&1 || { echo "error: no TensorBoard event files in $(LOGDIR): pass the run's log dir as LOGDIR=... (the trainer writes them unless --tensorboard off)" >&2; exit 2; }
-	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port $(TENSORBOARD_PORT) --load_fast=false
+	@$(PY) -m job.dashboards '$(LOGDIR)' '$(PORT)'
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_LOG)

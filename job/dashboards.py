@@ -18,7 +18,9 @@ answer within seconds: W&B retries an unreachable server for over a minute befor
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
+import importlib.util
 import json
 import os
 import queue
@@ -34,7 +36,7 @@ import urllib.request
 from pathlib import Path
 
 from job import contract
-from job.errors import UserError
+from job.errors import ArgumentParser, UserError, cli_main, number
 
 # metrics.jsonl event -> its numeric fields as dashboard tags; a train event's other fields (a recipe's schedule
 # values, e.g. momentum) go under schedule/. The loss tags share one section, so train and val sit side by side.
@@ -326,3 +328,70 @@ def warn(writer, e: Exception) -> None:
     name = type(writer).__name__.replace("Writer", "")
     print(f"warning: the {name} writer failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}): training goes on "
           "without it; metrics.jsonl has every value", file=sys.stderr, flush=True)
+
+
+# --- make dashboard: TensorBoard over a log dir on this machine ----------------------------------------------------
+# The Makefile hands its LOGDIR and PORT to main(), which checks both before TensorBoard starts (TensorBoard's own
+# answers are its usage block for a port that is no number, and a log line and status 255 for a taken one) and then
+# becomes TensorBoard. The words are make's, since that is what the user typed.
+MAKE_PORT_FIX = "make dashboard PORT={port} (PORT=0 lets TensorBoard pick a free one)"
+
+
+def dashboard_port(text: str) -> int:
+    """PORT as a port TensorBoard can listen on at 127.0.0.1 now, or one line naming another that is free."""
+    try:
+        port = number(text.strip(), "PORT", int, 0, 65535)
+    except UserError as e:
+        raise UserError(f"{e}: pass a port from 1 to 65535, e.g. {MAKE_PORT_FIX.format(port=contract.TENSORBOARD_PORT)}") from None
+    if port == 0:
+        return port
+    try:
+        _bind(port)
+    except OSError as e:
+        taken = "is taken (a TensorBoard still running?)" if e.errno == errno.EADDRINUSE else f"cannot be listened on ({e.strerror})"
+        raise UserError(f"port {port} on 127.0.0.1 {taken}: choose another, e.g. {MAKE_PORT_FIX.format(port=free_port_after(port))}") from None
+    return port
+
+
+def _bind(port: int) -> None:
+    """Bind and let go at once, as TensorBoard's server binds (SO_REUSEADDR: a port left in TIME_WAIT is free to it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def free_port_after(port: int) -> int:
+    """The first port above `port` that is free now (for the advice), else 0."""
+    for candidate in range(port + 1, min(port + 100, 65535) + 1):
+        try:
+            _bind(candidate)
+        except OSError:
+            continue
+        return candidate
+    return 0
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="make dashboard", description="TensorBoard over a run's log dir at http://127.0.0.1:PORT/ "
+                       "(what `make dashboard LOGDIR=DIR PORT=N` runs)")
+    p.add_argument("logdir", help="the run's log dir (LOGDIR)")
+    p.add_argument("port", help=f"the port on 127.0.0.1 (PORT, default {contract.TENSORBOARD_PORT}; 0: any free one)")
+    args = p.parse_args(argv)
+    log_dir = Path(args.logdir)
+    # TensorBoard reads runs in sub-directories too (--runs' seed-S), so they count
+    if not log_dir.is_dir() or next(log_dir.rglob(f"{contract.TENSORBOARD_EVENTS_PREFIX}*"), None) is None:
+        raise UserError(f"no TensorBoard event files in {args.logdir or repr(args.logdir)}: pass the run's log dir as "
+                        "LOGDIR=... (the trainer writes them unless --tensorboard off)")
+    port = dashboard_port(args.port)
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError("TensorBoard is not installed in this Python: run `make venv` (requirements-dev.txt has it)")
+    # --load_fast=false: TensorBoard's Python reader, which honours the purge a resumed run's event file asks for.
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--load_fast=false"]
+    print(" ".join(cmd), flush=True)
+    os.execv(sys.executable, cmd)  # TensorBoard in this process: Ctrl-C reaches it as before
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -33,6 +34,14 @@ def _closed_port():
     """A port on 127.0.0.1 that refuses connections for as long as the socket lives (bound, never listening)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
+    return s
+
+
+def _listening_port():
+    """A port on 127.0.0.1 that a server holds (listening, never answering): taken, for whatever would serve on it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
     return s
 
 
@@ -129,16 +138,20 @@ def world(tmp_path_factory):
     (w / "api_key").write_text("secret-test-key\n")
     (w / "api_key").chmod(0o600)
     (w / "doc.txt").write_text("some text\n")
+    (w / "tb").mkdir()
+    (w / "tb" / "events.out.tfevents.1.host.1.0").write_bytes(b"")  # make dashboard looks for the name only
     _checkpoints(w)
     _shards(w)
     _hf_tokens(w)
     _prepared(w)
     ro, release = _read_only_dir(w / "ro")
     port = _closed_port()
+    taken = _listening_port()
     # outputs a command may create before it meets the bad input (a trainer's log dir): not among the inputs
     scratch = tmp_path_factory.mktemp("scratch")
-    yield {"dir": w, "ro": ro, "port": port.getsockname()[1], "scratch": scratch}
+    yield {"dir": w, "ro": ro, "port": port.getsockname()[1], "taken": taken.getsockname()[1], "scratch": scratch}
     port.close()
+    taken.close()
     release()
 
 
@@ -155,7 +168,7 @@ def fingerprint(root: Path) -> dict:
 
 
 # --- the cases -------------------------------------------------------------------------------------------------------
-# Placeholders in argv: {w} the input dir, {ro} the read-only dir, {port} the closed port.
+# Placeholders in argv: {w} the input dir, {ro} the read-only dir, {port} the closed port, {taken} a port a server holds.
 
 BAD_INT = ["abc", "1.5", "nan", "-1"]
 BAD_POSITIVE = [*BAD_INT, "0"]
@@ -324,6 +337,25 @@ def script_cases() -> list:
     ]
 
 
+# make runs the recipe with this Python's virtualenv and never installs one (-o: its stamp counts as up to date).
+MAKE = ["make", "--no-print-directory", "-C", str(ROOT), "-o", f"{sys.prefix}/.installed-stamp", f"VENV={sys.prefix}"]
+BAD_PORTS = ["abc", "1.5", "nan", "-1", "70000", ""]
+
+
+def make_cases() -> list:
+    """make dashboard: LOGDIR and PORT are checked before TensorBoard starts."""
+    dashboard = [*MAKE, "dashboard"]
+    tb = [*dashboard, "LOGDIR={w}/tb"]
+    return [
+        *[pytest.param([*tb, f"PORT={v}"], ("PORT", repr(v)), id=f"make-dashboard-PORT={v}") for v in BAD_PORTS],
+        pytest.param([*tb, "PORT={taken}"], "is taken", id="make-dashboard-PORT=taken"),
+        pytest.param([*dashboard, "LOGDIR={w}/nothing"], "no TensorBoard event files", id="make-dashboard-LOGDIR=missing"),
+        pytest.param([*dashboard, "LOGDIR={w}/log"], "no TensorBoard event files", id="make-dashboard-LOGDIR=no-event-files"),
+        pytest.param([*dashboard, "LOGDIR={w}/afile"], "no TensorBoard event files", id="make-dashboard-LOGDIR=a-file"),
+        pytest.param([*dashboard, "LOGDIR="], "no TensorBoard event files", id="make-dashboard-LOGDIR=empty"),
+    ]
+
+
 SSH_TASKS = ["launch", "logs", "status", "stop", "fetch-weights", "dashboard"]
 LAMBDA_TASKS = ["types", "instances", "provision", "terminate"]
 
@@ -415,13 +447,13 @@ def checkpoint_cases() -> list:
 
 
 CASES = [*sample_cases(), *export_cases(), *plot_cases(), *stats_cases(), *prepare_cases(), *hub_cases(), *guard_sync_cases(), *script_cases(),
-         *fab_cases(), *train_cases(), *checkpoint_cases()]
+         *fab_cases(), *train_cases(), *checkpoint_cases(), *make_cases()]
 
 NO_KEY = {"fab-types--api-key-file=missing"}  # cases run without LAMBDA_API_KEY
 
 
 def run(argv: list[str], world: dict, **extra_env) -> subprocess.CompletedProcess:
-    fill = {"w": world["dir"], "ro": world["ro"], "port": world["port"], "scratch": world["scratch"]}
+    fill = {"w": world["dir"], "ro": world["ro"], "port": world["port"], "taken": world["taken"], "scratch": world["scratch"]}
     argv = [a.format(**fill) for a in argv]
     # Nothing may reach a real service: the Lambda API and S3 point at the closed port, and a key is at hand so the
     # Lambda tasks get as far as their own checks.
@@ -435,10 +467,17 @@ def run(argv: list[str], world: dict, **extra_env) -> subprocess.CompletedProces
     return subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
+# make's own line after a recipe that failed, naming the target; the recipe's line is the one under test.
+MAKE_FAILED = re.compile(r"make(\[\d+\])?: \*\*\* \[[^]]*\] Error 2")
+
+
 def assert_contract(proc: subprocess.CompletedProcess, needle: str | tuple[str, ...]) -> None:
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out, out
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    if proc.args[0] == "make":
+        assert len(lines) == 2 and MAKE_FAILED.fullmatch(lines[-1]), proc.stderr
+        lines = lines[:-1]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert any(n in lines[0] for n in ([needle] if isinstance(needle, str) else needle)), (needle, lines[0])
     assert proc.returncode == 2, (proc.returncode, lines[0])
@@ -459,7 +498,8 @@ def test_a_bad_input_is_one_error_line_and_exit_2(argv, needle, world, request):
 
 
 HELP = [pytest.param([PY, "-m", m, "--help"], id=f"help-{m}")
-        for m in ("job.sample", "job.export", "job.plot", "job.stats", "job.prepare", "job.sidecar.guard", "job.sidecar.sync")]
+        for m in ("job.sample", "job.export", "job.plot", "job.stats", "job.prepare", "job.sidecar.guard", "job.sidecar.sync",
+                  "job.dashboards")]
 HELP += [pytest.param([PY, str(ROOT / "scripts" / f"{name}.py"), "--help"], id=f"help-{name}")
          for name in ("bench_summary", "bench_prepare", "estimate_cuda_image")]
 HELP += [pytest.param([FAB, "--help", task], id=f"help-fab-{task}") for task in ("launch", "fetch-weights", "provision")]
@@ -470,3 +510,13 @@ def test_help_still_works(argv, world):
     proc = run(argv, world)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and not proc.stderr.strip(), proc.stderr
+
+
+def test_make_dashboard_on_a_taken_port_names_it_and_a_free_one(world):
+    proc = run([*MAKE, "dashboard", "LOGDIR={w}/tb", "PORT={taken}"], world)
+    assert_contract(proc, f"port {world['taken']} on 127.0.0.1 is taken")
+    other = int(re.search(r"make dashboard PORT=(\d+) ", proc.stderr).group(1))
+    assert other not in (0, world["taken"])
+    with socket.socket() as s:  # free when it was named, as TensorBoard binds (nothing here has taken it since)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", other))

@@ -6,15 +6,19 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, events, losses, run_cli, train_cmd
+from conftest import ROOT, assert_one_line_error, events, losses, run_cli, train_cmd
 from job import contract
 from job.dashboards import unreachable
 from sshd import free_port
@@ -209,3 +213,31 @@ def test_offline_and_disabled_wandb_ask_no_server(mode, shards, tmp_path):
     run_cli(*train_cmd(shards, log, "--max-steps", "1", "--wandb", "proj"), check=True, WANDB_MODE=mode, WANDB_BASE_URL=nowhere, WANDB_SILENT="true")
     assert list(losses(log)) == [0]
     assert len(list((log / "wandb").glob("offline-run-*"))) == (mode == "offline")  # a disabled run writes nothing
+
+
+# ---- make dashboard -------------------------------------------------------------------------------------------------
+def test_make_dashboard_serves_the_log_dirs_tensorboard_on_the_port_given(tmp_path, no_proxy_env):
+    """The checks in front of TensorBoard let a good LOGDIR and PORT through: TensorBoard serves that log dir's scalars
+    on that port (a run in a sub-directory, as --runs writes them, counts)."""
+    from job.dashboards import TensorBoardWriter
+
+    run_dir = tmp_path / "log" / "seed-1337"
+    run_dir.mkdir(parents=True)
+    TensorBoardWriter(run_dir).event("train", {"step": 0, "loss": 10.5})
+    port = free_port()
+    make = ["make", "--no-print-directory", "-C", str(ROOT), "-o", f"{sys.prefix}/.installed-stamp",
+            f"VENV={sys.prefix}", "dashboard", f"LOGDIR={tmp_path / 'log'}", f"PORT={port}"]
+    proc = subprocess.Popen(make, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, tags = time.monotonic() + 120, {}
+        while "seed-1337" not in tags and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    tags = json.load(r)
+            except OSError:
+                time.sleep(0.5)  # not serving yet, or still reading the event files
+        assert proc.poll() is None, proc.stdout.read()
+        assert "loss/train" in tags.get("seed-1337", {}), tags
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
