@@ -3,8 +3,9 @@ optimizer steps; per-step losses, how far the weights drift apart, and both step
 
     python scripts/bench_speedrun.py --record PATH [--device cuda] [--steps 8] [--size full|small] [--out FILE.json]
 
-PATH is the record's train_gpt.py or its log (see scripts/speedrun_reference.py, which loads it the same way; the
-record's code is read from there, never copied). On CUDA both run as the record does: compiled, FlexAttention, the
+PATH is the record's train_gpt.py or its log (see scripts/speedrun_reference.py, which loads it the same way and
+refuses another file; the record's code is read from there, never copied). --out is written (replaced) at the end,
+and checked before the run. On CUDA both run as the record does: compiled, FlexAttention, the
 record's FP8 output layer where the GPU has FP8, bf16 embeddings, one rank (the record's Muon all-gathers within a
 one-process NCCL group). On the CPU (a smoke test of this script at --size small) the record's attention goes through
 the dense element mask as in speedrun_reference.py, and nothing is compiled.
@@ -28,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from job.errors import ArgumentParser, UserError, cli_main  # noqa: E402
+from job.errors import ArgumentParser, UserError, cli_main, int_arg  # noqa: E402
 from job.optim import Optimizers  # noqa: E402
 from job.recipes import speedrun as recipe  # noqa: E402
 from job.speedrun.fp8 import fp8_supported  # noqa: E402
@@ -45,9 +46,8 @@ def reference_module():
     return module
 
 
-def load_record(path: Path, device: str) -> dict:
+def load_record(path: Path, source: str, device: str) -> dict:
     ref = reference_module()
-    source = ref.record_source(path)
     ns: dict = {"__name__": "record"}
     code = ref.definitions(source) if device == "cpu" else source.split("# int main")[0]
     exec(compile(code, str(path), "exec"), ns)  # noqa: S102 - the record's code, fetched by the user
@@ -148,12 +148,16 @@ def main(argv=None) -> dict:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--record", type=Path, required=True)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int_arg(1), default=8)
     p.add_argument("--size", choices=tuple(SIZES), default="full")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if not args.record.is_file():
-        raise UserError(f"--record {args.record} does not exist: pass the record's train_gpt.py or its .txt log")
+    ref = reference_module()
+    # Everything that can be refused is refused before the run: the output first, then the record's code.
+    ref.check_record_path(args.record)
+    if args.out:
+        ref.check_out_file(args.out, "bench_speedrun.json")
+    source = ref.read_record(args.record)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: this machine has no CUDA GPU: use --device cpu --size small")
@@ -161,7 +165,7 @@ def main(argv=None) -> dict:
         os.environ.setdefault("MASTER_PORT", "29517")
         torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     size, cfg = SIZES[args.size], type("Cfg", (), {"max_steps": recipe.RECORD_STEPS})()
-    ns = load_record(args.record, args.device)
+    ns = load_record(args.record, source, args.device)
     data = batches(args.steps, size["seq_len"], args.device)
     init, rec_model, rec_step = run_record(ns, size, args.device, data, args.steps, cfg)
     port_model, port_step = run_port(init, size, args.device, args.steps, cfg, data)
@@ -179,6 +183,7 @@ def main(argv=None) -> dict:
               "port_speed_vs_record": ms(rec_times) / ms(port_times)}
     print(json.dumps(result, indent=1))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return result
 

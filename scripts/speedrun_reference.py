@@ -5,8 +5,9 @@
 An existing FILE.json (tests/data/speedrun_reference.json, say) is replaced only with --force.
 
 PATH is the record's train_gpt.py, or its log (records/track_1_short/2025-05-24_StableTorch/*.txt, which starts with
-the script's code). The record's code is read from there and never copied into this repository; only the figures
-it produces are.
+the script's code; RECORD_LOG below). The record's code is read from there and never copied into this repository; only
+the figures it produces are. Another file (another record, an edited copy, any other code) is refused in one line
+before anything runs, as are a --out that cannot be written and an existing one without --force.
 
 The record's definitions (model, Muon, FP8 op) run on the CPU with these changes, all of placement, none of
 arithmetic: tensors it puts on "cuda" go to the CPU; its one-rank all-gather is a copy (gloo, the CPU's backend, does
@@ -31,9 +32,10 @@ with tolerances derived there, never with ==.
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import platform
-import re
 import sys
 import types
 from pathlib import Path
@@ -50,6 +52,19 @@ SEED, VOCAB, DIM, HEADS, SEQ = 1234, 50257, 128, 1, 1024
 WINDOWS = (1, 2, 3, 5, 8)
 STEPS, ITERATIONS = 4, 6  # four steps of a six-step schedule: constant, then into the cooldown
 
+# The record's log at the modded-nanogpt commit it was read at: the script's code, then its output.
+RECORD_LOG = ("https://raw.githubusercontent.com/KellerJordan/modded-nanogpt/f411b3d346aa52d3504324ca93c230fd84c6c07f/"
+              "records/track_1_short/2025-05-24_StableTorch/89d9f224-3b01-4581-966e-358d692335e0.txt")
+GET_RECORD = f"pass the record's log (`curl -LO {RECORD_LOG}`) or the train_gpt.py it starts with"
+# The record's code (the log's first part), as code_digest reads it: another record's, or an edited copy, is not it.
+RECORD_DIGEST = "44240c31e02d8be9a392aa31c97c8f6ad9f0d81c51d881d516dc193c8933a6f6"
+MAIN = "# int main"  # the record's line between its definitions and its main program
+# What these scripts take from the record: its classes with the arguments they are called with, the functions of its
+# schedule, and its FP8 matmul op.
+RECORD_CLASSES = {"GPT": ("vocab_size", "num_layers", "num_heads", "model_dim", "max_seq_len"), "Muon": ("lr", "momentum", "rank", "world_size")}
+RECORD_SCHEDULE = ("get_lr", "get_window_size_blocks")
+RECORD_OP = "nanogpt::mm"
+
 
 def record_source(path: Path) -> str:
     text = path.read_text()
@@ -60,17 +75,90 @@ def record_source(path: Path) -> str:
 
 def definitions(source: str) -> str:
     """The record's definitions (everything before its main program), placed on the CPU."""
-    head = source.split("# int main")[0]
+    head = source.split(MAIN)[0]
     head = head.replace('torch.empty(1, device="cuda", requires_grad=True).backward()', "")
     return head.replace('device="cuda"', 'device="cpu"')
 
 
 def schedule_functions(source: str) -> str:
     """The record's get_lr and window-size functions, from its main program, placed on the CPU."""
-    main = source.split("# int main")[1]
+    main = source.split(MAIN)[1]
     start = main.index("# learning rate schedule")
     end = main.index("model: nn.Module = torch.compile")
     return main[start:end].replace("pin_memory=True", "pin_memory=False").replace(".cuda(non_blocking=True)", "")
+
+
+def code_digest(source: str) -> str:
+    """sha256 of the code with trailing spaces and blank lines at either end left out: the same for the log's first
+    part and a train_gpt.py cut from it by hand."""
+    return hashlib.sha256("\n".join(line.rstrip() for line in source.strip().splitlines()).encode()).hexdigest()
+
+
+def not_the_record(source: str) -> str | None:
+    """Why `source` is not the record's code, in a few words, or None when it is. Read with ast, never run: another
+    file fails here, not as a traceback from deep in its own code; what it lacks of what these scripts take from the
+    record is named, and code that has all of it but is not the record's is said to be another version."""
+    if code_digest(source) == RECORD_DIGEST:
+        return None
+    if not source.strip():
+        return "it is empty"
+    if MAIN not in source:
+        return f"it has no `{MAIN}` line between the model's code and the training loop"
+    try:
+        tree = ast.parse(definitions(source))
+    except SyntaxError as e:
+        return f"line {e.lineno} is not Python: {e.msg}"
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    for name, wanted in RECORD_CLASSES.items():
+        body = classes[name].body if name in classes else []
+        init = next((f for f in body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+        if init is None:
+            return f"it defines no class {name}"
+        args = {a.arg for a in init.args.args + init.args.kwonlyargs}
+        if missing := [a for a in wanted if a not in args]:
+            return f"its {name} takes no {', '.join(missing)}"
+    if not any(isinstance(n, ast.Constant) and n.value == RECORD_OP for n in ast.walk(tree)):
+        return f"it registers no {RECORD_OP} op (the FP8 matmul)"
+    try:
+        schedule = ast.parse(schedule_functions(source))
+    except ValueError:
+        return "its training loop has no learning rate schedule before `model: nn.Module = torch.compile`"
+    except SyntaxError as e:
+        return f"its learning rate schedule is not Python: {e.msg}"
+    functions = {n.name for n in schedule.body if isinstance(n, ast.FunctionDef)}
+    if missing := [f for f in RECORD_SCHEDULE if f not in functions]:
+        return f"its schedule defines no {', '.join(missing)}"
+    return "it is another version of the record's code: another record, or an edited copy"
+
+
+def check_record_path(path: Path) -> None:
+    """--record names a file (a directory or a missing path is one line, with where to get the record)."""
+    if path.is_dir():
+        raise UserError(f"--record {path} is a directory: {GET_RECORD}")
+    if not path.is_file():
+        raise UserError(f"--record {path} does not exist: {GET_RECORD}")
+
+
+def read_record(path: Path) -> str:
+    """The record's code from its train_gpt.py or its log, or one line saying that the file is not it and where the
+    record is."""
+    check_record_path(path)
+    try:
+        source = record_source(path)
+    except UnicodeDecodeError:
+        source, why = None, "it is not text"
+    else:
+        why = not_the_record(source)
+    if why:
+        raise UserError(f"--record {path} is not the record's train_gpt.py or log ({why}): {GET_RECORD}")
+    return source
+
+
+def check_out_file(out: Path, example: str = "speedrun_reference.json") -> None:
+    """--out names a file that can be written, refused now rather than after the run."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: pass the path of a JSON file, e.g. {out / example}")
+    check_output_path(out, "--out")
 
 
 class OneRank:
@@ -100,7 +188,7 @@ def dense_flex(q, k, v, block_mask, scale):
 
 
 def load_record(path: Path) -> dict:
-    source = record_source(path)
+    source = read_record(path)
     ns: dict = {"__name__": "record"}
     exec(compile(definitions(source), str(path), "exec"), ns)  # noqa: S102 - the record's code, fetched by the user
     ns["dist"] = OneRank()
@@ -231,14 +319,11 @@ def main(argv=None) -> None:
                    help="the JSON to write (the tests read tests/data/speedrun_reference.json)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    if not args.record.is_file():
-        raise UserError(f"--record {args.record} does not exist: pass the record's train_gpt.py or its .txt log")
+    # Everything that can be refused is refused before the minutes of the run: the output first, before the record is read.
+    check_record_path(args.record)
+    check_out_file(args.out)
     if args.out.exists() and not args.force:
         raise UserError(f"--out {args.out} exists: pass --force to replace it, or write to another file and compare")
-    check_output_path(args.out, "--out")
-    source = record_source(args.record)
-    if not re.search(r"class GPT\(nn.Module\)", source):
-        raise UserError(f"--record {args.record} holds no GPT model code: pass the record's train_gpt.py or its .txt log")
     ns = load_record(args.record)
     figures = {
         "record": "KellerJordan/modded-nanogpt records/track_1_short/2025-05-24_StableTorch",

@@ -94,6 +94,36 @@ def _shards(w: Path) -> None:
     (d / "x_train_000001.npy").write_bytes(whole[: len(whole) // 2])
 
 
+# Code of the record's shape (the classes, arguments, op and schedule the speedrun scripts take from it), which is not
+# the record's: another record, or an edited copy.
+RECORD_SHAPED = """import torch
+@torch.library.custom_op("nanogpt::mm", mutates_args=())
+def mm_op(x, w, x_s, w_s, grad_s):
+    return x
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.02, momentum=0.95, rank=0, world_size=1):
+        pass
+class GPT(torch.nn.Module):
+    def __init__(self, vocab_size, num_layers, num_heads, model_dim, max_seq_len):
+        pass
+# int main
+# learning rate schedule
+def get_lr(step):
+    return 1.0
+def get_window_size_blocks(step):
+    return 1
+model: nn.Module = torch.compile(model)
+"""
+
+
+def _not_records(w: Path) -> None:
+    """Files given as the speedrun record that are not it: empty, not Python, of the record's shape but not its code."""
+    (w / "empty.py").write_text("")
+    (w / "syntax_error.py").write_text("import os\nclass GPT(nn.Module):\n    def __init__(self:\n# int main\n")
+    (w / "record_shaped.py").write_text(RECORD_SHAPED)
+    (w / "a_dir").mkdir()
+
+
 def _hf_tokens(w: Path) -> None:
     """Hugging Face token files that cannot be one: a directory, binary bytes, text outside ASCII."""
     (w / "hf_token_dir").mkdir()
@@ -144,6 +174,7 @@ def world(tmp_path_factory):
     _shards(w)
     _hf_tokens(w)
     _prepared(w)
+    _not_records(w)
     ro, release = _read_only_dir(w / "ro")
     port = _closed_port()
     taken = _listening_port()
@@ -316,6 +347,32 @@ def guard_sync_cases() -> list:
     ]
 
 
+# What is given as the speedrun record (the path, and what the line must say), each not the record's code.
+NOT_RECORDS = [("{w}/a_dir", "is a directory"), ("{w}/missing.txt", "does not exist"), ("{w}/empty.py", "(it is empty)"),
+               ("{w}/syntax_error.py", "line 3 is not Python"), (str(ROOT / "job" / "model.py"), "no `# int main` line"),
+               ("{w}/good.pt", "not text"), ("{w}/record_shaped.py", "another version of the record's code")]
+SPEEDRUN_SCRIPTS = ["speedrun_reference", "bench_speedrun"]
+
+
+def speedrun_script_cases(s) -> list:
+    """scripts/speedrun_reference.py and bench_speedrun.py: the record's path and code, --out before the run, argparse.
+    They import torch before parsing (seconds each): each kind once, the scripts in turn (both check with the same code)."""
+    def cmd(name, record, out="{scratch}/speedrun.json"):
+        return [*s(name), "--record", record, "--out", out, *(["--device", "cpu"] if name == "bench_speedrun" else [])]
+
+    cases = [pytest.param(cmd(name, record), want, id=f"{name}--record={Path(record).name}")
+             for name, (record, want) in rotate(NOT_RECORDS, SPEEDRUN_SCRIPTS)]
+    # a file as --record: --out is refused before it is read, and before the run
+    outs = [("{w}/busy", "busy is a directory"), (UNDER_FILE, "afile is a file"), ("{ro}/speedrun.json", "read-only")]
+    cases += [pytest.param(cmd(name, "{w}/doc.txt", out), want, id=f"{name}--out={Path(out).name}")
+              for name, (out, want) in rotate(outs, SPEEDRUN_SCRIPTS)]
+    return cases + [
+        pytest.param(cmd("speedrun_reference", "{w}/doc.txt") + ["--bogus"], "--bogus", id="speedrun_reference-unknown-flag"),
+        *flag_cases(s("bench_speedrun"), ["--record", "{w}/doc.txt"], "--steps", ["0", "abc"], "bench_speedrun"),
+        *flag_cases(s("bench_speedrun"), ["--record", "{w}/doc.txt"], "--size", ["huge"], "bench_speedrun"),
+    ]
+
+
 def script_cases() -> list:
     def s(name):
         return [PY, str(ROOT / "scripts" / f"{name}.py")]
@@ -331,6 +388,7 @@ def script_cases() -> list:
         *flag_cases(s("bench_prepare"), [], "--dir", [UNDER_FILE, "{ro}/bench", "{w}/busy"], "bench_prepare"),
         pytest.param([*s("estimate_cuda_image"), "--bogus"], "--bogus", id="estimate_cuda_image-unknown-flag"),
         # these import torch before parsing: one case each
+        *speedrun_script_cases(s),
         pytest.param([*s("bench_train"), "--steps", "0"], "--steps", id="bench_train--steps=0"),
         pytest.param([*s("bench_loss"), "--rows", "abc"], "--rows", id="bench_loss--rows=abc"),
         pytest.param([*s("estimate_memory"), "--json", UNDER_FILE], "--json", id="estimate_memory--json=under-a-file"),

@@ -405,6 +405,7 @@ def test_the_record_scripts_load_and_refuse_a_missing_record_in_one_line(name, t
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --record") and "does not exist" in err and len(err.splitlines()) == 1, err
+    assert f"`curl -LO {script_module('speedrun_reference').RECORD_LOG}`" in err and "/2025-05-24_StableTorch/" in err  # where it is
     assert not (tmp_path / "out.json").exists()
 
 
@@ -425,5 +426,5 @@ def test_the_reference_script_replaces_an_existing_file_only_with_force(tmp_path
     assert_one_line_error(proc, "--out")
     proc = run_cli(script, "--record", record, "--out", out, "--force")
     assert proc.returncode == 2
-    assert_one_line_error(proc, "holds no GPT model code")
+    assert_one_line_error(proc, "is not the record's train_gpt.py or log", "curl -LO")
     assert out.read_text() == "{}\n"
