@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -164,7 +165,8 @@ def main(argv=None) -> dict:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    size, cfg = SIZES[args.size], type("Cfg", (), {"max_steps": recipe.RECORD_STEPS})()
+    # the recipe reads the run's length and its own hyperparameters (the record's, as the defaults are)
+    size, cfg = SIZES[args.size], types.SimpleNamespace(max_steps=recipe.RECORD_STEPS, hp=recipe.Hparams())
     ns = load_record(args.record, source, args.device)
     data = batches(args.steps, size["seq_len"], args.device)
     init, rec_model, rec_step = run_record(ns, size, args.device, data, args.steps, cfg)
