@@ -5,6 +5,7 @@ and cost estimates."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import socket
@@ -333,8 +334,11 @@ def measured_step_seconds(metrics_path, skip: int = 10) -> float | None:
 def estimate_cost(price_cents_per_hour: float, steps: int, step_seconds: float, nodes: int = 1,
                   overhead: float = OVERHEAD, setup_hours: float = SETUP_HOURS) -> tuple[float, float]:
     """(billed hours, dollars) for `steps` steps: step time plus a fraction for evals/checkpoints, plus boot and setup."""
-    if step_seconds is None or step_seconds <= 0:
+    if step_seconds is None:
         raise UserError("no step time to estimate the cost with: pass --step-seconds (measure it with `make bench PRESET=gpt2`)")
+    if not math.isfinite(step_seconds) or step_seconds <= 0:  # a step takes time: 0 would price the run at its setup alone
+        raise UserError(f"the step time to estimate the cost with must be positive, got {step_seconds!r} seconds: pass "
+                        "--step-seconds with the seconds a step takes (measure it with `make bench PRESET=gpt2`)")
     hours = steps * step_seconds / 3600 * (1 + overhead) + setup_hours
     return hours, hours * price_cents_per_hour * nodes / 100
 

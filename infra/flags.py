@@ -37,13 +37,8 @@ def integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str, str]
 
 
 def decimal(minimum: float = 0, above: float | None = None) -> Callable[[str, str], float]:
-    def parse(text, flag):
-        value = number(text, flag, float, minimum)
-        if above is not None and value <= above:
-            raise UserError(f"{flag} must be more than {above:g}, got {text!r}")
-        return value
-
-    return parse
+    """A finite number of at least `minimum` (and more than `above`: 0 is "must be positive", whatever the minimum)."""
+    return lambda text, flag: number(text, flag, float, minimum, above=above)
 
 
 def optional(parse: Callable[[str, str], Any]) -> Callable[[str, str], Any]:

@@ -96,7 +96,7 @@ def _number(value, cast, minimum=None, maximum=None, above=None):
     if not math.isfinite(n):  # NaN would slip past every comparison below
         raise ValueError(f"takes a finite number, got {value!r}")
     if above is not None and n <= above:
-        raise ValueError(f"must be more than {above:g}, got {value!r}")
+        raise ValueError(f"must be {'positive' if above == 0 else f'more than {above:g}'}, got {value!r}")
     if minimum is not None and n < minimum:
         raise ValueError(f"must be at least {minimum}, got {value!r}")
     if maximum is not None and n > maximum:
@@ -104,10 +104,10 @@ def _number(value, cast, minimum=None, maximum=None, above=None):
     return n
 
 
-def number(value, flag: str, cast=int, minimum: float | None = 0, maximum: float | None = None):
+def number(value, flag: str, cast=int, minimum: float | None = 0, maximum: float | None = None, above: float | None = None):
     """A command-line value as a number, or one line naming the flag (for CLIs, like fab's, that parse no types)."""
     try:
-        return _number(value, cast, minimum, maximum)
+        return _number(value, cast, minimum, maximum, above)
     except ValueError as e:
         raise UserError(f"{flag} {e}") from None
 

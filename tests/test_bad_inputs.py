@@ -440,7 +440,10 @@ def fab_cases() -> list:
         *flag_cases(launch, [], "--nproc", ["1.5"], "fab-launch"),
         *flag_cases(launch, [], "--max-hours", ["nan", "-1"], "fab-launch"),
         *flag_cases(launch, [], "--guard-poll", ["0"], "fab-launch"),
-        *flag_cases(launch, [], "--step-seconds", ["inf"], "fab-launch"),
+        *flag_cases(launch, [], "--step-seconds", ["inf", "nan", "abc"], "fab-launch"),
+        # a step time of 0 or less: the line says it must be positive (on the flag, before any pricing or dry run)
+        *[pytest.param([*launch, *dry, "--step-seconds", v], "--step-seconds must be positive", id=f"fab-launch{''.join(dry)}--step-seconds={v}")
+          for dry, v in rotate(["0", "-1", "0.0", "-0", "1e-400"], [[], ["--dry-run"], ["--dry-run", "--provision", "--type", "gpu_1x_a10"]])],
         *flag_cases(launch, [], "--master-port", ["70000"], "fab-launch"),
         *flag_cases(launch, [], "--train-args", OPEN_QUOTES, "fab-launch"),
         *flag_cases(launch, [], "--env", ['A="b', "NOVALUE"], "fab-launch"),

@@ -81,7 +81,7 @@ def test_a_batch_that_does_not_divide_among_the_ranks_is_refused_for_that_many_g
 def test_the_guard_settings_the_box_refuses_are_refused_here():
     with pytest.raises(UserError, match="--max-hours must be positive"):
         CloudOptions(max_hours=0)
-    with pytest.raises(UserError, match="--max-hours must be more than 0"):
+    with pytest.raises(UserError, match="--max-hours must be positive"):
         from_flags(LaunchOptions, {"host": "u@h", "max_hours": "0"})
 
 
@@ -116,7 +116,7 @@ def test_the_fab_task_takes_its_flags_from_the_options():
     (["--recipe", "speedrun", "--preset", "gpt2-xl"], "--preset gpt2-xl"),
     (["--data", "bundled"], "--data bundled"),
     (["--recipe", "speedrun", "--train-args", "--max-lr 1e-4"], "--max-lr is a setting of the gpt2 recipe"),
-    (["--max-hours", "0", "--terminate-when-done"], "--max-hours must be more than 0"),
+    (["--max-hours", "0", "--terminate-when-done"], "--max-hours must be positive"),
 ])
 def test_fab_launch_refuses_before_connecting(flags, needle, tmp_path):
     """The host is an address where nothing listens: the refusal comes first, so nothing was ever contacted."""

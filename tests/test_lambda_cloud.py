@@ -258,8 +258,11 @@ def test_cost_estimates(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"event": "train", "step": i, "ms": 900.0 if i < 10 else 330.0}) + "\n" for i in range(30)))
     assert cloud.measured_step_seconds(metrics) == pytest.approx(0.33)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="no step time .*: pass --step-seconds"):
         cloud.estimate_cost(2392, 100, None)
+    for bad in (0, -0.5, float("nan")):  # a step time that was given but is no step time: the line says what is wrong with it
+        with pytest.raises(UserError, match=r"must be positive, got .* seconds: pass --step-seconds with the seconds a step takes"):
+            cloud.estimate_cost(2392, 100, bad)
 
 
 # --- fab tasks, as real subprocesses --------------------------------------------------------------------
