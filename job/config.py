@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from job import contract, recipes
-from job.errors import ArgumentParser, UserError, float_arg, int_arg
+from job.errors import ArgumentParser, SettingsMismatch, UserError, flags_of, float_arg, int_arg
 from job.gpt_config import PADDED_VOCAB, GPTConfig
 
 
@@ -262,8 +262,54 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> Train
             bad("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
         if cfg.hellaswag_path and not os.path.isfile(cfg.hellaswag_path):
             bad("hellaswag_path", f"file {cfg.hellaswag_path} does not exist: pass a hellaswag_val.jsonl or --hellaswag-every 0")
-        rc.check_files(cfg)
+        try:
+            rc.check_files(cfg)
+        except SettingsMismatch as e:
+            raise UserError(f"{e.problem}: {fitting(cfg, e, world_size)}") from None
     return cfg
+
+
+def fitting(cfg: TrainConfig, mismatch: SettingsMismatch, world_size: int) -> str:
+    """What to pass for this run to take what `mismatch` asks for: its settings, with what a smaller block forces (shorter
+    sequences, in a batch of as many micro-steps), named only once the run they make passes this recipe's own checks,
+    as the next run will check it; else what the recipe refuses, and the mismatch's other way. A preset of the recipe
+    that fits as it is, is named beside them."""
+    change = dict(mismatch.settings)
+    block = change.get("block_size", cfg.block_size)
+    if cfg.seq_len > block:
+        micro_steps = max(cfg.total_batch_tokens // (cfg.micro_batch * cfg.seq_len * world_size), 1)
+        change.update(seq_len=block, total_batch_tokens=micro_steps * cfg.micro_batch * block * world_size)
+    if cfg.val_seq_len > block:
+        change["val_seq_len"] = block
+    if cfg.val_tokens:  # as many validation batches as before, of the new length
+        before = world_size * cfg.micro_batch * (cfg.val_seq_len or cfg.seq_len)
+        after = world_size * cfg.micro_batch * (change.get("val_seq_len", cfg.val_seq_len) or change.get("seq_len", cfg.seq_len))
+        if after != before:
+            change["val_tokens"] = max(cfg.val_tokens // before, 1) * after
+    try:
+        validate(cfg.replace(**change), world_size, files=False)
+    except UserError as e:
+        return f"the {cfg.recipe} recipe cannot take that ({flags_of(change)}: {e}): {mismatch.otherwise}"
+    presets = [name for name, table in cfg.card.presets.items() if name != cfg.preset and _fits_as_is(cfg, name, mismatch, world_size)]
+    return f"pass {flags_of(change)}" + (f" (or --preset {presets[0]}, which has that shape)" if presets else "")
+
+
+def _fits_as_is(cfg: TrainConfig, preset: str, mismatch: SettingsMismatch, world_size: int) -> bool:
+    """Whether --preset `preset` of this run's recipe, on its own defaults, has what `mismatch` asks for and passes the
+    recipe's checks."""
+    other = from_dict({"recipe": cfg.recipe, "preset": preset})
+    model = {"n_layer", "n_head", "n_embd"}
+    for name, value in mismatch.settings.items():
+        have = getattr(other, name)
+        if name in model and have != value or name == "block_size" and have > value or name == "vocab_size" and have < value:
+            return False
+    if any(getattr(other, k) != getattr(cfg, k) for k in model - set(mismatch.settings)):
+        return False  # the shape the run has already fits: the preset must keep it
+    try:
+        validate(other, world_size, files=False)
+    except UserError:
+        return False
+    return True
 
 
 HELP = {

@@ -23,6 +23,22 @@ class UserError(Exception):
     every_rank = False
 
 
+class SettingsMismatch(UserError):
+    """An input this run's settings do not fit, with the settings that would fit it (name -> value) and what to do where
+    none would. job.config's validate turns the settings into flags, with what they force (a shorter sequence for a
+    smaller block), and names them only once the chosen recipe takes them as the next run will; said anywhere else,
+    the line names the settings as they are."""
+
+    def __init__(self, problem: str, settings: dict, otherwise: str):
+        self.problem, self.settings, self.otherwise = problem, dict(settings), otherwise
+        super().__init__(f"{problem}: pass {flags_of(settings)}")
+
+
+def flags_of(settings: dict) -> str:
+    """{"n_layer": 2, "block_size": 64} -> "--n-layer 2 --block-size 64"."""
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in settings.items())
+
+
 class RankLost(UserError):
     """Another rank went away mid-run (killed, crashed, its machine gone): this one cannot go on alone. Not the
     first failure, so not the status the launcher reports; its line says what this rank saw and what to resume."""

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from job.errors import UserError
+from job.errors import SettingsMismatch, UserError
 from job.fsutil import write_failure
 from job.tokenizer import EOT, get_encoding
 from job.tokenizer import VOCAB_SIZE as GPT2_VOCAB
@@ -230,21 +230,37 @@ def read_hf_config(d: Path, spec: str) -> dict:
 
 
 def check_init_from(spec: str, model_cfg: GPTConfig) -> Path:
-    """Validate --init-from against this run's model (before any data or GPU is touched); returns the directory."""
+    """Validate --init-from against this run's model (before any data or GPU is touched); returns the directory. A model
+    of another shape is every difference at once, with the settings that fit it (SettingsMismatch)."""
     d = resolve_hf_dir(spec)
     cfg = read_hf_config(d, spec)
-    theirs = (cfg.get("n_layer"), cfg.get("n_head"), cfg.get("n_embd"))
-    ours = (model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd)
-    if theirs != ours:
-        raise UserError(f"--init-from {spec}: that model has {theirs[0]} layers, {theirs[1]} heads, width {theirs[2]}; this run's "
-                        f"has {ours[0]}, {ours[1]}, {ours[2]}: pass --n-layer {theirs[0]} --n-head {theirs[1]} --n-embd {theirs[2]} "
-                        "(or the matching --preset)")
-    if cfg.get("n_positions", 1024) < model_cfg.block_size:
-        raise UserError(f"--init-from {spec}: that model has {cfg.get('n_positions')} positions, fewer than --block-size "
-                        f"{model_cfg.block_size}: pass --block-size {cfg.get('n_positions')} or less")
-    if cfg.get("vocab_size", GPT2_VOCAB) > model_cfg.vocab_size:
-        raise UserError(f"--init-from {spec}: its vocabulary ({cfg.get('vocab_size')}) exceeds --vocab-size {model_cfg.vocab_size}")
+    sizes = {"n_layer": cfg.get("n_layer"), "n_head": cfg.get("n_head"), "n_embd": cfg.get("n_embd"),
+             "n_positions": cfg.get("n_positions", 1024), "vocab_size": cfg.get("vocab_size", GPT2_VOCAB)}
+    if bad := [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]:
+        raise UserError(f"--init-from {spec}: {d / 'config.json'} has no valid {', '.join(bad)}: pass a Hugging Face GPT-2 model directory")
+    shape = {k: sizes[k] for k in ("n_layer", "n_head", "n_embd")}
+    ours = {k: getattr(model_cfg, k) for k in shape}
+    problems, settings = [], {}
+    if shape != ours:
+        problems.append(f"that model has {_shape_words(shape)}; this run's has {_shape_words(ours)}")
+        settings.update({k: v for k, v in shape.items() if ours[k] != v})
+    if sizes["n_positions"] < model_cfg.block_size:
+        problems.append(f"it has {sizes['n_positions']} positions, fewer than this run's block size {model_cfg.block_size}")
+        settings["block_size"] = sizes["n_positions"]
+    if sizes["vocab_size"] > model_cfg.vocab_size:
+        problems.append(f"its vocabulary ({sizes['vocab_size']}) is larger than this run's {model_cfg.vocab_size}")
+        settings["vocab_size"] = sizes["vocab_size"]
+    if problems:
+        raise SettingsMismatch(f"--init-from {spec}: {'; '.join(problems)}", settings,
+                               "pass a model directory of this run's shape, or leave out --init-from")
     return d
+
+
+def _shape_words(shape: dict) -> str:
+    def count(n, word):
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    return f"{count(shape['n_layer'], 'layer')}, {count(shape['n_head'], 'head')}, width {shape['n_embd']}"
 
 
 def read_hf_weights(d: Path) -> dict:

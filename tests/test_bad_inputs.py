@@ -116,6 +116,16 @@ model: nn.Module = torch.compile(model)
 """
 
 
+def _hf_dirs(w: Path) -> None:
+    """A Hugging Face GPT-2 directory of another shape than the trainer's cases (--init-from reads its config first)."""
+    import json
+
+    (w / "hf_other").mkdir()
+    (w / "hf_other" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16,
+                                                            "n_positions": 8, "vocab_size": 50257}))
+    (w / "hf_other" / "model.safetensors").write_bytes(b"")
+
+
 def _not_records(w: Path) -> None:
     """Files given as the speedrun record that are not it: empty, not Python, of the record's shape but not its code."""
     (w / "empty.py").write_text("")
@@ -175,6 +185,7 @@ def world(tmp_path_factory):
     _hf_tokens(w)
     _prepared(w)
     _not_records(w)
+    _hf_dirs(w)
     ro, release = _read_only_dir(w / "ro")
     port = _closed_port()
     taken = _listening_port()
@@ -482,6 +493,9 @@ def train_cases() -> list:
              for kind in ("oov", "dtype", "truncated")]
     cases.append(pytest.param([*cmd, "--data-dir", "{w}/shards_good", "--log-dir", UNDER_FILE], "afile", id="train--log-dir=under-a-file"))
     good = [*cmd, "--data-dir", "{w}/shards_good"]
+    # a model of another shape: every difference, and the flags that fit it (with the shorter sequences its block forces)
+    cases.append(pytest.param([*good, "--init-from", "hf:{w}/hf_other"], "it has 8 positions, fewer than this run's block size 16: "
+                              "pass --n-head 2 --n-embd 16 --block-size 8 --seq-len 8 --total-batch-tokens 16", id="train--init-from=other-shape"))
     cases.append(env_case(good, "WORLD_SIZE", "train-WORLD_SIZE=two", WORLD_SIZE="two", RANK="0"))
     cases.append(env_case([*good, "--total-batch-tokens", "64"], "MASTER_ADDR", "train-RANK-without-MASTER_ADDR",
                           RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",

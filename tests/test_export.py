@@ -3,6 +3,7 @@ and the same token ids; --init-from hf:DIR trains on from such a directory."""
 
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers/huggingface_hub read these at import: never reach for the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -11,12 +12,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import assert_one_line_error, events, run_cli, train_cmd  # noqa: E402
+from job import recipes  # noqa: E402
 from job.config import parse_args  # noqa: E402
 from job.data import ShardLoader  # noqa: E402
 from job.errors import UserError  # noqa: E402
 from job.export import export  # noqa: E402
 from job.hf import OUTPUT_FILES, gpt2_vocab_and_merges  # noqa: E402
 from job.model import GPT, GPTConfig  # noqa: E402
+from job.recipes.gpt2 import GPT2  # noqa: E402
+from job.recipes.gpt2 import PRESETS as GPT2_PRESETS  # noqa: E402
 from job.tokenizer import ASSET_DIR, encode  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="transformers (requirements-dev.txt) loads the exported directory")
@@ -102,12 +106,104 @@ def test_init_from_validation(exported, tmp_path):
         ([*small, "--init-from", str(out)], "--init-from must be hf:DIR"),
         ([*small, "--init-from", f"hf:{tmp_path}/nowhere"], "is not a local directory"),
         ([*small, "--init-from", f"hf:{tmp_path}"], "has no config.json"),
-        (["--preset", "tiny", "--init-from", f"hf:{out}"], "pass --n-layer 2 --n-head 2 --n-embd 64"),
+        (["--preset", "tiny", "--init-from", f"hf:{out}"], "pass --n-layer 2 --n-head 2 --n-embd 64 --block-size 64 --seq-len 64 "
+                                                           "--total-batch-tokens 512$"),
         ([*small[:-6], "--block-size", "128", "--seq-len", "32", "--micro-batch", "4", "--total-batch-tokens", "128",
-          "--init-from", f"hf:{out}"], "pass --block-size 64 or less"),
+          "--init-from", f"hf:{out}"], "fewer than this run's block size 128: pass --block-size 64$"),
     ]:
         with pytest.raises(UserError, match=want):
             parse_args(args)
+
+
+def hf_config(tmp_path, name: str, exported, **sizes) -> str:
+    """hf:DIR of an exported model's config.json with other sizes (what --init-from checks before it reads weights)."""
+    d = tmp_path / name
+    d.mkdir()
+    config = json.loads((exported / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "n_positions": 1024, **sizes}))
+    (d / "model.safetensors").write_bytes(b"")
+    return f"hf:{d}"
+
+
+def advice(args: list[str], world_size: int = 1) -> tuple[str, list[str], str | None]:
+    """The line --init-from of another shape gives, the flags it says to pass, and the preset it offers instead."""
+    with pytest.raises(UserError) as e:
+        parse_args(args, world_size=world_size)
+    line = str(e.value)
+    m = re.search(r": pass (--[^(]*?)( \(or --preset (\S+), which has that shape\))?$", line)
+    assert m, line
+    return line, m.group(1).split(), m.group(3)
+
+
+@pytest.mark.parametrize("run, world_size, sizes", [
+    (["--preset", "tiny"], 1, dict(n_layer=2, n_head=2, n_embd=64, n_positions=64)),  # a smaller block: shorter sequences
+    # on two ranks, with a validation set of its own length and size: shorter, and as many batches
+    (["--preset", "tiny", "--total-batch-tokens", "4096", "--val-seq-len", "128", "--val-tokens", "4096"], 2,
+     dict(n_positions=32, n_layer=4, n_head=4, n_embd=128)),
+    (["--preset", "gpt2"], 2, dict(n_layer=24, n_head=16, n_embd=1024)),  # gpt2-medium's shape: its preset is offered too
+    (["--preset", "tiny"], 1, dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50400)),
+])
+def test_the_init_from_advice_is_what_the_next_run_takes(exported, tmp_path, run, sizes, world_size):
+    """A model of another shape is every difference in one line, and the flags it names are the next run's: the same
+    command with them added is accepted, with that model's shape; a preset it names instead is accepted too."""
+    spec = hf_config(tmp_path, "other", exported[1], **sizes)
+    args = [*run, "--init-from", spec]
+    line, flags, preset = advice(args, world_size)
+    cfg = parse_args([*args, *flags], world_size=world_size)
+    want = {k: v for k, v in sizes.items() if k in ("n_layer", "n_head", "n_embd")}
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert cfg.block_size <= sizes.get("n_positions", 1024) and cfg.vocab_size >= sizes.get("vocab_size", 50257)
+    if preset is not None:
+        assert {k: getattr(parse_args(["--preset", preset, "--init-from", spec], world_size=world_size), k) for k in want} == want
+    assert (preset == "gpt2-medium") == (sizes.get("n_embd") == 1024), line
+
+
+def test_a_run_given_the_init_from_advice_trains_from_that_model(exported, shards, tmp_path):
+    """Through the trainer's command line: a run of another depth and a longer block is told, in one line, what fits the
+    export, and the same command with those flags added starts from its weights and trains."""
+    _, out = exported
+    log = tmp_path / "log"
+    other = ["--n-layer", 3, "--block-size", 128, "--seq-len", 128, "--total-batch-tokens", 1024, "--init-from", f"hf:{out}"]
+    line = assert_one_line_error(run_cli(*train_cmd(shards, log, *other)), "--init-from", "that model has 2 layers")
+    assert line.endswith(": pass --n-layer 2 --block-size 64 --seq-len 64 --total-batch-tokens 512"), line
+    assert not log.exists()
+    flags = line.split(": pass ")[1].split()
+    proc = run_cli(*train_cmd(shards, log, *other, *flags, "--max-steps", 1), check=True)
+    assert f"initialized the weights from hf:{out}" in proc.stdout and len(events(log, "train")) == 1
+
+
+class Deep(GPT2):
+    """The gpt2 recipe at one depth only, with presets of its own: what it refuses and which presets it has are its card's."""
+
+    name = "deep"
+    presets = {"deep": {**GPT2_PRESETS["tiny"], "n_layer": 12}, "deep-wide": {**GPT2_PRESETS["tiny"], "n_layer": 12, "n_head": 12, "n_embd": 768}}
+
+    def check(self, cfg, world_size):
+        super().check(cfg, world_size)
+        if cfg.n_layer != 12:
+            raise UserError(f"--n-layer {cfg.n_layer}: the deep recipe has 12 layers: leave --n-layer out")
+
+
+@pytest.fixture
+def deep():
+    recipes.register(Deep())
+    yield
+    recipes.unregister("deep")
+
+
+def test_the_init_from_advice_names_only_what_the_chosen_recipe_takes(exported, tmp_path, deep):
+    """Another recipe with --init-from: a shape it refuses is said to be refused, not offered as flags to pass; a shape
+    it takes is offered as its flags, with its own preset of that shape (never another recipe's)."""
+    two_layers = ["--recipe", "deep", "--init-from", hf_config(tmp_path, "two", exported[1], n_layer=2, n_head=2, n_embd=64)]
+    with pytest.raises(UserError) as e:
+        parse_args(two_layers)
+    line = str(e.value)
+    assert "the deep recipe cannot take that" in line and "the deep recipe has 12 layers" in line, line
+    assert ": pass a model directory of this run's shape, or leave out --init-from" in line and "pass --n-layer" not in line, line
+    gpt2_shape = ["--recipe", "deep", "--init-from", hf_config(tmp_path, "wide", exported[1], n_layer=12, n_head=12, n_embd=768)]
+    line, flags, preset = advice(gpt2_shape)
+    assert flags == ["--n-head", "12", "--n-embd", "768"] and preset == "deep-wide", line
+    assert parse_args([*gpt2_shape, *flags]).n_embd == 768 and parse_args([*gpt2_shape, "--preset", preset]).n_embd == 768
 
 
 @pytest.mark.slow
