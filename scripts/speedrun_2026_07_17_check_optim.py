@@ -367,6 +367,29 @@ def replaced(ns: dict, **values):
         ns.update(saved)
 
 
+def compare_configs(record_opt, record_params: dict, port) -> list[str]:
+    """Each label's settings as the two optimizers built them (on 8 ranks: the bigram embedding's sparse rows)."""
+    diffs = []
+    for label in SHAPES:
+        want, got = record_opt.param_cfgs[record_params[label]], port.cfgs[label]
+        pairs = dict(
+            optim=(want.optim, got.optim),
+            comms=(want.comms, got.comms),
+            lr_mul=(want.lr_mul, got.lr_mul),
+            wd_mul=(want.wd_mul, got.wd_mul),
+            initial_lr=(want.initial_lr, got.initial_lr),
+            weight_decay=(want.weight_decay, got.weight_decay),
+            adam_betas=(want.adam_betas, got.adam_betas),
+            eps=(want.eps, got.eps),
+            chunk=(want.chunk_size, got.chunk),
+            shape=(want.reshape, got.bank_shape),
+            beta2=(want.beta2, got.beta2),
+            per_matrix_lr_mul=(want.per_matrix_lr_mul, got.per_matrix_lr_mul),
+        )
+        diffs += [f"{label}: {k} record {a!r} port {b!r}" for k, (a, b) in pairs.items() if a != b]
+    return diffs
+
+
 def check_optimizer(ns, steps: int, world: int = 1) -> list[str]:
     """`steps` steps of the record's TrainingManager and of the port's optimizer on this rank, on a short schedule
     (and a bigram table of BIGRAM_ROWS rows; the record's sparse exchange finds the bigram embedding as `model`'s)."""
@@ -386,6 +409,7 @@ def optimizer_steps(ns, record_model, steps: int, world: int) -> list[str]:
     port_schedule = schedule.TrainingSchedule(scheduled_steps=SHORT[0], extension_steps=SHORT[1])
     rank = dist.get_rank() if dist.is_initialized() else 0
     diffs = [] if all(torch.equal(record_params[k], port_params[k]) for k in SHAPES) else ["the initial weights differ"]
+    diffs += compare_configs(manager.optimizer, record_params, port)
     for step in range(steps):
         grads, rows = gradients(step, rank)
         accumulate(record_params, grads)  # the record's loop: rows before the forward, indexes after it, then the step

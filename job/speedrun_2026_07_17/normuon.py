@@ -166,8 +166,9 @@ class NorMuonAndAdam:
             raise ValueError(f"{label}: comms {comms!r} is not one of {COMMS}")
         if comms == "sharded_sparse" and not sparse_comms:
             comms = "sharded"
+        sharded = comms.startswith("sharded")
         if self.world == 1:
-            comms = "none"
+            comms = "none"  # the shard is the whole parameter
         base = dict(
             label=label,
             optim=entry["optim"],
@@ -178,9 +179,9 @@ class NorMuonAndAdam:
         lr_mul = entry.get("lr_mul", 1.0)
         if entry["optim"] == "adam":
             d = self.adam_defaults
-            if comms != "none" and comms != "replicated" and param.size(0) % self.world:
+            if sharded and param.size(0) % self.world:
                 raise ValueError(f"{label}: {param.size(0)} rows do not divide among {self.world} ranks")
-            chunk = param.size(0) // self.world if comms.startswith("sharded") else None
+            chunk = param.size(0) // self.world if sharded else None
             return ParamConfig(**base, lr_mul=lr_mul, lr=d["lr"], initial_lr=d["lr"], weight_decay=d["weight_decay"], eps=d["eps"], chunk=chunk)
         if entry["optim"] != "normuon":
             raise ValueError(f"{label}: unknown optimizer {entry['optim']!r}")
@@ -378,7 +379,7 @@ class NorMuonAndAdam:
         """The whole state, every shard gathered (a collective: every rank calls it; each gets the same dict), keyed
         by label: a checkpoint from any rank resumes on any number of ranks."""
         params = {
-            label: {k: self._gathered(v, self.cfgs[label]).cpu() if isinstance(v, Tensor) else v for k, v in state.items()}
+            label: {k: self._gathered(v, self.cfgs[label]).to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in state.items()}
             for label, state in self.state.items()
         }
         return {"tied": self.tied, "params": params}
