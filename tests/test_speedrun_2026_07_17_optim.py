@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import script_module
 from job.speedrun_2026_07_17 import param_table
 from job.speedrun_2026_07_17.normuon import NorMuonAndAdam, cautious_update_
 from job.speedrun_2026_07_17.polar_express import ba_plus_caa, polar_express, xtx, xxt
@@ -329,3 +330,26 @@ def test_two_gloo_ranks_step_exactly_as_one_process(tmp_path):
     run(resumed_params, resumed, range(RESUME_AT, SCHEDULE.total_steps), [0, 1])
     for k, p in params.items():
         assert torch.equal(resumed_params[k], p), k
+
+
+# ---- the check against the record's code ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "extra", "needle"),
+    [
+        (None, [], "does not exist"),
+        ("import os\n", [], "holds no NorMuonAndAdam"),
+        ("class NorMuonAndAdam:\n    pass\n", ["--steps", "0"], "--steps 0"),
+    ],
+)
+def test_the_check_script_refuses_what_it_cannot_compare_in_one_line(record, extra, needle, tmp_path, capsys):
+    """It runs the record's own code, which is never in this repository: without it, it says what to pass."""
+    path = tmp_path / "record.txt"
+    if record is not None:
+        path.write_text(record)
+    with pytest.raises(SystemExit) as e:
+        script_module("speedrun_2026_07_17_check_optim").main(["--record", str(path), *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err

@@ -112,7 +112,7 @@ def bank_shape(param: Tensor) -> tuple[int, ...]:
     return (math.prod(param.shape[:-2]), *param.shape[-2:])
 
 
-def world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -137,7 +137,7 @@ class NorMuonAndAdam:
         embedding that share a weight until `untie`. `compile`: torch.compile the update's arithmetic (CUDA)."""
         if set(params) != set(table) or set(work_order) != set(table):
             raise ValueError(f"parameters, table and work order must name the same labels: {sorted(params)}, {sorted(table)}, {sorted(work_order)}")
-        self.rank, self.world = world()
+        self.rank, self.world = rank_and_world()
         self.params, self.table, self.work_order = params, table, work_order
         self.adam_defaults, self.normuon_defaults = adam, normuon
         self.cfgs = {label: self._config(label, param, table[label], sparse_comms) for label, param in params.items()}

@@ -41,36 +41,13 @@ class TrainingStage:
     duration: float | None = None  # the fraction of the scheduled steps; None for the extension, which comes last
 
 
+# lr: 1.52 = (16/8)**0.6 and 1.73 = (24/8)**0.5 for the larger batches; the extension's is never used (the cooldown has
+# reached FINAL_LR by then).
 STAGES = (
-    TrainingStage(
-        duration=1 / 3, seq_len=896, batch_tokens=8 * 2048 * 8, windows=(1, 3), lr=1.0, mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)
-    ),
-    TrainingStage(
-        duration=1 / 3,
-        seq_len=2048,
-        batch_tokens=16 * 2048 * 8,
-        windows=(3, 7),
-        lr=1.52,  # (16/8)**0.6
-        mtp_start=(1.0, 0.5),
-        mtp_end=(1.0, 0.0),
-    ),
-    TrainingStage(
-        duration=1 / 3,
-        seq_len=2048,
-        batch_tokens=24 * 2048 * 8,
-        windows=(5, 11),
-        lr=1.73,  # (24/8)**0.5
-        mtp_start=(1.0,),
-        mtp_end=(1.0,),
-    ),
-    TrainingStage(
-        seq_len=2048,
-        batch_tokens=24 * 2048 * 8,
-        windows=(6, 13),
-        lr=1.0,  # the cooldown's end replaces lr
-        mtp_start=(1.0,),
-        mtp_end=(1.0,),
-    ),
+    TrainingStage(duration=1 / 3, seq_len=896, batch_tokens=8 * 16384, windows=(1, 3), lr=1.0, mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
+    TrainingStage(duration=1 / 3, seq_len=2048, batch_tokens=8 * 32768, windows=(3, 7), lr=1.52, mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
+    TrainingStage(duration=1 / 3, seq_len=2048, batch_tokens=8 * 49152, windows=(5, 11), lr=1.73, mtp_start=(1.0,), mtp_end=(1.0,)),
+    TrainingStage(seq_len=2048, batch_tokens=8 * 49152, windows=(6, 13), lr=1.0, mtp_start=(1.0,), mtp_end=(1.0,)),
 )
 SCHEDULED_STEPS, EXTENSION_STEPS = 1380, 10
 COOLDOWN_FRAC, FINAL_LR = 0.6, 0.15
