@@ -5,7 +5,8 @@ A step of B tokens is eight sequences of B/8 (+1 for the last target), one per r
 from the shard's next documents in order (a document starts at <|endoftext|>): a document longer than the step's
 sequence length gives only its first `seq_len` tokens, and the one that overflows the sequence is cut where the
 sequence ends; either way the rest of it is skipped, and the next sequence starts at the next document. When the
-shard has not enough documents left for all eight, the step is taken from the start of the next shard instead.
+shard has not enough documents left for all eight, the step is taken from the start of the next shard instead (after
+the last shard, the first: the record stops there).
 
 On fewer ranks the trainer accumulates gradients over micro-steps, and micro-step a of rank r gets the record's
 sequence a * world + r: the step is planned for eight whatever the number of ranks (the record plans one

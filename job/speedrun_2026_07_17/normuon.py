@@ -155,7 +155,10 @@ class NorMuonAndAdam:
         self._pending: dict[str, Reduction] = {}
         fns = (adam_update_, polar_express, normuon_scale_, cautious_update_)
         if compile:
-            fns = tuple(torch.compile(f, dynamic=False, fullgraph=True) for f in fns)
+            # A graph per shape and dtype, as the record's static shapes have it: Adam alone has more parameters than
+            # dynamo's default limit of recompilations (the record raises it for the whole process; here, for these).
+            more = torch._dynamo.config.patch(recompile_limit=64)
+            fns = tuple(more(torch.compile(f, dynamic=False, fullgraph=True)) for f in fns)
         self._adam_update, self._polar_express, self._normuon_scale, self._cautious_update = fns
 
     # ---- configuration and state -------------------------------------------------------------------------------
