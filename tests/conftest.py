@@ -19,10 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from job.data import write_shard
-from job.tokenizer import EOT, encode
+# Under pytest-xdist the workers share the machine's cores. torch's default of one thread per core in every worker
+# oversubscribes them, and OpenMP's idle threads then spin for their turn: the same tests took twice the CPU time.
+# Each worker (and every process it starts, which inherits the variable) gets its share instead.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
+
+import torch  # noqa: E402  (after the thread count above, which torch reads when it is imported)
+
+from job.data import write_shard  # noqa: E402
+from job.tokenizer import EOT, encode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
