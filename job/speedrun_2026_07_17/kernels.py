@@ -157,8 +157,9 @@ def softcap(logits: Tensor, A: float = SOFTCAP[0], B: float = SOFTCAP[1], C: flo
     return s, s.to(torch.bfloat16)
 
 
-def softcapped_ce(logits: Tensor, targets: Tensor, weights: Tensor, A: float = SOFTCAP[0], B: float = SOFTCAP[1],
-                  C: float = SOFTCAP[2]) -> tuple[Tensor, Tensor, Tensor]:
+def softcapped_ce(
+    logits: Tensor, targets: Tensor, weights: Tensor, A: float = SOFTCAP[0], B: float = SOFTCAP[1], C: float = SOFTCAP[2]
+) -> tuple[Tensor, Tensor, Tensor]:
     """The per-row losses of A * sigmoid((z + B) / C), (losses, s, lse): row r's loss is the sum over k of
     weights[k] * (lse_r - A s[r, targets[r + k]]) for the k with r + k < rows (k = 0 is the next token, k = 1 the one
     after, ...). s is the sigmoid rounded to bf16, as the kernel keeps it; lse is max + log(sum exp(A s - max)), the
@@ -178,8 +179,9 @@ def softcapped_ce(logits: Tensor, targets: Tensor, weights: Tensor, A: float = S
     return losses, s, lse
 
 
-def softcapped_ce_grad(s: Tensor, lse: Tensor, targets: Tensor, weights: Tensor, grad: Tensor, grad_s: float,
-                       A: float = SOFTCAP[0], C: float = SOFTCAP[2]) -> Tensor:
+def softcapped_ce_grad(
+    s: Tensor, lse: Tensor, targets: Tensor, weights: Tensor, grad: Tensor, grad_s: float, A: float = SOFTCAP[0], C: float = SOFTCAP[2]
+) -> Tensor:
     """d loss / d logits divided by grad_s (the e5m2 scale), in float32, as the kernel writes it:
     grad * (A / C) / grad_s * (S_w p - w_t) * s * (1 - s), with p = exp(A s - lse), S_w the sum of all the weights,
     w_t the sum of the weights of the k whose target is this column, and grad (rows, 1) the incoming gradient of each
@@ -209,7 +211,7 @@ def _target_weight(targets: Tensor, weights: Tensor, i: int) -> Tensor:
     for k in range(weights.numel()):
         m = max(0, min(rows, n - k))
         same = torch.zeros(rows, 1, dtype=torch.bool, device=targets.device)
-        same[:m] = (targets[k:k + m] == targets[i:i + m]).view(-1, 1)
+        same[:m] = (targets[k : k + m] == targets[i : i + m]).view(-1, 1)
         w_t = w_t + torch.where(same, weights[k], 0.0)
     return w_t
 

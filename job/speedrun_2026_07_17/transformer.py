@@ -90,13 +90,13 @@ class ForwardSchedule:
 
 
 def bigram_hash(tokens: Tensor, bigram_vocab_size: int) -> Tensor:
-    """The bigram embedding's row of each position: (36313 * token) XOR (27191 * previous token) mod (rows - 1) in
-    int32 arithmetic, and the reserved last row at position 0."""
+    """The bigram embedding's row of each position: (36313 * token) XOR (27191 * previous) mod (rows - 1) in int32
+    arithmetic. Position 0 takes the reserved last row, rows - 1, and stands as position 1's "previous" in place of
+    token 0 (the record writes it before hashing)."""
     mod = bigram_vocab_size - 1
-    x = tokens.to(torch.int32)
-    out = torch.empty_like(x)
+    out = tokens.to(torch.int32).clone()
     out[0] = mod
-    out[1:] = torch.bitwise_xor(36313 * x[1:], 27191 * x[:-1]) % mod
+    out[1:] = torch.bitwise_xor(36313 * out[1:], 27191 * out[:-1]) % mod
     return out
 
 
@@ -114,8 +114,7 @@ class CastedLinearT(nn.Module):
     """A bias-free linear whose bf16 weight is stored transposed, (in_features, out_features); x @ weight, in FP8
     (fixed scales x_s, w_s, and grad_s for the gradient) when training with use_fp8, else in x's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, use_fp8: bool = False, x_s: float = 1.0, w_s: float = 1.0,
-                 grad_s: float = 1.0):
+    def __init__(self, in_features: int, out_features: int, use_fp8: bool = False, x_s: float = 1.0, w_s: float = 1.0, grad_s: float = 1.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.use_fp8, self.x_s, self.w_s, self.grad_s = use_fp8, x_s, w_s, grad_s
@@ -139,8 +138,7 @@ class GPT(nn.Module):
         self.num_layers, self.num_heads, self.head_dim = cfg.num_layers, cfg.num_heads, cfg.head_dim
         self.vocab_size = next_multiple(cfg.vocab_size, 128)
         dim = cfg.model_dim
-        self.lm_head = CastedLinearT(dim, self.vocab_size, use_fp8=cfg.fp8, x_s=100 / 448, w_s=1.6 / 448,
-                                     grad_s=cfg.grad_scale * 0.75 / 448)
+        self.lm_head = CastedLinearT(dim, self.vocab_size, use_fp8=cfg.fp8, x_s=100 / 448, w_s=1.6 / 448, grad_s=cfg.grad_scale * 0.75 / 448)
         nn.init.normal_(self.lm_head.weight, mean=0, std=0.005)
         self.embed = nn.Embedding(self.vocab_size, dim)  # its own init is drawn (the record's draws), then replaced
         with torch.no_grad():
@@ -174,19 +172,19 @@ class GPT(nn.Module):
         vo = next_multiple(attn_layers * 2, cfg.shard_multiple)  # V and O of each layer
         self.vo_bank = nn.Parameter(torch.empty(vo, dim, dim))
         self.vo_bank.reshape = (vo, dim, dim)
-        bound = 3 ** 0.5 * 0.5 * dim ** -0.5  # uniform with std 0.5 / sqrt(dim)
+        bound = 3**0.5 * 0.5 * dim**-0.5  # uniform with std 0.5 / sqrt(dim)
         with torch.no_grad():
-            self.qk_bank[:self._num_qk_groups].uniform_(-bound, bound)
-            self.qk_bank[self._num_qk_groups:].zero_()
-            self.vo_bank[:attn_layers * 2].uniform_(-bound, bound)
-            self.vo_bank[attn_layers * 2:].zero_()
+            self.qk_bank[: self._num_qk_groups].uniform_(-bound, bound)
+            self.qk_bank[self._num_qk_groups :].zero_()
+            self.vo_bank[: attn_layers * 2].uniform_(-bound, bound)
+            self.vo_bank[attn_layers * 2 :].zero_()
 
     def _init_mlp(self, cfg: GPTConfig) -> None:
         dim = cfg.model_dim
         layers = next_multiple(2 * LAYERS, cfg.shard_multiple) // 2  # padded with whole unused layers (the 12th)
         self.mlp_bank = nn.Parameter(torch.empty(layers, 2, 4 * dim, dim))  # [:, 0] up (c_fc), [:, 1] down (c_proj)
         self.mlp_bank.reshape = (2 * layers, 4 * dim, dim)
-        bound = 3 ** 0.5 * 0.5 * dim ** -0.5
+        bound = 3**0.5 * 0.5 * dim**-0.5
         with torch.no_grad():
             self.mlp_bank[:, 0].uniform_(-bound, bound)
             self.mlp_bank[:, 1].zero_()
@@ -208,7 +206,7 @@ class GPT(nn.Module):
         self.post_lambdas = nn.Parameter(torch.ones(L, 2))  # [:, 0] attention output, [:, 1] MLP output
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
         self.bigram_lambdas = nn.Parameter(0.05 * torch.ones(L))
-        self.resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1 ** 0.5))  # the stream, before attention and MLP
+        self.resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1**0.5))  # the stream, before attention and MLP
         self.xsa_alphas = nn.Parameter(torch.zeros(L, cfg.num_heads))
         pad = (-L * 2 - 2) % cfg.shard_multiple
         sa_lambdas = [torch.tensor([0.5, 1.0]) for _ in range(L)]  # scales of each layer's QKV and O weights
@@ -223,7 +221,7 @@ class GPT(nn.Module):
         # Biases in units of MUDD_SCALE, set so layer 10's dynamic lambdas start at the other layers' values.
         b = torch.zeros(2, MUDD_COEFS)
         b[0, 6] = b[0, 7] = 2.0 / MUDD_SCALE  # the value-embedding gate (2 sigmoid(0) elsewhere)
-        b[0, 8] = b[0, 12] = 1.1 ** 0.5 / MUDD_SCALE  # resid lambdas before attention and MLP
+        b[0, 8] = b[0, 12] = 1.1**0.5 / MUDD_SCALE  # resid lambdas before attention and MLP
         b[0, 9] = b[0, 13] = 1.0 / MUDD_SCALE  # post lambdas
         b[0, 11] = 0.05 / MUDD_SCALE  # bigram lambda
         b[1, 1] = -0.5 / MUDD_SCALE  # after the last layer: minus half the stream after layer 7
@@ -249,8 +247,9 @@ class GPT(nn.Module):
         if not hasattr(self, "_mlp_up_proj_f8"):  # made once and updated in place (a compiled forward reads them)
             self._mlp_up_proj_f8 = torch.zeros_like(up, dtype=kernels.E4M3)
             self._mlp_up_proj_scales = torch.ones(layers, dtype=torch.float32, device=up.device)
-            self._mlp_down_proj_f8 = torch.empty(layers, down.size(2), down.size(1), dtype=kernels.E4M3,
-                                                 device=up.device).transpose(1, 2)  # (layers, hidden, dim), column-major
+            self._mlp_down_proj_f8 = torch.empty(layers, down.size(2), down.size(1), dtype=kernels.E4M3, device=up.device).transpose(
+                1, 2
+            )  # (layers, hidden, dim), column-major
         up_scales = _amax_scales(up)
         self._mlp_up_proj_scales.copy_(up_scales.float())
         self._mlp_up_proj_f8.copy_((up / up_scales.view(-1, 1, 1)).to(kernels.E4M3))
@@ -260,8 +259,7 @@ class GPT(nn.Module):
         self._mlp_down_proj_f8.copy_(down8.transpose(1, 2))
 
     # --- forward ----------------------------------------------------------------------------------------------
-    def forward(self, input_seq: Tensor, target_seq: Tensor, seqlens: Tensor, bigram_input_seq: Tensor,
-                schedule: ForwardSchedule) -> Tensor:
+    def forward(self, input_seq: Tensor, target_seq: Tensor, seqlens: Tensor, bigram_input_seq: Tensor, schedule: ForwardSchedule) -> Tensor:
         """Per-position losses (float32) of one packed sequence: input_seq (T,) token ids, target_seq (T,) the next
         tokens, seqlens the documents' cumulative lengths (0 first, padded with T), bigram_input_seq
         bigram_hash(input_seq). Training: the multi-token losses; evaluation: the next-token cross-entropy."""
@@ -271,8 +269,7 @@ class GPT(nn.Module):
             weights = schedule.mtp_weights
             if weights is None:
                 weights = torch.ones(1, device=x.device)
-            return kernels.SoftcappedCrossEntropy.apply(x.view(-1, x.size(-1)), target_seq, weights, head.weight,
-                                                        head.x_s, head.w_s, head.grad_s)
+            return kernels.SoftcappedCrossEntropy.apply(x.view(-1, x.size(-1)), target_seq, weights, head.weight, head.x_s, head.w_s, head.grad_s)
         logits = self.logits(x).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), target_seq, reduction="none")
 
@@ -308,12 +305,12 @@ class GPT(nn.Module):
         L = LAYERS
         ag, veg = self.attn_gate_bank.unbind(0), self.ve_gate_bank.unbind(0)
         attn_layers = L - 1
-        qk = self.qk_bank[:self._num_qk_groups].view(attn_layers, -1, self.qk_bank.size(-1))
-        vo = self.vo_bank[:attn_layers * 2].view(attn_layers, 2, *self.vo_bank.shape[1:]).flatten(1, 2)
+        qk = self.qk_bank[: self._num_qk_groups].view(attn_layers, -1, self.qk_bank.size(-1))
+        vo = self.vo_bank[: attn_layers * 2].view(attn_layers, 2, *self.vo_bank.shape[1:]).flatten(1, 2)
         mlp = self.mlp_bank.flatten(0, 1).unbind(0)
         xsa = self.xsa_alphas.unbind(0)
         return dict(
-            sa_lambdas=self.scalars[:2 * L].view(-1, 2),
+            sa_lambdas=self.scalars[: 2 * L].view(-1, 2),
             smear_lambda=self.scalars[2 * L],
             skip_lambda=self.scalars[2 * L + 1],
             resid_attn=self.resid_lambdas[:, 0].bfloat16().unbind(0),
@@ -402,10 +399,20 @@ class _Run:
         else:
             aux_v = None
         yarn = m.yarn_paired_head if i in PAIRED_HEAD_LAYERS else m.yarn
-        out = attention(attn_in, p["attn_weights"][i - (i > NO_ATTENTION_LAYER)], p["sa_lambdas"][i], yarn,
-                        paired=i in PAIRED_HEAD_LAYERS, window=self.windows[i], key_offset=self.key_offset[i],
-                        gate_w=p["attn_gates"][i], aux_v=aux_v, xsa_alpha=p["xsa_alphas"][i], seqlens=self.seqlens,
-                        num_heads=H)
+        out = attention(
+            attn_in,
+            p["attn_weights"][i - (i > NO_ATTENTION_LAYER)],
+            p["sa_lambdas"][i],
+            yarn,
+            paired=i in PAIRED_HEAD_LAYERS,
+            window=self.windows[i],
+            key_offset=self.key_offset[i],
+            gate_w=p["attn_gates"][i],
+            aux_v=aux_v,
+            xsa_alpha=p["xsa_alphas"][i],
+            seqlens=self.seqlens,
+            num_heads=H,
+        )
         bd = self.x0_bigram.size(-1)
         if mu is not None:
             x = mu[8] * x + mu[9] * out + mu[10] * cache[0]
@@ -424,10 +431,10 @@ class _Run:
             fp8 = kernels.MLPFP8(
                 x8=(normed.detach() * (kernels.E4M3_MAX / amax)).to(kernels.E4M3),
                 w_up8=m._mlp_up_proj_f8[i],
-                dequant=m._mlp_up_proj_scales[i:i + 1] * amax / kernels.E4M3_MAX,
+                dequant=m._mlp_up_proj_scales[i : i + 1] * amax / kernels.E4M3_MAX,
                 w_down8=m._mlp_down_proj_f8[i],
-                w_down_scale=m._mlp_down_proj_scales[i:i + 1],
-                act_scale=m._mlp_down_act_scales[i:i + 1],
+                w_down_scale=m._mlp_down_proj_scales[i : i + 1],
+                act_scale=m._mlp_down_act_scales[i : i + 1],
             )
         out, amax = kernels.ReLUSquareMLP.apply(normed, self.p["mlp_up"][i], self.p["mlp_down"][i], fp8)
         if self.fp8:
@@ -435,12 +442,25 @@ class _Run:
         return out
 
 
-def attention(x: Tensor, qkvo_w: Tensor, sa_lambdas: Tensor, yarn: Yarn, *, paired: bool, window: int, key_offset: bool,
-              gate_w: Tensor, aux_v: Tensor | None, xsa_alpha: Tensor | None, seqlens: Tensor, num_heads: int) -> Tensor:
+def attention(
+    x: Tensor,
+    qkvo_w: Tensor,
+    sa_lambdas: Tensor,
+    yarn: Yarn,
+    *,
+    paired: bool,
+    window: int,
+    key_offset: bool,
+    gate_w: Tensor,
+    aux_v: Tensor | None,
+    xsa_alpha: Tensor | None,
+    seqlens: Tensor,
+    num_heads: int,
+) -> Tensor:
     """One attention layer on x (1, T, dim) (normed) with its stacked Q, K, V, O weights (4 dim, dim)."""
     B, T, dim = x.shape
     H, hd = num_heads, dim // num_heads
-    q, k, v = F.linear(x, sa_lambdas[0] * qkvo_w[:dim * 3].type_as(x)).view(B, T, 3 * H, hd).chunk(3, dim=-2)
+    q, k, v = F.linear(x, sa_lambdas[0] * qkvo_w[: dim * 3].type_as(x)).view(B, T, 3 * H, hd).chunk(3, dim=-2)
     q, k = norm(q), norm(k)
     if not paired:
         q, k = yarn.rotary(q), yarn.rotary(k)
@@ -465,4 +485,4 @@ def attention(x: Tensor, qkvo_w: Tensor, sa_lambdas: Tensor, yarn: Yarn, *, pair
         y = y - torch.tanh(xsa_alpha).type_as(y).view(1, 1, H, 1) * proj * vn
     y = y * torch.sigmoid(F.linear(x[..., :GATE_DIM], gate_w)).view(B, T, H, 1)
     y = y.contiguous().view(B, T, H * hd)
-    return F.linear(y, sa_lambdas[1] * qkvo_w[dim * 3:].type_as(y))
+    return F.linear(y, sa_lambdas[1] * qkvo_w[dim * 3 :].type_as(y))
