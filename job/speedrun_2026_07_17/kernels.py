@@ -1,6 +1,6 @@
 """The record's fused kernels as torch functions with the same arithmetic: the FP8 matmuls, the MLP's linear + ReLU²
-(bf16, or FP8 with delayed scaling of the down projection), the soft-capped multi-token cross-entropy with its
-hand-written gradient, and the small matrix products and transposes its optimizer runs.
+(bf16, or FP8 with delayed scaling of the down projection), and the soft-capped multi-token cross-entropy with its
+hand-written gradient. (The optimizer's kernels, Polar Express's products, are its own module's.)
 
 The record runs these as Triton kernels (and the cross-entropy as CUDA C); here each is plain torch, so it runs on a
 CPU and on any GPU. Where an FP8 matmul is involved, `scaled_mm` calls torch._scaled_mm on GPUs with FP8 tensor
@@ -240,27 +240,3 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         grad_x = scaled_mm(g8, w8.T, _scale(grad, grad_s), _scale(grad, w_s), torch.bfloat16)
         grad_w = scaled_mm(x8.T.contiguous(), g8.T.contiguous().T, _scale(grad, x_s), _scale(grad, grad_s), torch.float32)
         return grad_x, None, None, grad_w, None, None, None
-
-
-# --- the optimizer's small kernels ------------------------------------------------------------------------------
-def xxt(x: Tensor) -> Tensor:
-    """X @ X^T (batched over leading dimensions)."""
-    return x @ x.mT
-
-
-def xtx(x: Tensor) -> Tensor:
-    """X^T @ X (batched over leading dimensions)."""
-    return x.mT @ x
-
-
-def ba_plus_caa(a: Tensor, alpha: float, beta: float) -> Tensor:
-    """beta * A + alpha * A @ A for symmetric A."""
-    return beta * a + alpha * (a @ a)
-
-
-def transpose_copy(src: Tensor, dst: Tensor) -> None:
-    dst.copy_(src.T)
-
-
-def transpose_add(src: Tensor, dst: Tensor) -> None:
-    dst.add_(src.T)
