@@ -402,3 +402,33 @@ def test_flexattentions_mask_is_the_dense_one():
     for window in (0, 50, 200):
         flex = varlen.flex_attention(q, k, v, cu, window, 0.2)
         assert torch.allclose(flex, varlen.dense_attention(q, k, v, cu, window, 0.2), atol=1e-5), window
+
+
+def test_the_long_window_layers_shift_the_keys_non_rotating_half_one_position(monkeypatch):
+    """The record runs `k[:, 1:, :, D/2:] = k[:, :-1, :, D/2:]` compiled, which reads the keys before the write: key t
+    takes key t - 1's non-rotating half (eager torch would copy row by row over the overlap instead)."""
+    from job.speedrun_2026_07_17 import transformer
+
+    seen = []
+    real = varlen.varlen_attention
+    monkeypatch.setattr(varlen, "varlen_attention", lambda q, k, *a: seen.append(k) or real(q, k, *a))
+    g = torch.Generator().manual_seed(12)
+    T, H, hd = 16, 4, 8
+    x = torch.randn(1, T, H * hd, generator=g).bfloat16()
+    w = (torch.randn(4 * H * hd, H * hd, generator=g) * 0.1).bfloat16()
+    yarn = rotary.Yarn(hd, T)
+    common = dict(
+        paired=False,
+        window=T,
+        gate_w=torch.zeros(H, 12).bfloat16(),
+        aux_v=None,
+        xsa_alpha=None,
+        seqlens=torch.tensor([0, T], dtype=torch.int32),
+        num_heads=H,
+    )
+    for offset in (False, True):
+        transformer.attention(x, w, torch.tensor([0.5, 1.0]), yarn, key_offset=offset, **common)
+    plain, shifted = seen
+    half = hd // 2
+    assert torch.equal(shifted[:, :, :half], plain[:, :, :half])
+    assert torch.equal(shifted[1:, :, half:], plain[:-1, :, half:]) and torch.equal(shifted[0, :, half:], plain[0, :, half:])
