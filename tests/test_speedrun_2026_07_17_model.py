@@ -432,3 +432,24 @@ def test_the_long_window_layers_shift_the_keys_non_rotating_half_one_position(mo
     half = hd // 2
     assert torch.equal(shifted[:, :, :half], plain[:, :, :half])
     assert torch.equal(shifted[1:, :, half:], plain[:-1, :, half:]) and torch.equal(shifted[0, :, half:], plain[0, :, half:])
+
+
+def test_the_check_script_refuses_what_is_not_the_record_in_one_line(tmp_path):
+    """scripts/speedrun_2026_07_17_check.py runs the record's own code, never in this repository: without it, or
+    with a file that is not it, it says what to pass."""
+    from conftest import ROOT, assert_one_line_error, run_cli
+
+    script = ROOT / "scripts" / "speedrun_2026_07_17_check.py"
+    proc = run_cli(script, "--record", tmp_path / "missing.txt")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--record", "does not exist")
+    other = tmp_path / "train_gpt.py"
+    other.write_text("import os\n")
+    proc = run_cli(script, "--record", other)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "holds no GPT model code")
+    other.write_text("class GPT(nn.Module):\n    pass\n")  # a train_gpt.py, but its kernels are not beside it
+    proc = run_cli(script, "--record", other, "--out", tmp_path / "out.json")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "triton_kernels.py")
+    assert not (tmp_path / "out.json").exists()
