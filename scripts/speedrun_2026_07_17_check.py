@@ -220,8 +220,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if b > a:
             band = torch.ones(b - a, b - a, dtype=torch.bool).tril()
             mask[a:b, a:b] = band & ~torch.ones_like(band).tril(-(window_size[0] + 1))
-    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=softmax_scale)
-    return y.transpose(0, 1).contiguous()
+    heads_first = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, T, D): torch's CPU flash kernel takes these
+    y = F.scaled_dot_product_attention(*heads_first, attn_mask=mask, scale=softmax_scale)
+    return y[0].transpose(0, 1).contiguous()
 
 
 class OneProcess:
