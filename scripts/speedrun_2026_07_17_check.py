@@ -41,6 +41,8 @@ change. It prints each figure's largest difference and whether the two are bit f
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import math
 import os
@@ -59,7 +61,21 @@ from job.errors import ArgumentParser, UserError, check_output_path, cli_main, i
 from job.speedrun_2026_07_17 import transformer  # noqa: E402
 
 SEED = 1234
-KERNELS_HEADER = f"\n\n{'-' * 40}\n# triton_kernels.py\n{'-' * 40}\n\n"
+KERNELS_HEADER = f"\n\n{'-' * 40}\n# triton_kernels.py\n{'-' * 40}\n\n"  # between the two files in the record's log
+MAIN = "# int main"  # train_gpt.py's line between its definitions and its main program
+RECORD_DIR = "records/track_1_short/2026-07-17_FP8DownProjection/this_pr"
+RECORD_LOG = (
+    "https://raw.githubusercontent.com/KellerJordan/modded-nanogpt/f411b3d346aa52d3504324ca93c230fd84c6c07f/"
+    f"{RECORD_DIR}/11cb620c-daaf-4e85-83fc-258a5eb7ba09.txt"
+)
+GET_RECORD = (
+    f"pass the record's log (`curl -LO {RECORD_LOG}`; its 13 logs hold the same code) or the train_gpt.py it starts with, triton_kernels.py beside it"
+)
+# The record's two files as code_digest reads them (the same in all 13 logs): another record's, or an edited copy, is not it.
+DIGESTS = {
+    "train_gpt.py": "ad9faf7d0431e68c594c557e524dbee974cb6e8c2661f5e10947ee43003651f3",
+    "triton_kernels.py": "ac71b289b29fc0c2bcc7a2732a152bae26103219cba2a338d60a7cc9541f0e35",
+}
 SIZES = {
     "small": dict(num_heads=4, head_dim=32, model_dim=128, bigram_vocab_size=50304, bigram_dim=64),
     "full": dict(num_heads=6, head_dim=128, model_dim=768, bigram_vocab_size=50304 * 15, bigram_dim=192),
@@ -68,21 +84,67 @@ BLOCK = 128  # the record's windows come in 128-token blocks
 
 
 # --- the record's sources ------------------------------------------------------------------------------------
-def record_sources(path: Path) -> tuple[str, str]:
-    """(train_gpt.py, triton_kernels.py) from the record's log or from its train_gpt.py and the file beside it."""
-    text = path.read_text(errors="replace")
-    if "class GPT(nn.Module)" not in text:
-        raise UserError(f"--record {path} holds no GPT model code: pass the record's train_gpt.py or its .txt log")
+def code_digest(source: str) -> str:
+    """sha256 of the code with trailing spaces and blank lines at either end left out: the same for the log's part
+    and the file cut from it by hand."""
+    return hashlib.sha256("\n".join(line.rstrip() for line in source.strip().splitlines()).encode()).hexdigest()
+
+
+def record_sources(path: Path) -> tuple[str, str | None]:
+    """(train_gpt.py, triton_kernels.py or None) from the record's log, or from its train_gpt.py and the file beside it."""
+    text = path.read_text()
     if KERNELS_HEADER in text:  # a log: train_gpt.py, the header, triton_kernels.py, then a line of '='
         train, rest = text.split(KERNELS_HEADER, 1)
         return train, rest.split("=" * 100)[0]
     kernels = path.with_name("triton_kernels.py")
-    if not kernels.is_file():
-        raise UserError(
-            f"--record {path} is a train_gpt.py without triton_kernels.py beside it: put the record's "
-            "triton_kernels.py next to it, or pass the record's .txt log"
-        )
-    return text, kernels.read_text()
+    return text, kernels.read_text() if kernels.is_file() else None
+
+
+def not_the_record(train: str, kernels: str | None) -> str | None:
+    """Why these are not the record's two files, in a few words, or None when they are. Read, never run."""
+    if not train.strip():
+        return "it is empty"
+    if MAIN not in train:
+        return f"it has no `{MAIN}` line between the model's code and the training loop"
+    try:
+        ast.parse(train.split(MAIN)[0])
+    except SyntaxError as e:
+        return f"line {e.lineno} is not Python: {e.msg}"
+    if code_digest(train) != DIGESTS["train_gpt.py"]:
+        return "it is another version of the record's code: another record, or an edited copy"
+    if kernels is None:
+        return "a train_gpt.py without the record's triton_kernels.py beside it"
+    if code_digest(kernels) != DIGESTS["triton_kernels.py"]:
+        return "the triton_kernels.py with it is another version: another record's, or an edited copy"
+    return None
+
+
+def check_record_path(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"--record {path} is a directory: {GET_RECORD}")
+    if not path.is_file():
+        raise UserError(f"--record {path} does not exist: {GET_RECORD}")
+
+
+def read_record(path: Path) -> tuple[str, str]:
+    """The record's train_gpt.py and triton_kernels.py, or one line saying that the file is not it and where it is."""
+    check_record_path(path)
+    try:
+        train, kernels = record_sources(path)
+    except UnicodeDecodeError:
+        train, kernels, why = "", None, "it is not text"
+    else:
+        why = not_the_record(train, kernels)
+    if why:
+        raise UserError(f"--record {path} is not the record's train_gpt.py or log ({why}): {GET_RECORD}")
+    return train, kernels
+
+
+def check_out_file(out: Path) -> None:
+    """--out names a file that can be written, refused now rather than after the run."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: pass the path of a JSON file, e.g. {out / 'speedrun_2026_07_17_check.json'}")
+    check_output_path(out, "--out")
 
 
 def _replace(source: str, old: str, new: str, what: str) -> str:
@@ -96,7 +158,7 @@ def _replace(source: str, old: str, new: str, what: str) -> str:
 
 def train_definitions(source: str) -> str:
     """train_gpt.py's definitions (up to its main program), with the replacements the docstring lists."""
-    body = source.split("import copy", 1)[1].split("# int main")[0]
+    body = source.split("import copy", 1)[1].split(MAIN)[0]
     body = "import os\nimport sys\nimport copy" + body
     body = _replace(
         body, "torch.empty(\n    1, device=f\"cuda:{os.environ['LOCAL_RANK']}\", requires_grad=True\n).backward()", "", "start-up CUDA call"
@@ -259,7 +321,7 @@ def fake_modules() -> dict:
 
 def load_record(path: Path) -> dict:
     """The record's definitions, executed with the replacements; returns train_gpt.py's namespace."""
-    train_src, kernels_src = record_sources(path)
+    train_src, kernels_src = read_record(path)
     train_code, kernels_code = train_definitions(train_src), kernel_definitions(kernels_src)
     # torch looks for the real triton when it loads its compiler, which the record's @torch.compile decorators do:
     # load it before the stand-in is in place (nothing is compiled here).
@@ -475,10 +537,10 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int_arg(BLOCK, 1 << 16), default=512, help="tokens in the batch (default 512)")
     p.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    if not args.record.is_file():
-        raise UserError(f"--record {args.record} does not exist: pass the record's train_gpt.py or its .txt log")
+    # Everything that can be refused is refused before the minutes of the run.
+    check_record_path(args.record)
     if args.out is not None:
-        check_output_path(args.out, "--out")
+        check_out_file(args.out)
     ns = load_record(args.record)
     results = run_checks(ns, SIZES[args.size], args.seq_len)
     print(report(results))

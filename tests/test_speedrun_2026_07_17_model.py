@@ -436,20 +436,18 @@ def test_the_long_window_layers_shift_the_keys_non_rotating_half_one_position(mo
 
 def test_the_check_script_refuses_what_is_not_the_record_in_one_line(tmp_path):
     """scripts/speedrun_2026_07_17_check.py runs the record's own code, never in this repository: without it, or
-    with a file that is not it, it says what to pass."""
-    from conftest import ROOT, assert_one_line_error, run_cli
+    with a file that is not it, it says where the record's log is (tests/test_bad_inputs.py tries the other kinds)."""
+    from conftest import ROOT, assert_one_line_error, run_cli, script_module
 
     script = ROOT / "scripts" / "speedrun_2026_07_17_check.py"
+    log = script_module("speedrun_2026_07_17_check").RECORD_LOG
     proc = run_cli(script, "--record", tmp_path / "missing.txt")
     assert proc.returncode == 2
-    assert_one_line_error(proc, "--record", "does not exist")
+    line = assert_one_line_error(proc, "--record", "does not exist")
+    assert f"`curl -LO {log}`" in line and "/2026-07-17_FP8DownProjection/" in log
     other = tmp_path / "train_gpt.py"
-    other.write_text("import os\n")
-    proc = run_cli(script, "--record", other)
-    assert proc.returncode == 2
-    assert_one_line_error(proc, "holds no GPT model code")
-    other.write_text("class GPT(nn.Module):\n    pass\n")  # a train_gpt.py, but its kernels are not beside it
+    other.write_text("import os\nclass GPT(nn.Module):\n    pass\n# int main\n")
     proc = run_cli(script, "--record", other, "--out", tmp_path / "out.json")
     assert proc.returncode == 2
-    assert_one_line_error(proc, "triton_kernels.py")
+    assert_one_line_error(proc, "another version of the record's code", "curl -LO")
     assert not (tmp_path / "out.json").exists()
