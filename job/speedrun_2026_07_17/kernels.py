@@ -114,20 +114,24 @@ class ReLUSquareMLP(torch.autograd.Function):
         else:
             pre, post, post8, amax = relu_square_fp8(fp8.x8.view(x_flat.shape), fp8.w_up8, fp8.dequant, fp8.act_scale)
             out = scaled_mm(post8, fp8.w_down8, fp8.act_scale, fp8.w_down_scale, torch.bfloat16, fast_accum=True)
-        ctx.save_for_backward(x_flat, w_up, w_down, pre, post)
-        ctx.x_shape = x.shape
+        ctx.save_for_backward(x, w_up, w_down, pre, post)
         ctx.mark_non_differentiable(amax)
         return out.view(x.shape), amax
 
     @staticmethod
     def backward(ctx, grad: Tensor, _):
-        x_flat, w_up, w_down, pre, post = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.size(-1))
-        grad_w_down = post.T @ grad
-        grad_pre = relu_square_grad(grad, w_down, pre)
-        grad_w_up = grad_pre.T @ x_flat
-        grad_x = grad_pre @ w_up
-        return grad_x.view(ctx.x_shape), grad_w_up, grad_w_down, None
+        x, w_up, w_down, pre, post = ctx.saved_tensors
+        grad_pre = relu_square_grad(grad.reshape(-1, grad.size(-1)), w_down, pre)
+        # The weights' gradients multiply by the incoming gradient and the input in their own (1, T, dim) shape, as
+        # the record does: a batched product, whose bf16 sums the CPU rounds differently from the flattened one's.
+        grad_w_down = _sum_batch(post.T @ grad)
+        grad_w_up = _sum_batch(grad_pre.T @ x)
+        return (grad_pre @ w_up).view(x.shape), grad_w_up, grad_w_down, None
+
+
+def _sum_batch(t: Tensor) -> Tensor:
+    """(..., a, b) -> (a, b), summed over the leading dimensions (one of size 1 in the model: a copy)."""
+    return t.reshape(-1, *t.shape[-2:]).sum(0)
 
 
 def activation_scales(amax: Tensor, headroom: float) -> Tensor:
