@@ -247,9 +247,8 @@ class GPT(nn.Module):
         if not hasattr(self, "_mlp_up_proj_f8"):  # made once and updated in place (a compiled forward reads them)
             self._mlp_up_proj_f8 = torch.zeros_like(up, dtype=kernels.E4M3)
             self._mlp_up_proj_scales = torch.ones(layers, dtype=torch.float32, device=up.device)
-            self._mlp_down_proj_f8 = torch.empty(layers, down.size(2), down.size(1), dtype=kernels.E4M3, device=up.device).transpose(
-                1, 2
-            )  # (layers, hidden, dim), column-major
+            storage = torch.empty(layers, down.size(2), down.size(1), dtype=kernels.E4M3, device=up.device)
+            self._mlp_down_proj_f8 = storage.transpose(1, 2)  # (layers, hidden, dim), column-major
         up_scales = _amax_scales(up)
         self._mlp_up_proj_scales.copy_(up_scales.float())
         self._mlp_up_proj_f8.copy_((up / up_scales.view(-1, 1, 1)).to(kernels.E4M3))
