@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from job.errors import ArgumentParser, UserError, check_output_path, cli_main, int_arg  # noqa: E402
-from job.speedrun_2026_07_17 import transformer  # noqa: E402
+from job.speedrun_2026_07_17 import bos_loader, transformer  # noqa: E402
 
 SEED = 1234
 KERNELS_HEADER = f"\n\n{'-' * 40}\n# triton_kernels.py\n{'-' * 40}\n\n"  # between the two files in the record's log
@@ -397,7 +397,7 @@ def batch(seq_len: int, ns: dict, bigram_vocab_size: int):
     bos = torch.nonzero(inputs == 50256)[:, 0]
     seqlens = torch.full((len(bos) + 4,), seq_len, dtype=torch.int32)
     seqlens[: len(bos)] = bos
-    bigram = transformer.bigram_hash(inputs, bigram_vocab_size)
+    bigram = bos_loader.bigram_hash(inputs, bigram_vocab_size)
     assert torch.equal(bigram, ns["get_bigram_hash"](inputs).to(torch.int32))
     return inputs, targets, seqlens, bigram
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from job.speedrun_2026_07_17 import kernels, rotary, varlen
-from job.speedrun_2026_07_17.transformer import GPT, ForwardSchedule, GPTConfig, bigram_hash, layer_windows
+from job.speedrun_2026_07_17.bos_loader import bigram_hash
+from job.speedrun_2026_07_17.transformer import GPT, ForwardSchedule, GPTConfig, layer_windows
 
 A, B, C = kernels.SOFTCAP
 E4M3_REL = 2**-4  # e4m3 keeps 3 mantissa bits: rounding moves a normal number by at most half a unit, 2^-4 of it
@@ -278,23 +279,6 @@ def test_the_paired_tables_hold_the_even_then_the_odd_position():
     t = 3
     assert torch.equal(paired.factor1[t, :D], torch.cos(2 * t * freq).bfloat16())
     assert torch.equal(paired.factor1[t, D:], torch.cos((2 * t + 1) * freq).bfloat16())
-
-
-# --- embeddings --------------------------------------------------------------------------------------------------
-
-
-def int32(v: int) -> int:
-    return (v + 2**31) % 2**32 - 2**31
-
-
-def test_the_bigram_hash_is_the_records():
-    rows = 50304 * 15
-    mod = rows - 1
-    tokens = torch.tensor([50256, 17, 50255, 3, 3])
-    got = bigram_hash(tokens, rows).tolist()
-    prev = [mod, 17, 50255, 3]  # position 0 is replaced by the reserved row before position 1 reads it
-    expected = [mod] + [int32(int32(36313 * t) ^ int32(27191 * p)) % mod for t, p in zip(tokens.tolist()[1:], prev, strict=True)]
-    assert got == expected
 
 
 # --- the whole model ---------------------------------------------------------------------------------------------

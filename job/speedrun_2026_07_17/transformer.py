@@ -89,17 +89,6 @@ class ForwardSchedule:
     train_max_seq_len: int
 
 
-def bigram_hash(tokens: Tensor, bigram_vocab_size: int) -> Tensor:
-    """The bigram embedding's row of each position: (36313 * token) XOR (27191 * previous) mod (rows - 1) in int32
-    arithmetic. Position 0 takes the reserved last row, rows - 1, and stands as position 1's "previous" in place of
-    token 0 (the record writes it before hashing)."""
-    mod = bigram_vocab_size - 1
-    out = tokens.to(torch.int32).clone()
-    out[0] = mod
-    out[1:] = torch.bitwise_xor(36313 * out[1:], 27191 * out[:-1]) % mod
-    return out
-
-
 def _amax_scales(w: Tensor) -> Tensor:
     """Per layer of w (layers, ...): its amax / 448, computed in w's dtype (bf16), as the record computes them."""
     return w.reshape(w.size(0), -1).abs().amax(dim=1).clamp(min=1e-12) / kernels.E4M3_MAX
@@ -261,7 +250,7 @@ class GPT(nn.Module):
     def forward(self, input_seq: Tensor, target_seq: Tensor, seqlens: Tensor, bigram_input_seq: Tensor, schedule: ForwardSchedule) -> Tensor:
         """Per-position losses (float32) of one packed sequence: input_seq (T,) token ids, target_seq (T,) the next
         tokens, seqlens the documents' cumulative lengths (0 first, padded with T), bigram_input_seq
-        bigram_hash(input_seq). Training: the multi-token losses; evaluation: the next-token cross-entropy."""
+        bos_loader.bigram_hash(input_seq). Training: the multi-token losses; evaluation: the next-token cross-entropy."""
         x = self.trunk(input_seq, seqlens, bigram_input_seq, schedule)
         head = self.lm_head
         if self.training:
