@@ -362,12 +362,13 @@ def guard_sync_cases() -> list:
 NOT_RECORDS = [("{w}/a_dir", "is a directory"), ("{w}/missing.txt", "does not exist"), ("{w}/empty.py", "(it is empty)"),
                ("{w}/syntax_error.py", "line 3 is not Python"), (str(ROOT / "job" / "model.py"), "no `# int main` line"),
                ("{w}/good.pt", "not text"), ("{w}/record_shaped.py", "another version of the record's code")]
-SPEEDRUN_SCRIPTS = ["speedrun_reference", "bench_speedrun"]
+SPEEDRUN_SCRIPTS = ["speedrun_reference", "bench_speedrun", "speedrun_2026_07_17_check"]
 
 
 def speedrun_script_cases(s) -> list:
-    """scripts/speedrun_reference.py and bench_speedrun.py: the record's path and code, --out before the run, argparse.
-    They import torch before parsing (seconds each): each kind once, the scripts in turn (both check with the same code)."""
+    """scripts/speedrun_reference.py, bench_speedrun.py and speedrun_2026_07_17_check.py: the record's path and code,
+    --out before the run, argparse. They import torch before parsing (seconds each): each kind once, the scripts in turn
+    (the first two check with the same code, the third alike for its record)."""
     def cmd(name, record, out="{scratch}/speedrun.json"):
         return [*s(name), "--record", record, "--out", out, *(["--device", "cpu"] if name == "bench_speedrun" else [])]
 
@@ -381,6 +382,7 @@ def speedrun_script_cases(s) -> list:
         pytest.param(cmd("speedrun_reference", "{w}/doc.txt") + ["--bogus"], "--bogus", id="speedrun_reference-unknown-flag"),
         *flag_cases(s("bench_speedrun"), ["--record", "{w}/doc.txt"], "--steps", ["0", "abc"], "bench_speedrun"),
         *flag_cases(s("bench_speedrun"), ["--record", "{w}/doc.txt"], "--size", ["huge"], "bench_speedrun"),
+        *flag_cases(s("speedrun_2026_07_17_check"), ["--record", "{w}/doc.txt"], "--seq-len", ["0", "abc"], "speedrun_2026_07_17_check"),
     ]
 
 
