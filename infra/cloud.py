@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.errors import UserError
-from job.sidecar.lambda_cloud import LambdaAPIError, LambdaCloud, load_api_key
+from job.sidecar.lambda_cloud import DUPLICATE, LambdaAPIError, LambdaCloud, capacity_summary, load_api_key
 
 if TYPE_CHECKING:
     from infra.container import Job
@@ -96,7 +96,11 @@ def pick_region(types: dict, type_name: str, region: str = "auto", required_regi
         raise UserError(f"no capacity for {type_name} in {want}{why} right now ({where}): retry in a few minutes"
                         + ("" if required_region else " or pass --region auto"))
     if not available:
-        raise UserError(f"no capacity for {type_name} in any region right now: retry in a few minutes or pick another type (fab types)")
+        elsewhere = capacity_summary(types)
+        if elsewhere == "none":
+            raise UserError(f"no capacity for {type_name} in any region right now, nor for any other type: retry in a few minutes")
+        raise UserError(f"no capacity for {type_name} in any region right now; capacity now: {elsewhere}: "
+                        "pick one of those with --type, or retry in a few minutes")
     return available[0]
 
 
@@ -109,10 +113,18 @@ class Plan:
     fs: str | None
     price_cents: int
     gpus: int
+    create_fs: bool = False  # `fs` does not exist yet: provisioning creates it in `region`
+
+    def fs_line(self, dry: bool = False) -> str:
+        """What happens to the file system, or "" when it already exists."""
+        if not self.create_fs:
+            return ""
+        return f"{'would create' if dry else 'creates'} file system {self.fs} in {self.region} (none by that name yet)"
 
 
 def plan_provision(api: LambdaCloud, type_name: str, region: str = "auto", ssh_key: str = "", fs: str | None = None) -> Plan:
-    """Check everything a launch needs (type, capacity, SSH key, file system and its region) without launching."""
+    """Check everything a launch needs (type, capacity, SSH key, file system and its region) without launching or
+    creating anything. A file system that does not exist yet is planned for the region the instance launches in."""
     if not type_name:
         raise UserError("no instance type: pass --type (e.g. gpu_8x_h100_sxm5; `fab types` lists them)")
     if not ssh_key:
@@ -124,13 +136,32 @@ def plan_provision(api: LambdaCloud, type_name: str, region: str = "auto", ssh_k
     fs_region = None
     if fs:
         systems = {f["name"]: f for f in api.file_systems()}
-        if fs not in systems:
-            have = ", ".join(f"{n} ({f['region']['name']})" for n, f in systems.items()) or "none"
-            raise UserError(f"unknown file system {fs!r}: you have {have}; create one at https://cloud.lambdalabs.com/file-systems")
-        fs_region = systems[fs]["region"]["name"]
+        if fs in systems:
+            fs_region = systems[fs]["region"]["name"]
     types = api.instance_types()
     chosen = pick_region(types, type_name, region, fs_region)
-    return Plan(type_name, chosen, ssh_key, fs, price_cents(types[type_name]), gpus_of(type_name, types[type_name]))
+    return Plan(type_name, chosen, ssh_key, fs, price_cents(types[type_name]), gpus_of(type_name, types[type_name]),
+                create_fs=bool(fs) and fs_region is None)
+
+
+def ensure_file_system(api: LambdaCloud, name: str, region: str, out) -> dict:
+    """Create file system `name` in `region`, or take the one that appeared since the plan (a second provision, or a
+    retried create whose first reply was lost): Lambda refuses a taken name, and the list says where it lives."""
+    try:
+        fs = api.create_file_system(name, region)
+    except LambdaAPIError as e:
+        if e.code != DUPLICATE:
+            raise
+        fs = next((f for f in api.file_systems() if f["name"] == name), None)
+        if fs is None:
+            raise
+        if fs["region"]["name"] != region:
+            raise UserError(f"file system {name} appeared in {fs['region']['name']} meanwhile, not {region}: run again with "
+                            f"--region {fs['region']['name']} or auto") from None
+        print(f"file system {name} already exists in {region}; using it", file=out)
+        return fs
+    print(f"created file system {name} in {region}", file=out)
+    return fs
 
 
 def default_name() -> str:
@@ -192,6 +223,8 @@ def provision(api: LambdaCloud, type_name: str = "", region: str = "auto", ssh_k
     name = name or default_name()
     if any(i.get("name") == name and i.get("status") != "terminated" for i in api.instances()):
         raise UserError(f"an instance named {name!r} already exists: pick another --name (names identify boxes for fab terminate)")
+    if plan.create_fs:
+        ensure_file_system(api, plan.fs, plan.region, out)
     ids = api.launch(plan.region, plan.type_name, plan.ssh_key, name, plan.fs)
     if len(ids) != 1:
         raise LambdaAPIError(f"Lambda launched {len(ids)} instances instead of 1 ({', '.join(ids) or 'none'}): check `fab instances`")

@@ -43,12 +43,13 @@ def instances(c, api_key_file=None, api_base=None):
 
 
 @task(help=dict(KEY_HELP, type="instance type, e.g. gpu_8x_h100_sxm5 (fab types)", region="region, or auto: one with capacity now",
-                ssh_key="name of your SSH key in Lambda Cloud", fs="persistent file system to attach (decides the region)",
+                ssh_key="name of your SSH key in Lambda Cloud",
+                fs="persistent file system to attach (decides the region); created in the launch region if you have none by that name",
                 name="instance name (default nanogpt-DATE-TIME-XXXX)", yes="do not ask before launching (it costs money)",
                 ssh_port="port to wait on for SSH (22)", timeout="seconds to wait for active (default 1800)",
-                poll="seconds between status checks (default 5)"))
+                poll="seconds between status checks (default 5)", dry_run="check and show the plan; create and launch nothing"))
 def provision(c, type="", region="auto", ssh_key="", fs=None, name=None, yes=False, ssh_port="22", timeout="1800", api_key_file=None,
-              api_base=None, poll="5"):
+              api_base=None, poll="5", dry_run=False):
     """Launch an instance, wait until it is active and answers SSH, print its IP and the next command."""
     from infra.cloud import confirm, dollars, plan_provision
     from infra.cloud import provision as launch
@@ -59,6 +60,13 @@ def provision(c, type="", region="auto", ssh_key="", fs=None, name=None, yes=Fal
         wait_s, poll_s = number(timeout, "--timeout", float), number(poll, "--poll", float, minimum=0.001)
         api = _api(api_key_file, api_base)
         plan = plan_provision(api, type, region, ssh_key, fs)
+        if dry_run:
+            print(f"plan (dry run: nothing created or launched): {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour")
+            if plan.create_fs:
+                print(plan.fs_line(dry=True))
+            return
+        if plan.create_fs:
+            print(plan.fs_line())
         confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", yes)
         inst = launch(api, plan=plan, name=name, ssh_port=port, timeout=wait_s, poll_interval=poll_s)
         print(f"ready: {inst['name']} (id {inst['id']}) at {inst['ip']}, {dollars(plan.price_cents)}/hour")

@@ -153,6 +153,8 @@ def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
     opts.job.check_world([plan.gpus])  # the trainer's settings for this type's GPUs, before anything is billed
     step_seconds, basis = price_basis(opts.job, plan.type_name, cloud.step_seconds)
     out.write(cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step()) + "\n")
+    if plan.create_fs:
+        out.write(plan.fs_line() + "\n")
     confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", cloud.yes)
     inst = provision(api, plan=plan, name=cloud.name, ssh_port=opts.ssh.port or 22, out=out)
     return f"{cloud.ssh_user}@{inst['ip']}", inst["id"], key
@@ -216,6 +218,8 @@ def dry_run_provision(opts: LaunchOptions, out) -> int:
     opts.job.check_world([plan.gpus])
     step_seconds, basis = price_basis(opts.job, plan.type_name, cloud.step_seconds)
     line = cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step())
+    if plan.create_fs:
+        out.write(plan.fs_line(dry=True) + "\n")
     out.write(f"plan (dry run: no instance launched): {line}\n"
               "the box's own plan (driver, CUDA flavour, image, data) needs the box: `fab launch --dry-run --host ubuntu@IP` once it runs\n")
     return 0

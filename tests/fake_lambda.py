@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -191,6 +192,8 @@ class FakeLambda:
                 return 404, _err("global/object-does-not-exist", "Specified instance does not exist.")
             self.polls[iid] = self.polls.get(iid, 0) + 1
             return 200, {"data": self._advance(iid)}
+        if method == "POST" and path == "/filesystems":
+            return self._create_file_system(body)
         if method == "POST" and path == "/instance-operations/launch":
             return self._launch(body)
         if method == "POST" and path == "/instance-operations/terminate":
@@ -208,6 +211,32 @@ class FakeLambda:
     def _bad(self, msg: str) -> tuple[int, dict]:
         self.problems.append(msg)
         return 400, _err("global/invalid-parameters", msg)
+
+    def regions(self) -> set[str]:
+        """The regions Lambda knows: every one an instance type lists, plus those file systems live in."""
+        return ({r["name"] for e in self.types.values() for r in e["regions_with_capacity_available"]}
+                | {f["region"]["name"] for f in self.file_systems} | {"us-east-1", "us-west-1", "us-south-1"})
+
+    def _create_file_system(self, body) -> tuple[int, dict]:
+        # The API description's FilesystemCreateRequest: name and region, both required; its 400s are a bad name or
+        # region (invalid-parameters, with field_errors) and a name already taken (duplicate).
+        if not isinstance(body, dict) or set(body) != {"name", "region"} or not all(isinstance(v, str) for v in body.values()):
+            return self._bad(f"create file system: body must be {{'name': str, 'region': str}}, got {body!r}")
+        name, region = body["name"], body["region"]
+        if not (len(name) <= 60 and re.fullmatch(r"[a-zA-Z]+[0-9a-zA-Z-]*", name)):
+            return 400, {**_err("global/invalid-parameters", "Invalid filesystem name."),
+                         "field_errors": {"name": {"code": "global/invalid-parameters",
+                                                   "message": "must be 1-60 letters, numbers and hyphens, starting with a letter"}}}
+        if region not in self.regions():
+            return 400, {**_err("global/invalid-parameters", "Invalid region."),
+                         "field_errors": {"region": {"code": "global/invalid-parameters", "message": "unknown region"}}}
+        if any(f["name"] == name for f in self.file_systems):
+            return 400, _err("global/duplicate", "A filesystem with this name already exists.", "Choose a different name.")
+        fs = {"id": uuid.uuid4().hex, "name": name, "mount_point": f"/lambda/nfs/{name}", "created": "2026-12-01T10:00:00+00:00",
+              "created_by": {"id": "u1", "email": "me@example.com", "status": "active"}, "is_in_use": False, "bytes_used": 0,
+              "region": _region(region)}
+        self.file_systems.append(fs)
+        return 200, {"data": fs}
 
     def _launch(self, body) -> tuple[int, dict]:
         allowed = {"region_name", "instance_type_name", "ssh_key_names", "file_system_names", "quantity", "name"}

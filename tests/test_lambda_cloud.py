@@ -170,6 +170,11 @@ def test_pick_region(api):
         with pytest.raises(UserError) as e:
             cloud.pick_region(types, *args)
         assert words in one_line(e.value)
+    for entry in types.values():
+        entry["regions_with_capacity_available"] = []
+    with pytest.raises(UserError) as e:
+        cloud.pick_region(types, H100)
+    assert one_line(e.value) == "no capacity for gpu_8x_h100_sxm5 in any region right now, nor for any other type: retry in a few minutes"
 
 
 def test_provision_booting_active_ssh(api, fake, banner, capsys):
@@ -184,7 +189,7 @@ def test_provision_booting_active_ssh(api, fake, banner, capsys):
 
 def test_provision_checks_before_launching(api, fake):
     for kw, words in [({"ssh_key": "nope"}, "unknown SSH key name 'nope': Lambda Cloud has 'laptop'"),
-                      ({"ssh_key": "laptop", "fs": "nofs"}, "unknown file system 'nofs': you have fineweb (us-east-1)"),
+                      ({"ssh_key": "laptop", "fs": "9lives"}, "Lambda Cloud refused the file system name '9lives' (Invalid filesystem name)"),
                       ({"ssh_key": "laptop", "type_name": A100}, "no capacity for gpu_8x_a100_80gb_sxm4 in any region")]:
         with pytest.raises(UserError) as e:
             cloud.provision(api, **{"type_name": H100, **kw})
@@ -197,8 +202,75 @@ def test_capacity_gone_between_plan_and_launch(api, fake):
     fake.types[H100]["regions_with_capacity_available"] = []
     with pytest.raises(LambdaAPIError) as e:
         cloud.provision(api, plan=plan, poll_interval=0.01)
-    assert "no capacity for gpu_8x_h100_sxm5 in us-west-1 right now" in one_line(e.value) and "fab types" in str(e.value)
+    assert one_line(e.value) == ("no capacity for gpu_8x_h100_sxm5 in us-west-1 right now; capacity now: gpu_1x_a10 in us-south-1: "
+                                 "pass one of those as --type/--region, or retry in a few minutes")
     assert fake.instances == {}
+
+
+def test_no_capacity_names_where_there_is(api, fake):
+    # The list still offers the refused pair (it lags behind launches): the line leaves it out and names the rest.
+    fake.fail_next("POST", "/instance-operations/launch", 400, "instance-operations/launch/insufficient-capacity", "Not enough capacity")
+    with pytest.raises(LambdaAPIError) as e:
+        api.launch("us-west-1", H100, "laptop", "n1")
+    assert "capacity now: gpu_1x_a10 in us-south-1; gpu_8x_h100_sxm5 in us-east-1:" in one_line(e.value)
+    for entry in fake.types.values():
+        entry["regions_with_capacity_available"] = []
+    with pytest.raises(LambdaAPIError) as e:
+        api.launch("us-west-1", H100, "laptop", "n2")
+    assert one_line(e.value) == "no capacity for gpu_8x_h100_sxm5 in us-west-1 right now, nor for any type anywhere: retry in a few minutes"
+    fake.fail_next("GET", "/instance-types", 500, times=4)  # the list cannot be had: the line still says what failed
+    with pytest.raises(LambdaAPIError) as e:
+        api.launch("us-west-1", H100, "laptop", "n3")
+    assert "no capacity for gpu_8x_h100_sxm5 in us-west-1 right now: `fab types` lists" in one_line(e.value)
+    assert fake.instances == {}
+
+
+def test_create_file_system_and_the_api_refusals(api, fake):
+    fs = api.create_file_system("data-1", "us-west-1")
+    assert fs["name"] == "data-1" and fs["region"]["name"] == "us-west-1" and fs["mount_point"] == "/lambda/nfs/data-1"
+    assert fake.calls("POST", "/filesystems")[0].body == {"name": "data-1", "region": "us-west-1"}
+    assert "data-1" in {f["name"] for f in api.file_systems()}
+    for args, words in [(("-bad", "us-west-1"), "Lambda Cloud refused the file system name '-bad' (Invalid filesystem name)"),
+                        (("x" * 61, "us-west-1"), "use 1-60 letters, digits and hyphens, starting with a letter"),
+                        (("data-2", "mars-1"), "Lambda Cloud cannot create file system 'data-2' in mars-1 (Invalid region)")]:
+        with pytest.raises(LambdaAPIError) as e:
+            api.create_file_system(*args)
+        assert words in one_line(e.value)
+    with pytest.raises(LambdaAPIError) as e:
+        api.create_file_system("data-1", "us-east-1")
+    assert e.value.code == "global/duplicate" and "already exists" in one_line(e.value)
+    assert [f["name"] for f in fake.file_systems] == ["fineweb", "data-1"]
+
+
+def test_provision_creates_a_missing_file_system_once(api, fake, capsys):
+    plan = cloud.plan_provision(api, H100, "auto", "laptop", "fresh")
+    assert plan.create_fs and plan.region == "us-west-1"  # no file system to follow: the first region with capacity
+    assert fake.calls("POST", "/filesystems") == []  # planning creates nothing
+    cloud.provision(api, plan=plan, name="n1", wait=False)
+    assert "created file system fresh in us-west-1" in capsys.readouterr().out
+    assert fake.calls("POST", "/instance-operations/launch")[0].body["file_system_names"] == ["fresh"]
+    # A second provision finds it and follows it to its region; none is created.
+    again = cloud.plan_provision(api, H100, "auto", "laptop", "fresh")
+    assert not again.create_fs and again.region == "us-west-1"
+    # A plan made before another provision created it: the API's duplicate answer is settled by the list.
+    cloud.provision(api, plan=plan, name="n2", wait=False)
+    assert "file system fresh already exists in us-west-1; using it" in capsys.readouterr().out
+    assert [f["name"] for f in fake.file_systems] == ["fineweb", "fresh"]
+    late = cloud.Plan(H100, "us-east-1", "laptop", "fresh", 2392, 8, create_fs=True)
+    with pytest.raises(UserError) as e:
+        cloud.provision(api, plan=late, name="n3", wait=False)
+    assert one_line(e.value) == "file system fresh appeared in us-west-1 meanwhile, not us-east-1: run again with --region us-west-1 or auto"
+    assert len(fake.calls("POST", "/instance-operations/launch")) == 2
+
+
+def test_file_system_create_whose_reply_was_lost(api, fake, capsys):
+    fake.fail_next("POST", "/filesystems", 502, served=True)  # created, then the reply is lost: the retry meets the name taken
+    plan = cloud.plan_provision(api, A10, "auto", "laptop", "lost-reply")
+    cloud.provision(api, plan=plan, name="n1", wait=False)
+    assert len(fake.calls("POST", "/filesystems")) == 2
+    assert [f["name"] for f in fake.file_systems] == ["fineweb", "lost-reply"]
+    assert "file system lost-reply already exists in us-south-1; using it" in capsys.readouterr().out
+    assert fake.calls("POST", "/instance-operations/launch")[0].body["file_system_names"] == ["lost-reply"]
 
 
 def test_quota_reached(api, fake):
@@ -327,6 +399,54 @@ def test_fab_provision_asks_first(fake):
     assert fake.calls("POST", "/instance-operations/launch") == []
     r = fab(fake, "provision", "--type", A100, "--ssh-key", "laptop", "--yes")
     assert r.returncode == 2 and r.stderr.startswith("error: no capacity for gpu_8x_a100_80gb_sxm4") and len(r.stderr.splitlines()) == 1
+
+
+def test_fab_provision_creates_the_file_system_it_lacks(fake, banner):
+    base = ("provision", "--type", H100, "--ssh-key", "laptop", "--fs", "my-data")
+    go = ("--yes", "--ssh-port", banner, "--poll", "0.01")
+    r = fab(fake, *base, "--region", "us-east-1", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "would create file system my-data in us-east-1" in r.stdout
+    r = fab(fake, "launch", "--provision", *base[1:], "--region", "us-east-1", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "would create file system my-data in us-east-1" in r.stdout and "plan (dry run: no instance launched)" in r.stdout
+    assert fake.calls("POST", "/filesystems") == [] and fake.calls("POST", "/instance-operations/launch") == []
+    r = fab(fake, *base, "--region", "us-east-1", *go, "--name", "box-1")
+    assert r.returncode == 0, r.stderr
+    assert "created file system my-data in us-east-1" in r.stdout.splitlines()
+    assert [(f["name"], f["region"]["name"]) for f in fake.file_systems] == [("fineweb", "us-east-1"), ("my-data", "us-east-1")]
+    assert fake.calls("POST", "/instance-operations/launch")[0].body["file_system_names"] == ["my-data"]
+    # Present now: a second provision attaches it and creates nothing, and --region auto follows it.
+    r = fab(fake, *base, *go, "--name", "box-2")
+    assert r.returncode == 0, r.stderr
+    assert "file system" not in r.stdout and "launched gpu_8x_h100_sxm5 in us-east-1 as box-2" in r.stdout
+    assert len(fake.calls("POST", "/filesystems")) == 1 and len(fake.file_systems) == 2
+    # In another region than the one asked for: the one line it always was.
+    r = fab(fake, *base, "--region", "us-west-1", *go)
+    assert r.returncode == 2 and r.stderr == "error: --region us-west-1 but the file system lives in us-east-1: use --region us-east-1 or auto\n"
+
+
+def test_fab_provision_file_system_name_refused(fake):
+    r = fab(fake, "provision", "--type", H100, "--ssh-key", "laptop", "--fs", "data_2026", "--yes")
+    assert r.returncode == 2 and r.stderr == ("error: Lambda Cloud refused the file system name 'data_2026' (Invalid filesystem name): "
+                                              "use 1-60 letters, digits and hyphens, starting with a letter\n")
+    assert fake.calls("POST", "/instance-operations/launch") == [] and len(fake.file_systems) == 1
+    assert fake.instances == {}
+
+
+def test_fab_provision_no_capacity_names_where_there_is(fake):
+    fake.fail_next("POST", "/instance-operations/launch", 400, "instance-operations/launch/insufficient-capacity",
+                   "Not enough capacity to fulfill launch request.")
+    r = fab(fake, "provision", "--type", H100, "--ssh-key", "laptop", "--region", "us-east-1", "--yes")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("error: no capacity for gpu_8x_h100_sxm5 in us-east-1 right now; capacity now: gpu_1x_a10 in us-south-1; "
+                        "gpu_8x_h100_sxm5 in us-west-1: pass one of those as --type/--region, or retry in a few minutes\n")
+    assert fake.instances == {}  # nothing left running
+    r = fab(fake, "provision", "--type", A100, "--ssh-key", "laptop", "--yes")  # refused at planning: the same names
+    assert r.returncode == 2 and r.stderr == ("error: no capacity for gpu_8x_a100_80gb_sxm4 in any region right now; capacity now: "
+                                              "gpu_1x_a10 in us-south-1; gpu_8x_h100_sxm5 in us-west-1, us-east-1: pick one of those "
+                                              "with --type, or retry in a few minutes\n")
+    assert fake.calls("POST", "/instance-operations/launch")[1:] == []
 
 
 def test_fab_terminate_confirms(fake):

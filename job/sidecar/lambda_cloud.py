@@ -15,6 +15,9 @@ https://cloud.lambdalabs.com/api/v1/docs, browsable at https://docs-api.lambda.a
   terminating | terminated), ssh_key_names, file_system_names, region {name}, instance_type {...}, hostname}
 - POST /instance-operations/terminate {instance_ids} -> {"terminated_instances": [instance]}
 - GET /ssh-keys -> [{id, name, public_key}]; GET /file-systems -> [{id, name, mount_point, region {name}, is_in_use, ...}]
+- POST /filesystems {name (1-60 characters, ^[a-zA-Z]+[0-9a-zA-Z-]*$), region} -> the new file system (same shape as
+  the list's items); refused with global/duplicate when the name is taken, global/invalid-parameters for a bad name or
+  region, global/quota-exceeded. Creating and listing are spelled differently (`filesystems`, `file-systems`) there.
 - rate limits: about one request per second, and launch at most once per 12 s; a 429 means "slow down".
 
 The key comes from LAMBDA_API_KEY or a file only its owner can read (default ~/.config/lambda/api_key). It is kept in
@@ -48,6 +51,7 @@ ACCOUNT_INACTIVE = "global/account-inactive"
 INVALID_PARAMETERS = "global/invalid-parameters"
 NOT_FOUND = "global/object-does-not-exist"
 QUOTA = "global/quota-exceeded"
+DUPLICATE = "global/duplicate"
 NO_CAPACITY = "instance-operations/launch/insufficient-capacity"
 FS_WRONG_REGION = "instance-operations/launch/file-system-in-wrong-region"
 FS_UNSUPPORTED = "instance-operations/launch/file-systems-not-supported"
@@ -134,6 +138,22 @@ class LambdaCloud:
     def file_systems(self) -> list[dict]:
         return self._call("GET", "/file-systems")
 
+    def create_file_system(self, name: str, region: str) -> dict:
+        """Create an empty file system. Retried like a read: a retry after a lost reply answers global/duplicate,
+        which the caller settles by listing (infra.cloud.ensure_file_system), so no second file system appears."""
+        try:
+            return self._call("POST", "/filesystems", {"name": name, "region": region})
+        except LambdaAPIError as e:
+            msg = e.message.lower()
+            if e.code == INVALID_PARAMETERS and "region" in msg:
+                line = f"Lambda Cloud cannot create file system {name!r} in {region} ({e.message}): pick another region with --region"
+            elif e.code == INVALID_PARAMETERS:
+                line = (f"Lambda Cloud refused the file system name {name!r} ({e.message}): use 1-60 letters, digits and hyphens, "
+                        "starting with a letter")
+            else:
+                raise
+            raise LambdaAPIError(line, e.code, e.status, e.message) from None
+
     def launch(self, region_name: str, instance_type_name: str, ssh_key_name: str, name: str,
                file_system_name: str | None = None) -> list[str]:
         """Launch one instance named `name`; returns its id in a list, as the API does.
@@ -147,7 +167,7 @@ class LambdaCloud:
             try:
                 return self._call("POST", "/instance-operations/launch", body, unsafe=True)["instance_ids"]
             except LambdaAPIError as e:
-                raise self._launch_error(e, body) from None
+                raise self._launch_error(e, body, self._capacity_now(e, body)) from None
             except _Ambiguous as e:
                 found = [i["id"] for i in self.instances() if i.get("name") == name and i.get("status") != "terminated"]
                 if found:
@@ -158,13 +178,29 @@ class LambdaCloud:
                 self._sleep(self._delay(attempt, None))
         raise AssertionError("unreachable")
 
+    def _capacity_now(self, e: LambdaAPIError, body: dict) -> str | None:
+        """After an insufficient-capacity refusal, where there is capacity now (None when that cannot be learned)."""
+        if e.code != NO_CAPACITY:
+            return None
+        try:
+            types = self.instance_types()
+        except UserError:
+            return None
+        # The pair just refused is left out even if the list still offers it: the list lags behind launches.
+        return capacity_summary(types, exclude=(body["instance_type_name"], body["region_name"]))
+
     @staticmethod
-    def _launch_error(e: LambdaAPIError, body: dict) -> LambdaAPIError:
+    def _launch_error(e: LambdaAPIError, body: dict, capacity: str | None = None) -> LambdaAPIError:
         """The same error with the type, region, key or file system it is about, where the code says which."""
         t, region, key = body["instance_type_name"], body["region_name"], body["ssh_key_names"][0]
         fs = (body["file_system_names"] or [""])[0]
         msg = e.message.lower()
-        if e.code == NO_CAPACITY:
+        if e.code == NO_CAPACITY and capacity == "none":
+            line = f"no capacity for {t} in {region} right now, nor for any type anywhere: retry in a few minutes"
+        elif e.code == NO_CAPACITY and capacity is not None:
+            line = (f"no capacity for {t} in {region} right now; capacity now: {capacity}: pass one of those as --type/--region, "
+                    "or retry in a few minutes")
+        elif e.code == NO_CAPACITY:
             line = (f"no capacity for {t} in {region} right now: `fab types` lists the regions that have it, or pass --region auto; "
                     "capacity comes and goes, retry in a few minutes")
         elif e.code == FS_WRONG_REGION:
@@ -174,7 +210,7 @@ class LambdaCloud:
         elif e.code in (INVALID_PARAMETERS, NOT_FOUND) and "ssh" in msg:
             line = f"unknown SSH key name {key!r} for Lambda Cloud: add it at https://cloud.lambdalabs.com/ssh-keys (names are case-sensitive)"
         elif e.code in (INVALID_PARAMETERS, NOT_FOUND) and ("file system" in msg or "filesystem" in msg or "file_system" in msg):
-            line = f"unknown file system {fs!r}: create it at https://cloud.lambdalabs.com/file-systems in the region you launch in"
+            line = f"unknown file system {fs!r} (gone since the plan?): run again, which creates a missing one, or pass another --fs"
         elif e.code in (INVALID_PARAMETERS, NOT_FOUND) and ("instance type" in msg or "instance_type" in msg):
             line = f"unknown instance type {t!r}: `fab types` lists them"
         else:
@@ -272,6 +308,17 @@ def _never_sent(e: Exception) -> bool:
         return True
     reason = getattr(e.args[0], "reason", None) if e.args else None
     return isinstance(reason, (NewConnectionError, ConnectTimeoutError, NameResolutionError))
+
+
+def capacity_summary(types: dict, exclude: tuple[str, str] | None = None) -> str:
+    """The instance-types reply as one phrase, "TYPE in REGION, REGION; TYPE in REGION", cheapest first; "none" when
+    no type has capacity anywhere. `exclude` drops one (type, region) pair."""
+    parts = []
+    for name, entry in sorted(types.items(), key=lambda kv: (int(kv[1]["instance_type"]["price_cents_per_hour"]), kv[0])):
+        regions = [r["name"] for r in entry.get("regions_with_capacity_available") or [] if (name, r["name"]) != exclude]
+        if regions:
+            parts.append(f"{name} in {', '.join(regions)}")
+    return "; ".join(parts) or "none"
 
 
 def _path_id(instance_id: str) -> str:
