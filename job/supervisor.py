@@ -39,7 +39,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 from job import contract
 from job.errors import UserError, number
@@ -231,15 +230,16 @@ def run_seeds(runs: int, argv: list[str], gpus: int, nproc_env: str | None) -> i
     ones take their compiled graphs from it. A stop ends the current run as it ends any (with a checkpoint) and starts
     no other; the same command again resumes it and trains the rest (a finished run has nothing left to do). The
     first run that fails ends them all, with its status."""
-    from job import config
+    from job import compile_cache, config
+    from job.runtime import pick_device
 
     try:
         cfg = config.parse_args(argv, files=False)  # the seed and log dir the trainer would take
+        # One cache for every run (a path set by the user wins), checked once here rather than by each run's ranks.
+        compile_cache.use(cfg.log_dir, cfg.recipe, pick_device(cfg.device))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return contract.EXIT_USER_ERROR
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # the log dir's cache, not each run's (a path set by the user wins)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((Path(cfg.log_dir) / contract.COMPILE_CACHE_DIR).absolute())
     sup = Supervisor()
     for i, (seed, name) in enumerate(contract.run_dirs(cfg.seed, runs), 1):
         log_dir = os.path.join(cfg.log_dir, name)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job import checkpoint as ckpt_lib
-from job import contract, recipes
+from job import compile_cache, contract, recipes
 from job.config import COMPILE_OPTIONS, TrainConfig, layouts, parse_args, val_steps
 from job.dashboards import open_writers
 from job.data import DeviceLoader, check_data_dir
@@ -31,7 +31,7 @@ from job.identity import run_identity
 from job.metrics import MetricsLogger, StepTimer, format_eta, peak_flops
 from job.optim import Optimizers
 from job.recipes.gpt2 import residual_dtype  # noqa: F401  (imported from here by scripts/estimate_memory.py)
-from job.runtime import Requests, Runtime, agree, all_reduce, autocast_ctx, dist_env, setup_runtime, under_ddp
+from job.runtime import Requests, Runtime, agree, all_reduce, autocast_ctx, dist_env, pick_device, setup_runtime, under_ddp
 from job.sample import generate_samples
 
 
@@ -409,9 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     check_data_dir(cfg.data_dir)
     if Path(cfg.log_dir).exists() and not Path(cfg.log_dir).is_dir():
         raise UserError(f"--log-dir {cfg.log_dir} is a file, not a directory: pass a directory (it is created if missing)")
-    # Inductor reads this when it first compiles; a path set by the user wins.
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((Path(cfg.log_dir) / contract.COMPILE_CACHE_DIR).absolute())
+    # Inductor reads this when it first compiles; a path set by the user (or by job.supervisor --runs) wins.
+    compile_cache.use(cfg.log_dir, cfg.recipe, pick_device(cfg.device))
     rt = setup_runtime(cfg)
     try:
         Trainer(cfg, rt).run()

@@ -18,7 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from conftest import ENGINE, ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
-from job import contract
+from job import compile_cache, contract
 from job.errors import RankLost, UserError
 from job.supervisor import children, first_failure, torchrun_args
 from sshd import free_port
@@ -164,17 +164,19 @@ def runs_cmd(shards, log, runs, *extra) -> list[str]:
 
 
 def test_runs_train_each_seed_in_its_own_log_dir_with_one_compile_cache(shards, tmp_path):
-    log = tmp_path / "log"
+    log, fs = tmp_path / "log", tmp_path / "persistent"
     # TORCHINDUCTOR_CACHE_DIR="": as in the image, where nothing sets it (the tests' default shares one per machine).
-    proc = run_cli(*runs_cmd(shards, log, 2, "--compile", "on", "--max-steps", 2), check=True, TORCHINDUCTOR_CACHE_DIR="")
-    cache = log / contract.COMPILE_CACHE_DIR
+    proc = run_cli(*runs_cmd(shards, log, 2, "--compile", "on", "--max-steps", 2), check=True, TORCHINDUCTOR_CACHE_DIR="",
+                   NANOGPT_COMPILE_CACHE=fs)
+    cache = fs / compile_cache.dir_name(compile_cache.cache_key("gpt2", "cpu"))
     for i, seed in enumerate((1337, 1338), 1):
         run = log / f"seed-{seed}"
         one(rf"^run {i} of 2: seed {seed}, log dir {run}$", proc.stdout)
         assert events(run, "start")[0]["config"]["seed"] == seed and [e["reason"] for e in events(run, "end")] == ["done"]
     one(rf"^2 runs done, in {log}/seed-\*: `python -m job.stats {log}` gives their statistics$", proc.stdout)
-    # Both runs compile into the log dir's cache, and the second takes every graph from it.
-    assert proc.stdout.count(f"graphs from the cache in {cache}") == 2 and not (log / "seed-1337" / contract.COMPILE_CACHE_DIR).exists()
+    # Both runs compile into the one directory for their key, and the second takes every graph from it.
+    assert proc.stdout.count(f"graphs from the cache in {cache}") == 2 and sorted(p.name for p in fs.iterdir()) == [cache.name]
+    assert not any((log / d / contract.COMPILE_CACHE_DIR).exists() for d in (".", "seed-1337", "seed-1338"))
     first, second = (events(log / f"seed-{s}", "compile")[0] for s in (1337, 1338))
     assert first["cache_misses"] > 0 and second["cache_misses"] == 0 and second["cache_hits"] > 0, (first, second)
     assert events(log / "seed-1337", "train")[0]["loss"] != events(log / "seed-1338", "train")[0]["loss"]  # other weights

@@ -1,6 +1,7 @@
 """End-to-end runs of the real trainer: checkpoints, divergence, retention, resume's refusals, compile. Exact resume after a
 kill or SIGTERM and torchrun's ranks, for every recipe, are tests/test_promises.py's."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import torch
 
 from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd, train_in_process
 from job import checkpoint as ckpt_lib
+from job import compile_cache, contract, identity
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -206,19 +208,41 @@ def test_out_of_memory_is_one_line_naming_the_micro_batch_to_use(shards, tmp_pat
     assert ckpt_lib.list_checkpoints(tmp_path / "log") == []
 
 
-def test_compile_cache_lives_in_the_log_dir_so_a_relaunch_reuses_it(shards, tmp_path):
-    """A relaunched container starts with an empty /tmp: torch.compile's graphs must come from the log dir."""
-    log = tmp_path / "log"
-    first = run_cli(*train_cmd(shards, log, "--compile", "on", "--max-steps", 2), check=True, TORCHINDUCTOR_CACHE_DIR="")
-    cache = log / ".compile-cache"
+def test_compile_cache_is_kept_on_the_persistent_fs_by_key_so_another_box_reuses_it(shards, tmp_path):
+    """Another box starts with an empty /tmp and its own log dir: torch.compile's graphs come from the directory for
+    this run's key on the persistent file system (TORCHINDUCTOR_CACHE_DIR="": as in the image, where nothing sets it)."""
+    fs = tmp_path / "persistent"
+    first = run_cli(*train_cmd(shards, tmp_path / "box1", "--compile", "on", "--max-steps", 2), check=True,
+                    TORCHINDUCTOR_CACHE_DIR="", NANOGPT_COMPILE_CACHE=fs)
+    key = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "gpt2", "code": identity.code_hash()}
+    cache = fs / compile_cache.dir_name(key)
+    assert json.loads((cache / compile_cache.KEY_FILE).read_text()) == key
     m = one(r"step +0 \| first step [\d.]+ s with torch\.compile: 0 of (\d+) graphs from the cache in (\S+)$", first.stdout)
-    assert int(m.group(1)) > 0 and m.group(2) == str(cache) and any(cache.iterdir())
-    again = run_cli(*train_cmd(shards, log, "--compile", "on", "--max-steps", 4), check=True, TORCHINDUCTOR_CACHE_DIR="")
-    m = one(r"step +2 \| first step [\d.]+ s with torch\.compile: (\d+) of (\d+) graphs from the cache", again.stdout)
+    assert int(m.group(1)) > 0 and m.group(2) == str(cache) and len(list(cache.iterdir())) > 1
+    assert not (tmp_path / "box1" / contract.COMPILE_CACHE_DIR).exists()
+    again = run_cli(*train_cmd(shards, tmp_path / "box2", "--compile", "on", "--max-steps", 2), check=True,
+                    TORCHINDUCTOR_CACHE_DIR="", NANOGPT_COMPILE_CACHE=fs)
+    m = one(r"step +0 \| first step [\d.]+ s with torch\.compile: (\d+) of (\d+) graphs from the cache", again.stdout)
     assert m.group(1) == m.group(2) != "0", again.stdout  # every graph from the cache: nothing compiled again
-    compiles = events(log, "compile")
-    assert len(compiles) == 2 and compiles[0]["cache_misses"] > 0 and compiles[1]["cache_misses"] == 0, compiles
+    first, second = events(tmp_path / "box1", "compile")[0], events(tmp_path / "box2", "compile")[0]
+    assert first["cache_misses"] > 0 and second["cache_misses"] == 0, (first, second)
+    assert sorted(p.name for p in fs.iterdir()) == [cache.name]
 
+
+def test_a_foreign_compile_cache_is_ignored_with_one_line_and_the_run_trains(shards, tmp_path):
+    """A directory whose recorded key is not this run's (here: another torch) is never loaded, whatever it holds."""
+    fs = tmp_path / "persistent"
+    key = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "gpt2", "code": identity.code_hash()}
+    cache = fs / compile_cache.dir_name(key)
+    cache.mkdir(parents=True)
+    (cache / compile_cache.KEY_FILE).write_text(json.dumps({**key, "torch": "2.0.0"}))
+    (cache / "fxgraph").write_text("kernels of another torch")
+    proc = run_cli(*train_cmd(shards, tmp_path / "log", "--max-steps", 2), check=True, TORCHINDUCTOR_CACHE_DIR="", NANOGPT_COMPILE_CACHE=fs)
+    one(rf"^compile cache {re.escape(str(cache))} ignored, not loaded: it was made for another key \(torch '2\.0\.0', this run "
+        rf"{re.escape(repr(key['torch']))}\); compiling afresh into a new one$", proc.stdout)
+    assert proc.stdout.count("compile cache") == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert [e["reason"] for e in events(tmp_path / "log", "end")] == ["done"]
+    assert sorted(p.name for p in cache.iterdir()) == [compile_cache.KEY_FILE] and json.loads((cache / compile_cache.KEY_FILE).read_text()) == key
 
 
 def test_out_of_memory_under_ddp_names_the_rank_that_ran_out(shards, tmp_path):

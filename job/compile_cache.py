@@ -1,0 +1,108 @@
+"""torch.compile's cache that outlives the box: Inductor's own cache directory (its FX graphs, AOTAutograd entries and
+Triton kernels, through TORCHINDUCTOR_CACHE_DIR), one directory per key on the persistent file system.
+
+The key is what makes a compiled graph valid elsewhere: torch's and CUDA's versions, the GPU model ("cpu" or "mps"
+off CUDA), the recipe and the code (job/'s content hash, job.identity). Inductor keys its entries by graph, not by
+these, and a kernel built for another GPU or torch is at best a miss and at worst a crash; one directory per key keeps
+each set apart, and the next run with the same key, on any box that mounts the file system, loads it.
+
+Each directory records its key in key.json. One whose key.json is missing (with files beside it), unreadable or
+names another key is never loaded: one line says why, it is moved aside and removed, and the run compiles afresh
+into a new one. A TORCHINDUCTOR_CACHE_DIR set by the user wins and is used as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from job import contract
+
+ENV = "TORCHINDUCTOR_CACHE_DIR"
+ROOT_ENV = "NANOGPT_COMPILE_CACHE"  # the root of the keyed directories, in place of contract.COMPILE_CACHE_ROOT
+KEY_FILE = "key.json"
+
+
+def cache_key(recipe: str, device: str) -> dict:
+    """The key of a run of `recipe` on `device` (a torch device string) with this torch and this code."""
+    import torch
+
+    from job.identity import code_identity
+
+    if device.startswith("cuda"):
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    else:
+        gpu = device.split(":")[0]  # "cpu", "mps"
+    return {"torch": str(torch.__version__), "cuda": torch.version.cuda, "gpu": gpu, "recipe": recipe, "code": code_identity()["code_sha256"]}
+
+
+def dir_name(key: dict) -> str:
+    """A readable name with a hash of the whole key: recipe-torch-gpu-HASH."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{key['recipe']}-torch{key['torch']}-{key['gpu']}")
+    return f"{slug}-{digest}"
+
+
+def root_for(log_dir: str) -> Path:
+    """Where the keyed directories live: the persistent file system where it is mounted (the container), else the
+    log dir (a laptop, the tests); NANOGPT_COMPILE_CACHE names another root."""
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    persistent = Path(contract.PERSISTENT)
+    if persistent.is_dir() and os.access(persistent, os.W_OK):
+        return Path(contract.COMPILE_CACHE_ROOT)
+    return Path(log_dir) / contract.COMPILE_CACHE_DIR
+
+
+def why_not(path: Path, key: dict) -> str | None:
+    """Why the directory at `path` must not be loaded for `key`, or None when it may (or does not exist yet)."""
+    if not path.is_dir():
+        return None
+    try:
+        recorded = json.loads((path / KEY_FILE).read_text())
+    except FileNotFoundError:
+        return None if not any(path.iterdir()) else f"it records no key ({KEY_FILE} is missing)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"its {KEY_FILE} is unreadable ({type(e).__name__})"
+    if not isinstance(recorded, dict):
+        return f"its {KEY_FILE} is unreadable (not an object)"
+    diff = [f"{k} {recorded.get(k)!r}, this run {key[k]!r}" for k in key if recorded.get(k) != key[k]]
+    return f"it was made for another key ({'; '.join(diff)})" if diff else None
+
+
+def _write_key(path: Path, key: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{KEY_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path / KEY_FILE)  # whole or absent: a reader never sees half a key
+
+
+def prepare(root: Path, key: dict, say=print) -> Path:
+    """The directory for `key` under `root`, made ready: created with its key, or checked and kept, or (stale,
+    foreign or corrupt) moved aside, removed with one line, and made anew. Ranks that start together may all call
+    this: the move aside is one rename, which only one of them wins."""
+    path = root / dir_name(key)
+    reason = why_not(path, key)
+    if reason is not None:
+        aside = path.with_name(f"{path.name}.ignored-{os.getpid()}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            pass  # another rank moved it first and says so
+        else:
+            say(f"compile cache {path} ignored, not loaded: {reason}; compiling afresh into a new one", flush=True)
+            shutil.rmtree(aside, ignore_errors=True)
+    if not (path / KEY_FILE).is_file():
+        _write_key(path, key)
+    return path
+
+
+def use(log_dir: str, recipe: str, device: str) -> str:
+    """Point Inductor at this run's cache directory (unless the user set one) before anything compiles; the path."""
+    if not os.environ.get(ENV):
+        os.environ[ENV] = str(prepare(root_for(log_dir), cache_key(recipe, device)).absolute())
+    return os.environ[ENV]

@@ -1,0 +1,79 @@
+"""The compile cache's key and its checks, on real directories; the trainer's use of it is in test_train.py
+(a warm run reuses it, a foreign entry is ignored) and test_supervisor.py (--runs N compiles once)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from job import compile_cache, contract
+from job.compile_cache import KEY_FILE, cache_key, dir_name, prepare, root_for, why_not
+
+
+def job_sha256() -> str:
+    """job/'s code by its own definition: every .py file and contract.env, by path and bytes, in path order."""
+    package = Path(compile_cache.__file__).parent
+    code = (p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts and (p.suffix == ".py" or p.name == "contract.env"))
+    files = sorted(code, key=lambda p: p.relative_to(package).as_posix())
+    h = hashlib.sha256()
+    for p in files:
+        data = p.read_bytes()
+        h.update(f"{p.relative_to(package).as_posix()}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()
+
+
+def test_the_key_is_torch_cuda_the_gpu_model_the_recipe_and_the_code():
+    key = cache_key("speedrun", "cpu")
+    assert key == {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "speedrun", "code": job_sha256()}
+    assert cache_key("gpt2", "cpu")["recipe"] == "gpt2" and cache_key("gpt2", "mps")["gpu"] == "mps"
+    # Each part alone gives another directory; the name starts readable.
+    names = {dir_name({**key, part: "other"}) for part in key} | {dir_name(key)}
+    assert len(names) == len(key) + 1
+    assert dir_name(key).startswith(f"speedrun-torch{torch.__version__.replace('+', '_')}-cpu-") and dir_name(dict(key)) == dir_name(key)
+
+
+def test_the_root_is_the_persistent_file_system_where_it_is_mounted_else_the_log_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv(compile_cache.ROOT_ENV, raising=False)
+    monkeypatch.setattr(contract, "PERSISTENT", str(tmp_path / "not-mounted"))
+    assert root_for(str(tmp_path / "log")) == tmp_path / "log" / contract.COMPILE_CACHE_DIR
+    (tmp_path / "mounted").mkdir()
+    monkeypatch.setattr(contract, "PERSISTENT", str(tmp_path / "mounted"))
+    assert root_for(str(tmp_path / "log")) == Path(contract.COMPILE_CACHE_ROOT)
+    assert Path(contract.COMPILE_CACHE_ROOT).parent == Path(contract._C["PERSISTENT"])  # what the launcher mounts
+    monkeypatch.setenv(compile_cache.ROOT_ENV, str(tmp_path / "elsewhere"))
+    assert root_for(str(tmp_path / "log")) == tmp_path / "elsewhere"
+
+
+def test_a_new_directory_records_its_key_and_a_matching_one_is_kept(tmp_path):
+    key, said = cache_key("gpt2", "cpu"), []
+    path = prepare(tmp_path, key, say=lambda *a, **k: said.append(a[0]))
+    assert path == tmp_path / dir_name(key) and json.loads((path / KEY_FILE).read_text()) == key
+    (path / "fxgraph").mkdir()
+    (path / "fxgraph" / "entry").write_text("compiled")
+    assert prepare(tmp_path, key, say=lambda *a, **k: said.append(a[0])) == path
+    assert (path / "fxgraph" / "entry").read_text() == "compiled" and said == []
+
+
+def test_a_stale_foreign_or_corrupt_directory_is_never_loaded_and_says_why_in_one_line(tmp_path):
+    key = cache_key("gpt2", "cpu")
+    path, said = tmp_path / dir_name(key), []
+    cases = [
+        (json.dumps({**key, "torch": "2.0.0", "gpu": "NVIDIA A100"}),
+         f"it was made for another key (torch '2.0.0', this run {key['torch']!r}; gpu 'NVIDIA A100', this run 'cpu')"),
+        ("{half a key", "its key.json is unreadable (JSONDecodeError)"),
+        ("[1, 2]", "its key.json is unreadable (not an object)"),
+        (None, "it records no key (key.json is missing)"),
+    ]
+    for text, reason in cases:
+        path.mkdir(exist_ok=True)
+        (path / "entry").write_text("a kernel of another build")
+        if text is not None:
+            (path / KEY_FILE).write_text(text)
+        assert why_not(path, key) == reason
+        said.clear()
+        assert prepare(tmp_path, key, say=lambda *a, **k: said.append(a[0])) == path
+        assert said == [f"compile cache {path} ignored, not loaded: {reason}; compiling afresh into a new one"]
+        assert sorted(p.name for p in path.iterdir()) == [KEY_FILE] and json.loads((path / KEY_FILE).read_text()) == key
+        assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the ignored one is gone, not left aside
+        (path / KEY_FILE).unlink()
