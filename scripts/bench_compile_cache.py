@@ -30,9 +30,32 @@ CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
 def run(recipe: str, data: Path, log: Path, cache_root: Path, device: str, extra: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env.update(NANOGPT_COMPILE_CACHE=str(cache_root), PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "job.train", "--recipe", recipe, "--preset", "tiny", "--device", device, "--compile", "on",
-           "--max-steps", "1", "--eval-every", "0", "--sample-num", "0", "--hellaswag-every", "0",
-           "--data-dir", str(data), "--log-dir", str(log), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "job.train",
+        "--recipe",
+        recipe,
+        "--preset",
+        "tiny",
+        "--device",
+        device,
+        "--compile",
+        "on",
+        "--max-steps",
+        "1",
+        "--eval-every",
+        "0",
+        "--sample-num",
+        "0",
+        "--hellaswag-every",
+        "0",
+        "--data-dir",
+        str(data),
+        "--log-dir",
+        str(log),
+        *extra,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -55,17 +78,26 @@ def main() -> None:
         data = args.data
         if data is None:
             data = tmp / "data"
-            subprocess.run([sys.executable, "-m", "job.prepare", "text", str(CORPUS), "--out", str(data), "--shard-size", "50000"],
-                           cwd=ROOT, check=True, capture_output=True)
-        print(f"{'recipe':<10} {'cold first step':>16} {'warm first step':>16} {'ratio':>6} {'cold wall':>10} {'warm wall':>10} "
-              f"{'ratio':>6}  warm graphs from cache")
+            subprocess.run(
+                [sys.executable, "-m", "job.prepare", "text", str(CORPUS), "--out", str(data), "--shard-size", "50000"],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+        print(
+            f"{'recipe':<10} {'cold first step':>16} {'warm first step':>16} {'ratio':>6} {'cold wall':>10} {'warm wall':>10} "
+            f"{'ratio':>6}  warm graphs from cache"
+        )
         for recipe in args.recipes.split(","):
             cache_root = tmp / f"persistent-{recipe}"
             cold = run(recipe, data, tmp / f"{recipe}-box1", cache_root, args.device, args.extra)
             warm = run(recipe, data, tmp / f"{recipe}-box2", cache_root, args.device, args.extra)
-            print(f"{recipe:<10} {cold['first_step_s']:>14.1f} s {warm['first_step_s']:>14.1f} s "
-                  f"{warm['first_step_s'] / cold['first_step_s']:>6.2f} {cold['wall_s']:>8.1f} s {warm['wall_s']:>8.1f} s "
-                  f"{warm['wall_s'] / cold['wall_s']:>6.2f}  {warm['hits']} of {warm['hits'] + warm['misses']}", flush=True)
+            print(
+                f"{recipe:<10} {cold['first_step_s']:>14.1f} s {warm['first_step_s']:>14.1f} s "
+                f"{warm['first_step_s'] / cold['first_step_s']:>6.2f} {cold['wall_s']:>8.1f} s {warm['wall_s']:>8.1f} s "
+                f"{warm['wall_s'] / cold['wall_s']:>6.2f}  {warm['hits']} of {warm['hits'] + warm['misses']}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,10 @@ def test_a_stale_foreign_or_corrupt_directory_is_never_loaded_and_says_why_in_on
     key = cache_key("gpt2", "cpu")
     path, said = tmp_path / dir_name(key), []
     cases = [
-        (json.dumps({**key, "torch": "2.0.0", "gpu": "NVIDIA A100"}),
-         f"it was made for another key (torch '2.0.0', this run {key['torch']!r}; gpu 'NVIDIA A100', this run 'cpu')"),
+        (
+            json.dumps({**key, "torch": "2.0.0", "gpu": "NVIDIA A100"}),
+            f"it was made for another key (torch '2.0.0', this run {key['torch']!r}; gpu 'NVIDIA A100', this run 'cpu')",
+        ),
         ("{half a key", "its key.json is unreadable (JSONDecodeError)"),
         ("[1, 2]", "its key.json is unreadable (not an object)"),
         (None, "it records no key (key.json is missing)"),
