@@ -32,7 +32,9 @@ def test_the_launcher_sizes_the_run_the_trainer_will_run(recipe, preset):
     job = Job(recipe=recipe, preset=preset)
     cfg = config.from_dict({"recipe": recipe, "preset": preset})
     assert job.run_steps() == cfg.max_steps
-    assert job.train_tokens() == cfg.max_steps * cfg.total_batch_tokens == recipes.get(recipe).train_tokens(cfg)
+    assert job.train_tokens() == recipes.get(recipe).train_tokens(cfg)
+    if not recipes.get(recipe).staged(cfg):  # a staged recipe's steps differ (the 2026-07-17 record's card test sums them)
+        assert job.train_tokens() == cfg.max_steps * cfg.total_batch_tokens
     assert job.data == ("bundled" if preset in recipes.get(recipe).bundled_presets else "hub")
     assert job.hub == contract.HUB_SHARDS[recipes.get(recipe).data]
 
@@ -48,7 +50,7 @@ def test_the_records_run_comes_from_its_card():
 
 @pytest.mark.parametrize("kwargs, needles", [
     (dict(recipe="speedrun", preset="gpt2-xl"), ["--preset gpt2-xl", "speedrun recipe's presets are gpt2, tiny"]),
-    (dict(recipe="nanogpt"), ["--recipe must be one of gpt2, speedrun"]),
+    (dict(recipe="nanogpt"), ["--recipe must be one of gpt2, speedrun, speedrun-2026-07-17"]),
     (dict(recipe="speedrun", trainer_args=["--max-lr", "1e-4"]), ["--max-lr is a setting of the gpt2 recipe, not of speedrun", "--muon-lr"]),
     (dict(recipe="speedrun", trainer_args=["--init-from", "hf:x"]), ["--init-from is a setting of the gpt2 recipe"]),
     (dict(trainer_args=["--muon-lr", "0.1"]), ["--muon-lr is a setting of the speedrun recipe, not of gpt2"]),

@@ -715,7 +715,7 @@ def test_sync_s3_without_aws_credentials_fails_before_touching_the_box(tmp_path)
     (["launch", "--host", "u@127.0.0.1", "--steps", "0"], "error: --steps must be at least 1, got '0'"),
     (["launch", "--host", "u@127.0.0.1", "--max-hours", "soon"], "error: --max-hours takes a number, got 'soon'"),
     (["launch", "--host", "u@127.0.0.1", "--master-port", "x"], "error: --master-port takes a whole number, got 'x'"),
-    (["launch", "--host", "u@127.0.0.1", "--recipe", "nope"], "error: --recipe must be one of gpt2, speedrun, got 'nope'"),
+    (["launch", "--host", "u@127.0.0.1", "--recipe", "nope"], "error: --recipe must be one of gpt2, speedrun, speedrun-2026-07-17, got 'nope'"),
     (["launch", "--host", "u@127.0.0.1", "--data", "web"], "error: --data 'web': choose one of hub, tokenize, bundled"),
     (["launch", "--host", "u@127.0.0.1", "--runs", "0"], "error: --runs must be at least 1, got '0'"),
     (["launch", "--host", "u@127.0.0.1", "--runs", "two"], "error: --runs takes a whole number, got 'two'"),

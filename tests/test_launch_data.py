@@ -42,7 +42,7 @@ def test_each_recipe_downloads_its_corpus_sized_to_the_run_and_the_tokenizing_pa
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"recipe": "nope"}, "--recipe must be one of gpt2, speedrun, got 'nope'"),
+    ({"recipe": "nope"}, "--recipe must be one of gpt2, speedrun, speedrun-2026-07-17, got 'nope'"),
     ({"data": "web"}, "--data 'web': choose one of hub, tokenize, bundled"),
     ({"preset": "huge"}, "--preset huge: the gpt2 recipe's presets are gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny"),
 ])

@@ -1,0 +1,165 @@
+"""The record's parts in the trainer's shapes: the model as a module of (x, y) -> (None, mean loss), its loaders as
+loaders of (x, y) batches, its optimizer as one of the trainer's optimizers. job/recipes/speedrun_2026_07_17.py wires
+them into the loop; nothing here decides a hyperparameter.
+
+A batch crosses the trainer (and its copy to the device) as two tensors, so a sequence's inputs, bigram hashes and
+document table travel as one int32 tensor, `pack`ed and `unpack`ed here: x = inputs | bigram hashes | cum_seqlens,
+each of the first two as long as the targets y.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from job.speedrun_2026_07_17.bos_loader import DocBatch, DocLoader, ValLoader
+from job.speedrun_2026_07_17.normuon import NorMuonAndAdam
+from job.speedrun_2026_07_17.param_table import train_step
+from job.speedrun_2026_07_17.schedule import BLOCK, FP8_BOOTSTRAP_STEPS, RECORD_RANKS, StepSettings, TrainingSchedule
+from job.speedrun_2026_07_17.transformer import GPT, LAYERS, LONG_WINDOW_LAYERS, NO_ATTENTION_LAYER, ForwardSchedule
+
+
+def pack(batch: DocBatch) -> tuple[Tensor, Tensor]:
+    return torch.cat((batch.inputs, batch.bigram, batch.cum_seqlens)), batch.targets
+
+
+def unpack(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(inputs, cum_seqlens, bigram hashes) of a packed sequence."""
+    T = y.numel()
+    return x[:T], x[2 * T :], x[T : 2 * T]
+
+
+class RecordModel(nn.Module):
+    """The record's GPT with the step's forward settings, which the recipe's model_schedule sets before the step's
+    evaluation and training alike; the loss is the mean over the sequence's positions (the multi-token loss in
+    training, the next-token cross-entropy in evaluation)."""
+
+    def __init__(self, gpt: GPT, doc_len: int):
+        super().__init__()
+        self.gpt, self.config = gpt, gpt.config
+        self.forward_schedule: ForwardSchedule | None = None
+        self.doc_len = doc_len
+        self.rotary_window: int | None = None  # the long window the rotary tables are scaled for (None: unscaled)
+        self.quantized = False  # the MLPs' FP8 copies exist (the optimizer's step refreshes them after that)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[None, Tensor]:
+        inputs, seqlens, bigram = unpack(x, y)
+        return None, self.gpt(inputs, y, seqlens, bigram, self.forward_schedule).mean()
+
+    def set_step(self, schedule: TrainingSchedule, settings: StepSettings) -> None:
+        """The step's windows and multi-token weights, and the rotary tables scaled as the record's run has scaled
+        them by this step: replayed from the start, so a resumed run's tables are a fresh run's."""
+        device = self.gpt.lm_head.weight.device
+        short, long = settings.window_tokens
+        weights = torch.tensor(settings.mtp_weights, device=device)
+        self.forward_schedule = ForwardSchedule(mtp_weights=weights, ws_short=short, ws_long=long, train_max_seq_len=self.doc_len)
+        long_window = schedule.stages[settings.stage].windows[1] * BLOCK  # training's: the final validation's is not scaled for
+        if long_window != self.rotary_window:
+            self.gpt.reset_rotary()
+            for start in schedule.transition_steps():
+                change = schedule.at(start).long_window_change
+                if start <= settings.step and change is not None:
+                    self.gpt.rescale_rotary(*change)
+            self.rotary_window = long_window
+        if self.gpt.config.fp8 and not self.quantized:  # a fresh or resumed model's first forward
+            self.gpt.quantize_mlp_fp8(bootstrap_down=settings.fp8_bootstrap)
+            self.quantized = True
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """6 per weight of the banks and the output layer, plus attention's two products over the keys a token sees at
+        the record's widest training windows (the last stage's), or the sequence where shorter."""
+        gpt = self.gpt
+        matmul = sum(p.numel() for n, p in gpt.named_parameters() if p.ndim >= 2 and "embed" not in n)
+        T = seq_len or gpt.config.max_seq_len
+        short, long = 6 * BLOCK, 13 * BLOCK
+        keys = sum(min(T, long if i in LONG_WINDOW_LAYERS else short) for i in range(LAYERS) if i != NO_ATTENTION_LAYER)
+        return 6 * matmul + 6 * gpt.config.model_dim * keys
+
+
+class TrainBatches:
+    """The record's BOS-aligned training sequences, one micro-batch at a time: a step's eight sequences are planned
+    at its first micro-batch (this rank's share kept), then handed out in order. The state is the position before
+    the step plus how many of its micro-batches were taken, so a rewind lands on the same sequence."""
+
+    def __init__(self, loader: DocLoader, doc_len):
+        self.loader, self.doc_len = loader, doc_len  # doc_len(T): the longest document piece in a sequence of T tokens
+        self._pending: list[DocBatch] = []
+        self._before, self._taken, self._skip = loader.state_dict(), 0, 0
+
+    def next_batch(self, B: int = 1, T: int | None = None) -> tuple[Tensor, Tensor]:
+        if B != 1 or T is None:
+            raise ValueError(f"the record's loader reads one sequence of a staged length per micro-batch, asked for ({B}, {T})")
+        if not self._pending:
+            self._before, self._taken = self.loader.state_dict(), 0
+            self._pending = self.loader.next_step(T * RECORD_RANKS, self.doc_len(T))
+            del self._pending[: self._skip]  # a rewind into the middle of a step
+            self._taken, self._skip = self._skip, 0
+        self._taken += 1
+        return pack(self._pending.pop(0))
+
+    def state_dict(self) -> dict:
+        return {**self._before, "taken": self._taken} if self._pending else {**self.loader.state_dict(), "taken": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        taken = int(state.pop("taken", 0))
+        self.loader.load_state_dict(state)
+        self._pending, self._before, self._taken, self._skip = [], state, 0, taken
+
+    def reset(self) -> None:
+        self.loader.reset()
+        self._pending, self._taken = [], 0
+
+
+class ValBatches:
+    """The record's validation windows, one micro-batch at a time (window a * world + r to micro-step a of rank r)."""
+
+    def __init__(self, loader: ValLoader):
+        self.loader, self._pending = loader, []
+
+    def next_batch(self, *shape: int) -> tuple[Tensor, Tensor]:
+        if not self._pending:
+            self._pending = self.loader.next_step()
+        return pack(self._pending.pop(0))
+
+    def reset(self) -> None:
+        self.loader.windows.reset()
+        self._pending = []
+
+    def state_dict(self) -> dict:
+        return {"val": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reset()
+
+
+class RecordOptimizer:
+    """NorMuonAndAdam as one of the trainer's optimizers: the recipe's schedule hands it the step's settings, and its
+    step is the record's (the step's learning rate and momentum, Adam on odd steps only, the untying), followed by the
+    MLPs' FP8 copies of the new weights."""
+
+    def __init__(self, optimizer: NorMuonAndAdam, model: RecordModel):
+        self.optimizer, self.model = optimizer, model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.param_groups: list[dict] = []  # its learning rates are the schedule's factor, set by set_step
+        self.settings: StepSettings | None = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        if self.settings is None:
+            raise RuntimeError("the recipe's schedule sets the step's settings before the step")
+        train_step(self.optimizer, self.settings)
+        if self.model.gpt.config.fp8:
+            self.model.gpt.quantize_mlp_fp8(bootstrap_down=self.settings.step + 1 < FP8_BOOTSTRAP_STEPS)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

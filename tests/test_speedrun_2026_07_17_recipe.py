@@ -1,0 +1,88 @@
+"""The 2026-07-17 record as a recipe: its tiny preset trains through the real entry point across a batch stage, resumes
+exactly, is planned by the launcher, and refuses the other speedrun's checkpoints."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS, ROOT, events, losses, train_in_process
+from job.data import write_shard
+from job.recipes import get
+from job.tokenizer import EOT, encode
+
+RECIPE = "speedrun-2026-07-17"
+# The tiny preset narrowed further: sequences of 64, 128 and 192 tokens, four scheduled steps and two of extension.
+ARGS = ["--recipe", RECIPE, "--preset", "tiny", "--n-embd", "32", "--block-size", "256", "--batch-divisor", "256",
+        "--scheduled-steps", "4", "--extension-steps", "2", "--max-steps", "6", "--val-seq-len", "128", "--val-tokens", "1024",
+        "--seq-len", "192", "--total-batch-tokens", "1536", "--eval-every", "3", "--checkpoint-every", "3", "--sample-num", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def doc_shards(tmp_path_factory):
+    """The bundled corpus as documents (its paragraphs, each after <|endoftext|>), in shards of 40K tokens, val first:
+    the record's loader starts every sequence at a document."""
+    tokens = np.array([t for doc in CORPUS.read_text().split("\n\n") for t in [EOT, *encode(doc)]], dtype=np.uint16)
+    d = tmp_path_factory.mktemp("doc-shards")
+    for i in range(0, len(tokens), 40_000):
+        write_shard(d / f"plays_{'val' if i == 0 else 'train'}_{i // 40_000:06d}.npy", tokens[i : i + 40_000])
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(doc_shards, tmp_path_factory):
+    log = tmp_path_factory.mktemp("reference")
+    train_in_process([*ARGS, "--data-dir", doc_shards, "--log-dir", log])
+    return log
+
+
+def test_the_tiny_preset_trains_across_a_batch_stage_and_its_loss_falls(reference):
+    train = {e["step"]: e for e in events(reference, "train")}
+    assert sorted(train) == list(range(6))
+    assert [train[s]["stage"] for s in range(6)] == [0, 1, 1, 2, 3, 3]  # 4 scheduled steps: stages end at 1, 3, 4
+    layouts = [get(RECIPE).step_layout(s, _cfg()).tokens for s in range(6)]
+    assert layouts == [512, 1024, 1024, 1536, 1536, 1536]  # the record's 8 sequences of 16K, 32K, 48K tokens / 256
+    val = [e["loss"] for e in events(reference, "val")]
+    assert len(val) == 3 and val[-1] < val[0]
+    assert [e["adam"] for e in train.values()] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]  # Adam on odd steps only
+
+
+def test_a_killed_run_resumes_with_the_same_losses(reference, doc_shards, tmp_path):
+    log = tmp_path / "resumed"
+    log.mkdir()
+    shutil.copy(reference / "model_00003.pt", log)  # what a run killed after step 3's checkpoint leaves
+    train_in_process([*ARGS, "--data-dir", doc_shards, "--log-dir", log])
+    expected, got = losses(reference), losses(log)
+    assert sorted(got) == [3, 4, 5]
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in got)
+
+
+def test_each_speedrun_refuses_the_others_checkpoint_in_one_line(reference, doc_shards, tmp_path):
+    log = tmp_path / "other"
+    log.mkdir()
+    shutil.copy(reference / "model_00006.pt", log)
+    argv = ["--recipe", "speedrun", "--preset", "tiny", "--data-dir", str(doc_shards), "--log-dir", str(log), "--device", "cpu"]
+    p = subprocess.run([sys.executable, "-m", "job.train", *argv], cwd=ROOT, capture_output=True, text=True)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert f"--recipe {RECIPE}" in lines[0]
+
+
+def test_the_launcher_reads_the_records_run_from_its_card():
+    from infra.container import Job
+
+    job = Job(recipe=RECIPE)
+    assert job.preset == "gpt2" and job.run_steps() == 1390
+    assert job.cfg.hp.scheduled_steps == 1380 and job.cfg.hp.batch_divisor == 1
+    published = get(RECIPE).published
+    assert published.on == "gpu_8x_h100_sxm5" and published.step_seconds * 1390 == pytest.approx(79.7)
+    tokens = get(RECIPE).train_tokens(job.cfg)
+    assert tokens == 8 * (460 * 16384 + 460 * 32768 + 470 * 49152)  # stages end at 460, 920, 1380, then 10 more
+
+
+def _cfg():
+    from job.config import parse_args
+
+    return parse_args(ARGS + ["--data-dir", str(ROOT)], files=False)
