@@ -21,6 +21,7 @@ from job.sidecar.lambda_cloud import DUPLICATE, LambdaAPIError, LambdaCloud, cap
 
 if TYPE_CHECKING:
     from infra.container import Job
+    from infra.timeline import Timeline
 
 TOKENS_PER_STEP = 2**19  # build-nanogpt's GPT-2 batch
 # GPT-2 (124M) training throughput per GPU in tokens/s (bf16 autocast, torch.compile, fused attention, T=1024), for
@@ -377,18 +378,38 @@ def estimate_cost(price_cents_per_hour: float, steps: int, step_seconds: float, 
 
 
 def cost_line(plan: Plan, steps: int, step_seconds: float | None = None, nodes: int = 1, basis: str | None = None,
-              tokens_per_step: int = TOKENS_PER_STEP) -> str:
+              tokens_per_step: int = TOKENS_PER_STEP, setup: Timeline | None = None) -> str:
     """What to show before asking to spend money, e.g. for `fab launch --provision`. basis says where a given
-    step time comes from (default: measured); without one it is assumed from the GPU's throughput."""
+    step time comes from (default: measured); without one it is assumed from the GPU's throughput. setup: a launch's
+    measured timeline, whose setup stages replace the assumed setup time."""
     how = basis or "measured"
     if step_seconds is None:
         step_seconds, how = assumed_step_seconds(plan.type_name, plan.gpus, tokens_per_step, nodes=nodes), "assumed"
     head = f"{plan.type_name} x{nodes} in {plan.region}: {dollars(plan.price_cents * nodes)}/hour"
     if step_seconds is None:
         return head + "; no assumed step time for this GPU, so no estimate (pass --step-seconds)"
-    hours, cost = estimate_cost(plan.price_cents, steps, step_seconds, nodes)
-    return (f"{head}; {steps} steps x {step_seconds:.2f} s ({how}) + {OVERHEAD:.0%} evals/checkpoints + {SETUP_HOURS:.2g} h setup "
-            f"= about {hours:.1f} h = about {dollars(cost * 100)}")
+    setup_hours, setup_how = setup_of(setup)
+    hours, cost = estimate_cost(plan.price_cents, steps, step_seconds, nodes, setup_hours=setup_hours)
+    return (f"{head}; {steps} steps x {step_seconds:.2f} s ({how}) + {OVERHEAD:.0%} evals/checkpoints + {setup_hours:.2g} h setup "
+            f"({setup_how}) = about {hours:.1f} h = about {dollars(cost * 100)}")
+
+
+def setup_of(tl: Timeline | None) -> tuple[float, str]:
+    """Hours of setup a price adds to training, and where they come from: a launch's measured setup stages, else assumed."""
+    from infra.timeline import SETUP
+
+    if tl is not None and tl.total(SETUP) > 0:
+        return tl.total(SETUP) / 3600, "measured"
+    return SETUP_HOURS, "assumed"
+
+
+def training_line(price_cents: float, steps: int, step_seconds: float | None, nodes: int = 1, basis: str | None = None) -> str:
+    """The dry run's training part: the steps at the step time price_basis gives (or assumed), evals and checkpoints."""
+    if step_seconds is None:
+        return "training: no step time for this GPU, so no estimate (pass --step-seconds)"
+    hours, cost = estimate_cost(price_cents, steps, step_seconds, nodes, setup_hours=0)
+    return (f"training: {steps} steps x {step_seconds:.2f} s ({basis or 'measured'}) + {OVERHEAD:.0%} evals/checkpoints "
+            f"= {hours * 3600:.0f} s = {dollars(cost * 100)}")
 
 
 def price_basis(job: Job, type_name: str, given: float | None) -> tuple[float | None, str | None]:

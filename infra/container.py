@@ -338,6 +338,12 @@ def status(conn, docker: str) -> dict:
         tail = run(conn, f"tail -n 400 {shlex.quote(weights + '/' + contract.METRICS_FILE)}", warn=True).stdout
         info.update(summarize_metrics(tail.splitlines()))
         info["checkpoint"] = newest_checkpoint(conn, docker, c["name"], weights)
+        from infra.timeline import Timeline, path_on_box
+
+        kept = run(conn, f"cat {shlex.quote(path_on_box(weights))}", warn=True)
+        timeline = Timeline.from_json(kept.stdout) if kept.ok else None
+        if timeline and timeline.stages:
+            info["timeline"] = timeline.lines()
     gpu = run(conn, "nvidia-smi --query-gpu=utilization.gpu,memory.used,memory.total --format=csv,noheader,nounits", warn=True)
     if gpu.ok and gpu.stdout.strip():
         rows = [[int(float(v)) for v in line.split(",")] for line in gpu.stdout.splitlines() if line.strip()]
@@ -387,6 +393,8 @@ def format_status(info: dict) -> str:
         if info.get(k) is not None:
             v = f"{info[k]:,.0f}" if k == "tok_s" else info[k]
             lines.append(f"  {k.ljust(width)}  {v}")
+    if info.get("timeline"):  # the launch's stages, as `fab launch` printed them at its end
+        lines += [f"  {'timeline'.ljust(width)}"] + [f"    {line}" for line in info["timeline"]]
     return "\n".join(lines)
 
 

@@ -8,13 +8,17 @@ weights dir by itself (--resume auto).
 
 from __future__ import annotations
 
+import io
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from infra import plan
+from infra import plan as plan_mod
 from infra.box import Box, preflight, table
 from infra.container import (
     ROLE,
@@ -41,7 +45,8 @@ from infra.credentials import (
 from infra.flavour import Flavour, choose_flavour
 from infra.image import ensure_image
 from infra.options import CloudOptions, LaunchOptions, SSHOptions  # noqa: F401 (the options live there)
-from infra.ssh import ConnectionLost, run
+from infra.ssh import ConnectionLost, run, stream
+from infra.timeline import Timeline, bill_line, path_on_box, trainer_stages
 from job import contract
 from job.errors import UserError
 
@@ -141,8 +146,9 @@ def watch_exit(conn, box: Box, name: str) -> None:
     run(conn, f"setsid nohup sh -c {shlex.quote(inner)} >/dev/null 2>&1 < /dev/null &", warn=True)
 
 
-def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
-    """--provision: show the price and the estimated cost, ask, launch, wait for SSH. Returns (user@ip, instance id, key)."""
+def provision_box(opts: LaunchOptions, out=sys.stdout, timeline: Timeline | None = None) -> tuple[str, str, str, int]:
+    """--provision: show the price and the estimated cost, ask, launch, wait for SSH. Returns (user@ip, instance id, key,
+    price in cents per hour). The timeline's boot stage starts once the launch is confirmed: billing starts there."""
     from infra.cloud import confirm, cost_line, dollars, plan_provision, price_basis, provision
     from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
 
@@ -152,12 +158,33 @@ def provision_box(opts: LaunchOptions, out=sys.stdout) -> tuple[str, str, str]:
     plan = plan_provision(api, cloud.type_name, cloud.region, cloud.ssh_key, opts.fs)
     opts.job.check_world([plan.gpus])  # the trainer's settings for this type's GPUs, before anything is billed
     step_seconds, basis = price_basis(opts.job, plan.type_name, cloud.step_seconds)
-    out.write(cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step()) + "\n")
+    out.write(cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step(),
+                        setup=local_timeline(opts, plan.type_name)) + "\n")
     if plan.create_fs:
         out.write(plan.fs_line() + "\n")
     confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", cloud.yes)
-    inst = provision(api, plan=plan, name=cloud.name, ssh_port=opts.ssh.port or 22, out=out)
-    return f"{cloud.ssh_user}@{inst['ip']}", inst["id"], key
+    if timeline is not None:
+        timeline.type_name = plan.type_name
+    with timeline.timed("boot") if timeline is not None else _nothing():
+        inst = provision(api, plan=plan, name=cloud.name, ssh_port=opts.ssh.port or 22, out=out)
+    return f"{cloud.ssh_user}@{inst['ip']}", inst["id"], key, plan.price_cents
+
+
+def local_timeline(opts: LaunchOptions, type_name: str | None) -> Timeline | None:
+    """The timeline a launch left in --fetch-to (it fetched the weights home), if it was measured on this kind of run."""
+    from infra.timeline import local_path
+
+    path = local_path(Path(opts.fetch_to))
+    tl = Timeline.from_json(path.read_text()) if path.is_file() else None
+    return tl if tl and tl.matches(opts.job.recipe, opts.job.preset, type_name) else None
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
@@ -172,13 +199,14 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
         aws_credentials_file()
     if cloud.guarded and len(opts.hosts) > 1:
         raise UserError("--terminate-when-done / --max-hours guard one instance: use them with --host (or --provision), not --hosts")
-    instance_id = api_key = None
+    instance_id = api_key = price = None
+    timeline = Timeline(opts.job.recipe, opts.job.preset)
     if cloud.provision:
         if opts.hosts:
             raise UserError("--provision creates the box: leave out --host/--hosts")
         if opts.dry_run:
             return dry_run_provision(opts, out)
-        host, instance_id, api_key = provision_box(opts, out)
+        host, instance_id, api_key, price = provision_box(opts, out, timeline)
         opts.hosts = [host]
         # A box created a minute ago has a host key nobody could have checked: record it on first contact (accept-new),
         # and say so. A key that changes later is still refused.
@@ -197,7 +225,7 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
     try:
         conns = [opts.ssh.connect(h) for h in opts.hosts]
         try:
-            return _launch(opts, conns, out, instance_id, api_key)
+            return _launch(opts, conns, out, instance_id, api_key, timeline, price)
         finally:
             for c in conns:
                 c.close()
@@ -217,10 +245,12 @@ def dry_run_provision(opts: LaunchOptions, out) -> int:
     plan = plan_provision(LambdaCloud(load_api_key(cloud.api_key_file), cloud.api_base), cloud.type_name, cloud.region, cloud.ssh_key, opts.fs)
     opts.job.check_world([plan.gpus])
     step_seconds, basis = price_basis(opts.job, plan.type_name, cloud.step_seconds)
-    line = cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step())
+    tl = local_timeline(opts, plan.type_name)
+    line = cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step(), setup=tl)
     if plan.create_fs:
         out.write(plan.fs_line(dry=True) + "\n")
-    out.write(f"plan (dry run: no instance launched): {line}\n"
+    split = plan_mod.cost_split(plan, opts.job, step_seconds, basis, tl)
+    out.write(f"plan (dry run: no instance launched): {line}\n" + "".join(f"  {s}\n" for s in split) +
               "the box's own plan (driver, CUDA flavour, image, data) needs the box: `fab launch --dry-run --host ubuntu@IP` once it runs\n")
     return 0
 
@@ -242,6 +272,7 @@ class LaunchRun:
     images: list[str] = field(default_factory=list)  # per node: the image reference the containers run
     names: list[str] = field(default_factory=list)  # per node: the trainer container
     lines: dict[int, list[str]] = field(default_factory=dict)  # the dry run's lines, per node
+    timeline: Timeline | None = None  # the launch's stages, timed as they run (not in a dry run)
 
     @property
     def nodes(self) -> list[tuple[object, Box]]:
@@ -258,6 +289,7 @@ class Step:
     name: str
     do: Callable[[LaunchRun], None]
     plan: Callable[[LaunchRun, int], list[str]] | None  # the node's lines of the dry run; None: `do` only looks, run it too
+    stage: str  # the timeline's stage (infra/timeline.py) whose seconds this step's add to
 
 
 def preflight_boxes(r: LaunchRun) -> None:
@@ -326,17 +358,18 @@ def exit_watch(r: LaunchRun) -> None:
 
 
 STEPS = [
-    Step("preflight", preflight_boxes, None),
-    Step("active run", refuse_active, plan.plan_active),
-    Step("image", build_images, plan.plan_image_step),
-    Step("data", prepare_data, plan.plan_data),
-    Step("dashboards", send_dashboard_key, plan.plan_wandb),
-    Step("restart", stop_for_restart, plan.nothing),  # plan_active's line says what --restart does
-    Step("S3 sidecar", sync_sidecar, plan.plan_sidecar),
-    Step("run markers", new_run_markers, plan.nothing),
-    Step("cost guard", cost_guard, plan.plan_guard),
-    Step("trainer", start_trainers, plan.plan_container),
-    Step("exit watch", exit_watch, plan.nothing),
+    Step("preflight", preflight_boxes, None, "preflight"),
+    Step("active run", refuse_active, plan.plan_active, "preflight"),
+    Step("image", build_images, plan.plan_image_step, "image"),
+    Step("data", prepare_data, plan.plan_data, "data"),
+    # From here on the steps start the run itself: their seconds are the training stage's first ones.
+    Step("dashboards", send_dashboard_key, plan.plan_wandb, "training"),
+    Step("restart", stop_for_restart, plan.nothing, "training"),  # plan_active's line says what --restart does
+    Step("S3 sidecar", sync_sidecar, plan.plan_sidecar, "training"),
+    Step("run markers", new_run_markers, plan.nothing, "training"),
+    Step("cost guard", cost_guard, plan.plan_guard, "training"),
+    Step("trainer", start_trainers, plan.plan_container, "training"),
+    Step("exit watch", exit_watch, plan.nothing, "training"),
 ]
 
 
@@ -345,6 +378,9 @@ def run_steps(r: LaunchRun) -> None:
         if r.dry and step.plan is not None:
             for rank in range(len(r.conns)):
                 r.lines.setdefault(rank, []).extend(step.plan(r, rank))
+        elif r.timeline is not None:
+            with r.timeline.timed(step.stage):
+                step.do(r)
         else:
             step.do(r)
 
@@ -359,7 +395,7 @@ def dry_run(opts: LaunchOptions, out) -> int:
         for rank, conn in enumerate(conns):
             lines.append(f"{conn.user}@{conn.host}" + (f" (node {rank} of {len(conns)})" if len(conns) > 1 else "") + ":")
             lines += ["  " + line for line in r.lines.get(rank, [])]
-        lines += plan.cost_lines(opts, r.boxes)
+        lines += plan.cost_lines(opts, r.boxes, box_timeline(conns[0], r.boxes[0], opts))
         out.write("plan (dry run: nothing was changed on the box):\n" + "\n".join(lines) + "\n")
         return 0
     finally:
@@ -367,10 +403,73 @@ def dry_run(opts: LaunchOptions, out) -> int:
             c.close()
 
 
-def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api_key: str | None = None) -> int:
-    r = LaunchRun(opts, conns, out, instance_id=instance_id, api_key=api_key)
+def box_timeline(conn, box: Box, opts: LaunchOptions) -> Timeline | None:
+    """The timeline the last launch left on the box, if it was measured on this kind of run."""
+    res = run(conn, f"cat {shlex.quote(path_on_box(box.weights_dir))}", warn=True)
+    tl = Timeline.from_json(res.stdout) if res.ok else None
+    return tl if tl and tl.matches(opts.job.recipe, opts.job.preset, None) else None
+
+
+def trainer_timeline(conn, box: Box, tl: Timeline) -> None:
+    """Compile and first step from the trainer's metrics.jsonl on the box: its start events, its compile event, and
+    the first train event after each start (not every step's line)."""
+    prog = ('/"event": "(start|resume)"/ {t = 0; print; next} /"event": "compile"/ {print; next} '
+            '/"event": "train"/ {if (!t) {print; t = 1}}')
+    res = run(conn, f"awk {shlex.quote(prog)} {shlex.quote(box.weights_dir + '/' + contract.METRICS_FILE)}", warn=True)
+    for name, seconds in trainer_stages(res.stdout.splitlines() if res.ok else []).items():
+        tl.add(name, seconds)
+
+
+def keep_timeline(conn, box: Box, tl: Timeline, price: float | None, nodes: int, out) -> None:
+    """Print the timeline and the bill, and keep the timeline in the run's log dir on the box (replacing the last one)."""
+    if not tl.stages:
+        return
+    out.write("timeline:\n" + "".join(f"  {line}\n" for line in tl.lines()))
+    if price:
+        out.write(bill_line(tl, price, nodes, " of this launch") + "\n")
+    q = shlex.quote(path_on_box(box.weights_dir))
+    if stream(conn, f"cat > {q}.tmp && mv {q}.tmp {q}", out=io.StringIO(), stdin_chunks=[tl.to_json().encode()]) != 0:
+        out.write(f"warning: could not keep the timeline in {box.weights_dir} on {conn.host}\n")
+
+
+def live_price(opts: LaunchOptions, tl: Timeline) -> int | None:
+    """The hourly price of the box where it is a Lambda instance of the account's (an API key is at hand), else None."""
+    from infra.cloud import instance_for
+    from job.sidecar.lambda_cloud import load_api_key
+
+    try:
+        inst = instance_for(opts.hosts[0], api_key=load_api_key(opts.cloud.api_key_file), api_base=opts.cloud.api_base)
+    except UserError:
+        return None
+    t = inst.get("instance_type") or {}
+    tl.type_name = t.get("name") or tl.type_name
+    return int(t.get("price_cents_per_hour") or 0) or None
+
+
+def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api_key: str | None = None,
+            timeline: Timeline | None = None, price: int | None = None) -> int:
+    r = LaunchRun(opts, conns, out, instance_id=instance_id, api_key=api_key, timeline=timeline or Timeline(opts.job.recipe, opts.job.preset))
     run_steps(r)
     conn0, box0, name0 = conns[0], r.boxes[0], r.names[0]
+    tl, t0 = r.timeline, time.monotonic()
+    if price is None:
+        price = live_price(opts, tl)
+    try:
+        return _run_and_follow(r, opts, conn0, box0, name0, out)
+    finally:  # a run that failed or was detached still shows (and keeps) what was measured
+        if opts.detach:
+            tl.stages[-1].what = "sidecars and trainer started (detached: training goes on, billed)"
+        else:
+            tl.add("training", time.monotonic() - t0 - (tl.seconds("fetch") or 0))
+            trainer_timeline(conn0, box0, tl)
+        keep_timeline(conn0, box0, tl, price, len(conns), out)
+        if tl.seconds("fetch") is not None:  # the weights came home: the timeline goes with them, for the next --provision
+            from infra.timeline import local_path
+
+            local_path(Path(opts.fetch_to)).write_text(tl.to_json())
+
+
+def _run_and_follow(r: LaunchRun, opts: LaunchOptions, conn0, box0: Box, name0: str, out) -> int:
     target = f"{conn0.user}@{conn0.host}" + (f":{conn0.port}" if conn0.port != 22 else "")
     if opts.detach:
         out.write(hint(target) + "\n")
@@ -394,7 +493,9 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
         # checkpoint on the box (.fetched-NAME), which is what lets the guard terminate the instance.
         from infra.fetch import fetch_weights
 
+        t0 = time.monotonic()
         report = fetch_weights(conn0, box0.weights_dir, opts.fetch_to)
+        r.timeline.add("fetch", time.monotonic() - t0)
         out.write(f"fetched {len(report.copied)} files to {opts.fetch_to}; the cost guard terminates the instance now\n")
     return code
 

@@ -94,8 +94,9 @@ def plan_container(r, rank: int) -> list[str]:
                f"then their metrics.jsonl come to {r.opts.fetch_to} and their statistics are printed (python -m job.stats)")]
 
 
-def cost_lines(opts, boxes: list[Box]) -> list[str]:
-    """The estimate where the box is a known Lambda instance type (found by its address with the API key), else why not."""
+def cost_lines(opts, boxes: list[Box], timeline=None) -> list[str]:
+    """The estimate where the box is a known Lambda instance type (found by its address with the API key), else why not:
+    the whole run, then setup (the last launch's measured stages, from its timeline on the box) and training apart."""
     from infra.cloud import Plan, cost_line, instance_for, price_basis
 
     try:
@@ -107,5 +108,19 @@ def cost_lines(opts, boxes: list[Box]) -> list[str]:
     plan = Plan(t.get("name", "?"), (inst.get("region") or {}).get("name", "?"), "", None, int(t.get("price_cents_per_hour", 0)),
                 int(specs.get("gpus") or len(boxes[0].gpus) or 1))
     step_seconds, basis = price_basis(opts.job, plan.type_name, opts.cloud.step_seconds)
+    if timeline is not None and not timeline.matches(opts.job.recipe, opts.job.preset, plan.type_name):
+        timeline = None
     return ["cost: " + cost_line(plan, opts.job.run_steps(), step_seconds, nodes=len(boxes), basis=basis,
-                                 tokens_per_step=opts.job.tokens_per_step())]
+                                 tokens_per_step=opts.job.tokens_per_step(), setup=timeline),
+            *("  " + line for line in cost_split(plan, opts.job, step_seconds, basis, timeline, nodes=len(boxes)))]
+
+
+def cost_split(plan, job, step_seconds: float | None, basis: str | None, timeline, nodes: int = 1) -> list[str]:
+    """Setup and training priced apart: setup from a measured timeline's stages (each one never measured says so),
+    training from the step time price_basis gave (or the GPU's assumed throughput)."""
+    from infra.cloud import assumed_step_seconds, training_line
+    from infra.timeline import setup_estimate
+
+    if step_seconds is None:
+        step_seconds, basis = assumed_step_seconds(plan.type_name, plan.gpus, job.tokens_per_step(), nodes=nodes), "assumed"
+    return [*setup_estimate(timeline, plan.price_cents, nodes), training_line(plan.price_cents, job.run_steps(), step_seconds, nodes, basis)]

@@ -55,6 +55,7 @@ STOP_REQUEST_FILE = _C["STOP_REQUEST_FILE"]  # in the log dir: the cost guard as
 TRAIN_EXIT_FILE = _C["TRAIN_EXIT_FILE"]  # in the log dir: the trainer container's exit status, for the cost guard
 SYNCED_MARKER = _C["SYNCED_PREFIX"] + "{name}"  # in the log dir: NAME is verified in S3 (written by the S3 sidecar)
 FETCHED_MARKER = _C["FETCHED_PREFIX"] + "{name}"  # in the log dir: NAME is verified on the laptop (written by fetch-weights)
+TIMELINE_FILE = _C["TIMELINE_FILE"]  # in the log dir: the launch's stages and their seconds, written by fab launch
 PREPARE_MANIFEST = _C["PREPARE_MANIFEST"]  # beside the shards: job.prepare's record of what it wrote and whether it finished
 
 

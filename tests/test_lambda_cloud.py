@@ -476,3 +476,46 @@ def test_fab_launch_provision_prices_the_recipe_before_asking(fake):
     assert fake.calls("POST", "/instance-operations/launch") == []
     r = fab(fake, "launch", "--provision", "--type", H100, "--ssh-key", "laptop", stdin="no\n")  # the gpt2 recipe: its full run
     assert f"19073 steps x {cloud.assumed_step_seconds(H100):.2f} s (assumed)" in r.stdout
+
+
+def test_dry_run_prices_setup_from_the_last_launchs_timeline_and_training_from_the_step_time(fake, tmp_path):
+    """--dry-run --provision: setup from the timeline a launch left beside the fetched weights (each stage it never
+    measured says so), training from the recipe's published step time, each priced apart."""
+    from infra.timeline import Timeline
+    from job.recipes.speedrun import RECIPE
+
+    home = tmp_path / "home"
+    home.mkdir()
+    args = ("launch", "--provision", "--type", H100, "--ssh-key", "laptop", "--region", "us-east-1", "--recipe", "speedrun",
+            "--fetch-to", home, "--dry-run")
+    # Training from first principles: 1770 steps (the preset's) x the published step time, 10% more for evals and
+    # checkpoints, at the type's $23.92 an hour.
+    steps, step = 1770, RECIPE.published.step_seconds
+    training = f"training: {steps} steps x {step:.2f} s ("
+    dollars = steps * step * 1.10 / 3600 * 23.92
+
+    r = fab(fake, *args)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    at = out.index("  setup: not measured yet (the first launch measures it)")
+    assert out[at + 1:at + 6] == [f"    {s}: not measured yet" for s in ("boot", "preflight", "image", "data", "fetch")]
+    assert out[at + 6].startswith("  " + training) and out[at + 6].endswith(f"= {steps * step * 1.10:.0f} s = ${dollars:,.2f}")
+    assert any("0.25 h setup (assumed)" in line for line in out), r.stdout
+
+    tl = Timeline("speedrun", "gpt2", H100)
+    for name, seconds in [("boot", 180.0), ("preflight", 20.0), ("image", 400.0), ("data", 480.0), ("training", 500.0)]:
+        tl.add(name, seconds)
+    (home / "timeline.json").write_text(tl.to_json())
+    r = fab(fake, *args)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    # 1080 s of setup = 0.3 h at $23.92 = $7.176
+    at = out.index("  setup: 1080 s measured = $7.18 (stages not measured yet are not in it)")
+    assert out[at + 1:at + 6] == ["    boot: 180 s (measured)", "    preflight: 20 s (measured)", "    image: 400 s (measured)",
+                                  "    data: 480 s (measured)", "    fetch: not measured yet"]
+    assert out[at + 6].startswith("  " + training)
+    assert any("0.3 h setup (measured)" in line for line in out), r.stdout
+
+    (home / "timeline.json").write_text(Timeline("gpt2", "gpt2", H100, tl.stages).to_json())  # another recipe's: not this run's setup
+    r = fab(fake, *args)
+    assert "  setup: not measured yet (the first launch measures it)" in r.stdout.splitlines()
