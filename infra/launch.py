@@ -461,8 +461,12 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
             tl.stages[-1].what = "sidecars and trainer started (detached: training goes on, billed)"
         else:
             tl.add("training", time.monotonic() - t0 - (tl.seconds("fetch") or 0))
-            trainer_timeline(conn0, box0, tl)
-        keep_timeline(conn0, box0, tl, price, len(conns), out)
+        try:
+            if not opts.detach:
+                trainer_timeline(conn0, box0, tl)
+            keep_timeline(conn0, box0, tl, price, len(conns), out)
+        except Exception as e:  # a lost connection (any SSH error): the error the run ended with is the one worth its line
+            out.write(f"warning: the timeline could not be read or kept on {conn0.host} ({e})\n")
         if tl.seconds("fetch") is not None:  # the weights came home: the timeline goes with them, for the next --provision
             from infra.timeline import local_path
 

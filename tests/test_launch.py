@@ -616,6 +616,27 @@ def test_provision_launch_and_terminate_when_the_final_checkpoint_is_in_s3(fake_
         assert "launched gpu_1x_a10 in us-south-1" in out and "first contact with nanogpt-box@127.0.0.1" in out
         assert "cost guard nanogpt-train-guard on the box terminates the instance" in out and "done: 4 steps" in out
         assert f"[127.0.0.1]:{boxes[0].port}" in known.read_text()  # accept-new recorded the new box's key
+        # The timeline: each stage once, in order (no compile on CPU, no fetch with S3), then the bill at the live price.
+        lines = out.splitlines()
+        at = lines.index("timeline:")
+        shown = [line.split("  ")[1].strip() for line in lines[at + 1:at + 7]]
+        assert shown == ["boot", "preflight", "image", "data", "first step", "training"], lines[at:]
+        kept = json.loads((w / "timeline.json").read_text())  # in the run's log dir on the box
+        setup = sum(s["seconds"] for s in kept["stages"] if s["name"] in ("boot", "preflight", "image", "data"))
+        training = next(s["seconds"] for s in kept["stages"] if s["name"] == "training")
+        bill = re.fullmatch(r"cost of this launch: setup (\d+) s = \$([\d.]+) \+ training (\d+) s = \$([\d.]+), at \$0\.75/hour x1: \$([\d.]+)",
+                            lines[at + 7])
+        assert bill, lines[at + 7]
+        assert int(bill[1]) == round(setup) and float(bill[2]) == pytest.approx(setup / 3600 * 0.75, abs=0.006)
+        assert int(bill[3]) == round(training) and float(bill[4]) == pytest.approx(training / 3600 * 0.75, abs=0.006)
+        assert float(bill[5]) == pytest.approx((setup + training) / 3600 * 0.75, abs=0.006)
+        assert kept["recipe"] == "gpt2" and kept["preset"] == "tiny" and kept["type_name"] == A10
+        assert [s["name"] for s in kept["stages"]] == shown and all(s["seconds"] >= 0 for s in kept["stages"])
+        seconds = {s["name"]: s["seconds"] for s in kept["stages"]}
+        assert seconds["first step"] <= seconds["training"]  # the trainer's clock, inside the training the laptop timed
+        status = fab("status", *ssh_args(boxes[0], laptop), check=True).stdout.splitlines()
+        assert any(line.strip() == "timeline" for line in status), status
+        assert [line.split()[0] for line in status if line.startswith("    ")][:4] == ["boot", "preflight", "image", "data"], status
         wait_terminated(fake_lambda, iid)
         body = s3.get_object(Bucket="runs", Key="pv/model_00004.pt")["Body"].read()  # the final checkpoint was safe first
         assert hashlib.sha256(body).hexdigest() == hashlib.sha256((w / "model_00004.pt").read_bytes()).hexdigest()
@@ -645,6 +666,14 @@ def test_max_hours_stops_training_fetches_home_then_terminates(fake_lambda, boxe
     final = contract.CHECKPOINT_FORMAT.format(step=stopped[0]["step"])
     assert (tmp_path / "home" / final).read_bytes() == (w / final).read_bytes()
     assert (w / f".fetched-{final}").read_text() == hashlib.sha256((w / final).read_bytes()).hexdigest()
+    # A box found by its address: no boot stage, the live price from the API, the fetch home last; the timeline goes
+    # home with the weights, for the next --provision's dry run.
+    kept = json.loads((w / "timeline.json").read_text())
+    assert [s["name"] for s in kept["stages"]] == ["preflight", "image", "data", "first step", "training", "fetch"]
+    assert (tmp_path / "home" / "timeline.json").read_text() == (w / "timeline.json").read_text()
+    price = box["instance_type"]["price_cents_per_hour"] / 100
+    assert re.search(rf"^cost of this launch: setup \d+ s = \$[\d.]+ \+ training \d+ s = \$[\d.]+, at \${price:.2f}/hour x1: ", proc.stdout,
+                     re.MULTILINE), proc.stdout[-2000:]
     wait_terminated(fake_lambda, box["id"])
     assert json.loads((w / ".guard-status").read_text())["state"] == "terminated"
     assert fake_lambda.problems == []
