@@ -13,12 +13,12 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from infra import plan
-from infra import plan as plan_mod
 from infra.box import Box, preflight, table
 from infra.container import (
     ROLE,
@@ -165,7 +165,7 @@ def provision_box(opts: LaunchOptions, out=sys.stdout, timeline: Timeline | None
     confirm(f"Launch {plan.type_name} in {plan.region} at {dollars(plan.price_cents)}/hour, billed until terminated?", cloud.yes)
     if timeline is not None:
         timeline.type_name = plan.type_name
-    with timeline.timed("boot") if timeline is not None else _nothing():
+    with timeline.timed("boot") if timeline is not None else nullcontext():
         inst = provision(api, plan=plan, name=cloud.name, ssh_port=opts.ssh.port or 22, out=out)
     return f"{cloud.ssh_user}@{inst['ip']}", inst["id"], key, plan.price_cents
 
@@ -177,14 +177,6 @@ def local_timeline(opts: LaunchOptions, type_name: str | None) -> Timeline | Non
     path = local_path(Path(opts.fetch_to))
     tl = Timeline.from_json(path.read_text()) if path.is_file() else None
     return tl if tl and tl.matches(opts.job.recipe, opts.job.preset, type_name) else None
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def launch(opts: LaunchOptions, out=sys.stdout) -> int:
@@ -239,6 +231,7 @@ def launch(opts: LaunchOptions, out=sys.stdout) -> int:
 def dry_run_provision(opts: LaunchOptions, out) -> int:
     """--dry-run --provision: the instance type, region and cost estimate; nothing is created, so no box to look at."""
     from infra.cloud import cost_line, plan_provision, price_basis
+    from infra.plan import cost_split
     from job.sidecar.lambda_cloud import LambdaCloud, load_api_key
 
     cloud = opts.cloud
@@ -249,7 +242,7 @@ def dry_run_provision(opts: LaunchOptions, out) -> int:
     line = cost_line(plan, opts.job.run_steps(), step_seconds, basis=basis, tokens_per_step=opts.job.tokens_per_step(), setup=tl)
     if plan.create_fs:
         out.write(plan.fs_line(dry=True) + "\n")
-    split = plan_mod.cost_split(plan, opts.job, step_seconds, basis, tl)
+    split = cost_split(plan, opts.job, step_seconds, basis, tl)
     out.write(f"plan (dry run: no instance launched): {line}\n" + "".join(f"  {s}\n" for s in split) +
               "the box's own plan (driver, CUDA flavour, image, data) needs the box: `fab launch --dry-run --host ubuntu@IP` once it runs\n")
     return 0

@@ -1012,7 +1012,27 @@ def test_dry_run_estimates_the_cost_of_a_known_instance_type(gpu_box, laptop):
                    env={"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": api.url}, check=True)
     cost = next(line for line in proc.stdout.splitlines() if line.startswith("cost: "))
     assert f"{H100} x1 in us-east-1: $23.92/hour" in cost and "1000 steps x" in cost and "about $" in cost, cost
+    assert "0.25 h setup (assumed)" in cost and "  setup: not measured yet (the first launch measures it)" in proc.stdout
     assert "preparing" not in proc.stdout and not (parent / "data").exists()
+
+    # The timeline a launch of this recipe and preset left in the weights dir prices the setup: 600 s at $23.92/hour
+    from infra.timeline import Timeline
+
+    (weights := parent / "weights").mkdir()
+    shutil.chown(weights, BOX_USER, BOX_USER)
+    tl = Timeline("gpt2", "gpt2", H100)
+    tl.add("preflight", 100.0)
+    tl.add("data", 500.0)
+    (weights / "timeline.json").write_text(tl.to_json())
+    with FakeLambda() as api:
+        api.add_instance("train", H100)
+        proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", known, "--data-dir", parent / "data",
+                   "--weights-dir", weights, "--steps", 1000, "--dry-run", env={"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": api.url}, check=True)
+    lines = proc.stdout.splitlines()
+    at = lines.index("  setup: 600 s measured = $3.99 (stages not measured yet are not in it)")  # 1/6 h x $23.92 = $3.987
+    assert lines[at + 1:at + 6] == ["    boot: not measured yet", "    preflight: 100 s (measured)", "    image: not measured yet",
+                                    "    data: 500 s (measured)", "    fetch: not measured yet"]
+    assert lines[at + 6].startswith("  training: 1000 steps x ") and "0.17 h setup (measured)" in lines[at - 1]
 
 
 def test_dry_run_of_several_runs_plans_and_prices_them_all(gpu_box, laptop, tmp_path):
