@@ -174,8 +174,10 @@ def local_timeline(opts: LaunchOptions, type_name: str | None) -> Timeline | Non
     """The timeline a launch left in --fetch-to (it fetched the weights home), if it was measured on this kind of run."""
     from infra.timeline import local_path
 
-    path = local_path(Path(opts.fetch_to))
-    tl = Timeline.from_json(path.read_text()) if path.is_file() else None
+    try:
+        tl = Timeline.from_json(local_path(Path(opts.fetch_to)).read_text())
+    except (OSError, UnicodeDecodeError):  # none, or not readable: it is only a hint, the assumed setup stands
+        tl = None
     return tl if tl and tl.matches(opts.job.recipe, opts.job.preset, type_name) else None
 
 
