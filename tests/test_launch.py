@@ -505,14 +505,17 @@ def test_follow_says_what_the_trainers_exit_status_means(boxes, laptop, base_ima
     sh("docker", "run", "-d", "--name", name, "--label", "nanogpt.role=train", base_image, "sh", "-c",
        f"echo the trainer says goodbye; exit {code}")
     out = io.StringIO()
-    with connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts")) as conn:
-        if says is None:
-            assert follow(conn, "docker", name, "ubuntu@box", out=out) == 0
-            assert "training finished on" in out.getvalue()
-        else:
-            with pytest.raises(UserError) as e:
-                follow(conn, "docker", name, "ubuntu@box", out=out)
-            assert says in str(e.value)
+    try:
+        with connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts")) as conn:
+            if says is None:
+                assert follow(conn, "docker", name, "ubuntu@box", out=out) == 0
+                assert "training finished on" in out.getvalue()
+            else:
+                with pytest.raises(UserError) as e:
+                    follow(conn, "docker", name, "ubuntu@box", out=out)
+                assert says in str(e.value)
+    finally:  # a stopped trainer container left behind is what a later `fab status` on this box would show
+        sh("docker", "rm", "-f", name)
     assert "the trainer says goodbye" in out.getvalue()
 
 
