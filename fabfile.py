@@ -125,9 +125,10 @@ def stop(c, host="", hosts="", timeout="300", key=None, port=None, known_hosts=N
 def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", latest_only=False, key=None, port=None,
                   known_hosts=None, accept_new_host_key=False, s3=None, s3_endpoint=None):
     """Copy checkpoints and logs from the box (incremental, resumable, sha256-verified), optionally on to S3."""
+    from functools import partial
     from pathlib import Path
 
-    from infra.fetch import fetch_weights as fetch
+    from infra.fetch import connect_and_fetch
     from job.sidecar.s3 import check_endpoint, client, parse_s3_url, upload_files
 
     @cli_main
@@ -136,8 +137,8 @@ def fetch_weights(c, host="", to="model_weights", weights_dir="model_weights", l
         if s3:
             parse_s3_url(s3)  # a typo fails before any transfer
             check_endpoint(s3_endpoint)
-        with _ssh(key, port, known_hosts, accept_new_host_key).connect(host) as conn:
-            report = fetch(conn, weights_dir, to, latest_only=latest_only)
+        report = connect_and_fetch(partial(_ssh(key, port, known_hosts, accept_new_host_key).connect, host), weights_dir, to,
+                                   latest_only=latest_only)
         print(f"fetched {len(report.copied)} files ({report.bytes_transferred / 2**20:.1f} MiB) to {to}, "
               f"{len(report.skipped)} already complete")
         if s3:

@@ -1,18 +1,21 @@
 """fetch-weights: bring checkpoints and logs (TensorBoard's event files too) from the box's weights dir to local disk, incrementally,
 at link speed.
 
-Each file comes as one byte stream (`tail -c +N FILE` on the box) through OpenSSH's own client, as fast as scp
-(docs/BENCHMARKS.md), with the host key checked against the same known_hosts as every other connection
+The files come as one byte stream (`tail` on the box) through OpenSSH's own client, asking for AES-GCM first, faster
+than scp (docs/BENCHMARKS.md), with the host key checked against the same known_hosts as every other connection
 (infra/ssh.openssh_command); without an `ssh` program, over a paramiko channel with a wide window and large packets.
+The stream's session and a shell beside it for the small commands (Session) log in before the listing, as soon as
+the host key is verified (connect_and_fetch): their logins cost no time of their own.
 
 Verified: the bytes are hashed here as they arrive and compared with the box's sha256 of the file. That digest
 is one already recorded on the box when there is a trustworthy one (the S3 sidecar's `.synced-NAME`, or an
-earlier fetch's `.fetched-NAME`, either no older than the checkpoint), else `sha256sum` runs on the box on a
-second channel *while* the bytes travel, so hashing costs no extra time.
+earlier fetch's `.fetched-NAME`, either no older than the checkpoint), else OpenSSL (or `sha256sum`) hashes the file on
+the box *while* the bytes travel, so hashing costs no extra time.
 
-Resumable: a file arrives as NAME.part and is renamed into place once verified; an interrupted transfer leaves
-the .part and the next run appends to it. Incremental: a file already complete locally (same size and sha256)
-is skipped, so a second run transfers nothing.
+Resumable: a file arrives as NAME.part and is renamed into place once verified and on the disk (fsync): never a partial
+or unverified file under its final name. An interrupted transfer leaves the .part and the next run appends to it.
+Incremental: a file already complete locally (same size and sha256) is skipped, so a second run transfers nothing.
+Each checkpoint now safe here gets its `.fetched-NAME` on the box, written by the stream's own session at its end.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import hashlib
 import json
 import os
 import posixpath
+import secrets
 import shlex
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +47,13 @@ LOG_FILES = (contract.METRICS_FILE, contract.HUMAN_LOG_FILE, contract.NANOGPT_LO
 # per-packet Python work of paramiko small.
 WINDOW = 64 << 20
 PACKET = 256 << 10
-READ = 4 << 20
 PIPE = 1 << 20  # ssh's stdout pipe: what any user may ask of Linux (/proc/sys/fs/pipe-max-size), 16x the default
+READ = PIPE  # one read takes at most what the pipe holds
+# The box's sha256, one line per file in the order given: the digest, or "-" where the file could not be read. OpenSSL's
+# uses the CPU's SHA instructions and hashes several times faster than coreutils' sha256sum (docs/BENCHMARKS.md), which
+# stands in where there is no openssl.
+HASH_SCRIPT = ("if command -v openssl >/dev/null 2>&1; then h() {{ openssl dgst -sha256 -r; }}; else h() {{ sha256sum; }}; fi; "
+               'for f in {files}; do d=$(h < "$f") || d=-; echo "${{d%% *}}"; done 2>/dev/null')
 
 
 @dataclass
@@ -58,11 +68,13 @@ class RemoteFile:
     size: int
     mtime: int
     sha256: str | None = None  # recorded on the box (a sidecar or fetch marker), when it can be trusted
+    marked: str | None = None  # the digest in its .fetched-NAME, when it can be trusted
 
 
-def remote_files(conn, remote_dir: str, latest_only: bool = False) -> dict[str, RemoteFile]:
+def remote_files(conn, remote_dir: str, latest_only: bool = False, shell: Shell | None = None) -> dict[str, RemoteFile]:
     """The checkpoints and logs in the box's weights dir (temp files of a running save excluded), with any digests
-    the box already recorded for them."""
+    the box already recorded for them. shell: where to run the commands (a Shell already logged in), else each on a
+    channel of its own."""
     sftp = conn.sftp()
     try:
         entries = {e.filename: e for e in sftp.listdir_attr(remote_dir)}
@@ -76,19 +88,21 @@ def remote_files(conn, remote_dir: str, latest_only: bool = False) -> dict[str, 
              if n in entries}
     markers = {m: n for n in ckpts for m in (contract.SYNCED_MARKER.format(name=n), contract.FETCHED_MARKER.format(name=n))
                if m in entries and entries[m].st_mtime >= entries[n].st_mtime}  # older than the file: another run's
-    for marker, text in read_markers(conn, remote_dir, sorted(markers)).items():
-        name = markers[marker]
-        found[name].sha256 = found[name].sha256 or recorded_digest(text, found[name].size)
+    for marker, text in read_markers(conn, remote_dir, sorted(markers), shell).items():
+        name, digest = markers[marker], recorded_digest(text, found[markers[marker]].size)
+        found[name].sha256 = found[name].sha256 or digest
+        if marker == contract.FETCHED_MARKER.format(name=name):
+            found[name].marked = digest
     return found
 
 
-def read_markers(conn, remote_dir: str, names: list[str]) -> dict[str, str]:
+def read_markers(conn, remote_dir: str, names: list[str], shell: Shell | None = None) -> dict[str, str]:
     """{marker: its text}, all in one command."""
     if not names:
         return {}
     cmd = f"cd {shlex.quote(remote_dir)} && for f in {' '.join(shlex.quote(n) for n in names)}; do printf '%s\\t' \"$f\"; " \
           "head -c 4096 \"$f\" | tr -d '\\n'; echo; done"
-    out = run(conn, cmd, warn=True).stdout
+    out = shell.run(cmd) if shell else run(conn, cmd, warn=True).stdout
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
 
@@ -109,19 +123,41 @@ def is_log(name: str) -> bool:
     return name.startswith(contract.TENSORBOARD_EVENTS_PREFIX)
 
 
-def remote_hashes(conn, remote_dir: str, names: list[str]) -> dict[str, str]:
+def hash_command(paths: list[str]) -> str:
+    return HASH_SCRIPT.format(files=" ".join(shlex.quote(p) for p in paths))
+
+
+def digest_in(line: str) -> str | None:
+    """The sha256 in one line of HASH_SCRIPT's output; None where the box could not read the file."""
+    digest = line.strip()
+    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
+
+
+def unreadable(conn, remote: str) -> UserError:
+    return UserError(f"could not read {remote} on {conn.host} to hash it (removed meanwhile, or not readable): check that it "
+                     "is there and readable, then run fetch-weights again")
+
+
+def remote_hashes(conn, remote_dir: str, names: list[str], shell: Shell | None = None) -> dict[str, str]:
     if not names:
         return {}
-    paths = " ".join(shlex.quote(posixpath.join(remote_dir, n)) for n in names)
-    out = run(conn, f"sha256sum {paths}").stdout
-    return {posixpath.basename(line.split(None, 1)[1].strip()): line.split()[0] for line in out.splitlines() if line.strip()}
+    paths = [posixpath.join(remote_dir, n) for n in names]
+    cmd = hash_command(paths)
+    lines = ((shell.run(cmd) if shell else run(conn, cmd, warn=True).stdout).splitlines() + [""] * len(names))[: len(names)]
+    hashes = {}
+    for name, path, line in zip(names, paths, lines, strict=True):
+        if (digest := digest_in(line)) is None:
+            raise unreadable(conn, path)
+        hashes[name] = digest
+    return hashes
 
 
-def plan_fetch(conn, remote_dir: str, local: Path, files: dict[str, RemoteFile], report: FetchReport) -> tuple[list[str], dict[str, str]]:
+def plan_fetch(conn, remote_dir: str, local: Path, files: dict[str, RemoteFile], report: FetchReport,
+               shell: Shell | None = None) -> tuple[list[str], dict[str, str]]:
     """(the names still to copy, {name: sha256} of those complete here, which go to report.skipped). Only a file that
     may be complete here (same size) needs the box's digest now, and only when none is recorded there."""
     same_size = [n for n, f in files.items() if (local / n).exists() and (local / n).stat().st_size == f.size]
-    hashes = remote_hashes(conn, remote_dir, [n for n in same_size if not files[n].sha256])
+    hashes = remote_hashes(conn, remote_dir, [n for n in same_size if not files[n].sha256], shell)
     todo, complete = [], {}
     for name in sorted(files):
         dest = local / name
@@ -137,24 +173,43 @@ def plan_fetch(conn, remote_dir: str, local: Path, files: dict[str, RemoteFile],
     return todo, complete
 
 
-def fetch_weights(conn, remote_dir: str, local_dir, latest_only: bool = False, progress: bool = True) -> FetchReport:
+def connect_and_fetch(connect, remote_dir: str, local_dir, latest_only: bool = False, progress: bool = True) -> FetchReport:
+    """`fab fetch-weights`: connect(opened=...) (infra.ssh.connect with the host and options given), then fetch_weights.
+    The OpenSSH session that carries the files starts as soon as the box's host key is verified: its login overlaps
+    the rest of connecting and the listing instead of following them."""
+    early: list[Session] = []
+    try:
+        with connect(opened=lambda conn: early.append(Session(conn))) as conn:
+            return fetch_weights(conn, remote_dir, local_dir, latest_only, progress, session=early[0] if early else None)
+    finally:
+        for session in early:
+            session.close()
+
+
+def fetch_weights(conn, remote_dir: str, local_dir, latest_only: bool = False, progress: bool = True,
+                  session: Session | None = None) -> FetchReport:
+    """session: the transfer's, already logging in (connect_and_fetch); else it starts here, before the listing."""
     local = Path(local_dir).expanduser()
     local.mkdir(parents=True, exist_ok=True)
-    files = remote_files(conn, remote_dir, latest_only)
-    if not any(n.endswith(".pt") for n in files):
-        print(f"no checkpoints in {conn.host}:{remote_dir} yet")
-    report = FetchReport()
-    todo, complete = plan_fetch(conn, remote_dir, local, files, report)
-    total = sum(files[n].size - _part_size(local / n) for n in todo)
-    free = free_bytes(local)
-    if total > free:  # refuse before the first byte, not gigabytes in
-        raise UserError(f"{local} has {human_bytes(free)} free and this fetch needs {human_bytes(total)} ({len(todo)} files): "
-                        "make room there, fetch --latest-only, or fetch --to a disk with room")
-    verified = {n: d for n, d in complete.items() if n.endswith(".pt")}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="fetch", disable=not progress or None) as bar:
-        verified.update(transfer(conn, [Part(local / n, posixpath.join(remote_dir, n), files[n]) for n in todo], bar, report))
-    mark_fetched(conn, remote_dir, verified)
-    return report
+    session = session or Session(conn)
+    try:
+        files = remote_files(conn, remote_dir, latest_only, session.shell)
+        if not any(n.endswith(".pt") for n in files):
+            print(f"no checkpoints in {conn.host}:{remote_dir} yet")
+        report = FetchReport()
+        todo, complete = plan_fetch(conn, remote_dir, local, files, report, session.shell)
+        total = sum(files[n].size - _part_size(local / n) for n in todo)
+        free = free_bytes(local)
+        if total > free:  # refuse before the first byte, not gigabytes in
+            raise UserError(f"{local} has {human_bytes(free)} free and this fetch needs {human_bytes(total)} ({len(todo)} files): "
+                            "make room there, fetch --latest-only, or fetch --to a disk with room")
+        # Checkpoints complete here whose .fetched-NAME does not say so yet (a fetch that stopped, an older marker).
+        unmarked = {posixpath.join(remote_dir, n): d for n, d in complete.items() if n.endswith(".pt") and files[n].marked != d}
+        with tqdm(total=total, unit="B", unit_scale=True, desc="fetch", disable=not progress or None) as bar:
+            transfer(conn, [Part(local / n, posixpath.join(remote_dir, n), files[n]) for n in todo], bar, report, unmarked, session)
+        return report
+    finally:
+        session.close()
 
 
 def fetch_metrics(conn, remote_dir: str, names: list[str], local_dir) -> list[Path]:
@@ -177,14 +232,8 @@ def fetch_metrics(conn, remote_dir: str, names: list[str], local_dir) -> list[Pa
     return found
 
 
-def mark_fetched(conn, remote_dir: str, verified: dict[str, str]) -> None:
-    """Leave `.fetched-NAME` (the sha256 verified here) beside each checkpoint now safe on this disk: the box's cost
-    guard (job/sidecar/guard.py) may terminate the instance only once the final checkpoint is safe somewhere."""
-    if not verified:
-        return
-    cmd = " && ".join(f"printf %s {digest} > {shlex.quote(posixpath.join(remote_dir, contract.FETCHED_MARKER.format(name=name)))}"
-                      for name, digest in verified.items())
-    run(conn, cmd, warn=True)  # a read-only weights dir only means the guard keeps waiting; the fetch itself succeeded
+def fetched_marker(remote: str) -> str:
+    return posixpath.join(posixpath.dirname(remote), contract.FETCHED_MARKER.format(name=posixpath.basename(remote)))
 
 
 def _part_size(dest: Path) -> int:
@@ -211,38 +260,71 @@ class Part:
                     self.hash.update(chunk)
 
     def command(self) -> str:
-        """Exactly the bytes still missing, as listed: a log that grew since is cut there, and a file cut short pads
-        with zeros (caught by the sha256) so that the files after it in the one stream keep their place."""
-        return f"{{ tail -c +{self.start + 1} {shlex.quote(self.remote)} 2>/dev/null; cat /dev/zero; }} | head -c {self.size - self.start}"
+        """Exactly the bytes still missing, as listed, whatever became of the file: the files after it in the one
+        stream keep their place.
+
+        A log that grew since is cut where it was listed, and one cut short pads with zeros. A checkpoint never
+        changes once written (the trainer renames a finished save into place), so when the file opened has the size
+        listed, `tail` alone sends the rest of it: no second process copying every byte through one more pipe. One
+        that is gone, or of another size (another run's of the same name), sends zeros instead, which the sha256
+        refuses; where `stat` cannot tell the size it is cut and padded as a log is."""
+        n, skip, src = self.size - self.start, f"+{self.start + 1}", shlex.quote(self.remote)
+        if not self.verify:
+            return f"{{ tail -c {skip} {src}; cat /dev/zero; }} 2>/dev/null | head -c {n}"
+        zeros = f"head -c {n} /dev/zero"
+        return (f'o=; {{ o=1; s=$(stat -L -c %s /dev/fd/3); if [ "$s" = {self.size} ]; then tail -c {skip} <&3; '
+                f'elif [ -z "$s" ]; then {{ tail -c {skip} <&3; cat /dev/zero; }} | head -c {n}; else {zeros}; fi; }} '
+                f'2>/dev/null 3< {src} || [ -n "$o" ] || {zeros}')
 
 
-def transfer(conn, parts: list[Part], bar, report: FetchReport) -> dict[str, str]:
+def stream_command(parts: list[Part], marks: list[str]) -> str:
+    """The box's side of a transfer: the parts' bytes, one after the other; then, for each of `marks` (remote paths of
+    checkpoints), a line on stdin: the sha256 to leave in its `.fetched-NAME` once the file is safe here (the box's cost
+    guard, job/sidecar/guard.py, may terminate the instance only once the final checkpoint is safe somewhere), or `-`.
+    A read-only weights dir only means the guard keeps waiting: the fetch itself succeeded."""
+    steps = [p.command() for p in parts]
+    if marks:
+        targets = " ".join(shlex.quote(fetched_marker(m)) for m in marks)
+        steps.append(f'for m in {targets}; do read -r d || break; [ "$d" = - ] || printf %s "$d" > "$m"; done 2>/dev/null')
+    return "; ".join(steps) or ":"
+
+
+def transfer(conn, parts: list[Part], bar, report: FetchReport, marks: dict[str, str] | None = None,
+             session: Session | None = None) -> dict[str, str]:
     """All the parts in one stream (one SSH session: no per-file handshake), each verified as soon as its last byte is
     here, then flushed to disk and renamed into place by a second thread while the next file arrives; the box hashes
-    what has no recorded digest on a second channel meanwhile. Returns {name: sha256} of the checkpoints verified."""
-    if not parts:
+    what has no recorded digest on a second channel meanwhile. Once every file is in place the same session leaves
+    `.fetched-NAME` beside each checkpoint verified, and beside those of `marks` ({remote path: sha256} of checkpoints
+    already complete here). Returns {name: sha256} of the checkpoints verified."""
+    marks = dict(marks or {})
+    checked = [p for p in parts if p.verify]
+    session = session or Session(conn)
+    stream, shell = session.stream, session.shell
+    if not parts and not marks:
+        session.close()
         return {}
-    hashed = [p for p in parts if p.verify and not p.known]
-    hasher = _open(conn, "sha256sum " + " ".join(shlex.quote(p.remote) for p in hashed)) if hashed else None
-    digests = hasher.makefile("rb") if hasher else None
-    chunks = _stream(conn, "; ".join(p.command() for p in parts))
-    verified, rest, settled = {}, b"", []
+    shell.hash([p.remote for p in parts if p.verify and not p.known])
+    stream.start(stream_command(parts, [*marks, *(p.remote for p in checked)]))
+    verified, settled = {}, []
     try:
         with ThreadPoolExecutor(max_workers=1) as settler:  # on the way out it waits for what it was given
             for p in parts:
-                rest = _receive(p, chunks, rest, bar)
-                if p.verify:
-                    box = p.known or _box_digest(conn, digests, p.remote)
+                _receive(p, stream, bar)
+                if p.verify:  # a .part that failed is no start for the next run
+                    box = p.known or shell.next_digest()
+                    if box is None:
+                        p.part.unlink()
+                        raise unreadable(conn, p.remote)
                     if p.hash.hexdigest() != box:
                         p.part.unlink()
                         raise UserError(f"{p.dest.name}: the downloaded bytes do not match the box's sha256 (file changed during "
                                         "the copy?): run fetch-weights again")
                     verified[p.dest.name] = box
                 settled.append((p, settler.submit(_settle, p)))
+        safe = {p.dest.name for p, done in settled if done.exception() is None}
+        stream.finish([*marks.values(), *(verified[p.dest.name] if p.dest.name in safe else "-" for p in checked)])
     finally:
-        chunks.close()
-        if hasher:
-            hasher.close()
+        session.close()
         for p, done in settled:  # what is in place counts, even when a later file failed
             if done.done() and done.exception() is None:
                 report.copied.append(p.dest.name)
@@ -268,19 +350,17 @@ def _settle(p: Part) -> None:
     os.replace(p.part, p.dest)
 
 
-def _receive(p: Part, chunks, rest: bytes, bar) -> bytes:
-    """Append p's missing bytes (`rest` first, then from `chunks`) to its .part; return what belongs to the next file.
-    A full disk keeps the .part for the next run to go on from."""
+def _receive(p: Part, stream: Stream, bar) -> None:
+    """Append p's missing bytes from the stream to its .part. A full disk keeps the .part for the next run to go on
+    from."""
     need = p.size - p.start
     try:
         with open(p.part, "ab") as out:
             while need:
-                if not rest:
-                    rest = next(chunks, b"")
-                    if not rest:
-                        raise ConnectionLost(f"the copy of {p.remote} stopped after {human_bytes(p.size - need)} of "
-                                             f"{human_bytes(p.size)}: run fetch-weights again; it goes on from {p.part.name}")
-                piece, rest = rest[:need], rest[need:]
+                piece = stream.read(min(need, READ))
+                if not piece:
+                    raise ConnectionLost(f"the copy of {p.remote} stopped after {human_bytes(p.size - need)} of "
+                                         f"{human_bytes(p.size)}: run fetch-weights again; it goes on from {p.part.name}")
                 out.write(piece)
                 p.hash.update(piece)
                 need -= len(piece)
@@ -292,7 +372,6 @@ def _receive(p: Part, chunks, rest: bytes, bar) -> bytes:
         resume = f"; it goes on from the {human_bytes(have)} in {p.part.name}" if p.verify else ""
         raise UserError(f"no space left on the device for {p.dest} ({human_bytes(free_bytes(p.part))} free, "
                         f"{human_bytes(p.size - have)} still to copy): make room there and run fetch-weights again{resume}") from None
-    return rest
 
 
 def _open(conn, cmd: str):
@@ -306,44 +385,150 @@ def _open(conn, cmd: str):
     return chan
 
 
-def _stream(conn, cmd: str):
-    """The output of `cmd` on the box, in chunks: through OpenSSH's client where there is one, else (or where it cannot
-    log in as paramiko did: another key, an ssh_config of its own) over a paramiko channel."""
-    argv = openssh_command(conn, cmd)
-    if argv is not None:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+# What a login shell runs until the command is known: the command itself, as one line on stdin.
+WAIT = 'IFS= read -r s && eval "$s"'
+
+
+class Session:
+    """What a fetch runs on the box: the stream of the files' bytes (Stream) and, beside it, a shell for the rest (Shell:
+    the markers, the box's sha256). Both log in at once, before the files are known, and wait for their commands: the
+    logins overlap the listing instead of following it."""
+
+    def __init__(self, conn):
+        self.stream, self.shell = Stream(conn), Shell(conn)
+
+    def close(self) -> None:
+        self.stream.close()
+        self.shell.close()
+
+
+class Shell:
+    """A login shell on the box over a paramiko channel, kept open: it runs the fetch's small commands one after the
+    other, each sent as one line, with no login of its own; the last, HASH_SCRIPT for the files sent, runs beside the
+    stream. A few lines come back: paramiko's pace is no matter."""
+
+    LOOP = 'while IFS= read -r s; do eval "$s"; done'
+
+    def __init__(self, conn):
+        self.conn, self.end = conn, secrets.token_hex(16)  # the line that ends each command's output
+        self.chan = _open(conn, self.LOOP)
+        self.lines = self.chan.makefile("rb")
+
+    def run(self, cmd: str) -> str:
+        """cmd's output (stderr left out), in a subshell: a `cd` stays in there."""
+        if "\n" in cmd:  # a path with a newline in it: one line cannot carry the command
+            return run(self.conn, cmd, warn=True).stdout
+        self.chan.sendall(f"( {cmd} ) 2>/dev/null; printf '\\n%s\\n' {self.end}\n".encode())
+        out = []
+        while (line := self.lines.readline().decode(errors="replace")) != f"{self.end}\n":
+            if not line:
+                raise ConnectionLost(f"lost the SSH connection to {self.conn.host}: run fetch-weights again")
+            out.append(line)
+        return "".join(out)[:-1]  # less the newline printed before the end
+
+    def hash(self, remotes: list[str]) -> None:
+        """Start hashing these files; next_digest() gives their digests in turn."""
+        if not remotes:
+            return
+        cmd = hash_command(remotes)
+        if "\n" in cmd:
+            self.close()
+            self.chan = _open(self.conn, cmd)
+            self.lines = self.chan.makefile("rb")
+        else:
+            self.chan.sendall(cmd.encode() + b"\n")
+
+    def next_digest(self) -> str | None:
+        """The box's sha256 of the next file; None where it could not read it."""
+        return digest_in(self.lines.readline().decode(errors="replace"))
+
+    def close(self) -> None:
+        self.chan.close()
+
+
+class Stream:
+    """The output of a command on the box, and its stdin: through OpenSSH's client where there is one, else (or where
+    it cannot log in as paramiko did: another key, an ssh_config of its own) over a paramiko channel.
+
+    The ssh starts logging in at once, before the command is known: the box's shell waits for it on stdin (start).
+    OpenSSH's output is read into one buffer that every read reuses: a fresh bytes object per read would cost a fresh
+    mapping of memory, page faults and all, for every megabyte."""
+
+    def __init__(self, conn):
+        self.conn, self.cmd, self.got = conn, ":", 0
+        self.proc, self.chan = None, None
+        self.buf = memoryview(bytearray(READ))
+        self._launch(WAIT)
+
+    def _launch(self, cmd: str) -> None:
+        argv = openssh_command(self.conn, cmd)
+        if argv is None:
+            return
+        # ssh's messages go to a file: a pipe nobody reads during the copy would stop ssh once it filled (a chatty login
+        # shell on the box is enough).
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, bufsize=0)
         with contextlib.suppress(ImportError, AttributeError, OSError):  # Linux: a deeper pipe lets ssh decrypt on while this side hashes
             import fcntl
 
-            fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE)
-        got = 0
-        try:
-            while chunk := proc.stdout.read(READ):
-                got += len(chunk)
-                yield chunk
-        finally:
-            proc.stdout.close()
-            if proc.poll() is None:  # stopped early (a full disk, a mismatch): the rest is not wanted
-                proc.terminate()
-            err = proc.stderr.read().decode(errors="replace")
-            proc.stderr.close()
-            proc.wait()
-        if proc.returncode != 255:  # 255: ssh's own failure, not the command's
-            return
+            fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE)
+
+    def start(self, cmd: str) -> None:
+        """Run cmd (one line for the waiting shell: a path with a newline in it needs a session of its own)."""
+        self.cmd = cmd
+        if self.proc is not None and "\n" in cmd:
+            self.close()
+            self._launch(cmd)
+        elif self.proc is not None:
+            with contextlib.suppress(OSError):  # ssh already gone: read() finds out why
+                self.proc.stdin.write(cmd.encode() + b"\n")
+        if self.proc is None:
+            self.chan = _open(self.conn, cmd)
+
+    def read(self, n: int):
+        """Up to n bytes (valid until the next read); empty at the end of the output."""
+        if self.chan is not None:
+            return self.chan.recv(n)
+        got = self.proc.stdout.readinto(self.buf[:n])
         if got:
-            raise ConnectionLost(f"ssh to {conn.host} failed during the copy ({' '.join(err.split())[:200]}): run fetch-weights again; "
-                                 "it goes on from where it stopped")
-    chan = _open(conn, cmd)
-    try:
-        while chunk := chan.recv(READ):
-            yield chunk
-    finally:
-        chan.close()
+            self.got += got
+            return self.buf[:got]
+        if self.proc.wait() != 255:  # 255: ssh's own failure, not the command's
+            return b""
+        self.err.seek(0)
+        err = self.err.read(4096).decode(errors="replace")
+        if self.got:
+            raise ConnectionLost(f"ssh to {self.conn.host} failed during the copy ({' '.join(err.split())[:200]}): run "
+                                 "fetch-weights again; it goes on from where it stopped")
+        self.close()
+        self.chan = _open(self.conn, self.cmd)
+        return self.read(n)
 
+    def finish(self, lines: list[str]) -> None:
+        """Give the command the rest of its stdin, and wait for it to end (what it still prints is not wanted)."""
+        data = "".join(f"{line}\n" for line in lines).encode()
+        if self.chan is not None:
+            with contextlib.suppress(OSError, EOFError):
+                self.chan.sendall(data)
+                self.chan.shutdown_write()
+                while self.chan.recv(READ):
+                    pass
+            return
+        with contextlib.suppress(OSError):  # ssh gone: the marks wait for the next fetch
+            self.proc.stdin.write(data)
+            self.proc.stdin.close()
+        while self.proc.stdout.readinto(self.buf):
+            pass
+        self.proc.wait()
 
-def _box_digest(conn, digests, remote: str) -> str:
-    """The next line of the box's `sha256sum` (it hashes in the order the files are sent)."""
-    line = digests.readline().decode(errors="replace").split()
-    if len(line) < 2 or line[1] != remote:
-        raise UserError(f"could not hash {remote} on {conn.host} (sha256sum failed): check that it is readable there")
-    return line[0]
+    def close(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:  # stopped early (a full disk, a mismatch, nothing to do): the rest is not wanted
+            self.proc.terminate()
+        for f in (self.proc.stdin, self.proc.stdout, self.err):
+            f.close()
+        self.proc.wait()
+        self.proc = None

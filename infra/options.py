@@ -38,10 +38,11 @@ class SSHOptions:
     known_hosts: str | None = option(None, "known_hosts file (default ~/.ssh/known_hosts)")
     accept_new_host_key: bool = option(False, "trust a box seen for the first time and remember its key (like OpenSSH accept-new)")
 
-    def connect(self, host: str):
+    def connect(self, host: str, opened=None):
         if not host:
             raise UserError("no box given: pass --host ubuntu@IP")
-        return connect(host, port=self.port, key=self.key, known_hosts=self.known_hosts, accept_new_host_key=self.accept_new_host_key)
+        return connect(host, port=self.port, key=self.key, known_hosts=self.known_hosts, accept_new_host_key=self.accept_new_host_key,
+                       opened=opened)
 
 
 @dataclass

@@ -94,8 +94,10 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
 
 
 def connect(host: str, *, port: int | None = None, key: str | None = None, known_hosts: str | None = None,
-            accept_new_host_key: bool = False, timeout: float = 10) -> fabric.Connection:
-    """Open and check an SSH connection (runs `true`); raise UserError with the fix on any failure."""
+            accept_new_host_key: bool = False, timeout: float = 10, opened=None) -> fabric.Connection:
+    """Open and check an SSH connection (runs `true`); raise UserError with the fix on any failure. opened(conn), if
+    given, is called once the connection is up and its host key verified (and known), before the check: fetch-weights
+    starts its own OpenSSH session there, so that the two logins overlap."""
     user, hostname, port = parse_host(host, port)
     known_hosts = os.path.expanduser(known_hosts or "~/.ssh/known_hosts")
     if key and not os.path.isfile(os.path.expanduser(key)):
@@ -114,6 +116,8 @@ def connect(host: str, *, port: int | None = None, key: str | None = None, known
     where = f"{conn.user}@{conn.host}:{conn.port}"
     try:
         conn.open()
+        if opened is not None:
+            opened(conn)
         run(conn, "true", timeout=timeout)
         return conn
     except Exception as e:

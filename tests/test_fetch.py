@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from tqdm import tqdm
 
 from conftest import ROOT, assert_one_line_error, grow
+from delay_relay import DelayRelay
 from infra.fetch import FetchReport, Part, RemoteFile, fetch_weights, transfer
-from infra.ssh import connect
+from infra.ssh import connect, run
 from job.errors import UserError
 from sshd import start_sshd
 
@@ -198,3 +201,147 @@ def test_a_log_that_grows_during_the_fetch_comes_as_listed(server, box, tmp_path
         transfer(c, [Part(local / n, str(box / n), files[n]) for n in names], tqdm(disable=True), report)
     assert (local / "metrics.jsonl").read_bytes() == listed and same_files(box, local, ["model_01000.pt"])
     assert report.copied == names
+
+
+def test_a_box_without_openssl_stat_or_aes_gcm(tmp_path, box):
+    """A box whose sshd offers no AES-GCM and whose PATH has neither openssl nor stat: the same fetch, through OpenSSH's
+    client on chacha20 (no failed negotiation in sshd's log: no silent fall-back to paramiko), with coreutils' sha256sum
+    and checkpoints cut and padded like logs; resumed and verified."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("sh", "bash", "cat", "tail", "head", "tr", "sha256sum", "true"):
+        os.symlink(shutil.which(tool), bare / tool)
+    srv = start_sshd(tmp_path / "sshd", extra_config=f"SetEnv PATH={bare}\nCiphers chacha20-poly1305@openssh.com,aes128-ctr\n")
+    try:
+        local = tmp_path / "local"
+        local.mkdir()
+        data = (box / "model_02000.pt").read_bytes()
+        (local / "model_02000.pt.part").write_bytes(data[: 2**20])
+        (local / "model_03000.pt.part").write_bytes(b"garbage" * 1000)
+        with conn_for(srv) as c:
+            assert "openssl" not in run(c, "command -v openssl stat; true").stdout
+            with pytest.raises(UserError, match="model_03000.pt: the downloaded bytes do not match"):
+                fetch_weights(c, str(box), local, progress=False)
+            report = fetch_weights(c, str(box), local, progress=False)
+        assert report.copied == ["model_03000.pt", "train.log"] and not list(local.glob("*.part"))
+        assert same_files(box, local, ["model_01000.pt", "model_02000.pt", "model_03000.pt", "metrics.jsonl", "train.log"])
+        for n in ("model_01000.pt", "model_02000.pt", "model_03000.pt"):
+            assert (box / f".fetched-{n}").read_text() == hashlib.sha256((box / n).read_bytes()).hexdigest()
+    finally:
+        srv.stop()
+    log = (tmp_path / "sshd" / "sshd.log").read_text()
+    assert log.count("Accepted publickey") == 3 and "no matching cipher" not in log, log  # paramiko, then ssh for each fetch
+
+
+def test_a_killed_fetch_goes_on_from_its_part_file(server, tmp_path):
+    """`fab fetch-weights` killed (SIGKILL, nothing to clean up) in the middle of a checkpoint: no file under its final
+    name, and the next run sends only the rest. A relay that delays every chunk keeps the copy slow enough to kill it
+    half way."""
+    box = tmp_path / "box"
+    box.mkdir()
+    name = "model_05000.pt"
+    (box / name).write_bytes(os.urandom(24 * 2**20))
+    local = tmp_path / "local"
+    relay = DelayRelay(server.port, 0.1)
+    known = tmp_path / "known_hosts"
+    known.write_text(server.host_public_key_line.replace(f"]:{server.port} ", f"]:{relay.port} ") + "\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def fab(port, known_hosts):
+        return [sys.executable, "-m", "fabric", "fetch-weights", "--host", f"{server.user}@{server.host}", "--port", str(port),
+                "--key", str(server.key_path), "--known-hosts", str(known_hosts), "--weights-dir", str(box), "--to", str(local)]
+
+    proc = subprocess.Popen(fab(relay.port, known), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = local / f"{name}.part"
+    try:
+        deadline = time.monotonic() + 120
+        while not (part.exists() and part.stat().st_size >= 2**20):
+            assert proc.poll() is None and time.monotonic() < deadline, "the fetch ended, or never started, before it could be killed"
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+        relay.stop()
+    have = part.stat().st_size
+    assert 0 < have < 24 * 2**20 and not (local / name).exists()
+    out = subprocess.run(fab(server.port, server.known_hosts_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"fetched 1 files ({(24 * 2**20 - have) / 2**20:.1f} MiB)" in out.stdout
+    assert same_files(box, local, [name]) and not part.exists()
+    assert (box / f".fetched-{name}").read_text() == hashlib.sha256((box / name).read_bytes()).hexdigest()
+
+
+def test_a_checkpoint_removed_during_the_fetch_is_refused_and_the_rest_come_next_time(server, box, tmp_path):
+    """Retention on the box removes a checkpoint after the listing: its place in the stream is zeros, refused (with the
+    box's digest or without one), nothing of it is kept here, and the next fetch brings what is there."""
+    from infra.fetch import remote_files
+
+    local = tmp_path / "local"
+    local.mkdir()
+    with conn_for(server) as c:
+        files = remote_files(c, str(box))
+        gone = box / "model_01000.pt"
+        known = hashlib.sha256(gone.read_bytes()).hexdigest()
+        gone.unlink()
+        names = ["model_01000.pt", "model_02000.pt"]
+        with pytest.raises(UserError, match=r"could not read .*model_01000.pt on 127.0.0.1 to hash it \(removed meanwhile"):
+            transfer(c, [Part(local / n, str(box / n), files[n]) for n in names], tqdm(disable=True), FetchReport())
+        files["model_01000.pt"].sha256 = known  # the digest recorded before it went
+        with pytest.raises(UserError, match="model_01000.pt: the downloaded bytes do not match the box's sha256"):
+            transfer(c, [Part(local / n, str(box / n), files[n]) for n in names], tqdm(disable=True), FetchReport())
+        assert list(local.iterdir()) == []
+        report = fetch_weights(c, str(box), local, progress=False)
+    assert "model_01000.pt" not in report.copied and same_files(box, local, ["model_02000.pt", "model_03000.pt"])
+
+
+def test_the_fetched_markers_are_written_once(server, box, tmp_path):
+    """Each checkpoint safe here gets its .fetched-NAME on the box, by the stream's own session; a fetch that moves
+    nothing writes only the ones missing."""
+    local = tmp_path / "local"
+    ckpts = ["model_01000.pt", "model_02000.pt", "model_03000.pt"]
+
+    def marker(n):
+        return box / f".fetched-{n}"
+
+    with conn_for(server) as c:
+        fetch_weights(c, str(box), local, latest_only=True, progress=False)
+        marker("model_03000.pt").unlink()
+        fetch_weights(c, str(box), local, progress=False)  # two to copy, one complete here but not marked
+        assert all(marker(n).read_text() == hashlib.sha256((box / n).read_bytes()).hexdigest() for n in ckpts)
+        before = {n: marker(n).stat().st_mtime_ns for n in ckpts}
+        marker("model_02000.pt").unlink()
+        report = fetch_weights(c, str(box), local, progress=False)
+    assert report.copied == [] and marker("model_02000.pt").read_text() == hashlib.sha256((box / "model_02000.pt").read_bytes()).hexdigest()
+    assert all(marker(n).stat().st_mtime_ns == before[n] for n in ("model_01000.pt", "model_03000.pt"))
+
+
+def test_first_contact_logs_in_through_openssh_too(tmp_path):
+    """`fab fetch-weights --accept-new-host-key` on a box not yet in known_hosts: the OpenSSH session starts once
+    paramiko has verified and remembered the key, so it logs in as well, and the bytes do not fall back to paramiko."""
+    srv = start_sshd(tmp_path / "sshd")
+    try:
+        box = tmp_path / "box"
+        box.mkdir()
+        (box / "model_01000.pt").write_bytes(os.urandom(2**20))
+        local, known = tmp_path / "local", tmp_path / "known_hosts"
+        cmd = [sys.executable, "-m", "fabric", "fetch-weights", "--host", f"{srv.user}@{srv.host}", "--port", str(srv.port),
+               "--key", str(srv.key_path), "--known-hosts", str(known), "--accept-new-host-key", "--weights-dir", str(box), "--to", str(local)]
+        out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert same_files(box, local, ["model_01000.pt"]) and known.read_text().split()[0] == f"[127.0.0.1]:{srv.port}"
+    finally:
+        srv.stop()
+    log = (tmp_path / "sshd" / "sshd.log").read_text()
+    assert log.count("Accepted publickey") == 2 and "preauth" not in log, log  # paramiko's login, then ssh's
+
+
+def test_a_weights_dir_with_a_newline_in_its_name(server, tmp_path):
+    """The waiting shells take their command as one line: for a path with a newline in it, both sessions start anew
+    with the command as their own."""
+    box = tmp_path / "box\nweights"
+    box.mkdir()
+    (box / "model_01000.pt").write_bytes(os.urandom(2**20))
+    with conn_for(server) as c:
+        report = fetch_weights(c, str(box), tmp_path / "local", progress=False)
+    assert report.copied == ["model_01000.pt"] and same_files(box, tmp_path / "local", ["model_01000.pt"])
+    assert (box / ".fetched-model_01000.pt").read_text() == hashlib.sha256((box / "model_01000.pt").read_bytes()).hexdigest()
