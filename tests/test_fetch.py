@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -313,6 +314,31 @@ def test_the_fetched_markers_are_written_once(server, box, tmp_path):
         report = fetch_weights(c, str(box), local, progress=False)
     assert report.copied == [] and marker("model_02000.pt").read_text() == hashlib.sha256((box / "model_02000.pt").read_bytes()).hexdigest()
     assert all(marker(n).stat().st_mtime_ns == before[n] for n in ("model_01000.pt", "model_03000.pt"))
+
+
+@pytest.mark.slow
+def test_bench_reports_both_sizes_the_slow_link_and_the_ablations(tmp_path):
+    """scripts/bench_fetch.py end to end on tiny sets: every line it promises, well-formed (timings are not judged)."""
+    bench = [sys.executable, str(ROOT / "scripts" / "bench_fetch.py"), "--rounds", "1"]
+    out = subprocess.run([*bench, "--sets", "2x1,1x2", "--latency-sets", "1x1", "--delay-ms", "5"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    line = r"  {} +[\d.]+- +[\d.]+ s   median +[\d.]+ MB/s   [\d.]+x scp \(rounds [\d.]+\)   CPU here +[\d.]+ s, box +[\d.]+ s"
+    names = ("scp", "scp, AES-GCM", "fetch-weights", "fetch, recorded")
+    for head in (r"2 x 1 MB checkpoints \(2 MB\), loopback", r"1 x 2 MB checkpoints \(2 MB\), loopback", r"1 x 1 MB checkpoints \(1 MB\), "
+                 r"loopback \+ 10 ms round trip \((?:netem|relay in this process; its CPU counts as here)\)"):
+        block = re.search(rf"^{head}, 1 rounds, interleaved\n((?:  .*\n)+)", out.stdout, re.M)
+        assert block, out.stdout
+        rows = block.group(1).splitlines()
+        assert [r.split("  ")[1].strip() for r in rows[:4]] == list(names), rows
+        assert all(re.fullmatch(line.format(re.escape(n)), r) for n, r in zip(names, rows, strict=False)), rows
+        assert re.fullmatch(r"  re-run with nothing to move: [\d.]+ s", rows[4]), rows
+    ablate = subprocess.run([*bench, "--sets", "1x1", "--ablations", "--baseline", "HEAD"], capture_output=True, text=True, timeout=600)
+    assert ablate.returncode == 0, ablate.stderr
+    rows = [r.split("  ")[1].strip() for r in ablate.stdout.splitlines() if re.match(r"  \S.* [\d.]+x scp \(rounds", r)]
+    assert rows == ["scp", "fetch-weights", "- chacha20 (OpenSSH's default)", "- sha256sum on the box", "- tail | head",
+                    "- a bytes object per read", "- no fsync", "- paramiko channel", "- logins after connecting",
+                    "fetch-weights at HEAD"], ablate.stdout
 
 
 def test_first_contact_logs_in_through_openssh_too(tmp_path):
