@@ -294,8 +294,9 @@ def main() -> None:
         bench_link(args.latency_sets, args.rounds, args.delay_ms, relay=True, variants=MAIN)
         return
     sets = ",".join(f"{n}x{mb}" for n, mb in args.latency_sets)
-    inner = (f"ip link set lo up && tc qdisc add dev lo root netem delay {args.delay_ms:g}ms && exec {sys.executable} {__file__} "
-             f"--in-netns --latency-sets {sets} --delay-ms {args.delay_ms:g} --rounds {args.rounds}")
+    again = " ".join(shlex.quote(a) for a in [sys.executable, __file__, "--in-netns", "--latency-sets", sets, "--delay-ms", f"{args.delay_ms:g}",
+                                             "--rounds", str(args.rounds)])
+    inner = f"ip link set lo up && tc qdisc add dev lo root netem delay {args.delay_ms:g}ms && exec {again}"
     subprocess.run(["unshare", "-n", "sh", "-c", inner], check=True)
 
 
