@@ -154,6 +154,7 @@ def ablations(baseline: str | None) -> dict[str, Variant]:
         "- sha256sum on the box": Variant(patches=((infra.fetch, {"HASH_SCRIPT": SHA256SUM}),)),
         "- tail | head": Variant(patches=((infra.fetch.Part, {"command": piped}),)),
         "- a bytes object per read": Variant(patches=((infra.fetch.Stream, {"read": read_allocating}),)),
+        "- no early write-back": Variant(patches=((infra.fetch, {"WRITE_BACK": None}),)),
         "- no fsync": Variant(patches=((infra.fetch, {"_settle": lambda p: os.replace(p.part, p.dest)}),)),
         "- paramiko channel": Variant(patches=((infra.fetch, {"openssh_command": lambda conn, cmd: None}),)),
         "- logins after connecting": Variant(fetch=infra.fetch.fetch_weights),
@@ -275,7 +276,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ablations", action="store_true",
                    help="instead: over --sets, fetch-weights with each of its choices undone in turn (cipher, hasher, tail | head, "
-                        "reads, fsync, OpenSSH's client, early logins), against scp")
+                        "reads, write-back, fsync, OpenSSH's client, early logins), against scp")
     p.add_argument("--baseline", metavar="REV", help="with --ablations: also fetch-weights as infra/fetch.py was at git revision REV")
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)  # the re-run inside the namespace
     args = p.parse_args()

@@ -337,7 +337,7 @@ def test_bench_reports_both_sizes_the_slow_link_and_the_ablations(tmp_path):
     assert ablate.returncode == 0, ablate.stderr
     rows = [r.split("  ")[1].strip() for r in ablate.stdout.splitlines() if re.match(r"  \S.* [\d.]+x scp \(rounds", r)]
     assert rows == ["scp", "fetch-weights", "- chacha20 (OpenSSH's default)", "- sha256sum on the box", "- tail | head",
-                    "- a bytes object per read", "- no fsync", "- paramiko channel", "- logins after connecting",
+                    "- a bytes object per read", "- no early write-back", "- no fsync", "- paramiko channel", "- logins after connecting",
                     "fetch-weights at HEAD"], ablate.stdout
 
 
