@@ -309,8 +309,9 @@ def transfer(conn, parts: list[Part], bar, report: FetchReport, marks: dict[str,
     verified, settled = {}, []
     try:
         with ThreadPoolExecutor(max_workers=1) as settler:  # on the way out it waits for what it was given
+            write_back = (lambda *a: settler.submit(_write_back, *a)) if WRITE_BACK is not None else None
             for p in parts:
-                _receive(p, stream, bar)
+                _receive(p, stream, bar, write_back)
                 if p.verify:  # a .part that failed is no start for the next run
                     box = p.known or shell.next_digest()
                     if box is None:
@@ -351,10 +352,8 @@ def _settle(p: Part) -> None:
     os.replace(p.part, p.dest)
 
 
-def _write_back():
-    """sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) where the C library has it (Linux), else None: it
-    starts writing those pages to the disk now, so the fsync before the rename has little left to wait for instead of
-    the whole file (0.6 s for 1.4 GB on the Xeon VM of docs/BENCHMARKS.md, all of it after the last byte came)."""
+def _sync_file_range():
+    """sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) where the C library has it (Linux), else None."""
     try:
         call = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError, TypeError):
@@ -363,13 +362,26 @@ def _write_back():
     return lambda fd, offset, length: call(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
 
 
-WRITE_BACK = _write_back()
-WRITE_BACK_EVERY = 32 << 20
+WRITE_BACK = _sync_file_range()
+WRITE_BACK_EVERY = 64 << 20
 
 
-def _receive(p: Part, stream: Stream, bar) -> None:
-    """Append p's missing bytes from the stream to its .part. A full disk keeps the .part for the next run to go on
-    from."""
+def _write_back(path: Path, offset: int, length: int) -> None:
+    """Start writing these pages of the file to the disk now, so that the fsync before the rename has little left to
+    wait for, instead of the whole file after its last byte came (0.6 s for 1.4 GB on the Xeon VM of
+    docs/BENCHMARKS.md). It runs on the settling thread: the call waits whenever the disk's queue is full (another
+    program's writes are enough), and the copy must not wait with it."""
+    with contextlib.suppress(OSError):  # the .part gone (refused): nothing to write
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            WRITE_BACK(fd, offset, length)
+        finally:
+            os.close(fd)
+
+
+def _receive(p: Part, stream: Stream, bar, write_back=None) -> None:
+    """Append p's missing bytes from the stream to its .part, and hand every WRITE_BACK_EVERY bytes written to
+    write_back(path, offset, length). A full disk keeps the .part for the next run to go on from."""
     need, flushed = p.size - p.start, p.start
     try:
         with open(p.part, "ab") as out:
@@ -382,8 +394,8 @@ def _receive(p: Part, stream: Stream, bar) -> None:
                 p.hash.update(piece)
                 need -= len(piece)
                 bar.update(len(piece))
-                if WRITE_BACK is not None and p.size - need - flushed >= WRITE_BACK_EVERY:
-                    WRITE_BACK(out.fileno(), flushed, p.size - need - flushed)
+                if write_back is not None and p.size - need - flushed >= WRITE_BACK_EVERY:
+                    write_back(p.part, flushed, p.size - need - flushed)
                     flushed = p.size - need
     except OSError as e:
         if e.errno not in NO_SPACE:
