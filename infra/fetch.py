@@ -483,8 +483,7 @@ class Stream:
     it cannot log in as paramiko did: another key, an ssh_config of its own) over a paramiko channel.
 
     The ssh starts logging in at once, before the command is known: the box's shell waits for it on stdin (start).
-    OpenSSH's output is read into one buffer that every read reuses: a fresh bytes object per read would cost a fresh
-    mapping of memory, page faults and all, for every megabyte."""
+    OpenSSH's output is read into one buffer that every read reuses, so the copy's loop allocates nothing."""
 
     def __init__(self, conn):
         self.conn, self.cmd, self.got = conn, ":", 0
