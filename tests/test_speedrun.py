@@ -253,8 +253,21 @@ def step_tolerance(step: int, muon_params: set):
     return tol
 
 
+@pytest.fixture
+def reference_threads():
+    """torch on the reference's thread count: Inductor's CPU code splits its bf16 reductions by the thread count it
+    compiles for (a test process may have been given fewer, e.g. one per pytest-xdist worker), and the bounds above were
+    measured for one and two threads in a process started with the machine's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(REFERENCE["threads"])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow  # compiles (Inductor's CPU code generation)
-def test_training_steps_match_the_records_losses_and_weights():
+def test_training_steps_match_the_records_losses_and_weights(reference_threads):
     """Four steps of Muon and Adam with the record's groups, learning rates and schedules, from the same weights and
     batches; the gradient is the summed loss's, as the record's; Newton-Schulz compiled in bf16, as the record runs
     it. Every loss and every weight after each step is held to the bounds above."""
