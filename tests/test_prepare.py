@@ -75,6 +75,23 @@ def test_tinyshakespeare(tmp_path):
     assert paths[-1].read_bytes() == buf.getvalue()
 
 
+def test_paragraphs_make_each_paragraph_of_a_text_file_a_document(tmp_path, capsys):
+    text = "First, a line.\nIts second line.\n\nSecond paragraph.\n  \t\n\n\nThird, after blank lines with spaces.\n"
+    (tmp_path / "plays.txt").write_text(text)
+    out = tmp_path / "out"
+    main(["text", str(tmp_path / "plays.txt"), "--paragraphs", "--out", str(out), "--shard-size", "8", "--workers", "1"])
+    paragraphs = ["First, a line.\nIts second line.", "Second paragraph.", "Third, after blank lines with spaces.\n"]
+    tokens = np.concatenate([np.load(p) for p in sorted(out.glob("data_*.npy"), key=lambda p: ("train" in p.name, p.name))])
+    np.testing.assert_array_equal(tokens, expected(paragraphs))  # each paragraph after its own <|endoftext|>
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["documents"] == 3 and manifest["identity"]["paragraphs"] is True
+    # The same file cut as one document is another prepare run: refused, the paragraph shards kept.
+    with pytest.raises(SystemExit) as e:
+        main(["text", str(tmp_path / "plays.txt"), "--out", str(out), "--shard-size", "8", "--workers", "1"])
+    assert e.value.code == 2 and "differs in: paragraphs" in capsys.readouterr().err
+    assert json.loads((out / MANIFEST).read_text()) == manifest
+
+
 def test_val_split_rule():
     # small: the minimum, or the whole --shard-size below it (make demo's 50,000: every shard, val included, full)
     assert val_size(338_026, 100_000_000) == VAL_MIN == 100_000

@@ -38,6 +38,8 @@ def _parser() -> ArgumentParser:
     t = sub.add_parser("text", parents=[common], help="local .txt/.jsonl/.json/.parquet files")
     t.add_argument("files", nargs="+", help=".txt: one document per file; .jsonl/.json/.parquet: one per row")
     t.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.json/.parquet rows (default: text)")
+    t.add_argument("--paragraphs", action="store_true",
+                   help="a .txt file is one document per paragraph (text between blank lines), each after <|endoftext|>")
     for name, dataset in (("fineweb-edu", FINEWEB), ("fineweb", FINEWEB_ALL)):
         f = sub.add_parser(name, parents=[common], help=f"{dataset} tokenized here, streamed from the Hugging Face hub or local parquet")
         f.add_argument("--dataset", default=None, help=f"hub dataset id or local dataset dir (default {dataset})")
@@ -87,6 +89,6 @@ def main(argv: list[str] | None = None) -> list[Path] | bool:
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     if args.source in contract.HUB_SHARDS:
         return download(args.source, args.out, args.train_tokens, args.overwrite, args.workers)
-    source = file_source(args.files, args.text_field) if args.source == "text" else _fineweb(args)
+    source = file_source(args.files, args.text_field, paragraphs=args.paragraphs) if args.source == "text" else _fineweb(args)
     prefix = args.prefix or PREFIXES[args.source]
     return prepare(source, args.out, args.shard_size, prefix, args.workers, args.overwrite, args.batch_docs, args.progress_every)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from job.errors import UserError
 from job.prepare.common import reason
 
+PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")  # a blank line (spaces allowed) between paragraphs
 LOADERS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # extension -> reader
 FINEWEB = "HuggingFaceFW/fineweb-edu"
 FINEWEB_ALL = "HuggingFaceFW/fineweb"  # the corpus modded-nanogpt's speedrun trains on (its sample-10BT)
@@ -95,9 +97,12 @@ class Source:
     """An ordered stream of documents: the rows of `units`, one after the other."""
 
     def __init__(self, label: str, units: list[Unit], field: str = "text", identity: dict | None = None,
-                 max_docs: int | None = None):
+                 max_docs: int | None = None, paragraphs: bool = False):
         self.label, self.units, self.field, self.max_docs = label, units, field, max_docs
+        self.paragraphs = paragraphs  # a .txt file is one document per paragraph, not one in all
         self.identity = identity or {"files": [u.ident() for u in units], "field": field}
+        if paragraphs:  # another cut of the same files: a prepare run of the other kind does not resume this one
+            self.identity["paragraphs"] = True
         # Known to hold far more than ten shards (a whole hub corpus): the val split is a full shard from the start, and
         # the pipeline need not stage the first shards until it knows (job/prepare/split.py).
         self.large = False
@@ -107,7 +112,7 @@ class Source:
         n = 0
         for u in self.units:
             if u.kind == "txt":
-                n += 1
+                n += len(self._txt_documents(u)) if self.paragraphs else 1
             elif u.kind == "parquet":
                 import pyarrow.parquet as pq
 
@@ -139,18 +144,26 @@ class Source:
             raise UserError(f"{u.path} row {row + first + 1} has no text field {self.field!r}: pass --text-field NAME")
         return col
 
+    def _txt_documents(self, u: Unit) -> list[str]:
+        """A .txt file's documents: the whole file, or with `paragraphs` each run of lines between blank lines."""
+        try:
+            text = Path(u.path).read_text(encoding="utf-8")  # universal newlines, as datasets' text loader reads it
+        except UnicodeDecodeError as e:
+            raise UserError(f"cannot read {u.path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except OSError as e:
+            raise UserError(f"cannot read {u.path}: {e.strerror}") from e
+        if not self.paragraphs:
+            return [text]
+        return [p for p in PARAGRAPH_BREAK.split(text) if p.strip()]
+
     def _read(self, u: Unit, batch_docs: int) -> Iterator:
         """The text column of one file, as pyarrow string arrays of up to batch_docs rows."""
         import pyarrow as pa
 
         if u.kind == "txt":
-            try:
-                text = Path(u.path).read_text(encoding="utf-8")  # universal newlines, as datasets' text loader reads it
-            except UnicodeDecodeError as e:
-                raise UserError(f"cannot read {u.path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-            except OSError as e:
-                raise UserError(f"cannot read {u.path}: {e.strerror}") from e
-            yield pa.array([text], pa.large_string())
+            docs = self._txt_documents(u)
+            for s in range(0, len(docs), batch_docs):
+                yield pa.array(docs[s : s + batch_docs], pa.large_string())
             return
         if u.kind == "json" and u.local and os.path.getsize(u.path) == 0:
             return  # no rows; datasets would fail on it with a bare StopIteration
@@ -217,8 +230,9 @@ class MemorySource(Source):
             yield _pack(pa.array(self.docs[s : s + batch_docs], pa.large_string()))
 
 
-def file_source(paths: Iterable, text_field: str = "text", label: str | None = None) -> Source:
-    """Local files in the order given: a whole .txt file is one document; .jsonl/.json/.parquet rows give `text_field`."""
+def file_source(paths: Iterable, text_field: str = "text", label: str | None = None, paragraphs: bool = False) -> Source:
+    """Local files in the order given: a whole .txt file is one document (with `paragraphs`, each of its paragraphs is
+    one); .jsonl/.json/.parquet rows give `text_field`."""
     paths = [Path(p) for p in paths]
     for p in paths:  # check every file up front, not after tokenizing the ones before it
         if not p.is_file():
@@ -227,7 +241,7 @@ def file_source(paths: Iterable, text_field: str = "text", label: str | None = N
             raise UserError(f"{p}: unsupported file type '{p.suffix}': use .txt (one document per file), .jsonl/.json/.parquet")
     if label is None:
         label = str(paths[0]) if len(paths) == 1 else f"the {len(paths)} input files"
-    return Source(label, [Unit(LOADERS[p.suffix.lower()], str(p)) for p in paths], text_field)
+    return Source(label, [Unit(LOADERS[p.suffix.lower()], str(p)) for p in paths], text_field, paragraphs=paragraphs)
 
 
 def parquet_files(specs: list[str]) -> list[Path]:

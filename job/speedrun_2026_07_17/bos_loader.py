@@ -147,7 +147,10 @@ class DocLoader:
                 sequences, self.doc = planned
                 return [[shard.tokens[s:e] for s, e in pieces] for pieces in sequences]
             self.shard, self.doc = (self.shard + 1) % len(self.paths), 0  # the rest of the shard is skipped
-        raise UserError(f"no {self.split} shard holds {RECORD_RANKS} sequences of {tokens} tokens of documents: use a smaller batch or bigger shards")
+        docs = max(len(_Shard(p).starts) for p in self.paths)
+        raise UserError(f"no {self.split} shard holds {RECORD_RANKS} sequences of {tokens} tokens of whole documents (the most "
+                        f"in one shard: {docs} documents, each starting with <|endoftext|>): use a smaller batch, or shards "
+                        "of more documents (`python -m job.prepare text FILE --paragraphs` makes each paragraph one)")
 
     def next_step(self, batch_tokens: int, seq_len: int) -> list[DocBatch]:
         """This rank's micro-batches of the next step: the record's sequences rank, rank + world, ..."""
