@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DATA := data/tinyshakespeare
-# RECIPE=speedrun trains modded-nanogpt's record at its tiny size instead; each recipe has its own log dir (a run
+# RECIPE=speedrun (or speedrun-2025-05-24) trains a modded-nanogpt record at its tiny size instead; each recipe has its own log dir (a run
 # refuses to resume another recipe's checkpoints).
 RECIPE ?= gpt2
 DEMO_LOG := model_weights$(if $(filter-out gpt2,$(RECIPE)),-$(RECIPE))
@@ -38,9 +38,13 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-launcher.txt
 
 venv: $(STAMP)
 
+# The bundled corpus, one document per paragraph (each after <|endoftext|>): the speedrun recipe reads whole documents.
+# Shards of an older demo, cut as one document, are made again.
 demo-data: venv
-	@if ls $(DEMO_DATA)/*val*.npy >/dev/null 2>&1; then echo "using shards in $(DEMO_DATA)"; \
-	else $(PY) -m job.prepare text job/assets/tinyshakespeare.txt --out $(DEMO_DATA) --shard-size 50000; fi
+	@if grep -qs '"paragraphs": true' $(DEMO_DATA)/manifest.json && ls $(DEMO_DATA)/*val*.npy >/dev/null 2>&1; then \
+		echo "using shards in $(DEMO_DATA)"; \
+	else $(PY) -m job.prepare text job/assets/tinyshakespeare.txt --paragraphs --out $(DEMO_DATA) --shard-size 50000 \
+		$$(test -e $(DEMO_DATA) && echo --overwrite); fi
 
 demo: demo-data
 	$(PY) -m job.train --recipe $(RECIPE) --preset tiny --data-dir $(DEMO_DATA) --log-dir $(DEMO_LOG) $(ARGS)

@@ -1,4 +1,4 @@
-"""Record reference figures from modded-nanogpt's own code, for tests/test_speedrun.py to hold the port to.
+"""Record reference figures from modded-nanogpt's own code, for tests/test_speedrun_2025_05_24.py to hold the port to.
 
     python scripts/speedrun_reference.py --record PATH --out FILE.json [--force]
 
@@ -17,7 +17,7 @@ BlockMask (BlockMask.to_dense on its full and partial blocks, the record's mask_
 FlexAttention has no backward pass; eager FlexAttention applies only the mask_mod and ignores the block lists, which
 carry the record's sliding window (only compiled FlexAttention honours them, as in the record's compiled model); and
 compiled FlexAttention on the CPU fails on the record's call in this torch. The port's own FlexAttention path is
-checked against the same dense mask, compiled, in tests/test_speedrun.py.
+checked against the same dense mask, compiled, in tests/test_speedrun_2025_05_24.py.
 
 The figures, at a small size (12 layers, width 128, one 128-wide head, sequences of 1024 tokens with documents):
 the initial weights for a seed; then, from those weights plus seeded noise (see perturb), forward losses for several

@@ -42,7 +42,7 @@ SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64"
          "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
 # The speedrun recipe's tiny preset narrowed the same way: its 12 layers 64 wide, one 256-token sequence per micro-batch,
 # two per step.
-SPEEDRUN_SMALL = ["--recipe", "speedrun", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", "256",
+SPEEDRUN_SMALL = ["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", "256",
                   "--seq-len", "256", "--total-batch-tokens", "512", "--val-seq-len", "256", "--val-tokens", "1024",
                   "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
 
@@ -311,7 +311,7 @@ def train_in_process(args, before_step: int | None = None, action=None):
 
 # Every recipe at a size a CPU trains in seconds; a new recipe adds its line here and gets every promise of
 # tests/test_promises.py.
-RECIPE_ARGS = {"gpt2": SMALL, "speedrun": SPEEDRUN_SMALL}
+RECIPE_ARGS = {"gpt2": SMALL, "speedrun-2025-05-24": SPEEDRUN_SMALL}
 PROMISE_STEPS = 12
 # The modules that read `references` run on one xdist worker, so the runs are made once.
 REFERENCES = pytest.mark.xdist_group("references")

@@ -503,12 +503,12 @@ def train_cases() -> list:
                           RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
                           MASTER_ADDR=None, MASTER_PORT=None))
     # a head size the rotary embedding cannot split in quarters (120 / 4 = 30)
-    speedrun = [PY, "-m", "job.train", "--recipe", "speedrun", "--preset", "tiny", "--n-embd", "120", "--n-head", "4",
+    speedrun = [PY, "-m", "job.train", "--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--n-embd", "120", "--n-head", "4",
                 "--seq-len", "128", "--val-seq-len", "128", "--block-size", "128", "--total-batch-tokens", "128", "--val-tokens", "256",
                 "--max-steps", "1", "--device", "cpu", "--compile", "off", "--resume", "never", "--data-dir", "{w}/shards_good",
                 "--log-dir", "{scratch}/speedrunlog"]
     cases.append(pytest.param(speedrun, "--n-head", id="train-speedrun-head-size-not-a-multiple-of-4"))
-    cases.append(pytest.param([FAB, "launch", "--host", "127.0.0.1:{port}", "--recipe", "speedrun", "--preset", "tiny",
+    cases.append(pytest.param([FAB, "launch", "--host", "127.0.0.1:{port}", "--recipe", "speedrun-2025-05-24", "--preset", "tiny",
                                "--train-args", "--n-embd 120 --n-head 4"], "--n-head", id="fab-launch-speedrun-head-size-not-a-multiple-of-4"))
     return cases
 

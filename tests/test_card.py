@@ -21,7 +21,7 @@ CASES = [(name, preset) for name in recipes.names() for preset in recipes.get(na
 def test_the_cards_and_the_parser_need_no_torch():
     """The launcher's side has no torch: importing every card, the trainer's parser and the launch's options must not
     pull it in (nor numpy)."""
-    code = ("import sys, fabfile, infra.launch, infra.plan, job.config; job.config.parse_args(['--recipe', 'speedrun']); "
+    code = ("import sys, fabfile, infra.launch, infra.plan, job.config; job.config.parse_args(['--recipe', 'speedrun-2025-05-24']); "
             "bad = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -40,24 +40,25 @@ def test_the_launcher_sizes_the_run_the_trainer_will_run(recipe, preset):
 
 
 def test_the_records_run_comes_from_its_card():
-    job = Job(recipe="speedrun")
+    job = Job(recipe="speedrun-2025-05-24")
     assert job.preset == "gpt2" and (job.run_steps(), job.tokens_per_step()) == (1770, 8 * 48 * 1024)
     assert job.cfg.val_tokens == 10_485_760 and job.data_subdir == contract.HUB_SHARDS["fineweb-gpt2"].subdir
-    published = recipes.get("speedrun").published
+    published = recipes.get("speedrun-2025-05-24").published
     assert published.on == "gpu_8x_h100_sxm5" and published.step_seconds * 1770 == pytest.approx(181)
     assert recipes.get("gpt2").published is None  # build-nanogpt's run is priced from the GPU's throughput
 
 
 @pytest.mark.parametrize("kwargs, needles", [
-    (dict(recipe="speedrun", preset="gpt2-xl"), ["--preset gpt2-xl", "speedrun recipe's presets are gpt2, tiny"]),
-    (dict(recipe="nanogpt"), ["--recipe must be one of gpt2, speedrun, speedrun-2026-07-17"]),
-    (dict(recipe="speedrun", trainer_args=["--max-lr", "1e-4"]), ["--max-lr is a setting of the gpt2 recipe, not of speedrun", "--muon-lr"]),
-    (dict(recipe="speedrun", trainer_args=["--init-from", "hf:x"]), ["--init-from is a setting of the gpt2 recipe"]),
-    (dict(trainer_args=["--muon-lr", "0.1"]), ["--muon-lr is a setting of the speedrun recipe, not of gpt2"]),
+    (dict(recipe="speedrun-2025-05-24", preset="gpt2-xl"), ["--preset gpt2-xl", "speedrun-2025-05-24 recipe's presets are gpt2, tiny"]),
+    (dict(recipe="nanogpt"), ["--recipe must be one of gpt2, speedrun, speedrun-2025-05-24"]),
+    (dict(recipe="speedrun-2025-05-24", trainer_args=["--max-lr", "1e-4"]),
+     ["--max-lr is a setting of the gpt2 recipe, not of speedrun-2025-05-24", "--muon-lr"]),
+    (dict(recipe="speedrun-2025-05-24", trainer_args=["--init-from", "hf:x"]), ["--init-from is a setting of the gpt2 recipe"]),
+    (dict(trainer_args=["--muon-lr", "0.1"]), ["--muon-lr is a setting of the speedrun-2025-05-24 recipe, not of gpt2"]),
     (dict(trainer_args=["--bogus"]), ["unrecognized arguments: --bogus"]),
     (dict(trainer_args=["--eval-every", "x"]), ["--eval-every", "'x'"]),
     (dict(trainer_args=["--max-lr", "2"]), ["--max-lr must be in (0, 1)"]),
-    (dict(recipe="speedrun", trainer_args=["--seq-len", "1000"]), ["multiple of 128", "use 1024"]),
+    (dict(recipe="speedrun-2025-05-24", trainer_args=["--seq-len", "1000"]), ["multiple of 128", "use 1024"]),
     (dict(preset="gpt2", data="bundled"), [f"--data bundled makes shards of {BUNDLED_SHARD_TOKENS:,} tokens", "64 x 1024", "tiny"]),
     (dict(preset="tiny", data="bundled", trainer_args=["--micro-batch", "400"]), ["400 x 128"]),
     (dict(data="floppy"), ["--data 'floppy'"]),
@@ -71,13 +72,13 @@ def test_the_laptop_refuses_what_the_trainer_would(kwargs, needles):
 
 
 def test_a_batch_that_does_not_divide_among_the_ranks_is_refused_for_that_many_gpus():
-    job = Job(recipe="speedrun")
+    job = Job(recipe="speedrun-2025-05-24")
     job.check_world([8])
     job.check_world([4, 4])  # two boxes of four
     with pytest.raises(UserError, match=r"on 3 ranks: --total-batch-tokens 393216 is not divisible by .* 1 x 49152 x 3"):
         job.check_world([3])
     with pytest.raises(UserError, match="on 16 ranks"):
-        Job(recipe="speedrun", nproc=8).check_world([1, 1])  # --nproc, not the GPUs, decides
+        Job(recipe="speedrun-2025-05-24", nproc=8).check_world([1, 1])  # --nproc, not the GPUs, decides
 
 
 def test_the_guard_settings_the_box_refuses_are_refused_here():
@@ -96,7 +97,7 @@ def test_every_launch_flag_is_defined_once_and_parsed_by_its_field():
     # Switches are switches, the rest take a value.
     assert signature.parameters["dry_run"].default is False and signature.parameters["steps"].default is None
     opts = from_flags(LaunchOptions, {"hosts": "u@a, u@b", "steps": "5", "build_arg": "A=1 B='two words'", "train_args": "--eval-every 3",
-                                      "type": "gpu_1x_a10", "guard_poll": "2.5", "port": "2222", "recipe": "speedrun", "preset": "tiny",
+                                      "type": "gpu_1x_a10", "guard_poll": "2.5", "port": "2222", "recipe": "speedrun-2025-05-24", "preset": "tiny",
                                       "dry_run": True})
     assert opts.hosts == ["u@a", "u@b"] and opts.job.steps == 5 and opts.build_args == {"A": "1", "B": "two words"}
     assert opts.job.trainer_args == ["--eval-every", "3"] and opts.job.cfg.eval_every == 3 and opts.job.cfg.max_steps == 5
@@ -115,9 +116,9 @@ def test_the_fab_task_takes_its_flags_from_the_options():
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--recipe", "speedrun", "--preset", "gpt2-xl"], "--preset gpt2-xl"),
+    (["--recipe", "speedrun-2025-05-24", "--preset", "gpt2-xl"], "--preset gpt2-xl"),
     (["--data", "bundled"], "--data bundled"),
-    (["--recipe", "speedrun", "--train-args", "--max-lr 1e-4"], "--max-lr is a setting of the gpt2 recipe"),
+    (["--recipe", "speedrun-2025-05-24", "--train-args", "--max-lr 1e-4"], "--max-lr is a setting of the gpt2 recipe"),
     (["--max-hours", "0", "--terminate-when-done"], "--max-hours must be positive"),
 ])
 def test_fab_launch_refuses_before_connecting(flags, needle, tmp_path):

@@ -111,5 +111,5 @@ def test_trainer_cli_truncated_or_foreign_shard_and_a_file_as_log_dir(tmp_path, 
 
 def test_an_unknown_recipe_is_named_before_any_flag_is_judged_against_another():
     for argv in (["--recipe", "nope", "--muon-lr", "1"], ["--recipe=nope", "--max-lr", "1"]):
-        with pytest.raises(UserError, match=r"^--recipe must be one of gpt2, speedrun, speedrun-2026-07-17, got 'nope'$"):
+        with pytest.raises(UserError, match=r"^--recipe must be one of gpt2, speedrun, speedrun-2025-05-24, got 'nope'$"):
             parse_args(argv)

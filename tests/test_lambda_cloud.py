@@ -467,7 +467,7 @@ def test_fab_terminate_confirms(fake):
 
 
 def test_fab_launch_provision_prices_the_recipe_before_asking(fake):
-    r = fab(fake, "launch", "--provision", "--type", H100, "--ssh-key", "laptop", "--recipe", "speedrun", stdin="no\n")
+    r = fab(fake, "launch", "--provision", "--type", H100, "--ssh-key", "laptop", "--recipe", "speedrun-2025-05-24", stdin="no\n")
     assert r.returncode == 1 and r.stderr.strip() == "error: aborted: nothing was changed"
     line = next(x for x in r.stdout.splitlines() if "$23.92/hour;" in x)
     hours, cost = cloud.estimate_cost(2392, 1770, 181 / 1770)
@@ -482,11 +482,11 @@ def test_dry_run_prices_setup_from_the_last_launchs_timeline_and_training_from_t
     """--dry-run --provision: setup from the timeline a launch left beside the fetched weights (each stage it never
     measured says so), training from the recipe's published step time, each priced apart."""
     from infra.timeline import Timeline
-    from job.recipes.speedrun import RECIPE
+    from job.recipes.speedrun_2025_05_24 import RECIPE
 
     home = tmp_path / "home"
     home.mkdir()
-    args = ("launch", "--provision", "--type", H100, "--ssh-key", "laptop", "--region", "us-east-1", "--recipe", "speedrun",
+    args = ("launch", "--provision", "--type", H100, "--ssh-key", "laptop", "--region", "us-east-1", "--recipe", "speedrun-2025-05-24",
             "--fetch-to", home, "--dry-run")
     # Training from first principles: 1770 steps (the preset's) x the published step time, 10% more for evals and
     # checkpoints, at the type's $23.92 an hour.
@@ -502,7 +502,7 @@ def test_dry_run_prices_setup_from_the_last_launchs_timeline_and_training_from_t
     assert out[at + 6].startswith("  " + training) and out[at + 6].endswith(f"= {steps * step * 1.10:.0f} s = ${dollars:,.2f}")
     assert any("0.25 h setup (assumed)" in line for line in out), r.stdout
 
-    tl = Timeline("speedrun", "gpt2", H100)
+    tl = Timeline("speedrun-2025-05-24", "gpt2", H100)
     for name, seconds in [("boot", 180.0), ("preflight", 20.0), ("image", 400.0), ("data", 480.0), ("training", 500.0)]:
         tl.add(name, seconds)
     (home / "timeline.json").write_text(tl.to_json())

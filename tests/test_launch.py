@@ -34,7 +34,8 @@ BOX_USER = "nanogpt-box"  # stands in for Lambda's `ubuntu`: not root, in the do
 TRAIN = [a for a in SMALL if a not in ("--preset", "tiny", "--device", "cpu")]
 # What `--train-args` adds per recipe (fab launch passes --recipe and --preset itself).
 TRAIN_ARGS = {"gpt2": TRAIN,
-              "speedrun": [a for a in SPEEDRUN_SMALL if a not in ("--recipe", "speedrun", "--preset", "tiny", "--device", "cpu")]}
+              "speedrun-2025-05-24": [a for a in SPEEDRUN_SMALL
+                                      if a not in ("--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--device", "cpu")]}
 
 
 def fab(*args, timeout=900, env=None, check=False) -> subprocess.CompletedProcess:
@@ -747,7 +748,7 @@ def test_sync_s3_without_aws_credentials_fails_before_touching_the_box(tmp_path)
     (["launch", "--host", "u@127.0.0.1", "--steps", "0"], "error: --steps must be at least 1, got '0'"),
     (["launch", "--host", "u@127.0.0.1", "--max-hours", "soon"], "error: --max-hours takes a number, got 'soon'"),
     (["launch", "--host", "u@127.0.0.1", "--master-port", "x"], "error: --master-port takes a whole number, got 'x'"),
-    (["launch", "--host", "u@127.0.0.1", "--recipe", "nope"], "error: --recipe must be one of gpt2, speedrun, speedrun-2026-07-17, got 'nope'"),
+    (["launch", "--host", "u@127.0.0.1", "--recipe", "nope"], "error: --recipe must be one of gpt2, speedrun, speedrun-2025-05-24, got 'nope'"),
     (["launch", "--host", "u@127.0.0.1", "--data", "web"], "error: --data 'web': choose one of hub, tokenize, bundled"),
     (["launch", "--host", "u@127.0.0.1", "--runs", "0"], "error: --runs must be at least 1, got '0'"),
     (["launch", "--host", "u@127.0.0.1", "--runs", "two"], "error: --runs takes a whole number, got 'two'"),
@@ -819,7 +820,7 @@ def launch_timed(launch, *extra) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, {**stages, "t0": marks["t0"]}
 
 
-@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun-2025-05-24"])
 def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, boxes, laptop, wheels, base_image, box_user, tmp_path):
     spec = contract.HUB_SHARDS[recipes.get(recipe).data]
     data, weights, home = box_path(f"{recipe}-data"), box_path(f"{recipe}-weights"), tmp_path / "model_weights"
@@ -876,9 +877,9 @@ def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, box
 
 def test_runs_train_seeds_back_to_back_and_print_the_boards_statistics(boxes, laptop, wheels, base_image, box_user, tmp_path):
     data, weights, home = box_path("runs-data"), box_path("runs-weights"), tmp_path / "model_weights"
-    proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--recipe", "speedrun", "--preset", "tiny", "--wheels", wheels,
+    proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--wheels", wheels,
                "--build-arg", f"BASE_IMAGE={base_image}", "--data-dir", data, "--weights-dir", weights, "--nproc", 1, "--steps", 4,
-               "--runs", 2, "--fetch-to", home, "--train-args", " ".join(TRAIN_ARGS["speedrun"] + ["--log-every", "1"]), check=True)
+               "--runs", 2, "--fetch-to", home, "--train-args", " ".join(TRAIN_ARGS["speedrun-2025-05-24"] + ["--log-every", "1"]), check=True)
     out = proc.stdout
     names = [f"seed-{seed}" for seed in (1337, 1338)]  # the trainer's default seed, then the next
     for i, name in enumerate(names, 1):
@@ -1047,11 +1048,11 @@ def test_dry_run_of_several_runs_plans_and_prices_them_all(gpu_box, laptop, tmp_
     with FakeLambda() as api:
         api.add_instance("train", H100)
         proc = fab("launch", "--host", server.address, "--key", server.key_path, "--known-hosts", known, "--data-dir", parent / "data",
-                   "--weights-dir", parent / "weights", "--recipe", "speedrun", "--steps", 1000, "--runs", 3,
+                   "--weights-dir", parent / "weights", "--recipe", "speedrun-2025-05-24", "--steps", 1000, "--runs", 3,
                    "--train-args", "--seed 7", "--fetch-to", tmp_path / "home", "--dry-run",
                    env={"LAMBDA_API_KEY": TEST_KEY, "LAMBDA_API_BASE": api.url}, check=True)
     out = proc.stdout
-    assert "job.supervisor --runs 3 --preset gpt2 --recipe speedrun" in out
+    assert "job.supervisor --runs 3 --preset gpt2 --recipe speedrun-2025-05-24" in out
     runs = next(line.strip() for line in out.splitlines() if line.strip().startswith("runs: "))
     assert runs == (f"runs: 3, one after another, seeds 7, 8, 9, each in {parent / 'weights'}/seed-S with one compile cache; then "
                     f"their metrics.jsonl come to {tmp_path / 'home'} and their statistics are printed (python -m job.stats)")

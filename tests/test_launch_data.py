@@ -23,17 +23,17 @@ def test_each_recipe_downloads_its_corpus_sized_to_the_run_and_the_tokenizing_pa
     cmd = gpt2.trainer_command()
     assert cmd[cmd.index("--recipe") + 1] == "gpt2" and cmd[cmd.index("--data-dir") + 1] == "/persistent/finewebedu10B-gpt2"
 
-    speedrun = Job(preset="gpt2", recipe="speedrun")
+    speedrun = Job(preset="gpt2", recipe="speedrun-2025-05-24")
     assert speedrun.run_steps() == 1770 and speedrun.train_tokens() == 1770 * 8 * 48 * 1024
     assert speedrun.prepare_command().startswith("python -m job.prepare fineweb-gpt2 --out /persistent/fineweb10B-gpt2 ")
-    assert "--recipe speedrun" in " ".join(speedrun.trainer_command())
+    assert "--recipe speedrun-2025-05-24" in " ".join(speedrun.trainer_command())
     # No --max-steps: the trainer reads the preset's from the same card, the run that was priced and downloaded for.
     assert "--max-steps" not in cmd and "--max-steps" not in speedrun.trainer_command()
-    assert "--max-steps 50" in " ".join(Job(recipe="speedrun", steps=50).trainer_command())
+    assert "--max-steps 50" in " ".join(Job(recipe="speedrun-2025-05-24", steps=50).trainer_command())
 
     slow = Job(preset="gpt2", data="tokenize")
     assert slow.prepare_command() == f"python -m job.prepare fineweb-edu --out {contract.DATA_DIR}"  # build-nanogpt's directory
-    assert Job(recipe="speedrun", data="tokenize").prepare_command() == "python -m job.prepare fineweb --out /persistent/fineweb10B"
+    assert Job(recipe="speedrun-2025-05-24", data="tokenize").prepare_command() == "python -m job.prepare fineweb --out /persistent/fineweb10B"
 
     tiny = Job(preset="tiny")  # the bundled corpus unless asked otherwise
     assert tiny.data == "bundled" and tiny.data_subdir == "tinyshakespeare"
@@ -42,7 +42,7 @@ def test_each_recipe_downloads_its_corpus_sized_to_the_run_and_the_tokenizing_pa
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"recipe": "nope"}, "--recipe must be one of gpt2, speedrun, speedrun-2026-07-17, got 'nope'"),
+    ({"recipe": "nope"}, "--recipe must be one of gpt2, speedrun, speedrun-2025-05-24, got 'nope'"),
     ({"data": "web"}, "--data 'web': choose one of hub, tokenize, bundled"),
     ({"preset": "huge"}, "--preset huge: the gpt2 recipe's presets are gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny"),
 ])
@@ -53,7 +53,7 @@ def test_bad_choices_are_refused_before_anything_happens(kwargs, needle):
 
 def test_the_price_uses_the_recipes_steps_and_its_published_step_time():
     h100 = cloud.Plan("gpu_8x_h100_sxm5", "us-east-1", "k", None, 2392, 8)
-    job = Job(recipe="speedrun")
+    job = Job(recipe="speedrun-2025-05-24")
     seconds, basis = price_basis(job, h100.type_name, None)
     assert seconds == pytest.approx(181 / 1770) and "181 s for 1770 steps on 8xH100" in basis
     line = cloud.cost_line(h100, job.run_steps(), seconds, basis=basis, tokens_per_step=job.tokens_per_step())

@@ -160,7 +160,7 @@ def test_no_module_imports_itself_back():
 # trainer calls (tests/test_card.py imports them and checks that neither torch nor numpy came along).
 # job.stats is the record board's statistics over fetched runs (fab launch --runs prints them): the standard library only.
 LAUNCHER_MAY_IMPORT = {"job.contract", "job.errors", "job.fsutil", "job.metrics", "job.config", "job.recipes", "job.gpt_config",
-                       "job.speedrun", "job.stats", "job.identity", "job.hub_token"}  # and job/sidecar/
+                       "job.speedrun_2025_05_24", "job.stats", "job.identity", "job.hub_token"}  # and job/sidecar/
 BASE = {"job.contract", "job.fsutil"}  # the standard library only
 
 
@@ -196,10 +196,10 @@ def test_the_import_graph_sees_every_kind_of_import(tmp_path):
         "from typing import TYPE_CHECKING\nimport json\nimport job.model\nfrom job import contract, fsutil\n"
         "from job.recipes import Recipe\nfrom . import errors\n"
         "if TYPE_CHECKING:\n    from job.config import TrainConfig\nelse:\n    from job.tokenizer import EOT\n"
-        "def f():\n    from job.checkpoint import load\n    class C:\n        import job.speedrun.fp8\n")
+        "def f():\n    from job.checkpoint import load\n    class C:\n        import job.speedrun_2025_05_24.fp8\n")
     assert imported_modules("job.fake", tmp_path / "fake.py", modules) == {
         "job.model", "job.contract", "job.fsutil", "job.recipes", "job.errors", "job.tokenizer", "job.checkpoint",
-        "job.speedrun.fp8"}
+        "job.speedrun_2025_05_24.fp8"}
 
     graph = import_graph()
     assert set(graph) == set(project_modules()) and "job.prepare.cli" in graph["job.prepare.__main__"]

@@ -233,7 +233,7 @@ def test_the_worked_example_of_docs_design_md_trains(shards, tmp_path, quiet_env
 @pytest.mark.parametrize("recipe, flags, names, never", [
     ("gpt2", [], ["a lower learning rate, e.g. --max-lr 0.0003"], ["--muon-lr"]),
     ("gpt2", ["--grad-clip", "0"], ["--max-lr 0.0003 and --grad-clip 1.0"], []),
-    ("speedrun", [], ["--muon-lr 0.025", "--adam-lr-head"], ["--max-lr", "--grad-clip"]),
+    ("speedrun-2025-05-24", [], ["--muon-lr 0.025", "--adam-lr-head"], ["--max-lr", "--grad-clip"]),
 ])
 def test_the_divergence_advice_names_the_recipes_own_flags(recipe, flags, names, never, tmp_path):
     """The line a diverged run ends with, made by the trainer's own failure path (job.failures) and Checkpointer."""

@@ -7,13 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import CORPUS, ROOT, events, losses, train_in_process
+from conftest import CORPUS, ROOT, SPEEDRUN_SMALL, events, losses, train_in_process
 from job.data import write_shard
 from job.recipes import get
 from job.tokenizer import EOT, encode
 
-RECIPE = "speedrun-2026-07-17"
+RECIPE = "speedrun"
 # The tiny preset narrowed further: sequences of 64, 128 and 192 tokens, four scheduled steps and two of extension.
 ARGS = ["--recipe", RECIPE, "--preset", "tiny", "--n-embd", "32", "--block-size", "256", "--batch-divisor", "256",
         "--scheduled-steps", "4", "--extension-steps", "2", "--max-steps", "6", "--val-seq-len", "128", "--val-tokens", "1024",
@@ -63,11 +64,30 @@ def test_each_speedrun_refuses_the_others_checkpoint_in_one_line(reference, doc_
     log = tmp_path / "other"
     log.mkdir()
     shutil.copy(reference / "model_00006.pt", log)
-    argv = ["--recipe", "speedrun", "--preset", "tiny", "--data-dir", str(doc_shards), "--log-dir", str(log), "--device", "cpu"]
+    argv = ["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--data-dir", str(doc_shards), "--log-dir", str(log), "--device", "cpu"]
     p = subprocess.run([sys.executable, "-m", "job.train", *argv], cwd=ROOT, capture_output=True, text=True)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     assert f"--recipe {RECIPE}" in lines[0]
+
+
+def test_a_checkpoint_of_the_older_port_is_refused_naming_its_recipe_even_under_its_old_name(doc_shards, tmp_path):
+    """The 2025-05-24 port was `--recipe speedrun` before the current record took the name: its checkpoints of then say
+    "speedrun", and `--recipe speedrun` must still send them to `--recipe speedrun-2025-05-24`."""
+    log = tmp_path / "older"
+    train_in_process([*SPEEDRUN_SMALL, "--max-steps", "1", "--checkpoint-every", "1", "--eval-every", "0", "--data-dir", doc_shards,
+                      "--log-dir", log])
+    path = log / "model_00001.pt"
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    assert ck["train_config"]["recipe"] == "speedrun-2025-05-24"
+    ck["train_config"]["recipe"] = "speedrun"  # as that port wrote it under its old name
+    torch.save(ck, path)
+    before = path.read_bytes()
+    argv = ["--recipe", RECIPE, "--preset", "tiny", "--data-dir", str(doc_shards), "--log-dir", str(log), "--device", "cpu"]
+    p = subprocess.run([sys.executable, "-m", "job.train", *argv], cwd=ROOT, capture_output=True, text=True)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert "--recipe speedrun-2025-05-24" in lines[0] and path.read_bytes() == before
 
 
 def test_the_launcher_reads_the_records_run_from_its_card():

@@ -18,7 +18,7 @@ from job import stats
 
 
 def write_run(d: Path, val_loss: float, *, seed: int = 1337, steps: int = 6, ms: float = 100.0, end: str | None = "done",
-              recipe: str = "speedrun", extra: list[dict] = ()) -> Path:
+              recipe: str = "speedrun-2025-05-24", extra: list[dict] = ()) -> Path:
     """A finished run's metrics.jsonl as the trainer writes it: start, a train event per step, val at the end, end."""
     d.mkdir(parents=True, exist_ok=True)
     evs = [{"event": "start", "config": {"seed": seed, "recipe": recipe, "preset": "tiny", "max_steps": steps}, "world": 1}]

@@ -6,7 +6,7 @@ same module as the trainer. The card is the class attributes of its `Recipe`:
 
 - name, summary: the --recipe value and one line for --help and the launcher.
 - Hparams: a dataclass of the recipe's own hyperparameters, each field with `help` in its metadata (see hparam()).
-  Only the chosen recipe's flags are offered: `--recipe speedrun --max-lr 1e-4` is one `error:` line, not a setting
+  Only the chosen recipe's flags are offered: `--recipe speedrun-2025-05-24 --max-lr 1e-4` is one `error:` line, not a setting
   silently ignored. A run's values are TrainConfig.hp.
 - presets: --preset name -> defaults, for TrainConfig fields and Hparams fields alike (the first is the default).
 - data: the corpus it trains on (a job.contract.HUB_SHARDS key); bundled_presets: presets that train on the

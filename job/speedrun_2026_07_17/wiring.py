@@ -1,5 +1,5 @@
 """The record's parts in the trainer's shapes: the model as a module of (x, y) -> (None, mean loss), its loaders as
-loaders of (x, y) batches, its optimizer as one of the trainer's optimizers. job/recipes/speedrun_2026_07_17.py wires
+loaders of (x, y) batches, its optimizer as one of the trainer's optimizers. job/recipes/speedrun.py wires
 them into the loop; nothing here decides a hyperparameter.
 
 A batch crosses the trainer (and its copy to the device) as two tensors, so a sequence's inputs, bigram hashes and

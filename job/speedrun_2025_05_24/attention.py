@@ -7,7 +7,7 @@ first, at most W - 1 of them; the blocks that need a per-token check ("partial":
 straddle a document boundary) are taken nearest first, at most max(1, W - all full blocks). `block_lists` computes
 those lists once; `flex_block_mask` hands them to FlexAttention exactly as the record does, and `dense_mask` expands
 the same selection to a token-by-token boolean mask for scaled_dot_product_attention. Both therefore mask the same
-pairs, which tests/test_speedrun.py checks against FlexAttention's own output and against a mask built from first
+pairs, which tests/test_speedrun_2025_05_24.py checks against FlexAttention's own output and against a mask built from first
 principles.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from job.speedrun import BLOCK  # noqa: F401 (FlexAttention's block size in the record)
+from job.speedrun_2025_05_24 import BLOCK  # noqa: F401 (FlexAttention's block size in the record)
 
 BOS = 50256  # <|endoftext|>: every document starts with it
 

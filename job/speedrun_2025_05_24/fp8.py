@@ -3,7 +3,7 @@ float8_e4m3fn, the incoming gradient as float8_e5m2, results in bf16 (the weight
 
 A custom op, so torch.compile treats it as one opaque call with a known output shape (its fake implementation)
 while the scaled matmuls inside are compiled on their own. Used only where the GPU has FP8 tensor cores (compute
-capability 8.9 and up: Ada, Hopper, Blackwell); elsewhere the layer is a plain bf16 matmul (job/speedrun/gpt.py
+capability 8.9 and up: Ada, Hopper, Blackwell); elsewhere the layer is a plain bf16 matmul (job/speedrun_2025_05_24/gpt.py
 says which, and the run's first log line too).
 """
 

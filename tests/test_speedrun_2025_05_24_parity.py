@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from job.config import parse_args
 from job.data import list_shards, load_shard, write_shard
 from job.runtime import Runtime
-from job.speedrun import attention
-from job.speedrun.gpt import CausalSelfAttention, SpeedrunConfig
+from job.speedrun_2025_05_24 import attention
+from job.speedrun_2025_05_24.gpt import CausalSelfAttention, SpeedrunConfig
 from job.train import Trainer
 
 SEQ, RECORD_RANKS = 128, 8  # the recipe's sequences come in whole 128-token blocks
@@ -29,7 +29,7 @@ STEPS = 2 + 2 + 4 + 2
 
 
 def speedrun_cfg(data_dir, log_dir, world: int, *extra: str):
-    return parse_args(["--recipe", "speedrun", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", str(SEQ),
+    return parse_args(["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", str(SEQ),
                        "--seq-len", str(SEQ), "--total-batch-tokens", str(STEP), "--val-seq-len", str(SEQ),
                        "--val-tokens", str(STEP), "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu",
                        "--compile", "off", "--data-dir", str(data_dir), "--log-dir", str(log_dir), *extra], world_size=world)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from conftest import REFERENCES, ROOT, SPEEDRUN_SMALL, assert_one_line_error, events, losses, run_cli, script_module
 from job.optim import Optimizers
 from job.recipes import speedrun as recipe
-from job.speedrun import attention
-from job.speedrun.gpt import Rotary, SpeedrunConfig, SpeedrunGPT
-from job.speedrun.muon import Muon, newton_schulz
+from job.speedrun_2025_05_24 import attention
+from job.speedrun_2025_05_24.gpt import Rotary, SpeedrunConfig, SpeedrunGPT
+from job.speedrun_2025_05_24.muon import Muon, newton_schulz
 
 REFERENCE = json.loads((ROOT / "tests" / "data" / "speedrun_reference.json").read_text())
 SIZE = REFERENCE["size"]
@@ -298,7 +298,7 @@ def test_training_steps_match_the_records_losses_and_weights(reference_threads):
 
 @pytest.mark.slow  # compiles (Inductor's CPU code generation)
 def test_fp8_matmul_matches_the_records():
-    from job.speedrun.fp8 import fp8_mm
+    from job.speedrun_2025_05_24.fp8 import fp8_mm
 
     g = torch.Generator().manual_seed(SIZE["seed"] + 7)
     dim = SIZE["n_embd"]
@@ -337,7 +337,7 @@ def sr_cmd(data_dir, log_dir, *extra) -> list[str]:
 
 @pytest.fixture
 def sr_reference(references):
-    return references["speedrun"]  # tests/conftest.py's run of the recipe, shared with tests/test_promises.py
+    return references["speedrun-2025-05-24"]  # tests/conftest.py's run of the recipe, shared with tests/test_promises.py
 
 
 @REFERENCES
@@ -354,7 +354,7 @@ def test_speedrun_run_learns_logs_its_schedules_and_checkpoints_both_optimizers(
     assert [h["step"] for h in events(sr_reference, "hellaswag")] == [0, 6, 12]
     assert events(sr_reference, "sample")[-1]["step"] == STEPS
     ck = torch.load(sr_reference / "model_00012.pt", map_location="cpu", weights_only=True)
-    assert ck["train_config"]["recipe"] == "speedrun"
+    assert ck["train_config"]["recipe"] == "speedrun-2025-05-24"
     adam, muon = ck["optimizer"]["optimizers"]
     model = SpeedrunGPT(SpeedrunConfig(**{k: ck["config"][k] for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")}))
     matrices = sum(len(ps) for ps in recipe.param_groups(model)[1])
@@ -371,7 +371,7 @@ def test_speedrun_checkpoint_samples_and_export_refuses_in_one_line(sr_reference
     out = tmp_path / "hf"
     proc = run_cli("-m", "job.export", "--checkpoint", sr_reference, "--out", out)
     assert proc.returncode == 2
-    assert_one_line_error(proc, "--recipe speedrun", "job.sample")
+    assert_one_line_error(proc, "--recipe speedrun-2025-05-24", "job.sample")
     assert not out.exists()
 
 
@@ -396,8 +396,8 @@ def test_speedrun_settings_it_cannot_run_are_one_line(shards, tmp_path, flags, n
 
 
 def test_flops_per_token_count_the_window_not_the_whole_sequence():
-    from job.recipes.speedrun import PRESETS
-    from job.speedrun.gpt import MAX_WINDOW
+    from job.recipes.speedrun_2025_05_24 import PRESETS
+    from job.speedrun_2025_05_24.gpt import MAX_WINDOW
 
     size = PRESETS["gpt2"]
     model = SpeedrunGPT(SpeedrunConfig(n_head=size["n_head"], n_embd=size["n_embd"], block_size=1024))

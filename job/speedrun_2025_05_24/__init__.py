@@ -9,7 +9,7 @@ records/track_1_short/2025-05-24_StableTorch, "21st record with latest torch": 1
 - gpt.py: the model (rotary, QK-norm, ReLU², value embeddings, U-net skips, sigmoid softcap, untied FP8 head).
 - muon.py: Muon (Newton-Schulz orthogonalised momentum), spread over the ranks as the record does.
 
-The recipe that wires them into the trainer is job/recipes/speedrun.py. This package's own module imports no torch:
+The recipe that wires them into the trainer is job/recipes/speedrun_2025_05_24.py. This package's own module imports no torch:
 the recipe's card reads its constants on the laptop too.
 """
 

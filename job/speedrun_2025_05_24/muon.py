@@ -22,7 +22,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def newton_schulz(G: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """An approximately orthogonal matrix with G's singular vectors (for a batch of matrices: each one's). The
     quintic's coefficients push small singular values up fast rather than converging exactly: the result is
-    U S' V^T with S' roughly in [0.7, 1.2], not U V^T (tests/test_speedrun.py measures it against the SVD).
+    U S' V^T with S' roughly in [0.7, 1.2], not U V^T (tests/test_speedrun_2025_05_24.py measures it against the SVD).
 
     bf16 is the record's precision; an fp32 run on a CPU (which has no fast bf16 matmul) iterates in fp32."""
     a, b, c = NS_COEFFICIENTS

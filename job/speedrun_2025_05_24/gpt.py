@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from job.speedrun import GPT2_VOCAB, LAYERS, attention, next_multiple  # noqa: F401 (re-exported)
-from job.speedrun.fp8 import fp8_mm
+from job.speedrun_2025_05_24 import GPT2_VOCAB, LAYERS, attention, next_multiple  # noqa: F401 (re-exported)
+from job.speedrun_2025_05_24.fp8 import fp8_mm
 
 ATTN_SCALE = 0.12  # the record's fixed attention scale (not 1/sqrt(head_dim))
 NO_ATTENTION_LAYER = 7  # the eighth block has only its MLP
