@@ -129,7 +129,7 @@ class Job:
     def prepare_command(self) -> str:
         out = f"{contract.PERSISTENT}/{self.data_subdir}"
         if self.data == "bundled":
-            return f"python -m job.prepare text job/assets/tinyshakespeare.txt --out {out} --shard-size {BUNDLED_SHARD_TOKENS}"
+            return f"python -m job.prepare text job/assets/tinyshakespeare.txt --paragraphs --out {out} --shard-size {BUNDLED_SHARD_TOKENS}"
         if self.data == "hub":
             return f"python -m job.prepare {self.card.data} --out {out} --train-tokens {self.train_tokens()}"
         return f"python -m job.prepare {self.hub.tokenize} --out {out}"
