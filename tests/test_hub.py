@@ -81,6 +81,27 @@ def test_downloads_only_the_shards_the_run_needs_verified_and_pinned(hub, repo, 
     assert shard_gets(hub) == sorted(names + [repo[3].name])
 
 
+@pytest.mark.parametrize("corpus", sorted(set(contract.HUB_SHARDS) - {"finewebedu-gpt2"}))
+def test_every_other_hub_corpus_downloads_under_its_own_repo_and_prefix(corpus, tmp_path):
+    """The speedrun recipes' corpus (modded-nanogpt's FineWeb shards) comes by the same code as the default one's, from
+    its own repo and under its own file prefix: what a recipe's card names is what is fetched."""
+    spec = contract.HUB_SHARDS[corpus]
+    files = make_repo(tmp_path / "hub" / corpus, spec.prefix)
+    server = HubServer({spec.repo: files[0].parent}, token="hf_good")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+        out = tmp_path / "data"
+        proc = subprocess.run([sys.executable, "-m", "job.prepare", corpus, "--out", str(out), "--train-tokens", "60000"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(p.name for p in out.glob("*.bin")) == sorted(p.name for p in files[:2])
+        assert all((out / p.name).read_bytes() == p.read_bytes() for p in files[:2])
+        assert {r[1].split("/")[-1] for r in server.gets() if r[1].endswith(".bin")} == {p.name for p in files[:2]}
+    finally:
+        server.stop()
+
+
 def test_without_train_tokens_it_fetches_every_shard_up_to_the_end_of_the_dataset(hub, repo, tmp_path):
     out = tmp_path / "all"
     proc = prepare(hub, out, "--workers", 3)

@@ -820,8 +820,11 @@ def launch_timed(launch, *extra) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, {**stages, "t0": marks["t0"]}
 
 
-@pytest.mark.parametrize("recipe", ["gpt2", "speedrun-2025-05-24"])
-def test_from_nothing_to_sampled_weights_with_data_from_the_hub(recipe, hub, boxes, laptop, wheels, base_image, box_user, tmp_path):
+def test_from_nothing_to_sampled_weights_with_data_from_the_hub(hub, boxes, laptop, wheels, base_image, box_user, tmp_path):
+    """The whole path for the default recipe. What differs for the others is their card: the corpus they download
+    (tests/test_hub.py fetches each hub corpus), their trainer in the box (the --runs test below) and their resume
+    (tests/test_promises.py)."""
+    recipe = "gpt2"
     spec = contract.HUB_SHARDS[recipes.get(recipe).data]
     data, weights, home = box_path(f"{recipe}-data"), box_path(f"{recipe}-weights"), tmp_path / "model_weights"
     env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": HUB_TOKEN}

@@ -7,6 +7,7 @@ their final save and exited 1 with a traceback.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,11 +15,12 @@ import sys
 import time
 
 import pytest
+import torch
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from conftest import ENGINE, ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
-from job import compile_cache, contract
+from job import compile_cache, contract, identity
 from job.errors import RankLost, UserError
 from job.supervisor import children, first_failure, torchrun_args
 from sshd import free_port
@@ -174,8 +176,14 @@ def test_runs_train_each_seed_in_its_own_log_dir_with_one_compile_cache(shards, 
         one(rf"^run {i} of 2: seed {seed}, log dir {run}$", proc.stdout)
         assert events(run, "start")[0]["config"]["seed"] == seed and [e["reason"] for e in events(run, "end")] == ["done"]
     one(rf"^2 runs done, in {log}/seed-\*: `python -m job.stats {log}` gives their statistics$", proc.stdout)
-    # Both runs compile into the one directory for their key, and the second takes every graph from it.
-    assert proc.stdout.count(f"graphs from the cache in {cache}") == 2 and sorted(p.name for p in fs.iterdir()) == [cache.name]
+    # Both runs compile into the one directory for their key on the persistent file system (never in /tmp or a log
+    # dir: another box, with its own, starts from it), and the second takes every graph from it.
+    key = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "gpt2", "code": identity.code_hash()}
+    assert json.loads((cache / compile_cache.KEY_FILE).read_text()) == key
+    counts = re.findall(rf"step +0 \| first step [\d.]+ s with torch\.compile: (\d+) of (\d+) graphs from the cache in {re.escape(str(cache))}$",
+                        proc.stdout, re.M)
+    assert len(counts) == 2 and counts[0][0] == "0" and counts[1][0] == counts[1][1] == counts[0][1] != "0", proc.stdout
+    assert sorted(p.name for p in fs.iterdir()) == [cache.name]
     assert not any((log / d / contract.COMPILE_CACHE_DIR).exists() for d in (".", "seed-1337", "seed-1338"))
     first, second = (events(log / f"seed-{s}", "compile")[0] for s in (1337, 1338))
     assert first["cache_misses"] > 0 and second["cache_misses"] == 0 and second["cache_hits"] > 0, (first, second)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd, train_in_process
 from job import checkpoint as ckpt_lib
-from job import compile_cache, contract, identity
+from job import compile_cache, identity
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -206,27 +206,6 @@ def test_out_of_memory_is_one_line_naming_the_micro_batch_to_use(shards, tmp_pat
                           "e.g. --micro-batch 64: gradient accumulation keeps the 32,768 tokens per step; "
                           "--ce-chunk-tokens 8192 also avoids the full 128 x 128 x 50304 logits")
     assert ckpt_lib.list_checkpoints(tmp_path / "log") == []
-
-
-def test_compile_cache_is_kept_on_the_persistent_fs_by_key_so_another_box_reuses_it(shards, tmp_path):
-    """Another box starts with an empty /tmp and its own log dir: torch.compile's graphs come from the directory for
-    this run's key on the persistent file system (TORCHINDUCTOR_CACHE_DIR="": as in the image, where nothing sets it)."""
-    fs = tmp_path / "persistent"
-    first = run_cli(*train_cmd(shards, tmp_path / "box1", "--compile", "on", "--max-steps", 2), check=True,
-                    TORCHINDUCTOR_CACHE_DIR="", NANOGPT_COMPILE_CACHE=fs)
-    key = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "gpt2", "code": identity.code_hash()}
-    cache = fs / compile_cache.dir_name(key)
-    assert json.loads((cache / compile_cache.KEY_FILE).read_text()) == key
-    m = one(r"step +0 \| first step [\d.]+ s with torch\.compile: 0 of (\d+) graphs from the cache in (\S+)$", first.stdout)
-    assert int(m.group(1)) > 0 and m.group(2) == str(cache) and len(list(cache.iterdir())) > 1
-    assert not (tmp_path / "box1" / contract.COMPILE_CACHE_DIR).exists()
-    again = run_cli(*train_cmd(shards, tmp_path / "box2", "--compile", "on", "--max-steps", 2), check=True,
-                    TORCHINDUCTOR_CACHE_DIR="", NANOGPT_COMPILE_CACHE=fs)
-    m = one(r"step +0 \| first step [\d.]+ s with torch\.compile: (\d+) of (\d+) graphs from the cache", again.stdout)
-    assert m.group(1) == m.group(2) != "0", again.stdout  # every graph from the cache: nothing compiled again
-    first, second = events(tmp_path / "box1", "compile")[0], events(tmp_path / "box2", "compile")[0]
-    assert first["cache_misses"] > 0 and second["cache_misses"] == 0, (first, second)
-    assert sorted(p.name for p in fs.iterdir()) == [cache.name]
 
 
 def test_a_foreign_compile_cache_is_ignored_with_one_line_and_the_run_trains(shards, tmp_path):
