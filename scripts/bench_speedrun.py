@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from job.errors import ArgumentParser, UserError, cli_main, int_arg  # noqa: E402
 from job.optim import Optimizers  # noqa: E402
-from job.recipes import speedrun as recipe  # noqa: E402
+from job.recipes import speedrun_2025_05_24 as recipe  # noqa: E402
 from job.speedrun_2025_05_24.fp8 import fp8_supported  # noqa: E402
 from job.speedrun_2025_05_24.gpt import SpeedrunConfig, SpeedrunGPT  # noqa: E402
 from job.speedrun_2025_05_24.muon import newton_schulz  # noqa: E402

@@ -40,10 +40,10 @@ BASE = "nanogpt-test-base:bookworm"  # a local Debian image standing in for the 
 SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--seq-len", "32",
          "--micro-batch", "4", "--total-batch-tokens", "256", "--warmup-steps", "5", "--eval-every", "5", "--val-steps", "2",
          "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
-# The speedrun recipe's tiny preset narrowed the same way: its 12 layers 64 wide, one 256-token sequence per micro-batch,
-# two per step.
+# The 2025-05-24 speedrun port's tiny preset narrowed the same way: its 12 layers 64 wide, one sequence of one attention
+# block (128 tokens) per micro-batch, two per step.
 SPEEDRUN_SMALL = ["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", "256",
-                  "--seq-len", "256", "--total-batch-tokens", "512", "--val-seq-len", "256", "--val-tokens", "1024",
+                  "--seq-len", "128", "--total-batch-tokens", "256", "--val-seq-len", "256", "--val-tokens", "512",
                   "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import REFERENCES, ROOT, SPEEDRUN_SMALL, assert_one_line_error, events, losses, run_cli, script_module
 from job.optim import Optimizers
-from job.recipes import speedrun as recipe
+from job.recipes import speedrun_2025_05_24 as recipe
 from job.speedrun_2025_05_24 import attention
 from job.speedrun_2025_05_24.gpt import Rotary, SpeedrunConfig, SpeedrunGPT
 from job.speedrun_2025_05_24.muon import Muon, newton_schulz
@@ -345,7 +345,7 @@ def test_speedrun_run_learns_logs_its_schedules_and_checkpoints_both_optimizers(
     ls = losses(sr_reference)
     assert ls[STEPS - 1] < ls[0] - 1.0
     head = (sr_reference / "train.log").read_text().splitlines()[0]
-    assert "(speedrun recipe)" in head and "attention SDPA with the same mask" in head and "output layer float32" in head
+    assert "(speedrun-2025-05-24 recipe)" in head and "attention SDPA with the same mask" in head and "output layer float32" in head
     train = events(sr_reference, "train")
     assert [round(e["muon_momentum"], 6) for e in train[:3]] == [0.85, round(0.85 + 0.1 / 300, 6), round(0.85 + 0.2 / 300, 6)]
     assert train[-1]["lr_factor"] == pytest.approx(recipe.lr_factor(STEPS - 1, STEPS))
