@@ -1,9 +1,9 @@
 """Triton kernels of the record's fused operations, written for this port from their arithmetic. Each launcher computes
-what its torch twin computes from the same inputs; the twins (polar_express.py, kernels.py, normuon.py's transposes)
-call it on CUDA tensors when triton is installed (kernels.use_triton) and stay torch everywhere else. Only this
-module imports triton.
+what its torch twin computes from the same inputs; the twins (in polar_express.py and kernels.py, whose transposes
+normuon.py calls) call it on CUDA tensors when triton is installed (kernels.use_triton) and stay torch everywhere
+else. Only this module imports triton.
 
-- gram, ba_plus_caa: Polar Express's symmetric products, X X^T (or X^T X) and alpha A A + beta A for a symmetric A,
+- xxt, xtx, ba_plus_caa: Polar Express's symmetric products, X X^T (or X^T X) and alpha A A + beta A for a symmetric A,
   bf16 in, float32 sums, one rounding to bf16. Only the blocks on and above the diagonal are computed; each is
   stored twice, as itself and mirrored, so the result is exactly symmetric.
 - relu_square, relu_square_grad: the MLP's up projection with ReLU² fused after it (the pre-activation kept for the
