@@ -7,10 +7,15 @@ CPU and on any GPU. Where an FP8 matmul is involved, `scaled_mm` calls torch._sc
 cores and elsewhere multiplies the FP8 values dequantised to float32 (every product of two FP8 numbers is exact in
 float32, so only the order of the sums differs). The rounding points are the kernels': what
 they keep in bf16 is rounded to bf16 here at the same place, what they keep in float32 stays float32.
+
+On CUDA tensors, where triton is installed (use_triton), the bf16 MLP's two fused products, the cross-entropy's loss
+and gradient and the transposes run as this port's own Triton kernels (triton_kernels.py) instead, with the same
+rounding points; the FP8 parts stay torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +29,46 @@ E5M2_MAX = 57344.0
 
 # The record's soft cap of the logits: A * sigmoid((z + B) / C), in (0, A).
 SOFTCAP = (23.0, 5.0, 7.5)
+
+
+# Whether triton is installed, found without importing it (a CPU run never loads it); a plain constant, so a compiled
+# graph reads it as one. A test may set it False to run the torch path on a GPU.
+TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: Tensor) -> bool:
+    """Whether an operation on t runs as this port's Triton kernel: t is on a CUDA device and triton is installed.
+    Everywhere else the torch path runs, whose arithmetic the kernels share (triton_kernels.py says where the float32
+    sums' order or the sigmoid's last bit can differ)."""
+    return TRITON and t.is_cuda
+
+
+def triton_kernels():
+    """triton_kernels.py, imported on first use (it imports triton)."""
+    from job.speedrun_2026_07_17 import triton_kernels
+
+    return triton_kernels
+
+
+def transpose_copy(src: Tensor, dst: Tensor) -> Tensor:
+    """dst = src^T (2-d), in tiles on CUDA (a strided copy reads one side across its rows)."""
+    if use_triton(src):
+        return triton_kernels().transpose_copy(src, dst)
+    return dst.copy_(src.T)
+
+
+def transpose_add(src: Tensor, dst: Tensor) -> Tensor:
+    """dst += src^T (2-d, bf16 or float32), in tiles on CUDA."""
+    if use_triton(src):
+        return triton_kernels().transpose_add(src, dst)
+    return dst.add_(src.T)
+
+
+def transposed(t: Tensor) -> Tensor:
+    """t^T as a new contiguous tensor."""
+    if use_triton(t):
+        return triton_kernels().transpose_copy(t, t.new_empty(t.shape[::-1]))
+    return t.T.contiguous()
 
 
 def fp8_matmul_supported(device: torch.device | str) -> bool:
@@ -95,8 +140,19 @@ def relu_square_fp8(x8: Tensor, w_up8: Tensor, dequant: Tensor, act_scale: Tenso
 
 
 def relu_square_grad(grad: Tensor, w_down: Tensor, pre: Tensor) -> Tensor:
-    """d loss / d pre: (grad @ W2.T) rounded to bf16, times 2 relu(pre), in bf16."""
+    """d loss / d pre: (grad @ W2.T) rounded to bf16, times 2 relu(pre), in bf16 (one fused kernel on CUDA)."""
+    if use_triton(grad) and grad.dtype == w_down.dtype == pre.dtype == torch.bfloat16:
+        return triton_kernels().relu_square_grad(grad, w_down, pre)
     return 2 * (grad @ w_down.T) * pre.relu()
+
+
+def relu_square(x: Tensor, w_up: Tensor) -> tuple[Tensor, Tensor]:
+    """The bf16 up projection: (pre, post), pre = x @ W1.T rounded to bf16, post = relu(pre)² in bf16 (one fused
+    kernel on CUDA)."""
+    if use_triton(x) and x.dtype == w_up.dtype == torch.bfloat16:
+        return triton_kernels().relu_square(x, w_up)
+    pre = x @ w_up.T
+    return pre, pre.relu().square()
 
 
 class ReLUSquareMLP(torch.autograd.Function):
@@ -108,8 +164,7 @@ class ReLUSquareMLP(torch.autograd.Function):
     def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor, fp8: MLPFP8 | None = None):
         x_flat = x.view(-1, x.size(-1))
         if fp8 is None:
-            pre = x_flat @ w_up.T
-            post = pre.relu().square()
+            pre, post = relu_square(x_flat, w_up)
             out, amax = post @ w_down, x.new_zeros((), dtype=torch.float32)
         else:
             pre, post, post8, amax = relu_square_fp8(fp8.x8.view(x_flat.shape), fp8.w_up8, fp8.dequant, fp8.act_scale)
@@ -167,7 +222,9 @@ def softcapped_ce(
     """The per-row losses of A * sigmoid((z + B) / C), (losses, s, lse): row r's loss is the sum over k of
     weights[k] * (lse_r - A s[r, targets[r + k]]) for the k with r + k < rows (k = 0 is the next token, k = 1 the one
     after, ...). s is the sigmoid rounded to bf16, as the kernel keeps it; lse is max + log(sum exp(A s - max)), the
-    max taken before that rounding, as in the kernel."""
+    max taken before that rounding, as in the kernel. On CUDA, one Triton program per row."""
+    if use_triton(logits) and logits.dtype == torch.bfloat16:
+        return triton_kernels().softcapped_ce(logits, targets, weights, A, B, C)
     s32, s = softcap(logits, A, B, C)
     z = A * s.float()
     top = (A * s32).amax(dim=-1, keepdim=True)
@@ -190,7 +247,9 @@ def softcapped_ce_grad(
     grad * (A / C) / grad_s * (S_w p - w_t) * s * (1 - s), with p = exp(A s - lse), S_w the sum of all the weights,
     w_t the sum of the weights of the k whose target is this column, and grad (rows, 1) the incoming gradient of each
     row's loss. It treats s as the exact sigmoid (its bf16 rounding has no derivative) and, like the kernel, takes
-    the whole S_w on the last rows too, where some k fall past the end."""
+    the whole S_w on the last rows too, where some k fall past the end. On CUDA, one Triton program per row."""
+    if use_triton(s) and s.dtype == torch.bfloat16:
+        return triton_kernels().softcapped_ce_grad(s, lse, targets, weights, grad, grad_s, A, C)
     n, sf = s.size(0), s.float()
     s_w = weights[0]
     for w in weights[1:]:
@@ -242,5 +301,5 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         x_s, w_s, grad_s = ctx.scales
         g8 = softcapped_ce_grad(s, lse, targets, weights, grad, grad_s).clamp(-E5M2_MAX, E5M2_MAX).to(E5M2)
         grad_x = scaled_mm(g8, w8.T, _scale(grad, grad_s), _scale(grad, w_s), torch.bfloat16)
-        grad_w = scaled_mm(x8.T.contiguous(), g8.T.contiguous().T, _scale(grad, x_s), _scale(grad, grad_s), torch.float32)
+        grad_w = scaled_mm(transposed(x8), transposed(g8).T, _scale(grad, x_s), _scale(grad, grad_s), torch.float32)
         return grad_x, None, None, grad_w, None, None, None

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from job.speedrun_2026_07_17 import kernels
 from job.speedrun_2026_07_17.polar_express import polar_express
 from job.speedrun_2026_07_17.sparse_rows import Reduction, SparseRows
 
@@ -268,7 +269,7 @@ class NorMuonAndAdam:
         if head_gather is not None:  # the output layer first: the embedding copies it while the rest arrive
             head_gather.wait()
         if adam and self.tied:
-            self.params[self.embed].data.copy_(self.params[self.head].data.T)
+            kernels.transpose_copy(self.params[self.head].data, self.params[self.embed].data)
         for work in gathers:
             work.wait()
         self._pending.clear()
@@ -284,7 +285,7 @@ class NorMuonAndAdam:
             if self.tied and label == self.head:
                 embed = self.params[self.embed]
                 if embed.grad is not None:
-                    param.grad.add_(embed.grad.T)
+                    kernels.transpose_add(embed.grad, param.grad)
             elif self.tied and label == self.embed:
                 continue  # its gradient went into the output layer's
             self._pending[label] = self._reduce(label, param.grad, cfg)

@@ -3,15 +3,18 @@ polynomial iterations that map a gradient to an approximately orthogonal matrix 
 modded-nanogpt's record of 2026-07-17 runs them in NorMuon.
 
 The record computes the iteration's small symmetric products with Triton kernels (A = X X^T or X^T X, then
-B = b A + c A A); here they are torch matmuls with the same inputs and outputs: bf16 in, float32 accumulation, one
-rounding to bf16 out (the kernels store the upper triangle mirrored, exactly symmetric; a matmul's two triangles are
-the same sums in another order). The rest of the iteration is the record's own torch code.
+B = b A + c A A). Here they are this port's Triton kernels on CUDA (triton_kernels.py, where triton is installed) and
+torch matmuls elsewhere, with the same inputs and outputs: bf16 in, float32 accumulation, one rounding to bf16 out
+(the kernels store the upper triangle mirrored, exactly symmetric; a matmul's two triangles are the same sums in
+another order). The rest of the iteration is the record's own torch code.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from job.speedrun_2026_07_17 import kernels
 
 # The record's coefficients (a, b, c) of a X + b (X X^T) X + c (X X^T)^2 X, for five iterations with a safety factor
 # of 2e-2 and a cushion of 2.
@@ -27,16 +30,22 @@ SAFETY = 2e-2  # the spectral norm is brought a little under 1 first: the norm o
 
 def xxt(X: Tensor, out: Tensor) -> Tensor:
     """out = X X^T, for one matrix or a batch."""
+    if kernels.use_triton(X):
+        return kernels.triton_kernels().xxt(X, out)
     return torch.matmul(X, X.mT, out=out)
 
 
 def xtx(X: Tensor, out: Tensor) -> Tensor:
     """out = X^T X: the small product of a tall matrix."""
+    if kernels.use_triton(X):
+        return kernels.triton_kernels().xtx(X, out)
     return torch.matmul(X.mT, X, out=out)
 
 
 def ba_plus_caa(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
     """out = alpha A A^T + beta A, for a symmetric A (so A A^T = A A), summed in float32 and rounded once."""
+    if kernels.use_triton(A):
+        return kernels.triton_kernels().ba_plus_caa(A, alpha, beta, out)
     addmm = torch.baddbmm if A.ndim == 3 else torch.addmm
     return addmm(A, A, A.mT, beta=beta, alpha=alpha, out=out)
 
