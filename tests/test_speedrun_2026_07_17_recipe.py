@@ -48,6 +48,9 @@ def test_the_tiny_preset_trains_across_a_batch_stage_and_its_loss_falls(referenc
     val = [e["loss"] for e in events(reference, "val")]
     assert len(val) == 3 and val[-1] < val[0]
     assert [e["adam"] for e in train.values()] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]  # Adam on odd steps only
+    # The first line says which attention ran: nothing is downloaded, a CPU takes torch's dense path.
+    head = (reference / "train.log").read_text().splitlines()[0]
+    assert "attention scaled_dot_product_attention over a dense mask" in head and "bf16 (no FP8 on this device)" in head
 
 
 def test_a_killed_run_resumes_with_the_same_losses(reference, doc_shards, tmp_path):

@@ -185,8 +185,11 @@ class Speedrun(Recipe):
         return float(layout.seq_len)  # the record's loss is the sum over the sequence's positions, not the mean
 
     def describe(self, model, cfg):
+        from job.speedrun_2026_07_17.varlen import kernel_name
+
         precision = "FP8 MLPs and output layer" if model.gpt.config.fp8 else "bf16 (no FP8 on this device)"
-        return f" | {precision} | stages {training_schedule(cfg.hp).boundaries}"
+        attention = kernel_name(model.gpt.lm_head.weight.device)
+        return f" | {precision} | attention {attention} | stages {training_schedule(cfg.hp).boundaries}"
 
 
 def _boundaries(hp, n_stages: int) -> list[int]:

@@ -35,6 +35,13 @@ def window_mask(cu_seqlens: Tensor, T: int, window: int) -> Tensor:
     return (docs[:, None] == docs[None, :]) & (back >= 0) & (back <= window)
 
 
+def kernel_name(device: torch.device | str) -> str:
+    """Which attention runs on `device`, in words (the run's first log line says it)."""
+    if torch.device(device).type == "cuda":
+        return "FlexAttention (torch's, compiled; the record's FlashAttention-3 mask)"
+    return "scaled_dot_product_attention over a dense mask (the record's FlashAttention-3 mask)"
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int, scale: float) -> Tensor:
     """softmax(q k^T * scale) v over the window mask, for q, k, v (T, H, D) as flash_attn_varlen_func takes them;
     returns (T, H, D)."""
