@@ -79,7 +79,7 @@ def main() -> None:
         if data is None:
             data = tmp / "data"
             subprocess.run(
-                [sys.executable, "-m", "job.prepare", "text", str(CORPUS), "--out", str(data), "--shard-size", "50000"],
+                [sys.executable, "-m", "job.prepare", "text", str(CORPUS), "--paragraphs", "--out", str(data), "--shard-size", "50000"],
                 cwd=ROOT,
                 check=True,
                 capture_output=True,

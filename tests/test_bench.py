@@ -307,3 +307,39 @@ def test_gpu_bench_script_never_reports_an_earlier_runs_json(tmp_path):
     assert proc.returncode != 0 and "== main: FAILED (rc 2)" in proc.stdout, proc.stdout
     assert not (out / "main.json").exists() and "1,000,000,000" not in proc.stdout
     assert f"error: none of {out}/main.json exists" in proc.stderr
+
+
+# --- scripts/gpu_proof.sh ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gpu_proof_runs_every_stage_in_its_cpu_mode_and_says_what_it_skipped(tmp_path):
+    """The prepared device check, in its CPU mode: every recipe's trainer runs on synthetic documents and lands in the
+    summary; the records' stages say in one line why they did not run (their code is never in this repository)."""
+    out = tmp_path / "proof"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_proof.sh")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env(DEVICE="cpu", OUT=out, STEPS=4, PYTHON=sys.executable, RECORD_2025="", RECORD_2026=""))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from job import recipes
+
+    stages = (out / "stages.txt").read_text().splitlines()
+    assert [s.split(":")[0] for s in stages] == ["== env", "== record-2025", "== record-2026",
+                                                 *[f"== train-{r}" for r in recipes.names()]], stages
+    assert stages[1].startswith("== record-2025: skipped (no RECORD_2025") and stages[2].startswith("== record-2026: skipped (no RECORD_2026")
+    assert all(": ok (" in s for s in stages[:1] + stages[3:]), stages
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["recipes"]) == sorted(recipes.names())
+    assert all(r["step_ms_median"] > 0 and r["warm_first_step_s"] is None for r in summary["recipes"].values())  # eager: no compile
+    staged = json.loads((out / "train-speedrun.json").read_text())["cold"]["tokens_per_step"]
+    assert staged == sorted(staged) and len(set(staged)) == 3  # the four steps cross the record's three batch sizes
+    env_info = json.loads((out / "env.json").read_text())
+    assert env_info["gpu"] is None and env_info["torch"].startswith("2.")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "3"], "--steps"),
+    (["--record-2025", "/nonexistent/log.txt"], "--record-2025 /nonexistent/log.txt: no such file"),
+    (["--device", "tpu"], "--device"),
+])
+def test_gpu_proof_bad_input_is_one_line(tmp_path, args, needle):
+    proc = run_cli(str(ROOT / "scripts" / "gpu_proof.py"), "--out", tmp_path / "p", *args)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "p").exists()
