@@ -62,6 +62,9 @@ def test_the_records_run_comes_from_its_card():
     (dict(preset="gpt2", data="bundled"), [f"--data bundled makes shards of {BUNDLED_SHARD_TOKENS:,} tokens", "64 x 1024", "tiny"]),
     (dict(preset="tiny", data="bundled", trainer_args=["--micro-batch", "400"]), ["400 x 128"]),
     (dict(data="floppy"), ["--data 'floppy'"]),
+    # The staged record's steps are its stages': a shorter run names the flag that fits them into it.
+    (dict(recipe="speedrun", steps=50), ["--max-steps 50 is not --scheduled-steps 1380 + --extension-steps 10",
+                                         "or --scheduled-steps 40 to fit the stages into 50 steps"]),
 ])
 def test_the_laptop_refuses_what_the_trainer_would(kwargs, needles):
     with pytest.raises(UserError) as e:

@@ -95,8 +95,10 @@ class Speedrun(Recipe):
             raise UserError(f"--scheduled-steps {hp.scheduled_steps} / --extension-steps {hp.extension_steps}: the three "
                             "stages need at least 3 steps and the extension at least 1")
         if cfg.max_steps != hp.scheduled_steps + hp.extension_steps:
+            fit = cfg.max_steps - hp.extension_steps
+            shorter = f", or --scheduled-steps {fit} to fit the stages into {cfg.max_steps} steps" if fit >= 3 else ""
             raise UserError(f"--max-steps {cfg.max_steps} is not --scheduled-steps {hp.scheduled_steps} + --extension-steps "
-                            f"{hp.extension_steps}: use --max-steps {hp.scheduled_steps + hp.extension_steps}")
+                            f"{hp.extension_steps}: use --max-steps {hp.scheduled_steps + hp.extension_steps}{shorter}")
         smallest = 16384 * RECORD_RANKS
         if hp.batch_divisor < 1 or smallest % (hp.batch_divisor * RECORD_RANKS):
             raise UserError(f"--batch-divisor {hp.batch_divisor} must divide {smallest // RECORD_RANKS} (the first stage's "
