@@ -24,7 +24,7 @@ help:
 	@echo "make bench-prepare   tokenizing throughput: job.prepare vs tiktoken's batch encoder (scripts/bench_prepare.py)"
 	@echo "make build-image [CUDA=cu128] [NAME=...] [BASE_IMAGE=...]   build the trainer image for a CUDA flavour (infra/flavour.py;"
 	@echo "                 default cu130) as NAME:<git sha>, NAME:<git sha>-<flavour>, NAME:<flavour> and NAME:latest"
-	@echo "make push-image REGISTRY=registry.example.com/team   push both tags"
+	@echo "make push-image REGISTRY=registry.example.com/team [CUDA=cu128]   push NAME:<git sha>-<flavour> and NAME:<flavour>, print the digest"
 	@echo "make run-local [CMD='...']   train in the image on this machine's GPUs (./data -> /persistent, ./model_weights -> /app/log)"
 	@echo "make run-local-cpu           the same on the CPU (tiny preset on the bundled corpus)"
 	@echo "make shell                   a shell in the image with the same mounts"
@@ -113,14 +113,12 @@ build-image: check-docker
 	$(DOCKER) build -f docker/Dockerfile $(BUILD_ARGS) -t $(NAME):$(GIT_SHA) -t $(NAME):$(GIT_SHA)-$(FLAVOUR) -t $(NAME):$(FLAVOUR) \
 		-t $(NAME):latest .
 
+# Pushes the flavour's image (NAME:<git sha>-<flavour>, as build-image tagged it) as REGISTRY/NAME:<git sha>-<flavour>
+# and REGISTRY/NAME:<flavour>, and prints the digest that `fab launch --image REGISTRY/NAME@sha256:...` pins. Docker's
+# own login (`docker login HOST`) holds any credentials: none goes on a command line here.
 push-image: check-docker
-	@test -n "$(REGISTRY)" || { echo "error: REGISTRY is not set: make push-image REGISTRY=registry.example.com/team" >&2; exit 1; }
-	$(DOCKER) tag $(NAME):$(GIT_SHA) $(REGISTRY)/$(NAME):$(GIT_SHA)
-	$(DOCKER) tag $(NAME):latest $(REGISTRY)/$(NAME):latest
-	$(DOCKER) tag $(NAME):$(FLAVOUR) $(REGISTRY)/$(NAME):$(FLAVOUR)
-	$(DOCKER) push $(REGISTRY)/$(NAME):$(GIT_SHA)
-	$(DOCKER) push $(REGISTRY)/$(NAME):latest
-	$(DOCKER) push $(REGISTRY)/$(NAME):$(FLAVOUR)
+	@$(PYTHON) -m infra.registry push --docker '$(DOCKER)' --registry '$(REGISTRY)' --name '$(NAME)' --tag '$(GIT_SHA)' \
+		--flavour '$(or $(CUDA),$(FLAVOUR))'
 
 run-local: check-docker
 	@$(DOCKER) info --format '{{json .Runtimes}}' | grep -q nvidia || { echo "error: this Docker has no NVIDIA runtime (install nvidia-container-toolkit for GPUs); to train on the CPU instead run: make run-local-cpu" >&2; exit 1; }

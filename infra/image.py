@@ -2,31 +2,38 @@
 
 - default: send the image's source (a few hundred KB: what .dockerignore lets into the build) and `docker build`
   there, where the cloud network pulls the CUDA base and PyTorch fast; nothing big leaves the laptop.
-- `--image REGISTRY/NAME:TAG`: `docker pull` on the box.
+- `--image REGISTRY/NAME[:TAG]` or `REGISTRY/NAME@sha256:DIGEST`: `docker pull` on the box, by digest (infra/registry.py,
+  `make push-image`). A pull that fails (registry unreachable, no such tag or digest, another digest than the one
+  asked) is one line, and the box builds from source as by default.
 - `--ship`: `docker save` here streamed into `docker load` there, for an image built locally or an offline box.
 
 Each path is skipped when the box already has the same image: the source build is tagged with the hash of
-the exact build context and build args, a shipped image is compared by image id, and `docker pull` checks by
-digest itself.
+the exact build context and build args, a shipped image is compared by image id, and an image asked by digest is
+not pulled again (a digest names its content for good; a tag is asked of the registry each time).
 
 Every path is for one CUDA flavour of the pinned torch (infra/flavour.py), the newest the box's driver runs: the
 build gets the flavour's base image and wheel index and has the flavour in its tag (nanogpt-train:src-HASH-cu128);
-`--image REGISTRY/NAME:{flavour}` pulls the tag of that flavour; `--ship` sends NAME:<flavour> as
-`make build-image CUDA=...` tags it.
+`--image REGISTRY/NAME:TAG` pulls the tag TAG-<flavour> (REGISTRY/NAME alone: the tag <flavour>), as push-image
+tags them, and `{flavour}` in --image stands for the flavour's name; `--ship` sends NAME:<flavour> as
+`make build-image CUDA=...` tags it. Whatever the path, NAME:latest on the box is the image the launch runs, and only
+that: a pull tags it only once the image is the digest asked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shlex
 import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from infra.flavour import DEFAULT, Flavour
+from infra.flavour import DEFAULT, FLAVOURS, Flavour
+from infra.registry import DIGEST, Ref, parse_ref, repo_key
 from infra.ssh import run, stream
 from job import contract
 from job.errors import UserError
@@ -122,8 +129,14 @@ def build_command(docker: str, tag: str, args: dict[str, str], context: str, nam
     return f"{docker} build -f {context}/docker/Dockerfile {flags} -t {shlex.quote(tag)} -t {shlex.quote(name)}:latest {context}"
 
 
+@dataclass(frozen=True)
+class Image:
+    ref: str  # what the containers run: a source tag, a pulled image by digest, a shipped image's name
+    how: str  # how it came to the box this time: "built", "pulled", "shipped", or "found" there already
+
+
 def build_on_box(conn, docker: str, *, flavour: Flavour = DEFAULT, name: str = contract.IMAGE_NAME,
-                 build_args: dict[str, str] | None = None, wheels: str | None = None, out=sys.stdout) -> str:
+                 build_args: dict[str, str] | None = None, wheels: str | None = None, out=sys.stdout) -> Image:
     files = context_files(extra_wheels=wheels)
     args = build_args_for(flavour, build_args)
     with tempfile.TemporaryFile() as tmp:
@@ -131,7 +144,8 @@ def build_on_box(conn, docker: str, *, flavour: Flavour = DEFAULT, name: str = c
         tag = source_tag(digest, args, flavour, name)
         if image_id(conn, docker, tag):
             out.write(f"image {tag} is already on {conn.host} (same source): not rebuilding\n")
-            return tag
+            tag_as_trainer(conn, docker, tag, name)
+            return Image(tag, "found")
         size = tmp.tell()
         tmp.seek(0)
         out.write(f"sending the image source to {conn.host} ({size / 2**20:.1f} MiB) and building {tag} there "
@@ -143,14 +157,97 @@ def build_on_box(conn, docker: str, *, flavour: Flavour = DEFAULT, name: str = c
     status = stream(conn, f"{build_command(docker, tag, args, q, name)} 2>&1; rc=$?; rm -rf {q}; exit $rc", out=out)
     if status != 0:
         raise UserError(f"docker build failed on {conn.host} (exit {status}): the build log is above")
-    return tag
+    return Image(tag, "built")
 
 
-def pull_on_box(conn, docker: str, image: str, out=sys.stdout) -> str:
-    if stream(conn, f"{docker} pull {shlex.quote(image)} 2>&1", out=out) != 0:
-        raise UserError(f"docker pull {image} failed on {conn.host}: check the name and tag, and for a private registry run "
-                        f"`docker login REGISTRY` on the box")
-    return image
+def tag_as_trainer(conn, docker: str, ref: str, name: str = contract.IMAGE_NAME) -> None:
+    """NAME:latest is the image this launch runs (what `docker run nanogpt-train` by hand on the box gets)."""
+    run(conn, f"{docker} tag {shlex.quote(ref)} {shlex.quote(name)}:latest", warn=True)
+
+
+class PullFailed(Exception):
+    """A pull that did not leave the image asked on the box; its reason goes in the one line that says so."""
+
+
+class _PullOutput(io.TextIOBase):
+    """docker pull's output, passed on line by line, except its error (the reason, kept for the one line) and its
+    Digest: line (kept: the digest the registry served for the reference)."""
+
+    def __init__(self, out):
+        self.out, self.error, self.digest = out, None, None
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines(keepends=True):
+            body = line.strip()
+            if body.startswith("Digest: ") and DIGEST.fullmatch(body.removeprefix("Digest: ")):
+                self.digest = body.removeprefix("Digest: ")
+            if body.startswith(("Error", "error")):
+                self.error = " ".join(body.removeprefix("Error response from daemon:").split())[:300]
+            else:
+                self.out.write(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def repo_digests(conn, docker: str, ref: str) -> list[str]:
+    res = run(conn, f"{docker} image inspect --format '{{{{json .RepoDigests}}}}' {shlex.quote(ref)}", warn=True)
+    try:
+        return list(json.loads(res.stdout)) if res.ok else []
+    except (ValueError, TypeError):
+        return []
+
+
+def has_digest(conn, docker: str, ref: Ref, digest: str) -> bool:
+    """The image `ref` names on the box is the registry's `digest` of its repository (docker records it per
+    repository in RepoDigests when it pulls or pushes)."""
+    want = f"{repo_key(ref.name)}@{digest}"
+    return any(repo_key(d.split("@")[0]) + "@" + d.split("@")[-1] == want for d in repo_digests(conn, docker, str(ref)))
+
+
+def pull_on_box(conn, docker: str, ref: Ref, out=sys.stdout) -> Image:
+    """`docker pull` of `ref` on the box, pinned to a digest: the one asked, or for a tag the one the registry serves
+    now (the other nodes then pull that digest). Raises PullFailed, having tagged nothing as the trainer image, when
+    the pull fails or the image it left is not that digest."""
+    if ref.digest and image_id(conn, docker, ref.pinned):  # docker finds NAME@DIGEST only by the digest it recorded
+        out.write(f"image {ref.pinned} is already on {conn.host}: not pulling\n")
+        tag_as_trainer(conn, docker, ref.pinned)
+        return Image(ref.pinned, "found")
+    target = ref.pinned if ref.digest else str(ref)
+    out.write(f"pulling {target} on {conn.host}\n")
+    seen = _PullOutput(out)
+    status = stream(conn, f"{docker} pull {shlex.quote(target)} 2>&1", out=seen)
+    if status != 0:
+        raise PullFailed(seen.error or f"docker pull exited with {status}")
+    digest = ref.digest or seen.digest
+    if digest is None:
+        raise PullFailed("docker pull named no digest for it")
+    if seen.digest and seen.digest != digest:
+        raise PullFailed(f"the registry served {seen.digest}, not the digest asked")
+    if not has_digest(conn, docker, Ref(ref.name, digest=digest), digest):
+        raise PullFailed(f"the image pulled is not {digest}")
+    pinned = Ref(ref.name, digest=digest).pinned
+    tag_as_trainer(conn, docker, pinned)
+    out.write(f"pulled {pinned} on {conn.host}\n")
+    return Image(pinned, "pulled")
+
+
+def pull_images(nodes, image: str, flavour: Flavour, out=sys.stdout) -> list[Image] | None:
+    """--image on every node (conn, docker): node 0 pulls the reference, the others the digest node 0 got, so all
+    run the same image. None after one line, when a node's pull failed: then the image is built on the boxes."""
+    ref = parse_ref(pull_ref(image, flavour))
+    asked, pulled = ref, []
+    for conn, docker in nodes:
+        try:
+            got = pull_on_box(conn, docker, ref, out=out)
+        except PullFailed as e:
+            where = f" on {conn.host}" if len(nodes) > 1 else ""
+            out.write(f"note: pull of {asked} failed{where} ({e}): building on the box{'es' if len(nodes) > 1 else ''}\n")
+            return None
+        pulled.append(got)
+        ref = parse_ref(got.ref)
+    return pulled
 
 
 def ship_to_box(conn, docker: str, image: str, out=sys.stdout, local_docker: str = "docker") -> str:
@@ -184,9 +281,30 @@ def ship_to_box(conn, docker: str, image: str, out=sys.stdout, local_docker: str
     return image
 
 
+def tag_flavour(tag: str) -> str | None:
+    """The flavour a tag names (cu128, or <sha>-cu128, as make build-image tags them), if any."""
+    return next((f.name for f in FLAVOURS if tag == f.name or tag.endswith(f"-{f.name}")), None)
+
+
 def pull_ref(image: str, flavour: Flavour) -> str:
-    """--image with `{flavour}` in it names one tag per flavour: ghcr.io/you/nanogpt-train:{flavour} -> ...:cu128."""
-    return image.replace("{flavour}", flavour.name)
+    """--image for this flavour: `{flavour}` replaced by its name; REGISTRY/NAME -> :<flavour>; :TAG -> :TAG-<flavour>;
+    a digest, or a tag that names this flavour, as it is. A tag that names another flavour is one line: its image would
+    fail at docker run on this driver (or, older, give up the newer CUDA the driver runs)."""
+    if "{flavour}" in image:
+        return image.replace("{flavour}", flavour.name)
+    ref = parse_ref(image)
+    if ref.digest:
+        return image
+    if ref.tag is None:
+        return f"{ref.name}:{flavour.name}"
+    named = tag_flavour(ref.tag)
+    if named is None:
+        return f"{ref.name}:{ref.tag}-{flavour.name}"
+    if named != flavour.name:
+        raise UserError(f"--image {image} is a {named} image but this run's flavour is {flavour.name} (the newest the box's driver runs, "
+                        f"or --cuda): give the tag without its flavour (the launcher adds -{flavour.name}), or pass --cuda {named} if the "
+                        "driver runs it")
+    return image
 
 
 def ship_ref(image: str | None, flavour: Flavour) -> str:
@@ -194,27 +312,38 @@ def ship_ref(image: str | None, flavour: Flavour) -> str:
 
 
 def ensure_image(conn, docker: str, *, flavour: Flavour = DEFAULT, image: str | None = None, ship: bool = False,
-                 build_args: dict[str, str] | None = None, wheels: str | None = None, out=sys.stdout) -> str:
-    """Make the image available on the box and return the reference to run."""
+                 build_args: dict[str, str] | None = None, wheels: str | None = None, out=sys.stdout) -> Image:
+    """Make the image available on the box and return it: shipped, or built from source (a pull is pull_images')."""
     if ship:
-        return ship_to_box(conn, docker, ship_ref(image, flavour), out=out)
-    if image:
-        return pull_on_box(conn, docker, pull_ref(image, flavour), out=out)
+        ref = ship_ref(image, flavour)
+        found = image_id(conn, docker, ref)
+        ship_to_box(conn, docker, ref, out=out)
+        tag_as_trainer(conn, docker, ref)
+        return Image(ref, "shipped" if image_id(conn, docker, ref) != found else "found")
     return build_on_box(conn, docker, flavour=flavour, build_args=build_args, wheels=wheels, out=out)
 
 
-def plan_image(conn, docker: str, *, flavour: Flavour = DEFAULT, image: str | None = None, ship: bool = False,
-               build_args: dict[str, str] | None = None, wheels: str | None = None) -> tuple[str, list[str]]:
-    """(the image reference, what ensure_image would do to have it), found by looking only (`docker image inspect`)."""
+def plan_pull(conn, docker: str, *, flavour: Flavour, image: str, rank: int = 0) -> tuple[str, list[str]]:
+    """(the reference, what pull_images would do on this node), found by looking only (`docker image inspect`)."""
+    ref = parse_ref(pull_ref(image, flavour))
     head = f"image: CUDA flavour {flavour.name} (CUDA {flavour.cuda_text})"
+    if ref.digest and image_id(conn, docker, ref.pinned):
+        return ref.pinned, [f"{head}: {ref.pinned} is already on the box: no pull"]
+    how = ("pinned to the digest node 0 pulls" if rank else "then run by the digest the registry serves for the tag") \
+        if not ref.digest else "by digest"
+    return str(ref), [f"{head}: docker pull {ref.pinned if ref.digest else ref} on the box, {how}; a failed pull is one line, "
+                      "and the image is built on the box instead:"]
+
+
+def plan_image(conn, docker: str, *, flavour: Flavour = DEFAULT, image: str | None = None, ship: bool = False,
+               build_args: dict[str, str] | None = None, wheels: str | None = None, fallback: bool = False) -> tuple[str, list[str]]:
+    """(the image reference, what ensure_image would do to have it), found by looking only (`docker image inspect`).
+    fallback: the build that follows a failed pull, shown under the pull's line."""
+    head = "  if the pull fails" if fallback else f"image: CUDA flavour {flavour.name} (CUDA {flavour.cuda_text})"
     if ship:
         ref = ship_ref(image, flavour)
         there = "already on the box, nothing to send" if image_id(conn, docker, ref) else "docker save here | docker load there"
         return ref, [f"{head}: ship {ref} from this machine ({there})"]
-    if image:
-        ref = pull_ref(image, flavour)
-        return ref, [f"{head}: docker pull {ref} on the box" + ("" if "{flavour}" in image else
-                " (a tag of another flavour fails at docker run: --image NAME:{flavour} picks the tag per flavour)")]
     args = build_args_for(flavour, build_args)
     sink = _Discard()
     tag = source_tag(write_context(context_files(extra_wheels=wheels), sink), args, flavour)

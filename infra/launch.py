@@ -43,7 +43,7 @@ from infra.credentials import (
     send_wandb_key,
 )
 from infra.flavour import Flavour, choose_flavour
-from infra.image import ensure_image
+from infra.image import ensure_image, pull_images
 from infra.options import CloudOptions, LaunchOptions, SSHOptions  # noqa: F401 (the options live there)
 from infra.ssh import ConnectionLost, run, stream
 from infra.timeline import Timeline, bill_line, path_on_box, trainer_stages
@@ -304,10 +304,27 @@ def refuse_active(r: LaunchRun) -> None:
             refuse_if_active(conn, box.docker)
 
 
-def build_images(r: LaunchRun) -> None:
+def pull(r: LaunchRun) -> None:
+    """--image: every node pulls it, by digest. A failed pull leaves r.images empty, and the next step builds."""
     o = r.opts
-    r.images = [ensure_image(conn, box.docker, flavour=r.flavour, image=o.image, ship=o.ship, build_args=o.build_args, wheels=o.wheels,
-                             out=r.out) for conn, box in r.nodes]
+    if o.image and not o.ship:
+        pulled = pull_images([(conn, box.docker) for conn, box in r.nodes], o.image, r.flavour, out=r.out)
+        if pulled:
+            r.images = [i.ref for i in pulled]
+            if r.timeline is not None:
+                r.timeline.mark("image", [i.how for i in pulled])
+
+
+def build_images(r: LaunchRun) -> None:
+    """The image built on each box from this source (or shipped with --ship), unless the pull had it."""
+    o = r.opts
+    if r.images:
+        return
+    made = [ensure_image(conn, box.docker, flavour=r.flavour, image=o.image if o.ship else None, ship=o.ship, build_args=o.build_args,
+                         wheels=o.wheels, out=r.out) for conn, box in r.nodes]
+    r.images = [i.ref for i in made]
+    if r.timeline is not None:
+        r.timeline.mark("image", [i.how for i in made])
 
 
 def prepare_data(r: LaunchRun) -> None:
@@ -355,6 +372,7 @@ def exit_watch(r: LaunchRun) -> None:
 STEPS = [
     Step("preflight", preflight_boxes, None, "preflight"),
     Step("active run", refuse_active, plan.plan_active, "preflight"),
+    Step("pull", pull, plan.plan_pull_step, "image"),
     Step("image", build_images, plan.plan_image_step, "image"),
     Step("data", prepare_data, plan.plan_data, "data"),
     # From here on the steps start the run itself: their seconds are the training stage's first ones.

@@ -24,6 +24,12 @@ def _endpoint(text: str) -> None:
     check_endpoint(text)
 
 
+def _image(text: str) -> None:
+    from infra.registry import check_image_flag
+
+    check_image_flag(text)
+
+
 def _flavour(text: str) -> None:
     from infra.flavour import by_name
 
@@ -89,7 +95,9 @@ class LaunchOptions:
                                     "checkpoints)", parse=host_list, factory=list)
     ssh: SSHOptions = nested(SSHOptions)
     job: Job = nested(Job)
-    image: str | None = option(None, "REGISTRY/NAME:TAG to docker pull on the box (default: build the image there from this source)")
+    image: str | None = option(None, "REGISTRY/NAME[:TAG] or REGISTRY/NAME@sha256:DIGEST to docker pull on the box, by digest (a tag gets "
+                                     "the box's flavour: TAG-cu128); a failed pull builds there instead (default: build from this source)",
+                               parse=checked(_image))
     ship: bool = option(False, "docker save the local image and load it on the box (small or offline boxes)")
     build_args: dict[str, str] = option(None, "extra docker build args for the build on the box, e.g. 'BASE_IMAGE=...'", parse=pairs,
                                         factory=dict, flag="build_arg")

@@ -12,7 +12,7 @@ import shlex
 from infra.box import Box
 from infra.container import has_shards, run_command, running
 from infra.credentials import wants_wandb
-from infra.image import plan_image
+from infra.image import plan_image, plan_pull
 from infra.ssh import run
 from job import contract
 from job.errors import UserError
@@ -35,11 +35,22 @@ def plan_active(r, rank: int) -> list[str]:
     return [f"training: {active[0]['name']} is active ({active[0]['status']}): {what}"]
 
 
+def plan_pull_step(r, rank: int) -> list[str]:
+    o = r.opts
+    if not o.image or o.ship:
+        return []
+    image, lines = plan_pull(r.conns[rank], r.boxes[rank].docker, flavour=r.flavour, image=o.image, rank=rank)
+    r.images.append(image)  # the reference the later steps' lines name
+    return lines
+
+
 def plan_image_step(r, rank: int) -> list[str]:
     o = r.opts
-    image, lines = plan_image(r.conns[rank], r.boxes[rank].docker, flavour=r.flavour, image=o.image, ship=o.ship, build_args=o.build_args,
-                              wheels=o.wheels)
-    r.images.append(image)  # the reference the later steps' lines name
+    pulling = bool(o.image) and not o.ship
+    image, lines = plan_image(r.conns[rank], r.boxes[rank].docker, flavour=r.flavour, image=o.image if o.ship else None, ship=o.ship,
+                              build_args=o.build_args, wheels=o.wheels, fallback=pulling)
+    if not pulling:
+        r.images.append(image)  # the reference the later steps' lines name
     return lines
 
 

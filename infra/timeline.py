@@ -31,6 +31,13 @@ WHAT = {
     "training": "sidecars and trainer started, trainer ran to its exit",
     "fetch": "weights fetched home before terminating",
 }
+# How the image stage got the image (infra/image.py's Image.how), and what its line then says.
+IMAGE_HOW = {
+    "built": "trainer image built on the box",
+    "pulled": "trainer image pulled from the registry",
+    "shipped": "trainer image shipped from this machine",
+    "found": "trainer image already on the box",
+}
 
 
 @dataclass
@@ -38,6 +45,7 @@ class Stage:
     name: str
     seconds: float
     what: str
+    how: str = ""  # the image stage: built, pulled, shipped or found (IMAGE_HOW); "a+b" where nodes differ
 
 
 @dataclass
@@ -55,6 +63,13 @@ class Timeline:
                 return
         self.stages.append(Stage(name, seconds, WHAT[name]))
         self.stages.sort(key=lambda s: STAGES.index(s.name))
+
+    def mark(self, name: str, hows: list[str]) -> None:
+        """How a stage did its work (each node's way, in node order, once each); its seconds come as usual."""
+        self.add(name, 0.0)
+        stage = next(s for s in self.stages if s.name == name)
+        stage.how = "+".join(dict.fromkeys(hows))
+        stage.what = " + ".join(IMAGE_HOW.get(h, h) for h in dict.fromkeys(hows)) if name == "image" else stage.what
 
     @contextmanager
     def timed(self, name: str):
@@ -78,8 +93,8 @@ class Timeline:
         """None for text that is not a timeline (a file cut short, another version's): it is only ever a hint."""
         try:
             d = json.loads(text)
-            stages = [Stage(s["name"], float(s["seconds"]), s.get("what", WHAT.get(s["name"], ""))) for s in d["stages"]
-                      if s["name"] in STAGES]
+            stages = [Stage(s["name"], float(s["seconds"]), s.get("what", WHAT.get(s["name"], "")), str(s.get("how", "")))
+                      for s in d["stages"] if s["name"] in STAGES]
             return cls(d["recipe"], d["preset"], d.get("type_name"), stages)
         except (ValueError, KeyError, TypeError):
             return None

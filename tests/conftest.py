@@ -52,7 +52,7 @@ SPEEDRUN_SMALL = ["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--n-he
 # it (or a fixture it uses, however indirectly) needs the Docker engine, starts an sshd, or trains: runs the trainer
 # to a step count (`--max-steps` on its command line) or in process against the benchmark's plain step. The test's
 # own code, its fixtures' and the helpers of its module that they call are looked at. @pytest.mark.slow still works.
-SLOW_FIXTURES = {"docker"}
+SLOW_FIXTURES = {"docker", "registry"}
 SLOW_NAMES = {"start_sshd", "sshd_fixture", "PlainStep"}
 SLOW_CONSTANTS = {"--max-steps"}
 
@@ -256,6 +256,18 @@ def docker():
     if sh("docker", "info", check=False).returncode != 0:
         pytest.skip(reason="no Docker daemon is reachable here (CI starts dockerd in .ci/run)")
     return "docker"
+
+
+@pytest.fixture(scope="session")
+def registry(docker, tmp_path_factory):
+    """A real Docker registry on 127.0.0.1 (tests/registry.py), empty at the start of the session."""
+    from registry import SKIP_REASON, registry_available, start_registry
+
+    if not registry_available():
+        pytest.skip(reason=SKIP_REASON)
+    reg = start_registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
 
 
 def cpu_torch_wheel() -> Path:

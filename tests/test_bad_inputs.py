@@ -424,6 +424,10 @@ def make_cases() -> list:
         pytest.param([*dashboard, "LOGDIR={w}/log"], "no TensorBoard event files", id="make-dashboard-LOGDIR=no-event-files"),
         pytest.param([*dashboard, "LOGDIR={w}/afile"], "no TensorBoard event files", id="make-dashboard-LOGDIR=a-file"),
         pytest.param([*dashboard, "LOGDIR="], "no TensorBoard event files", id="make-dashboard-LOGDIR=empty"),
+        # push-image: a registry path without a scheme, and an image that exists (build-image made it) before any push
+        pytest.param([*MAKE, "push-image", "REGISTRY=https://127.0.0.1:5000/team"], "without a scheme", id="make-push-image-REGISTRY=url"),
+        pytest.param([*MAKE, "push-image", "REGISTRY=127.0.0.1:5000/team", "NAME=nanogpt-no-such-image"], "make build-image",
+                     id="make-push-image-no-image"),
     ]
 
 
@@ -465,6 +469,7 @@ def fab_cases() -> list:
         *flag_cases(launch, [], "--s3-endpoint", ["bogus"], "fab-launch"),
         *flag_cases(launch, [], "--sync-s3", ["bucket/prefix"], "fab-launch"),
         *flag_cases(launch, [], "--cuda", ["cu99", "11.8"], "fab-launch"),
+        *flag_cases(launch, [], "--image", ["http://127.0.0.1:5000/team/nanogpt-train", "Team/Name", "reg/name@sha256:abc"], "fab-launch"),
         pytest.param([*launch, "--hosts", "127.0.0.1"], "--hosts", id="fab-launch--host-and--hosts"),
         pytest.param([*launch, "--key", "{w}/nokey"], "nokey", id="fab-launch--key=missing"),
         *flag_cases([*fab, "stop"], host, "--timeout", ["nan"], "fab-stop"),

@@ -74,3 +74,18 @@ def test_setup_estimate_names_each_stage_never_measured():
     assert lines[0] == "setup: 720 s measured = $0.15 (stages not measured yet are not in it)"  # 0.2 h x $0.75
     assert lines[1:] == ["  boot: not measured yet", "  preflight: 30 s (measured)", "  image: 690 s (measured)",
                          "  data: not measured yet", "  fetch: not measured yet"]
+
+
+def test_the_image_stage_says_how_each_node_got_the_image_and_keeps_it_in_the_json():
+    tl = Timeline("gpt2", "tiny")
+    tl.mark("image", ["pulled"])  # the step says how, then its seconds come as for every stage
+    tl.add("image", 12.5)
+    (image,) = tl.stages
+    assert (image.seconds, image.how, image.what) == (12.5, "pulled", "trainer image pulled from the registry")
+    back = Timeline.from_json(tl.to_json())
+    assert back.stages[0].how == "pulled" and "pulled from the registry" in back.lines()[0]
+    tl.mark("image", ["found", "pulled", "pulled"])  # two nodes: one had it, two pulled
+    assert tl.stages[0].how == "found+pulled" and tl.stages[0].seconds == 12.5
+    old = json.loads(tl.to_json())  # a timeline kept before stages said how still reads
+    del old["stages"][0]["how"]
+    assert Timeline.from_json(json.dumps(old)).stages[0].how == ""
