@@ -260,8 +260,8 @@ def docker():
 
 @pytest.fixture(scope="session")
 def registry(docker, tmp_path_factory):
-    """A real Docker registry on 127.0.0.1 (tests/registry.py), empty at the start of the session."""
-    from registry import SKIP_REASON, registry_available, start_registry
+    """A real Docker registry on 127.0.0.1 (tests/registry_server.py), empty at the start of the session."""
+    from registry_server import SKIP_REASON, registry_available, start_registry
 
     if not registry_available():
         pytest.skip(reason=SKIP_REASON)

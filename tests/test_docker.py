@@ -7,8 +7,10 @@ and torch is the CPU wheel; the container runs without `--gpus all` because this
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -167,3 +169,54 @@ def test_run_local_without_nvidia_runtime_offers_the_cpu_run(docker):
     assert "no NVIDIA runtime" in proc.stderr and "make run-local-cpu" in proc.stderr
     proc = make("push-image")
     assert proc.returncode != 0 and "REGISTRY is not set" in proc.stderr
+
+
+# ---- make push-image against a real registry ---------------------------------------------------------------------
+PUSH_NAME = "nanogpt-push-test"  # a name of its own: the engine may hold a user's nanogpt-train of the same commit
+
+
+def push_image(*args) -> subprocess.CompletedProcess:
+    """make push-image with this interpreter (the recipe runs infra.registry)."""
+    return make("push-image", f"PYTHON={sys.executable}", f"NAME={PUSH_NAME}", *args, timeout=600)
+
+
+@pytest.fixture
+def pushable(docker):
+    """The small test base tagged as build-image tags a cu130 image of this commit (the push reads nothing else)."""
+    sh(ROOT / "scripts" / "make_test_base_image.sh", BASE, timeout=900)
+    tag = f"{PUSH_NAME}:{git_sha()}-cu130"
+    sh("docker", "tag", BASE, tag)
+    yield tag
+    gone = [r for r in sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split() if PUSH_NAME in r]
+    if gone:
+        sh("docker", "rmi", "--no-prune", *gone, check=False)
+
+
+def git_sha() -> str:
+    return sh("git", "rev-parse", "--short", "HEAD", cwd=ROOT).stdout.strip()
+
+
+def local_refs(prefix: str) -> list[str]:
+    return [r for r in sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split() if r.startswith(prefix)]
+
+
+def test_push_image_pushes_the_flavours_tags_and_prints_the_digest_the_registry_serves(pushable, registry):
+    proc = push_image(f"REGISTRY={registry.host}/team")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    digest = re.search(r"^pushed \S+ and :cu130: digest (sha256:[0-9a-f]{64})$", proc.stdout, re.M).group(1)
+    repo = f"team/{PUSH_NAME}"
+    assert registry.digest(repo, f"{git_sha()}-cu130") == digest and registry.digest(repo, "cu130") == digest
+    assert f"fab launch --image {registry.host}/{repo}@{digest}" in proc.stdout
+    assert not proc.stderr.strip(), proc.stderr
+
+
+def test_push_image_to_an_unreachable_registry_is_one_line_and_leaves_no_tag(pushable):
+    from sshd import free_port
+
+    registry = f"127.0.0.1:{free_port()}/team"
+    proc = push_image(f"REGISTRY={registry}")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 2 and re.fullmatch(r"make: \*\*\* \[[^]]*\] Error 2", lines[1]), proc.stderr
+    assert lines[0].startswith(f"error: docker push {registry}/{PUSH_NAME}:") and "connection refused" in lines[0], lines[0]
+    assert "is reachable from here" in lines[0]
+    assert local_refs(registry) == []  # the registry's tags it made here are gone again

@@ -520,11 +520,121 @@ def test_follow_says_what_the_trainers_exit_status_means(boxes, laptop, base_ima
     assert "the trainer says goodbye" in out.getvalue()
 
 
-def test_image_that_cannot_be_pulled(boxes, laptop, run_dirs):
-    proc = fab("launch", *ssh_args(boxes[0], laptop), "--allow-cpu", "--data-dir", run_dirs["data"], "--weights-dir", run_dirs["weights"],
-               "--image", f"127.0.0.1:{free_port()}/nanogpt-train:nope")
-    assert_one_line_error(proc, "docker pull 127.0.0.1:", "failed on 127.0.0.1", "docker login")
-    assert "started" not in proc.stdout
+# ---- the image by pull: make push-image, then fab launch --image, against a real registry on loopback ----------------
+E2E_NAME = "nanogpt-train-e2e"  # the name push-image pushes here (the engine may hold a user's nanogpt-train of this commit)
+
+
+@pytest.fixture(scope="module")
+def pushed(registry, boxes, laptop, wheels, base_image):
+    """The image the launches here build on the box (found, when an earlier test built it), tagged as build-image tags it
+    and pushed with `make push-image`: (its repository in the registry, the commit, the digest printed, the source tag)."""
+    from infra.image import build_on_box
+    from infra.ssh import connect
+
+    with connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts")) as conn:
+        source = build_on_box(conn, "docker", build_args={"BASE_IMAGE": base_image}, wheels=str(wheels), out=io.StringIO()).ref
+    sha = sh("git", "rev-parse", "--short", "HEAD", cwd=ROOT).stdout.strip()
+    sh("docker", "tag", source, f"{E2E_NAME}:{sha}-cu130")
+    proc = sh("make", "--no-print-directory", "-C", ROOT, "push-image", f"PYTHON={sys.executable}", f"NAME={E2E_NAME}",
+              f"REGISTRY={registry.host}/team", timeout=1200)
+    digest = re.search(r"^pushed \S+ and :cu130: digest (sha256:[0-9a-f]{64})$", proc.stdout, re.M).group(1)
+    yield f"{registry.host}/team/{E2E_NAME}", sha, digest, source
+    refs = [r for r in sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split() if E2E_NAME in r]
+    if refs:
+        sh("docker", "rmi", "--no-prune", *refs, check=False)
+
+
+def image_id_of(ref: str) -> str | None:
+    proc = sh("docker", "image", "inspect", "--format", "{{.Id}}", ref, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def timeline_line(out: str, stage: str) -> str:
+    lines = out.splitlines()
+    return next(line for line in lines[lines.index("timeline:") + 1:] if line.split()[0] == stage)
+
+
+def test_launch_by_image_pulls_the_pushed_digest_and_builds_nothing(pushed, boxes, laptop, wheels, base_image, run_dirs, box_user):
+    repo, sha, digest, source = pushed
+    weights = box_path("pulled-weights")
+    args = launch_args(boxes[0], laptop, wheels, base_image, {"data": run_dirs["data"], "weights": weights}, "--image", f"{repo}:{sha}",
+                       "--nproc", 1, "--steps", 2, "--train-args", " ".join(TRAIN))
+    # The dry run shows the pull as a step of its own, and the build it would fall back to.
+    plan = fab(*args, "--dry-run", check=True).stdout
+    assert f"image: CUDA flavour cu130 (CUDA 13.0): docker pull {repo}:{sha}-cu130 on the box, then run by the digest" in plan, plan
+    assert f"  if the pull fails: {source} is already on the box" in plan, plan
+
+    proc = fab(*args, check=True)
+    out = proc.stdout
+    assert f"pulling {repo}:{sha}-cu130 on 127.0.0.1" in out and f"pulled {repo}@{digest} on 127.0.0.1" in out
+    assert "note:" not in out and "sending the image source" not in out and "not rebuilding" not in out  # no build at all
+    assert "trainer image pulled from the registry" in timeline_line(out, "image")
+    kept = json.loads((weights / "timeline.json").read_text())
+    assert next(s for s in kept["stages"] if s["name"] == "image")["how"] == "pulled"
+    # The run ran the digest (what it records), and the trainer image on the box is that image.
+    ident = events(weights, "start")[0]["identity"]
+    assert ident["image"] == f"{repo}@{digest}" and ident["image_id"] == image_id_of(f"{contract.IMAGE_NAME}:latest")
+    assert "done: 2 steps" in out
+
+    # By digest, once the box has it: nothing to pull (a digest names its content for good).
+    plan = fab(*launch_args(boxes[0], laptop, wheels, base_image, {"data": run_dirs["data"], "weights": weights}, "--image",
+                            f"{repo}@{digest}", "--dry-run"), check=True).stdout
+    assert f"image: CUDA flavour cu130 (CUDA 13.0): {repo}@{digest} is already on the box: no pull" in plan, plan
+
+
+def file_manifest_under(registry, repo: str, content_of: str) -> str:
+    """Make the registry serve the manifest `content_of` (a digest it holds) under a digest that is not its hash, as a
+    corrupt or lying registry would: the blob store and the repository's revision link, as the registry writes them."""
+    wrong = "sha256:" + hashlib.sha256(b"not this manifest").hexdigest()
+    blob = registry.blob_path(wrong)
+    blob.parent.mkdir(parents=True)
+    shutil.copy(registry.blob_path(content_of), blob)
+    link = registry.root / "docker" / "registry" / "v2" / "repositories" / repo / "_manifests" / "revisions" / "sha256" / wrong[7:] / "link"
+    link.parent.mkdir(parents=True)
+    link.write_text(wrong)
+    return wrong
+
+
+def test_a_wrong_digest_or_an_unreachable_registry_is_one_line_and_the_box_builds(pushed, registry, boxes, laptop, wheels, base_image,
+                                                                                  run_dirs, box_user):
+    from infra.flavour import DEFAULT
+    from infra.image import pull_images
+    from infra.ssh import connect
+
+    repo, sha, digest, source = pushed
+    # The base image in the same repository (its layers are the trainer's first ones: only its manifest is new).
+    sh("docker", "tag", base_image, f"{repo}:base")
+    pushed_base = sh("docker", "push", f"{repo}:base").stdout
+    base_digest = re.search(r"digest: (sha256:[0-9a-f]{64})", pushed_base).group(1)
+    sh("docker", "rmi", "--no-prune", f"{repo}:base")
+    wrong = file_manifest_under(registry, f"team/{E2E_NAME}", base_digest)
+    assert registry.digest(f"team/{E2E_NAME}", wrong) == wrong  # the registry does serve it under that digest
+    unreachable = f"127.0.0.1:{free_port()}/team/{E2E_NAME}"
+    for i, (image, why) in enumerate([(f"{repo}@{wrong}", f"manifest verification failed for digest {wrong}"),
+                       (f"{unreachable}:{sha}", "connection refused")]):
+        weights = box_path(f"fallback-{i}")
+        proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, {"data": run_dirs["data"], "weights": weights}, "--image", image,
+                                "--nproc", 1, "--steps", 1, "--train-args", " ".join(TRAIN)), check=True)
+        out = proc.stdout
+        asked = image if "@" in image else f"{image}-cu130"
+        notes = [line for line in out.splitlines() if line.startswith("note: pull")]
+        assert len(notes) == 1 and notes[0].startswith(f"note: pull of {asked} failed (") and notes[0].endswith("): building on the box"), out
+        assert why in notes[0], notes[0]
+        assert not [line for line in out.splitlines() if line.startswith("Error")]  # docker's error is the reason in that line
+        assert f"image {source} is already on 127.0.0.1 (same source): not rebuilding" in out  # the build as without --image
+        assert "trainer image already on the box" in timeline_line(out, "image") and "done: 1 steps" in out
+        # Nothing half-loaded: no image by the wrong digest, the trainer image is the one built from source.
+        assert image_id_of(f"{repo}@{wrong}") is None
+        assert image_id_of(f"{contract.IMAGE_NAME}:latest") == image_id_of(source) != image_id_of(base_image)
+        assert events(weights, "start")[0]["identity"]["image"] == source
+
+    # A digest the registry does not have (a typo, another registry's): the same one line, from the pull itself.
+    absent = "sha256:" + hashlib.sha256(b"no such manifest").hexdigest()
+    out = io.StringIO()
+    with connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts")) as conn:
+        assert pull_images([(conn, "docker")], f"{repo}@{absent}", DEFAULT, out=out) is None
+    assert out.getvalue().splitlines()[-1].startswith(f"note: pull of {repo}@{absent} failed (") and "manifest unknown" in out.getvalue()
+    assert image_id_of(f"{repo}@{absent}") is None
 
 
 @pytest.fixture
