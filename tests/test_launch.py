@@ -1,7 +1,8 @@
 """`fab launch / logs / status / stop / fetch-weights` end to end: the laptop is this test process running the real
 `fab` CLI, the box is a real OpenSSH server on loopback logging in a real non-root user who is in the docker
 group, and the box's Docker is this machine's real engine. The image is built *on the box* from the source
-that fab sends (a local Debian base and the CPU torch wheel stand in for the CUDA base: no registry here).
+that fab sends (a local Debian base and the CPU torch wheel stand in for the CUDA base), or pushed with
+`make push-image` to a real registry on loopback (tests/registry_server.py) and pulled from there with --image.
 """
 
 from __future__ import annotations
