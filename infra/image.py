@@ -170,11 +170,12 @@ class PullFailed(Exception):
 
 
 class _PullOutput(io.TextIOBase):
-    """docker pull's output, passed on line by line, except its error (the reason, kept for the one line) and its
-    Digest: line (kept: the digest the registry served for the reference)."""
+    """docker pull's output, passed on line by line, except its error: the daemon's (Error response from daemon: ...)
+    or, from a pull that failed mid-way, its last line (held back one line for that), kept for the one line that says
+    why. Its Digest: line is kept too: the digest the registry served for the reference."""
 
     def __init__(self, out):
-        self.out, self.error, self.digest = out, None, None
+        self.out, self.error, self.digest, self.held = out, None, None, None
 
     def write(self, text: str) -> int:
         for line in text.splitlines(keepends=True):
@@ -182,13 +183,25 @@ class _PullOutput(io.TextIOBase):
             if body.startswith("Digest: ") and DIGEST.fullmatch(body.removeprefix("Digest: ")):
                 self.digest = body.removeprefix("Digest: ")
             if body.startswith(("Error", "error")):
-                self.error = " ".join(body.removeprefix("Error response from daemon:").split())[:300]
-            else:
-                self.out.write(line)
+                self.error = body
+            elif body:
+                if self.held is not None:
+                    self.out.write(self.held)
+                self.held = line
         return len(text)
 
     def flush(self) -> None:
         self.out.flush()
+
+    def reason(self, failed: bool) -> str | None:
+        """After the pull: docker's reason on one line where it failed (the held line is it), else None."""
+        last, self.held = self.held, None
+        if not failed:
+            if last is not None:
+                self.out.write(last)
+            return None
+        reason = self.error or (last.strip() if last else "")
+        return " ".join(reason.removeprefix("Error response from daemon:").split())[:300] or None
 
 
 def repo_digests(conn, docker: str, ref: str) -> list[str]:
@@ -199,11 +212,14 @@ def repo_digests(conn, docker: str, ref: str) -> list[str]:
         return []
 
 
-def has_digest(conn, docker: str, ref: Ref, digest: str) -> bool:
-    """The image `ref` names on the box is the registry's `digest` of its repository (docker records it per
-    repository in RepoDigests when it pulls or pushes)."""
-    want = f"{repo_key(ref.name)}@{digest}"
-    return any(repo_key(d.split("@")[0]) + "@" + d.split("@")[-1] == want for d in repo_digests(conn, docker, str(ref)))
+def has_digest(conn, docker: str, pulled: str, name: str, digest: str) -> bool:
+    """The image the reference `pulled` names on the box is the registry's `digest` of repository `name`: docker
+    records, per repository, the digest it pulled or pushed an image as (RepoDigests)."""
+    for entry in repo_digests(conn, docker, pulled):
+        repo, _, got = entry.rpartition("@")
+        if repo_key(repo) == repo_key(name) and got == digest:
+            return True
+    return False
 
 
 def pull_on_box(conn, docker: str, ref: Ref, out=sys.stdout) -> Image:
@@ -218,14 +234,14 @@ def pull_on_box(conn, docker: str, ref: Ref, out=sys.stdout) -> Image:
     out.write(f"pulling {target} on {conn.host}\n")
     seen = _PullOutput(out)
     status = stream(conn, f"{docker} pull {shlex.quote(target)} 2>&1", out=seen)
-    if status != 0:
-        raise PullFailed(seen.error or f"docker pull exited with {status}")
+    if (why := seen.reason(failed=status != 0)) is not None or status != 0:
+        raise PullFailed(why or f"docker pull exited with {status}")
     digest = ref.digest or seen.digest
     if digest is None:
         raise PullFailed("docker pull named no digest for it")
     if seen.digest and seen.digest != digest:
         raise PullFailed(f"the registry served {seen.digest}, not the digest asked")
-    if not has_digest(conn, docker, Ref(ref.name, digest=digest), digest):
+    if not has_digest(conn, docker, target, ref.name, digest):
         raise PullFailed(f"the image pulled is not {digest}")
     pinned = Ref(ref.name, digest=digest).pinned
     tag_as_trainer(conn, docker, pinned)

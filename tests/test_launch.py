@@ -568,7 +568,7 @@ def test_launch_by_image_pulls_the_pushed_digest_and_builds_nothing(pushed, boxe
     proc = fab(*args, check=True)
     out = proc.stdout
     assert f"pulling {repo}:{sha}-cu130 on 127.0.0.1" in out and f"pulled {repo}@{digest} on 127.0.0.1" in out
-    assert "note:" not in out and "sending the image source" not in out and "not rebuilding" not in out  # no build at all
+    assert "note: pull" not in out and "sending the image source" not in out and "not rebuilding" not in out  # no build at all
     assert "trainer image pulled from the registry" in timeline_line(out, "image")
     kept = json.loads((weights / "timeline.json").read_text())
     assert next(s for s in kept["stages"] if s["name"] == "image")["how"] == "pulled"
