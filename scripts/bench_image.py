@@ -1,7 +1,7 @@
 """How long from `fab launch` to the trainer's first step, by how the image reaches the box: already there, pulled
 from a registry, or built from source.
 
-    python scripts/bench_image.py [--rounds 1] [--steps 2]
+    python scripts/bench_image.py [--rounds 1] [--steps 2] [--cold-pull]
 
 Runs what the launcher tests run (needs root, Docker, OpenSSH's sshd and docker-registry, the test base image that
 scripts/make_test_base_image.sh makes and the local CPU torch wheel): a throwaway sshd on loopback logging in this
@@ -16,6 +16,10 @@ dir each, the real `fab launch --allow-cpu --preset tiny --steps N`:
            requirements) are not transferred again: on a fresh box the whole image is
   built    no --image, after the source tag is removed: `docker build` on the box, with Docker's layer cache warm
            (a fresh box builds every layer: it downloads the CUDA base and torch, minutes)
+
+--cold-pull also times `docker pull` of the same digest into an engine that has none of its layers (a second dockerd,
+in a network namespace of its own, where the same registry storage is served on the same address): what a fresh box
+adds to the `pulled` line, less that line's own image stage.
 
 Launch-to-first-step is the wall time from starting `fab` to the trainer's first step line in the streamed log; the
 image stage is the launch's own timeline (timeline.json in the weights dir), which says how it got the image.
@@ -89,16 +93,51 @@ def launch(box, data: Path, weights: Path, wheels: Path, steps: int, *extra) -> 
             "transferred": sum("Pull complete" in line for line in out), "present": sum("Already exists" in line for line in out)}
 
 
-def refs_of(image_id: str) -> list[str]:
-    """Every tag and digest reference in the engine that names this image."""
-    info = json.loads(sh("docker", "image", "inspect", image_id).stdout)[0]
-    return info["RepoTags"] + info["RepoDigests"]
+def drop_containers(image_id: str) -> None:
+    """The stopped containers of the launches here that run this image (fab launch removes them at its next start)."""
+    names = sh("docker", "ps", "-a", "--filter", f"ancestor={image_id}", "--filter", "status=exited", "--format", "{{.Names}}").stdout.split()
+    if names:
+        sh("docker", "rm", *names)
+
+
+def cold_pull(work: Path, reg_config: Path, ref: str) -> tuple[float, int]:
+    """Seconds for `docker pull ref` into an engine that has none of its layers: a second dockerd of its own (data root,
+    socket) in a network namespace of its own (a second daemon in this one would tear down the first one's bridge),
+    with the same registry storage served there on the same address. (seconds, layers pulled)."""
+    d = work / "engine"
+    d.mkdir()
+    sock = d / "docker.sock"
+    log = open(d / "dockerd.log", "wb")
+    engine = subprocess.Popen(["unshare", "--net", "dockerd", "--data-root", d / "data", "--exec-root", d / "exec", "-H", f"unix://{sock}",
+                               "--pidfile", d / "pid", "--bridge", "none", "--iptables=false", "--ip6tables=false"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    netns = ["nsenter", f"--net=/proc/{engine.pid}/ns/net"]
+    served = None
+    try:
+        for _ in range(120):
+            if sh("docker", "-H", f"unix://{sock}", "info", check=False).returncode == 0:
+                break
+            time.sleep(0.5)
+        sh(*netns, "ip", "link", "set", "lo", "up")
+        served = subprocess.Popen([*netns, "/usr/bin/docker-registry", "serve", str(reg_config)], stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(2)
+        t0 = time.monotonic()
+        out = sh("docker", "-H", f"unix://{sock}", "pull", ref).stdout
+        return time.monotonic() - t0, out.count("Pull complete")
+    finally:
+        for p in (served, engine):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=120)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=1, help="rounds of the three cases (default 1)")
     p.add_argument("--steps", type=int, default=2, help="training steps per launch (default 2)")
+    p.add_argument("--cold-pull", action="store_true", help="also time a pull into an empty second engine (dockerd in a network "
+                                                            "namespace of its own)")
     args = p.parse_args()
     if not (sshd_available() and registry_available() and shutil.which("docker")):
         raise SystemExit("needs OpenSSH's sshd, docker-registry and Docker (.ci/run installs them)")
@@ -126,11 +165,16 @@ def main() -> None:
             raise SystemExit(f"push failed: {e}") from None
         print(f"pushed {source} ({image_id[:19]}) to {reg.host}/bench/{NAME}@{digest} in {time.monotonic() - t0:.1f} s")
         pinned = f"{reg.host}/bench/{NAME}@{digest}"
+        if args.cold_pull:
+            seconds, layers = cold_pull(work, work / "registry" / "config.yml", pinned)
+            print(f"cold pull (an engine without any of its layers): {seconds:.1f} s, {layers} layers", flush=True)
         for r in range(args.rounds):
+            print(f"round {r + 1}", flush=True)
             rows.append(("cached", launch(box, data, work / f"w-cached-{r}", wheels, args.steps, "--image", pinned)))
-            sh("docker", "rmi", *refs_of(image_id))  # and its layers, where no other image of the engine holds them
+            drop_containers(image_id)  # the finished trainer's container holds its image until the next launch
+            sh("docker", "rmi", "-f", image_id)  # every tag, and its layers where no other image of the engine holds them
             rows.append(("pulled", launch(box, data, work / f"w-pulled-{r}", wheels, args.steps, "--image", pinned)))
-            sh("docker", "rmi", "--no-prune", source)  # the tag only: the build finds its layers in the cache
+            sh("docker", "rmi", "--no-prune", source, check=False)  # the tag only (if the pull left one): the build finds its layers cached
             rows.append(("built", launch(box, data, work / f"w-built-{r}", wheels, args.steps)))
     finally:
         box.stop()
