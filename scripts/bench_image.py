@@ -27,7 +27,6 @@ image stage is the launch's own timeline (timeline.json in the weights dir), whi
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -47,7 +46,7 @@ from registry_server import registry_available, start_registry  # noqa: E402
 
 from infra.flavour import DEFAULT  # noqa: E402
 from infra.registry import push  # noqa: E402
-from job.errors import UserError  # noqa: E402
+from job.errors import ArgumentParser, UserError, cli_main, int_arg  # noqa: E402
 from sshd import sshd_available, start_sshd  # noqa: E402
 
 BASE = "nanogpt-test-base:bookworm"
@@ -68,7 +67,7 @@ def torch_wheel() -> Path:
     links = sh("python3", "-m", "pip", "config", "get", "global.find-links", check=False).stdout.strip() or "/opt/wheels"
     found = sorted(glob.glob(f"{links}/torch-2.13.0+cpu-*.whl"))
     if not found:
-        raise SystemExit(f"no local CPU torch 2.13.0 wheel in {links}: the build would pull GBs of CUDA torch")
+        raise UserError(f"no local CPU torch 2.13.0 wheel in {links}: put one there (the build would pull GBs of CUDA torch)")
     return Path(found[0])
 
 
@@ -133,14 +132,14 @@ def cold_pull(work: Path, reg_config: Path, ref: str) -> tuple[float, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=1, help="rounds of the three cases (default 1)")
-    p.add_argument("--steps", type=int, default=2, help="training steps per launch (default 2)")
+    p = ArgumentParser(prog="python scripts/bench_image.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int_arg(1), default=1, help="rounds of the three cases (default 1)")
+    p.add_argument("--steps", type=int_arg(1), default=2, help="training steps per launch (default 2)")
     p.add_argument("--cold-pull", action="store_true", help="also time a pull into an empty second engine (dockerd in a network "
                                                             "namespace of its own)")
     args = p.parse_args()
     if not (sshd_available() and registry_available() and shutil.which("docker")):
-        raise SystemExit("needs OpenSSH's sshd, docker-registry and Docker (.ci/run installs them)")
+        raise UserError("this needs OpenSSH's sshd, docker-registry and Docker: install them (.ci/run does)")
     sh(ROOT / "scripts" / "make_test_base_image.sh", BASE)
     work = Path(tempfile.mkdtemp(prefix="bench-image-"))
     box = start_sshd(work / "sshd")
@@ -162,7 +161,7 @@ def main() -> None:
         try:
             digest = push("docker", f"{reg.host}/bench", NAME, sha, DEFAULT.name, out=io.StringIO())
         except UserError as e:
-            raise SystemExit(f"push failed: {e}") from None
+            raise SystemExit(f"the push failed: {e}") from None
         print(f"pushed {source} ({image_id[:19]}) to {reg.host}/bench/{NAME}@{digest} in {time.monotonic() - t0:.1f} s")
         pinned = f"{reg.host}/bench/{NAME}@{digest}"
         if args.cold_pull:
@@ -191,4 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()
