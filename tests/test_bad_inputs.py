@@ -398,6 +398,7 @@ def script_cases() -> list:
         *flag_cases(s("bench_prepare"), [], "--mb", ["abc", "nan", "0", "-1"], "bench_prepare"),
         *flag_cases(s("bench_prepare"), [], "--files", ["0", "abc"], "bench_prepare"),
         *flag_cases(s("bench_prepare"), [], "--repeat", ["0"], "bench_prepare"),
+        *flag_cases(s("bench_image"), [], "--rounds", ["0", "x"], "bench_image"),
         *flag_cases(s("bench_prepare"), [], "--dir", [UNDER_FILE, "{ro}/bench", "{w}/busy"], "bench_prepare"),
         pytest.param([*s("estimate_cuda_image"), "--bogus"], "--bogus", id="estimate_cuda_image-unknown-flag"),
         # these import torch before parsing: one case each
@@ -583,7 +584,7 @@ HELP = [pytest.param([PY, "-m", m, "--help"], id=f"help-{m}")
         for m in ("job.sample", "job.export", "job.plot", "job.stats", "job.prepare", "job.sidecar.guard", "job.sidecar.sync",
                   "job.dashboards")]
 HELP += [pytest.param([PY, str(ROOT / "scripts" / f"{name}.py"), "--help"], id=f"help-{name}")
-         for name in ("bench_summary", "bench_prepare", "estimate_cuda_image")]
+         for name in ("bench_summary", "bench_prepare", "bench_image", "estimate_cuda_image")]
 HELP += [pytest.param([FAB, "--help", task], id=f"help-fab-{task}") for task in ("launch", "fetch-weights", "provision")]
 
 
