@@ -259,7 +259,9 @@ def pull_images(nodes, image: str, flavour: Flavour, out=sys.stdout) -> list[Ima
             got = pull_on_box(conn, docker, ref, out=out)
         except PullFailed as e:
             where = f" on {conn.host}" if len(nodes) > 1 else ""
-            out.write(f"note: pull of {asked} failed{where} ({e}): building on the box{'es' if len(nodes) > 1 else ''}\n")
+            login = any(w in str(e) for w in ("unauthorized", "denied", "authentication required", "no basic auth"))
+            why = f"{e}; a private image needs `docker login {ref.name.split('/')[0]}` on the box" if login else str(e)
+            out.write(f"note: pull of {asked} failed{where} ({why}): building on the box{'es' if len(nodes) > 1 else ''}\n")
             return None
         pulled.append(got)
         ref = parse_ref(got.ref)
