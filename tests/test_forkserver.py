@@ -1,0 +1,80 @@
+"""tests/forkserver.py, which tests/test_bad_inputs.py runs its cases in: a command line run in a forked child gives
+what the same command line gives in a subprocess (exit status, stdout, stderr, a traceback), and one whose environment
+changes what a preloaded module read at import runs in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import env
+from forkserver import ForkServer
+
+SCRIPTS = {
+    "exit3": "import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)\n",
+    "uncaught": "def f():\n    raise ValueError('boom')\nprint('partial', end='')\nf()\n",
+    "exit_message": "import sys\nsys.exit('a message')\n",
+    "finishes": textwrap.dedent("""\
+        import atexit, sys, threading, time
+        atexit.register(lambda: print('atexit ran'))
+        threading.Thread(target=lambda: (time.sleep(0.2), print('thread ran'))).start()
+        print('main done')
+        """),
+    "context": textwrap.dedent("""\
+        import os, sys
+        print(os.environ.get('FS_CASE'), os.getcwd(), sys.argv, sys.path[0], repr(sys.stdin.read()), os.environ.get('FS_GONE'))
+        """),
+    "killed": "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("forkserver")
+    for name, code in SCRIPTS.items():
+        (d / f"{name}.py").write_text(code)
+    (d / "pkg").mkdir()
+    (d / "pkg" / "__init__.py").write_text("")
+    (d / "pkg" / "mod.py").write_text("import sys\nprint(__name__, sys.argv[1:], __spec__.name)\nraise SystemExit(2)\n")
+    (d / "reads_at_import.py").write_text("import os\nVALUE = os.environ.get('FS_READ_AT_IMPORT')\n")
+    e = env(PYTHONPATH=str(d), FS_GONE="here")
+    s = ForkServer(["reads_at_import"], cwd=d, env=e)
+    yield s, d, e
+    s.close()
+
+
+@pytest.mark.parametrize("argv", [[name, "a b", "--flag"] for name in SCRIPTS] + [["-m", "pkg.mod", "x"]], ids=lambda a: a[0] + a[1])
+def test_a_forked_child_gives_what_a_subprocess_gives(server, argv):
+    s, d, e = server
+    argv = [sys.executable, *(str(d / f"{a}.py") if a in SCRIPTS else a for a in argv)]
+    case_env = dict(e, FS_CASE="set for this case")
+    del case_env["FS_GONE"]
+    assert s.forks(argv, case_env)
+    forked = s.run(argv, cwd=d, env=case_env, timeout=60)
+    sub = subprocess.run(argv, cwd=d, env=case_env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert (forked.returncode, forked.stdout) == (sub.returncode, sub.stdout)
+    if argv[1] == "-m":  # the interpreter's own frames above the module differ: the error's line is the same
+        assert forked.stderr.splitlines()[-1:] == sub.stderr.splitlines()[-1:]
+    else:
+        assert forked.stderr == sub.stderr
+
+
+def test_a_variable_read_at_import_is_not_changed_in_a_child(server):
+    s, d, e = server
+    argv = [sys.executable, str(d / "exit3.py")]
+    assert "FS_READ_AT_IMPORT" in s.environ_read
+    assert not s.forks(argv, dict(e, FS_READ_AT_IMPORT="1"))  # a subprocess runs it instead
+    assert not s.forks(argv, dict(e, PYTHONHASHSEED="1"))
+    assert s.forks(argv, dict(e, FS_OTHER="1"))
+    assert s.run(argv, cwd=d, env=dict(e, FS_READ_AT_IMPORT="1"), timeout=60).returncode == 3
+
+
+def test_a_child_past_its_timeout_is_killed(server, tmp_path):
+    s, d, e = server
+    (tmp_path / "sleeps.py").write_text("import time\ntime.sleep(60)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        s.run([sys.executable, str(tmp_path / "sleeps.py")], cwd=d, env=e, timeout=0.5)
+    assert s.run([sys.executable, str(d / "exit3.py")], cwd=d, env=e, timeout=60).returncode == 3  # the server goes on
