@@ -3,8 +3,16 @@
 
 The cases are generated: entry point x flag x kind of bad value (non-numbers, NaN and inf, out-of-range numbers,
 paths under a regular file or in a read-only place, malformed URLs, hosts and ports, open quotes, unknown flags,
-missing arguments, bad shards and bad checkpoints). Each runs the real command line in a subprocess. Most fail in
-argument parsing, before torch is imported; the few that must read a shard or a checkpoint are kept few.
+missing arguments, bad shards and bad checkpoints). Each runs the real command line as a process of its own. A Python
+entry point's (`python -m job.X`, `python scripts/Y.py`, `fab`) is a child forked from a server that has already
+imported what the entry points import (tests/forkserver.py): the child takes the case's argv, working directory and
+environment, runs the entry point as the interpreter would run that command line, and exits as it would, so the exit
+status, stdout and stderr checked here, a traceback included, are the command line's own; only the interpreter's
+start-up and the imports are not paid again (a few hundredths of a second a case instead of a tenth to a few
+seconds). `make`, and a case whose environment changes a variable that a preloaded module read while it was imported,
+run in a subprocess; BAD_INPUTS_SUBPROCESS=1 runs every case in a subprocess, as a shell would, with the same
+outcomes. Most fail in argument parsing, before torch is imported; the few that must read a shard or a checkpoint are
+kept few.
 No case reaches the network: hosts fail validation before any lookup, and anything that would connect is pointed
 at a port on 127.0.0.1 that this test holds closed.
 """
@@ -23,6 +31,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, env
+from forkserver import ForkServer
 
 PY = sys.executable
 FAB = str(Path(sys.executable).parent / "fab")
@@ -232,6 +241,15 @@ def env_case(argv: list[str], needle, case_id: str, **extra_env):
     return pytest.param(argv, needle, id=case_id)
 
 
+TORCH_CASES: set[str] = set()  # the ids of the cases whose command line imports torch
+
+
+def torch_cases(cases: list) -> list:
+    """Cases whose command line imports torch (a second or two): they fork from a server that has it loaded."""
+    TORCH_CASES.update(c.id for c in cases)
+    return cases
+
+
 def flag_cases(prefix: list[str], base: list[str], flag: str, values: list[str], tag: str) -> list:
     """The line must name the flag, or quote the value it refuses."""
     return [pytest.param([*prefix, *base, flag, v], (flag, repr(v)), id=f"{tag}{flag}={v}") for v in values]
@@ -402,10 +420,12 @@ def script_cases() -> list:
         *flag_cases(s("bench_prepare"), [], "--dir", [UNDER_FILE, "{ro}/bench", "{w}/busy"], "bench_prepare"),
         pytest.param([*s("estimate_cuda_image"), "--bogus"], "--bogus", id="estimate_cuda_image-unknown-flag"),
         # these import torch before parsing: one case each
-        *speedrun_script_cases(s),
-        pytest.param([*s("bench_train"), "--steps", "0"], "--steps", id="bench_train--steps=0"),
-        pytest.param([*s("bench_loss"), "--rows", "abc"], "--rows", id="bench_loss--rows=abc"),
-        pytest.param([*s("estimate_memory"), "--json", UNDER_FILE], "--json", id="estimate_memory--json=under-a-file"),
+        *torch_cases([
+            *speedrun_script_cases(s),
+            pytest.param([*s("bench_train"), "--steps", "0"], "--steps", id="bench_train--steps=0"),
+            pytest.param([*s("bench_loss"), "--rows", "abc"], "--rows", id="bench_loss--rows=abc"),
+            pytest.param([*s("estimate_memory"), "--json", UNDER_FILE], "--json", id="estimate_memory--json=under-a-file"),
+        ]),
     ]
 
 
@@ -514,9 +534,9 @@ def train_cases() -> list:
                 "--max-steps", "1", "--device", "cpu", "--compile", "off", "--resume", "never", "--data-dir", "{w}/shards_good",
                 "--log-dir", "{scratch}/speedrunlog"]
     cases.append(pytest.param(speedrun, "--n-head", id="train-speedrun-head-size-not-a-multiple-of-4"))
-    cases.append(pytest.param([FAB, "launch", "--host", "127.0.0.1:{port}", "--recipe", "speedrun-2025-05-24", "--preset", "tiny",
-                               "--train-args", "--n-embd 120 --n-head 4"], "--n-head", id="fab-launch-speedrun-head-size-not-a-multiple-of-4"))
-    return cases
+    return [*torch_cases(cases),
+            pytest.param([FAB, "launch", "--host", "127.0.0.1:{port}", "--recipe", "speedrun-2025-05-24", "--preset", "tiny",
+                          "--train-args", "--n-embd 120 --n-head 4"], "--n-head", id="fab-launch-speedrun-head-size-not-a-multiple-of-4")]
 
 
 def checkpoint_cases() -> list:
@@ -526,7 +546,7 @@ def checkpoint_cases() -> list:
              for kind in ("truncated", "foreign", "tensor", "wrong_model")]
     cases.append(pytest.param([PY, "-m", "job.export", "--checkpoint", "{w}/wrong_model.pt", "--out", "{w}/o"], "wrong_model.pt",
                               id="export--checkpoint=wrong_model"))
-    return cases
+    return torch_cases(cases)
 
 
 CASES = [*sample_cases(), *export_cases(), *plot_cases(), *stats_cases(), *prepare_cases(), *hub_cases(), *guard_sync_cases(), *script_cases(),
@@ -535,19 +555,56 @@ CASES = [*sample_cases(), *export_cases(), *plot_cases(), *stats_cases(), *prepa
 NO_KEY = {"fab-types--api-key-file=missing"}  # cases run without LAMBDA_API_KEY
 
 
-def run(argv: list[str], world: dict, **extra_env) -> subprocess.CompletedProcess:
-    fill = {"w": world["dir"], "ro": world["ro"], "port": world["port"], "taken": world["taken"], "scratch": world["scratch"]}
-    argv = [a.format(**fill) for a in argv]
+def base_env(world: dict) -> dict:
     # Nothing may reach a real service: the Lambda API and S3 point at the closed port, and a key is at hand so the
     # Lambda tasks get as far as their own checks.
     closed = f"http://127.0.0.1:{world['port']}"
     e = env(**{"LAMBDA_API_BASE": closed, "AWS_ENDPOINT_URL": closed, "LAMBDA_API_KEY": "test-key"})
+    # pytest's name for the test that runs, which changes with every case (and torch reads when it is imported): no
+    # user's command line has it, and without it every case can fork from the same server
+    e.pop("PYTEST_CURRENT_TEST", None)
+    return e
+
+
+# What the entry points import, loaded once per fork server. The cases that import torch (an eighth of them) fork from
+# a second server that has it loaded too: a child of a process that holds torch takes longer to start and to exit,
+# which the other cases need not pay.
+PRELOAD = ["numpy", "job.sample", "job.export", "job.plot", "job.stats", "job.prepare", "job.sidecar.guard", "job.sidecar.sync",
+           "job.dashboards", "fabric.main", "fabfile"]
+PRELOAD_TORCH = [*PRELOAD, "torch", "job.train"]
+
+
+@pytest.fixture(scope="module")
+def forks(world):
+    """forks(with_torch) -> the fork server the Python cases run in, started when a case first needs it; None with
+    BAD_INPUTS_SUBPROCESS=1, which runs every case in a subprocess of its own."""
+    if os.environ.get("BAD_INPUTS_SUBPROCESS") == "1":
+        yield None
+        return
+    servers: dict[bool, ForkServer] = {}
+
+    def server(with_torch: bool) -> ForkServer:
+        if with_torch not in servers:
+            servers[with_torch] = ForkServer(PRELOAD_TORCH if with_torch else PRELOAD, cwd=ROOT, env=base_env(world))
+        return servers[with_torch]
+
+    yield server
+    for s in servers.values():
+        s.close()
+
+
+def run(argv: list[str], world: dict, forks, with_torch: bool = False, **extra_env) -> subprocess.CompletedProcess:
+    fill = {"w": world["dir"], "ro": world["ro"], "port": world["port"], "taken": world["taken"], "scratch": world["scratch"]}
+    argv = [a.format(**fill) for a in argv]
+    e = base_env(world)
     for k, v in extra_env.items():
         if v is None:
             e.pop(k, None)
         else:
             e[k] = str(v).format(**fill)
-    return subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if forks is None:
+        return subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return forks(with_torch).run(argv, cwd=ROOT, env=e, timeout=120)
 
 
 # make's own line after a recipe that failed, naming the target; the recipe's line is the one under test.
@@ -567,7 +624,7 @@ def assert_contract(proc: subprocess.CompletedProcess, needle: str | tuple[str, 
 
 
 @pytest.mark.parametrize("argv,needle", CASES)
-def test_a_bad_input_is_one_error_line_and_exit_2(argv, needle, world, request):
+def test_a_bad_input_is_one_error_line_and_exit_2(argv, needle, world, forks, request):
     uses_ro = any("{ro}" in a for a in argv)
     if uses_ro and world["ro"] is None:
         pytest.skip(reason="no read-only directory here: root ignores mode bits, and mounting a read-only tmpfs failed")
@@ -575,7 +632,7 @@ def test_a_bad_input_is_one_error_line_and_exit_2(argv, needle, world, request):
     extra = {"LAMBDA_API_KEY": ""} if case_id in NO_KEY else {}
     extra.update(CASE_ENV.get(case_id, {}))
     before = fingerprint(world["dir"])
-    proc = run(argv, world, **extra)
+    proc = run(argv, world, forks, case_id in TORCH_CASES, **extra)
     assert_contract(proc, needle)
     assert fingerprint(world["dir"]) == before, "a failed command changed its inputs (or left files behind)"
 
@@ -589,14 +646,14 @@ HELP += [pytest.param([FAB, "--help", task], id=f"help-fab-{task}") for task in 
 
 
 @pytest.mark.parametrize("argv", HELP)
-def test_help_still_works(argv, world):
-    proc = run(argv, world)
+def test_help_still_works(argv, world, forks):
+    proc = run(argv, world, forks)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and not proc.stderr.strip(), proc.stderr
 
 
 def test_make_dashboard_on_a_taken_port_names_it_and_a_free_one(world):
-    proc = run([*MAKE, "dashboard", "LOGDIR={w}/tb", "PORT={taken}"], world)
+    proc = run([*MAKE, "dashboard", "LOGDIR={w}/tb", "PORT={taken}"], world, None)
     assert_contract(proc, f"port {world['taken']} on 127.0.0.1 is taken")
     other = int(re.search(r"make dashboard PORT=(\d+) ", proc.stderr).group(1))
     assert other not in (0, world["taken"])
