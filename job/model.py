@@ -190,19 +190,26 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, top_k: int = 50, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Top-k sampling. Padded vocabulary entries are cut off before sampling, so they can never be drawn."""
-        for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size :]
-            logits, _ = self(ctx)
-            logits = logits[:, -1, :GPT2_VOCAB].float() / max(temperature, 1e-8)
-            probs = F.softmax(logits, dim=-1)
-            topk_probs, topk_idx = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)
-            choice = torch.multinomial(topk_probs, 1, generator=generator)
-            idx = torch.cat((idx, torch.gather(topk_idx, -1, choice)), dim=1)
-        return idx
+        return generate(self, idx, max_new_tokens, top_k, temperature, generator)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, top_k: int = 50, temperature: float = 1.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Top-k sampling from any of the recipes' models: `model(idx)` gives (logits (B, T, vocab), _) for the last
+    `model.config.block_size` tokens at most. Padded vocabulary entries are cut off before sampling, so they can never
+    be drawn."""
+    for _ in range(max_new_tokens):
+        ctx = idx[:, -model.config.block_size :]
+        logits, _ = model(ctx)
+        logits = logits[:, -1, :GPT2_VOCAB].float() / max(temperature, 1e-8)
+        probs = F.softmax(logits, dim=-1)
+        topk_probs, topk_idx = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)
+        choice = torch.multinomial(topk_probs, 1, generator=generator)
+        idx = torch.cat((idx, torch.gather(topk_idx, -1, choice)), dim=1)
+    return idx
 
 
 # --- chunked cross-entropy ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from job.model import generate
 from job.speedrun_2025_05_24 import GPT2_VOCAB, LAYERS, attention, next_multiple  # noqa: F401 (re-exported)
 from job.speedrun_2025_05_24.fp8 import fp8_mm
 
@@ -227,14 +228,6 @@ class SpeedrunGPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return None, loss
 
-    @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, top_k: int = 50, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> Tensor:
-        """Top-k sampling over GPT-2's tokens (the padded rows of the output layer are never drawn)."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            probs = F.softmax(logits[:, -1, :GPT2_VOCAB] / max(temperature, 1e-8), dim=-1)
-            top_p, top_i = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)
-            choice = torch.multinomial(top_p, 1, generator=generator)
-            idx = torch.cat((idx, torch.gather(top_i, -1, choice)), dim=1)
-        return idx
+        return generate(self, idx, max_new_tokens, top_k, temperature, generator)
