@@ -91,6 +91,15 @@ def doc_batch(pieces: list[np.ndarray], tokens: int) -> DocBatch:
     return DocBatch(inputs, buf[1:], cum, bigram_hash(inputs))
 
 
+def one_document(inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """(cum_seqlens, bigram hashes) of a sequence that is one whole document, laid out as the loaders lay out theirs
+    (the table padded to max_docs, on the sequence's device)."""
+    T = inputs.numel()
+    cum = torch.full((max_docs(T),), T, dtype=torch.int32, device=inputs.device)
+    cum[0] = 0
+    return cum, bigram_hash(inputs)
+
+
 class _Shard:
     def __init__(self, path):
         self.tokens = load_shard(path)

@@ -77,6 +77,11 @@ class GPTConfig:
     grad_scale: float = 1.0  # what the trainer multiplies the summed loss by: the output layer's e5m2 gradient scale follows it
     fp8: bool = True  # the MLPs in FP8 when training (the record's default; its DISABLE_FP8 turns it off)
 
+    @property
+    def block_size(self) -> int:
+        """The longest sequence the model takes (paired heads read twice its positions, which the tables cover)."""
+        return self.max_seq_len
+
 
 @dataclass
 class ForwardSchedule:

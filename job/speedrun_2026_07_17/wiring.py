@@ -1,4 +1,5 @@
-"""The record's parts in the trainer's shapes: the model as a module of (x, y) -> (None, mean loss), its loaders as
+"""The record's parts in the trainer's shapes: the model as a module of (x, y) -> (None, mean loss) (and of token ids
+-> logits, for HellaSwag and sampling), its loaders as
 loaders of (x, y) batches, its optimizer as one of the trainer's optimizers. job/recipes/speedrun.py wires
 them into the loop; nothing here decides a hyperparameter.
 
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from job.speedrun_2026_07_17.bos_loader import DocBatch, DocLoader, ValLoader
+from job.model import generate
+from job.speedrun_2026_07_17.bos_loader import DocBatch, DocLoader, ValLoader, one_document
 from job.speedrun_2026_07_17.normuon import NorMuonAndAdam
 from job.speedrun_2026_07_17.param_table import train_step
 from job.speedrun_2026_07_17.schedule import BLOCK, FP8_BOOTSTRAP_STEPS, RECORD_RANKS, StepSettings, TrainingSchedule
@@ -42,9 +44,34 @@ class RecordModel(nn.Module):
         self.rotary_window: int | None = None  # the long window the rotary tables are scaled for (None: unscaled)
         self.quantized = False  # the MLPs' FP8 copies exist (the optimizer's step refreshes them after that)
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[None, Tensor]:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(None, the mean loss) of a packed batch (x, y); without y, (logits, None) of token ids x (B, T), each row
+        one document (HellaSwag's and sampling's call, as the trainer's other models take it)."""
+        if y is None:
+            return self.document_logits(x), None
         inputs, seqlens, bigram = unpack(x, y)
         return None, self.gpt(inputs, y, seqlens, bigram, self.forward_schedule).mean()
+
+    def document_logits(self, idx: Tensor) -> Tensor:
+        """(B, T, vocab) logits (bf16, soft-capped, the padded vocabulary left out) of evaluation's path: each row goes
+        through the model alone as a sequence of one document, laid out as the loaders lay out a batch, so its logits
+        are the ones validation computes for that sequence. Rows are not packed into one sequence: the rotary
+        positions, the smear and the shifted keys run across a packed sequence's documents."""
+        if self.training:
+            raise RuntimeError("the logits of token ids are evaluation's: call model.eval() first (a training forward "
+                               "would also move the FP8 scales)")
+        if self.forward_schedule is None:
+            raise RuntimeError("the model has no forward schedule: the recipe's model_schedule sets the step's first")
+        gpt, rows = self.gpt, []
+        for row in idx:
+            inputs = row.to(torch.int32)
+            seqlens, bigram = one_document(inputs)
+            rows.append(gpt.logits(gpt.trunk(inputs, seqlens, bigram, self.forward_schedule))[0, :, : self.config.vocab_size])
+        return torch.stack(rows)
+
+    def generate(self, idx: Tensor, max_new_tokens: int, top_k: int = 50, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+        return generate(self, idx, max_new_tokens, top_k, temperature, generator)
 
     def set_step(self, schedule: TrainingSchedule, settings: StepSettings) -> None:
         """The step's windows and multi-token weights, and the rotary tables scaled as the record's run has scaled
