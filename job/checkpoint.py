@@ -202,8 +202,9 @@ def checkpoint_recipe(ckpt: dict) -> str:
 
 
 def load_model(path, device: str) -> tuple:
-    """The GPT a checkpoint holds, on `device`, and the checkpoint. Anything that is not one of the trainer's
-    checkpoints (another pickle, a model of another shape) is one line, not a traceback."""
+    """The GPT a checkpoint holds, on `device`, in the state its step had (the recipe's model_schedule), and the
+    checkpoint. Anything that is not one of the trainer's checkpoints (another pickle, a model of another shape) is
+    one line, not a traceback."""
     from job import recipes
 
     ckpt = load(path)
@@ -212,14 +213,29 @@ def load_model(path, device: str) -> tuple:
     recipe = checkpoint_recipe(ckpt)
     if recipe not in recipes.names():
         raise UserError(f"{path} was trained with --recipe {recipe}, which this version does not have: use the version that wrote it")
+    card = recipes.get(recipe)
     try:
-        model = recipes.get(recipe).model_from_config(ckpt["config"])
+        model = card.model_from_config(ckpt["config"])
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{path}: its weights do not fit the model its config describes ({first}): "
                         "pass a model_*.pt written by `python -m job.train`") from None
-    return model.to(device), ckpt
+    model = model.to(device)
+    if ckpt.get("train_config"):
+        # The step's model state that is not in the weights (the speedrun's windows and rotary scaling), as the run
+        # had it when it saved, made on the device it will run on as the trainer makes it.
+        card.model_schedule(model, int(ckpt.get("step") or 0), _train_config(ckpt["train_config"], recipe, path))
+    return model, ckpt
+
+
+def _train_config(values: dict, recipe: str, path):
+    from job.config import from_dict
+
+    try:
+        return from_dict({**values, "recipe": recipe})
+    except UserError as e:
+        raise UserError(f"{path}: its training settings do not load in this version ({e}): use the version that wrote it") from None
 
 
 def check_compatible(ckpt: dict, model_config: dict, path, recipe: str = "gpt2") -> None:

@@ -140,6 +140,17 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def doc_shards(tmp_path_factory) -> Path:
+    """The bundled corpus as documents (its paragraphs, each after <|endoftext|>), in shards of 40K tokens, val first:
+    the current record's loader starts every sequence at a document."""
+    tokens = np.array([t for doc in CORPUS.read_text().split("\n\n") for t in [EOT, *encode(doc)]], dtype=np.uint16)
+    d = tmp_path_factory.mktemp("doc-shards")
+    for i in range(0, len(tokens), 40_000):
+        write_shard(d / f"plays_{'val' if i == 0 else 'train'}_{i // 40_000:06d}.npy", tokens[i : i + 40_000])
+    return d
+
+
+@pytest.fixture(scope="session")
 def hellaswag_rows(tmp_path_factory) -> Path:
     """Nine HellaSwag-format rows from the corpus: the right ending is the line that follows the context."""
     lines = [ln for ln in CORPUS.read_text().splitlines() if len(ln.split()) >= 6]

@@ -1,18 +1,19 @@
-"""The 2026-07-17 record as a recipe: its tiny preset trains through the real entry point across a batch stage, resumes
-exactly, is planned by the launcher, and refuses the other speedrun's checkpoints."""
+"""The 2026-07-17 record as a recipe: its tiny preset trains through the real entry point across a batch stage and
+resumes exactly, its checkpoints load with the state of their step, it is planned by the launcher, and it refuses the
+other speedrun's checkpoints."""
 
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import CORPUS, ROOT, SPEEDRUN_SMALL, events, losses, train_in_process
-from job.data import write_shard
+from job.checkpoint import load_model
 from job.recipes import get
-from job.tokenizer import EOT, encode
+from job.tokenizer import encode
 
 RECIPE = "speedrun"
 # The tiny preset narrowed further: sequences of 64, 128 and 192 tokens, four scheduled steps and two of extension.
@@ -22,21 +23,14 @@ ARGS = ["--recipe", RECIPE, "--preset", "tiny", "--n-embd", "32", "--block-size"
 
 
 @pytest.fixture(scope="module")
-def doc_shards(tmp_path_factory):
-    """The bundled corpus as documents (its paragraphs, each after <|endoftext|>), in shards of 40K tokens, val first:
-    the record's loader starts every sequence at a document."""
-    tokens = np.array([t for doc in CORPUS.read_text().split("\n\n") for t in [EOT, *encode(doc)]], dtype=np.uint16)
-    d = tmp_path_factory.mktemp("doc-shards")
-    for i in range(0, len(tokens), 40_000):
-        write_shard(d / f"plays_{'val' if i == 0 else 'train'}_{i // 40_000:06d}.npy", tokens[i : i + 40_000])
-    return d
+def trained(doc_shards, tmp_path_factory):
+    """The run's Trainer, whose model is the one that saved the last checkpoint."""
+    return train_in_process([*ARGS, "--data-dir", doc_shards, "--log-dir", tmp_path_factory.mktemp("reference")])
 
 
 @pytest.fixture(scope="module")
-def reference(doc_shards, tmp_path_factory):
-    log = tmp_path_factory.mktemp("reference")
-    train_in_process([*ARGS, "--data-dir", doc_shards, "--log-dir", log])
-    return log
+def reference(trained):
+    return Path(trained.cfg.log_dir)
 
 
 def test_the_tiny_preset_trains_across_a_batch_stage_and_its_loss_falls(reference):
@@ -61,6 +55,22 @@ def test_a_killed_run_resumes_with_the_same_losses(reference, doc_shards, tmp_pa
     expected, got = losses(reference), losses(log)
     assert sorted(got) == [3, 4, 5]
     assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in got)
+
+
+def test_a_checkpoint_loads_with_its_steps_windows_and_rotary_scaling(trained, reference):
+    """load_model gives the model that saved the checkpoint, logits for logits: the last step's windows (the final
+    validation's long window) and the rotary tables YaRN-scaled at every stage change, which are not in the weights."""
+    saver = trained.model
+    loaded, ck = load_model(reference / "model_00006.pt", "cpu")
+    assert ck["step"] == 6 and loaded.forward_schedule.ws_long == saver.forward_schedule.ws_long == 20 * 128
+    idx = torch.tensor(encode(CORPUS.read_text()[:2000])[:160]).view(2, 80)
+    saver.eval()
+    loaded.eval()
+    with torch.no_grad():
+        want = saver(idx)[0]
+        assert torch.equal(loaded(idx)[0], want)
+        get(RECIPE).model_schedule(loaded, 0, trained.cfg)  # the first step's windows and unscaled tables instead
+        assert not torch.equal(loaded(idx)[0], want)
 
 
 def test_each_speedrun_refuses_the_others_checkpoint_in_one_line(reference, doc_shards, tmp_path):

@@ -34,7 +34,8 @@ What the trainer calls (these import torch inside, never at the module's top):
 - grad_clip(cfg): the gradient norm clipped to (0: none; the norm is logged either way).
 - model_schedule(model, step, cfg): step-dependent model state (e.g. an attention window), before evaluation too.
   It runs on every rank: under DDP the model's buffers are broadcast once, when DDP wraps it, not before each
-  forward, so they must follow from the config and this schedule alone.
+  forward, so they must follow from the config and this schedule alone. job.checkpoint.load_model calls it too, with
+  the checkpoint's step and settings, so a loaded model samples with the state its run evaluated with.
 - autocast: False when the model keeps its own precision. backward_scale(cfg, layout): the factor on the mean loss whose
   gradient the step takes (tokens per micro-batch: the summed loss's, as some recipes train).
 - model_from_config(config): the model a checkpoint's "config" describes (job.checkpoint.load_model, for job.sample
