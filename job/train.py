@@ -340,18 +340,21 @@ class Trainer:
         # Every rank holds the same weights, so every rank reaches the same answer without talking to the others.
         if not weights_finite(self.model):
             self._diverged(step, "the weights are no longer finite numbers")
-        self.ckpt.save(step, lambda: self.checkpoint_state(step, val_loss), held_since=t0)
+        # Every rank asks for the optimizers' state: one that shards it over the ranks (the speedrun's NorMuonAndAdam)
+        # gathers it in a collective that all of them must join, though only the master's copy is written.
+        optimizer_state = self.optimizer.state_dict()
+        self.ckpt.save(step, lambda: self.checkpoint_state(step, val_loss, optimizer_state), held_since=t0)
         if self.rt.ddp:
             dist.barrier()  # every rank resumes together (the master was held for the snapshot)
 
-    def checkpoint_state(self, step: int, val_loss: float | None) -> dict:
+    def checkpoint_state(self, step: int, val_loss: float | None, optimizer_state: dict | None = None) -> dict:
         cfg = self.cfg
         return {
             "model": self.model.state_dict(),
             "config": cfg.model_config().to_dict(),
             "step": step,
             "val_loss": val_loss,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "data": self.train_loader.state_dict(),
             "rng": ckpt_lib.rng_state(self.rt.device_type),
             "train_config": cfg.to_dict(),  # its recipe too: resuming checks it
