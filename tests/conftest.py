@@ -45,6 +45,14 @@ SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64"
 SPEEDRUN_SMALL = ["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", "256",
                   "--seq-len", "128", "--total-batch-tokens", "256", "--val-seq-len", "256", "--val-tokens", "512",
                   "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
+# The current record's tiny preset narrowed: 32 wide, every stage's batch divided by 256 (eight sequences of 64, 128 and
+# 192 tokens a step), its stages starting at steps 3, 6 and 9 of twelve.
+RECORD_SMALL = ["--recipe", "speedrun", "--preset", "tiny", "--n-embd", "32", "--block-size", "256", "--batch-divisor", "256",
+                "--scheduled-steps", "9", "--extension-steps", "3", "--seq-len", "192", "--total-batch-tokens", "1536",
+                "--val-seq-len", "128", "--val-tokens", "1024", "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0",
+                "--device", "cpu"]
+# The recipes that read whole documents (sequences that start at <|endoftext|>) train on doc_shards.
+DOCUMENT_RECIPES = {"speedrun"}
 
 
 # ---- the `slow` marker, applied by what a test needs ------------------------------------------------------
@@ -148,6 +156,12 @@ def doc_shards(tmp_path_factory) -> Path:
     for i in range(0, len(tokens), 40_000):
         write_shard(d / f"plays_{'val' if i == 0 else 'train'}_{i // 40_000:06d}.npy", tokens[i : i + 40_000])
     return d
+
+
+@pytest.fixture(scope="session")
+def corpora(shards, doc_shards) -> dict[str, Path]:
+    """Each recipe's data dir: doc_shards for those that read whole documents, shards for the others."""
+    return {recipe: doc_shards if recipe in DOCUMENT_RECIPES else shards for recipe in RECIPE_ARGS}
 
 
 @pytest.fixture(scope="session")
@@ -334,24 +348,24 @@ def train_in_process(args, before_step: int | None = None, action=None):
 
 # Every recipe at a size a CPU trains in seconds; a new recipe adds its line here and gets every promise of
 # tests/test_promises.py.
-RECIPE_ARGS = {"gpt2": SMALL, "speedrun-2025-05-24": SPEEDRUN_SMALL}
+RECIPE_ARGS = {"gpt2": SMALL, "speedrun-2025-05-24": SPEEDRUN_SMALL, "speedrun": RECORD_SMALL}
 PROMISE_STEPS = 12
 # The modules that read `references` run on one xdist worker, so the runs are made once.
 REFERENCES = pytest.mark.xdist_group("references")
 
 
-def recipe_argv(recipe, shards, log, *extra) -> list[str]:
-    return [*RECIPE_ARGS[recipe], "--data-dir", str(shards), "--log-dir", str(log), "--max-steps", str(PROMISE_STEPS), *map(str, extra)]
+def recipe_argv(recipe, data_dir, log, *extra) -> list[str]:
+    return [*RECIPE_ARGS[recipe], "--data-dir", str(data_dir), "--log-dir", str(log), "--max-steps", str(PROMISE_STEPS), *map(str, extra)]
 
 
 @pytest.fixture(scope="session")
-def references(shards, hellaswag_rows, tmp_path_factory):
+def references(corpora, hellaswag_rows, tmp_path_factory):
     """Per recipe, one uninterrupted run in this process, evaluating, sampling and checkpointing every few steps: what
     every interrupted run must reproduce, and what a run of the recipe logs and saves."""
     out = {}
     for recipe in RECIPE_ARGS:
         out[recipe] = log = tmp_path_factory.mktemp(f"reference-{recipe}")
-        train_in_process(recipe_argv(recipe, shards, log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path",
+        train_in_process(recipe_argv(recipe, corpora[recipe], log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path",
                                      hellaswag_rows, "--sample-num", 2, "--sample-tokens", 8, "--sample-every", 6))
     return out
 
