@@ -4,8 +4,8 @@ extension, on BOS-aligned sequences, with NorMuon and Adam. Its parts are in job
 them into the trainer's loop (through wiring.py's adapters).
 
 The presets: `gpt2` is the record's size and stage table; `tiny` the same layer layout 64 wide, every stage's batch
-divided by --batch-divisor (128: sequences of 128, 256 and 384 tokens) and the steps cut to --scheduled-steps, for a
-CPU on the bundled corpus. Each step is the record's eight sequences: on fewer ranks the trainer accumulates them.
+divided by --batch-divisor (512: sequences of 32, 64 and 96 tokens) and the steps cut to --scheduled-steps (9 + 3),
+for a CPU on the bundled corpus (`make demo RECIPE=speedrun`). Each step is the record's eight sequences: on fewer ranks the trainer accumulates them.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ PRESETS = {
     ),
     "tiny": dict(
         n_layer=LAYERS, n_head=2, n_embd=64, block_size=512, vocab_size=50257,
-        micro_batch=1, seq_len=384, total_batch_tokens=RECORD_RANKS * 384, max_steps=40,
-        val_seq_len=256, val_tokens=4096, eval_every=20, hellaswag_every=0, sample_every=0,
-        checkpoint_every=20, keep_every=0, compile="off", data_dir="data/tinyshakespeare",
-        scheduled_steps=36, extension_steps=4, batch_divisor=128,
+        micro_batch=1, seq_len=96, total_batch_tokens=RECORD_RANKS * 96, max_steps=12,
+        val_seq_len=128, val_tokens=2048, eval_every=6, hellaswag_every=0, sample_every=0,
+        checkpoint_every=6, keep_every=0, compile="off", data_dir="data/tinyshakespeare",
+        scheduled_steps=9, extension_steps=3, batch_divisor=512,
     ),
 }
 
