@@ -18,6 +18,7 @@ What each replaces is listed in the docstrings of the scripts that use it.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import math
 import sys
@@ -28,12 +29,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from job.errors import UserError  # noqa: E402
-from job.speedrun_2026_07_17 import polar_express  # noqa: E402
+from job.speedrun_2026_07_17 import polar_express, varlen  # noqa: E402
 
 KERNELS_HEADER = f"\n\n{'-' * 40}\n# triton_kernels.py\n{'-' * 40}\n\n"  # between the two files in the record's log
 MAIN = "# int main"  # train_gpt.py's line between its definitions and its main program
@@ -252,7 +254,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             band = torch.ones(b - a, b - a, dtype=torch.bool).tril()
             mask[a:b, a:b] = band & ~torch.ones_like(band).tril(-(window_size[0] + 1))
     heads_first = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, T, D): torch's CPU flash kernel takes these
-    y = F.scaled_dot_product_attention(*heads_first, attn_mask=mask, scale=softmax_scale)
+    with contextlib.nullcontext() if varlen.cpu_flash_attention(q) else sdpa_kernel(SDPBackend.MATH):  # as the port runs it
+        y = F.scaled_dot_product_attention(*heads_first, attn_mask=mask, scale=softmax_scale)
     return y[0].transpose(0, 1).contiguous()
 
 
