@@ -1,4 +1,4 @@
-"""The 2026-07-17 record's own training loop against the trainer's (`python -m job.train --recipe speedrun-2026-07-17`),
+"""The 2026-07-17 record's own training loop against the trainer's (`python -m job.train --recipe speedrun`),
 in one process on the CPU, from the same seed on the same shards: every step's loss, the validation losses, and every
 weight at the end.
 
@@ -25,7 +25,7 @@ under 300 tokens, which the record's rule gives no room for documents, the port'
 on both sides (the record's DISABLE_FP8): the trainer turns it on only on a GPU with FP8 matmuls (the model check
 compares the FP8 paths).
 
-The trainer's side is job.train's Trainer built from the command line `--recipe speedrun-2026-07-17 --preset tiny`
+The trainer's side is job.train's Trainer built from the command line `--recipe speedrun --preset tiny`
 with the same sizes, run in this process; its per-token losses are read by a hook on the model, its step losses and
 validation losses from its metrics.jsonl.
 
@@ -62,7 +62,7 @@ from job.tokenizer import EOT, encode  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speedrun_2026_07_17_record import check_record_path, difference, load_record, record_model  # noqa: E402
 
-RECIPE = "speedrun-2026-07-17"
+RECIPE = "speedrun"
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
 SHARD_TOKENS = 30_000  # the default run reads over 74,000 tokens: it crosses two shards
 VAL_SHARDS = 2  # the record's validation opens the next shard when fewer tokens than a step are left
@@ -142,7 +142,7 @@ def fp8_disabled():
 def shrink(ns: dict, opts: dict) -> None:
     """The record's stages with their batches divided by --batch-divisor, the longest document piece the port's for
     each sequence length, and its schedule on the shrunk steps; its data and validation sizes."""
-    from job.recipes.speedrun_2026_07_17 import doc_len
+    from job.recipes.speedrun import doc_len
     from job.speedrun_2026_07_17.bos_loader import max_docs
 
     stages = [replace(s, batch_size=s.batch_size // opts["batch_divisor"]) for s in ns["TRAINING_STAGES"]]
