@@ -152,12 +152,19 @@ class Trainer:
         return int(ckpt["step"]), ckpt.get("val_loss") is not None, path, ckpt["rng"]
 
     def _wrap_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(the forward model for train/val batches, the model the step trains: DDP's wrapper of it under torchrun)."""
+        """(the forward model for train/val batches, the model the step trains: DDP's wrapper of it under torchrun,
+        unless the recipe's optimizer reduces the gradients itself)."""
         cfg, rt = self.cfg, self.rt
         # Compile only the fixed-shape train/val forward; HellaSwag and sampling (varying shapes) use the eager
         # model, which shares the same parameters. That is what lets compile stay on with evaluation.
         fwd = compile_model(self.model, cfg.compile_mode) if self.use_compile else self.model
         if not rt.ddp:
+            return fwd, fwd
+        if self.recipe.reduces_gradients:
+            # Its optimizer reduces each rank's gradients itself: no DDP to reduce them first. The ranks start from
+            # rank 0's weights and buffers, as DDP's wrapping would make them (the record broadcasts them too).
+            for t in self.model.state_dict().values():
+                dist.broadcast(t, 0)
             return fwd, fwd
         # Gradients live in DDP's buckets (no second copy, no copy back); a static graph lets DDP skip its
         # per-step bookkeeping, but only without no_sync(): with gradient accumulation it crashes or silently
@@ -261,7 +268,7 @@ class Trainer:
         for micro in range(accum):
             x, y = self.train_loader.next_batch(*shape)
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate locally.
-            sync = not rt.ddp or micro == accum - 1
+            sync = not isinstance(self.train_model, DDP) or micro == accum - 1
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
                 with self.autocast:
                     loss = recipe.loss(self.train_model, x, y)

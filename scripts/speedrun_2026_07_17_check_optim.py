@@ -43,13 +43,11 @@ Prints one line per check and exits with status 1 if anything differs.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
 import os
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
@@ -63,35 +61,8 @@ from job import binshard  # noqa: E402
 from job.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from job.speedrun_2026_07_17 import bos_loader, param_table, polar_express, schedule  # noqa: E402
 
-# What the check takes from the record's file: top-level definitions by the names they bind.
-DEFINITIONS = {
-    "polar_express_coeffs",
-    "polar_express",
-    "_sparse_comms_active",
-    "sparse_comms_start",
-    "sparse_comms_share_indexes",
-    "sparse_comms_share_gradients",
-    "sparse_comms_merge_gradients",
-    "ParamConfig",
-    "NorMuonAndAdam",
-    "next_multiple_of_n",
-    "ForwardScheduleConfig",
-    "_load_data_shard",
-    "BOS_ID",
-    "TRAIN_MAX_NUM_DOCS",
-    "Shard",
-    "get_bigram_hash",
-    "distributed_data_generator",
-    "Hyperparameters",
-    "args",
-    "TrainingStage",
-    "TrainingSchedule",
-    "TRAINING_STAGES",
-    "training_schedule",
-    "get_muon_momentum",
-    "TrainingManager",
-}
-LEFT_OUT_IMPORTS = ("torch", "triton", "kernels", "triton_kernels")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speedrun_2026_07_17_record import RecordDist, load_optimizer, record_source  # noqa: E402
 
 # Small parameters under every label of the record's model, at its dtypes (bf16 where the record converts them).
 D, VOCAB, BIGRAM_ROWS = 32, 64, 120
@@ -122,115 +93,6 @@ FLOAT32 = {"scalars", "post_lambdas", "x0_lambdas", "bigram_lambdas", "resid_lam
 MODULES = ("lm_head", "embed", "bigram_embed", "smear_gate", "skip_gate")  # ".weight" of a submodule in the record
 SHORT = (24, 4)  # scheduled + extension steps of the optimizer's check
 SEED = 2026
-
-
-# ---- the record's code --------------------------------------------------------------------------------------------
-
-
-def record_source(path: Path) -> str:
-    text = path.read_text()
-    if "=" * 100 in text:  # a log: the code, then a line of '='
-        text = text.split("=" * 100)[0]
-    return text.split("\n" + "-" * 40 + "\n# triton_kernels.py\n")[0]  # in a log, triton_kernels.py follows
-
-
-def selected(source: str) -> str:
-    """The record's imports (less LEFT_OUT_IMPORTS) and DEFINITIONS, placed on the CPU; every other line blank, so
-    that a traceback's line numbers are the file's."""
-    tree, lines = ast.parse(source), source.splitlines()
-    keep = [""] * len(lines)
-    for node in tree.body:
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-            if any(n.split(".")[0] in LEFT_OUT_IMPORTS for n in names):
-                continue
-        elif not (bound(node) & DEFINITIONS):
-            continue
-        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        keep[first - 1 : node.end_lineno] = lines[first - 1 : node.end_lineno]
-    text = "\n".join(keep)
-    return text.replace("pin_memory=True", "pin_memory=False").replace('device="cuda"', 'device="cpu"')
-
-
-def bound(node: ast.stmt) -> set[str]:
-    if isinstance(node, ast.FunctionDef | ast.ClassDef):
-        return {node.name}
-    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-    return {t.id for t in targets if isinstance(t, ast.Name)}
-
-
-def eager(*args, **kwargs):
-    """torch.compile, left out: as a decorator with or without arguments, the function itself."""
-    if args and callable(args[0]):
-        return args[0]
-    return lambda fn: fn
-
-
-class RecordDist:
-    """torch.distributed as the record calls it, on gloo: a reduce-scatter's and an all-gather's handle is waited on
-    where the record waits on its future."""
-
-    def __getattr__(self, name):
-        return getattr(dist, name)
-
-    @staticmethod
-    def reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, async_op=False):
-        work = dist.reduce_scatter_single(out, inp, op=op, async_op=async_op)
-        return types.SimpleNamespace(get_future=lambda: work, wait=work.wait) if async_op else work
-
-    @staticmethod
-    def all_gather_into_tensor(out, inp, async_op=False):
-        work = dist.all_gather_single(out, inp, async_op=async_op)
-        return types.SimpleNamespace(get_future=lambda: work, wait=work.wait) if async_op else work
-
-
-def kernel_definitions(fp32: bool) -> dict:
-    if not fp32:  # the port's own calls
-        return dict(XXT=polar_express.xxt, XTX=polar_express.xtx, ba_plus_cAA=polar_express.ba_plus_caa)
-
-    def xxt(A, out):
-        return out.copy_(A.float() @ A.float().mT)
-
-    def xtx(A, out):
-        return out.copy_(A.float().mT @ A.float())
-
-    def ba_plus_caa(A, alpha, beta, out):
-        return out.copy_(alpha * (A.float() @ A.float().mT) + beta * A.float())
-
-    return dict(XXT=xxt, XTX=xtx, ba_plus_cAA=ba_plus_caa)
-
-
-def load_record(path: Path, rank: int = 0, world: int = 1, fp32_kernels: bool = False) -> dict:
-    torch_eager = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
-    torch_eager.compile = eager
-    module = types.ModuleType("record")  # dataclasses look their module up
-    sys.modules["record"] = module
-    ns = module.__dict__
-    ns.update(
-        {
-            "torch": torch_eager,
-            "dist": RecordDist(),
-            "rank": rank,
-            "world_size": world,
-            "grad_accum_steps": 8 // world,
-            "device": torch.device("cpu"),
-            "master_process": rank == 0,
-            "transpose_add": lambda src, dst: dst.add_(src.T),
-            "transpose_copy": lambda src, dst: dst.copy_(src.T),
-            **kernel_definitions(fp32_kernels),
-        }
-    )
-    from torch import Tensor, nn
-
-    ns.update(Tensor=Tensor, nn=nn)
-    exec(compile(selected(record_source(path)), str(path), "exec"), ns)  # noqa: S102 - the record's code, fetched by the user
-    ns["torch"] = torch
-    # The one function the CPU cannot run eagerly (uint32 shifts) stays compiled, as in the record.
-    cls = ns["NorMuonAndAdam"]
-    cls._cautious_wd_and_update_inplace = staticmethod(
-        torch.compile(cls.__dict__["_cautious_wd_and_update_inplace"].__func__, dynamic=False, fullgraph=True)
-    )
-    return ns
 
 
 # ---- what both are run on -----------------------------------------------------------------------------------------
@@ -547,7 +409,7 @@ def ranked(rank: int, world: int, record: str, steps: int, port: int, out: str) 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        diffs = check_optimizer(load_record(Path(record), rank, world), steps, world)
+        diffs = check_optimizer(load_optimizer(Path(record), rank, world), steps, world)
     finally:
         dist.destroy_process_group()
     Path(out, f"{rank}.txt").write_text("".join(f"{line}\n" for line in diffs))
@@ -608,7 +470,7 @@ def main(argv=None) -> None:
     print("Polar Express products, the port's torch matmuls against float32 products rounded once (information):")
     for line in kernel_rounding():
         print(f"  {line}")
-    ns = load_record(args.record, fp32_kernels=args.kernels == "fp32")
+    ns = load_optimizer(args.record, fp32_kernels=args.kernels == "fp32")
     ok = report("schedule, steps 0..1390", check_schedule(ns))
     ok &= report(f"optimizer, one process, {args.steps} steps", check_optimizer(ns, args.steps))
     with tempfile.TemporaryDirectory() as d:

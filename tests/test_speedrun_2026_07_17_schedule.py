@@ -95,7 +95,7 @@ def test_adam_steps_the_untying_and_the_fp8_bootstrap():
     assert [S.at(step).adam for step in range(4)] == [False, True, False, True]
     assert S.untie_step == 921  # the third stage's first step, made odd so that Adam updates at it
     assert [(S.at(step).untie, S.at(step).tied) for step in (920, 921, 922)] == [(False, True), (True, True), (False, False)]
-    assert S.at(15).fp8_bootstrap and not S.at(16).fp8_bootstrap
+    assert S.at(16).fp8_bootstrap and not S.at(17).fp8_bootstrap  # the record's quantisation after step 15 bootstraps
 
 
 def test_the_long_window_changes_where_the_stages_change_it():

@@ -23,7 +23,8 @@ What the trainer calls (these import torch inside, never at the module's top):
 - build_model(cfg, device, compute_dtype): the model on `device` (compute_dtype: autocast's, None for fp32). The
   trainer calls `num_params()` and `flops_per_token(seq_len)`; HellaSwag and sampling, when on, `forward(idx)`,
   `config.block_size` and `generate(...)`. The trainer seeds torch's RNG with cfg.seed for this call only.
-- build_optimizers(model, cfg, device_type): a list of torch optimizers, stepped, zeroed and checkpointed together.
+- build_optimizers(model, cfg, device_type): a list of torch optimizers, stepped, zeroed and checkpointed together
+  (state_dict() on every rank, so that an optimizer whose state is sharded across the ranks can gather it).
 - schedule(optimizers, step, cfg): set this step's hyperparameters in the param groups, right before the optimizers
   step; return the values to log: "lr" (the step's log line) and any others (metrics.jsonl).
 - loss(model, x, y): the micro-batch's mean loss (default: `model(x, y)[1]`, a GPT's forward).
@@ -36,6 +37,11 @@ What the trainer calls (these import torch inside, never at the module's top):
   It runs on every rank: under DDP the model's buffers are broadcast once, when DDP wraps it, not before each
   forward, so they must follow from the config and this schedule alone. job.checkpoint.load_model calls it too, with
   the checkpoint's step and settings, so a loaded model samples with the state its run evaluated with.
+- reduces_gradients: True when the recipe's optimizers average the ranks' gradients themselves (a sharded optimizer
+  reduce-scatters them, say). The trainer then does not wrap the model in DDP: every rank starts from rank 0's
+  weights and buffers, accumulates its micro-steps' gradients locally, and the optimizers' step reduces them. The
+  gradient norm the trainer logs (and clips to: such a recipe leaves grad_clip at 0) is then each rank's own, before
+  the reduction.
 - autocast: False when the model keeps its own precision. backward_scale(cfg, layout): the factor on the mean loss whose
   gradient the step takes (tokens per micro-batch: the summed loss's, as some recipes train).
 - model_from_config(config): the model a checkpoint's "config" describes (job.checkpoint.load_model, for job.sample
@@ -99,6 +105,7 @@ class Recipe:
     bundled_presets: tuple[str, ...] = ()
     published: Published | None = None
     autocast: bool = True
+    reduces_gradients: bool = False
 
     # --- the card's rules (torch-free: the launcher calls them too) -----------------------------------
     def check(self, cfg: TrainConfig, world_size: int) -> None:

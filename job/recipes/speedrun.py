@@ -80,6 +80,7 @@ class Speedrun(Recipe):
     published = Published(RECORD_SECONDS / (RECORD_STEPS + RECORD_EXTENSION), "gpu_8x_h100_sxm5",
                           f"modded-nanogpt's published record ({RECORD_SECONDS} s for {RECORD_STEPS + RECORD_EXTENSION} steps on 8xH100)")
     autocast = False  # the model keeps the record's precision itself (bf16 matrices, float32 lambdas, FP8 matmuls)
+    reduces_gradients = True  # NorMuonAndAdam reduce-scatters and all-reduces them, as the record's does
 
     def check(self, cfg, world_size):
         hp = cfg.hp
@@ -158,8 +159,8 @@ class Speedrun(Recipe):
         from job.speedrun_2026_07_17.param_table import ADAM, NORMUON, PARAM_TABLE, WORK_ORDER, labelled
         from job.speedrun_2026_07_17.wiring import RecordOptimizer
 
-        # Dense reductions only: the trainer's DDP has already averaged the gradients, so the record's sparse rows of
-        # the bigram embedding would save nothing.
+        # Dense reductions: the record's sparse rows of the bigram embedding would need each micro-batch's rows marked
+        # from its batch, which the trainer's loop does not hand the optimizer.
         opt = NorMuonAndAdam(labelled(model.gpt), PARAM_TABLE, WORK_ORDER, ADAM, NORMUON, sparse_comms=False,
                              compile=device_type == "cuda" and cfg.compile != "off")
         return [RecordOptimizer(opt, model)]

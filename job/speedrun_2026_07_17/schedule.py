@@ -55,7 +55,9 @@ UNTIE_STAGE = 2  # the embedding gets its own weights from this stage's first od
 FINAL_LONG_WINDOW = 20  # blocks: the long window of the final validation
 MUON_MOMENTUM = (0.85, 0.95)  # from the first to the second over the warm-up, back over the cool-down
 MUON_WARMUP, MUON_COOLDOWN = 300, 50
-FP8_BOOTSTRAP_STEPS = 16  # the MLP's FP8 down projection rescales from its weights (not its history) before this step
+# The MLP's FP8 down projection rescales from its weights (not its history) for the forwards before this step: the
+# record's quantisation after step s bootstraps while s < 16, so step 16's forward is the last so scaled.
+FP8_BOOTSTRAP_STEPS = 17
 
 
 @dataclass(frozen=True)

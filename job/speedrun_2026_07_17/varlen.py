@@ -15,9 +15,12 @@ kernel downloaded at run time; here the same mask goes to torch's own attention:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def document_ids(cu_seqlens: Tensor, T: int) -> Tensor:
@@ -53,7 +56,15 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int, scale: float) -> Tensor:
     """(1, H, T, D) inputs and output: scaled_dot_product_attention over the (T, T) window mask."""
     mask = window_mask(cu_seqlens, q.size(-2), window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    with contextlib.nullcontext() if cpu_flash_attention(q) else sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def cpu_flash_attention(q: Tensor) -> bool:
+    """Whether torch's CPU flash-attention kernel takes q's dtype here: it packs bf16 and fp16 with AVX-512
+    instructions only (elsewhere, under ATEN_CPU_CAPABILITY avx2 or default too, it raises), and the math kernel
+    stands in."""
+    return q.dtype == torch.float32 or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int, scale: float) -> Tensor:

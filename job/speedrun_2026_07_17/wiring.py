@@ -11,6 +11,7 @@ each of the first two as long as the targets y.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from job.model import generate
@@ -88,7 +89,7 @@ class RecordModel(nn.Module):
                 if start <= settings.step and change is not None:
                     self.gpt.rescale_rotary(*change)
             self.rotary_window = long_window
-        if self.gpt.config.fp8 and not self.quantized:  # a fresh or resumed model's first forward
+        if not self.quantized:  # a fresh or resumed model's first forward
             self.gpt.quantize_mlp_fp8(bootstrap_down=settings.fp8_bootstrap)
             self.quantized = True
 
@@ -170,23 +171,39 @@ class RecordOptimizer:
 
     def __init__(self, optimizer: NorMuonAndAdam, model: RecordModel):
         self.optimizer, self.model = optimizer, model
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_groups: list[dict] = []  # its learning rates are the schedule's factor, set by set_step
         self.settings: StepSettings | None = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
+        """Nothing to clear: the record's step clears the gradients of what it updated, and leaves Adam's gradients of
+        an even step for the next one, whose update takes the sum of both."""
+
+    def pending_gradients(self) -> dict:
+        """Adam's gradients waiting for the next step (after an even step), by label, averaged over the ranks (each
+        holds its own, not yet reduced; the step they wait for averages them anyway): a collective."""
+        pending = {}
+        for label, p in self.optimizer.params.items():
+            if p.grad is not None:
+                grad = p.grad.detach().clone()
+                if self.optimizer.world > 1:
+                    dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+                pending[label] = grad.cpu()
+        return pending
 
     def step(self) -> None:
         if self.settings is None:
             raise RuntimeError("the recipe's schedule sets the step's settings before the step")
         train_step(self.optimizer, self.settings)
-        if self.model.gpt.config.fp8:
-            self.model.gpt.quantize_mlp_fp8(bootstrap_down=self.settings.step + 1 < FP8_BOOTSTRAP_STEPS)
+        # With FP8 off too, as the record's main program does: its scales are part of the model's state either way.
+        self.model.gpt.quantize_mlp_fp8(bootstrap_down=self.settings.step + 1 < FP8_BOOTSTRAP_STEPS)
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        return {**self.optimizer.state_dict(), "pending_gradients": self.pending_gradients()}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        pending = state.pop("pending_gradients", {})
         self.optimizer.load_state_dict(state)
+        for label, grad in pending.items():
+            param = self.optimizer.params[label]
+            param.grad = grad.to(device=param.device, dtype=param.dtype)
