@@ -76,11 +76,13 @@ def test_a_run_killed_mid_step_then_run_again_repeats_the_losses_exactly(recipe,
         raise Killed
 
     log = tmp_path / "log"
+    # Past the step-3 checkpoint: the model after step 2, an even step (the 2026-07-17 record's Adam gradients of an
+    # even step wait in it for the odd one).
     with pytest.raises(Killed):
-        run(recipe, corpora[recipe], log, "--checkpoint-every", 4, before_step=6, action=kill)  # past the step-4 checkpoint
-    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4] and max(losses(log)) == 5
-    run(recipe, corpora[recipe], log, "--checkpoint-every", 4)  # the same command again resumes
-    assert events(log, "resume")[0]["step"] == 4
+        run(recipe, corpora[recipe], log, "--checkpoint-every", 3, before_step=5, action=kill)
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [3] and max(losses(log)) == 4
+    run(recipe, corpora[recipe], log, "--checkpoint-every", 3)  # the same command again resumes
+    assert events(log, "resume")[0]["step"] == 3
     assert_same_losses(log, references[recipe])
 
 
@@ -97,46 +99,52 @@ def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(recipe, re
     assert_same_losses(log, references[recipe])
 
 
-# Where two ranks do not yet train what one does, by recipe: the test still runs, and must fail.
-TWO_RANK_GAPS = {
-    "speedrun": "the record keeps bf16 weights and gradients, which two ranks sum in another order: the losses drift about "
-                "1e-4 apart (more than the float32 recipes' tolerance), and Adam's normalised step turns the rounding "
-                "noise of some embedding rows' near-zero gradients into whole updates",
-}
+# How far two ranks' losses may be from one rank's, by recipe (default: 1e-4, the float32 recipes' summation order).
+# The 2026-07-17 record keeps bf16 weights and gradients, which two ranks sum in another order, so an element can land
+# one bf16 rounding (2^-8 of itself) apart and the next steps carry it on: measured on this project's 2-core Xeon, the
+# step losses at most 8.1e-5 apart. The bound is 6x that, and under the 2.0e-3 that dropping Adam's even-step gradients
+# moved a step's loss. Its weights are not compared element by element: Adam's normalised step turns the rounding noise of some
+# embedding rows' near-zero gradients into whole updates (measured: up to 3.8 in value_embeds and bigram_embed).
+TWO_RANK_LOSS_REL = {"speedrun": 5e-4}
+ELEMENTWISE_WEIGHTS = {"gpt2", "speedrun-2025-05-24"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.xfail(strict=True, reason=TWO_RANK_GAPS[r]))
-                                    if r in TWO_RANK_GAPS else r for r in RECIPES])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_two_ranks_match_one_and_survive_a_kill_of_every_process(recipe, references, corpora, hellaswag_rows, tmp_path):
     """torchrun with two CPU ranks (gloo): each takes half of every step's sequences, so the losses are one rank's up
-    to the float summation order. SIGKILL of the whole process group after the step-4 checkpoint, then the same
-    command: the run resumes and ends where one rank does."""
+    to the float summation order. SIGKILL of the whole process group after the step-3 checkpoint (the model after
+    step 2: an even step, after which the 2026-07-17 record's Adam gradients wait, averaged over the ranks, for the
+    odd one), then the same command: the run resumes and ends where one rank does."""
     log = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
-           *argv(recipe, corpora[recipe], log, "--checkpoint-every", 4, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows)]
+           *argv(recipe, corpora[recipe], log, "--checkpoint-every", 3, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: 6 in losses(log), proc)
+    wait_for(lambda: 4 in losses(log), proc)  # past the step-3 checkpoint, before the step-6 one
     kill_tree(proc.pid)  # the agent and both ranks at once
     proc.wait()
-    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [4]
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [3]
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "device cpu x 2" in again.stdout and f"x 2 ranks x {accumulated(recipe, 2)} accum" in again.stdout
-    assert events(log, "resume")[0]["step"] == 4
+    assert events(log, "resume")[0]["step"] == 3
     reference = references[recipe]
-    assert_same_losses(log, reference, rel=1e-4)  # same batches; only the float summation order differs
+    rel = TWO_RANK_LOSS_REL.get(recipe, 1e-4)
+    assert_same_losses(log, reference, rel=rel)  # same batches; only the summation order differs
     if "--val-tokens" in RECIPE_ARGS[recipe]:  # a validation set fixed in tokens is the same on any number of ranks
         val = {v["step"]: v["loss"] for v in events(log, "val")}  # the resumed run's evaluations replace the killed one's
-        assert val == pytest.approx({v["step"]: v["loss"] for v in events(reference, "val")}, rel=1e-4)
+        assert val == pytest.approx({v["step"]: v["loss"] for v in events(reference, "val")}, rel=rel)
     # HellaSwag examples are split over the two ranks and the counts summed: every example is scored once.
     hella, hella_ref = events(log, "hellaswag")[-2:], events(reference, "hellaswag")[-2:]
     assert [(h["step"], h["total"]) for h in hella] == [(h["step"], h["total"]) for h in hella_ref] == [(6, 9), (12, 9)]
     assert all(abs(a["correct"] - b["correct"]) <= 1 for a, b in zip(hella, hella_ref, strict=True))
     a = torch.load(log / "model_00012.pt", weights_only=True)
     b = torch.load(reference / "model_00012.pt", weights_only=True)
+    assert {k: v.shape for k, v in a["model"].items()} == {k: v.shape for k, v in b["model"].items()}
     for k in b["model"]:
-        torch.testing.assert_close(a["model"][k].float(), b["model"][k].float(), rtol=1e-3, atol=1e-4)
+        assert torch.isfinite(a["model"][k].float()).all(), k
+        if recipe in ELEMENTWISE_WEIGHTS:
+            torch.testing.assert_close(a["model"][k].float(), b["model"][k].float(), rtol=1e-3, atol=1e-4)
     # Rank 0's checkpoint holds every optimizer state (the speedrun's Muon splits its work over the ranks, not its state).
     assert [len(o["state"]) for o in a["optimizer"].get("optimizers", [a["optimizer"]])] == \
         [len(o["state"]) for o in b["optimizer"].get("optimizers", [b["optimizer"]])]
