@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +181,7 @@ def sample(p: dict, args) -> dict:
 
 def at_tokens(evals: list[dict], tokens: int) -> float:
     """The validation loss at `tokens`, linear in tokens between the two evaluations around it."""
-    for a, b in zip(evals, evals[1:]):
+    for a, b in pairwise(evals):
         if a["tokens"] <= tokens <= b["tokens"]:
             if b["tokens"] == a["tokens"]:
                 return b["loss"]

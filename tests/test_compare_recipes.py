@@ -57,7 +57,7 @@ def test_the_table_has_a_row_per_recipe_and_a_column_per_figure(compared):
     fewest = min(r["trained_tokens"] for r in res["runs"].values())
     assert marks == [round(f * fewest) for f in (0.25, 0.5, 0.75)]
     for r in res["runs"].values():
-        for mark, loss in zip(marks, r["at_marks"]):
+        for mark, loss in zip(marks, r["at_marks"], strict=True):
             before = max((e for e in r["evals"] if e["tokens"] <= mark), key=lambda e: e["tokens"])
             after = min((e for e in r["evals"] if e["tokens"] >= mark), key=lambda e: e["tokens"])
             assert min(before["loss"], after["loss"]) <= loss <= max(before["loss"], after["loss"])
