@@ -108,7 +108,7 @@ def test_each_final_checkpoint_gives_two_samples_of_the_prompt(compared):
     for name in RECIPES:
         r = res["runs"][name]
         if "samples_error" in r:  # a model that cannot sample says so in the report, and costs only its samples
-            assert f"{name}: sampling failed: error: " in text
+            assert f"{name}: sampling failed: {r['samples_error']}" in text
             continue
         assert len(r["samples"]) == 2 and all(s.startswith("ROMEO:") for s in r["samples"]), r["samples"]
         assert r["samples"][0] != r["samples"][1]
