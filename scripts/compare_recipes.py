@@ -107,7 +107,7 @@ def plan(recipe: str, args, extra: list[str], data_dir: Path) -> dict:
     staged = cfg.card.staged(cfg) and {"scheduled_steps", "extension_steps"} <= set(vars(cfg.hp))
     steps, tokens = (staged_steps if staged else fixed_steps)(cfg, args.tokens)
     every = max(1, steps["max_steps"] // args.evals)
-    run = {**steps, **val_flags(cfg, args.val_tokens), "eval_every": every, "sample_num": 0, "hellaswag_every": 0,
+    run = {**steps, **val_flags(cfg, args.val_tokens), "eval_every": every, "log_every": 1, "sample_num": 0, "hellaswag_every": 0,
            "checkpoint_every": 0, "resume": "never", "tensorboard": "off", "device": args.device,
            "data_dir": data_dir, "log_dir": Path(args.out) / recipe}
     argv = ["--recipe", recipe, "--preset", "tiny", *extra, *flags(run)]
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int_arg(1), default=100_000, help="training tokens per recipe (closest each can train)")
     p.add_argument("--val-tokens", type=int_arg(1), default=8192, help="validation tokens: the first N of the val shard")
     p.add_argument("--evals", type=int_arg(1), default=8, help="evaluations per run, about (and one at the end)")
-    p.add_argument("--out", default="compare_recipes", help="the runs' log dirs and the prepared corpus go here")
+    p.add_argument("--out", default="bench-out/compare_recipes", help="the runs' log dirs and the prepared corpus go here")
     p.add_argument("--data-dir", help="shards to train on (default: the bundled corpus, prepared into OUT/data)")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes to compare")
     p.add_argument("--extra", action="append", default=[], metavar="RECIPE=FLAGS",
