@@ -419,6 +419,9 @@ def script_cases() -> list:
         *flag_cases(s("bench_image"), [], "--rounds", ["0", "x"], "bench_image"),
         *flag_cases(s("bench_prepare"), [], "--dir", [UNDER_FILE, "{ro}/bench", "{w}/busy"], "bench_prepare"),
         pytest.param([*s("estimate_cuda_image"), "--bogus"], "--bogus", id="estimate_cuda_image-unknown-flag"),
+        *flag_cases(s("compare_recipes"), [], "--tokens", ["0", "-5", "abc", "nan"], "compare_recipes"),
+        *flag_cases(s("compare_recipes"), [], "--out", [UNDER_FILE, "{ro}/cmp"], "compare_recipes"),
+        *flag_cases(s("compare_recipes"), ["--out", "{w}/cmp"], "--json", [UNDER_FILE], "compare_recipes"),
         # these import torch before parsing: one case each
         *torch_cases([
             *speedrun_script_cases(s),
@@ -641,7 +644,7 @@ HELP = [pytest.param([PY, "-m", m, "--help"], id=f"help-{m}")
         for m in ("job.sample", "job.export", "job.plot", "job.stats", "job.prepare", "job.sidecar.guard", "job.sidecar.sync",
                   "job.dashboards")]
 HELP += [pytest.param([PY, str(ROOT / "scripts" / f"{name}.py"), "--help"], id=f"help-{name}")
-         for name in ("bench_summary", "bench_prepare", "bench_image", "estimate_cuda_image")]
+         for name in ("bench_summary", "bench_prepare", "bench_image", "estimate_cuda_image", "compare_recipes")]
 HELP += [pytest.param([FAB, "--help", task], id=f"help-fab-{task}") for task in ("launch", "fetch-weights", "provision")]
 
 
