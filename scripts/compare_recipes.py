@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data_dir:
         prepare_data(out)
 
+    code = commit()  # the code that runs, before anything can change it
     runs = {}
     for pl in plans:
         r = {"argv": pl["argv"], "steps": pl["steps"], "train_tokens": pl["train_tokens"], "eval_every": pl["eval_every"],
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
 
     res = {"tokens": args.tokens, "val_tokens": args.val_tokens, "marks": marks, "samples": args.samples,
            "sample_tokens": args.sample_tokens, "prompt": args.prompt, "seed": args.seed, "device": args.device,
-           "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "commit": commit(),
+           "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "commit": code,
            "runs": runs}
     report(res)
     if args.json:
