@@ -54,9 +54,11 @@ lint: venv
 	$(VENV)/bin/ruff check job infra scripts tests train.py fabfile.py
 	$(VENV)/bin/hadolint docker/Dockerfile
 
-# Two pytest workers: most tests wait on a one-core subprocess (tests/conftest.py keeps what shares the Docker engine
-# on one worker). TEST_WORKERS=0 runs the suite in this process, one test at a time.
-TEST_WORKERS ?= 2
+# Three pytest workers on a 2-core machine: much of the suite waits (on containers, sshd, torchrun's rendezvous, a
+# registry push), and a third worker runs CPU work in that time; each worker's torch gets one thread
+# (tests/conftest.py), and what shares the Docker engine stays on one worker. TEST_WORKERS=0 runs the suite in this
+# process, one test at a time.
+TEST_WORKERS ?= 3
 
 test: venv lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests $(PYTEST_ARGS)
