@@ -55,7 +55,7 @@ from job.errors import ArgumentParser, UserError, check_output_path, cli_main, i
 from job.speedrun_2026_07_17 import bos_loader, transformer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speedrun_2026_07_17_record import RECORD_LOG, check_record_path, difference, load_record, record_model  # noqa: E402, F401  (RECORD_LOG: the tests read it)
+from speedrun_2026_07_17_record import RECORD_LOG, check_record_path, difference, load_record, record_model, report  # noqa: E402, F401  (RECORD_LOG: the tests read it)
 
 SEED = 1234
 SIZES = {
@@ -212,17 +212,6 @@ def run_checks(ns: dict, size: dict, seq_len: int) -> dict:
         results[f"yarn/{name}.attn_scale"] = {"equal": same, "max_abs": abs(getattr(ours, name).attn_scale - getattr(rec, name).attn_scale)}
     results.update(compare_eval(rec, ours, data, schedules(ns, [1.0], 3 * BLOCK, 7 * BLOCK, seq_len), "eval after yarn"))
     return results
-
-
-def report(results: dict) -> str:
-    lines = []
-    for name, r in results.items():
-        mark = "equal" if r["equal"] else "DIFF "
-        extra = f"  ({r['why']})" if "why" in r else ""
-        lines.append(f"{mark}  max |diff| {r['max_abs']:.3g}  max |record| {r.get('max_ref', 0):.3g}  {name}{extra}")
-    unequal = sum(not r["equal"] for r in results.values())
-    lines.append(f"{len(results) - unequal} of {len(results)} figures bit for bit equal")
-    return "\n".join(lines)
 
 
 @cli_main

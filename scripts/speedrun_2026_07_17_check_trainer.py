@@ -60,7 +60,7 @@ from job.errors import ArgumentParser, UserError, check_output_path, cli_main, i
 from job.tokenizer import EOT, encode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speedrun_2026_07_17_record import check_record_path, difference, load_record, record_model  # noqa: E402
+from speedrun_2026_07_17_record import check_record_path, difference, load_record, record_model, report  # noqa: E402
 
 RECIPE = "speedrun"
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
@@ -266,17 +266,6 @@ def compare(record: dict, ours: dict) -> dict:
     for name in sorted(set(rec_state) & set(our_state)):
         out[f"final/{name}"] = difference(our_state[name], rec_state[name])
     return out
-
-
-def report(results: dict) -> str:
-    lines = []
-    for name, r in results.items():
-        mark = "equal" if r["equal"] else "DIFF "
-        extra = f"  ({r['why']})" if "why" in r else ""
-        lines.append(f"{mark}  max |diff| {r['max_abs']:.3g}  max |record| {r.get('max_ref', 0):.3g}  {name}{extra}")
-    unequal = sum(not r["equal"] for r in results.values())
-    lines.append(f"{len(results) - unequal} of {len(results)} figures bit for bit equal")
-    return "\n".join(lines)
 
 
 def figures(opts: dict, record: dict, results: dict) -> dict:

@@ -357,6 +357,18 @@ def record_model(ns: dict, num_heads: int, head_dim: int, model_dim: int, max_se
     return model
 
 
+def report(results: dict) -> str:
+    """One line per figure (equal or DIFF, the largest difference and |record|), then the count of equal ones."""
+    lines = []
+    for name, r in results.items():
+        mark = "equal" if r["equal"] else "DIFF "
+        extra = f"  ({r['why']})" if "why" in r else ""
+        lines.append(f"{mark}  max |diff| {r['max_abs']:.3g}  max |record| {r.get('max_ref', 0):.3g}  {name}{extra}")
+    unequal = sum(not r["equal"] for r in results.values())
+    lines.append(f"{len(results) - unequal} of {len(results)} figures bit for bit equal")
+    return "\n".join(lines)
+
+
 def difference(a: torch.Tensor, b: torch.Tensor) -> dict:
     """How far `a` is from the record's `b`: whether equal bit for bit (NaN where both are), the largest difference
     and the largest |b|."""
