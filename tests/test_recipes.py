@@ -124,6 +124,7 @@ def test_a_recipe_defined_outside_the_trainer_trains_and_resumes_exactly(shards,
         assert got[step] == ls[step], step  # bit for bit: weights, both optimizers' states, data position
 
 
+@pytest.mark.slow  # trains, twice
 def test_a_recipe_that_grows_its_batch_mid_run_resumes_exactly_across_the_change(shards, tmp_path, toy, quiet_env):
     """Steps 0-2 take 256 tokens in sequences of 32, steps 3-7 512 in sequences of 64: the loop asks the recipe for each
     step's layout, the loader reads it, and a resume from before the change repeats the run to the bit."""

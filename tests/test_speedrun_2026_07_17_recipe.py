@@ -34,6 +34,7 @@ def reference(trained):
     return Path(trained.cfg.log_dir)
 
 
+@pytest.mark.slow  # trains (its module fixture, or a run of the older port)
 def test_the_tiny_preset_trains_across_a_batch_stage_and_its_loss_falls(reference):
     train = {e["step"]: e for e in events(reference, "train")}
     assert sorted(train) == list(range(6))
@@ -48,6 +49,7 @@ def test_the_tiny_preset_trains_across_a_batch_stage_and_its_loss_falls(referenc
     assert "attention scaled_dot_product_attention over a dense mask" in head and "bf16 (no FP8 on this device)" in head
 
 
+@pytest.mark.slow  # trains (its module fixture, or a run of the older port)
 def test_a_checkpoint_loads_with_its_steps_windows_and_rotary_scaling(trained, reference):
     """load_model gives the model that saved the checkpoint, logits for logits: the last step's windows (the final
     validation's long window) and the rotary tables YaRN-scaled at every stage change, which are not in the weights."""
@@ -64,6 +66,7 @@ def test_a_checkpoint_loads_with_its_steps_windows_and_rotary_scaling(trained, r
         assert not torch.equal(loaded(idx)[0], want)
 
 
+@pytest.mark.slow  # trains (its module fixture, or a run of the older port)
 def test_each_speedrun_refuses_the_others_checkpoint_in_one_line(reference, doc_shards, tmp_path):
     log = tmp_path / "other"
     log.mkdir()
@@ -75,6 +78,7 @@ def test_each_speedrun_refuses_the_others_checkpoint_in_one_line(reference, doc_
     assert f"--recipe {RECIPE}" in lines[0]
 
 
+@pytest.mark.slow  # trains (its module fixture, or a run of the older port)
 def test_a_checkpoint_of_the_older_port_is_refused_naming_its_recipe_even_under_its_old_name(doc_shards, tmp_path):
     """The 2025-05-24 port was `--recipe speedrun` before the current record took the name: its checkpoints of then say
     "speedrun", and `--recipe speedrun` must still send them to `--recipe speedrun-2025-05-24`."""

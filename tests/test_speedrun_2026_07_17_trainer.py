@@ -67,17 +67,20 @@ def test_the_figures_record_the_run_and_the_machine_that_computed_them():
     assert sorted(map(int, FIGURES["val"])) == [0, steps]
 
 
+@pytest.mark.slow  # trains (the module's run through job.train)
 def test_the_trainer_takes_the_records_steps_losses(run):
     assert len(run["losses"]) == len(FIGURES["losses"])
     for step, (got, want) in enumerate(zip(run["losses"], FIGURES["losses"], strict=True)):
         assert math.isfinite(got) and got == pytest.approx(want, rel=LOSS_TOL, abs=0), step
 
 
+@pytest.mark.slow  # trains (the module's run through job.train)
 def test_the_trainer_evaluates_as_the_record_does(run):
     got = {str(k): v for k, v in run["val"].items()}
     assert got == pytest.approx(FIGURES["val"], rel=VAL_TOL, abs=0)
 
 
+@pytest.mark.slow  # trains (the module's run through job.train)
 def test_the_trainer_ends_with_the_records_weights(run):
     want = FIGURES["weights"]
     got = {k: CHECK.checksum(v) for k, v in run["state"].items() if v.is_floating_point()}

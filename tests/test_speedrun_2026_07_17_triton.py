@@ -23,6 +23,8 @@ from job.speedrun_2026_07_17 import kernels
 from job.speedrun_2026_07_17.polar_express import COEFFICIENTS, ba_plus_caa, polar_express, xtx, xxt
 
 ROOT = Path(__file__).resolve().parents[1]  # not conftest's: the child, this file run as a script, imports no conftest
+# Triton's interpreter runs the kernels a value at a time in Python: tens of seconds, outside `make test-fast`.
+pytestmark = pytest.mark.slow
 
 A, B, C = kernels.SOFTCAP
 BF16_HALF_ULP = 2**-8  # rounding to bf16 (8 significant bits) moves a number by at most this much of itself
