@@ -165,7 +165,7 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict[str, torch.Tensor]:
     if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (requirements-dev.txt installs it on Linux x86-64, where its wheels exist)")
+        pytest.skip(reason="triton is not installed (requirements-dev.txt installs it on Linux x86-64, where its wheels exist)")
     path = tmp_path_factory.mktemp("triton") / "outputs.pt"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     run = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=600)
