@@ -45,10 +45,10 @@ SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64"
 SPEEDRUN_SMALL = ["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--n-head", "1", "--n-embd", "64", "--block-size", "256",
                   "--seq-len", "128", "--total-batch-tokens", "256", "--val-seq-len", "256", "--val-tokens", "512",
                   "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0", "--device", "cpu"]
-# The current record's tiny preset narrowed: 32 wide, every stage's batch divided by 256 (eight sequences of 64, 128 and
-# 192 tokens a step), its stages starting at steps 3, 6 and 9 of twelve.
-RECORD_SMALL = ["--recipe", "speedrun", "--preset", "tiny", "--n-embd", "32", "--block-size", "256", "--batch-divisor", "256",
-                "--scheduled-steps", "9", "--extension-steps", "3", "--seq-len", "192", "--total-batch-tokens", "1536",
+# The current record's tiny preset narrowed to 32 wide: every stage's batch divided by 512 (eight sequences of 32, 64 and
+# 96 tokens a step), its stages starting at steps 3, 6 and 9 of twelve.
+RECORD_SMALL = ["--recipe", "speedrun", "--preset", "tiny", "--n-embd", "32", "--block-size", "256", "--batch-divisor", "512",
+                "--scheduled-steps", "9", "--extension-steps", "3", "--seq-len", "96", "--total-batch-tokens", "768",
                 "--val-seq-len", "128", "--val-tokens", "1024", "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0",
                 "--device", "cpu"]
 # The recipes that read whole documents (sequences that start at <|endoftext|>) train on doc_shards.

@@ -172,6 +172,34 @@ def test_adam_steps_on_odd_steps_only_with_the_gradients_of_both():
     assert all(p.grad is None for p in params.values())
 
 
+def test_a_checkpoint_keeps_each_ranks_waiting_adam_gradients_and_another_world_takes_their_mean():
+    """After an even step Adam's gradients wait in the parameters; the checkpoint keeps them, one dict per rank, and
+    a resume on as many ranks takes each rank's own back (bit for bit), on another number their mean."""
+    from job.speedrun_2026_07_17.wiring import RecordOptimizer
+
+    params = small_params()
+    record = RecordOptimizer(optimizer(params), model=None)
+    assert record.state_dict()["pending_gradients"] == []
+    g1 = grads(params, 1)
+    for k, p in params.items():
+        p.grad = g1[k].clone()
+    record.optimizer.step(adam=False)
+    pending = record.state_dict()["pending_gradients"]
+    assert len(pending) == 1 and set(pending[0]) == {"gain", "lm_head", "embed"}
+    assert torch.equal(pending[0]["gain"], g1["gain"])
+
+    fresh = small_params()
+    resumed = RecordOptimizer(optimizer(fresh), model=None)
+    resumed.load_state_dict(record.state_dict())
+    assert torch.equal(fresh["gain"].grad, g1["gain"]) and fresh["bank"].grad is None
+    other = {k: v * 3 for k, v in pending[0].items()}  # a second rank's, as two ranks save them
+    two = {**record.state_dict(), "pending_gradients": [pending[0], other]}
+    fresh = small_params()
+    RecordOptimizer(optimizer(fresh), model=None).load_state_dict(two)
+    torch.testing.assert_close(fresh["gain"].grad, 2 * g1["gain"])
+    assert fresh["lm_head"].grad.dtype == torch.bfloat16
+
+
 def test_the_mlp_banks_odd_matrices_learn_at_twice_the_rate():
     """With zero momentum and the same gradient for every matrix, the odd matrices of the bank move twice as far."""
     params = {"bank": torch.nn.Parameter(torch.zeros(2, 2, 24, 8))}  # float32: no mantissa

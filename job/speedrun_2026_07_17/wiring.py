@@ -178,16 +178,21 @@ class RecordOptimizer:
         """Nothing to clear: the record's step clears the gradients of what it updated, and leaves Adam's gradients of
         an even step for the next one, whose update takes the sum of both."""
 
-    def pending_gradients(self) -> dict:
-        """Adam's gradients waiting for the next step (after an even step), by label, averaged over the ranks (each
-        holds its own, not yet reduced; the step they wait for averages them anyway): a collective."""
-        pending = {}
-        for label, p in self.optimizer.params.items():
-            if p.grad is not None:
-                grad = p.grad.detach().clone()
-                if self.optimizer.world > 1:
-                    dist.all_reduce(grad, op=dist.ReduceOp.AVG)
-                pending[label] = grad.cpu()
+    def pending_gradients(self) -> list[dict]:
+        """Adam's gradients waiting for the next step (after an even step), by label, one dict per rank in rank order
+        (each rank holds its own, not yet reduced; the step they wait for sums each rank's with its new ones, then
+        averages): a collective. Empty after an odd step."""
+        waiting = {label: p.grad.detach() for label, p in self.optimizer.params.items() if p.grad is not None}
+        if not waiting:  # the same on every rank: all ran the same step
+            return []
+        if self.optimizer.world == 1:
+            return [{label: grad.cpu().clone() for label, grad in waiting.items()}]
+        pending: list[dict] = [{} for _ in range(self.optimizer.world)]
+        for label, grad in waiting.items():
+            grads = [torch.empty_like(grad) for _ in range(self.optimizer.world)]
+            dist.all_gather(grads, grad.contiguous())
+            for rank, g in enumerate(grads):
+                pending[rank][label] = g.cpu()
         return pending
 
     def step(self) -> None:
@@ -201,9 +206,20 @@ class RecordOptimizer:
         return {**self.optimizer.state_dict(), "pending_gradients": self.pending_gradients()}
 
     def load_state_dict(self, state: dict) -> None:
+        """On as many ranks as saved, each takes its own pending gradients back, so the next step sums exactly what it
+        would have; on another number of ranks each takes their mean, whose average over the ranks is the same sum up
+        to the rounding of its order."""
         state = dict(state)
-        pending = state.pop("pending_gradients", {})
+        pending = state.pop("pending_gradients", [])
+        if isinstance(pending, dict):  # one averaged dict, as older checkpoints keep it
+            pending = [pending] if pending else []
         self.optimizer.load_state_dict(state)
-        for label, grad in pending.items():
+        if not pending:
+            return
+        if len(pending) == self.optimizer.world:
+            mine = pending[self.optimizer.rank]
+        else:
+            mine = {label: torch.stack([p[label].float() for p in pending]).mean(0) for label in pending[0]}
+        for label, grad in mine.items():
             param = self.optimizer.params[label]
             param.grad = grad.to(device=param.device, dtype=param.dtype)
