@@ -97,8 +97,9 @@ def _uses(item, fixtures: set, names: set, consts: set = frozenset()) -> bool:
     return False
 
 
-# `make test` runs on two pytest-xdist workers (`--dist loadgroup`): the modules that share the Docker engine (image
-# tags, the test boxes' containers) or a fixed port carry `xdist_group("engine")`, so one worker runs them in order.
+# `make test` runs on pytest-xdist workers (`--dist loadgroup`): the modules that share the Docker engine (image tags,
+# the test boxes' containers) or a fixed port carry `xdist_group("engine")`, so one worker runs them in order; the
+# tests of a module that share a module-scoped fixture (a trained model, a run) go to one worker too, which makes it once.
 ENGINE = pytest.mark.xdist_group("engine")
 
 
@@ -112,9 +113,16 @@ def _xdist_groups(config, items) -> None:
 
     for item in items:
         names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+        if not names and _uses_a_module_fixture(item):  # one worker runs the module, so the fixture is made once
+            names = [f"module-{item.path.stem}"]
         suffix = f"@{'_'.join(names)}"
         if names and not item.nodeid.endswith(suffix):  # a parameter's id may hold an "@" of its own
             item._id = coerce_node_id(item.nodeid + suffix)
+
+
+def _uses_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return bool(info) and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
 
 
 def _needs_slow_machinery(item) -> bool:
