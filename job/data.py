@@ -241,18 +241,19 @@ class DeviceLoader:
     def __init__(self, loader, device: str | torch.device, depth: int = 1):
         self.loader, self.device, self.depth = loader, torch.device(device), depth
         self.cuda = self.device.type == "cuda"
-        self._queue: deque = deque()  # (position before the batch, x, y)
+        self._queue: deque = deque()  # (position before the batch, x, y, shape, (x, y) in host memory)
+        self.host_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the last batch handed out, in host memory
 
     def _fetch(self, shape: tuple[int, ...] = ()) -> None:
         state = self.loader.state_dict()
-        x, y = self.loader.next_batch(*shape)
+        x, y = host = self.loader.next_batch(*shape)
         if self.cuda:
             if not x.is_pinned():
-                x, y = x.pin_memory(), y.pin_memory()
+                x, y = host = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         else:
             x, y = x.to(self.device), y.to(self.device)
-        self._queue.append((state, x, y, shape))
+        self._queue.append((state, x, y, shape, host))
 
     def next_batch(self, *shape: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch; `shape` (B, T) asks for another layout than the loader's own (a staged recipe's step).
@@ -262,7 +263,7 @@ class DeviceLoader:
             self._queue.clear()
         if not self._queue:
             self._fetch(shape)
-        _, x, y, _ = self._queue.popleft()
+        _, x, y, _, self.host_batch = self._queue.popleft()
         while len(self._queue) < self.depth:
             self._fetch(shape)
         return x, y

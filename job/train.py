@@ -267,6 +267,7 @@ class Trainer:
         loss_accum = torch.zeros((), device=rt.device)
         for micro in range(accum):
             x, y = self.train_loader.next_batch(*shape)
+            recipe.batch_taken(self.optimizer, *self.train_loader.host_batch)
             # Gradients are all-reduced only on the last micro-step; earlier ones just accumulate locally.
             sync = not isinstance(self.train_model, DDP) or micro == accum - 1
             with contextlib.nullcontext() if sync else self.train_model.no_sync():

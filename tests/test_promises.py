@@ -150,6 +150,11 @@ def test_two_ranks_match_one_and_survive_a_kill_of_every_process(recipe, referen
     assert {k: v.shape for k, v in a["model"].items()} == {k: v.shape for k, v in b["model"].items()}
     for k in b["model"]:
         assert torch.isfinite(a["model"][k].float()).all(), k
+        if k.endswith("bigram_embed.weight"):
+            # The 2026-07-17 record's bigram rows start at zero and move once a batch touches them. On two ranks only
+            # the touched rows travel to the rank that owns them: one rank's rows moved, and only those, where each
+            # rank's batches were marked.
+            assert a["model"][k].abs().sum(1).nonzero().tolist() == b["model"][k].abs().sum(1).nonzero().tolist()
         if recipe in ELEMENTWISE_WEIGHTS:
             torch.testing.assert_close(a["model"][k].float(), b["model"][k].float(), rtol=1e-3, atol=1e-4)
     # Rank 0's checkpoint holds every optimizer state (the speedruns' Muons split their work over the ranks, and the

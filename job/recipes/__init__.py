@@ -152,6 +152,11 @@ class Recipe:
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x, y)[1]
 
+    def batch_taken(self, optimizers, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Each training micro-batch, in host memory, in the order the steps take them (prefetching and rewinds
+        already settled): for an optimizer that must know what a batch touched before its step."""
+        return None
+
     def loader(self, data_dir, split: str, micro_batch: int, seq_len: int, rank: int, world: int, pin_memory: bool = False,
                step_tokens: int | None = None):
         from job.data import ShardLoader

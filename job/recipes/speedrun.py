@@ -159,11 +159,15 @@ class Speedrun(Recipe):
         from job.speedrun_2026_07_17.param_table import ADAM, NORMUON, PARAM_TABLE, WORK_ORDER, labelled
         from job.speedrun_2026_07_17.wiring import RecordOptimizer
 
-        # Dense reductions: the record's sparse rows of the bigram embedding would need each micro-batch's rows marked
-        # from its batch, which the trainer's loop does not hand the optimizer.
-        opt = NorMuonAndAdam(labelled(model.gpt), PARAM_TABLE, WORK_ORDER, ADAM, NORMUON, sparse_comms=False,
+        # The bigram embedding's gradient travels as the rows this rank's batches touched (batch_taken marks them),
+        # as the record's does on eight ranks; on one rank nothing travels.
+        opt = NorMuonAndAdam(labelled(model.gpt), PARAM_TABLE, WORK_ORDER, ADAM, NORMUON, sparse_comms=True,
                              compile=device_type == "cuda" and cfg.compile != "off")
         return [RecordOptimizer(opt, model)]
+
+    def batch_taken(self, optimizers, x, y):
+        for opt in optimizers:
+            opt.mark_batch(x, y)
 
     def schedule(self, optimizers, step, cfg):
         settings = training_schedule(cfg.hp).at(step)

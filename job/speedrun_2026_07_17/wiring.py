@@ -164,6 +164,9 @@ class ValBatches:
         self.reset()
 
 
+BIGRAM = "bigram_embed"  # the parameter whose gradient travels as sparse rows
+
+
 class RecordOptimizer:
     """NorMuonAndAdam as one of the trainer's optimizers: the recipe's schedule hands it the step's settings, and its
     step is the record's (the step's learning rate and momentum, Adam on odd steps only, the untying), followed by the
@@ -177,6 +180,11 @@ class RecordOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing to clear: the record's step clears the gradients of what it updated, and leaves Adam's gradients of
         an even step for the next one, whose update takes the sum of both."""
+
+    def mark_batch(self, x: Tensor, y: Tensor) -> None:
+        """The bigram embedding's rows a training micro-batch (packed, in host memory) touches: its gradient's
+        exchange sends only those (the record's sparse rows; nothing where one rank trains)."""
+        self.optimizer.mark_rows(BIGRAM, unpack(x, y)[2].numpy())
 
     def pending_gradients(self) -> list[dict]:
         """Adam's gradients waiting for the next step (after an even step), by label, one dict per rank in rank order
@@ -223,3 +231,5 @@ class RecordOptimizer:
         for label, grad in mine.items():
             param = self.optimizer.params[label]
             param.grad = grad.to(device=param.device, dtype=param.dtype)
+            if label == BIGRAM:  # the even step's touched rows, to travel with the next step's: where its gradient is
+                self.optimizer.mark_rows(label, grad.float().abs().sum(1).nonzero().view(-1).numpy())
