@@ -211,8 +211,10 @@ def softcap(logits: Tensor, A: float = SOFTCAP[0], B: float = SOFTCAP[1], C: flo
     """(sigmoid((z + B) / C) in float32, the same rounded to bf16) for bf16 logits z, as the kernel computes it:
     z / C + B / C, then 0.5 + tanh(u / 2) / 2."""
     inv_c = np.float32(1) / np.float32(C)
-    u = logits.float() * float(inv_c) + float(np.float32(B) * inv_c)
-    s = 0.5 + torch.tanh(u * 0.5) * 0.5
+    # In place on one float32 copy: the same roundings as the expression, without a temporary per operation (a CPU
+    # spends most of this function allocating and filling rows x vocabulary floats).
+    s = logits.to(torch.float32, copy=True).mul_(float(inv_c)).add_(float(np.float32(B) * inv_c))
+    s.mul_(0.5).tanh_().mul_(0.5).add_(0.5)
     return s, s.to(torch.bfloat16)
 
 
@@ -226,9 +228,9 @@ def softcapped_ce(
     if use_triton(logits) and logits.dtype == torch.bfloat16:
         return triton_kernels().softcapped_ce(logits, targets, weights, A, B, C)
     s32, s = softcap(logits, A, B, C)
-    z = A * s.float()
-    top = (A * s32).amax(dim=-1, keepdim=True)
-    lse = top + (z - top).exp().sum(dim=-1, keepdim=True).log()
+    z = s.to(torch.float32, copy=True).mul_(A)
+    top = s32.mul_(A).amax(dim=-1, keepdim=True)
+    lse = top + (z - top).exp_().sum(dim=-1, keepdim=True).log_()
     n = logits.size(0)
     losses = torch.zeros(n, dtype=torch.float32, device=logits.device)
     for k in range(weights.numel()):
@@ -250,11 +252,11 @@ def softcapped_ce_grad(
     the whole S_w on the last rows too, where some k fall past the end. On CUDA, one Triton program per row."""
     if use_triton(s) and s.dtype == torch.bfloat16:
         return triton_kernels().softcapped_ce_grad(s, lse, targets, weights, grad, grad_s, A, C)
-    n, sf = s.size(0), s.float()
+    n, sf = s.size(0), s.to(torch.float32, copy=True)
     s_w = weights[0]
     for w in weights[1:]:
         s_w = s_w + w
-    grad_z = s_w * (A * sf - lse).exp()
+    grad_z = (sf * A).sub_(lse).exp_().mul_(s_w)
     for i in range(min(weights.numel(), n)):
         rows = n - i
         cols = targets[i:].view(-1, 1)
@@ -262,7 +264,8 @@ def softcapped_ce_grad(
     # The kernel's float32 constants, multiplied in its order: grad * (1/C * A) * (1/grad_s).
     a_over_c = float(np.float32(1) / np.float32(C) * np.float32(A))
     scale = grad.float().view(-1, 1) * a_over_c * float(np.float32(1) / np.float32(grad_s))
-    return scale * grad_z * sf * (1 - sf)
+    grad_z.mul_(scale).mul_(sf)
+    return grad_z.mul_(sf.neg_().add_(1))  # times (1 - s), in place as the rest
 
 
 def _target_weight(targets: Tensor, weights: Tensor, i: int) -> Tensor:
