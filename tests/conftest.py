@@ -205,9 +205,37 @@ def env(**extra) -> dict:
     return e
 
 
+# run_cli's command lines run in children of one fork server per test process, which has imported torch and the
+# trainer once (tests/forkserver.py: each child is the process the command line would start, with its own exit status,
+# stdout and stderr); a command line whose environment changes what those imports read runs in a subprocess instead.
+# RUN_CLI_SUBPROCESS=1 runs every one in a subprocess.
+CLI_PRELOAD = ["numpy", "torch", "job.train", "job.sample", "job.export", "job.stats", "job.prepare", "job.plot"]
+_cli_server = None
+
+
+def _cli_forks():
+    global _cli_server
+    if os.environ.get("RUN_CLI_SUBPROCESS") == "1":
+        return None
+    if _cli_server is None:
+        from forkserver import ForkServer
+
+        _cli_server = ForkServer(CLI_PRELOAD, cwd=ROOT, env=env())
+    return _cli_server
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _cli_server is not None:
+        _cli_server.close()
+
+
 def run_cli(*args, check=False, timeout=300, **env_extra) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env(**env_extra), capture_output=True,
-                          text=True, timeout=timeout)
+    argv, e = [sys.executable, *map(str, args)], env(**env_extra)
+    server = _cli_forks()
+    if server is None:
+        proc = subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    else:
+        proc = server.run(argv, cwd=ROOT, env=e, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
