@@ -379,8 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("port", help=f"the port on 127.0.0.1 (PORT, default {contract.TENSORBOARD_PORT}; 0: any free one)")
     args = p.parse_args(argv)
     log_dir = Path(args.logdir)
-    # TensorBoard reads runs in sub-directories too (--runs' seed-S), so they count
-    if not log_dir.is_dir() or next(log_dir.rglob(f"{contract.TENSORBOARD_EVENTS_PREFIX}*"), None) is None:
+    # TensorBoard reads runs in sub-directories too (--runs' seed-S), so they count. An empty LOGDIR is a mistake, not
+    # the current directory (which may hold other runs).
+    if not args.logdir or not log_dir.is_dir() or next(log_dir.rglob(f"{contract.TENSORBOARD_EVENTS_PREFIX}*"), None) is None:
         raise UserError(f"no TensorBoard event files in {args.logdir or repr(args.logdir)}: pass the run's log dir as "
                         "LOGDIR=... (the trainer writes them unless --tensorboard off)")
     port = dashboard_port(args.port)
