@@ -2,15 +2,19 @@
 # Build the local stand-in for the CUDA base image, for tests: Debian bookworm (Python 3.11, which the
 # CPU torch wheel targets) made with debootstrap and imported into Docker. No registry is reachable from
 # the test machines, so nothing can be pulled. Skips the work if the image already exists (cached between
-# runs on the same machine).
+# runs on the same machine, and rebuilt when VERSION below changes).
 #
-# Test-only: the host's CA bundle goes into this image (TLS to PyPI is intercepted on these machines);
-# the real docker/Dockerfile never carries it.
+# Test-only, never in the real docker/Dockerfile:
+# - the host's CA bundle (TLS to PyPI is intercepted on these machines);
+# - OMP_NUM_THREADS=1, inherited by the trainer images built on it: the tests' containers share two cores with the
+#   pytest workers (each on one thread too), and torch's OpenMP threads spin while they wait for a core, so a
+#   container on every core burns several times the CPU of its work. A real box's trainer uses its cores.
 set -euo pipefail
 IMAGE=${1:-nanogpt-test-base:bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+VERSION=2  # raise it with any change to what goes into the image
 
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+if [ "$(docker image inspect --format '{{index .Config.Labels "nanogpt.test-base"}}' "$IMAGE" 2>/dev/null)" = "$VERSION" ]; then
   echo "test base image $IMAGE already present"
   exit 0
 fi
@@ -29,5 +33,7 @@ tar -C "$work/rootfs" -c . | docker import \
   --change 'ENV REQUESTS_CA_BUNDLE=/etc/ssl/certs/host-ca-bundle.crt' \
   --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt' \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  --change 'ENV OMP_NUM_THREADS=1' \
+  --change "LABEL nanogpt.test-base=$VERSION" \
   - "$IMAGE" >/dev/null
 echo "built test base image $IMAGE"
