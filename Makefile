@@ -23,7 +23,8 @@ help:
 	@echo "make dashboard [LOGDIR=model_weights] [PORT=6006]   TensorBoard over a run's log dir at http://127.0.0.1:PORT/ (Ctrl-C stops it)"
 	@echo "make bench-prepare   tokenizing throughput: job.prepare vs tiktoken's batch encoder (scripts/bench_prepare.py)"
 	@echo "make build-image [CUDA=cu128] [NAME=...] [BASE_IMAGE=...]   build the trainer image for a CUDA flavour (infra/flavour.py;"
-	@echo "                 default cu130) as NAME:<git sha>, NAME:<git sha>-<flavour>, NAME:<flavour> and NAME:latest"
+	@echo "                 default cu130) as NAME:<git sha>, NAME:<git sha>-<flavour>, NAME:<flavour> and NAME:latest, and"
+	@echo "                 its data image (job.prepare alone) as NAME:<git sha>-<flavour>-data"
 	@echo "make push-image REGISTRY=registry.example.com/team [CUDA=cu128]   push NAME:<git sha>-<flavour> and NAME:<flavour>, print the digest"
 	@echo "make run-local [CMD='...']   train in the image on this machine's GPUs (./data -> /persistent, ./model_weights -> /app/log)"
 	@echo "make run-local-cpu           the same on the CPU (tiny preset on the bundled corpus)"
@@ -31,7 +32,7 @@ help:
 	@echo "make fetch-weights HOST=ubuntu@IP [TO=dir] [FLAGS=...]   checkpoints from the box (fab fetch-weights)"
 	@echo "the cloud path (fab --list): fab launch --host ubuntu@IP | logs | status | stop; fab provision | types | instances | terminate"
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-launcher.txt
+$(STAMP): requirements.txt requirements-data.txt requirements-dev.txt requirements-launcher.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
@@ -114,10 +115,12 @@ build-image: check-docker
 	@$(PYTHON) -m infra.flavour $(CUDA) >/dev/null
 	$(DOCKER) build -f docker/Dockerfile $(BUILD_ARGS) -t $(NAME):$(GIT_SHA) -t $(NAME):$(GIT_SHA)-$(FLAVOUR) -t $(NAME):$(FLAVOUR) \
 		-t $(NAME):latest .
+	$(DOCKER) build -f docker/Dockerfile $(BUILD_ARGS) --target data -t $(NAME):$(GIT_SHA)-$(FLAVOUR)-data .
 
 # Pushes the flavour's image (NAME:<git sha>-<flavour>, as build-image tagged it) as REGISTRY/NAME:<git sha>-<flavour>
-# and REGISTRY/NAME:<flavour>, and prints the digest that `fab launch --image REGISTRY/NAME@sha256:...` pins. Docker's
-# own login (`docker login HOST`) holds any credentials: none goes on a command line here.
+# and REGISTRY/NAME:<flavour>, and its data image (the Dockerfile's data stage) under the same tags with -data, and
+# prints the digest that `fab launch --image REGISTRY/NAME@sha256:...` pins. Docker's own login (`docker login HOST`)
+# holds any credentials: none goes on a command line here.
 push-image: check-docker
 	@$(PYTHON) -m infra.registry push --docker '$(DOCKER)' --registry '$(REGISTRY)' --name '$(NAME)' --tag '$(GIT_SHA)' \
 		--flavour '$(or $(CUDA),$(FLAVOUR))'

@@ -87,9 +87,27 @@ def push_hint(reason: str, host: str) -> str:
     return f"check that the registry {host} runs and is reachable from here, and push again"
 
 
+def push_one(cmd: list[str], ref: str, host: str, out) -> str:
+    """docker push of one reference, its progress passed on; the digest the registry stored, or one line."""
+    proc = subprocess.Popen([*cmd, "push", ref], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pushed = None
+    for line in proc.stdout:  # docker's progress, one line per layer
+        out.write(line)
+        out.flush()
+        if m := PUSHED.search(line):
+            pushed = m.group(1)
+    err = proc.stderr.read()
+    if proc.wait() != 0 or pushed is None:
+        reason = docker_line(err)
+        raise UserError(f"docker push {ref} failed ({reason}): {push_hint(reason, host)}")
+    return pushed
+
+
 def push(docker: str, registry: str, name: str, tag: str, flavour: str, out=sys.stdout) -> str:
-    """Push NAME:TAG-FLAVOUR as REGISTRY/NAME:TAG-FLAVOUR and REGISTRY/NAME:FLAVOUR; return the digest the registry
-    stored. A failed push leaves no tag behind that it made here. `docker` may be a command line (sudo docker)."""
+    """Push NAME:TAG-FLAVOUR as REGISTRY/NAME:TAG-FLAVOUR and REGISTRY/NAME:FLAVOUR, and its data image
+    NAME:TAG-FLAVOUR-data (make build-image's) under the same tags with -data: what `fab launch --image` pulls first, to
+    prepare the data in while the trainer image is pulled. Return the trainer's digest the registry stored. A failed
+    push leaves no tag behind that it made here. `docker` may be a command line (sudo docker)."""
     cmd = shlex.split(docker)
     if not registry:
         raise UserError("REGISTRY is not set: make push-image REGISTRY=registry.example.com/team")
@@ -101,36 +119,37 @@ def push(docker: str, registry: str, name: str, tag: str, flavour: str, out=sys.
     if subprocess.run([*cmd, "image", "inspect", local], capture_output=True).returncode != 0:
         raise UserError(f"no image {local} here to push: build it first with `make build-image CUDA={flavour}`"
                         + (f" NAME={name}" if name != "nanogpt-train" else ""))
-    remote = [f"{registry}/{name}:{tag}-{flavour}", f"{registry}/{name}:{flavour}"]
-    made = [r for r in remote if subprocess.run([*cmd, "image", "inspect", r], capture_output=True).returncode != 0]
+    has_data = subprocess.run([*cmd, "image", "inspect", f"{local}-data"], capture_output=True).returncode == 0
+    images = {local: [f"{registry}/{name}:{tag}-{flavour}", f"{registry}/{name}:{flavour}"]}
+    if has_data:
+        images[f"{local}-data"] = [f"{r}-data" for r in images[local]]
+    made = [r for refs in images.values() for r in refs if subprocess.run([*cmd, "image", "inspect", r], capture_output=True).returncode != 0]
     host = registry.split("/", 1)[0]
-    digest = None
+    digests = {}
     try:
-        for r in remote:
-            subprocess.run([*cmd, "tag", local, r], check=True, capture_output=True)
-        for r in remote:
-            proc = subprocess.Popen([*cmd, "push", r], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            pushed = None
-            for line in proc.stdout:  # docker's progress, one line per layer
-                out.write(line)
-                out.flush()
-                if m := PUSHED.search(line):
-                    pushed = m.group(1)
-            err = proc.stderr.read()
-            if proc.wait() != 0 or pushed is None:
-                reason = docker_line(err)
-                raise UserError(f"docker push {r} failed ({reason}): {push_hint(reason, host)}")
-            if digest and pushed != digest:
-                raise UserError(f"the registry {host} stored {r} as {pushed} but {remote[0]} as {digest}: push again")
-            digest = pushed
+        for source, refs in images.items():
+            for r in refs:
+                subprocess.run([*cmd, "tag", source, r], check=True, capture_output=True)
+            for r in refs:
+                pushed = push_one(cmd, r, host, out)
+                if digests.setdefault(source, pushed) != pushed:
+                    raise UserError(f"the registry {host} stored {r} as {pushed} but {refs[0]} as {digests[source]}: push again")
     except BaseException:
         for r in made:
             subprocess.run([*cmd, "rmi", "--no-prune", r], capture_output=True)
         raise
-    ref = f"{registry}/{name}"
-    out.write(f"pushed {remote[0]} and :{flavour}: digest {digest}\n"
-              f"launch it with: fab launch --image {ref}@{digest} (or --image {ref}:{tag}, which takes the box's flavour)\n")
-    return digest
+    report_push(out, f"{registry}/{name}", tag, flavour, digests[local], digests.get(f"{local}-data"), local)
+    return digests[local]
+
+
+def report_push(out, ref: str, tag: str, flavour: str, digest: str, data_digest: str | None, local: str) -> None:
+    out.write(f"pushed {ref}:{tag}-{flavour} and :{flavour}: digest {digest}\n")
+    if data_digest:
+        out.write(f"pushed its data image as {ref}:{tag}-{flavour}-data and :{flavour}-data: digest {data_digest}\n")
+    else:
+        out.write(f"note: no data image {local}-data here (make build-image builds it): a launch from this push prepares the data "
+                  "only once the trainer image is pulled\n")
+    out.write(f"launch it with: fab launch --image {ref}:{tag} (the box's flavour, its data image pulled first) or --image {ref}@{digest}\n")
 
 
 def main(argv: list[str]) -> None:

@@ -186,6 +186,7 @@ def pushable(docker):
     sh(ROOT / "scripts" / "make_test_base_image.sh", BASE, timeout=900)
     tag = f"{PUSH_NAME}:{git_sha()}-cu130"
     sh("docker", "tag", BASE, tag)
+    sh("docker", "tag", BASE, f"{tag}-data")  # and its data image, as build-image tags it
     yield tag
     gone = [r for r in sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split() if PUSH_NAME in r]
     if gone:
@@ -206,7 +207,10 @@ def test_push_image_pushes_the_flavours_tags_and_prints_the_digest_the_registry_
     digest = re.search(r"^pushed \S+ and :cu130: digest (sha256:[0-9a-f]{64})$", proc.stdout, re.M).group(1)
     repo = f"team/{PUSH_NAME}"
     assert registry.digest(repo, f"{git_sha()}-cu130") == digest and registry.digest(repo, "cu130") == digest
-    assert f"fab launch --image {registry.host}/{repo}@{digest}" in proc.stdout
+    data = re.search(r"^pushed its data image as \S+-cu130-data and :cu130-data: digest (sha256:[0-9a-f]{64})$", proc.stdout, re.M).group(1)
+    assert registry.digest(repo, f"{git_sha()}-cu130-data") == data and registry.digest(repo, "cu130-data") == data
+    assert f"fab launch --image {registry.host}/{repo}:{git_sha()} (the box's flavour, its data image pulled first)" in proc.stdout
+    assert f"or --image {registry.host}/{repo}@{digest}" in proc.stdout
     assert not proc.stderr.strip(), proc.stderr
 
 
