@@ -184,14 +184,24 @@ def has_shards(conn, box: Box, job: Job) -> bool:
     return m.get("complete") is True and enough
 
 
-def ensure_data(conn, box: Box, image: str, job: Job, token_file=None, out=sys.stdout) -> None:
-    """Make the shards the run needs if they are missing, saying how and how long it took. token_file() puts the
-    laptop's Hugging Face token on the box and returns its path there, or returns None (anonymous downloads)."""
-    where = f"{box.data_dir}/{job.data_subdir}"
+PREPARE_CONTAINER = f"{contract.CONTAINER_NAME}-prepare"  # the data preparation, detached, while the image is made
+
+
+def shards_ready(conn, box: Box, job: Job, out=sys.stdout) -> bool:
     if has_shards(conn, box, job):
-        out.write(f"data: shards found in {where} on {conn.host}\n")
-        return
-    flags = docker_base(box, detach=False, name=None, labels={ROLE: "prepare"}, network_host=job.data == "hub", gpus=False)
+        out.write(f"data: shards found in {box.data_dir}/{job.data_subdir} on {conn.host}\n")
+        return True
+    return False
+
+
+def start_data(conn, box: Box, image: str, job: Job, token_file=None, out=sys.stdout) -> None:
+    """Start making the shards the run needs in the background, in a detached container of `image` (the data image,
+    or the trainer image); wait_data follows it to its end. A container left by an earlier launch is replaced:
+    job.prepare resumes where that one stopped. token_file() puts the laptop's Hugging Face token on the box and
+    returns its path there, or returns None (anonymous downloads)."""
+    where = f"{box.data_dir}/{job.data_subdir}"
+    run(conn, f"{box.docker} rm -f {PREPARE_CONTAINER} >/dev/null 2>&1", warn=True)
+    flags = docker_base(box, detach=True, name=PREPARE_CONTAINER, labels={ROLE: "prepare"}, network_host=job.data == "hub", gpus=False)
     if job.data == "hub":
         out.write(f"data: downloading {job.hub.repo} to {where} on {conn.host} (the val shard and train shards for "
                   f"{job.train_tokens():,} tokens, already tokenized; --data tokenize makes them from text on the box instead)\n")
@@ -199,9 +209,19 @@ def ensure_data(conn, box: Box, image: str, job: Job, token_file=None, out=sys.s
     else:
         out.write(f"data: no complete set of shards in {where} on {conn.host}: tokenizing them there "
                   f"({box.cpus} cores; an interrupted preparation resumes)\n")
-    t0 = time.monotonic()
+    res = run(conn, f"{flags} {shlex.quote(image)} {job.prepare_command()}", warn=True)
+    if res.failed:
+        raise UserError(f"could not start the data preparation on {conn.host}: {' '.join(res.stderr.split())[:300]}")
+
+
+def wait_data(conn, box: Box, job: Job, t0: float, out=sys.stdout) -> None:
+    """The started preparation's output (said once it is done, after the image's), to its end, saying how it went."""
+    where = f"{box.data_dir}/{job.data_subdir}"
     tail = _Tail(out)
-    status = stream(conn, f"{flags} {shlex.quote(image)} {job.prepare_command()} 2>&1", out=tail)
+    stream(conn, f"{box.docker} logs -f {PREPARE_CONTAINER} 2>&1", out=tail)
+    res = run(conn, f"{box.docker} wait {PREPARE_CONTAINER}", warn=True)
+    run(conn, f"{box.docker} rm -f {PREPARE_CONTAINER} >/dev/null 2>&1", warn=True)
+    status = int(res.stdout.strip()) if res.ok and res.stdout.strip().isdigit() else -1
     if status == contract.EXIT_USER_ERROR and tail.last_error():
         raise UserError(f"data on {conn.host}: {tail.last_error()}")  # the box's own one line, said once
     if tail.held:

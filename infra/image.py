@@ -124,8 +124,10 @@ def source_tag(context_digest: str, args: dict[str, str], flavour: Flavour, name
     return f"{name}:src-{h.hexdigest()[:12]}-{flavour.name}"
 
 
-def build_command(docker: str, tag: str, args: dict[str, str], context: str, name: str = contract.IMAGE_NAME) -> str:
+def build_command(docker: str, tag: str, args: dict[str, str], context: str, name: str = contract.IMAGE_NAME, target: str | None = None) -> str:
     flags = " ".join(f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in args.items())
+    if target:  # a stage of the Dockerfile (the data image): its own tag, never NAME:latest
+        return f"{docker} build -f {context}/docker/Dockerfile {flags} --target {target} -t {shlex.quote(tag)} {context}"
     return f"{docker} build -f {context}/docker/Dockerfile {flags} -t {shlex.quote(tag)} -t {shlex.quote(name)}:latest {context}"
 
 
@@ -136,28 +138,58 @@ class Image:
 
 
 def build_on_box(conn, docker: str, *, flavour: Flavour = DEFAULT, name: str = contract.IMAGE_NAME,
-                 build_args: dict[str, str] | None = None, wheels: str | None = None, out=sys.stdout) -> Image:
+                 build_args: dict[str, str] | None = None, wheels: str | None = None, out=sys.stdout, target: str | None = None) -> Image:
+    """The trainer image (or, with target="data", the data image) built on the box from this source, unless the box
+    has the same build already."""
     files = context_files(extra_wheels=wheels)
     args = build_args_for(flavour, build_args)
+    what = "image" if target is None else f"{target} image"
     with tempfile.TemporaryFile() as tmp:
         digest = write_context(files, tmp)
-        tag = source_tag(digest, args, flavour, name)
+        tag = source_tag(digest, args, flavour, name) if target is None else data_tag(digest, args, flavour)
         if image_id(conn, docker, tag):
-            out.write(f"image {tag} is already on {conn.host} (same source): not rebuilding\n")
-            tag_as_trainer(conn, docker, tag, name)
+            out.write(f"{what} {tag} is already on {conn.host} (same source): not rebuilding\n")
+            if target is None:
+                tag_as_trainer(conn, docker, tag, name)
             return Image(tag, "found")
-        size = tmp.tell()
-        tmp.seek(0)
-        out.write(f"sending the image source to {conn.host} ({size / 2**20:.1f} MiB) and building {tag} there "
-                  f"(CUDA {flavour.cuda_text}, {args['BASE_IMAGE']})\n")
+        # The data image's build leaves the context on the box for the trainer image's, which follows (.complete: the
+        # whole archive arrived); the trainer's build removes it.
         remote = f".cache/nanogpt/build/src-{digest[:12]}"
         q = shlex.quote(remote)
-        if stream(conn, f"rm -rf {q} && mkdir -p {q} && tar -xf - -C {q}", out=out, stdin_chunks=_chunks(tmp)) != 0:
-            raise UserError(f"could not unpack the build context on {conn.host} (disk full?): check `df -h ~` there")
-    status = stream(conn, f"{build_command(docker, tag, args, q, name)} 2>&1; rc=$?; rm -rf {q}; exit $rc", out=out)
+        if run(conn, f"test -e {q}/.complete", warn=True).failed:
+            size = tmp.tell()
+            tmp.seek(0)
+            out.write(f"sending the image source to {conn.host} ({size / 2**20:.1f} MiB)\n")
+            if stream(conn, f"rm -rf {q} && mkdir -p {q} && tar -xf - -C {q} && touch {q}/.complete", out=out, stdin_chunks=_chunks(tmp)) != 0:
+                raise UserError(f"could not unpack the build context on {conn.host} (disk full?): check `df -h ~` there")
+    out.write(f"building {tag} there " + (f"(CUDA {flavour.cuda_text}, {args['BASE_IMAGE']})\n" if target is None else f"first: {DATA_WHY}\n"))
+    done = "" if target else f"rm -rf {q}; "
+    status = stream(conn, f"{build_command(docker, tag, args, q, name, target)} 2>&1; rc=$?; {done}exit $rc", out=out)
     if status != 0:
         raise UserError(f"docker build failed on {conn.host} (exit {status}): the build log is above")
     return Image(tag, "built")
+
+
+# The data image: docker/Dockerfile's data stage, job.prepare without torch.
+DATA_TARGET = "data"
+DATA_WHY = "the data image, job.prepare without torch: the shards are made in it while the trainer image builds"
+
+
+def data_tag(context_digest: str, args: dict[str, str], flavour: Flavour) -> str:
+    """The data image's tag: the trainer's source tag with -data (the same source, args and flavour, another stage)."""
+    return source_tag(context_digest, {**args, "--target": DATA_TARGET}, flavour) + "-data"
+
+
+def build_data_on_box(conn, docker: str, *, flavour: Flavour = DEFAULT, build_args: dict[str, str] | None = None,
+                      wheels: str | None = None, out=sys.stdout) -> Image:
+    return build_on_box(conn, docker, flavour=flavour, build_args=build_args, wheels=wheels, out=out, target=DATA_TARGET)
+
+
+def built_tags(flavour: Flavour, build_args: dict[str, str] | None = None, wheels: str | None = None) -> tuple[str, str]:
+    """(the trainer image's source tag, the data image's) for this source and these build args, without building."""
+    args = build_args_for(flavour, build_args)
+    digest = write_context(context_files(extra_wheels=wheels), _Discard())
+    return source_tag(digest, args, flavour), data_tag(digest, args, flavour)
 
 
 def tag_as_trainer(conn, docker: str, ref: str, name: str = contract.IMAGE_NAME) -> None:
@@ -266,6 +298,31 @@ def pull_images(nodes, image: str, flavour: Flavour, out=sys.stdout) -> list[Ima
         pulled.append(got)
         ref = parse_ref(got.ref)
     return pulled
+
+
+def data_pull_ref(image: str, flavour: Flavour) -> str | None:
+    """--image's data image, as `make push-image` pushes it beside the trainer image: the flavour's tag with -data.
+    None for a digest, which names one image and no other."""
+    ref = parse_ref(pull_ref(image, flavour))
+    return None if ref.digest else f"{ref.name}:{ref.tag}-data"
+
+
+def pull_data_image(conn, docker: str, image: str, flavour: Flavour, out=sys.stdout) -> str | None:
+    """The data image of --image pulled on the box, to prepare the data in while the trainer image is pulled: its
+    reference by digest, or None after one line (no data image there: the data waits for the trainer image)."""
+    later = "the data is prepared once the trainer image is there"
+    ref = data_pull_ref(image, flavour)
+    if ref is None:
+        out.write(f"note: --image {image} is a digest, which names no data image: {later} (--image by tag pulls its data image first)\n")
+        return None
+    out.write(f"pulling the data image {ref} on {conn.host}\n")
+    seen = _PullOutput(io.StringIO())  # its progress unsaid: the trainer image's pull is the one to watch
+    status = stream(conn, f"{docker} pull {shlex.quote(ref)} 2>&1", out=seen)
+    why = seen.reason(failed=status != 0)
+    if status != 0 or seen.digest is None:
+        out.write(f"note: no data image {ref} to pull ({why or f'docker pull exited with {status}'}): {later}\n")
+        return None
+    return Ref(parse_ref(ref).name, digest=seen.digest).pinned
 
 
 def ship_to_box(conn, docker: str, image: str, out=sys.stdout, local_docker: str = "docker") -> str:

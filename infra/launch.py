@@ -13,6 +13,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +25,15 @@ from infra.container import (
     ROLE,
     containers,
     docker_base,
-    ensure_data,
     exit_code,
     refuse_if_active,
     running,
+    shards_ready,
     start,
+    start_data,
     stop_container,
     stream_logs,
+    wait_data,
 )
 from infra.credentials import (
     LAMBDA_KEY,
@@ -43,7 +46,7 @@ from infra.credentials import (
     send_wandb_key,
 )
 from infra.flavour import Flavour, choose_flavour
-from infra.image import ensure_image, pull_images
+from infra.image import build_data_on_box, built_tags, ensure_image, image_id, pull_data_image, pull_images
 from infra.options import CloudOptions, LaunchOptions, SSHOptions  # noqa: F401 (the options live there)
 from infra.ssh import ConnectionLost, run, stream
 from infra.timeline import Timeline, bill_line, path_on_box, trainer_stages
@@ -268,6 +271,8 @@ class LaunchRun:
     names: list[str] = field(default_factory=list)  # per node: the trainer container
     lines: dict[int, list[str]] = field(default_factory=dict)  # the dry run's lines, per node
     timeline: Timeline | None = None  # the launch's stages, timed as they run (not in a dry run)
+    data: dict[int, float] = field(default_factory=dict)  # per node: when its data preparation started (monotonic)
+    data_later: set[int] = field(default_factory=set)  # nodes whose preparation waits for the trainer image
 
     @property
     def nodes(self) -> list[tuple[object, Box]]:
@@ -284,7 +289,7 @@ class Step:
     name: str
     do: Callable[[LaunchRun], None]
     plan: Callable[[LaunchRun, int], list[str]] | None  # the node's lines of the dry run; None: `do` only looks, run it too
-    stage: str  # the timeline's stage (infra/timeline.py) whose seconds this step's add to
+    stage: str | None  # the timeline's stage (infra/timeline.py) this step's time is part of; None: the step times itself
 
 
 def preflight_boxes(r: LaunchRun) -> None:
@@ -327,9 +332,53 @@ def build_images(r: LaunchRun) -> None:
         r.timeline.mark("image", [i.how for i in made])
 
 
+def data_image(r: LaunchRun, conn, box: Box) -> str | None:
+    """The image to prepare the data in before the trainer image is there: the trainer image when the box has this
+    source's build already, else the data image (docker/Dockerfile's data stage: no torch, built in a fraction of the
+    trainer's time); with --image, its data image pulled (as push-image pushes it). None where there is none (a
+    digest, a registry without it, --ship): the preparation then waits for the trainer image."""
+    o = r.opts
+    if o.ship:
+        return None
+    if o.image:
+        return pull_data_image(conn, box.docker, o.image, r.flavour, out=r.out)
+    trainer, _ = built_tags(r.flavour, o.build_args, o.wheels)
+    if image_id(conn, box.docker, trainer):
+        return trainer
+    return build_data_on_box(conn, box.docker, flavour=r.flavour, build_args=o.build_args, wheels=o.wheels, out=r.out).ref
+
+
+def start_data_early(r: LaunchRun) -> None:
+    """The shards are downloaded or tokenized while the trainer image is built or pulled: started now, in the data
+    image (or the trainer image, where the box has it)."""
+    t0 = time.monotonic()
+    for rank, (conn, box) in enumerate(r.nodes):
+        if shards_ready(conn, box, r.opts.job, r.out):
+            continue
+        started = time.monotonic()
+        # The other nodes' data after node 0's: their data dirs may be one shared file system (--fs), which node 0's
+        # preparation fills; two preparations must never write the same shards at once.
+        image = data_image(r, conn, box) if rank == 0 else None
+        if image is None:
+            r.data_later.add(rank)
+            continue
+        r.data[rank] = started
+        start_data(conn, box, image, r.opts.job, token_file=lambda c=conn: send_hf_token(c, r.out), out=r.out)
+    if r.timeline is not None and not r.data and not r.data_later:
+        r.timeline.span("data", t0, time.monotonic())  # only the look: every node has its shards
+
+
 def prepare_data(r: LaunchRun) -> None:
-    for (conn, box), image in zip(r.nodes, r.images, strict=True):
-        ensure_data(conn, box, image, r.opts.job, token_file=lambda c=conn: send_hf_token(c, r.out), out=r.out)
+    """Each node's preparation to its end: the one started before the image, or one in the trainer image now. The
+    timeline's data stage runs from the first one's start to the last one's end."""
+    for rank, ((conn, box), image) in enumerate(zip(r.nodes, r.images, strict=True)):
+        if rank in r.data_later and (rank == 0 or not shards_ready(conn, box, r.opts.job, r.out)):
+            r.data[rank] = time.monotonic()
+            start_data(conn, box, image, r.opts.job, token_file=lambda c=conn: send_hf_token(c, r.out), out=r.out)
+        if rank in r.data:
+            wait_data(conn, box, r.opts.job, r.data[rank], out=r.out)
+    if r.timeline is not None and r.data:
+        r.timeline.span("data", min(r.data.values()), time.monotonic())
 
 
 def send_dashboard_key(r: LaunchRun) -> None:
@@ -372,9 +421,12 @@ def exit_watch(r: LaunchRun) -> None:
 STEPS = [
     Step("preflight", preflight_boxes, None, "preflight"),
     Step("active run", refuse_active, plan.plan_active, "preflight"),
+    # The data first, in the background (the data image is built in a fraction of the trainer image's time); the
+    # trainer image meanwhile; then the data's end. The data stage's time overlaps the image's.
+    Step("data start", start_data_early, plan.plan_data, None),
     Step("pull", pull, plan.plan_pull_step, "image"),
     Step("image", build_images, plan.plan_image_step, "image"),
-    Step("data", prepare_data, plan.plan_data, "data"),
+    Step("data", prepare_data, plan.nothing, None),
     # From here on the steps start the run itself: their seconds are the training stage's first ones.
     Step("dashboards", send_dashboard_key, plan.plan_wandb, "training"),
     Step("restart", stop_for_restart, plan.nothing, "training"),  # plan_active's line says what --restart does
@@ -391,7 +443,7 @@ def run_steps(r: LaunchRun) -> None:
         if r.dry and step.plan is not None:
             for rank in range(len(r.conns)):
                 r.lines.setdefault(rank, []).extend(step.plan(r, rank))
-        elif r.timeline is not None:
+        elif r.timeline is not None and step.stage is not None:
             with r.timeline.timed(step.stage):
                 step.do(r)
         else:
@@ -462,11 +514,15 @@ def live_price(opts: LaunchOptions, tl: Timeline) -> int | None:
 def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api_key: str | None = None,
             timeline: Timeline | None = None, price: int | None = None) -> int:
     r = LaunchRun(opts, conns, out, instance_id=instance_id, api_key=api_key, timeline=timeline or Timeline(opts.job.recipe, opts.job.preset))
+    # The box's price is asked of the cloud API beside the steps, which never wait on it: only the bill at the end does.
+    pricing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="price")
+    asked = pricing.submit(live_price, opts, r.timeline) if price is None else None
+    pricing.shutdown(wait=False)
     run_steps(r)
     conn0, box0, name0 = conns[0], r.boxes[0], r.names[0]
     tl, t0 = r.timeline, time.monotonic()
-    if price is None:
-        price = live_price(opts, tl)
+    if asked is not None:
+        price = asked.result()
     try:
         return _run_and_follow(r, opts, conn0, box0, name0, out)
     finally:  # a run that failed or was detached still shows (and keeps) what was measured

@@ -12,7 +12,7 @@ import shlex
 from infra.box import Box
 from infra.container import has_shards, run_command, running
 from infra.credentials import wants_wandb
-from infra.image import plan_image, plan_pull
+from infra.image import built_tags, data_pull_ref, image_id, plan_image, plan_pull
 from infra.ssh import run
 from job import contract
 from job.errors import UserError
@@ -64,12 +64,32 @@ def plan_data(r, rank: int) -> list[str]:
         hub = job.hub
         shards = -(-job.train_tokens() // hub.shard_tokens)
         gb = (shards * hub.shard_tokens + hub.shard_tokens) * 2 / 1e9  # uint16 tokens; the val shard is at most one more
-        return [f"data: no complete set of shards in {where}: downloaded from the Hugging Face hub ({hub.repo}: the val shard "
-                f"and {shards} train shard(s) for {job.train_tokens():,} tokens, at most {gb:.1f} GB) in a container running "
-                f"`{job.prepare_command()}`; {box.free_gb:.0f} GB free there"]
-    size = PREPARED_SIZE[job.data].format(corpus=job.hub.tokenize)
-    return [f"data: no complete set of shards in {where}: prepared on the box ({box.cpus} cores), {size}, in a container running "
-            f"`{job.prepare_command()}`; {box.free_gb:.0f} GB free there"]
+        head = (f"data: no complete set of shards in {where}: downloaded from the Hugging Face hub ({hub.repo}: the val shard "
+                f"and {shards} train shard(s) for {job.train_tokens():,} tokens, at most {gb:.1f} GB)")
+    else:
+        size = PREPARED_SIZE[job.data].format(corpus=job.hub.tokenize)
+        head = f"data: no complete set of shards in {where}: prepared on the box ({box.cpus} cores), {size}"
+    return [f"{head} in a container running `{job.prepare_command()}`; {box.free_gb:.0f} GB free there", "  " + data_when(r, rank)]
+
+
+def data_when(r, rank: int) -> str:
+    """Which image the data is prepared in, and so when: beside the trainer image's build, or after it comes."""
+    o, conn, box = r.opts, r.conns[rank], r.boxes[rank]
+    if rank:
+        return "once node 0's data is ready (a shared file system may have it then), in the trainer image"
+    if o.ship:
+        return "after the trainer image is shipped, in it"
+    if o.image:
+        ref = data_pull_ref(o.image, r.flavour)
+        if ref is None:
+            return "after the trainer image is pulled, in it (a digest names no data image; --image by tag pulls its data image first)"
+        return (f"in the background while the trainer image is pulled: in the data image {ref}, pulled first (push-image pushes it; "
+                "without it, after the trainer image is pulled, in it)")
+    trainer, data = built_tags(r.flavour, o.build_args, o.wheels)
+    if image_id(conn, box.docker, trainer):
+        return f"now, in the trainer image {trainer} (on the box already)"
+    there = "on the box already" if image_id(conn, box.docker, data) else "built first, in a fraction of the trainer image's time"
+    return f"in the background while the trainer image is built: in the data image {data} ({there}; job.prepare without torch)"
 
 
 def plan_wandb(r, rank: int) -> list[str]:

@@ -2,7 +2,9 @@
 
 `fab launch` times its own stages on the laptop (boot, preflight, image, data, training, fetch) and takes compile and
 first step from the trainer's metrics.jsonl (its `compile` event and its first `train` event), so those two are the
-trainer's own clock, inside the training stage. The timeline is kept as JSON in the run's log dir on the box
+trainer's own clock, inside the training stage. Each stage the launcher timed has its start too (seconds into the
+launch): the data runs beside the image, and setup's seconds are their wall time, the overlap counted once. The
+timeline is kept as JSON in the run's log dir on the box
 (job.contract.TIMELINE_FILE): `fab status` shows it, and the next dry run prices setup from it.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from job import contract
 
 # In the order they happen. Compile and first step fall inside training (the trainer measured them), so only the
-# others add up to what the instance was billed for.
+# others make up what the instance was billed for; data overlaps image.
 STAGES = ("boot", "preflight", "image", "data", "compile", "first step", "training", "fetch")
 SETUP = ("boot", "preflight", "image", "data", "fetch")
 TRAINING = ("training",)
@@ -46,6 +48,11 @@ class Stage:
     seconds: float
     what: str
     how: str = ""  # the image stage: built, pulled, shipped or found (IMAGE_HOW); "a+b" where nodes differ
+    start: float | None = None  # seconds into the launch where the launcher timed it; stages can overlap (data, image)
+
+    @property
+    def end(self) -> float | None:
+        return None if self.start is None else self.start + self.seconds
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Timeline:
     preset: str
     type_name: str | None = None  # the Lambda instance type, where known
     stages: list[Stage] = field(default_factory=list)
+    origin: float = field(default_factory=time.monotonic, repr=False, compare=False)  # the launch's start; not kept
 
     def add(self, name: str, seconds: float) -> None:
         """A stage's seconds; a stage measured in several pieces (the steps of one stage) adds up."""
@@ -77,23 +85,43 @@ class Timeline:
         try:
             yield
         finally:
-            self.add(name, time.monotonic() - t0)
+            self.span(name, t0, time.monotonic())
+
+    def span(self, name: str, t0: float, t1: float) -> None:
+        """A stage from t0 to t1 (time.monotonic()); a stage timed in several pieces spans from its first piece's
+        start to its last one's end (the steps between belong to it, or run beside it)."""
+        stage = next((s for s in self.stages if s.name == name), None)
+        if stage is None or stage.start is None:
+            self.add(name, t1 - t0)
+            stage = next(s for s in self.stages if s.name == name)
+            stage.start = t0 - self.origin
+        else:
+            stage.seconds = max(stage.seconds, t1 - self.origin - stage.start)
 
     def seconds(self, name: str) -> float | None:
         return next((s.seconds for s in self.stages if s.name == name), None)
 
     def total(self, names) -> float:
-        return sum(s.seconds for s in self.stages if s.name in names)
+        """The seconds of these stages, counting once the time where they overlapped (the data beside the image)."""
+        timed = sorted((s.start, s.end) for s in self.stages if s.name in names and s.start is not None)
+        total, reach = 0.0, float("-inf")
+        for start, end in timed:
+            total += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        return total + sum(s.seconds for s in self.stages if s.name in names and s.start is None)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1) + "\n"
+        d = asdict(self)
+        del d["origin"]
+        return json.dumps(d, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Timeline | None:
         """None for text that is not a timeline (a file cut short, another version's): it is only ever a hint."""
         try:
             d = json.loads(text)
-            stages = [Stage(s["name"], float(s["seconds"]), s.get("what", WHAT.get(s["name"], "")), str(s.get("how", "")))
+            stages = [Stage(s["name"], float(s["seconds"]), s.get("what", WHAT.get(s["name"], "")), str(s.get("how", "")),
+                            None if s.get("start") is None else float(s["start"]))
                       for s in d["stages"] if s["name"] in STAGES]
             return cls(d["recipe"], d["preset"], d.get("type_name"), stages)
         except (ValueError, KeyError, TypeError):
@@ -101,7 +129,15 @@ class Timeline:
 
     def lines(self) -> list[str]:
         width = max(len(s) for s in STAGES)
-        return [f"{s.name.ljust(width)}  {s.seconds:8.1f} s  {s.what}" for s in self.stages]
+        return [f"{s.name.ljust(width)}  {s.seconds:8.1f} s  {s.what}{self.beside(s)}" for s in self.stages]
+
+    def beside(self, stage: Stage) -> str:
+        """For a stage that ran beside another one (the data while the image was made): when, and beside what."""
+        others = [o.name for o in self.stages if o is not stage and o.start is not None and stage.start is not None
+                  and o.name in SETUP and stage.name in SETUP and o.start < stage.end and stage.start < o.end]
+        if not others:
+            return ""
+        return f" ({stage.start:.1f}-{stage.end:.1f} s into the launch, beside the {' and '.join(others)})"
 
     def matches(self, recipe: str, preset: str, type_name: str | None) -> bool:
         """Measured on the same kind of run: the recipe and preset, and the instance type where both know it."""

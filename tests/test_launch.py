@@ -166,13 +166,26 @@ def test_launch_builds_on_the_box_prepares_data_and_refuses_a_second_run(boxes, 
     assert "none (CPU)" in out and str(run_dirs["data"]) in out  # the preflight table
     assert "sending the image source" in out and "building nanogpt-train:src-" in out
     assert "data: no complete set of shards" in out and (run_dirs["data"] / "tinyshakespeare").is_dir()  # prepared in the container
+    # The data first: the data image (job.prepare without torch) is built, its container starts tokenizing, and only
+    # then does the trainer image build; the preparation's end is said after it. The shards belong to the box's user.
+    data_tag = re.search(r"building (\S+-data) there first", out).group(1)
+    trainer_build = out.index("there (CUDA")
+    assert out.index(data_tag) < out.index("data: no complete set of shards") < trainer_build < out.index("data: ready in")
+    no_torch = sh("docker", "run", "--rm", "--entrypoint", "python", data_tag, "-c",
+                  "import importlib.util, job.prepare; print(importlib.util.find_spec('torch') is None)").stdout
+    assert no_torch.strip() == "True"
+    assert (run_dirs["data"] / "tinyshakespeare").stat().st_uid == pwd.getpwnam(BOX_USER).pw_uid
+    kept = {s["name"]: s for s in json.loads((run_dirs["weights"] / "timeline.json").read_text())["stages"]}
+    data, image = kept["data"], kept["image"]
+    assert data["start"] < image["start"] < image["start"] + image["seconds"] < data["start"] + data["seconds"]  # beside it
+    assert "beside the image" in timeline_line(out, "data")
     assert "started nanogpt-train on 127.0.0.1" in out and "fab logs --host" in out
     assert docker_ps() == ["nanogpt-train"]
     wait_for(lambda: len(events(run_dirs["weights"], "train")) >= 3, what="training steps")
     start = events(run_dirs["weights"], "start")[0]
     assert start["world"] == 2  # --nproc 2: torchrun with two CPU processes
     # The run names what it ran: the image the launcher started (reference and id) and the commit it was built from.
-    tag = re.search(r"building (\S+) there", out).group(1)
+    tag = re.search(r"building (\S+) there \(CUDA", out).group(1)
     ident = start["identity"]
     assert ident["image"] == tag and ident["image_id"] == sh("docker", "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
     assert ident["commit"] == git_commit()[0] and ident["code_sha256"] == code_hash(ROOT / "job")
@@ -529,13 +542,15 @@ E2E_NAME = "nanogpt-train-e2e"  # the name push-image pushes here (the engine ma
 def pushed(registry, boxes, laptop, wheels, base_image):
     """The image the launches here build on the box (found, when an earlier test built it), tagged as build-image tags it
     and pushed with `make push-image`: (its repository in the registry, the commit, the digest printed, the source tag)."""
-    from infra.image import build_on_box
+    from infra.image import build_data_on_box, build_on_box
     from infra.ssh import connect
 
     with connect(boxes[0].address, key=boxes[0].key_path, known_hosts=str(laptop / "known_hosts")) as conn:
         source = build_on_box(conn, "docker", build_args={"BASE_IMAGE": base_image}, wheels=str(wheels), out=io.StringIO()).ref
+        data = build_data_on_box(conn, "docker", build_args={"BASE_IMAGE": base_image}, wheels=str(wheels), out=io.StringIO()).ref
     sha = sh("git", "rev-parse", "--short", "HEAD", cwd=ROOT).stdout.strip()
     sh("docker", "tag", source, f"{E2E_NAME}:{sha}-cu130")
+    sh("docker", "tag", data, f"{E2E_NAME}:{sha}-cu130-data")  # as make build-image tags the data image
     proc = sh("make", "--no-print-directory", "-C", ROOT, "push-image", f"PYTHON={sys.executable}", f"NAME={E2E_NAME}",
               f"REGISTRY={registry.host}/team", timeout=1200)
     digest = re.search(r"^pushed \S+ and :cu130: digest (sha256:[0-9a-f]{64})$", proc.stdout, re.M).group(1)
@@ -557,17 +572,22 @@ def timeline_line(out: str, stage: str) -> str:
 
 def test_launch_by_image_pulls_the_pushed_digest_and_builds_nothing(pushed, boxes, laptop, wheels, base_image, run_dirs, box_user):
     repo, sha, digest, source = pushed
-    weights = box_path("pulled-weights")
-    args = launch_args(boxes[0], laptop, wheels, base_image, {"data": run_dirs["data"], "weights": weights}, "--image", f"{repo}:{sha}",
+    weights, data = box_path("pulled-weights"), box_path("pulled-data")
+    args = launch_args(boxes[0], laptop, wheels, base_image, {"data": data, "weights": weights}, "--image", f"{repo}:{sha}",
                        "--nproc", 1, "--steps", 2, "--train-args", " ".join(TRAIN))
-    # The dry run shows the pull as a step of its own, and the build it would fall back to.
+    # The dry run shows the data image pulled first, the pull as a step of its own, and the build it would fall back to.
     plan = fab(*args, "--dry-run", check=True).stdout
+    assert f"in the background while the trainer image is pulled: in the data image {repo}:{sha}-cu130-data, pulled first" in plan, plan
     assert f"image: CUDA flavour cu130 (CUDA 13.0): docker pull {repo}:{sha}-cu130 on the box, then run by the digest" in plan, plan
     assert f"  if the pull fails: {source} is already on the box" in plan, plan
 
     proc = fab(*args, check=True)
     out = proc.stdout
     assert f"pulling {repo}:{sha}-cu130 on 127.0.0.1" in out and f"pulled {repo}@{digest} on 127.0.0.1" in out
+    # The data image (pushed beside the trainer image) came first, and the data was prepared in it during the pull.
+    assert (out.index(f"pulling the data image {repo}:{sha}-cu130-data on 127.0.0.1") < out.index("data: no complete set of shards")
+            < out.index(f"pulling {repo}:{sha}-cu130 on 127.0.0.1") < out.index("data: ready in")), out
+    assert (data / "tinyshakespeare").is_dir() and "note: no data image" not in out
     assert "note: pull" not in out and "sending the image source" not in out and "not rebuilding" not in out  # no build at all
     assert "trainer image pulled from the registry" in timeline_line(out, "image")
     kept = json.loads((weights / "timeline.json").read_text())
@@ -611,12 +631,17 @@ def test_a_wrong_digest_or_an_unreachable_registry_is_one_line_and_the_box_build
     wrong = file_manifest_under(registry, f"team/{E2E_NAME}", base_digest)
     assert registry.digest(f"team/{E2E_NAME}", wrong) == wrong  # the registry does serve it under that digest
     unreachable = f"127.0.0.1:{free_port()}/team/{E2E_NAME}"
-    for i, (image, why) in enumerate([(f"{repo}@{wrong}", f"manifest verification failed for digest {wrong}"),
-                       (f"{unreachable}:{sha}", "connection refused")]):
-        weights = box_path(f"fallback-{i}")
-        proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, {"data": run_dirs["data"], "weights": weights}, "--image", image,
+    for i, (image, why, data_note) in enumerate([
+            (f"{repo}@{wrong}", f"manifest verification failed for digest {wrong}",
+             f"note: --image {repo}@{wrong} is a digest, which names no data image"),
+            (f"{unreachable}:{sha}", "connection refused", f"note: no data image {unreachable}:{sha}-cu130-data to pull (")]):
+        weights, data = box_path(f"fallback-{i}"), box_path(f"fallback-data-{i}")
+        proc = fab(*launch_args(boxes[0], laptop, wheels, base_image, {"data": data, "weights": weights}, "--image", image,
                                 "--nproc", 1, "--steps", 1, "--train-args", " ".join(TRAIN)), check=True)
         out = proc.stdout
+        # No data image to pull: one line, and the data is prepared in the trainer image once the build has made it.
+        assert data_note in out and "the data is prepared once the trainer image is there" in out
+        assert out.index("not rebuilding") < out.index("data: no complete set of shards") < out.index("data: ready in")
         asked = image if "@" in image else f"{image}-cu130"
         notes = [line for line in out.splitlines() if line.startswith("note: pull")]
         assert len(notes) == 1 and notes[0].startswith(f"note: pull of {asked} failed (") and notes[0].endswith("): building on the box"), out
@@ -737,7 +762,14 @@ def test_provision_launch_and_terminate_when_the_final_checkpoint_is_in_s3(fake_
         shown = [line.split("  ")[1].strip() for line in lines[at + 1:at + 7]]
         assert shown == ["boot", "preflight", "image", "data", "first step", "training"], lines[at:]
         kept = json.loads((w / "timeline.json").read_text())  # in the run's log dir on the box
-        setup = sum(s["seconds"] for s in kept["stages"] if s["name"] in ("boot", "preflight", "image", "data"))
+        # Setup is the wall time of its stages: the data was prepared beside the image (here: in the trainer image, which
+        # the box had), and that time is billed once.
+        spans = sorted((s["start"], s["start"] + s["seconds"]) for s in kept["stages"] if s["name"] in ("boot", "preflight", "image", "data"))
+        setup, reach = 0.0, 0.0
+        for start, end in spans:
+            setup, reach = setup + max(0.0, end - max(start, reach)), max(reach, end)
+        data, image = (next(s for s in kept["stages"] if s["name"] == n) for n in ("data", "image"))
+        assert data["start"] < image["start"] + image["seconds"] and setup < sum(e - s for s, e in spans)
         training = next(s["seconds"] for s in kept["stages"] if s["name"] == "training")
         bill = re.fullmatch(r"cost of this launch: setup (\d+) s = \$([\d.]+) \+ training (\d+) s = \$([\d.]+), at \$0\.75/hour x1: \$([\d.]+)",
                             lines[at + 7])
@@ -1096,6 +1128,8 @@ def test_dry_run_plans_the_flavour_the_driver_runs_and_changes_nothing(gpu_box, 
     assert f"--build-arg BASE_IMAGE={base}" in build and f"--build-arg {index}" in build  # the flavour's build args
     assert f"-t {contract.IMAGE_NAME}:src-" in build and f"-{flavour} " in build  # the flavour in the tag
     assert f"data: no complete set of shards in {data}/tinyshakespeare: prepared on the box" in out
+    assert f"  in the background while the trainer image is built: in the data image {contract.IMAGE_NAME}:src-" in out
+    assert f"-{flavour}-data (built first, in a fraction of the trainer image's time; job.prepare without torch)" in out
     assert "container: docker run -d --init" in out and "--gpus all" in out and "--max-steps 50" in out
     assert "cost: not estimated" in out and "nothing was changed on the box" in out
     assert box_state(parent) == before and not data.exists() and not weights.exists()

@@ -89,3 +89,22 @@ def test_the_image_stage_says_how_each_node_got_the_image_and_keeps_it_in_the_js
     old = json.loads(tl.to_json())  # a timeline kept before stages said how still reads
     del old["stages"][0]["how"]
     assert Timeline.from_json(json.dumps(old)).stages[0].how == ""
+
+
+def test_stages_that_ran_beside_each_other_are_billed_once_and_say_so():
+    tl = Timeline("gpt2", "tiny")
+    t0 = tl.origin
+    tl.span("preflight", t0 + 0.0, t0 + 2.0)
+    tl.span("data", t0 + 2.0, t0 + 3.0)  # the data image built and its container started...
+    tl.span("image", t0 + 3.0, t0 + 40.0)  # ...the trainer image built meanwhile...
+    tl.span("data", t0 + 40.0, t0 + 55.0)  # ...and the data's end waited for: one stage, from its start to its end
+    assert [(s.name, s.start, s.seconds) for s in tl.stages] == [("preflight", 0.0, 2.0), ("image", 3.0, 37.0), ("data", 2.0, 53.0)]
+    assert tl.total(("preflight", "image", "data")) == 55.0  # not 2 + 37 + 53: the launch's wall time
+    tl.add("fetch", 10.0)  # measured without a start: added as it is
+    assert tl.total(("preflight", "image", "data", "fetch")) == 65.0
+    assert bill_line(tl, 3600).startswith("cost: setup 65 s = $0.65")
+    lines = tl.lines()
+    assert lines[2].endswith("(2.0-55.0 s into the launch, beside the image)") and lines[1].endswith("beside the data)")
+    assert "into the launch" not in lines[0]
+    back = Timeline.from_json(tl.to_json())
+    assert back == tl and back.stages[2].start == 2.0 and "origin" not in json.loads(tl.to_json())
