@@ -1,6 +1,7 @@
 """torch.compile's first step cold against warm, for each recipe's tiny preset, through the real trainer.
 
-For each recipe: `python -m job.train --recipe R --preset tiny --compile on --max-steps 1` twice, each in a log dir of
+For each recipe: `python -m job.train --recipe R --preset tiny --compile on --max-steps 1` twice (a recipe with batch
+stages, the current speedrun's, runs its shortest schedule: 3 scheduled steps and 1 of extension), each in a log dir of
 its own (as on two boxes) and both with one empty compile-cache root (NANOGPT_COMPILE_CACHE, standing in for the
 persistent file system): the first compiles everything, the second should take every graph from the directory for its
 key. Prints the first step's seconds (the trainer's `compile` event), the process's wall time and the ratios.
@@ -23,8 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from job import recipes  # noqa: E402
+from job.config import parse_args  # noqa: E402
 
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
+
+
+def shortest(recipe: str) -> list[str]:
+    """The fewest steps the recipe's tiny preset trains: one, or a staged recipe's shortest schedule."""
+    hp = vars(parse_args(["--recipe", recipe, "--preset", "tiny"], files=False).hp)
+    if {"scheduled_steps", "extension_steps"} <= set(hp):
+        return ["--scheduled-steps", "3", "--extension-steps", "1", "--max-steps", "4"]
+    return ["--max-steps", "1"]
 
 
 def run(recipe: str, data: Path, log: Path, cache_root: Path, device: str, extra: list[str]) -> dict:
@@ -42,8 +52,7 @@ def run(recipe: str, data: Path, log: Path, cache_root: Path, device: str, extra
         device,
         "--compile",
         "on",
-        "--max-steps",
-        "1",
+        *shortest(recipe),
         "--eval-every",
         "0",
         "--sample-num",
@@ -85,7 +94,7 @@ def main() -> None:
                 capture_output=True,
             )
         print(
-            f"{'recipe':<10} {'cold first step':>16} {'warm first step':>16} {'ratio':>6} {'cold wall':>10} {'warm wall':>10} "
+            f"{'recipe':<20} {'cold first step':>16} {'warm first step':>16} {'ratio':>6} {'cold wall':>10} {'warm wall':>10} "
             f"{'ratio':>6}  warm graphs from cache"
         )
         for recipe in args.recipes.split(","):
@@ -93,7 +102,7 @@ def main() -> None:
             cold = run(recipe, data, tmp / f"{recipe}-box1", cache_root, args.device, args.extra)
             warm = run(recipe, data, tmp / f"{recipe}-box2", cache_root, args.device, args.extra)
             print(
-                f"{recipe:<10} {cold['first_step_s']:>14.1f} s {warm['first_step_s']:>14.1f} s "
+                f"{recipe:<20} {cold['first_step_s']:>14.1f} s {warm['first_step_s']:>14.1f} s "
                 f"{warm['first_step_s'] / cold['first_step_s']:>6.2f} {cold['wall_s']:>8.1f} s {warm['wall_s']:>8.1f} s "
                 f"{warm['wall_s'] / cold['wall_s']:>6.2f}  {warm['hits']} of {warm['hits'] + warm['misses']}",
                 flush=True,
