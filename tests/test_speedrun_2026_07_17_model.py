@@ -367,6 +367,23 @@ def test_the_tiny_model_trains_forward_and_backward_and_evaluates():
     assert abs(val.mean().item() - math.log(1000)) < 1.0  # near-uniform predictions from near-initial weights
 
 
+def test_the_training_forward_traces_as_one_graph():
+    """The record compiles its model with fullgraph=True: a graph break in a layer splits the compiled model there,
+    and Dynamo then compiles that layer's frame once per layer index (a CPU capability read inside the attention
+    once did that). Dynamo traces here; the eager backend runs the traced graph without compiling it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    model.quantize_mlp_fp8(bootstrap_down=True)
+    data = tiny_batch()
+    schedule = ForwardSchedule(mtp_weights=torch.tensor([1.0, 0.5, 0.25]), ws_short=16, ws_long=48, train_max_seq_len=128)
+    torch._dynamo.reset()
+    try:
+        traced = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+        assert torch.equal(traced(*data, schedule), model(*data, schedule))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_the_same_seed_builds_the_same_weights():
     a = GPT(GPTConfig(**TINY)) if torch.manual_seed(3) else None
     b = GPT(GPTConfig(**TINY)) if torch.manual_seed(3) else None

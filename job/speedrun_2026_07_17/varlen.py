@@ -60,11 +60,16 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+# Read once, outside any traced code: torch.compile cannot trace the call (it returns a str), and a graph break there
+# splits the compiled model at every attention layer.
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+
+
 def cpu_flash_attention(q: Tensor) -> bool:
     """Whether torch's CPU flash-attention kernel takes q's dtype here: it packs bf16 and fp16 with AVX-512
     instructions only (elsewhere, under ATEN_CPU_CAPABILITY avx2 or default too, it raises), and the math kernel
     stands in."""
-    return q.dtype == torch.float32 or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return q.dtype == torch.float32 or CPU_CAPABILITY.startswith("AVX512")
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, window: int, scale: float) -> Tensor:
