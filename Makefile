@@ -60,13 +60,17 @@ lint: venv
 # (tests/conftest.py), and what shares the Docker engine stays on one worker. TEST_WORKERS=0 runs the suite in this
 # process, one test at a time.
 TEST_WORKERS ?= 3
+# glibc's malloc hands a large tensor's memory back to the kernel when it is freed (munmap, or a trim of the heap's
+# top), and the next step's tensor of the same size faults it in again page by page, zeroed: in the tests' small CPU
+# runs that churn is a large share of their system time. The test processes, and all they start, keep it in the heap.
+TEST_ENV = MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
 
 test: venv lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests $(PYTEST_ARGS)
 
 # tests/conftest.py marks what needs Docker, an sshd or a training run as slow: the rest is the quick edit loop.
 test-fast: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests $(PYTEST_ARGS)
 
 PRESET ?= tiny
 bench: venv
