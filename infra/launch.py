@@ -22,6 +22,7 @@ from typing import Any
 from infra import plan
 from infra.box import Box, preflight, table
 from infra.container import (
+    PREPARE_CONTAINER,
     ROLE,
     containers,
     docker_base,
@@ -273,6 +274,7 @@ class LaunchRun:
     timeline: Timeline | None = None  # the launch's stages, timed as they run (not in a dry run)
     data: dict[int, float] = field(default_factory=dict)  # per node: when its data preparation started (monotonic)
     data_later: set[int] = field(default_factory=set)  # nodes whose preparation waits for the trainer image
+    data_followed: set[int] = field(default_factory=set)  # nodes whose preparation the launch followed to its end
 
     @property
     def nodes(self) -> list[tuple[object, Box]]:
@@ -376,9 +378,19 @@ def prepare_data(r: LaunchRun) -> None:
             r.data[rank] = time.monotonic()
             start_data(conn, box, image, r.opts.job, token_file=lambda c=conn: send_hf_token(c, r.out), out=r.out)
         if rank in r.data:
+            r.data_followed.add(rank)  # from here on its end is said, or its failure is the launch's error
             wait_data(conn, box, r.opts.job, r.data[rank], out=r.out)
     if r.timeline is not None and r.data:
         r.timeline.span("data", min(r.data.values()), time.monotonic())
+
+
+def data_left_running(r: LaunchRun) -> list[str]:
+    """After a launch that failed before it followed a preparation it had started (the image failed, Ctrl-C): where
+    that preparation goes on. Left to finish, since the next launch needs the same shards: it finds them made, or
+    replaces the container and job.prepare resumes where it stopped."""
+    return [f"note: the data preparation goes on in the background on {conn.host} (`{box.docker} logs -f {PREPARE_CONTAINER}` "
+            "there follows it); the next `fab launch` finds its shards or takes it over where it is\n"
+            for rank, (conn, box) in enumerate(r.nodes) if rank in r.data and rank not in r.data_followed]
 
 
 def send_dashboard_key(r: LaunchRun) -> None:
@@ -518,7 +530,11 @@ def _launch(opts: LaunchOptions, conns, out, instance_id: str | None = None, api
     pricing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="price")
     asked = pricing.submit(live_price, opts, r.timeline) if price is None else None
     pricing.shutdown(wait=False)
-    run_steps(r)
+    try:
+        run_steps(r)
+    except BaseException:
+        r.out.writelines(data_left_running(r))
+        raise
     conn0, box0, name0 = conns[0], r.boxes[0], r.names[0]
     tl, t0 = r.timeline, time.monotonic()
     if asked is not None:

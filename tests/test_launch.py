@@ -196,6 +196,27 @@ def test_launch_builds_on_the_box_prepares_data_and_refuses_a_second_run(boxes, 
     assert docker_ps() == ["nanogpt-train"]
 
 
+def test_a_failed_image_build_leaves_the_started_data_preparation_running_and_says_so(boxes, laptop, wheels, base_image, run_dirs):
+    """The trainer image fails to build (its torch index unreachable) after the data preparation started beside it:
+    the launch ends in one line, the preparation goes on (the next launch needs the same shards) and the launch says
+    where, and the active run is untouched (--restart stops it only once the new image and data are ready)."""
+    data = box_path("data-of-a-failed-build")
+    args = launch_args(boxes[0], laptop, wheels, base_image, {**run_dirs, "data": data}, "--restart", "--train-args", " ".join(TRAIN))
+    at = args.index(f"BASE_IMAGE={base_image}")
+    args[at] += " TORCH_INDEX_URL=http://127.0.0.1:9/simple"
+    try:
+        proc = fab(*args)
+        assert_one_line_error(proc, "build")
+        notes = [line for line in proc.stdout.splitlines() if line.startswith("note: the data preparation goes on")]
+        assert notes == ["note: the data preparation goes on in the background on 127.0.0.1 (`docker logs -f nanogpt-train-prepare` "
+                         "there follows it); the next `fab launch` finds its shards or takes it over where it is"], proc.stdout
+        manifest = data / "tinyshakespeare" / contract.PREPARE_MANIFEST
+        wait_for(lambda: manifest.exists() and json.loads(manifest.read_text()).get("complete") is True, what="the shards")
+        assert docker_ps() == ["nanogpt-train"]  # the run the build test started
+    finally:
+        sh("docker", "rm", "-f", "nanogpt-train-prepare", check=False)
+
+
 def test_logs_status_and_a_dropped_connection_while_streaming(boxes, laptop, run_dirs):
     logs = fab("logs", *ssh_args(boxes[0], laptop), "--tail", 5, "--no-follow", check=True)
     assert "| loss " in logs.stdout
