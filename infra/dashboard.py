@@ -11,6 +11,7 @@ container stays up for the next `fab dashboard`, and the trainer never notices e
 
 from __future__ import annotations
 
+import json
 import select
 import shlex
 import signal
@@ -28,6 +29,7 @@ from job.errors import UserError
 
 TENSORBOARD_ROLE = "tensorboard"
 TENSORBOARD_NAME = f"{contract.CONTAINER_NAME}-tensorboard"
+PORT_LABEL = "nanogpt.tensorboard-port"  # the port it serves on: a dashboard asking for another starts a new one
 READY_TIMEOUT = 120  # seconds for TensorBoard to start serving (its first load of the event files included)
 
 
@@ -36,15 +38,20 @@ def start_tensorboard(conn, docker: str, port: int = contract.TENSORBOARD_PORT, 
     dir is reused, one serving another (an earlier run's) is replaced."""
     train = find_train_container(conn, docker)
     weights = weights_mount(conn, docker, train["name"])
-    if running(conn, docker, role=TENSORBOARD_ROLE) and weights_mount(conn, docker, TENSORBOARD_NAME) == weights:
+    if (running(conn, docker, role=TENSORBOARD_ROLE) and weights_mount(conn, docker, TENSORBOARD_NAME) == weights
+            and label(conn, docker, TENSORBOARD_NAME, PORT_LABEL) == str(port)):
         return TENSORBOARD_NAME
     image = run(conn, f"{docker} inspect --format '{{{{.Config.Image}}}}' {shlex.quote(train['name'])}", warn=True).stdout.strip()
     if not weights or not image:
         raise UserError(f"cannot tell the weights dir or image of {train['name']} on {conn.host}: launch the run again with fab launch")
     ids = run(conn, "id -u && id -g").stdout.split()
     run(conn, f"{docker} rm -f {TENSORBOARD_NAME} >/dev/null 2>&1", warn=True)
+    if answers(conn, port):  # TensorBoard would fail to bind, or the tunnel would reach the other program
+        raise UserError(f"port {port} on the loopback of {conn.host} is taken by another program: pass --remote-port with "
+                        "a free one there")
     # --load_fast=false: TensorBoard's Python reader, which honours the purge a resumed run's event file asks for.
-    cmd = (f"{docker} run -d --init --name {TENSORBOARD_NAME} --label {ROLE}={TENSORBOARD_ROLE} --network host "
+    cmd = (f"{docker} run -d --init --name {TENSORBOARD_NAME} --label {ROLE}={TENSORBOARD_ROLE} --label {PORT_LABEL}={int(port)} "
+           "--network host "
            f"--user {ids[0]}:{ids[1]} -v {shlex.quote(f'{weights}:{contract.LOG_DIR}:ro')} {shlex.quote(image)} "
            f"tensorboard --logdir {contract.LOG_DIR} --host 127.0.0.1 --port {int(port)} --load_fast=false --reload_interval 10")
     res = run(conn, cmd, warn=True)
@@ -54,15 +61,29 @@ def start_tensorboard(conn, docker: str, port: int = contract.TENSORBOARD_PORT, 
     return TENSORBOARD_NAME
 
 
+def label(conn, docker: str, name: str, key: str) -> str:
+    """A label of container `name` on the box ("" where it has none, or there is no such container)."""
+    fmt = shlex.quote("{{index .Config.Labels " + json.dumps(key) + "}}")
+    res = run(conn, f"{docker} inspect --format {fmt} {shlex.quote(name)}", warn=True)
+    value = res.stdout.strip() if res.ok else ""
+    return "" if value == "<no value>" else value
+
+
+def answers(conn, port: int) -> bool:
+    """Whether something accepts a connection on the box's 127.0.0.1:port (reached through the SSH connection)."""
+    try:
+        conn.transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=10).close()
+        return True
+    except (paramiko.ChannelException, paramiko.SSHException):
+        return False
+
+
 def wait_ready(conn, docker: str, port: int, timeout: float = READY_TIMEOUT) -> None:
     """Until the box's 127.0.0.1:port accepts a connection through the tunnel, or the container has exited."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            conn.transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=10).close()
+        if answers(conn, port):
             return
-        except (paramiko.ChannelException, paramiko.SSHException):
-            pass
         if not running(conn, docker, role=TENSORBOARD_ROLE):
             logs = run(conn, f"{docker} logs --tail 5 {TENSORBOARD_NAME} 2>&1", warn=True).stdout
             raise UserError(f"TensorBoard exited on {conn.host}: {' '.join(logs.split())[-300:]}")

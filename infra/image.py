@@ -125,7 +125,8 @@ def source_tag(context_digest: str, args: dict[str, str], flavour: Flavour, name
 
 
 def build_command(docker: str, tag: str, args: dict[str, str], context: str, name: str = contract.IMAGE_NAME, target: str | None = None) -> str:
-    flags = " ".join(f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in args.items())
+    # --force-rm: a failed step's container goes too (the classic builder keeps it, exited, on the box).
+    flags = " ".join(["--force-rm", *(f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in args.items())])
     if target:  # a stage of the Dockerfile (the data image): its own tag, never NAME:latest
         return f"{docker} build -f {context}/docker/Dockerfile {flags} --target {target} -t {shlex.quote(tag)} {context}"
     return f"{docker} build -f {context}/docker/Dockerfile {flags} -t {shlex.quote(tag)} -t {shlex.quote(name)}:latest {context}"

@@ -15,6 +15,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -204,9 +205,13 @@ def test_a_failed_image_build_leaves_the_started_data_preparation_running_and_sa
     args = launch_args(boxes[0], laptop, wheels, base_image, {**run_dirs, "data": data}, "--restart", "--train-args", " ".join(TRAIN))
     at = args.index(f"BASE_IMAGE={base_image}")
     args[at] += " TORCH_INDEX_URL=http://127.0.0.1:9/simple"
+    before = set(sh("docker", "ps", "-aq").stdout.split())
     try:
         proc = fab(*args)
         assert_one_line_error(proc, "build")
+        # No container is left of the failed build step; the preparation's is the only new one.
+        new = set(sh("docker", "ps", "-aq").stdout.split()) - before
+        assert sh("docker", "inspect", "--format", "{{.Name}}", *new).stdout.split() == ["/nanogpt-train-prepare"]
         notes = [line for line in proc.stdout.splitlines() if line.startswith("note: the data preparation goes on")]
         assert notes == ["note: the data preparation goes on in the background on 127.0.0.1 (`docker logs -f nanogpt-train-prepare` "
                          "there follows it); the next `fab launch` finds its shards or takes it over where it is"], proc.stdout
@@ -263,10 +268,10 @@ def test_dashboard_forwards_the_boxs_tensorboard_and_ctrl_c_leaves_training_alon
 
     import numpy as np
 
-    def start_dashboard(port: int, sigint: signal.Handlers) -> tuple[subprocess.Popen, str]:
+    def start_dashboard(port: int, sigint: signal.Handlers, *extra) -> tuple[subprocess.Popen, str]:
         """fab dashboard, with what it printed up to its URL."""
         proc = subprocess.Popen([str(Path(sys.executable).parent / "fab"), "dashboard", *map(str, ssh_args(boxes[0], laptop)),
-                                 "--local-port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 "--local-port", str(port), *map(str, extra)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
         said = ""
         while f"open http://127.0.0.1:{port}/" not in (line := proc.stdout.readline()):
@@ -323,6 +328,22 @@ def test_dashboard_forwards_the_boxs_tensorboard_and_ctrl_c_leaves_training_alon
     assert proc.returncode == 0, err
     assert "started" not in said and "closed the tunnel" in out
     assert docker_ps("nanogpt.role=tensorboard") == ["nanogpt-train-tensorboard"] and docker_ps() == ["nanogpt-train"]
+
+    # A remote port another program holds is one line naming it, and the tunnel reaches nothing of that program's.
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        taken = other.getsockname()[1]
+        proc = fab("dashboard", *ssh_args(boxes[0], laptop), "--local-port", free_port(), "--remote-port", taken)
+    assert_one_line_error(proc, f"port {taken} ", "taken by another program", "--remote-port")
+    # Another free one: the dashboard serves there (the TensorBoard on 6006 would be reused only for 6006).
+    remote, port = free_port(), free_port()
+    proc, said = start_dashboard(port, signal.SIG_DFL, "--remote-port", remote)
+    try:
+        assert f"started nanogpt-train-tensorboard on 127.0.0.1 (its loopback, port {remote})" in said
+        assert len(scalars("loss/train")) >= 3
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
 
 
 def test_stop_leaves_a_final_checkpoint_and_relaunch_resumes_to_the_end(boxes, laptop, wheels, base_image, run_dirs, box_user):
