@@ -390,7 +390,8 @@ def data_left_running(r: LaunchRun) -> list[str]:
     replaces the container and job.prepare resumes where it stopped."""
     return [f"note: the data preparation goes on in the background on {conn.host} (`{box.docker} logs -f {PREPARE_CONTAINER}` "
             "there follows it); the next `fab launch` finds its shards or takes it over where it is\n"
-            for rank, (conn, box) in enumerate(zip(r.conns, r.boxes)) if rank in r.data and rank not in r.data_followed]
+            # strict=False: a launch that failed in preflight has no boxes yet (and no preparation either)
+            for rank, (conn, box) in enumerate(zip(r.conns, r.boxes, strict=False)) if rank in r.data and rank not in r.data_followed]
 
 
 def send_dashboard_key(r: LaunchRun) -> None:
