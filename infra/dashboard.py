@@ -35,7 +35,8 @@ READY_TIMEOUT = 120  # seconds for TensorBoard to start serving (its first load 
 
 def start_tensorboard(conn, docker: str, port: int = contract.TENSORBOARD_PORT, out=sys.stdout) -> str:
     """TensorBoard over the training container's weights dir, in that container's image; one already serving that
-    dir is reused, one serving another (an earlier run's) is replaced."""
+    dir on that port is reused, one serving another (an earlier run's) or on another port is replaced. A port that
+    another program holds is refused before anything changes on the box but that replacement."""
     train = find_train_container(conn, docker)
     weights = weights_mount(conn, docker, train["name"])
     if (running(conn, docker, role=TENSORBOARD_ROLE) and weights_mount(conn, docker, TENSORBOARD_NAME) == weights
