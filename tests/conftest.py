@@ -27,6 +27,13 @@ _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _XDIST_WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
 
+# What the tests compile on the CPU stands in for the GPU's compile: they prove what torch.compile does to the trainer's
+# graphs (breaks, recompiles, caches, numerics), not Inductor's vectorised C++ for this CPU, which no run of the
+# trainer relies on (it compiles on CUDA only, unless --compile on). Scalar C++ builds in less time, and the suite
+# compiles a few hundred kernels (docs/BENCHMARKS.md). Every process the tests start inherits it; the tests of
+# FlexAttention on the CPU, whose kernels exist only vectorised, turn it back on (vectorised_inductor).
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+
 import torch  # noqa: E402  (after the thread count above, which torch reads when it is imported)
 
 from job.data import write_shard  # noqa: E402
@@ -186,6 +193,20 @@ def hellaswag_rows(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hellaswag") / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@contextlib.contextmanager
+def vectorised_inductor():
+    """Inductor's vector ISA as torch picks it by default (a dry build per ISA), for code that compiles only vectorised:
+    FlexAttention's CPU kernels. The list of ISAs that pass is cached per process, so it is cleared on both sides."""
+    from torch._inductor import config, cpu_vec_isa
+
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    try:
+        with config.patch({"cpp.vec_isa_ok": None}):
+            yield
+    finally:
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
 
 
 # Inductor's compile cache is keyed without the vector ISA that ATEN_CPU_CAPABILITY picks: kernels cached under

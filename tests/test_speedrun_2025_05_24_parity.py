@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from conftest import vectorised_inductor
 from job.config import parse_args
 from job.data import list_shards, load_shard, write_shard
 from job.runtime import Runtime
@@ -141,7 +142,7 @@ def test_after_a_compiled_model_the_eager_model_still_keeps_the_window():
     them. With a window of one block the second block does not see the first, where its document starts."""
     attn, tokens, lists, x = flex_case()
     compiled = torch.compile(attn, dynamic=False)
-    with torch.no_grad():
+    with torch.no_grad(), vectorised_inductor():
         for model in (compiled, attn):
             for blocks in (1, 2):
                 got = model(x, None, attention.flex_block_mask(lists, window(blocks)))
