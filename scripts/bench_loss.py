@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         check_output_path(args.json, "--json")  # now, not after the whole benchmark
     device = str(pick_device(args.device))
     if device == "cpu":
-        # Inductor's CPU kernels are invisible to the profiler unless each is wrapped in a named range.
+        # Inductor's CPU kernels are invisible to the profiler unless each is wrapped in a named range. (Imported here,
+        # once the arguments are read: Inductor's config brings in Dynamo, a second of start-up.)
+        import torch._inductor.config
+
         torch._inductor.config.cpp.enable_kernel_profile = True
     gpu = not device.startswith("cpu")
     rows = args.rows or (65536 if gpu else 2048)
