@@ -148,13 +148,15 @@ def wait_for(pred, timeout=300, what="condition"):
 
 @pytest.fixture(scope="module", autouse=True)
 def clean_containers(docker):
+    from infra.container import ROLE
+
     yield
     for d in BOX_DIRS:
         shutil.rmtree(d, ignore_errors=True)
-    for label in ("nanogpt.role=train", "nanogpt.role=sync", "nanogpt.role=tensorboard"):
-        names = sh("docker", "ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}}").stdout.split()
-        if names:
-            sh("docker", "rm", "-f", *names, check=False)
+    # Every container the launcher started, whatever its role (train, sync, guard, tensorboard, prepare).
+    names = sh("docker", "ps", "-a", "--filter", f"label={ROLE}", "--format", "{{.Names}}").stdout.split()
+    if names:
+        sh("docker", "rm", "-f", *names, check=False)
 
 
 # ---- one run, followed from start to stop ---------------------------------------------------------------
