@@ -28,9 +28,9 @@ if _XDIST_WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
 
 # What the tests compile on the CPU stands in for the GPU's compile: they prove what torch.compile does to the trainer's
-# graphs (breaks, recompiles, caches, numerics), not Inductor's vectorised C++ for this CPU, which no run of the
-# trainer relies on (it compiles on CUDA only, unless --compile on). Scalar C++ builds in less time, and the suite
-# compiles a few hundred kernels (docs/BENCHMARKS.md). Every process the tests start inherits it; the tests of
+# graphs (breaks, recompiles, caches, numerics), not Inductor's vectorised C++ for this CPU, which the trainer runs
+# only when told to compile on a CPU (--compile on; by default it compiles on CUDA only). Scalar C++ builds in less
+# time, and the suite compiles a few hundred kernels (docs/BENCHMARKS.md). Every process the tests start inherits it; the tests of
 # FlexAttention on the CPU, whose kernels exist only vectorised, turn it back on (vectorised_inductor).
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
