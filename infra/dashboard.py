@@ -36,20 +36,20 @@ READY_TIMEOUT = 120  # seconds for TensorBoard to start serving (its first load 
 def start_tensorboard(conn, docker: str, port: int = contract.TENSORBOARD_PORT, out=sys.stdout) -> str:
     """TensorBoard over the training container's weights dir, in that container's image; one already serving that
     dir on that port is reused, one serving another (an earlier run's) or on another port is replaced. A port that
-    another program holds is refused before anything changes on the box but that replacement."""
+    another program holds is refused before anything changes on the box."""
     train = find_train_container(conn, docker)
     weights = weights_mount(conn, docker, train["name"])
-    if (running(conn, docker, role=TENSORBOARD_ROLE) and weights_mount(conn, docker, TENSORBOARD_NAME) == weights
-            and label(conn, docker, TENSORBOARD_NAME, PORT_LABEL) == str(port)):
+    ours = running(conn, docker, role=TENSORBOARD_ROLE) and label(conn, docker, TENSORBOARD_NAME, PORT_LABEL) == str(port)
+    if ours and weights_mount(conn, docker, TENSORBOARD_NAME) == weights:
         return TENSORBOARD_NAME
+    if not ours and answers(conn, port):  # TensorBoard would fail to bind, or the tunnel would reach the other program
+        raise UserError(f"port {port} on the loopback of {conn.host} is taken by another program: pass --remote-port with "
+                        "a free one there")
     image = run(conn, f"{docker} inspect --format '{{{{.Config.Image}}}}' {shlex.quote(train['name'])}", warn=True).stdout.strip()
     if not weights or not image:
         raise UserError(f"cannot tell the weights dir or image of {train['name']} on {conn.host}: launch the run again with fab launch")
     ids = run(conn, "id -u && id -g").stdout.split()
     run(conn, f"{docker} rm -f {TENSORBOARD_NAME} >/dev/null 2>&1", warn=True)
-    if answers(conn, port):  # TensorBoard would fail to bind, or the tunnel would reach the other program
-        raise UserError(f"port {port} on the loopback of {conn.host} is taken by another program: pass --remote-port with "
-                        "a free one there")
     # --load_fast=false: TensorBoard's Python reader, which honours the purge a resumed run's event file asks for.
     cmd = (f"{docker} run -d --init --name {TENSORBOARD_NAME} --label {ROLE}={TENSORBOARD_ROLE} --label {PORT_LABEL}={int(port)} "
            "--network host "

@@ -339,6 +339,7 @@ def test_dashboard_forwards_the_boxs_tensorboard_and_ctrl_c_leaves_training_alon
         taken = other.getsockname()[1]
         proc = fab("dashboard", *ssh_args(boxes[0], laptop), "--local-port", free_port(), "--remote-port", taken)
     assert_one_line_error(proc, f"port {taken} ", "taken by another program", "--remote-port")
+    assert docker_ps("nanogpt.role=tensorboard") == ["nanogpt-train-tensorboard"]  # the one on 6006 is left as it was
     # Another free one: the dashboard serves there (the TensorBoard on 6006 would be reused only for 6006).
     remote, port = free_port(), free_port()
     proc, said = start_dashboard(port, signal.SIG_DFL, "--remote-port", remote)
