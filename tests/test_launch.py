@@ -872,7 +872,9 @@ def test_max_hours_stops_training_fetches_home_then_terminates(fake_lambda, boxe
     assert re.search(rf"^cost of this launch: setup \d+ s = \$[\d.]+ \+ training \d+ s = \$[\d.]+, at \${price:.2f}/hour x1: ", proc.stdout,
                      re.MULTILINE), proc.stdout[-2000:]
     wait_terminated(fake_lambda, box["id"])
-    assert json.loads((w / ".guard-status").read_text())["state"] == "terminated"
+    # The guard records the state once the API's answer is back, a moment after the API has it.
+    wait_for(lambda: json.loads((w / ".guard-status").read_text())["state"] == "terminated", timeout=30,
+             what="the guard to record the termination")
     assert fake_lambda.problems == []
     assert_key_kept_secret(TEST_KEY, proc.stdout, proc.stderr)
 

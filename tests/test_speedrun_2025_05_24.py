@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import REFERENCES, ROOT, SPEEDRUN_SMALL, assert_one_line_error, events, losses, run_cli, script_module, vectorised_inductor
 from job.optim import Optimizers
 from job.recipes import speedrun_2025_05_24 as recipe
-from job.speedrun_2025_05_24 import attention
+from job.speedrun_2025_05_24 import attention, gpt
 from job.speedrun_2025_05_24.gpt import Rotary, SpeedrunConfig, SpeedrunGPT
 from job.speedrun_2025_05_24.muon import Muon, newton_schulz
 
@@ -102,22 +102,25 @@ FLEX_ON_CPU = torch.cpu._is_avx2_supported() and os.environ.get("ATEN_CPU_CAPABI
 
 @pytest.mark.slow  # compiles (Inductor's CPU code generation)
 @pytest.mark.skipif(not FLEX_ON_CPU, reason="torch compiles FlexAttention for the CPU only with AVX2 kernels")
-def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask():
-    """FlexAttention compiled (as the model calls it; eager FlexAttention would ignore the block lists, and with them
-    the window) against scaled_dot_product_attention with the dense mask, on the CPU."""
-    from torch.nn.attention.flex_attention import flex_attention
-
+def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask(monkeypatch):
+    """The eager model's FlexAttention (compiled on its own; eager FlexAttention would ignore the block lists, and with
+    them the window) against scaled_dot_product_attention with the dense mask, on the CPU. A shape past its limit of
+    compiled shapes fails, where Dynamo would quietly run the eager FlexAttention."""
     T = 1024
     tokens = single_document(T)
     tokens[[300, 700]] = attention.BOS
     q, k, v = (torch.randn(1, T, 2, 64).transpose(1, 2) for _ in range(3))
-    flex = torch.compile(flex_attention, dynamic=False)
     lists = attention.block_lists(tokens)
+    torch._dynamo.reset()  # the compiles of FlexAttention by tests before this one count towards the limit
+    monkeypatch.setattr(gpt, "FLEX_SHAPES", 1)
     with vectorised_inductor():
         for w in (1, 3, 8):
-            got = flex(q, k, v, block_mask=attention.flex_block_mask(lists, torch.tensor(w, dtype=torch.int32)), scale=0.12)
+            got = gpt.flex_attention(q, k, v, attention.flex_block_mask(lists, torch.tensor(w, dtype=torch.int32)), 0.12)
             want = F.scaled_dot_product_attention(q, k, v, attn_mask=attention.dense_mask(tokens, w), scale=0.12)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        shorter = attention.flex_block_mask(attention.block_lists(tokens[:896]), torch.tensor(1, dtype=torch.int32))
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            gpt.flex_attention(q[:, :, :896], k[:, :, :896], v[:, :, :896], shorter, 0.12)
 
 
 def test_softcap_bounds_the_logits_as_a_shifted_tanh():

@@ -60,6 +60,13 @@ def _compiled_flex():
     return torch.compile(flex, dynamic=False)
 
 
+# Compiled with static shapes, FlexAttention is compiled anew for each shape, and past Dynamo's recompile limit (8 by
+# default, counted over every compile of torch's flex_attention in the process) Dynamo quietly runs it eagerly: here
+# that is a different model. The eager model's shapes are few (its FlexAttention path takes one sequence a multiple
+# of 128 long); past this many it fails instead of changing the model.
+FLEX_SHAPES = 64
+
+
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
     """FlexAttention, always compiled: only the compiled kernel skips the blocks the block lists leave out, and the
     window lives there alone (eager FlexAttention applies just the per-token document-causal rule, a different model).
@@ -70,7 +77,8 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) ->
 
     if torch.compiler.is_compiling():
         return flex(q, k, v, block_mask=block_mask, scale=scale)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    with torch._dynamo.config.patch(recompile_limit=FLEX_SHAPES, fail_on_recompile_limit_hit=True):
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
 
 
 class CastedLinear(nn.Linear):
