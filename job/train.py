@@ -30,7 +30,6 @@ from job.failures import StopFlag, diverged_error, lost_rank, oom_error, out_of_
 from job.identity import run_identity
 from job.metrics import MetricsLogger, StepTimer, format_eta, peak_flops
 from job.optim import Optimizers
-from job.recipes.gpt2 import residual_dtype  # noqa: F401  (imported from here by scripts/estimate_memory.py)
 from job.runtime import Requests, Runtime, agree, all_reduce, autocast_ctx, dist_env, pick_device, setup_runtime, under_ddp
 from job.sample import generate_samples
 

@@ -22,33 +22,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker  # noqa: E402
-
 from job.config import TrainConfig, from_dict, parse_settings, validate  # noqa: E402
 from job.errors import ArgumentParser, check_output_path, cli_main, int_arg  # noqa: E402
-from job.model import GPT  # noqa: E402
-from job.optim import configure_optimizer  # noqa: E402
-from job.train import residual_dtype  # noqa: E402
+from job.recipes.gpt2 import residual_dtype  # noqa: E402
 
 KINDS = ("Parameter", "Gradient", "Optstate", "Activation", "Temp", "Buffer", "Other")
 
 
-class StepPeak(MemTracker):
-    """MemTracker keeping only the step's peak over all live tensors. MemTracker also keeps each module's own peak:
+def step_peak_tracker():
+    """A MemTracker keeping only the step's peak over all live tensors. MemTracker also keeps each module's own peak:
     it walks every module on each op, which is most of the time of an estimate for a deep model, for figures this
-    script never reads. The same bookkeeping as MemTracker's own last loop (torch's _tools.mem_tracker)."""
+    script never reads. The same bookkeeping as MemTracker's own last loop (torch's _tools.mem_tracker). Imported
+    here, not at the top: torch's tools bring Inductor and Dynamo (seconds), which a mistake in the arguments need
+    not wait for."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
-    def _update_peak_stats(self, peak_state) -> None:
-        for dev, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
-                self._peak_mem[dev] = snap[_TOTAL_KEY]
-                self._peak_mem_snap[dev] = dict(snap)
+    class StepPeak(MemTracker):
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return StepPeak()
 
 
 def estimate(cfg: TrainConfig) -> dict[str, int]:
     """Bytes at the step's peak, by kind (MemTracker's categories) and "Total"."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from job.model import GPT
+    from job.optim import configure_optimizer
+
     B, T = cfg.micro_batch, cfg.seq_len
     dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16  # "auto" is bf16 on a GPU
     with FakeTensorMode():
@@ -63,7 +69,7 @@ def estimate(cfg: TrainConfig) -> dict[str, int]:
         opt.zero_grad(set_to_none=True)
         x = torch.randint(0, cfg.vocab_size, (B, T))
         y = torch.randint(0, cfg.vocab_size, (B, T))
-        tracker = StepPeak()
+        tracker = step_peak_tracker()
         tracker.track_external(model, opt, x, y)
         with tracker:
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
               **parse_settings(args.set, "--set")}
     cfg = validate(from_dict({k: v for k, v in values.items() if v is not None}))
     est = estimate(cfg)
+    import torch
+
     gib = {k: v / 2**30 for k, v in est.items()}
     print(f"{cfg.preset}: micro-batch {cfg.micro_batch} x seq-len {cfg.seq_len}, {'float32' if cfg.dtype == 'float32' else 'bfloat16'}"
           + (f", loss in chunks of {cfg.hp.ce_chunk_tokens}" if cfg.hp.ce_chunk_tokens else "")
