@@ -148,15 +148,15 @@ def build_on_box(conn, docker: str, *, flavour: Flavour = DEFAULT, name: str = c
     with tempfile.TemporaryFile() as tmp:
         digest = write_context(files, tmp)
         tag = source_tag(digest, args, flavour, name) if target is None else data_tag(digest, args, flavour)
+        # The data image's build leaves the context on the box for the trainer image's, which follows (.complete: the
+        # whole archive arrived); the trainer's build removes it, or, when the trainer image is there already, this.
+        q = shlex.quote(f".cache/nanogpt/build/src-{digest[:12]}")
         if image_id(conn, docker, tag):
             out.write(f"{what} {tag} is already on {conn.host} (same source): not rebuilding\n")
             if target is None:
                 tag_as_trainer(conn, docker, tag, name)
+                run(conn, f"rm -rf {q}", warn=True)
             return Image(tag, "found")
-        # The data image's build leaves the context on the box for the trainer image's, which follows (.complete: the
-        # whole archive arrived); the trainer's build removes it.
-        remote = f".cache/nanogpt/build/src-{digest[:12]}"
-        q = shlex.quote(remote)
         if run(conn, f"test -e {q}/.complete", warn=True).failed:
             size = tmp.tell()
             tmp.seek(0)

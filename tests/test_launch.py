@@ -681,6 +681,12 @@ def test_a_wrong_digest_or_an_unreachable_registry_is_one_line_and_the_box_build
     wrong = file_manifest_under(registry, f"team/{E2E_NAME}", base_digest)
     assert registry.digest(f"team/{E2E_NAME}", wrong) == wrong  # the registry does serve it under that digest
     unreachable = f"127.0.0.1:{free_port()}/team/{E2E_NAME}"
+    # A build context that a data image's build left on the box for the trainer image's build: the trainer image is
+    # found there instead, and the context goes all the same.
+    from infra.image import _Discard, context_files, write_context
+    left = Path(box_user.pw_dir, ".cache/nanogpt/build", f"src-{write_context(context_files(extra_wheels=str(wheels)), _Discard())[:12]}")
+    sh("runuser", "-u", BOX_USER, "--", "mkdir", "-p", left)
+    sh("runuser", "-u", BOX_USER, "--", "touch", left / ".complete")
     for i, (image, why, data_note) in enumerate([
             (f"{repo}@{wrong}", f"manifest verification failed for digest {wrong}",
              f"note: --image {repo}@{wrong} is a digest, which names no data image"),
@@ -698,6 +704,7 @@ def test_a_wrong_digest_or_an_unreachable_registry_is_one_line_and_the_box_build
         assert why in notes[0], notes[0]
         assert not [line for line in out.splitlines() if line.startswith("Error")]  # docker's error is the reason in that line
         assert f"image {source} is already on 127.0.0.1 (same source): not rebuilding" in out  # the build as without --image
+        assert not left.exists()
         assert "trainer image already on the box" in timeline_line(out, "image") and "done: 1 steps" in out
         # Nothing half-loaded: no image by the wrong digest, the trainer image is the one built from source.
         assert image_id_of(f"{repo}@{wrong}") is None
