@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 import torch  # noqa: E402  (after the thread count above, which torch reads when it is imported)
 
+from forkserver import ForkServer, kill_tree, run_process  # noqa: E402
 from job.data import write_shard  # noqa: E402
 from job.tokenizer import EOT, encode  # noqa: E402
 
@@ -239,8 +239,6 @@ def _cli_forks():
     if os.environ.get("RUN_CLI_SUBPROCESS") == "1":
         return None
     if _cli_server is None:
-        from forkserver import ForkServer
-
         _cli_server = ForkServer(CLI_PRELOAD, cwd=ROOT, env=env())
     return _cli_server
 
@@ -254,7 +252,7 @@ def run_cli(*args, check=False, timeout=300, **env_extra) -> subprocess.Complete
     argv, e = [sys.executable, *map(str, args)], env(**env_extra)
     server = _cli_forks()
     if server is None:
-        proc = subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        proc = run_process(argv, cwd=ROOT, env=e, timeout=timeout)
     else:
         proc = server.run(argv, cwd=ROOT, env=e, timeout=timeout)
     if check and proc.returncode != 0:
@@ -428,29 +426,6 @@ def references(corpora, hellaswag_rows, tmp_path_factory):
 
 
 # ---- a trainer in a process of its own ------------------------------------------------------------------
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every process below it at once (torchrun starts its ranks in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def wait_for(predicate, proc, timeout=300):
     """Until predicate() holds; a process that exits first, or the timeout, fails the test (the timeout kills its tree)."""
     deadline = time.time() + timeout

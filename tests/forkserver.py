@@ -48,6 +48,44 @@ HERE = Path(__file__).resolve()
 
 # --- the test's side ---------------------------------------------------------------------------------------------------
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it at once (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_process(argv: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=DEVNULL), except that
+    a timeout kills the command's whole tree: subprocess.run kills only its child, and a grandchild left running (a
+    torchrun rank, a container's client) would hold the output pipes open and keep the test waiting past its timeout."""
+    with subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
 class ForkServer:
     def __init__(self, preload: list[str], cwd: Path | str, env: dict[str, str]):
         self.cwd, self.env = str(cwd), dict(env)
@@ -97,10 +135,9 @@ class ForkServer:
         return name in self.environ_read or name.startswith(("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "LD_", "MALLOC_"))
 
     def run(self, argv: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-        """subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=DEVNULL)."""
+        """run_process(argv, cwd=cwd, env=env, timeout=timeout): the same result, and a timeout kills the same tree."""
         if not self.forks(argv, env):
-            return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+            return run_process(argv, cwd=cwd, env=env, timeout=timeout)
         kind, target, args = self.entry_point(argv)
         self.count += 1
         out, err = (str(Path(self.dir.name) / f"{self.count}.{name}") for name in ("out", "err"))
@@ -113,7 +150,7 @@ class ForkServer:
         try:
             returncode = self._reply(timeout=timeout)["returncode"]
         except subprocess.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)  # as subprocess.run kills its child; the server then reaps it
+            kill_tree(pid)  # the child and what it started; the server then reaps the child
             self._reply(timeout=60)
             raise subprocess.TimeoutExpired(argv, timeout) from None
         stdout, stderr = (Path(p).read_text() for p in (out, err))

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, env
-from forkserver import ForkServer
+from forkserver import ForkServer, run_process
 
 PY = sys.executable
 FAB = str(Path(sys.executable).parent / "fab")
@@ -606,7 +606,7 @@ def run(argv: list[str], world: dict, forks, with_torch: bool = False, **extra_e
         else:
             e[k] = str(v).format(**fill)
     if forks is None:
-        return subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        return run_process(argv, cwd=ROOT, env=e, timeout=120)
     return forks(with_torch).run(argv, cwd=ROOT, env=e, timeout=120)
 
 

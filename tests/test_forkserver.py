@@ -4,9 +4,14 @@ changes what a preloaded module read at import runs in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -72,9 +77,41 @@ def test_a_variable_read_at_import_is_not_changed_in_a_child(server):
     assert s.run(argv, cwd=d, env=dict(e, FS_READ_AT_IMPORT="1"), timeout=60).returncode == 3
 
 
-def test_a_child_past_its_timeout_is_killed(server, tmp_path):
+# A command that starts a process in a session of its own (as torchrun starts its ranks), which keeps the output open.
+SPAWNS = textwrap.dedent("""\
+    import subprocess, sys, time
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    open(sys.argv[1], "w").write(str(child.pid))
+    time.sleep(300)
+    """)
+
+
+def ended(pid: int, within: float = 10) -> bool:
+    """Whether the process is gone (or a zombie whose parent has not reaped it yet) within that many seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "subprocess"])
+def test_a_command_past_its_timeout_is_killed_with_what_it_started(server, tmp_path, forked):
     s, d, e = server
-    (tmp_path / "sleeps.py").write_text("import time\ntime.sleep(60)\n")
+    (tmp_path / "spawns.py").write_text(SPAWNS)
+    argv = [sys.executable, str(tmp_path / "spawns.py"), str(tmp_path / "pid")]
+    case_env = e if forked else dict(e, FS_READ_AT_IMPORT="1")  # a variable the server read: a subprocess runs it
+    assert s.forks(argv, case_env) == forked
     with pytest.raises(subprocess.TimeoutExpired):
-        s.run([sys.executable, str(tmp_path / "sleeps.py")], cwd=d, env=e, timeout=0.5)
+        s.run(argv, cwd=d, env=case_env, timeout=5)
+    grandchild = int((tmp_path / "pid").read_text())
+    try:
+        assert ended(grandchild)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
     assert s.run([sys.executable, str(d / "exit3.py")], cwd=d, env=e, timeout=60).returncode == 3  # the server goes on

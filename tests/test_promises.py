@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from conftest import PROMISE_STEPS, RECIPE_ARGS, REFERENCES, ROOT, env, events, kill_tree, losses, recipe_argv, train_in_process, wait_for
+from conftest import PROMISE_STEPS, RECIPE_ARGS, REFERENCES, ROOT, env, events, losses, recipe_argv, train_in_process, wait_for
+from forkserver import kill_tree
 from job import checkpoint as ckpt_lib
 from job.config import parse_args
 from job.train import Trainer
