@@ -56,7 +56,7 @@ SPEEDRUN_SMALL = ["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--n-he
 # 96 tokens a step), its stages starting at steps 3, 6 and 9 of twelve.
 RECORD_SMALL = ["--recipe", "speedrun", "--preset", "tiny", "--n-embd", "32", "--block-size", "256", "--batch-divisor", "512",
                 "--scheduled-steps", "9", "--extension-steps", "3", "--seq-len", "96", "--total-batch-tokens", "768",
-                "--val-seq-len", "128", "--val-tokens", "1024", "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0",
+                "--val-seq-len", "128", "--val-tokens", "256", "--eval-every", "5", "--sample-num", "0", "--hellaswag-every", "0",
                 "--device", "cpu"]
 # The recipes that read whole documents (sequences that start at <|endoftext|>) train on doc_shards.
 DOCUMENT_RECIPES = {"speedrun"}

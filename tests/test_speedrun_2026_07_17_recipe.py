@@ -19,7 +19,7 @@ from job.tokenizer import encode
 RECIPE = "speedrun"
 # The tiny preset narrowed further: sequences of 32, 64 and 96 tokens, four scheduled steps and two of extension.
 ARGS = ["--recipe", RECIPE, "--preset", "tiny", "--n-embd", "32", "--block-size", "256", "--batch-divisor", "512",
-        "--scheduled-steps", "4", "--extension-steps", "2", "--max-steps", "6", "--val-seq-len", "128", "--val-tokens", "1024",
+        "--scheduled-steps", "4", "--extension-steps", "2", "--max-steps", "6", "--val-seq-len", "128", "--val-tokens", "256",
         "--seq-len", "96", "--total-batch-tokens", "768", "--eval-every", "3", "--checkpoint-every", "3", "--sample-num", "0", "--device", "cpu"]
 
 
