@@ -108,6 +108,12 @@ class _Discard(io.RawIOBase):
         return len(b)
 
 
+def context_digest(wheels: str | None = None) -> tuple[str, int]:
+    """(the build context's digest, its size in bytes) for this source and these wheels, sending nothing."""
+    sink = _Discard()
+    return write_context(context_files(extra_wheels=wheels), sink), sink.size
+
+
 def build_args_for(flavour: Flavour, build_args: dict[str, str] | None = None) -> dict[str, str]:
     """The container contract, then the flavour's base image and wheel index; --build-arg given by hand wins. The
     commit of this checkout goes in too, for the runs' identity (job/identity.py): a new commit is a new image tag."""
@@ -189,7 +195,7 @@ def build_data_on_box(conn, docker: str, *, flavour: Flavour = DEFAULT, build_ar
 def built_tags(flavour: Flavour, build_args: dict[str, str] | None = None, wheels: str | None = None) -> tuple[str, str]:
     """(the trainer image's source tag, the data image's) for this source and these build args, without building."""
     args = build_args_for(flavour, build_args)
-    digest = write_context(context_files(extra_wheels=wheels), _Discard())
+    digest, _ = context_digest(wheels)
     return source_tag(digest, args, flavour), data_tag(digest, args, flavour)
 
 
@@ -421,9 +427,9 @@ def plan_image(conn, docker: str, *, flavour: Flavour = DEFAULT, image: str | No
         there = "already on the box, nothing to send" if image_id(conn, docker, ref) else "docker save here | docker load there"
         return ref, [f"{head}: ship {ref} from this machine ({there})"]
     args = build_args_for(flavour, build_args)
-    sink = _Discard()
-    tag = source_tag(write_context(context_files(extra_wheels=wheels), sink), args, flavour)
+    digest, size = context_digest(wheels)
+    tag = source_tag(digest, args, flavour)
     if image_id(conn, docker, tag):
         return tag, [f"{head}: {tag} is already on the box (same source and build args): no build"]
-    return tag, [f"{head}: build {tag} on the box from this source ({sink.size / 2**20:.1f} MiB sent), base {args['BASE_IMAGE']}",
+    return tag, [f"{head}: build {tag} on the box from this source ({size / 2**20:.1f} MiB sent), base {args['BASE_IMAGE']}",
             "  " + build_command(docker, tag, args, "CONTEXT")]

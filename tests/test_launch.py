@@ -683,8 +683,8 @@ def test_a_wrong_digest_or_an_unreachable_registry_is_one_line_and_the_box_build
     unreachable = f"127.0.0.1:{free_port()}/team/{E2E_NAME}"
     # A build context that a data image's build left on the box for the trainer image's build: the trainer image is
     # found there instead, and the context goes all the same.
-    from infra.image import _Discard, context_files, write_context
-    left = Path(box_user.pw_dir, ".cache/nanogpt/build", f"src-{write_context(context_files(extra_wheels=str(wheels)), _Discard())[:12]}")
+    from infra.image import context_digest
+    left = Path(box_user.pw_dir, ".cache/nanogpt/build", f"src-{context_digest(str(wheels))[0][:12]}")
     sh("runuser", "-u", BOX_USER, "--", "mkdir", "-p", left)
     sh("runuser", "-u", BOX_USER, "--", "touch", left / ".complete")
     for i, (image, why, data_note) in enumerate([
@@ -1160,6 +1160,8 @@ def test_dry_run_plans_the_flavour_the_driver_runs_and_changes_nothing(gpu_box, 
     build = next(line for line in out.splitlines() if " build -f " in line)
     assert f"--build-arg BASE_IMAGE={base}" in build and f"--build-arg {index}" in build  # the flavour's build args
     assert f"-t {contract.IMAGE_NAME}:src-" in build and f"-{flavour} " in build  # the flavour in the tag
+    from infra.image import context_digest
+    assert f"on the box from this source ({context_digest()[1] / 2**20:.1f} MiB sent)" in out  # what the build sends
     assert f"data: no complete set of shards in {data}/tinyshakespeare: prepared on the box" in out
     assert f"  in the background while the trainer image is built: in the data image {contract.IMAGE_NAME}:src-" in out
     assert f"-{flavour}-data (built first, in a fraction of the trainer image's time; job.prepare without torch)" in out
