@@ -63,7 +63,10 @@ TEST_WORKERS ?= 3
 # glibc's malloc hands a large tensor's memory back to the kernel when it is freed (munmap, or a trim of the heap's
 # top), and the next step's tensor of the same size faults it in again page by page, zeroed: in the tests' small CPU
 # runs that churn is a large share of their system time. The test processes, and all they start, keep it in the heap.
-TEST_ENV = MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
+# Python's bytecode caches stay on (__pycache__, git-ignored and never in a build context) even where the caller's
+# environment sets PYTHONDONTWRITEBYTECODE: the suite starts hundreds of trainer, script and fab processes, and each
+# would compile job/, infra/ and scripts/ from source again (docs/BENCHMARKS.md, "Test suite").
+TEST_ENV = MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 PYTHONDONTWRITEBYTECODE=
 
 test: venv lint
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests $(PYTEST_ARGS)
