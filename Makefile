@@ -66,7 +66,9 @@ TEST_WORKERS ?= 3
 # Python's bytecode caches stay on (__pycache__, git-ignored and never in a build context) even where the caller's
 # environment sets PYTHONDONTWRITEBYTECODE: the suite starts hundreds of trainer, script and fab processes, and each
 # would compile job/, infra/ and scripts/ from source again (docs/BENCHMARKS.md, "Test suite").
-TEST_ENV = MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 PYTHONDONTWRITEBYTECODE=
+# A test that runs torch on two OpenMP threads beside the other workers (its stored figures came from a two-thread
+# run) lets an idle thread sleep instead of spinning on a core another worker needs.
+TEST_ENV = MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 PYTHONDONTWRITEBYTECODE= OMP_WAIT_POLICY=PASSIVE
 
 test: venv lint
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests $(PYTEST_ARGS)
