@@ -169,20 +169,33 @@ class ForkServer:
 # --- the server --------------------------------------------------------------------------------------------------------
 
 def preload(modules: list[str]) -> set[str]:
-    """Import the modules; return the environment variables read while they were imported."""
+    """Import the modules; return the environment variables read while they were imported.
+
+    A variable read by name counts. A scan of the whole environment does not make each variable it passes read:
+    iterating yields a key and the scan then looks that key up (`for k in os.environ`, `.items()`, `.copy()`), and
+    such a lookup is the scan's, not a read by name (see the module's docstring for what that leaves out)."""
     read = set()
-    getitem = os._Environ.__getitem__
+    getitem, iterate = os._Environ.__getitem__, os._Environ.__iter__
+    scanned = [None]  # the key the latest iteration yielded
 
     def recording(self, key):  # os.getenv, environ.get and `in` all come here
-        read.add(key)
+        if key != scanned[0]:
+            read.add(key)
+        scanned[0] = None
         return getitem(self, key)
 
-    os._Environ.__getitem__ = recording
+    def scanning(self):
+        for key in iterate(self):
+            scanned[0] = key
+            yield key
+        scanned[0] = None
+
+    os._Environ.__getitem__, os._Environ.__iter__ = recording, scanning
     try:
         for name in modules:
             __import__(name)
     finally:
-        os._Environ.__getitem__ = getitem
+        os._Environ.__getitem__, os._Environ.__iter__ = getitem, iterate
     return read
 
 

@@ -44,8 +44,12 @@ def server(tmp_path_factory):
     (d / "pkg").mkdir()
     (d / "pkg" / "__init__.py").write_text("")
     (d / "pkg" / "mod.py").write_text("import sys\nprint(__name__, sys.argv[1:], __spec__.name)\nraise SystemExit(2)\n")
-    (d / "reads_at_import.py").write_text("import os\nVALUE = os.environ.get('FS_READ_AT_IMPORT')\n")
-    e = env(PYTHONPATH=str(d), FS_GONE="here")
+    (d / "reads_at_import.py").write_text(textwrap.dedent("""\
+        import os
+        VALUE = os.environ.get('FS_READ_AT_IMPORT')
+        OWN = {k: v for k, v in os.environ.items() if k.startswith('FS_OWN_')}  # a scan, as tqdm's for TQDM_*
+        """))
+    e = env(PYTHONPATH=str(d), FS_GONE="here", FS_SCANNED="at the server's start")
     s = ForkServer(["reads_at_import"], cwd=d, env=e)
     yield s, d, e
     s.close()
@@ -74,6 +78,10 @@ def test_a_variable_read_at_import_is_not_changed_in_a_child(server):
     assert not s.forks(argv, dict(e, FS_READ_AT_IMPORT="1"))  # a subprocess runs it instead
     assert not s.forks(argv, dict(e, PYTHONHASHSEED="1"))
     assert s.forks(argv, dict(e, FS_OTHER="1"))
+    # The scan passed every variable without reading it by name: one that differs per command line (as pytest's
+    # PYTEST_CURRENT_TEST differs per test) still lets the command line fork.
+    assert "FS_SCANNED" not in s.environ_read and "FS_GONE" not in s.environ_read
+    assert s.forks(argv, dict(e, FS_SCANNED="another value"))
     assert s.run(argv, cwd=d, env=dict(e, FS_READ_AT_IMPORT="1"), timeout=60).returncode == 3
 
 
