@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE, ENGINE, ROOT, SMALL, SPEEDRUN_SMALL, assert_one_line_error, cpu_torch_wheel, events, sh
+from conftest import BASE, ENGINE, ROOT, SMALL, SPEEDRUN_SMALL, assert_one_line_error, cpu_torch_wheel, events, run_cli, sh
 from hub_server import HubServer, make_repo
 from job import contract, recipes, stats
 from job.errors import UserError
@@ -1046,8 +1046,8 @@ def test_from_nothing_to_sampled_weights_with_data_from_the_hub(hub, boxes, lapt
     fab("fetch-weights", *ssh_args(boxes[0], laptop), "--weights-dir", weights, "--to", home, check=True)
     assert (home / contract.CHECKPOINT_FORMAT.format(step=stopped + 5)).is_file()
 
-    sample = subprocess.run([sys.executable, "-m", "job.sample", "--checkpoint", home, "--prompt", "ROMEO:", "--num", "1",
-                             "--max-tokens", "8", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    sample = run_cli("-m", "job.sample", "--checkpoint", home, "--prompt", "ROMEO:", "--num", "1", "--max-tokens", "8",
+                     "--device", "cpu")
     assert sample.returncode == 0 and "ROMEO:" in sample.stdout, sample.stderr
     inspect = sh("docker", "inspect", *sh("docker", "ps", "-aq").stdout.split()).stdout
     for text in (first.stdout, first.stderr, again.stdout, again.stderr, stop.stdout, inspect):

@@ -20,6 +20,7 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import run_cli  # noqa: E402
 from job.errors import UserError  # noqa: E402
 from job.prepare import DELAY_ENV, MANIFEST, MemorySource, file_source, main, parquet_files, prepare, prepare_documents  # noqa: E402
 from job.prepare.split import VAL_MAX, VAL_MIN, decided_after, val_size  # noqa: E402
@@ -157,14 +158,11 @@ def test_a_source_known_to_be_large_cuts_a_full_val_shard_without_holding_tokens
 @pytest.mark.slow
 def test_bundled_corpus_with_default_sizes_trains(tmp_path):
     data, log = tmp_path / "data", tmp_path / "log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    prep = subprocess.run([sys.executable, "-m", "job.prepare", "text", str(SHAKESPEARE), "--out", str(data)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    prep = run_cli("-m", "job.prepare", "text", SHAKESPEARE, "--out", data, timeout=120)
     assert prep.returncode == 0, prep.stderr
     assert "wrote 2 shards" in prep.stdout and "(1 val, 1 train)" in prep.stdout
-    train = subprocess.run([sys.executable, "-m", "job.train", "--preset", "tiny", "--max-steps", "3", "--data-dir", str(data),
-                            "--log-dir", str(log), "--device", "cpu", "--sample-num", "0"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    train = run_cli("-m", "job.train", "--preset", "tiny", "--max-steps", "3", "--data-dir", data, "--log-dir", log,
+                    "--device", "cpu", "--sample-num", "0")
     assert train.returncode == 0, train.stderr
     assert "done: 3 steps" in train.stdout and "val loss" in train.stdout
 

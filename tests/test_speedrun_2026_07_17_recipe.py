@@ -4,14 +4,12 @@ checkpoints. That a killed or stopped run resumes exactly, on one rank or two, i
 is one of conftest's RECIPE_ARGS)."""
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CORPUS, ROOT, SPEEDRUN_SMALL, events, train_in_process
+from conftest import CORPUS, ROOT, SPEEDRUN_SMALL, events, run_cli, train_in_process
 from job.checkpoint import load_model
 from job.recipes import get
 from job.tokenizer import encode
@@ -72,7 +70,7 @@ def test_each_speedrun_refuses_the_others_checkpoint_in_one_line(reference, doc_
     log.mkdir()
     shutil.copy(reference / "model_00006.pt", log)
     argv = ["--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--data-dir", str(doc_shards), "--log-dir", str(log), "--device", "cpu"]
-    p = subprocess.run([sys.executable, "-m", "job.train", *argv], cwd=ROOT, capture_output=True, text=True)
+    p = run_cli("-m", "job.train", *argv)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     assert f"--recipe {RECIPE}" in lines[0]
@@ -92,7 +90,7 @@ def test_a_checkpoint_of_the_older_port_is_refused_naming_its_recipe_even_under_
     torch.save(ck, path)
     before = path.read_bytes()
     argv = ["--recipe", RECIPE, "--preset", "tiny", "--data-dir", str(doc_shards), "--log-dir", str(log), "--device", "cpu"]
-    p = subprocess.run([sys.executable, "-m", "job.train", *argv], cwd=ROOT, capture_output=True, text=True)
+    p = run_cli("-m", "job.train", *argv)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     assert "--recipe speedrun-2025-05-24" in lines[0] and path.read_bytes() == before
