@@ -229,32 +229,29 @@ def env(**extra) -> dict:
 # run_cli's command lines run in children of one fork server per test process, which has imported torch and the
 # trainer once (tests/forkserver.py: each child is the process the command line would start, with its own exit status,
 # stdout and stderr); a command line whose environment changes what those imports read runs in a subprocess instead.
-# RUN_CLI_SUBPROCESS=1 runs every one in a subprocess.
+# RUN_CLI_SUBPROCESS=1 runs every one (and the launcher tests' fab runs, which fork the same way) in a subprocess.
 CLI_PRELOAD = ["numpy", "torch", "job.train", "job.sample", "job.export", "job.stats", "job.prepare", "job.plot"]
-_cli_server = None
+_servers: dict[tuple, ForkServer] = {}
 
 
-def _cli_forks():
-    global _cli_server
+def run_forked(argv: list[str], preload: list[str], e: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """run_process(argv), in a child of this test process's fork server for `preload` (started on first use, in the
+    environment of that first command line) where it can fork, else in a subprocess."""
     if os.environ.get("RUN_CLI_SUBPROCESS") == "1":
-        return None
-    if _cli_server is None:
-        _cli_server = ForkServer(CLI_PRELOAD, cwd=ROOT, env=env())
-    return _cli_server
+        return run_process(argv, cwd=ROOT, env=e, timeout=timeout)
+    server = _servers.get(tuple(preload))
+    if server is None:
+        server = _servers[tuple(preload)] = ForkServer(preload, cwd=ROOT, env=e)
+    return server.run(argv, cwd=ROOT, env=e, timeout=timeout)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _cli_server is not None:
-        _cli_server.close()
+    for server in _servers.values():
+        server.close()
 
 
 def run_cli(*args, check=False, timeout=300, **env_extra) -> subprocess.CompletedProcess:
-    argv, e = [sys.executable, *map(str, args)], env(**env_extra)
-    server = _cli_forks()
-    if server is None:
-        proc = run_process(argv, cwd=ROOT, env=e, timeout=timeout)
-    else:
-        proc = server.run(argv, cwd=ROOT, env=e, timeout=timeout)
+    proc = run_forked([sys.executable, *map(str, args)], CLI_PRELOAD, env(**env_extra), timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE, ENGINE, ROOT, SMALL, SPEEDRUN_SMALL, assert_one_line_error, cpu_torch_wheel, events, run_cli, sh
+from conftest import BASE, ENGINE, ROOT, SMALL, SPEEDRUN_SMALL, assert_one_line_error, cpu_torch_wheel, events, run_cli, run_forked, sh
 from hub_server import HubServer, make_repo
 from job import contract, recipes, stats
 from job.errors import UserError
@@ -40,9 +40,13 @@ TRAIN_ARGS = {"gpt2": TRAIN,
                                       if a not in ("--recipe", "speedrun-2025-05-24", "--preset", "tiny", "--device", "cpu")]}
 
 
+FAB_PRELOAD = ["fabric.main", "fabfile"]
+
+
 def fab(*args, timeout=900, env=None, check=False) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(Path(sys.executable).parent / "fab"), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    """`fab ARGS` as a user runs it, in a forked child of a server that imported Fabric and the fabfile once."""
+    proc = run_forked([str(Path(sys.executable).parent / "fab"), *map(str, args)], FAB_PRELOAD,
+                      {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"fab {args} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
     return proc
