@@ -234,14 +234,16 @@ CLI_PRELOAD = ["numpy", "torch", "job.train", "job.sample", "job.export", "job.s
 _servers: dict[tuple, ForkServer] = {}
 
 
-def run_forked(argv: list[str], preload: list[str], e: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """run_process(argv), in a child of this test process's fork server for `preload` (started on first use, in the
-    environment of that first command line) where it can fork, else in a subprocess."""
+def run_forked(argv: list[str], preload: list[str], base: dict[str, str], e: dict[str, str],
+               timeout: float) -> subprocess.CompletedProcess:
+    """run_process(argv) in environment `e`, in a child of this test process's fork server for `preload` where it can
+    fork, else in a subprocess. The server starts on first use in `base`, the environment without any command line's
+    own variables: one of those that its imports read would send every later command line to a subprocess."""
     if os.environ.get("RUN_CLI_SUBPROCESS") == "1":
         return run_process(argv, cwd=ROOT, env=e, timeout=timeout)
     server = _servers.get(tuple(preload))
     if server is None:
-        server = _servers[tuple(preload)] = ForkServer(preload, cwd=ROOT, env=e)
+        server = _servers[tuple(preload)] = ForkServer(preload, cwd=ROOT, env=base)
     return server.run(argv, cwd=ROOT, env=e, timeout=timeout)
 
 
@@ -251,7 +253,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def run_cli(*args, check=False, timeout=300, **env_extra) -> subprocess.CompletedProcess:
-    proc = run_forked([sys.executable, *map(str, args)], CLI_PRELOAD, env(**env_extra), timeout)
+    proc = run_forked([sys.executable, *map(str, args)], CLI_PRELOAD, env(), env(**env_extra), timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

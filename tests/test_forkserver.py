@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import env
+import conftest
+from conftest import env, run_forked
 from forkserver import ForkServer
 
 SCRIPTS = {
@@ -83,6 +84,18 @@ def test_a_variable_read_at_import_is_not_changed_in_a_child(server):
     assert "FS_SCANNED" not in s.environ_read and "FS_GONE" not in s.environ_read
     assert s.forks(argv, dict(e, FS_SCANNED="another value"))
     assert s.run(argv, cwd=d, env=dict(e, FS_READ_AT_IMPORT="1"), timeout=60).returncode == 3
+
+
+def test_run_forked_starts_its_server_without_the_first_command_lines_own_variables(server):
+    """conftest's run_forked: a first command line that sets a variable its server's imports read runs (in a
+    subprocess), and the server it starts has the base environment, so the command lines after it still fork."""
+    _, d, e = server
+    argv = [sys.executable, str(d / "exit3.py")]
+    preload = ["reads_at_import", "json"]  # a server of this test's own
+    assert run_forked(argv, preload, e, dict(e, FS_READ_AT_IMPORT="1"), 60).returncode == 3
+    started = conftest._servers[tuple(preload)]
+    assert "FS_READ_AT_IMPORT" not in started.env and started.forks(argv, e)
+    assert run_forked(argv, preload, e, e, 60).returncode == 3
 
 
 # A command that starts a process in a session of its own (as torchrun starts its ranks), which keeps the output open.

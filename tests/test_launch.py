@@ -45,8 +45,9 @@ FAB_PRELOAD = ["fabric.main", "fabfile"]
 
 def fab(*args, timeout=900, env=None, check=False) -> subprocess.CompletedProcess:
     """`fab ARGS` as a user runs it, in a forked child of a server that imported Fabric and the fabfile once."""
-    proc = run_forked([str(Path(sys.executable).parent / "fab"), *map(str, args)], FAB_PRELOAD,
-                      {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout)
+    base = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = run_forked([str(Path(sys.executable).parent / "fab"), *map(str, args)], FAB_PRELOAD, base, {**base, **(env or {})},
+                      timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"fab {args} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
     return proc
