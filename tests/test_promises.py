@@ -102,8 +102,9 @@ def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(recipe, re
 
 # How far two ranks' losses may be from one rank's, by recipe (default: 1e-4, the float32 recipes' summation order).
 # The 2026-07-17 record keeps bf16 weights and gradients, which two ranks sum in another order, so an element can land
-# one bf16 rounding (2^-8 of itself) apart and the next steps carry it on: measured on this project's 2-core Xeon at
-# conftest's size, the step losses at most 7.1e-4 apart; the bound is twice that. Its weights are not compared element
+# one bf16 rounding (2^-8 of itself) apart and the next steps carry it on: measured on the dev VM (AMD EPYC) at
+# conftest's size, the step losses at most 4.8e-4 apart (7.1e-4 on a Xeon at twice the tokens a step); the bound is
+# about three times that. Its weights are not compared element
 # by element: Adam's normalised step turns the rounding noise of some embedding rows' near-zero gradients into whole
 # updates (measured: up to 3.8 in value_embeds and bigram_embed). That the resume itself is exact on two ranks is shown
 # bit for bit against the killed run's own steps, which no tolerance blurs.
@@ -144,7 +145,7 @@ def test_two_ranks_match_one_and_survive_a_kill_of_every_process(recipe, referen
         assert val == pytest.approx({v["step"]: v["loss"] for v in events(reference, "val")}, rel=rel)
     # HellaSwag examples are split over the two ranks and the counts summed: every example is scored once.
     hella, hella_ref = events(log, "hellaswag")[-2:], events(reference, "hellaswag")[-2:]
-    assert [(h["step"], h["total"]) for h in hella] == [(h["step"], h["total"]) for h in hella_ref] == [(6, 9), (12, 9)]
+    assert [(h["step"], h["total"]) for h in hella] == [(h["step"], h["total"]) for h in hella_ref] == [(6, 5), (12, 5)]
     assert all(abs(a["correct"] - b["correct"]) <= 1 for a, b in zip(hella, hella_ref, strict=True))
     a = torch.load(log / "model_00012.pt", weights_only=True)
     b = torch.load(reference / "model_00012.pt", weights_only=True)
