@@ -104,10 +104,10 @@ def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(recipe, re
 # The 2026-07-17 record keeps bf16 weights and gradients, which two ranks sum in another order, so an element can land
 # one bf16 rounding (2^-8 of itself) apart and the next steps carry it on: measured on the dev VM (AMD EPYC) at
 # conftest's size, the step losses at most 4.8e-4 apart (7.1e-4 on a Xeon at twice the tokens a step); the bound is
-# about three times that. Its weights are not compared element
-# by element: Adam's normalised step turns the rounding noise of some embedding rows' near-zero gradients into whole
-# updates (measured: up to 3.8 in value_embeds and bigram_embed). That the resume itself is exact on two ranks is shown
-# bit for bit against the killed run's own steps, which no tolerance blurs.
+# about three times that. Its weights are not compared element by element: Adam's normalised step turns the rounding
+# noise of some embedding rows' near-zero gradients into whole updates (measured at twice the tokens a step: up to 3.8
+# in value_embeds and bigram_embed). That the resume itself is exact on two ranks is shown bit for bit against the
+# killed run's own steps, which no tolerance blurs.
 TWO_RANK_LOSS_REL = {"speedrun": 1.5e-3}
 ELEMENTWISE_WEIGHTS = {"gpt2", "speedrun-2025-05-24"}
 

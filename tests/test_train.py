@@ -198,18 +198,20 @@ def test_compiled_ddp_cuts_the_graph_at_buckets_so_all_reduce_overlaps_backward(
 ADDRESS_SPACE = 4 * 2**30
 
 
+def cap_address_space():
+    """preexec_fn of a trainer process (each of torchrun's workers inherits the limit and has its own)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
 def test_out_of_memory_is_one_line_naming_the_micro_batch_to_use(shards, tmp_path):
     """A real allocation failure (the address space capped): the 128 x 128 x 50304 logits do not fit. The answer is a
     smaller micro-batch, not a traceback."""
-    import resource
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-
     args = train_cmd(shards, tmp_path / "log", "--micro-batch", 128, "--seq-len", 128, "--block-size", 128,
                      "--total-batch-tokens", 32768, "--max-steps", 2, "--ce-chunk-tokens", 0)  # full logits
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300, preexec_fn=cap)
+                          timeout=300, preexec_fn=cap_address_space)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert_one_line_error(proc, "out of cpu memory at step 0 with micro-batch 128 x seq-len 128: lower --micro-batch, "
                           "e.g. --micro-batch 64: gradient accumulation keeps the 32,768 tokens per step; "
@@ -236,15 +238,10 @@ def test_a_foreign_compile_cache_is_ignored_with_one_line_and_the_run_trains(sha
 def test_out_of_memory_under_ddp_names_the_rank_that_ran_out(shards, tmp_path):
     """One GPU can be short alone (another process on it), so each rank that runs out says so itself, with its
     rank; nothing else is printed (no torchrun traceback), and the status is the trainer's 2."""
-    import resource
-
-    def cap():  # per process: each worker gets its own address space
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-
     args = train_cmd(shards, tmp_path / "log", "--micro-batch", 128, "--seq-len", 128, "--block-size", 128,
                      "--total-batch-tokens", 32768, "--max-steps", 2, "--ce-chunk-tokens", 0)  # full logits
     proc = subprocess.run([sys.executable, "-m", "job.supervisor", *map(str, args[2:])], cwd=ROOT, env=env(NPROC=2),
-                          capture_output=True, text=True, timeout=300, preexec_fn=cap)
+                          capture_output=True, text=True, timeout=300, preexec_fn=cap_address_space)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     oom = r"error: rank [01] \(cpu\): out of cpu memory at step 0 with micro-batch 128 x seq-len 128: lower --micro-batch, " \
