@@ -35,6 +35,11 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 import torch  # noqa: E402  (after the thread count above, which torch reads when it is imported)
 
+# Past Dynamo's recompile limit a compiled function runs eagerly without a word. A function that several tests in one
+# worker call at shapes of their own can reach it, and a test of the compiled path would then test the eager one. In
+# the test processes reaching the limit is an error instead (the trainers they start keep torch's default).
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
 from forkserver import ForkServer, kill_tree, run_process  # noqa: E402
 from job.data import write_shard  # noqa: E402
 from job.tokenizer import EOT, encode  # noqa: E402

@@ -113,6 +113,9 @@ def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask(monk
     lists = attention.block_lists(tokens)
     torch._dynamo.reset()  # the compiles of FlexAttention by tests before this one count towards the limit
     monkeypatch.setattr(gpt, "FLEX_SHAPES", 1)
+    # torch's default, as in a trainer (tests/conftest.py makes the limit an error in the test processes): the failure
+    # below must come from the model's own setting.
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
     with vectorised_inductor():
         for w in (1, 3, 8):
             got = gpt.flex_attention(q, k, v, attention.flex_block_mask(lists, torch.tensor(w, dtype=torch.int32)), 0.12)
