@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import field
@@ -61,6 +62,8 @@ def pairs(text: str, flag: str) -> dict[str, str]:
         k, sep, v = item.partition("=")
         if not sep or not k:
             raise UserError(f"{flag} takes KEY=VALUE pairs separated by spaces, got {item!r}")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise UserError(f"{flag}: {k!r} is not a variable's name (letters, digits and _, not starting with a digit)")
         out[k] = v
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from infra.container import Job
 from infra.flags import checked, decimal, host_list, integer, nested, option, optional, pairs
@@ -28,6 +29,14 @@ def _image(text: str) -> None:
     from infra.registry import check_image_flag
 
     check_image_flag(text)
+
+
+def _wheels(text: str) -> None:
+    d = Path(text).expanduser()
+    if not d.is_dir():
+        raise UserError(f"--wheels {text} is not a directory: pass a local directory of .whl files (pip download -d DIR ...)")
+    if not any(d.glob("*.whl")):
+        raise UserError(f"--wheels {text} holds no .whl files: pass the directory that pip download -d wrote them to")
 
 
 def _flavour(text: str) -> None:
@@ -101,7 +110,7 @@ class LaunchOptions:
     ship: bool = option(False, "docker save the local image and load it on the box (small or offline boxes)")
     build_args: dict[str, str] = option(None, "extra docker build args for the build on the box, e.g. 'BASE_IMAGE=...'", parse=pairs,
                                         factory=dict, flag="build_arg")
-    wheels: str | None = option(None, "a local directory of .whl files to install in the image built on the box")
+    wheels: str | None = option(None, "a local directory of .whl files to install in the image built on the box", parse=checked(_wheels))
     fs: str | None = option(None, "name of the Lambda persistent filesystem to keep data on (mounted at /persistent)")
     data_dir: str | None = option(None, "a directory on the box instead of --fs (default ~/nanogpt-data)")
     weights_dir: str = option("~/model_weights", "the box's dir for checkpoints and logs, mounted at /app/log (default ~/model_weights)")

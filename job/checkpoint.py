@@ -167,11 +167,28 @@ def load(path) -> dict:
                         "delete it or use another one (when training: --resume PATH)") from None
 
 
+def check_structure(ckpt, path) -> dict:
+    """`ckpt` if it has the entries every reader of a checkpoint uses, of their types: anything else that torch can
+    load (another program's file, one edited by hand) is one line here, not a traceback where an entry is first read."""
+    expected = {"model": dict, "config": dict, "step": int, "train_config": dict, "identity": dict}
+    optional = {"train_config", "identity"}  # older checkpoints have no recipe settings or identity
+    if not isinstance(ckpt, dict):
+        problem = f"it holds a {type(ckpt).__name__}, not a checkpoint's entries"
+    else:
+        wrong = [f"{key!r} is {'missing' if key not in ckpt else 'a ' + type(ckpt[key]).__name__}" for key, kind in expected.items()
+                 if (key in ckpt or key not in optional) and not (isinstance(ckpt.get(key), kind) and not isinstance(ckpt.get(key), bool))]
+        problem = ", ".join(wrong) or (f"its step is {ckpt['step']}" if ckpt["step"] < 0 else None)
+    if problem:
+        raise UserError(f"{path} is not a checkpoint written by `python -m job.train` ({problem}): pass a model_*.pt "
+                        "from a log dir")
+    return ckpt
+
+
 def find_resumable(log_dir) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; a damaged one (e.g. copied half-way) is skipped with a warning."""
+    """The newest checkpoint that loads; a damaged one (e.g. copied half-way) or a foreign one is skipped with a warning."""
     for _, path in reversed(list_checkpoints(log_dir)):
         try:
-            return path, load(path)
+            return path, check_structure(load(path), path)
         except UserError as e:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
     return None
@@ -207,9 +224,7 @@ def load_model(path, device: str) -> tuple:
     one line, not a traceback."""
     from job import recipes
 
-    ckpt = load(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
-        raise UserError(f"{path} is not a model checkpoint (no 'model'/'config' entries): pass a model_*.pt from a log dir")
+    ckpt = check_structure(load(path), path)
     recipe = checkpoint_recipe(ckpt)
     if recipe not in recipes.names():
         raise UserError(f"{path} was trained with --recipe {recipe}, which this version does not have: use the version that wrote it")
@@ -221,11 +236,13 @@ def load_model(path, device: str) -> tuple:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{path}: its weights do not fit the model its config describes ({first}): "
                         "pass a model_*.pt written by `python -m job.train`") from None
+    if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise UserError(f"{path}: its weights hold NaN or inf (the run had diverged): use an earlier checkpoint")
     model = model.to(device)
     if ckpt.get("train_config"):
         # The step's model state that is not in the weights (the speedrun's windows and rotary scaling), as the run
         # had it when it saved, made on the device it will run on as the trainer makes it.
-        card.model_schedule(model, int(ckpt.get("step") or 0), _train_config(ckpt["train_config"], recipe, path))
+        card.model_schedule(model, ckpt["step"], _train_config(ckpt["train_config"], recipe, path))
     return model, ckpt
 
 
@@ -250,8 +267,8 @@ def check_compatible(ckpt: dict, model_config: dict, path, recipe: str = "gpt2")
             f"checkpoint {path} is a different model ({', '.join(diffs)}): use the same --preset/model flags, "
             "another --log-dir, or --resume never to start fresh"
         )
-    if "optimizer" not in ckpt or "data" not in ckpt:
-        raise UserError(f"checkpoint {path} has weights only (no optimizer/data state), so training cannot resume exactly "
+    if not all(key in ckpt for key in ("optimizer", "data", "rng")):
+        raise UserError(f"checkpoint {path} has weights only (no optimizer/data/RNG state), so training cannot resume exactly "
                         "from it: use another --log-dir or --resume never")
 
 
@@ -423,7 +440,7 @@ class Checkpointer:
                 return None
             path, ckpt = found
         else:
-            path, ckpt = mode, load(mode)
+            path, ckpt = mode, check_structure(load(mode), mode)
         check_compatible(ckpt, model_config, path, recipe)
         self.last_step = int(ckpt["step"])
         return str(path), ckpt

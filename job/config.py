@@ -213,12 +213,20 @@ def layouts(cfg: TrainConfig) -> list:
     return list(dict.fromkeys(rc.step_layout(step, cfg) for step in range(cfg.max_steps)))
 
 
-def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> TrainConfig:
-    """Refuse what the run cannot do, in one line each. files=False leaves out what reads this machine's files (the
-    launcher checks the trainer's settings on the laptop, where the box's files are not)."""
-    def bad(name, msg):
-        raise UserError(f"{flag(name)} {msg}")
+SEED_MAX = 2**63 - 1  # torch's generators take a signed 64-bit seed
+# Past these a run is a typo, not a plan: the sampling at the end would not finish (job.sample takes the same limits), the
+# prefetch would hold the whole data set in memory, the checkpoint planning walks every step, and the layers are built one
+# by one before any memory runs out.
+UPPER_LIMITS = {"sample_tokens": 100_000, "sample_num": 1024, "prefetch": 64, "max_steps": 10_000_000, "n_layer": 1024}
 
+
+def _refuse(name: str, msg: str):
+    raise UserError(f"{flag(name)} {msg}")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Each setting on its own: counts, limits, seeds and the strings that must not be empty."""
+    bad = _refuse
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "micro_batch", "seq_len", "total_batch_tokens",
                  "max_steps", "val_steps", "log_every", "ddp_bucket_mb"):
         if getattr(cfg, name) <= 0:
@@ -227,6 +235,24 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> Train
                  "sample_tokens", "checkpoint_every", "keep_every", "keep_last", "checkpoint_minutes", "prefetch"):
         if getattr(cfg, name) < 0:
             bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+    for name, most in UPPER_LIMITS.items():
+        if getattr(cfg, name) > most:
+            bad(name, f"must be at most {most:,}, got {getattr(cfg, name):,}")
+    for name in ("seed", "sample_seed"):
+        if not 0 <= getattr(cfg, name) <= SEED_MAX:
+            bad(name, f"must be in 0..{SEED_MAX} (a 64-bit generator's seed), got {getattr(cfg, name)}")
+    for name in ("log_dir", "data_dir"):
+        if not getattr(cfg, name).strip():
+            bad(name, "is empty: pass a directory")
+    if cfg.sample_num and not cfg.sample_prompt:
+        bad("sample_prompt", "is empty: pass some text to continue, or --sample-num 0 for no samples")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> TrainConfig:
+    """Refuse what the run cannot do, in one line each. files=False leaves out what reads this machine's files (the
+    launcher checks the trainer's settings on the laptop, where the box's files are not)."""
+    bad = _refuse
+    _check_values(cfg)
     if cfg.n_embd % cfg.n_head:
         bad("n_embd", f"({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head})")
     if cfg.vocab_size < 50257:
@@ -258,6 +284,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> Train
     if cfg.wandb is not None and not WANDB_SPEC.fullmatch(cfg.wandb):
         bad("wandb", f"must be PROJECT or PROJECT/RUN (no spaces, and none of \\ # ? % : in the names), got {cfg.wandb!r}")
     if files:
+        if cfg.resume not in ("auto", "never") and os.path.isdir(cfg.resume):
+            bad("resume", f"{cfg.resume} is a directory: pass the path of a model_*.pt file in it, or auto to resume from --log-dir")
         if cfg.resume not in ("auto", "never") and not os.path.isfile(cfg.resume):
             bad("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
         if cfg.hellaswag_path and not os.path.isfile(cfg.hellaswag_path):

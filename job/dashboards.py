@@ -224,10 +224,17 @@ def check_wandb_server(spec: str, settings) -> None:
     for over a minute and then fail with lines of its own. The server and the mode are those W&B would use: its global
     settings (WANDB_BASE_URL, WANDB_MODE, the host `wandb login --host` saved) under the run's `settings`, as
     wandb.init merges them. Offline and disabled runs make no connection, so nothing is asked."""
+    import pydantic
     import wandb
 
-    run_settings = wandb.setup().settings.model_copy()
-    run_settings.update_from_settings(settings)
+    try:
+        run_settings = wandb.setup().settings.model_copy()
+        run_settings.update_from_settings(settings)
+    except pydantic.ValidationError as e:  # W&B validates its settings, those from WANDB_* variables among them
+        err = e.errors()[0]
+        field = ".".join(str(part) for part in err.get("loc", ())) or "a setting"
+        raise UserError(f"--wandb {spec}: W&B refuses its setting {field} ({err.get('msg')}): fix the WANDB_{field.upper()} "
+                        "variable or W&B's settings file, or train without --wandb") from None
     if run_settings.mode in ("offline", "dryrun", "disabled"):
         return
     proxies = {scheme: proxy for scheme, proxy in (("http", run_settings.http_proxy), ("https", run_settings.https_proxy)) if proxy}

@@ -133,6 +133,8 @@ def check_output_path(path, flag: str, *, directory: bool = False) -> None:
     a file rather than a directory, or a directory this user may not write in (a read-only mount, or its mode).
     `directory`: the output is a directory that files are written into, so it may exist already."""
     p = Path(path).absolute()
+    if not directory and p.is_dir():
+        raise UserError(f"{flag} {path} is a directory, not a file: choose a file's path for {flag}")
     # the nearest part that exists; what is missing gets created
     base = next(a for a in ([p] if directory else []) + list(p.parents) if a.exists())
     if not base.is_dir():

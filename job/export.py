@@ -44,7 +44,7 @@ def check_out_dir(out_dir, dtype: str, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory: choose another --out")
-    check_output_path(out, "--out")
+    check_output_path(out, "--out", directory=True)
     clash = [name for name in OUTPUT_FILES if (out / name).exists()]
     if clash and not overwrite:
         raise UserError(f"--out {out} already holds {', '.join(clash)}: pass --overwrite to replace them or choose another --out")

@@ -217,6 +217,13 @@ def read_hf_config(d: Path, spec: str) -> dict:
         cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"--init-from {spec}: cannot read {d / 'config.json'} ({e})") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"--init-from {spec}: {d / 'config.json'} holds a JSON {type(cfg).__name__}, not a model's settings: "
+                        "pass a Hugging Face GPT-2 model directory")
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise UserError(f"--init-from {spec}: {d / 'config.json'} has layer_norm_epsilon {eps!r}, not a number: "
+                        "pass a Hugging Face GPT-2 model directory")
     if cfg.get("model_type") != "gpt2":
         raise UserError(f"--init-from {spec}: model_type is {cfg.get('model_type')!r}, not 'gpt2': only GPT-2 models can be loaded")
     plain = (cfg.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
@@ -267,12 +274,20 @@ def read_hf_weights(d: Path) -> dict:
     """The state dict of an HF GPT-2 directory, keys as GPT2LMHeadModel names them (transformer.*, lm_head.weight)."""
     import torch
 
-    if (d / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    path = d / "model.safetensors"
+    try:
+        if path.is_file():
+            from safetensors.torch import load_file
 
-        sd = load_file(str(d / "model.safetensors"))
-    else:
-        sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            sd = load_file(str(path))
+        else:
+            path = d / "pytorch_model.bin"
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not a weights file: safetensors, pickle and zip each raise their own
+        raise UserError(f"{path} cannot be read ({type(e).__name__}): it is damaged or not a weights file; download "
+                        "or export the model again") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UserError(f"{path} does not hold named tensors: download or export the model again")
     # OpenAI's GPT-2 weights on the hub were saved from GPT2Model: no "transformer." prefix
     return {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float() for k, v in sd.items()}
 

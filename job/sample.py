@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from job.config import SEED_MAX, UPPER_LIMITS
 from job.errors import ArgumentParser, UserError, cli_main, float_arg, int_arg
 
 DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
@@ -67,11 +68,11 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m job.sample", description="Generate text from a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a model_*.pt file, or a log dir (its newest checkpoint)")
     p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num", type=int_arg(1, 1024), default=4, help="number of samples")
-    p.add_argument("--max-tokens", type=int_arg(1, 100_000), default=64, help="tokens to generate per sample")
+    p.add_argument("--num", type=int_arg(1, UPPER_LIMITS["sample_num"]), default=4, help="number of samples")
+    p.add_argument("--max-tokens", type=int_arg(1, UPPER_LIMITS["sample_tokens"]), default=64, help="tokens to generate per sample")
     p.add_argument("--top-k", type=int_arg(1), default=50)
     p.add_argument("--temperature", type=float_arg(above=0), default=1.0)
-    p.add_argument("--seed", type=int_arg(0, 2**63 - 1), default=42)
+    p.add_argument("--seed", type=int_arg(0, SEED_MAX), default=42)
     p.add_argument("--device", type=device_arg, default=None, help="cuda | mps | cpu (default: best available)")
     return p
 
@@ -87,6 +88,7 @@ def main(argv=None):
     device = check_device(args.device)
     model, ckpt = load_model(path, device)
     code = (ckpt.get("identity") or {}).get("commit")  # the commit that trained it (job/identity.py)
+    code = code if isinstance(code, str) else None
     print(f"# {path}: step {ckpt.get('step')}, val loss {ckpt.get('val_loss')}" + (f", code {code[:12]}" if code else ""))
     for i, text in enumerate(generate_samples(model, args.prompt, args.num, args.max_tokens, args.seed, device,
                                               args.top_k, args.temperature)):

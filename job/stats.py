@@ -154,7 +154,15 @@ def train_seconds(events: list[dict]) -> float:
 
 
 def read_run(log_dir: Path) -> Run | Skipped:
-    """The run in `log_dir`, or why it does not count."""
+    """The run in `log_dir`, or why it does not count (an event without the fields the trainer writes is such a reason)."""
+    try:
+        return _read_run(log_dir)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:120]
+        return Skipped(str(log_dir), f"{contract.METRICS_FILE} has an event the trainer did not write ({what}): edited or damaged")
+
+
+def _read_run(log_dir: Path) -> Run | Skipped:
     events = read_events(log_dir / contract.METRICS_FILE)
     finished, end_step, config, val = False, None, {}, None
     for e in events:

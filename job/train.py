@@ -145,10 +145,16 @@ class Trainer:
         if found is None:
             return 0, False, None, None
         path, ckpt = found
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.train_loader.load_state_dict(ckpt["data"])
-        return int(ckpt["step"]), ckpt.get("val_loss") is not None, path, ckpt["rng"]
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.train_loader.load_state_dict(ckpt["data"])
+            torch.Generator().set_state(ckpt["rng"]["torch"])  # what run() restores: refused now, not after the setup
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"checkpoint {path} does not hold this run's state ({type(e).__name__}: {first}): it is damaged "
+                            "or was edited; pass another --resume, or --resume never to start fresh") from None
+        return ckpt["step"], ckpt.get("val_loss") is not None, path, ckpt["rng"]
 
     def _wrap_model(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(the forward model for train/val batches, the model the step trains: DDP's wrapper of it under torchrun,
@@ -423,7 +429,15 @@ def main(argv: list[str] | None = None) -> None:
     compile_cache.use(cfg.log_dir, cfg.recipe, pick_device(cfg.device))
     rt = setup_runtime(cfg)
     try:
-        Trainer(cfg, rt).run()
+        try:
+            trainer = Trainer(cfg, rt)
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            shape = f"{cfg.n_layer} layers of {cfg.n_embd}, block {cfg.block_size}, vocabulary {cfg.vocab_size}"
+            raise UserError(f"the model ({shape}) does not fit in {rt.device} memory while it is built: pick a smaller "
+                            "--preset or model flags") from None
+        trainer.run()
     finally:
         if rt.ddp and dist.is_initialized():
             dist.destroy_process_group()

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from job import recipes  # noqa: E402
 from job.config import parse_args  # noqa: E402
+from job.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 
 CORPUS = ROOT / "job" / "assets" / "tinyshakespeare.txt"
 
@@ -68,6 +69,8 @@ def run(recipe: str, data: Path, log: Path, cache_root: Path, device: str, extra
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    if proc.returncode == 2:  # the trainer's own one-line refusal of these settings
+        raise UserError(f"the trainer refused the {recipe} run: {proc.stderr.strip().splitlines()[-1].removeprefix('error: ')}")
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     rows = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -75,13 +78,18 @@ def run(recipe: str, data: Path, log: Path, cache_root: Path, device: str, extra
     return {"first_step_s": event["seconds"], "hits": event["cache_hits"], "misses": event["cache_misses"], "wall_s": wall}
 
 
+@cli_main
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", default=",".join(recipes.names()))
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", type=Path, help="a shard directory (default: the bundled corpus, tokenized into a temp dir)")
     p.add_argument("extra", nargs="*", help="more trainer flags, after --")
     args = p.parse_args()
+    if unknown := [r for r in args.recipes.split(",") if r not in recipes.names()]:
+        raise UserError(f"--recipes: no recipe {', '.join(unknown)}: pick from {', '.join(recipes.names())}")
+    if args.data is not None and not args.data.is_dir():
+        raise UserError(f"--data {args.data} is not a directory: pass a shard directory, or leave --data out for the bundled corpus")
     with tempfile.TemporaryDirectory(prefix="bench-compile-cache-") as tmp:
         tmp = Path(tmp)
         data = args.data

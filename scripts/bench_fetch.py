@@ -54,6 +54,7 @@ import infra.ssh  # noqa: E402
 from delay_relay import DelayRelay  # noqa: E402
 from infra.fetch import connect_and_fetch  # noqa: E402
 from infra.ssh import BULK_CIPHERS, connect  # noqa: E402
+from job.errors import ArgumentParser, cli_main, float_arg, int_arg  # noqa: E402
 from sshd import start_sshd  # noqa: E402
 
 
@@ -268,12 +269,13 @@ def bench_link(sets, rounds: int, delay_ms: float, relay: bool, variants: dict[s
         shutil.rmtree(work, ignore_errors=True)
 
 
+@cli_main
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sets", type=parse_sets, default="3x1400,6x90", help="COUNTxMB,... over loopback (default 3x1400,6x90)")
     p.add_argument("--latency-sets", type=parse_sets, default="6x90", help="COUNTxMB,... over the slow link ('' for none)")
-    p.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay of the slow link (round trip: twice this)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--delay-ms", type=float_arg(0), default=25.0, help="one-way delay of the slow link (round trip: twice this)")
+    p.add_argument("--rounds", type=int_arg(1), default=3)
     p.add_argument("--ablations", action="store_true",
                    help="instead: over --sets, fetch-weights with each of its choices undone in turn (cipher, hasher, tail | head, "
                         "reads, write-back, fsync, OpenSSH's client, early logins), against scp")

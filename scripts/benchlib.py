@@ -461,10 +461,15 @@ def earlier_baseline(path: str, res: dict) -> list[float] | None:
     except (OSError, ValueError) as e:
         print(f"numerics: no baseline to compare with ({path}: {type(e).__name__})")
         return None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("runs", {}), dict):
+        print(f"numerics: {path} is not a results file of this benchmark: not compared")
+        return None
     if any(earlier.get(k) != res[k] for k in ("preset", "T", "tokens_per_step", "seed")):
         print(f"numerics: {path} is another setup (preset, T, tokens per step or seed differ): not compared")
         return None
-    return earlier.get("runs", {}).get("b", {}).get("losses")
+    b = earlier.get("runs", {}).get("b")
+    losses = b.get("losses") if isinstance(b, dict) else None
+    return losses if isinstance(losses, list) and all(isinstance(x, (int, float)) for x in losses) else None
 
 
 def numerics(runs: dict, reference: list[float] | None, dtype: str) -> dict:

@@ -47,7 +47,7 @@ def linux_wheel(project: str, version: str) -> dict:
         name = f["filename"]
         if ("x86_64" in name and "linux" in name and (PY in name or "py3-none" in name or "abi3" in name)) or "none-any" in name:
             return f
-    raise SystemExit(f"no linux x86_64 wheel for {project}=={version}")
+    raise UserError(f"PyPI has no linux x86_64 wheel for {project}=={version}: pass a released version to --torch, e.g. 2.13.0")
 
 
 class RangeFile(io.RawIOBase):
@@ -131,12 +131,19 @@ def docker(*args) -> str:
         raise UserError(f"`docker {' '.join(args[:2])}` failed ({said}): build the images first (--image, --base name them)") from None
 
 
+def release(text: str) -> str:
+    """A release's version number (2.13.0), refused before PyPI is asked."""
+    if not re.fullmatch(r"\d+(\.\d+)*", text):
+        raise argparse.ArgumentTypeError(f"takes a release's version number, e.g. 2.13.0, got {text!r}")
+    return text
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", default="nanogpt-train-test:latest", help="the CPU test build of docker/Dockerfile")
     p.add_argument("--base", default="nanogpt-test-base:bookworm", help="the test base it was built on")
-    p.add_argument("--torch", default="2.13.0")
+    p.add_argument("--torch", type=release, default="2.13.0", help="the torch release whose CUDA wheels are sized (PyPI)")
     args = p.parse_args(argv)
 
     mb = 2**20

@@ -462,7 +462,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not args.record.is_file():
         raise UserError(f"--record {args.record} does not exist: pass the record's train_gpt.py or one of its .txt logs")
-    if "class NorMuonAndAdam" not in record_source(args.record):
+    try:
+        source = record_source(args.record)
+    except UnicodeDecodeError:
+        raise UserError(f"--record {args.record} is not text: pass the record's train_gpt.py or one of its .txt logs") from None
+    if "class NorMuonAndAdam" not in source:
         raise UserError(f"--record {args.record} holds no NorMuonAndAdam: pass the 2026-07-17 record's train_gpt.py or log")
     if not 1 <= args.steps <= sum(SHORT):
         raise UserError(f"--steps {args.steps}: the short schedule has {sum(SHORT)} steps; pass 1 to {sum(SHORT)}")

@@ -80,6 +80,11 @@ def _checkpoints(w: Path) -> None:
     torch.save({"weights": 1}, w / "foreign.pt")
     torch.save(torch.zeros(3), w / "tensor.pt")
     torch.save(dict(good, config=dict(cfg, n_layer=2)), w / "wrong_model.pt")
+    # the trainer's entries, edited by hand or written by another program
+    torch.save(dict(good, step="5"), w / "text_step.pt")
+    torch.save(dict(good, train_config=[1]), w / "list_settings.pt")
+    torch.save(dict(good, identity="abc"), w / "text_identity.pt")
+    torch.save(dict(good, model={k: torch.full_like(v, float("nan")) for k, v in good["model"].items()}), w / "nan_weights.pt")
 
 
 def _shards(w: Path) -> None:
@@ -133,6 +138,13 @@ def _hf_dirs(w: Path) -> None:
     (w / "hf_other" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16,
                                                             "n_positions": 8, "vocab_size": 50257}))
     (w / "hf_other" / "model.safetensors").write_bytes(b"")
+    # of the trainer cases' shape, with files that are not what they say
+    fits = {"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 16, "vocab_size": 50257}
+    for name, weights, config in (("hf_garbage", "model.safetensors", fits), ("hf_garbage_bin", "pytorch_model.bin", fits),
+                                  ("hf_list", "model.safetensors", [1]), ("hf_text_eps", "model.safetensors", dict(fits, layer_norm_epsilon="x"))):
+        (w / name).mkdir()
+        (w / name / "config.json").write_text(json.dumps(config))
+        (w / name / weights).write_bytes(b"not weights at all")
 
 
 def _not_records(w: Path) -> None:
@@ -141,6 +153,7 @@ def _not_records(w: Path) -> None:
     (w / "syntax_error.py").write_text("import os\nclass GPT(nn.Module):\n    def __init__(self:\n# int main\n")
     (w / "record_shaped.py").write_text(RECORD_SHAPED)
     (w / "a_dir").mkdir()
+    (w / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not a record")
 
 
 def _hf_tokens(w: Path) -> None:
@@ -179,6 +192,10 @@ def world(tmp_path_factory):
     (w / "log").mkdir()
     (w / "log" / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 10.5}\n{"event": "val", "step": 1, "loss": 10.9}\n')
     (w / "empty.jsonl").write_text("\n")
+    (w / "edited_log").mkdir()
+    (w / "edited_log" / "metrics.jsonl").write_text('{"event": "start", "step": 0, "config": {"seed": 1}}\n{"event": "train", "step": 1, '
+                                                    '"loss": 10.5, "ms": 5}\n{"event": "val", "step": 1, "loss": "low"}\n'
+                                                    '{"event": "end", "step": 1, "reason": "done"}\n')
     (w / "bench.json").write_text("{not json")
     (w / "prev_export").mkdir()
     (w / "prev_export" / "config.json").write_text("{}\n")
@@ -186,6 +203,8 @@ def world(tmp_path_factory):
     (w / "busy" / "notes.txt").write_text("mine\n")
     (w / "api_key").write_text("secret-test-key\n")
     (w / "api_key").chmod(0o600)
+    (w / "api_key_binary").write_bytes(b"\xff\xfe\x81key\n")
+    (w / "api_key_binary").chmod(0o600)
     (w / "doc.txt").write_text("some text\n")
     (w / "tb").mkdir()
     (w / "tb" / "events.out.tfevents.1.host.1.0").write_bytes(b"")  # make dashboard looks for the name only
@@ -311,6 +330,7 @@ def stats_cases() -> list:
         pytest.param([*cmd, UNDER_FILE], "afile", id="stats-logdir=under-a-file"),
         pytest.param([*cmd, "{w}/busy"], "has no metrics.jsonl", id="stats-logdir=no-metrics"),
         pytest.param([*cmd, *log], "no finished run", id="stats-logdir=unfinished-run"),
+        pytest.param([*cmd, "{w}/edited_log"], "has an event the trainer did not write", id="stats-logdir=edited-events"),
         pytest.param([*cmd, *log, "--bogus"], "--bogus", id="stats-unknown-flag"),
     ]
 
@@ -419,6 +439,11 @@ def script_cases() -> list:
         *flag_cases(s("bench_image"), [], "--rounds", ["0", "x"], "bench_image"),
         *flag_cases(s("bench_prepare"), [], "--dir", [UNDER_FILE, "{ro}/bench", "{w}/busy"], "bench_prepare"),
         pytest.param([*s("estimate_cuda_image"), "--bogus"], "--bogus", id="estimate_cuda_image-unknown-flag"),
+        *flag_cases(s("estimate_cuda_image"), [], "--torch", ["abc", "2.13.0; rm"], "estimate_cuda_image"),
+        *flag_cases(s("bench_fetch"), [], "--rounds", ["0", "abc"], "bench_fetch"),
+        *flag_cases(s("bench_fetch"), [], "--sets", ["abc"], "bench_fetch"),
+        pytest.param([*s("bench_compile_cache"), "--recipes", "gpt2,bogus"], "no recipe bogus", id="bench_compile_cache--recipes=bogus"),
+        pytest.param([*s("bench_compile_cache"), "--data", "{w}/nothing"], "--data", id="bench_compile_cache--data=missing"),
         *flag_cases(s("compare_recipes"), [], "--tokens", ["0", "-5", "abc", "nan"], "compare_recipes"),
         *flag_cases(s("compare_recipes"), [], "--out", [UNDER_FILE, "{ro}/cmp"], "compare_recipes"),
         *flag_cases(s("compare_recipes"), ["--out", "{w}/cmp"], "--json", [UNDER_FILE], "compare_recipes"),
@@ -428,6 +453,9 @@ def script_cases() -> list:
             pytest.param([*s("bench_train"), "--steps", "0"], "--steps", id="bench_train--steps=0"),
             pytest.param([*s("bench_loss"), "--rows", "abc"], "--rows", id="bench_loss--rows=abc"),
             pytest.param([*s("estimate_memory"), "--json", UNDER_FILE], "--json", id="estimate_memory--json=under-a-file"),
+            pytest.param([*s("estimate_memory"), "--json", "{w}/busy"], "busy is a directory", id="estimate_memory--json=a-directory"),
+            pytest.param([*s("speedrun_2026_07_17_check_optim"), "--record", "{w}/binary.txt"], "is not text",
+                         id="speedrun_2026_07_17_check_optim--record=binary"),
         ]),
     ]
 
@@ -487,8 +515,12 @@ def fab_cases() -> list:
           for dry, v in rotate(["0", "-1", "0.0", "-0", "1e-400"], [[], ["--dry-run"], ["--dry-run", "--provision", "--type", "gpu_1x_a10"]])],
         *flag_cases(launch, [], "--master-port", ["70000"], "fab-launch"),
         *flag_cases(launch, [], "--train-args", OPEN_QUOTES, "fab-launch"),
-        *flag_cases(launch, [], "--env", ['A="b', "NOVALUE"], "fab-launch"),
-        *flag_cases(launch, [], "--build-arg", ["'X=1"], "fab-launch"),
+        # what the trainer on the box would refuse, or fail on only after training (its samples at the end)
+        pytest.param([*launch, "--train-args", f"--seed {2**64}"], "--seed", id="fab-launch--train-args=seed-past-64-bits"),
+        pytest.param([*launch, "--train-args", "--sample-prompt ''"], "--sample-prompt", id="fab-launch--train-args=empty-prompt"),
+        *flag_cases(launch, [], "--env", ['A="b', "NOVALUE", "1A=2", "A-B=1"], "fab-launch"),
+        *flag_cases(launch, [], "--build-arg", ["'X=1", "X Y=1"], "fab-launch"),
+        *flag_cases(launch, [], "--wheels", ["{w}/nothing", "{w}/busy"], "fab-launch"),
         *flag_cases(launch, [], "--api-base", BAD_URLS[4:], "fab-launch"),
         *flag_cases(launch, [], "--s3-endpoint", ["bogus"], "fab-launch"),
         *flag_cases(launch, [], "--sync-s3", ["bucket/prefix"], "fab-launch"),
@@ -506,6 +538,10 @@ def fab_cases() -> list:
         *flag_cases([*fab, "provision"], [], "--timeout", ["nan"], "fab-provision"),
         *flag_cases([*fab, "provision"], [], "--poll", ["0"], "fab-provision"),
         pytest.param([*fab, "types", "--api-key-file", "{w}/nokey"], "nokey", id="fab-types--api-key-file=missing"),
+        pytest.param([*fab, "types", "--api-key-file", "{w}/api_key_binary"], "api_key_binary holds a character",
+                     id="fab-types--api-key-file=binary"),
+        env_case([*fab, "instances"], "LAMBDA_API_KEY holds a character", "fab-instances-LAMBDA_API_KEY=not-ascii",
+                 LAMBDA_API_KEY="key\u20ac"),
         pytest.param([*fab, "no-such-task"], "no-such-task", id="fab-unknown-task"),
         pytest.param([*fab, "launch", "--host"], "--host", id="fab-launch--host-without-value"),
         pytest.param([*fab, "status", *host, "yes"], "yes", id="fab-status-stray-word"),
@@ -527,7 +563,12 @@ def train_cases() -> list:
     # a model of another shape: every difference, and the flags that fit it (with the shorter sequences its block forces)
     cases.append(pytest.param([*good, "--init-from", "hf:{w}/hf_other"], "it has 8 positions, fewer than this run's block size 16: "
                               "pass --n-head 2 --n-embd 16 --block-size 8 --seq-len 8 --total-batch-tokens 16", id="train--init-from=other-shape"))
+    for name, needle in (("hf_garbage", "model.safetensors cannot be read"), ("hf_garbage_bin", "pytorch_model.bin cannot be read"),
+                         ("hf_list", "holds a JSON list"), ("hf_text_eps", "layer_norm_epsilon 'x'")):
+        cases.append(pytest.param([*good, "--init-from", f"hf:{{w}}/{name}"], needle, id=f"train--init-from={name}"))
     cases.append(env_case(good, "WORLD_SIZE", "train-WORLD_SIZE=two", WORLD_SIZE="two", RANK="0"))
+    cases.append(env_case([*good, "--wandb", "proj"], "WANDB_MODE", "train-WANDB_MODE=bogus", WANDB_MODE="bogus"))
+    cases.append(env_case([*good, "--wandb", "proj"], "WANDB_BASE_URL", "train-WANDB_BASE_URL=notaurl", WANDB_BASE_URL="notaurl"))
     cases.append(env_case([*good, "--total-batch-tokens", "64"], "MASTER_ADDR", "train-RANK-without-MASTER_ADDR",
                           RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
                           MASTER_ADDR=None, MASTER_PORT=None))
@@ -546,7 +587,7 @@ def checkpoint_cases() -> list:
     """Bad checkpoints through job.sample (job.export reads them with the same code: one case)."""
     cases = [pytest.param([PY, "-m", "job.sample", "--checkpoint", f"{{w}}/{kind}.pt", "--device", "cpu"], f"{kind}.pt",
                           id=f"sample--checkpoint={kind}")
-             for kind in ("truncated", "foreign", "tensor", "wrong_model")]
+             for kind in ("truncated", "foreign", "tensor", "wrong_model", "text_step", "list_settings", "text_identity", "nan_weights")]
     cases.append(pytest.param([PY, "-m", "job.export", "--checkpoint", "{w}/wrong_model.pt", "--out", "{w}/o"], "wrong_model.pt",
                               id="export--checkpoint=wrong_model"))
     return torch_cases(cases)
@@ -555,7 +596,7 @@ def checkpoint_cases() -> list:
 CASES = [*sample_cases(), *export_cases(), *plot_cases(), *stats_cases(), *prepare_cases(), *hub_cases(), *guard_sync_cases(), *script_cases(),
          *fab_cases(), *train_cases(), *checkpoint_cases(), *make_cases()]
 
-NO_KEY = {"fab-types--api-key-file=missing"}  # cases run without LAMBDA_API_KEY
+NO_KEY = {"fab-types--api-key-file=missing", "fab-types--api-key-file=binary"}  # cases run without LAMBDA_API_KEY
 
 
 def base_env(world: dict) -> dict:

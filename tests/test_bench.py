@@ -345,3 +345,14 @@ def test_gpu_proof_bad_input_is_one_line(tmp_path, args, needle):
     proc = run_cli(str(ROOT / "scripts" / "gpu_proof.py"), "--out", tmp_path / "p", *args)
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"runs": [1]}', '{"runs": {"b": 5}}', '{"runs": {"b": {"losses": "low"}}}', "{not json"])
+def test_an_earlier_results_file_that_is_not_one_is_not_compared(text, tmp_path, capsys):
+    res = {"preset": "tiny", "T": 16, "tokens_per_step": 64, "seed": 0}
+    path = tmp_path / "earlier.json"
+    path.write_text(text)
+    assert script_module("benchlib").earlier_baseline(str(path), res) is None
+    assert "numerics: " in capsys.readouterr().out
+    path.write_text(json.dumps({**res, "runs": {"b": {"losses": [3.0, 2.5]}}}))
+    assert script_module("benchlib").earlier_baseline(str(path), res) == [3.0, 2.5]

@@ -40,6 +40,18 @@ def test_cli_overrides_beat_preset_defaults():
     (["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
     (["--max-lr", "inf"], "--max-lr"),
     (["--min-lr-ratio", "-inf"], "--min-lr-ratio"),
+    # values the run would take and fail on only at its end (the samples after the last step) or hang on at its start
+    (["--seed", str(2**64)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--sample-seed", str(2**63)], "--sample-seed"),
+    (["--sample-prompt", ""], "--sample-prompt"),
+    (["--sample-tokens", "100001"], "--sample-tokens"),
+    (["--sample-num", "1025"], "--sample-num"),
+    (["--prefetch", "100000000"], "--prefetch"),
+    (["--max-steps", str(10**20)], "--max-steps"),
+    (["--n-layer", "100000000"], "--n-layer"),
+    (["--log-dir", ""], "--log-dir"),
+    (["--data-dir", ""], "--data-dir"),
 ])
 def test_bad_values_raise_clear_errors(argv, needle, capsys):
     # Usage mistakes argparse finds (unknown flag, malformed value, a choice not offered) exit 2 after one error line;
@@ -55,6 +67,12 @@ def test_bad_values_raise_clear_errors(argv, needle, capsys):
     assert needle in said
 
 
+def test_the_limits_themselves_are_taken():
+    c = parse_args(["--seed", str(2**63 - 1), "--sample-seed", "0", "--sample-tokens", "100000", "--prefetch", "64",
+                    "--max-steps", "10000000", "--sample-num", "0", "--sample-prompt", ""])
+    assert (c.seed, c.sample_tokens, c.prefetch, c.max_steps, c.sample_prompt) == (2**63 - 1, 100000, 64, 10**7, "")
+
+
 def test_total_batch_must_divide_by_world_size():
     parse_args(["--micro-batch", "16", "--total-batch-tokens", "16384"], world_size=1)
     with pytest.raises(UserError, match="16 x 1024 x 3"):
@@ -66,6 +84,7 @@ def test_total_batch_must_divide_by_world_size():
     (["--max-steps", "abc"], ["--max-steps", "whole number"]),
     (["--total-batch-tokens", "1000"], ["not divisible"]),
     (["--resume", "/no/such/model_00100.pt"], ["--resume", "does not exist"]),
+    (["--resume", "/"], ["--resume / is a directory", "model_*.pt"]),
     (["--sdpa-backend", "cudnn"], ["--sdpa-backend cudnn needs a CUDA GPU", "use --sdpa-backend auto"]),
     (["--sdpa-backend", "efficient"], ["--sdpa-backend efficient needs a CUDA GPU"]),
     (["--sdpa-backend", "fast"], ["--sdpa-backend", "invalid choice"]),

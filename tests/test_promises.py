@@ -167,3 +167,40 @@ def test_two_ranks_match_one_and_survive_a_kill_of_every_process(recipe, referen
 def optimizer_layout(state: dict) -> list[dict]:
     """Each optimizer's saved entries and how many items each holds, whatever the optimizer's own layout."""
     return [{k: len(v) if hasattr(v, "__len__") else v for k, v in o.items()} for o in state.get("optimizers", [state])]
+
+
+# A checkpoint of the run with one entry edited, as a hand or another program might leave it.
+EDITS = {
+    "optimizer": lambda c: c.update(optimizer={}),
+    "data": lambda c: c.update(data={"position": "x"}),
+    "rng": lambda c: c.update(rng={"torch": torch.zeros(3)}),
+    "weights": lambda c: c["model"].popitem(),
+    "step": lambda c: c.update(step="12"),
+    "no rng": lambda c: c.pop("rng"),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_an_edited_checkpoint_is_refused_in_one_line_and_auto_resume_passes_over_a_foreign_one(recipe, references, corpora,
+                                                                                              tmp_path, capsys):
+    from job.errors import UserError
+    from job.runtime import setup_runtime
+
+    newest = ckpt_lib.list_checkpoints(references[recipe])[-1][1]
+    for name, edit in EDITS.items():
+        ckpt = torch.load(newest, weights_only=True)
+        edit(ckpt)
+        path = tmp_path / f"{name.replace(' ', '_')}.pt"
+        torch.save(ckpt, path)
+        cfg = parse_args(argv(recipe, corpora[recipe], tmp_path / "log", "--resume", path))
+        with pytest.raises(UserError) as e:
+            Trainer(cfg, setup_runtime(cfg))
+        assert str(path) in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+    # --resume auto: a file of another program's, newest by its name, is passed over with a warning
+    log = tmp_path / "auto"
+    log.mkdir()
+    (log / newest.name).write_bytes(newest.read_bytes())
+    torch.save({"weights": torch.zeros(2)}, log / "model_99999.pt")
+    cfg = parse_args(argv(recipe, corpora[recipe], log))
+    assert Trainer(cfg, setup_runtime(cfg)).start_step == STEPS
+    assert f"warning: skipping {log / 'model_99999.pt'}: " in capsys.readouterr().err

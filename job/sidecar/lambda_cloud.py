@@ -69,16 +69,27 @@ def load_api_key(key_file: str | None = None, env: dict | None = None) -> str:
     """LAMBDA_API_KEY if set, else the key file; a file others could read is refused rather than trusted."""
     env = os.environ if env is None else env
     if env.get(KEY_ENV, "").strip():
-        return env[KEY_ENV].strip()
+        return _checked_key(env[KEY_ENV].strip(), KEY_ENV)
     path = Path(os.path.expanduser(key_file or DEFAULT_KEY_FILE))
     if not path.is_file():
         raise UserError(f"no Lambda Cloud API key: set {KEY_ENV} or save the key from {KEYS_PAGE} in {path} (chmod 600 {path})")
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UserError(f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}): run `chmod 600 {path}` and retry")
-    key = path.read_text().strip()
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        key = "\ufffd"  # not text: refused below, as any character a key cannot have
     if not key or "\n" in key:
         raise UserError(f"{path} must hold exactly one API key on one line (from {KEYS_PAGE})")
+    return _checked_key(key, str(path))
+
+
+def _checked_key(key: str, where: str) -> str:
+    """An API key is printable ASCII without spaces (it goes into an HTTP header); the key itself is never shown."""
+    if not all("!" <= c <= "~" for c in key):
+        raise UserError(f"{where} holds a character an API key cannot have (not printable ASCII, or a space): copy the key "
+                        f"again from {KEYS_PAGE}")
     return key
 
 
