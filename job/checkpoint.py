@@ -236,7 +236,7 @@ def load_model(path, device: str) -> tuple:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{path}: its weights do not fit the model its config describes ({first}): "
                         "pass a model_*.pt written by `python -m job.train`") from None
-    if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+    if not all(p.isfinite().all() for p in model.parameters()):
         raise UserError(f"{path}: its weights hold NaN or inf (the run had diverged): use an earlier checkpoint")
     model = model.to(device)
     if ckpt.get("train_config"):

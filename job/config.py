@@ -220,32 +220,31 @@ SEED_MAX = 2**63 - 1  # torch's generators take a signed 64-bit seed
 UPPER_LIMITS = {"sample_tokens": 100_000, "sample_num": 1024, "prefetch": 64, "max_steps": 10_000_000, "n_layer": 1024}
 
 
-def _refuse(name: str, msg: str):
+def _refuse(name: str, msg: str) -> None:
     raise UserError(f"{flag(name)} {msg}")
 
 
 def _check_values(cfg: TrainConfig) -> None:
     """Each setting on its own: counts, limits, seeds and the strings that must not be empty."""
-    bad = _refuse
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "micro_batch", "seq_len", "total_batch_tokens",
                  "max_steps", "val_steps", "log_every", "ddp_bucket_mb"):
         if getattr(cfg, name) <= 0:
-            bad(name, f"must be a positive integer, got {getattr(cfg, name)}")
+            _refuse(name, f"must be a positive integer, got {getattr(cfg, name)}")
     for name in ("val_seq_len", "val_tokens", "sample_num", "eval_every", "hellaswag_every", "hellaswag_limit", "sample_every",
                  "sample_tokens", "checkpoint_every", "keep_every", "keep_last", "checkpoint_minutes", "prefetch"):
         if getattr(cfg, name) < 0:
-            bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+            _refuse(name, f"must be >= 0, got {getattr(cfg, name)}")
     for name, most in UPPER_LIMITS.items():
         if getattr(cfg, name) > most:
-            bad(name, f"must be at most {most:,}, got {getattr(cfg, name):,}")
+            _refuse(name, f"must be at most {most:,}, got {getattr(cfg, name):,}")
     for name in ("seed", "sample_seed"):
         if not 0 <= getattr(cfg, name) <= SEED_MAX:
-            bad(name, f"must be in 0..{SEED_MAX} (a 64-bit generator's seed), got {getattr(cfg, name)}")
+            _refuse(name, f"must be in 0..{SEED_MAX} (a 64-bit generator's seed), got {getattr(cfg, name)}")
     for name in ("log_dir", "data_dir"):
         if not getattr(cfg, name).strip():
-            bad(name, "is empty: pass a directory")
+            _refuse(name, "is empty: pass a directory")
     if cfg.sample_num and not cfg.sample_prompt:
-        bad("sample_prompt", "is empty: pass some text to continue, or --sample-num 0 for no samples")
+        _refuse("sample_prompt", "is empty: pass some text to continue, or --sample-num 0 for no samples")
 
 
 def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> TrainConfig:
