@@ -114,9 +114,10 @@ def test_flex_attention_with_the_block_mask_equals_sdpa_with_the_dense_mask(monk
     torch._dynamo.reset()  # the compiles of FlexAttention by tests before this one count towards the limit
     monkeypatch.setattr(gpt, "FLEX_SHAPES", 1)
     # torch's default, as in a trainer (tests/conftest.py makes the limit an error in the test processes): the failure
-    # below must come from the model's own setting.
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
-    with vectorised_inductor():
+    # below must come from the model's own setting. Through torch's own patch: monkeypatch would undo its setattr with a
+    # delattr (the setting is no entry of the config module's __dict__), and a deleted setting of torch's config stays
+    # hidden from every later test of the worker.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=False), vectorised_inductor():
         for w in (1, 3, 8):
             got = gpt.flex_attention(q, k, v, attention.flex_block_mask(lists, torch.tensor(w, dtype=torch.int32)), 0.12)
             want = F.scaled_dot_product_attention(q, k, v, attn_mask=attention.dense_mask(tokens, w), scale=0.12)
