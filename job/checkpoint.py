@@ -167,19 +167,27 @@ def load(path) -> dict:
                         "delete it or use another one (when training: --resume PATH)") from None
 
 
+# The entries every reader of a checkpoint uses, and their types; the last two are absent from older checkpoints.
+ENTRIES = {"model": dict, "config": dict, "step": int, "train_config": dict, "identity": dict}
+OPTIONAL_ENTRIES = {"train_config", "identity"}
+
+
+def _entry_problems(ckpt) -> list[str]:
+    if not isinstance(ckpt, dict):
+        return [f"it holds a {type(ckpt).__name__}"]
+    wrong = [f"{key!r} is a {type(ckpt[key]).__name__}" for key, kind in ENTRIES.items()
+             if key in ckpt and (not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool))]
+    wrong += [f"{key!r} is missing" for key in ENTRIES if key not in OPTIONAL_ENTRIES and key not in ckpt]
+    if not wrong and ckpt["step"] < 0:
+        wrong.append(f"its step is {ckpt['step']}")
+    return wrong
+
+
 def check_structure(ckpt, path) -> dict:
     """`ckpt` if it has the entries every reader of a checkpoint uses, of their types: anything else that torch can
     load (another program's file, one edited by hand) is one line here, not a traceback where an entry is first read."""
-    expected = {"model": dict, "config": dict, "step": int, "train_config": dict, "identity": dict}
-    optional = {"train_config", "identity"}  # older checkpoints have no recipe settings or identity
-    if not isinstance(ckpt, dict):
-        problem = f"it holds a {type(ckpt).__name__}, not a checkpoint's entries"
-    else:
-        wrong = [f"{key!r} is {'missing' if key not in ckpt else 'a ' + type(ckpt[key]).__name__}" for key, kind in expected.items()
-                 if (key in ckpt or key not in optional) and not (isinstance(ckpt.get(key), kind) and not isinstance(ckpt.get(key), bool))]
-        problem = ", ".join(wrong) or (f"its step is {ckpt['step']}" if ckpt["step"] < 0 else None)
-    if problem:
-        raise UserError(f"{path} is not a checkpoint written by `python -m job.train` ({problem}): pass a model_*.pt "
+    if wrong := _entry_problems(ckpt):
+        raise UserError(f"{path} is not a checkpoint written by `python -m job.train` ({', '.join(wrong)}): pass a model_*.pt "
                         "from a log dir")
     return ckpt
 

@@ -250,20 +250,19 @@ def _check_values(cfg: TrainConfig) -> None:
 def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> TrainConfig:
     """Refuse what the run cannot do, in one line each. files=False leaves out what reads this machine's files (the
     launcher checks the trainer's settings on the laptop, where the box's files are not)."""
-    bad = _refuse
     _check_values(cfg)
     if cfg.n_embd % cfg.n_head:
-        bad("n_embd", f"({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head})")
+        _refuse("n_embd", f"({cfg.n_embd}) must be divisible by --n-head ({cfg.n_head})")
     if cfg.vocab_size < 50257:
-        bad("vocab_size", f"({cfg.vocab_size}) must be at least GPT-2's 50257 tokens")
+        _refuse("vocab_size", f"({cfg.vocab_size}) must be at least GPT-2's 50257 tokens")
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
-            bad(name, f"must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+            _refuse(name, f"must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
     rc = card(cfg.recipe)
     for f in rc.hparam_fields():
         choices = f.metadata.get("choices")
         if choices and getattr(cfg.hp, f.name) not in choices:
-            bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(cfg.hp, f.name)!r}")
+            _refuse(f.name, f"must be one of {', '.join(choices)}, got {getattr(cfg.hp, f.name)!r}")
     rc.check(cfg, world_size)  # before the batch arithmetic: its rules say what to change first
     for lay in layouts(cfg):
         per_step = lay.micro_batch * lay.seq_len * world_size
@@ -273,22 +272,22 @@ def validate(cfg: TrainConfig, world_size: int = 1, files: bool = True) -> Train
                 f"= {lay.micro_batch} x {lay.seq_len} x {world_size} = {per_step}: pick a multiple of {per_step}"
             )
         if lay.seq_len > cfg.block_size:
-            bad("seq_len", f"({lay.seq_len}) exceeds the model's block size ({cfg.block_size}): lower it or raise --block-size")
+            _refuse("seq_len", f"({lay.seq_len}) exceeds the model's block size ({cfg.block_size}): lower it or raise --block-size")
     val_batch = world_size * cfg.micro_batch * (cfg.val_seq_len or cfg.seq_len)
     if cfg.val_tokens and cfg.val_tokens % val_batch:
         raise UserError(f"--val-tokens {cfg.val_tokens} is not a whole number of validation batches of micro-batch x "
                         f"val-seq-len x world size = {val_batch} tokens: pick a multiple of {val_batch}")
     if (cfg.val_seq_len or cfg.seq_len) > cfg.block_size:
-        bad("val_seq_len", f"({cfg.val_seq_len}) exceeds the model's block size ({cfg.block_size}): lower it or raise --block-size")
+        _refuse("val_seq_len", f"({cfg.val_seq_len}) exceeds the model's block size ({cfg.block_size}): lower it or raise --block-size")
     if cfg.wandb is not None and not WANDB_SPEC.fullmatch(cfg.wandb):
-        bad("wandb", f"must be PROJECT or PROJECT/RUN (no spaces, and none of \\ # ? % : in the names), got {cfg.wandb!r}")
+        _refuse("wandb", f"must be PROJECT or PROJECT/RUN (no spaces, and none of \\ # ? % : in the names), got {cfg.wandb!r}")
     if files:
         if cfg.resume not in ("auto", "never") and os.path.isdir(cfg.resume):
-            bad("resume", f"{cfg.resume} is a directory: pass the path of a model_*.pt file in it, or auto to resume from --log-dir")
+            _refuse("resume", f"{cfg.resume} is a directory: pass the path of a model_*.pt file in it, or auto to resume from --log-dir")
         if cfg.resume not in ("auto", "never") and not os.path.isfile(cfg.resume):
-            bad("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
+            _refuse("resume", f"checkpoint {cfg.resume} does not exist: pass auto, never or the path of a model_*.pt file")
         if cfg.hellaswag_path and not os.path.isfile(cfg.hellaswag_path):
-            bad("hellaswag_path", f"file {cfg.hellaswag_path} does not exist: pass a hellaswag_val.jsonl or --hellaswag-every 0")
+            _refuse("hellaswag_path", f"file {cfg.hellaswag_path} does not exist: pass a hellaswag_val.jsonl or --hellaswag-every 0")
         try:
             rc.check_files(cfg)
         except SettingsMismatch as e:

@@ -76,10 +76,7 @@ def load_api_key(key_file: str | None = None, env: dict | None = None) -> str:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UserError(f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}): run `chmod 600 {path}` and retry")
-    try:
-        key = path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        key = "\ufffd"  # not text: refused below, as any character a key cannot have
+    key = path.read_bytes().decode("utf-8", "replace").strip()  # bytes that are not text: refused below, never shown
     if not key or "\n" in key:
         raise UserError(f"{path} must hold exactly one API key on one line (from {KEYS_PAGE})")
     return _checked_key(key, str(path))
