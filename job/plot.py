@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job import contract
+from job.config import UPPER_LIMITS
 from job.errors import ArgumentParser, UserError, check_output_path, cli_main, int_arg
 
 GPT2_VAL_LOSS = 3.2924  # OpenAI GPT-2 (124M) on the FineWeb-edu val shard, measured in build-nanogpt
@@ -39,6 +40,15 @@ class Run:
     skipped: int = 0  # lines that could not be read (a crash can cut the last one short)
 
 
+def _step(value) -> int:
+    """A step as the trainer writes it: a whole number from 0 to the trainer's step limit. Anything else (a hand-edited
+    or damaged line) is an unreadable line, not a point far past the end of the axis."""
+    step = int(value)
+    if step != value or not 0 <= step <= UPPER_LIMITS["max_steps"]:
+        raise ValueError(f"step {value!r} is not a step of a run")
+    return step
+
+
 def read_metrics(path: Path) -> Run:
     run = Run(source=str(path))
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -48,9 +58,9 @@ def read_metrics(path: Path) -> Run:
             e = json.loads(line)
             kind = e["event"]
             if kind in ("train", "val"):
-                getattr(run, kind)[int(e["step"])] = float(e["loss"])
+                getattr(run, kind)[_step(e["step"])] = float(e["loss"])
             elif kind == "hellaswag":
-                run.hellaswag[int(e["step"])] = float(e["acc_norm"])
+                run.hellaswag[_step(e["step"])] = float(e["acc_norm"])
             elif kind == "start":
                 run.tokens_per_step = int(e["config"]["total_batch_tokens"])
         except (ValueError, KeyError, TypeError):
@@ -66,7 +76,7 @@ def read_log_txt(path: Path) -> Run:
             continue
         try:
             step, tag, value = parts
-            getattr(run, LEGACY_TAGS[tag])[int(step)] = float(value)
+            getattr(run, LEGACY_TAGS[tag])[_step(int(step))] = float(value)
         except (ValueError, KeyError):
             run.skipped += 1
     return run

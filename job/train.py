@@ -94,8 +94,6 @@ class Trainer:
         self.recipe.check_runtime(cfg, rt.device_type, autocast_ctx(cfg, rt)[1])
         self.staged = self.recipe.staged(cfg)  # the batch layout changes during the run
         self.train_loader, self.val_loader = self._loaders(train_loader, val_loader)
-        # After the shards were opened (a bad one is an error before anything is written to the log dir).
-        self.log = MetricsLogger(cfg.log_dir, enabled=rt.master, writers=open_writers(cfg) if rt.master else ())
         self.grad_accum = self._accum(self.recipe.step_layout(0, cfg))  # step 0's; a staged recipe's changes
         self.autocast, self.autocast_dtype = autocast_ctx(cfg, rt)
         if not self.recipe.autocast:  # the model keeps its own precision (built for autocast_dtype)
@@ -104,6 +102,9 @@ class Trainer:
         with seeded(cfg.seed, rt):
             self.model = self.recipe.build_model(cfg, rt.device, self.autocast_dtype)
         initialized = self.recipe.init_from(self.model, cfg)  # weights a setting names (a checkpoint to resume still wins)
+        # After the shards were opened and the weights built and loaded: a bad shard, a model too large for the device
+        # or a damaged weights file is an error before anything is written to the log dir.
+        self.log = MetricsLogger(cfg.log_dir, enabled=rt.master, writers=open_writers(cfg) if rt.master else ())
         if initialized:
             self.log.line(initialized)
         self.optimizer = Optimizers(self.recipe.build_optimizers(self.model, cfg, rt.device_type))

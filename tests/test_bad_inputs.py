@@ -565,7 +565,9 @@ def train_cases() -> list:
                               "pass --n-head 2 --n-embd 16 --block-size 8 --seq-len 8 --total-batch-tokens 16", id="train--init-from=other-shape"))
     for name, needle in (("hf_garbage", "model.safetensors cannot be read"), ("hf_garbage_bin", "pytorch_model.bin cannot be read"),
                          ("hf_list", "holds a JSON list"), ("hf_text_eps", "layer_norm_epsilon 'x'")):
-        cases.append(pytest.param([*good, "--init-from", f"hf:{{w}}/{name}"], needle, id=f"train--init-from={name}"))
+        # each in a log dir of its own, which the refusal leaves without a file (the weights are read before the logs open)
+        cases.append(pytest.param([*good, "--init-from", f"hf:{{w}}/{name}", "--log-dir", f"{{scratch}}/{name}-log"], needle,
+                                  id=f"train--init-from={name}"))
     cases.append(env_case(good, "WORLD_SIZE", "train-WORLD_SIZE=two", WORLD_SIZE="two", RANK="0"))
     cases.append(env_case([*good, "--wandb", "proj"], "WANDB_MODE", "train-WANDB_MODE=bogus", WANDB_MODE="bogus"))
     cases.append(env_case([*good, "--wandb", "proj"], "WANDB_BASE_URL", "train-WANDB_BASE_URL=notaurl", WANDB_BASE_URL="notaurl"))
@@ -679,6 +681,10 @@ def test_a_bad_input_is_one_error_line_and_exit_2(argv, needle, world, forks, re
     proc = run(argv, world, forks, case_id in TORCH_CASES, **extra)
     assert_contract(proc, needle)
     assert fingerprint(world["dir"]) == before, "a failed command changed its inputs (or left files behind)"
+    log_dirs = [argv[i + 1] for i, a in enumerate(argv) if a == "--log-dir"]
+    if log_dirs and log_dirs[-1].endswith("-log"):  # the case's own log dir (the last --log-dir wins)
+        log = Path(log_dirs[-1].format(scratch=world["scratch"]))
+        assert not log.exists() or not any(log.rglob("*")), f"the refused run left {sorted(log.rglob('*'))}"
 
 
 HELP = [pytest.param([PY, "-m", m, "--help"], id=f"help-{m}")

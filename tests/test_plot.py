@@ -98,3 +98,21 @@ def test_bad_input(tmp_path, capsys):
         main([str(tmp_path / "ok"), "--out", str(tmp_path / "plot.jpg")])
     assert exit_.value.code == 2 and "must end in .png" in capsys.readouterr().err
     assert not (tmp_path / "plot.jpg").exists()
+
+
+def test_a_step_no_run_writes_is_an_unreadable_line_not_a_point(tmp_path):
+    """A hand-edited or damaged line with a step of 1e308 once reached matplotlib (a traceback); a step that is
+    negative, fractional or past the trainer's step limit is skipped like any unreadable line."""
+    want = fake_run(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        for step in (1e308, -3, 2.5, 10**30):
+            f.write(json.dumps({"event": "train", "step": step, "loss": 2.0}) + "\n")
+    with open(tmp_path / "log.txt", "a") as f:
+        f.write("1e400 train 2.0\n-7 val 2.0\n")
+    for source in (tmp_path, tmp_path / "log.txt"):
+        run = read_run(source)
+        assert set(run.train) == set(want["train"]) and run.skipped == (4 if source == tmp_path else 2)
+    assert main([str(tmp_path)]).read_bytes().startswith(PNG)
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1e308, "loss": 3.0}) + "\n")
+    assert_one_line_error(run_cli("-m", "job.plot", tmp_path / "alone"), "no train, val or HellaSwag entries (1 unreadable lines)")
