@@ -105,13 +105,13 @@ def test_a_step_no_run_writes_is_an_unreadable_line_not_a_point(tmp_path):
     negative, fractional or past the trainer's step limit is skipped like any unreadable line."""
     want = fake_run(tmp_path)
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        for step in (1e308, -3, 2.5, 10**30):
+        for step in (1e308, float("inf"), -3, 2.5, 10**30):
             f.write(json.dumps({"event": "train", "step": step, "loss": 2.0}) + "\n")
     with open(tmp_path / "log.txt", "a") as f:
         f.write("1e400 train 2.0\n-7 val 2.0\n")
     for source in (tmp_path, tmp_path / "log.txt"):
         run = read_run(source)
-        assert set(run.train) == set(want["train"]) and run.skipped == (4 if source == tmp_path else 2)
+        assert set(run.train) == set(want["train"]) and run.skipped == (5 if source == tmp_path else 2)
     assert main([str(tmp_path)]).read_bytes().startswith(PNG)
     (tmp_path / "alone").mkdir()
     (tmp_path / "alone" / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1e308, "loss": 3.0}) + "\n")
