@@ -63,7 +63,7 @@ def read_metrics(path: Path) -> Run:
                 run.hellaswag[_step(e["step"])] = float(e["acc_norm"])
             elif kind == "start":
                 run.tokens_per_step = int(e["config"]["total_batch_tokens"])
-        except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: a step of Infinity
+        except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: int() of an Infinity
             run.skipped += 1
     return run
 

@@ -107,11 +107,12 @@ def test_a_step_no_run_writes_is_an_unreadable_line_not_a_point(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         for step in (1e308, float("inf"), -3, 2.5, 10**30):
             f.write(json.dumps({"event": "train", "step": step, "loss": 2.0}) + "\n")
+        f.write(json.dumps({"event": "start", "config": {"total_batch_tokens": float("inf")}}) + "\n")
     with open(tmp_path / "log.txt", "a") as f:
         f.write("1e400 train 2.0\n-7 val 2.0\n")
     for source in (tmp_path, tmp_path / "log.txt"):
         run = read_run(source)
-        assert set(run.train) == set(want["train"]) and run.skipped == (5 if source == tmp_path else 2)
+        assert set(run.train) == set(want["train"]) and run.skipped == (6 if source == tmp_path else 2)
     assert main([str(tmp_path)]).read_bytes().startswith(PNG)
     (tmp_path / "alone").mkdir()
     (tmp_path / "alone" / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1e308, "loss": 3.0}) + "\n")
