@@ -237,7 +237,9 @@ def env(**extra) -> dict:
 # trainer once (tests/forkserver.py: each child is the process the command line would start, with its own exit status,
 # stdout and stderr); a command line whose environment changes what those imports read runs in a subprocess instead.
 # RUN_CLI_SUBPROCESS=1 runs every one (and the launcher tests' fab runs, which fork the same way) in a subprocess.
-CLI_PRELOAD = ["numpy", "torch", "job.train", "job.sample", "job.export", "job.stats", "job.prepare", "job.plot"]
+# torch._dynamo is preloaded too: the trainer imports it even with compile off (an optimizer's add_param_group is wrapped
+# to keep Dynamo out, and the wrapper imports it), and it costs a child as much as torch itself.
+CLI_PRELOAD = ["numpy", "torch", "torch._dynamo", "job.train", "job.sample", "job.export", "job.stats", "job.prepare", "job.plot"]
 _servers: dict[tuple, ForkServer] = {}
 
 
