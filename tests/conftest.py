@@ -238,8 +238,11 @@ def env(**extra) -> dict:
 # stdout and stderr); a command line whose environment changes what those imports read runs in a subprocess instead.
 # RUN_CLI_SUBPROCESS=1 runs every one (and the launcher tests' fab runs, which fork the same way) in a subprocess.
 # torch._dynamo is preloaded too: the trainer imports it even with compile off (an optimizer's add_param_group is wrapped
-# to keep Dynamo out, and the wrapper imports it), and it costs a child as much as torch itself.
-CLI_PRELOAD = ["numpy", "torch", "torch._dynamo", "job.train", "job.sample", "job.export", "job.stats", "job.prepare", "job.plot"]
+# to keep Dynamo out, and the wrapper imports it), and it costs a child as much as torch itself. So is TensorBoard's
+# summary module, which every run's first event imports (fsspec copies the whole environment there: a scan, which lets
+# each command line keep its own PYTEST_CURRENT_TEST and PATH).
+CLI_PRELOAD = ["numpy", "torch", "torch._dynamo", "torch.utils.tensorboard.summary", "job.train", "job.sample", "job.export",
+               "job.stats", "job.prepare", "job.plot"]
 _servers: dict[tuple, ForkServer] = {}
 
 

@@ -171,24 +171,35 @@ class ForkServer:
 def preload(modules: list[str]) -> set[str]:
     """Import the modules; return the environment variables read while they were imported.
 
-    A variable read by name counts. A scan of the whole environment does not make each variable it passes read:
-    iterating yields a key and the scan then looks that key up (`for k in os.environ`, `.items()`, `.copy()`), and
-    such a lookup is the scan's, not a read by name (see the module's docstring for what that leaves out)."""
+    A variable read by name counts. A scan of the whole environment does not make each variable it passes read: a scan
+    iterates over the keys and looks each one up, either as it is yielded (`for k in os.environ`, `.items()`) or after
+    listing them all (`dict(os.environ)`, which fsspec does: CPython lists a mapping's keys, then looks them up in that
+    order), and such a lookup is the scan's, not a read by name (see the module's docstring for what that leaves out)."""
     read = set()
     getitem, iterate = os._Environ.__getitem__, os._Environ.__iter__
-    scanned = [None]  # the key the latest iteration yielded
+    # The key just yielded; the keys of the latest iteration that looked none up, and how many of them have been
+    # looked up, in their order, since it ended.
+    scan = {"last": None, "keys": [], "next": 0, "during": 0}
 
     def recording(self, key):  # os.getenv, environ.get and `in` all come here
-        if key != scanned[0]:
+        if key == scan["last"]:
+            scan["during"] += 1
+        elif scan["next"] < len(scan["keys"]) and scan["keys"][scan["next"]] == key:
+            scan["next"] += 1
+        else:
             read.add(key)
-        scanned[0] = None
+            scan["keys"] = []  # a read by name ends the listed keys' lookups
+        scan["last"] = None
         return getitem(self, key)
 
     def scanning(self):
+        keys = []
+        scan["during"] = 0
         for key in iterate(self):
-            scanned[0] = key
+            keys.append(key)
+            scan["last"] = key
             yield key
-        scanned[0] = None
+        scan.update(last=None, keys=[] if scan["during"] else keys, next=0)
 
     os._Environ.__getitem__, os._Environ.__iter__ = recording, scanning
     try:

@@ -49,8 +49,10 @@ def server(tmp_path_factory):
         import os
         VALUE = os.environ.get('FS_READ_AT_IMPORT')
         OWN = {k: v for k, v in os.environ.items() if k.startswith('FS_OWN_')}  # a scan, as tqdm's for TQDM_*
+        COPY = dict(os.environ)  # a copy, as fsspec's: every key listed first, then each looked up
+        LATER = os.environ.get('FS_LISTED_THEN_READ')  # by name, after the copy listed it
         """))
-    e = env(PYTHONPATH=str(d), FS_GONE="here", FS_SCANNED="at the server's start")
+    e = env(PYTHONPATH=str(d), FS_GONE="here", FS_SCANNED="at the server's start", FS_LISTED_THEN_READ="read")
     s = ForkServer(["reads_at_import"], cwd=d, env=e)
     yield s, d, e
     s.close()
@@ -79,9 +81,10 @@ def test_a_variable_read_at_import_is_not_changed_in_a_child(server):
     assert not s.forks(argv, dict(e, FS_READ_AT_IMPORT="1"))  # a subprocess runs it instead
     assert not s.forks(argv, dict(e, PYTHONHASHSEED="1"))
     assert s.forks(argv, dict(e, FS_OTHER="1"))
-    # The scan passed every variable without reading it by name: one that differs per command line (as pytest's
-    # PYTEST_CURRENT_TEST differs per test) still lets the command line fork.
-    assert "FS_SCANNED" not in s.environ_read and "FS_GONE" not in s.environ_read
+    # The scans passed every variable without reading it by name: one that differs per command line (as pytest's
+    # PYTEST_CURRENT_TEST differs per test) still lets the command line fork. A read by name after them counts.
+    assert "FS_SCANNED" not in s.environ_read and "FS_GONE" not in s.environ_read and "PATH" not in s.environ_read
+    assert "FS_LISTED_THEN_READ" in s.environ_read
     assert s.forks(argv, dict(e, FS_SCANNED="another value"))
     assert s.run(argv, cwd=d, env=dict(e, FS_READ_AT_IMPORT="1"), timeout=60).returncode == 3
 
