@@ -101,8 +101,13 @@ def prepare(root: Path, key: dict, say=print) -> Path:
     return path
 
 
-def use(log_dir: str, recipe: str, device: str) -> str:
-    """Point Inductor at this run's cache directory (unless the user set one) before anything compiles; the path."""
-    if not os.environ.get(ENV):
+def use(log_dir: str, recipe: str, device: str, user_dir: str | None = None) -> str:
+    """Point Inductor at this run's cache directory before anything compiles; the path. A directory the user set wins:
+    `user_dir`, the value of TORCHINDUCTOR_CACHE_DIR that the caller read at its start ("" where it was unset: torch sets
+    the variable to its default when it first looks), else the variable's value now."""
+    user_dir = user_dir if user_dir is not None else os.environ.get(ENV)
+    if user_dir:
+        os.environ[ENV] = user_dir
+    else:
         os.environ[ENV] = str(prepare(root_for(log_dir), cache_key(recipe, device)).absolute())
     return os.environ[ENV]

@@ -426,8 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     check_data_dir(cfg.data_dir)
     if Path(cfg.log_dir).exists() and not Path(cfg.log_dir).is_dir():
         raise UserError(f"--log-dir {cfg.log_dir} is a file, not a directory: pass a directory (it is created if missing)")
-    # Inductor reads this when it first compiles; a path set by the user (or by job.supervisor --runs) wins.
-    compile_cache.use(cfg.log_dir, cfg.recipe, pick_device(cfg.device))
+    user_cache = os.environ.get(compile_cache.ENV, "")  # a path set by the user (or by job.supervisor --runs) wins
     rt = setup_runtime(cfg)
     try:
         try:
@@ -438,6 +437,9 @@ def main(argv: list[str] | None = None) -> None:
             shape = f"{cfg.n_layer} layers of {cfg.n_embd}, block {cfg.block_size}, vocabulary {cfg.vocab_size}"
             raise UserError(f"the model ({shape}) does not fit in {rt.device} memory while it is built: pick a smaller "
                             "--preset or model flags") from None
+        # After the trainer's own refusals, so that a refused run creates no cache directory (in a new log dir, or on
+        # the persistent file system), and before the first step, where Inductor first compiles and reads it.
+        compile_cache.use(cfg.log_dir, cfg.recipe, pick_device(cfg.device), user_dir=user_cache)
         trainer.run()
     finally:
         if rt.ddp and dist.is_initialized():

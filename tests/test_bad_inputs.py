@@ -609,6 +609,9 @@ def base_env(world: dict) -> dict:
     # pytest's name for the test that runs, which changes with every case (and torch reads when it is imported): no
     # user's command line has it, and without it every case can fork from the same server
     e.pop("PYTEST_CURRENT_TEST", None)
+    # Unset, as in a user's shell and in the image: the trainer then keeps torch.compile's cache in the log dir (or on the
+    # persistent file system), which a refused run must not create either.
+    e.pop("TORCHINDUCTOR_CACHE_DIR", None)
     return e
 
 

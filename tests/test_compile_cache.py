@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -43,6 +44,21 @@ def test_the_root_is_the_persistent_file_system_where_it_is_mounted_else_the_log
     assert Path(contract.COMPILE_CACHE_ROOT).parent == Path(contract._C["PERSISTENT"])  # what the launcher mounts
     monkeypatch.setenv(compile_cache.ROOT_ENV, str(tmp_path / "elsewhere"))
     assert root_for(str(tmp_path / "log")) == tmp_path / "elsewhere"
+
+
+def test_the_users_directory_wins_and_one_torch_set_meanwhile_does_not(tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.ROOT_ENV, str(tmp_path / "root"))
+    keyed = str((tmp_path / "root" / dir_name(cache_key("gpt2", "cpu"))).absolute())
+    # Unset when the trainer started (""), then set by torch to its default when it first looked: the keyed directory.
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "torch-default"))
+    assert compile_cache.use(str(tmp_path / "log"), "gpt2", "cpu", user_dir="") == keyed
+    assert os.environ[compile_cache.ENV] == keyed and (Path(keyed) / KEY_FILE).is_file()
+    # Set by the user, when the trainer started or (without user_dir) now: used as it is, and nothing is created.
+    assert compile_cache.use(str(tmp_path / "log2"), "gpt2", "cpu", user_dir=str(tmp_path / "mine")) == str(tmp_path / "mine")
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "mine2"))
+    assert compile_cache.use(str(tmp_path / "log3"), "gpt2", "cpu") == str(tmp_path / "mine2")
+    assert os.environ[compile_cache.ENV] == str(tmp_path / "mine2")
+    assert not any((tmp_path / p).exists() for p in ("mine", "mine2", "log", "log2", "log3"))
 
 
 def test_a_new_directory_records_its_key_and_a_matching_one_is_kept(tmp_path):
