@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -76,9 +77,12 @@ def why_not(path: Path, key: dict) -> str | None:
 
 def _write_key(path: Path, key: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{KEY_FILE}.{os.getpid()}"
+    # Written beside the directory, then renamed into it: whole or absent, so a reader never sees half a key. Inside it,
+    # the file would make the new directory look like one with files but no key, and another rank starting at the same
+    # moment would move it aside from under this one's rename.
+    tmp = path.parent / f".{path.name}.{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"  # one per writer, on any box
     tmp.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path / KEY_FILE)  # whole or absent: a reader never sees half a key
+    os.replace(tmp, path / KEY_FILE)
 
 
 def prepare(root: Path, key: dict, say=print) -> Path:

@@ -95,3 +95,23 @@ def test_a_stale_foreign_or_corrupt_directory_is_never_loaded_and_says_why_in_on
         assert sorted(p.name for p in path.iterdir()) == [KEY_FILE] and json.loads((path / KEY_FILE).read_text()) == key
         assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the ignored one is gone, not left aside
         (path / KEY_FILE).unlink()
+
+
+def test_a_rank_that_looks_while_another_writes_the_key_shares_the_new_directory(tmp_path, monkeypatch):
+    """Every rank of a run prepares the directory as it starts. One that looks between another's mkdir and its key
+    landing sees a new, empty directory: it neither says the cache is ignored nor moves it aside from under the
+    writer (which then lost its key file and ended the rank)."""
+    key, said, other = cache_key("gpt2", "cpu"), [], []
+    replace = os.replace
+
+    def the_other_rank_looks_first(src, dst):
+        if not other:
+            other.append(None)
+            other[0] = prepare(tmp_path, key, say=lambda *a, **k: said.append(a[0]))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", the_other_rank_looks_first)
+    path = prepare(tmp_path, key, say=lambda *a, **k: said.append(a[0]))
+    assert other == [path] and said == []
+    assert json.loads((path / KEY_FILE).read_text()) == key
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing moved aside, no temporary file left
