@@ -88,7 +88,8 @@ def _write_key(path: Path, key: dict) -> None:
 def prepare(root: Path, key: dict, say=print) -> Path:
     """The directory for `key` under `root`, made ready: created with its key, or checked and kept, or (stale,
     foreign or corrupt) moved aside, removed with one line, and made anew. Ranks that start together may all call
-    this: the move aside is one rename, which only one of them wins."""
+    this: the move aside is one rename, which only one of them wins, and a rank that finds it has moved the new
+    directory another rank made meanwhile puts it back."""
     path = root / dir_name(key)
     reason = why_not(path, key)
     if reason is not None:
@@ -98,8 +99,14 @@ def prepare(root: Path, key: dict, say=print) -> Path:
         except FileNotFoundError:
             pass  # another rank moved it first and says so
         else:
-            say(f"compile cache {path} ignored, not loaded: {reason}; compiling afresh into a new one", flush=True)
-            shutil.rmtree(aside, ignore_errors=True)
+            if why_not(aside, key) is not None:
+                say(f"compile cache {path} ignored, not loaded: {reason}; compiling afresh into a new one", flush=True)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:  # the new one another rank made between the look and the move (and said why): back it goes
+                try:
+                    os.rename(aside, path)
+                except OSError:  # yet another rank has made one there, which is used
+                    shutil.rmtree(aside, ignore_errors=True)
     if not (path / KEY_FILE).is_file():
         _write_key(path, key)
     return path

@@ -115,3 +115,27 @@ def test_a_rank_that_looks_while_another_writes_the_key_shares_the_new_directory
     assert other == [path] and said == []
     assert json.loads((path / KEY_FILE).read_text()) == key
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing moved aside, no temporary file left
+
+
+def test_a_rank_that_moves_aside_the_new_directory_another_made_meanwhile_puts_it_back(tmp_path, monkeypatch):
+    """Two ranks find the same stale directory. One moves it aside, says why and makes a new one, in which Inductor
+    starts writing, before the other's move: what that one moved is the new directory, which it puts back, silently."""
+    key, said, other = cache_key("gpt2", "cpu"), [], []
+    path = tmp_path / dir_name(key)
+    path.mkdir()
+    (path / "entry").write_text("a kernel of another build")  # files and no key: stale
+    judge = compile_cache.why_not
+
+    def the_other_rank_goes_between(p, k):
+        reason = judge(p, k)
+        if not other:
+            other.append(None)
+            other[0] = prepare(tmp_path, key, say=lambda *a, **kw: said.append(a[0]))
+            (path / "fxgraph").write_text("compiled by the other rank")
+        return reason
+
+    monkeypatch.setattr(compile_cache, "why_not", the_other_rank_goes_between)
+    assert prepare(tmp_path, key, say=lambda *a, **kw: said.append(a[0])) == path == other[0]
+    assert said == [f"compile cache {path} ignored, not loaded: it records no key (key.json is missing); compiling afresh into a new one"]
+    assert sorted(p.name for p in path.iterdir()) == ["fxgraph", KEY_FILE] and json.loads((path / KEY_FILE).read_text()) == key
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
