@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 from job import contract
 from job.errors import UserError, number
@@ -186,8 +187,12 @@ def run_agent(args: list[str], own_signals: bool = False) -> int:
     # torchrun's default for its workers, set here so it does not print a banner about it on every start.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietAgent())
+    # torchrun keeps each start's per-rank files (error.json, and stdout/stderr when redirected, which this job never
+    # asks for) in a directory it makes in $TMPDIR and never removes. Here that directory is the agent's own, gone
+    # when the agent ends, so that runs on a machine's own Python (not in a throwaway container) leave nothing behind.
     try:
-        run(parse_args(args))
+        with tempfile.TemporaryDirectory(prefix="torchelastic_") as logs:
+            run(parse_args(["--log-dir", logs, *args]))
     except ChildFailedError as e:
         rank, failure = first_failure(e.failures)
         code = failure.exitcode

@@ -37,6 +37,13 @@ def start(args, **env_extra) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def own_tmpdir(tmp_path):
+    """A $TMPDIR of the test's own, to see what a run leaves there (the compile cache stays pinned by conftest.env)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return tmp
+
+
 def wait_until(predicate, proc, timeout=120):
     deadline = time.time() + timeout
     while not predicate():
@@ -60,7 +67,10 @@ def test_a_mistake_only_rank_0_finds_is_its_line_alone(shards, tmp_path):
     key_file = tmp_path / "wandb-api-key"
     key_file.write_text("0123456789abcdef" * 3 + "\n")
     cmd = launch_cmd(shards, tmp_path / "log", "--max-steps", 1, "--wandb", "proj")
-    proc = run_cli(*cmd, NPROC=2, WANDB_MODE="online", WANDB_BASE_URL=url, NANOGPT_WANDB_KEY_FILE=key_file)
+    # The ranks end by os._exit (job/train.py's entry), so the temporary directories wandb makes when imported stay:
+    # in the test's own $TMPDIR.
+    proc = run_cli(*cmd, NPROC=2, WANDB_MODE="online", WANDB_BASE_URL=url, NANOGPT_WANDB_KEY_FILE=key_file,
+                   TMPDIR=own_tmpdir(tmp_path))
     assert_one_line_error(proc, f"the W&B server {url} does not answer")
     assert proc.returncode == 2 and "--nproc_per_node=2" in proc.stdout
     assert "Traceback" not in proc.stdout and "ChildFailedError" not in proc.stdout + proc.stderr
@@ -69,10 +79,10 @@ def test_a_mistake_only_rank_0_finds_is_its_line_alone(shards, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["docker-stop", "ctrl-c"])
 def test_a_stop_reaches_each_worker_once_and_they_save_however_long_it_takes_then_exit_0(shards, tmp_path, sig):
     """One Ctrl-C is a clean stop and a second aborts, so a signal passed on twice would abort: this one stops."""
-    log = tmp_path / "log"
+    log, tmp = tmp_path / "log", own_tmpdir(tmp_path)
     # torchrun would SIGKILL the workers 1 s after passing SIGTERM on; the final save here takes 4 s.
     proc = start(launch_cmd(shards, log, "--max-steps", 10_000, "--checkpoint-every", 0), TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1,
-                 NANOGPT_TEST_SAVE_DELAY=4)
+                 NANOGPT_TEST_SAVE_DELAY=4, TMPDIR=tmp)
     wait_until(lambda: len(losses(log)) >= 3, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -82,11 +92,12 @@ def test_a_stop_reaches_each_worker_once_and_they_save_however_long_it_takes_the
     assert [e["reason"] for e in stopped] == ["stopped"]
     assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [stopped[0]["step"]]
     assert ckpt_lib.load(log / f"model_{stopped[0]['step']:05d}.pt")["step"] == stopped[0]["step"]
+    assert not list(tmp.iterdir())  # torchrun's per-start directory went with its agent
 
 
 def test_a_killed_worker_is_one_line_naming_it_and_its_signal_and_the_survivor_says_what_to_resume(shards, tmp_path):
-    log = tmp_path / "log"
-    proc = start(launch_cmd(shards, log, "--max-steps", 10_000, "--checkpoint-every", 2))
+    log, tmp = tmp_path / "log", own_tmpdir(tmp_path)
+    proc = start(launch_cmd(shards, log, "--max-steps", 10_000, "--checkpoint-every", 2), TMPDIR=tmp)
 
     def workers() -> dict[int, int]:  # rank -> pid; the launcher runs torchrun's agent in a child, the trainers are its
         found = {}
@@ -112,6 +123,7 @@ def test_a_killed_worker_is_one_line_naming_it_and_its_signal_and_the_survivor_s
                r"this one stops too, without a checkpoint; the launcher's line names the rank that failed first; "
                rf"{last[1].name} \(step {last[0]}\) is the last checkpoint: run the same command to resume from it$", lines[0]).group(1)
     assert last[0] <= int(step) + 1
+    assert not list(tmp.iterdir())  # a failed start leaves no directory of torchrun's either
     one(r"^error: training failed: rank 1 on \S+ exited with signal SIGKILL: killed outright, most often by the kernel's "
         r"out-of-memory killer: .* \(its output is above\)$", lines[1])
 
