@@ -389,14 +389,15 @@ def test_fetch_weights_brings_the_run_home(boxes, laptop, run_dirs, tmp_path):
     assert "fetched 0 files (0.0 MiB)" in second.stdout
 
 
-def test_wandb_key_reaches_the_trainer_as_a_read_only_file_and_is_never_shown(boxes, laptop, wheels, base_image):
+def test_wandb_key_reaches_the_trainer_as_a_read_only_file_and_is_never_shown(boxes, laptop, wheels, base_image, tmp_path):
     """--wandb through fab launch: the laptop's key (here from ~/.netrc, as `wandb login` leaves it) goes to a 0600 file
     on the box, mounted read-only into the trainer, which runs its W&B run offline in the weights dir."""
     from test_dashboards import inspect_history
 
     dirs = {"data": box_path("wandb-data"), "weights": box_path("wandb-weights")}
     key = "f0e1d2c3b4a5" * 4  # 48 hex characters, as a W&B key looks
-    home = Path(tempfile.mkdtemp(prefix="laptop-home-"))
+    home = tmp_path / "laptop-home"
+    home.mkdir()
     (home / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {key}\n")
     (home / ".netrc").chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}

@@ -120,7 +120,9 @@ def test_two_ranks_match_one_and_survive_a_kill_of_every_process(recipe, referen
     step 2: an even step, after which the 2026-07-17 record's Adam gradients wait, averaged over the ranks, for the
     odd one), then the same command: the run resumes and ends where one rank does."""
     log = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "job.train",
+    # torchrun's own per-start directory (it makes one in /tmp otherwise, and leaves it) in the test's.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", tmp_path / "torchrun",
+           "-m", "job.train",
            *argv(recipe, corpora[recipe], log, "--checkpoint-every", 3, "--hellaswag-every", 6, "--hellaswag-path", hellaswag_rows)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Once the step-3 checkpoint is written (in the background, maybe after step 4) and before the step-6 one.

@@ -166,9 +166,10 @@ def test_compile_on_works_with_eval_hellaswag_and_sampling(shards, hellaswag_row
 
 
 def torchrun(shards, log, *extra, **env_extra) -> subprocess.CompletedProcess:
+    # torchrun's own per-start directory (it makes one in /tmp otherwise, and leaves it) beside the log dir.
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *train_cmd(shards, log, *extra)], cwd=ROOT, env=env(**env_extra), capture_output=True, text=True,
-                          timeout=600)
+                           "--log-dir", f"{log}-torchrun", *train_cmd(shards, log, *extra)], cwd=ROOT, env=env(**env_extra),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
