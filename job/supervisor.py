@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 from job import contract
 from job.errors import UserError, number
@@ -151,9 +152,19 @@ def agent_command(args: list[str]) -> list[str]:
     return [sys.executable, "-c", "import sys; from job.supervisor import run_agent; sys.exit(run_agent(sys.argv[1:]))", *args]
 
 
+def with_log_dir(start: Callable[[list[str]], int], args: list[str]) -> int:
+    """start(args) with torchrun's --log-dir a temporary directory of this process, removed when start returns, however
+    the agent ended (a stop during the rendezvous ends it by SIGTERM). torchrun keeps each start's per-rank files there
+    (error.json; stdout and stderr only when redirected, which this job never asks for), and left to itself makes the
+    directory in $TMPDIR and never removes it: a run on a machine's own Python, not in a throwaway container, would
+    leave one behind at every start."""
+    with tempfile.TemporaryDirectory(prefix="torchelastic_") as logs:
+        return start(["--log-dir", logs, *args])
+
+
 def supervise(args: list[str]) -> int:
     """Run the agent in a child process and pass stops on to the workers; the job's exit status."""
-    return Supervisor().start(agent_command(args), via_agent=True)
+    return with_log_dir(lambda a: Supervisor().start(agent_command(a), via_agent=True), args)
 
 
 class _QuietAgent(logging.Filter):
@@ -187,12 +198,8 @@ def run_agent(args: list[str], own_signals: bool = False) -> int:
     # torchrun's default for its workers, set here so it does not print a banner about it on every start.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietAgent())
-    # torchrun keeps each start's per-rank files (error.json, and stdout/stderr when redirected, which this job never
-    # asks for) in a directory it makes in $TMPDIR and never removes. Here that directory is the agent's own, gone
-    # when the agent ends, so that runs on a machine's own Python (not in a throwaway container) leave nothing behind.
     try:
-        with tempfile.TemporaryDirectory(prefix="torchelastic_") as logs:
-            run(parse_args(["--log-dir", logs, *args]))
+        run(parse_args(args))
     except ChildFailedError as e:
         rank, failure = first_failure(e.failures)
         code = failure.exitcode
@@ -291,7 +298,7 @@ def main() -> None:
         os.execv(cmd[0], cmd)
     print(f"$ torchrun {' '.join(args)}", flush=True)
     # Finding the workers needs Linux's /proc, as in the image; elsewhere torchrun's agent keeps its own handling.
-    sys.exit(supervise(args) if os.path.isdir("/proc") else run_agent(args, own_signals=True))
+    sys.exit(supervise(args) if os.path.isdir("/proc") else with_log_dir(lambda a: run_agent(a, own_signals=True), args))
 
 
 if __name__ == "__main__":

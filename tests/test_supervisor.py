@@ -129,8 +129,9 @@ def test_a_killed_worker_is_one_line_naming_it_and_its_signal_and_the_survivor_s
 
 
 def test_a_stop_while_waiting_for_the_other_machines_exits_at_once(shards, tmp_path):
-    port = free_port()
-    proc = start(launch_cmd(shards, tmp_path / "log"), NNODES=2, NODE_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    port, tmp = free_port(), own_tmpdir(tmp_path)
+    proc = start(launch_cmd(shards, tmp_path / "log"), NNODES=2, NODE_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                 TMPDIR=tmp)
 
     def store_listening() -> bool:  # node 0's agent serves the rendezvous: it runs, and the launcher waits on it
         with socket.socket() as s:
@@ -140,6 +141,7 @@ def test_a_stop_while_waiting_for_the_other_machines_exits_at_once(shards, tmp_p
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "received SIGTERM before training started: exiting" in err
+    assert not list(tmp.iterdir())  # the directory torchrun's agent was given went with the launcher, not the agent
 
 
 def test_the_failure_reported_is_the_cause_not_a_survivor_that_lost_it():
