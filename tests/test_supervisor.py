@@ -92,7 +92,7 @@ def test_a_stop_reaches_each_worker_once_and_they_save_however_long_it_takes_the
     assert [e["reason"] for e in stopped] == ["stopped"]
     assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [stopped[0]["step"]]
     assert ckpt_lib.load(log / f"model_{stopped[0]['step']:05d}.pt")["step"] == stopped[0]["step"]
-    assert not list(tmp.iterdir())  # torchrun's per-start directory went with its agent
+    assert not list(tmp.iterdir())  # the directory torchrun kept its per-rank files in went with the run
 
 
 def test_a_killed_worker_is_one_line_naming_it_and_its_signal_and_the_survivor_says_what_to_resume(shards, tmp_path):
