@@ -243,15 +243,16 @@ def run_seeds(runs: int, argv: list[str], gpus: int, nproc_env: str | None) -> i
     no other; the same command again resumes it and trains the rest (a finished run has nothing left to do). The
     first run that fails ends them all, with its status."""
     from job import compile_cache, config
-    from job.runtime import pick_device
 
     try:
         cfg = config.parse_args(argv, files=False)  # the seed and log dir the trainer would take
-        # One cache for every run (a path set by the user wins), checked once here rather than by each run's ranks.
-        compile_cache.use(cfg.log_dir, cfg.recipe, pick_device(cfg.device))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return contract.EXIT_USER_ERROR
+    # One cache for every run: the root the whole --log-dir would have, under which each run's trainer makes (or checks)
+    # the directory for its key once past its own refusals, so that a refused first run leaves no cache behind. A root
+    # or a TORCHINDUCTOR_CACHE_DIR set by the user wins, as in any run.
+    os.environ.setdefault(compile_cache.ROOT_ENV, str(compile_cache.root_for(cfg.log_dir).absolute()))
     sup = Supervisor()
     for i, (seed, name) in enumerate(contract.run_dirs(cfg.seed, runs), 1):
         log_dir = os.path.join(cfg.log_dir, name)

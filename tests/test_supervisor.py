@@ -226,6 +226,22 @@ def test_a_stop_ends_the_runs_and_the_same_command_trains_the_rest(shards, tmp_p
     assert [r["val_loss"] for r in got["runs"]] == [events(log / f"seed-{s}", "val")[-1]["loss"] for s in (1337, 1338)]
 
 
+def test_runs_share_the_log_dirs_cache_and_a_refused_first_run_leaves_none(shards, tmp_path):
+    """The trainer refuses a mistake in the files before it makes its compile cache; --runs shares one cache between
+    its runs, under the --log-dir they share (with no persistent file system), and makes none for a refused run."""
+    log = tmp_path / "log"
+    good = runs_cmd(shards, log, 2, "--max-steps", 1)
+    bad = [str(tmp_path / "no-data") if a == str(shards) else a for a in good]
+    # One process (which the launcher then says nothing about); TORCHINDUCTOR_CACHE_DIR unset, as in the image.
+    proc = run_cli(*bad, NPROC=1, TORCHINDUCTOR_CACHE_DIR="")
+    assert_one_line_error(proc, "no-data does not exist")
+    assert proc.returncode == 2 and not log.exists()
+    run_cli(*good, NPROC=1, TORCHINDUCTOR_CACHE_DIR="", check=True)
+    key = compile_cache.dir_name(compile_cache.cache_key("gpt2", "cpu"))
+    assert [p.name for p in (log / contract.COMPILE_CACHE_DIR).iterdir()] == [key]
+    assert not any((log / f"seed-{s}" / contract.COMPILE_CACHE_DIR).exists() for s in (1337, 1338))
+
+
 def test_runs_must_be_a_whole_number_of_at_least_one(shards, tmp_path):
     for bad in ("0", "two"):
         proc = run_cli(*runs_cmd(shards, tmp_path / "log", bad))
