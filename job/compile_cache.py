@@ -13,6 +13,7 @@ into a new one. A TORCHINDUCTOR_CACHE_DIR set by the user wins and is used as it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -66,7 +67,10 @@ def why_not(path: Path, key: dict) -> str | None:
     try:
         recorded = json.loads((path / KEY_FILE).read_text())
     except FileNotFoundError:
-        return None if not any(path.iterdir()) else f"it records no key ({KEY_FILE} is missing)"
+        try:
+            return None if not any(path.iterdir()) else f"it records no key ({KEY_FILE} is missing)"
+        except FileNotFoundError:  # moved aside meanwhile by another rank, which replaces it or puts it back
+            return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"its {KEY_FILE} is unreadable ({type(e).__name__})"
     if not isinstance(recorded, dict):
@@ -76,13 +80,33 @@ def why_not(path: Path, key: dict) -> str | None:
 
 
 def _write_key(path: Path, key: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    # Written beside the directory, then renamed into it: whole or absent, so a reader never sees half a key. Inside it,
-    # the file would make the new directory look like one with files but no key, and another rank starting at the same
-    # moment would move it aside from under this one's rename.
-    tmp = path.parent / f".{path.name}.{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"  # one per writer, on any box
-    tmp.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path / KEY_FILE)
+    """Give `path` its key, so that no rank looking meanwhile ever sees the directory without it (it would move the
+    directory aside as keyless from under this one): a new directory is made beside `path` with its key and renamed
+    into place in one step; one that exists already (empty: made by hand) gets the key written beside it, renamed in.
+    Other ranks may move the directory aside and back meanwhile (prepare): each step is tried again until it holds."""
+    token = f"{os.getpid()}.{secrets.token_hex(4)}"  # one per writer, on any box
+    text = json.dumps(key, indent=1, sort_keys=True) + "\n"
+    while not (path / KEY_FILE).is_file():
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file where the compile cache's directory goes", str(path))
+        if not path.is_dir():
+            new = path.parent / f".{path.name}.{token}"
+            new.mkdir(parents=True)
+            (new / KEY_FILE).write_text(text)
+            try:
+                os.rename(new, path)
+            except OSError as e:
+                shutil.rmtree(new, ignore_errors=True)
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # another rank's directory landed first: the loop checks that it has its key
+        else:
+            tmp = path.parent / f".{path.name}.{KEY_FILE}.{token}"
+            tmp.write_text(text)
+            try:
+                os.replace(tmp, path / KEY_FILE)
+            except FileNotFoundError:  # the directory was moved aside meanwhile: again
+                tmp.unlink(missing_ok=True)
 
 
 def prepare(root: Path, key: dict, say=print) -> Path:
@@ -107,8 +131,7 @@ def prepare(root: Path, key: dict, say=print) -> Path:
                     os.rename(aside, path)
                 except OSError:  # yet another rank has made one there, which is used
                     shutil.rmtree(aside, ignore_errors=True)
-    if not (path / KEY_FILE).is_file():
-        _write_key(path, key)
+    _write_key(path, key)
     return path
 
 

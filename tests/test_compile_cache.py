@@ -3,13 +3,16 @@
 
 import hashlib
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from job import compile_cache, contract
 from job.compile_cache import KEY_FILE, cache_key, dir_name, prepare, root_for, why_not
+from job.errors import file_system_error
 
 
 def job_sha256() -> str:
@@ -69,6 +72,19 @@ def test_a_new_directory_records_its_key_and_a_matching_one_is_kept(tmp_path):
     (path / "fxgraph" / "entry").write_text("compiled")
     assert prepare(tmp_path, key, say=lambda *a, **k: said.append(a[0])) == path
     assert (path / "fxgraph" / "entry").read_text() == "compiled" and said == []
+    # An empty directory (made by hand) gets its key, and nothing is left beside it.
+    empty = tmp_path / "other-root" / dir_name(key)
+    empty.mkdir(parents=True)
+    assert prepare(tmp_path / "other-root", key) == empty and json.loads((empty / KEY_FILE).read_text()) == key
+    assert [p.name for p in (tmp_path / "other-root").iterdir()] == [empty.name] and said == []
+    # A file where the directory goes: the error names it, as the trainer's one line for ENOTDIR does (job.errors).
+    blocked = tmp_path / "blocked-root" / dir_name(key)
+    blocked.parent.mkdir()
+    blocked.write_text("not a directory")
+    with pytest.raises(NotADirectoryError) as e:
+        prepare(tmp_path / "blocked-root", key)
+    assert e.value.filename == str(blocked) and file_system_error(e.value).startswith(f"{blocked}: a part of this path is a file")
+    assert blocked.read_text() == "not a directory" and [p.name for p in blocked.parent.iterdir()] == [blocked.name]
 
 
 def test_a_stale_foreign_or_corrupt_directory_is_never_loaded_and_says_why_in_one_line(tmp_path):
@@ -97,20 +113,20 @@ def test_a_stale_foreign_or_corrupt_directory_is_never_loaded_and_says_why_in_on
         (path / KEY_FILE).unlink()
 
 
-def test_a_rank_that_looks_while_another_writes_the_key_shares_the_new_directory(tmp_path, monkeypatch):
-    """Every rank of a run prepares the directory as it starts. One that looks between another's mkdir and its key
-    landing sees a new, empty directory: it neither says the cache is ignored nor moves it aside from under the
-    writer (which then lost its key file and ended the rank)."""
+def test_ranks_that_make_the_directory_at_the_same_moment_share_one(tmp_path, monkeypatch):
+    """Every rank of a run prepares the directory as it starts. The new directory lands whole, its key in it, so a rank
+    never sees it without one (and moves it aside from under the writer, which then lost its key file and ended the
+    rank): here the other rank's lands between this one's making its own and renaming it in, and both use that one."""
     key, said, other = cache_key("gpt2", "cpu"), [], []
-    replace = os.replace
+    rename = os.rename
 
-    def the_other_rank_looks_first(src, dst):
+    def the_other_rank_lands_first(src, dst):
         if not other:
             other.append(None)
             other[0] = prepare(tmp_path, key, say=lambda *a, **k: said.append(a[0]))
-        return replace(src, dst)
+        return rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", the_other_rank_looks_first)
+    monkeypatch.setattr(os, "rename", the_other_rank_lands_first)
     path = prepare(tmp_path, key, say=lambda *a, **k: said.append(a[0]))
     assert other == [path] and said == []
     assert json.loads((path / KEY_FILE).read_text()) == key
@@ -139,3 +155,50 @@ def test_a_rank_that_moves_aside_the_new_directory_another_made_meanwhile_puts_i
     assert said == [f"compile cache {path} ignored, not loaded: it records no key (key.json is missing); compiling afresh into a new one"]
     assert sorted(p.name for p in path.iterdir()) == ["fxgraph", KEY_FILE] and json.loads((path / KEY_FILE).read_text()) == key
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_directory_another_rank_moves_aside_while_this_one_looks_counts_as_absent(tmp_path, monkeypatch):
+    key = cache_key("gpt2", "cpu")
+    path = tmp_path / dir_name(key)
+    path.mkdir()
+    (path / "entry").write_text("a kernel of another build")
+    read = Path.read_text
+
+    def moved_meanwhile(self, *args, **kwargs):
+        if self == path / KEY_FILE:
+            os.rename(path, tmp_path / "aside")  # the other rank's move, between this one's two looks
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", moved_meanwhile)
+    assert why_not(path, key) is None
+
+
+def _prepare_together(root, barrier, results):
+    barrier.wait()
+    try:
+        results.put(str(prepare(root, cache_key("gpt2", "cpu"), say=lambda *a, **k: None)))
+    except BaseException as e:  # noqa: BLE001  (what a rank would have died of)
+        results.put(repr(e))
+
+
+def test_ranks_starting_together_on_a_stale_or_absent_directory_all_use_the_one_they_end_with(tmp_path):
+    """Real processes, released together, as the ranks of one run start: whichever interleaving the machine gives, each
+    gets the directory, which holds its key and nothing else, with nothing left beside it."""
+    ctx = multiprocessing.get_context("fork")
+    key = cache_key("gpt2", "cpu")
+    for trial in range(12):
+        root = tmp_path / str(trial)
+        path = root / dir_name(key)
+        if trial % 2:
+            path.mkdir(parents=True)
+            (path / "entry").write_text("a kernel of another build")  # stale: no key
+        barrier, results = ctx.Barrier(8), ctx.Queue()
+        ranks = [ctx.Process(target=_prepare_together, args=(root, barrier, results)) for _ in range(8)]
+        for r in ranks:
+            r.start()
+        got = [results.get(timeout=60) for _ in ranks]
+        for r in ranks:
+            r.join(timeout=60)
+        assert got == [str(path)] * 8, got
+        assert [p.name for p in root.iterdir()] == [path.name] and [p.name for p in path.iterdir()] == [KEY_FILE]
+        assert json.loads((path / KEY_FILE).read_text()) == key
