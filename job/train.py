@@ -25,7 +25,7 @@ from job import compile_cache, contract, recipes
 from job.config import COMPILE_OPTIONS, TrainConfig, layouts, parse_args, val_steps
 from job.dashboards import open_writers
 from job.data import DeviceLoader, check_data_dir
-from job.errors import UserError, cli_main
+from job.errors import UserError, check_output_path, cli_main
 from job.failures import StopFlag, diverged_error, lost_rank, oom_error, out_of_memory, rank_lost_error, sibling_gone
 from job.identity import run_identity
 from job.metrics import MetricsLogger, StepTimer, format_eta, peak_flops
@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     check_data_dir(cfg.data_dir)
     if Path(cfg.log_dir).exists() and not Path(cfg.log_dir).is_dir():
         raise UserError(f"--log-dir {cfg.log_dir} is a file, not a directory: pass a directory (it is created if missing)")
+    check_output_path(cfg.log_dir, "--log-dir", directory=True)  # a part that is a file, a place this user may not write
     user_cache = os.environ.get(compile_cache.ENV, "")  # a path set by the user (or by job.supervisor --runs) wins
     rt = setup_runtime(cfg)
     try:
