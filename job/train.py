@@ -10,9 +10,11 @@ lifecycle from a Checkpointer (job/checkpoint.py); how a run that cannot go on s
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -471,8 +473,17 @@ def entry(argv: list[str] | None = None) -> None:
             deadline = time.time() + 5
             while time.time() < deadline and not sibling_gone():
                 time.sleep(0.05)
+        remove_temporary_directories()
         os._exit(code if isinstance(code, int) else 0 if code is None else 1)
     sys.exit(code)
+
+
+def remove_temporary_directories() -> None:
+    """What the interpreter's exit does for each tempfile.TemporaryDirectory still alive (through its finalizer), and
+    os._exit skips: remove it. wandb makes two when it is imported, for every rank that imports it."""
+    for obj in gc.get_objects():
+        if issubclass(type(obj), tempfile.TemporaryDirectory):  # isinstance would read __class__, which some objects warn on
+            obj.cleanup()
 
 
 if __name__ == "__main__":

@@ -67,12 +67,13 @@ def test_a_mistake_only_rank_0_finds_is_its_line_alone(shards, tmp_path):
     key_file = tmp_path / "wandb-api-key"
     key_file.write_text("0123456789abcdef" * 3 + "\n")
     cmd = launch_cmd(shards, tmp_path / "log", "--max-steps", 1, "--wandb", "proj")
-    # The ranks end by os._exit (job/train.py's entry), so the temporary directories wandb makes when imported stay:
-    # in the test's own $TMPDIR.
-    proc = run_cli(*cmd, NPROC=2, WANDB_MODE="online", WANDB_BASE_URL=url, NANOGPT_WANDB_KEY_FILE=key_file,
-                   TMPDIR=own_tmpdir(tmp_path))
+    # The ranks end by os._exit (job/train.py's entry), past the finalizers that remove the temporary directories
+    # wandb makes when it is imported: the rank removes them itself, from the test's own $TMPDIR here.
+    tmp = own_tmpdir(tmp_path)
+    proc = run_cli(*cmd, NPROC=2, WANDB_MODE="online", WANDB_BASE_URL=url, NANOGPT_WANDB_KEY_FILE=key_file, TMPDIR=tmp)
     assert_one_line_error(proc, f"the W&B server {url} does not answer")
     assert proc.returncode == 2 and "--nproc_per_node=2" in proc.stdout
+    assert sorted(p.name for p in tmp.iterdir()) == []
     assert "Traceback" not in proc.stdout and "ChildFailedError" not in proc.stdout + proc.stderr
 
 
