@@ -15,7 +15,7 @@ from conftest import CORPUS, ROOT, SMALL, assert_one_line_error, env, events, gr
 from job import checkpoint as ckpt_lib
 from job import contract
 from job.config import parse_args
-from job.errors import cli_main
+from job.errors import cli_main, file_system_error
 from job.model import GPT
 
 STEPS = 6
@@ -176,7 +176,11 @@ def test_unwritable_log_dir_or_log_file_is_one_line_before_training(shards, disk
     subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
     proc = run_cli(*train_cmd(shards, d / "log", "--max-steps", 2))
     assert proc.returncode == 2
-    assert_one_line_error(proc, f"{d / 'log'} is on a read-only file system: use a writable path (a volume mounted with :ro?)")
+    assert_one_line_error(proc, f"--log-dir {d / 'log'}: {d} is on a read-only file system: choose a writable --log-dir")
+    # what a write that no up-front check saw coming meets there, as cli_main words it
+    with pytest.raises(OSError) as refused:
+        (d / "late.txt").write_text("x")
+    assert file_system_error(refused.value) == f"{d / 'late.txt'} is on a read-only file system: use a writable path (a volume mounted with :ro?)"
 
     log = tmp_path / "log"  # a log left by another run, whose train.log this process may not append to
     log.mkdir()
