@@ -131,6 +131,7 @@ def test_chunked_cross_entropy_equals_full_in_value_and_gradient(chunk):
         torch.testing.assert_close(chunked_cross_entropy(h, w, t, chunk), want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.slow  # Inductor compiles its C++ kernels, forward and backward: about 20 s of g++ on a cold cache
 def test_compiled_chunked_cross_entropy_equals_full_in_value_and_gradient():
     # Under torch.compile the gradient is one elementwise expression (a compare for the onehot), not the eager
     # path's in-place scatter: the same arithmetic, so float64 must still match the plain loss to rounding.
