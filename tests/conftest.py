@@ -73,7 +73,7 @@ DOCUMENT_RECIPES = {"speedrun"}
 # it (or a fixture it uses, however indirectly) needs the Docker engine, starts an sshd, or trains: runs the trainer
 # to a step count (`--max-steps` on its command line) or in process against the benchmark's plain step. The test's
 # own code, its fixtures' and the helpers of its module that they call are looked at. @pytest.mark.slow still works:
-# a test that spends tens of seconds in g++ on a cold Inductor cache carries it by hand.
+# a test that compiles C++ kernels with Inductor (seconds of g++ on a cold cache) carries it by hand.
 SLOW_FIXTURES = {"docker", "registry"}
 SLOW_NAMES = {"start_sshd", "sshd_fixture", "PlainStep"}
 SLOW_CONSTANTS = {"--max-steps"}

@@ -131,7 +131,9 @@ def test_chunked_cross_entropy_equals_full_in_value_and_gradient(chunk):
         torch.testing.assert_close(chunked_cross_entropy(h, w, t, chunk), want, rtol=1e-12, atol=0)
 
 
-@pytest.mark.slow  # Inductor compiles its C++ kernels, forward and backward: about 20 s of g++ on a cold cache
+# The two tests that compile C++ kernels with Inductor run with the slow tests: on a cold cache the first compile in a
+# process also builds Inductor's precompiled header, about 20 s of g++ in all.
+@pytest.mark.slow
 def test_compiled_chunked_cross_entropy_equals_full_in_value_and_gradient():
     # Under torch.compile the gradient is one elementwise expression (a compare for the onehot), not the eager
     # path's in-place scatter: the same arithmetic, so float64 must still match the plain loss to rounding.
@@ -150,6 +152,7 @@ def test_compiled_chunked_cross_entropy_equals_full_in_value_and_gradient():
     torch.testing.assert_close(cw, gw, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_compiled_chunked_loss_keeps_no_fp32_copy_of_a_chunk():
     # The loss is memory-bound on a GPU: what it costs is the passes over the (rows, vocab) logits. Compiled under
     # bf16 autocast, each chunk must be written once as bf16 logits and once as the bf16 gradient, with the fp32
