@@ -17,7 +17,7 @@ include job/contract.env
 help:
 	@echo "make demo [RECIPE=speedrun]   train the tiny GPT-2 on the bundled Shakespeare (CPU, a few minutes) and print samples"
 	@echo "make test    run the test suite (lint included)"
-	@echo "make test-fast   the edit loop: the tests without Docker, sshd or training runs (pytest -m 'not slow')"
+	@echo "make test-fast   the edit loop: the tests without Docker, sshd, training runs or C++ compiles (pytest -m 'not slow')"
 	@echo "make bench   time training steps (scripts/bench_train.py; PRESET=gpt2 on a GPU)"
 	@echo "make plot [LOGDIR=model_weights]   loss and HellaSwag curves of a run -> LOGDIR/plot.png"
 	@echo "make dashboard [LOGDIR=model_weights] [PORT=6006]   TensorBoard over a run's log dir at http://127.0.0.1:PORT/ (Ctrl-C stops it)"
@@ -73,7 +73,7 @@ TEST_ENV = MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 P
 test: venv lint
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests $(PYTEST_ARGS)
 
-# tests/conftest.py marks what needs Docker, an sshd or a training run as slow: the rest is the quick edit loop.
+# tests/conftest.py marks what needs Docker, an sshd, a training run or a C++ compile as slow: the rest is the quick edit loop.
 test-fast: venv
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests $(PYTEST_ARGS)
 
