@@ -480,10 +480,12 @@ def entry(argv: list[str] | None = None) -> None:
 
 def remove_temporary_directories() -> None:
     """What the interpreter's exit does for each tempfile.TemporaryDirectory still alive (through its finalizer), and
-    os._exit skips: remove it. wandb makes two when it is imported, for every rank that imports it."""
+    os._exit skips: remove it. wandb makes two when it is imported, for every rank that imports it. One that cannot be
+    removed stays, as it would: the rank's exit status is what matters here."""
     for obj in gc.get_objects():
         if issubclass(type(obj), tempfile.TemporaryDirectory):  # isinstance would read __class__, which some objects warn on
-            obj.cleanup()
+            with contextlib.suppress(OSError):
+                obj.cleanup()
 
 
 if __name__ == "__main__":

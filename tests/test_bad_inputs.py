@@ -560,7 +560,7 @@ def train_cases() -> list:
              for kind in ("oov", "dtype", "truncated")]
     cases.append(pytest.param([*cmd, "--data-dir", "{w}/shards_good", "--log-dir", UNDER_FILE], "afile", id="train--log-dir=under-a-file"))
     good = [*cmd, "--data-dir", "{w}/shards_good"]
-    # a place no one may make a directory in (procfs answers mkdir with ENOENT, which once ended in a traceback)
+    # a place no one may make a directory in: procfs answers mkdir with ENOENT, so the up-front check must say it
     cases.append(pytest.param([*good, "--log-dir", "/proc/1/nanogpt-log"], "--log-dir /proc/1/nanogpt-log", id="train--log-dir=under-proc"))
     # a model of another shape: every difference, and the flags that fit it (with the shorter sequences its block forces)
     cases.append(pytest.param([*good, "--init-from", "hf:{w}/hf_other"], "it has 8 positions, fewer than this run's block size 16: "
