@@ -347,9 +347,8 @@ def docker():
         pytest.skip(reason="the docker CLI is not installed here (CI installs docker.io and starts dockerd in .ci/run)")
     if sh("docker", "info", check=False).returncode != 0:
         pytest.skip(reason="no Docker daemon is reachable here (CI starts dockerd in .ci/run)")
-    # The untagged images the tests' builds leave in the engine stay: with the classic builder they are the build
-    # cache (an image that `docker load` brought back, as the ship tests do, has no parent chain to build on), and
-    # without them the next run builds the trainer image's venv layer again, for minutes.
+    # The untagged images the tests' builds leave in the engine stay: with the classic builder they hold the build
+    # cache, and once they were removed the next run built the trainer image's venv layer again, for minutes.
     return "docker"
 
 
