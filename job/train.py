@@ -426,10 +426,8 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv, world_size=dist_env()[2])
     check_data_dir(cfg.data_dir)
-    if Path(cfg.log_dir).exists() and not Path(cfg.log_dir).is_dir():
-        raise UserError(f"--log-dir {cfg.log_dir} is a file, not a directory: pass a directory (it is created if missing)")
-    check_output_path(cfg.log_dir, "--log-dir", directory=True)  # a part that is a file, a place this user may not write
-    user_cache = os.environ.get(compile_cache.ENV, "")  # a path set by the user (or by job.supervisor --runs) wins
+    check_output_path(cfg.log_dir, "--log-dir", directory=True)  # a file in its place or on its path; no right to write
+    user_cache = os.environ.get(compile_cache.ENV, "")  # a path set by the user wins
     rt = setup_runtime(cfg)
     try:
         try:

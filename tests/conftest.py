@@ -69,7 +69,7 @@ DOCUMENT_RECIPES = {"speedrun"}
 
 
 # ---- the `slow` marker, applied by what a test needs ------------------------------------------------------
-# `make test-fast` (pytest -m "not slow") is the edit loop: no Docker, no sshd, no training run. A test is slow when
+# `make test-fast` (pytest -m "not slow") is the edit loop: no Docker, sshd, training run or C++ compile. A test is slow when
 # it (or a fixture it uses, however indirectly) needs the Docker engine, starts an sshd, or trains: runs the trainer
 # to a step count (`--max-steps` on its command line) or in process against the benchmark's plain step. The test's
 # own code, its fixtures' and the helpers of its module that they call are looked at. @pytest.mark.slow still works:
@@ -348,7 +348,7 @@ def docker():
     if sh("docker", "info", check=False).returncode != 0:
         pytest.skip(reason="no Docker daemon is reachable here (CI starts dockerd in .ci/run)")
     # The untagged images the tests' builds leave in the engine stay: with the classic builder they hold the build
-    # cache, and once they were removed the next run built the trainer image's venv layer again, for minutes.
+    # cache: without them the next run builds the trainer image's venv layer again, for minutes.
     return "docker"
 
 

@@ -124,7 +124,8 @@ def test_trainer_cli_truncated_or_foreign_shard_and_a_file_as_log_dir(tmp_path, 
     assert_one_line_error(run_cli(*train_cmd(data, tmp_path / "log")), f"shard {victim} cannot be read: not a .npy file (10 bytes)")
     assert not (tmp_path / "log").exists()
     (tmp_path / "file").write_text("notes")
-    assert_one_line_error(run_cli(*train_cmd(shards, tmp_path / "file")), f"--log-dir {tmp_path / 'file'} is a file, not a directory")
+    afile = tmp_path / "file"
+    assert_one_line_error(run_cli(*train_cmd(shards, afile)), f"--log-dir {afile}: {afile} is a file, not a directory")
     assert (tmp_path / "file").read_text() == "notes"
 
 
