@@ -42,11 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from registry_server import registry_available, start_registry  # noqa: E402
-
 from infra.flavour import DEFAULT  # noqa: E402
 from infra.registry import push  # noqa: E402
 from job.errors import ArgumentParser, UserError, cli_main, int_arg  # noqa: E402
+from registry_server import registry_available, start_registry  # noqa: E402
 from sshd import sshd_available, start_sshd  # noqa: E402
 
 BASE = "nanogpt-test-base:bookworm"

@@ -3,12 +3,21 @@ in a tmp dir. Docker trusts 127.0.0.0/8 as an insecure registry by default, so i
 
     reg = start_registry(tmp_dir)    # reg.host: "127.0.0.1:PORT"; reg.digest("team/name", "tag"): what it serves
     reg.stop()
+
+A team's registry keeps the layers of its earlier pushes, and a push sends only the layers it lacks. `seed_layers` gives
+one repository of a new registry the layers that `keep_layers` kept from the same repository in an earlier session (a
+machine-wide cache beside Inductor's in the temp dir): no image, tag or manifest, only layer blobs and the repository's
+links to them. Docker asks the registry for each layer it knows a digest of (from its own record of earlier pushes) and
+sends none that the registry has, so it compresses none of them again. An empty cache is an empty registry.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +27,7 @@ from pathlib import Path
 from sshd import free_port
 
 BINARY = "/usr/bin/docker-registry"
+LAYER_CACHE = Path(tempfile.gettempdir()) / f"nanogpt-test-registry-layers-{getpass.getuser()}"
 SKIP_REASON = "docker-registry is not installed (CI installs it in .ci/run)"
 # What docker pushes (a schema 2 manifest) and what a registry serves as a list; HEAD with these gets the digest a
 # pull by tag resolves to.
@@ -87,3 +97,57 @@ def start_registry(tmp_dir: Path, timeout: float = 30) -> Registry:
             time.sleep(0.1)
     reg.stop()
     raise RuntimeError(f"docker-registry did not answer on {reg.host} within {timeout:g} s")
+
+
+def _layer_links(storage: Path, repo: str) -> Path:
+    return storage / "docker" / "registry" / "v2" / "repositories" / repo / "_layers" / "sha256"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A blob never changes once written (the registry moves a finished upload into place), so a hard link shares it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copyfile(src, dst)
+
+
+def seed_layers(reg: Registry, repo: str, cache: Path = LAYER_CACHE) -> int:
+    """Give `repo` the layer blobs kept in `cache` (see the module's docstring); returns how many."""
+    links = _layer_links(cache, repo)
+    if not links.is_dir():
+        return 0
+    count = 0
+    for link in links.glob("*/link"):
+        digest = link.read_text()
+        blob = cache / reg.blob_path(digest).relative_to(reg.root)
+        if not blob.is_file():
+            continue
+        _link_or_copy(blob, reg.blob_path(digest))
+        mine = _layer_links(reg.root, repo) / link.parent.name / "link"
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        mine.write_text(digest)
+        count += 1
+    return count
+
+
+def keep_layers(reg: Registry, repo: str, cache: Path = LAYER_CACHE) -> None:
+    """Replace what `cache` keeps with the blobs `repo` links to now; a cache that cannot be written is left as it was."""
+    new = cache.with_name(f"{cache.name}.new-{os.getpid()}")
+    old = cache.with_name(f"{cache.name}.old-{os.getpid()}")
+    try:
+        for link in _layer_links(reg.root, repo).glob("*/link"):
+            digest = link.read_text()
+            if reg.blob_path(digest).is_file():
+                _link_or_copy(reg.blob_path(digest), new / reg.blob_path(digest).relative_to(reg.root))
+                kept = _layer_links(new, repo) / link.parent.name / "link"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(digest)
+        if cache.exists():
+            cache.rename(old)
+        new.rename(cache)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

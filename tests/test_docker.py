@@ -214,6 +214,29 @@ def test_push_image_pushes_the_flavours_tags_and_prints_the_digest_the_registry_
     assert not proc.stderr.strip(), proc.stderr
 
 
+def test_a_registry_seeded_with_kept_layers_takes_a_push_without_a_layer_sent(pushable, registry, tmp_path):
+    """The launch tests' registry starts with the layers of an earlier session's push (tests/registry_server.py): a push
+    to it then finds every layer there and uploads none, and the registry serves the same image."""
+    from registry_server import keep_layers, seed_layers, start_registry
+
+    repo, cache = f"team/{PUSH_NAME}-seeded", tmp_path / "cache"
+    sh("docker", "tag", pushable, f"{registry.host}/{repo}:first")
+    sh("docker", "push", f"{registry.host}/{repo}:first")  # sent, or mounted from the push test's repository
+    keep_layers(registry, repo, cache)
+    again = start_registry(tmp_path / "registry")
+    try:
+        assert seed_layers(again, repo, cache) >= 1 and again.digest(repo, "first") is None  # layers only, no image
+        sh("docker", "tag", pushable, f"{again.host}/{repo}:second")
+        second = sh("docker", "push", f"{again.host}/{repo}:second").stdout
+        # Without the seed this registry has no layer to mount from: docker would compress and send each ("Pushed").
+        assert "Pushed" not in second and "Layer already exists" in second, second
+        digest = re.search(r"digest: (sha256:[0-9a-f]{64})", second).group(1)
+        assert again.digest(repo, "second") == digest == registry.digest(repo, "first")
+    finally:
+        again.stop()
+        sh("docker", "rmi", "--no-prune", f"{registry.host}/{repo}:first", f"{again.host}/{repo}:second", check=False)
+
+
 def test_push_image_to_an_unreachable_registry_is_one_line_and_leaves_no_tag(pushable):
     from sshd import free_port
 

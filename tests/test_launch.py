@@ -29,6 +29,7 @@ from hub_server import HubServer, make_repo
 from job import contract, recipes, stats
 from job.errors import UserError
 from job.identity import code_hash, git_commit
+from registry_server import keep_layers, seed_layers
 from sshd import free_port, keygen, sshd_available, start_sshd
 
 pytestmark = [pytest.mark.slow, ENGINE]  # one worker runs them in order (tests/conftest.py)
@@ -607,9 +608,13 @@ def pushed(registry, boxes, laptop, wheels, base_image):
     # sends no layer more; the launch by tag pulls it first all the same. The data image itself (no torch) is the
     # build test's.
     sh("docker", "tag", source, f"{E2E_NAME}:{sha}-cu130-data")
+    # As a team's registry would, it holds the layers of this repository's push in an earlier session (none the first
+    # time): the push sends only the layers that changed, as after a code change (registry_server.seed_layers).
+    seed_layers(registry, f"team/{E2E_NAME}")
     proc = sh("make", "--no-print-directory", "-C", ROOT, "push-image", f"PYTHON={sys.executable}", f"NAME={E2E_NAME}",
               f"REGISTRY={registry.host}/team", timeout=1200)
     digest = re.search(r"^pushed \S+ and :cu130: digest (sha256:[0-9a-f]{64})$", proc.stdout, re.M).group(1)
+    keep_layers(registry, f"team/{E2E_NAME}")
     yield f"{registry.host}/team/{E2E_NAME}", sha, digest, source
     refs = [r for r in sh("docker", "images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split() if E2E_NAME in r]
     if refs:
