@@ -135,6 +135,10 @@ def keep_layers(reg: Registry, repo: str, cache: Path = LAYER_CACHE) -> None:
     """Replace what `cache` keeps with the blobs `repo` links to now; a cache that cannot be written is left as it was."""
     new = cache.with_name(f"{cache.name}.new-{os.getpid()}")
     old = cache.with_name(f"{cache.name}.old-{os.getpid()}")
+    for left in [*cache.parent.glob(f"{cache.name}.new-*"), *cache.parent.glob(f"{cache.name}.old-*")]:  # a dead session's
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(left, ignore_errors=True)
     try:
         for link in _layer_links(reg.root, repo).glob("*/link"):
             digest = link.read_text()
