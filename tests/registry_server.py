@@ -5,7 +5,7 @@ in a tmp dir. Docker trusts 127.0.0.0/8 as an insecure registry by default, so i
     reg.stop()
 
 A team's registry keeps the layers of its earlier pushes, and a push sends only the layers it lacks. `seed_layers` gives
-one repository of a new registry the layers that `keep_layers` kept from the same repository in an earlier session (a
+one repository of a new registry the layers that `keep_layers` kept from the same repository in an earlier test run (a
 machine-wide cache beside Inductor's in the temp dir): no image, tag or manifest, only layer blobs and the repository's
 links to them. Docker asks the registry for each layer it knows a digest of (from its own record of earlier pushes) and
 sends none that the registry has, so it compresses none of them again. An empty cache is an empty registry.
@@ -135,7 +135,7 @@ def keep_layers(reg: Registry, repo: str, cache: Path = LAYER_CACHE) -> None:
     """Replace what `cache` keeps with the blobs `repo` links to now; a cache that cannot be written is left as it was."""
     new = cache.with_name(f"{cache.name}.new-{os.getpid()}")
     old = cache.with_name(f"{cache.name}.old-{os.getpid()}")
-    for left in [*cache.parent.glob(f"{cache.name}.new-*"), *cache.parent.glob(f"{cache.name}.old-*")]:  # a dead session's
+    for left in [*cache.parent.glob(f"{cache.name}.new-*"), *cache.parent.glob(f"{cache.name}.old-*")]:  # a killed run's
         pid = left.name.rpartition("-")[2]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(left, ignore_errors=True)

@@ -215,7 +215,7 @@ def test_push_image_pushes_the_flavours_tags_and_prints_the_digest_the_registry_
 
 
 def test_a_registry_seeded_with_kept_layers_takes_a_push_without_a_layer_sent(pushable, registry, tmp_path):
-    """The launch tests' registry starts with the layers of an earlier session's push (tests/registry_server.py): a push
+    """The launch tests' registry starts with the layers of an earlier test run's push (tests/registry_server.py): a push
     to it then finds every layer there and uploads none, and the registry serves the same image."""
     from registry_server import keep_layers, seed_layers, start_registry
 

@@ -608,7 +608,7 @@ def pushed(registry, boxes, laptop, wheels, base_image):
     # sends no layer more; the launch by tag pulls it first all the same. The data image itself (no torch) is the
     # build test's.
     sh("docker", "tag", source, f"{E2E_NAME}:{sha}-cu130-data")
-    # As a team's registry would, it holds the layers of this repository's push in an earlier session (none the first
+    # As a team's registry would, it holds the layers of this repository's push in an earlier test run (none the first
     # time): the push sends only the layers that changed, as after a code change (registry_server.seed_layers).
     seed_layers(registry, f"team/{E2E_NAME}")
     proc = sh("make", "--no-print-directory", "-C", ROOT, "push-image", f"PYTHON={sys.executable}", f"NAME={E2E_NAME}",
