@@ -85,10 +85,19 @@ def start_sshd(tmp_dir: str | Path, timeout: float = 10, user: str | None = None
     known_hosts_line = f"[127.0.0.1]:{port} {host_pub}"
     (d / "known_hosts").write_text(known_hosts_line + "\n")
     config = d / "sshd_config"
+    # SHLVL=1: the command's shell does not read the user's ~/.bashrc (bash reads it for a command over ssh only when
+    # started at level 1). A cloud box's is a distribution's, which returns at once when not interactive; the user here
+    # may be this machine's own, whose ~/.bashrc can start a developer's tools (pyenv's init: a tenth of a second of CPU
+    # for every command the launcher runs). The launcher sets what it needs in each command, as on a box.
+    # sshd takes the first SetEnv line only: one line holds the caller's variables and SHLVL.
+    lines = extra_config.splitlines()
+    setenv = [ln for ln in lines if ln.startswith("SetEnv ")]
+    assert len(setenv) <= 1, "start_sshd: give every SetEnv variable on one line"
+    extra = "\n".join([ln for ln in lines if not ln.startswith("SetEnv ")] + [(setenv[0] if setenv else "SetEnv") + " SHLVL=1"])
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {auth_dir / 'authorized_keys'}\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n"
-        f"StrictModes no\nUsePAM no\nPidFile {d / 'sshd.pid'}\nSubsystem sftp internal-sftp\n{extra_config}"
+        f"StrictModes no\nUsePAM no\nPidFile {d / 'sshd.pid'}\nSubsystem sftp internal-sftp\n{extra}\n"
     )
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir; absent in slim images
     log = open(d / "sshd.log", "wb")  # a file, not a pipe: a full pipe would block sshd
