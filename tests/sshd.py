@@ -69,7 +69,8 @@ def free_port() -> int:
 def start_sshd(tmp_dir: str | Path, timeout: float = 10, user: str | None = None, user_key: str | Path | None = None,
                extra_config: str = "") -> SSHServer:
     """sshd for `user` (default: the current one). user_key: reuse that key pair instead of generating one (several
-    boxes, one laptop key). extra_config: more sshd_config lines (e.g. `SetEnv PATH=...` for a box without docker)."""
+    boxes, one laptop key). extra_config: more sshd_config lines (e.g. `SetEnv PATH=...` for a box without docker; every variable on that one
+    SetEnv line, as sshd reads only the first)."""
     d = Path(tmp_dir)
     d.mkdir(parents=True, exist_ok=True)
     host_key = d / "host_ed25519"
