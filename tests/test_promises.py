@@ -1,5 +1,5 @@
-"""The trainer's promises, for every recipe: a run killed mid-step and run again, or stopped by SIGTERM and run again,
-repeats the uninterrupted run's losses exactly; two ranks under torchrun train what one does, and a kill of every
+"""The trainer's promises, for every recipe: a run killed mid-step and run again, then stopped by SIGTERM and run
+again, repeats the uninterrupted run's losses exactly; two ranks under torchrun train what one does, and a kill of every
 process resumes too.
 
 The interruptions run in this process, through the trainer's own parser and Trainer (a kill is an exception raised
@@ -72,31 +72,30 @@ def test_an_uninterrupted_run_learns_evaluates_samples_and_checkpoints(recipe, r
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_a_run_killed_mid_step_then_run_again_repeats_the_losses_exactly(recipe, references, corpora, tmp_path):
+def test_a_kill_mid_step_and_a_sigterm_each_leave_a_run_that_the_same_command_resumes_exactly(recipe, references, corpora,
+                                                                                              tmp_path):
+    """One run interrupted twice, each time followed by the same command: killed mid-step, then stopped by SIGTERM
+    in the run that resumed, then finished. Its losses are the uninterrupted run's, bit for bit."""
     def kill(trainer):
         raise Killed
 
     log = tmp_path / "log"
     # Past the step-3 checkpoint: the model after step 2, an even step (the 2026-07-17 record's Adam gradients of an
-    # even step wait in it for the odd one).
+    # even step wait in it for the odd one). A kill leaves no checkpoint of its own.
     with pytest.raises(Killed):
         run(recipe, corpora[recipe], log, "--checkpoint-every", 3, before_step=5, action=kill)
     assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [3] and max(losses(log)) == 4
-    run(recipe, corpora[recipe], log, "--checkpoint-every", 3)  # the same command again resumes
-    assert events(log, "resume")[0]["step"] == 3
-    assert_same_losses(log, references[recipe])
-
-
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(recipe, references, corpora, tmp_path):
-    log = tmp_path / "log"
+    # The same command resumes from step 3; a SIGTERM before step 7 lets that step finish and saves the model after
+    # it: a checkpoint at 8, off the periodic ones' multiples of 3, after an odd step.
     handlers = signal.getsignal(signal.SIGTERM)
-    trainer = run(recipe, corpora[recipe], log, "--checkpoint-every", 0, before_step=5,
+    trainer = run(recipe, corpora[recipe], log, "--checkpoint-every", 3, before_step=7,
                   action=lambda t: os.kill(os.getpid(), signal.SIGTERM))  # the real signal, to the run's own handler
     assert signal.getsignal(signal.SIGTERM) == handlers  # the run put the handler back
-    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [6] == [max(losses(log)) + 1]  # the model after every finished step
+    assert [e["step"] for e in events(log, "resume")] == [3]
+    assert [s for s, _ in ckpt_lib.list_checkpoints(log)] == [3, 6, 8] and max(losses(log)) == 7
     assert [e["reason"] for e in events(log, "end")] == ["stopped"] and trainer.stop.requested
-    run(recipe, corpora[recipe], log, "--checkpoint-every", 0)
+    run(recipe, corpora[recipe], log, "--checkpoint-every", 3)  # the same command again finishes the run
+    assert [e["step"] for e in events(log, "resume")] == [3, 8]
     assert_same_losses(log, references[recipe])
 
 
