@@ -215,13 +215,19 @@ def hellaswag_rows(tmp_path_factory) -> Path:
 @contextlib.contextmanager
 def vectorised_inductor():
     """Inductor's vector ISA as torch picks it by default (a dry build per ISA), for code that compiles only vectorised:
-    FlexAttention's CPU kernels. The list of ISAs that pass is cached per process, so it is cleared on both sides."""
+    FlexAttention's CPU kernels. The list of ISAs that pass is cached per process, so it is cleared on both sides.
+
+    The ISA's width is set as `cpp.simdlen`, which is part of Inductor's cache key (the picked ISA is not): a graph
+    generated for 8 lanes (AVX2), then taken from the cache shared by every test process and built with 16 (AVX-512),
+    writes past its buffers and corrupts the heap."""
     from torch._inductor import config, cpu_vec_isa
 
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
     try:
         with config.patch({"cpp.vec_isa_ok": None}):
-            yield
+            isa = cpu_vec_isa.pick_vec_isa()
+            with config.patch({"cpp.simdlen": isa.bit_width() if isa else None}):
+                yield
     finally:
         cpu_vec_isa.valid_vec_isa_list.cache_clear()
 
