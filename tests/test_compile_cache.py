@@ -27,10 +27,12 @@ def job_sha256() -> str:
     return h.hexdigest()
 
 
-def test_the_key_is_torch_cuda_the_gpu_model_the_recipe_and_the_code():
+def test_the_key_is_torch_cuda_the_gpu_model_the_recipe_the_code_and_a_cpus_vector_isa():
     key = cache_key("speedrun", "cpu")
-    assert key == {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "speedrun", "code": job_sha256()}
+    assert key == {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "speedrun", "code": job_sha256(),
+                   "cpu_isa": torch.backends.cpu.get_cpu_capability()}
     assert cache_key("gpt2", "cpu")["recipe"] == "gpt2" and cache_key("gpt2", "mps")["gpu"] == "mps"
+    assert "cpu_isa" not in cache_key("gpt2", "mps")  # a GPU's kernels are not C++ for the host CPU
     # Each part alone gives another directory; the name starts readable.
     names = {dir_name({**key, part: "other"}) for part in key} | {dir_name(key)}
     assert len(names) == len(key) + 1

@@ -194,7 +194,8 @@ def test_runs_train_each_seed_in_its_own_log_dir_with_one_compile_cache(shards, 
     one(rf"^2 runs done, in {log}/seed-\*: `python -m job.stats {log}` gives their statistics$", proc.stdout)
     # Both runs compile into the one directory for their key on the persistent file system (never in /tmp or a log
     # dir: another box, with its own, starts from it), and the second takes every graph from it.
-    key = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "gpt2", "code": identity.code_hash()}
+    key = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "gpt2", "code": identity.code_hash(),
+           "cpu_isa": torch.backends.cpu.get_cpu_capability()}
     assert json.loads((cache / compile_cache.KEY_FILE).read_text()) == key
     counts = re.findall(rf"step +0 \| first step [\d.]+ s with torch\.compile: (\d+) of (\d+) graphs from the cache in {re.escape(str(cache))}$",
                         proc.stdout, re.M)
