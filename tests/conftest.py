@@ -217,9 +217,9 @@ def vectorised_inductor():
     """Inductor's vector ISA as torch picks it by default (a dry build per ISA), for code that compiles only vectorised:
     FlexAttention's CPU kernels. The list of ISAs that pass is cached per process, so it is cleared on both sides.
 
-    The ISA's width is set as `cpp.simdlen`, which is part of Inductor's cache key (the picked ISA is not): a graph
-    generated for 8 lanes (AVX2), then taken from the cache shared by every test process and built with 16 (AVX-512),
-    writes past its buffers and corrupts the heap."""
+    The ISA's width is set as `cpp.simdlen`, which is part of the key of Inductor's graph cache (the picked ISA is
+    not): a graph generated for 8 lanes (AVX2), then taken from the cache shared by every test process and built with
+    16 (AVX-512), writes past its buffers and corrupts the heap."""
     from torch._inductor import config, cpu_vec_isa
 
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
@@ -232,7 +232,7 @@ def vectorised_inductor():
         cpu_vec_isa.valid_vec_isa_list.cache_clear()
 
 
-# Inductor's compile cache is keyed without the vector ISA that ATEN_CPU_CAPABILITY picks: kernels cached under
+# Inductor's graph cache is keyed without the vector ISA that ATEN_CPU_CAPABILITY picks: graphs cached under
 # avx512 fail to build under `default` (at::vec undeclared). A run of the suite under a forced capability gets a cache
 # of its own, for the trainers it starts and for what the tests compile in this process.
 if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
