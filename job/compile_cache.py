@@ -41,7 +41,7 @@ def cache_key(recipe: str, device: str) -> dict:
         gpu = device.split(":")[0]  # "cpu", "mps"
     key = {"torch": str(torch.__version__), "cuda": torch.version.cuda, "gpu": gpu, "recipe": recipe, "code": code_identity()["code_sha256"]}
     if gpu == "cpu":
-        # Inductor generates C++ for the CPU's vector ISA, and its own cache key leaves that ISA out: a graph made for
+        # Inductor generates C++ for the CPU's vector ISA, and its graph cache's key leaves that ISA out: a graph made for
         # AVX2 and built for AVX-512 writes past its buffers. CPUs of different ISAs keep caches of their own.
         key["cpu_isa"] = torch.backends.cpu.get_cpu_capability()
     return key

@@ -15,12 +15,11 @@ import sys
 import time
 
 import pytest
-import torch
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd
 from job import checkpoint as ckpt_lib
-from job import compile_cache, contract, identity
+from job import compile_cache, contract
 from job.errors import RankLost, UserError
 from job.supervisor import children, first_failure, torchrun_args
 from sshd import free_port
@@ -194,8 +193,7 @@ def test_runs_train_each_seed_in_its_own_log_dir_with_one_compile_cache(shards, 
     one(rf"^2 runs done, in {log}/seed-\*: `python -m job.stats {log}` gives their statistics$", proc.stdout)
     # Both runs compile into the one directory for their key on the persistent file system (never in /tmp or a log
     # dir: another box, with its own, starts from it), and the second takes every graph from it.
-    key = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "gpt2", "code": identity.code_hash(),
-           "cpu_isa": torch.backends.cpu.get_cpu_capability()}
+    key = compile_cache.cache_key("gpt2", "cpu")  # its fields: tests/test_compile_cache.py
     assert json.loads((cache / compile_cache.KEY_FILE).read_text()) == key
     counts = re.findall(rf"step +0 \| first step [\d.]+ s with torch\.compile: (\d+) of (\d+) graphs from the cache in {re.escape(str(cache))}$",
                         proc.stdout, re.M)

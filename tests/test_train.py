@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, assert_one_line_error, env, events, losses, one, run_cli, train_cmd, train_in_process
 from job import checkpoint as ckpt_lib
-from job import compile_cache, identity
+from job import compile_cache
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -223,8 +223,7 @@ def test_out_of_memory_is_one_line_naming_the_micro_batch_to_use(shards, tmp_pat
 def test_a_foreign_compile_cache_is_ignored_with_one_line_and_the_run_trains(shards, tmp_path):
     """A directory whose recorded key is not this run's (here: another torch) is never loaded, whatever it holds."""
     fs = tmp_path / "persistent"
-    key = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": "cpu", "recipe": "gpt2", "code": identity.code_hash(),
-           "cpu_isa": torch.backends.cpu.get_cpu_capability()}
+    key = compile_cache.cache_key("gpt2", "cpu")  # its fields: tests/test_compile_cache.py
     cache = fs / compile_cache.dir_name(key)
     cache.mkdir(parents=True)
     (cache / compile_cache.KEY_FILE).write_text(json.dumps({**key, "torch": "2.0.0"}))
